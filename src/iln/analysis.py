@@ -1,0 +1,240 @@
+"""Final-checkpoint analyses: the final norm's bias against its input (paper Fig. 8) and the
+relative-position-bias tables of the first and last groups (paper Fig. 9).
+
+Works for any model that follows the residual-stream contract (HAT and SwinIR alike):
+`model.norm` with a `bias` of shape (C,), and
+`model.layers[g].residual_group.blocks[b].attn.relative_position_bias_table` of shape
+((2w-1)^2, heads).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import nn
+
+from iln.files import write_bytes_atomic, write_csv_atomic
+from iln.probes import PROBE_COLUMNS, evaluation_mode, measure_features, unwrap
+
+FINAL_NORM_COLUMNS: tuple[str, ...] = ("channel", "bias", "input_mean_abs")
+
+
+# --------------------------------------------------------------------------------------
+# Figures, saved atomically
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure on the Agg canvas (no pyplot state, safe without a display)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure_atomic(fig: Figure, path: Path | str, *, dpi: int = 110) -> Path:
+    """Render fig as PNG in memory, then write it atomically (temp file + os.replace)."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Fig. 8: final-norm bias against the per-channel magnitude of its input
+
+
+def final_norm_bias(
+    model: nn.Module, lq_batch: torch.Tensor, *, chunk_size: int | None = None
+) -> list[dict[str, object]]:
+    """Rows (channel, bias, input_mean_abs): `model.norm.bias` beside the per-channel mean
+    |x| of the norm's input (the last group's output) over all tokens of the probe batch.
+
+    lq_batch: (B, 3, H, W) on the model's device. Eval mode, no_grad, modes restored.
+    A final norm without a bias (identity, ReZero) gives bias NaN: there is none to show.
+    """
+    model = unwrap(model)
+    norm = getattr(model, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise AttributeError(f"{type(model).__name__} has no module `norm` (the final norm)")
+    bias = getattr(norm, "bias", None)
+    if lq_batch.dim() != 4:
+        raise ValueError(f"lq_batch must be (B, 3, H, W), got shape {tuple(lq_batch.shape)}")
+    sums: list[torch.Tensor] = []  # each (C,) float64
+    counts: list[int] = []
+
+    def pre_hook(_module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"model.norm input: expected (B, N, C), got {getattr(x, 'shape', type(x).__name__)}")
+        x64 = x.detach().to(torch.float64)  # (B, N, C)
+        sums.append(x64.abs().sum(dim=(0, 1)).cpu())
+        counts.append(x64.shape[0] * x64.shape[1])
+
+    chunks = lq_batch.split(chunk_size) if chunk_size else (lq_batch,)
+    with evaluation_mode(model):
+        handle = norm.register_forward_pre_hook(pre_hook)
+        try:
+            for chunk in chunks:
+                model(chunk)
+        finally:
+            handle.remove()
+    if not sums:
+        raise RuntimeError("model.norm was not called during the forward pass")
+    mean_abs = torch.stack(sums).sum(dim=0) / sum(counts)  # (C,)
+    if isinstance(bias, torch.Tensor):
+        beta = bias.detach().to(torch.float64).cpu().reshape(-1)  # (C,)
+    else:
+        beta = torch.full_like(mean_abs, math.nan)  # (C,) no bias parameter
+    if beta.numel() != mean_abs.numel():
+        raise ValueError(f"model.norm.bias has {beta.numel()} entries but its input has {mean_abs.numel()} channels")
+    return [
+        {"channel": c, "bias": float(beta[c]), "input_mean_abs": float(mean_abs[c])}
+        for c in range(beta.numel())
+    ]
+
+
+def plot_final_norm(rows: Sequence[Mapping[str, object]], path: Path | str, *, title: str = "") -> Path:
+    """Fig. 8 style: channels sorted by input mean |x|; the bias in the same order; and
+    the bias against mean |x| per channel."""
+    if not rows:
+        raise ValueError("plot_final_norm: no rows")
+    mean_abs = np.array([float(r["input_mean_abs"]) for r in rows])  # (C,)
+    bias = np.array([float(r["bias"]) for r in rows])  # (C,)
+    order = np.argsort(-mean_abs)
+    x = np.arange(len(rows))
+    fig = new_figure(11, 3.4)
+    axes = fig.subplots(1, 3)
+    axes[0].bar(x, np.maximum(mean_abs[order], 1e-12), width=1.0, color="tab:blue")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("channel (sorted by input mean |x|)")
+    axes[0].set_ylabel("input mean |x|")
+    if np.isnan(bias).all():
+        axes[1].text(0.5, 0.5, "no bias parameter", ha="center", va="center", transform=axes[1].transAxes)
+    else:
+        axes[1].bar(x, bias[order], width=1.0, color="tab:red")
+        axes[1].axhline(0.0, color="k", lw=0.5)
+    axes[1].set_xlabel("channel (same order)")
+    axes[1].set_ylabel("final-norm bias")
+    axes[2].scatter(np.maximum(mean_abs, 1e-12), bias, s=8)
+    axes[2].axhline(0.0, color="k", lw=0.5)
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("input mean |x|")
+    axes[2].set_ylabel("bias")
+    if title:
+        fig.suptitle(title)
+    return save_figure_atomic(fig, path)
+
+
+# --------------------------------------------------------------------------------------
+# Fig. 9: relative position bias
+
+
+def rpb_table_images(table: torch.Tensor) -> torch.Tensor:
+    """((2w-1)^2, heads) table -> (heads, 2w-1, 2w-1) images indexed [dy + w-1, dx + w-1]."""
+    if table.dim() != 2:
+        raise ValueError(f"relative_position_bias_table must be ((2w-1)^2, heads), got {tuple(table.shape)}")
+    side = math.isqrt(table.shape[0])
+    if side * side != table.shape[0] or side % 2 == 0:
+        raise ValueError(f"relative_position_bias_table has {table.shape[0]} rows, not (2w-1)^2 for an integer w")
+    return table.detach().t().reshape(table.shape[1], side, side)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """(w*w, w*w) index into the ((2w-1)^2,) table for query token i and key token j."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))  # (2, w, w)
+    flat = coords.flatten(1)  # (2, w*w)
+    rel = flat[:, :, None] - flat[:, None, :] + (window - 1)  # (2, w*w, w*w)
+    return rel[0] * (2 * window - 1) + rel[1]  # (w*w, w*w)
+
+
+def gather_rpb(table: torch.Tensor) -> torch.Tensor:
+    """((2w-1)^2, heads) table -> (heads, w*w, w*w) bias added to the attention logits."""
+    images = rpb_table_images(table)  # checks the shape
+    window = (images.shape[-1] + 1) // 2
+    index = relative_position_index(window).to(table.device)  # (w*w, w*w)
+    return table.detach()[index.reshape(-1)].reshape(window * window, window * window, -1).permute(2, 0, 1)
+
+
+def group_rpb_tables(model: nn.Module, group: int) -> list[torch.Tensor]:
+    """The window-attention bias tables of every block of `model.layers[group]`."""
+    model = unwrap(model)
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise AttributeError(f"{type(model).__name__} has no non-empty nn.ModuleList `layers`")
+    g = group % len(layers)
+    blocks = getattr(getattr(layers[g], "residual_group", None), "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise AttributeError(f"model.layers[{g}].residual_group.blocks not found")
+    tables = []
+    for b, block in enumerate(blocks):
+        table = getattr(getattr(block, "attn", None), "relative_position_bias_table", None)
+        if not isinstance(table, torch.Tensor):
+            raise AttributeError(f"model.layers[{g}].residual_group.blocks[{b}].attn.relative_position_bias_table not found")
+        tables.append(table.detach().cpu().to(torch.float32))
+    return tables
+
+
+def plot_rpb(tables: Sequence[torch.Tensor], path: Path | str, *, title: str = "", gathered: bool = False) -> Path:
+    """Heat maps: one row per block, one column per head. Default: the table reshaped to
+    (2w-1, 2w-1) over (dy, dx); gathered=True shows the (w*w, w*w) bias over (query, key).
+    Colour limits are symmetric and shared within a row (one block)."""
+    if not tables:
+        raise ValueError("plot_rpb: no tables")
+    images = [gather_rpb(t) if gathered else rpb_table_images(t) for t in tables]  # each (heads, h, w)
+    heads = images[0].shape[0]
+    fig = new_figure(1.6 * heads + 1.0, 1.6 * len(images) + 0.6)
+    axes = np.atleast_2d(fig.subplots(len(images), heads, squeeze=False))
+    for b, img in enumerate(images):
+        lim = float(img.abs().max()) or 1.0
+        mappable = None
+        for h in range(heads):
+            ax = axes[b, h]
+            mappable = ax.imshow(img[h].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if b == 0:
+                ax.set_title(f"head {h}", fontsize=8)
+            if h == 0:
+                ax.set_ylabel(f"block {b}", fontsize=8)
+        fig.colorbar(mappable, ax=list(axes[b]), shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return save_figure_atomic(fig, path)
+
+
+# --------------------------------------------------------------------------------------
+# Everything for one final checkpoint
+
+
+def run_final_analysis(
+    model: nn.Module,
+    lq_batch: torch.Tensor,
+    out_dir: Path | str,
+    *,
+    per_block: bool = False,
+    chunk_size: int | None = None,
+    label: str = "",
+) -> dict[str, object]:
+    """Write features.csv, final_norm.csv, final_norm.png, rpb_first.png, rpb_last.png into
+    out_dir (the run's analysis/ folder) and return the rows and file paths."""
+    out_dir = Path(out_dir)
+    features = measure_features(model, lq_batch, per_block=per_block, chunk_size=chunk_size)
+    write_csv_atomic(out_dir / "features.csv", features, PROBE_COLUMNS)
+    bias_rows = final_norm_bias(model, lq_batch, chunk_size=chunk_size)
+    write_csv_atomic(out_dir / "final_norm.csv", bias_rows, FINAL_NORM_COLUMNS)
+    prefix = f"{label}: " if label else ""
+    files = [
+        out_dir / "features.csv",
+        out_dir / "final_norm.csv",
+        plot_final_norm(bias_rows, out_dir / "final_norm.png", title=f"{prefix}final norm bias vs input"),
+        plot_rpb(group_rpb_tables(model, 0), out_dir / "rpb_first.png", title=f"{prefix}relative position bias, first group"),
+        plot_rpb(group_rpb_tables(model, -1), out_dir / "rpb_last.png", title=f"{prefix}relative position bias, last group"),
+    ]
+    return {"features": features, "final_norm": bias_rows, "files": [str(f) for f in files]}

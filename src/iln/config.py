@@ -1,0 +1,361 @@
+"""Typed, strict view of params.yaml.
+
+The file is parsed once into frozen dataclasses. Every problem is reported with the dotted
+key it concerns (``runs.ln_x2.norm``), and nothing is coerced silently: YAML 1.1 reads
+``2e-4`` as a string, which here is an error that says how to write it instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from iln.data.params import DataParams, DegradeParams
+
+
+class ParamsError(ValueError):
+    """A params file does not have the expected shape; the message names the key."""
+
+
+# --------------------------------------------------------------------------- parsing
+
+_FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse(cls: type, mapping: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from ``mapping``; unknown or missing keys and wrong types raise."""
+    return _parse_value(cls, mapping, where)
+
+
+def _parse_dataclass(cls: type, mapping: Any, where: str) -> Any:
+    if not isinstance(mapping, Mapping):
+        raise ParamsError(f"{where}: expected a mapping of {cls.__name__} fields, got {_describe(mapping)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"{_join(where, unknown[0])}: unknown key (valid keys under '{where or 'top level'}': "
+            f"{', '.join(sorted(fields))})"
+        )
+    values = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name not in mapping:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"{key}: missing required key")
+            continue
+        values[name] = _parse_value(hints[name], mapping[name], key)
+    try:
+        return cls(**values)
+    except ParamsError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ParamsError(f"{where}: {err}") from None
+
+
+def _parse_value(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, where)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _parse_value(arg, value, where)
+            except ParamsError as err:
+                errors.append(str(err))
+        raise ParamsError(errors[0] if len(errors) == 1 else f"{where}: {_describe(value)} fits none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where}: expected a list, got {_describe(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ParamsError(f"{where}: expected a list of {len(args)} items, got {len(value)}")
+        return tuple(_parse_value(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ParamsError(f"{where}: expected a mapping, got {_describe(value)}")
+        key_tp, value_tp = args or (str, Any)
+        return {
+            _parse_value(key_tp, k, where): _parse_value(value_tp, v, _join(where, str(k)))
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
+            raise ParamsError(
+                f"{where}: expected a number, got the string {value!r} "
+                f"(YAML reads exponents without a dot as text: write {float(value):.1e})"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{where}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{where}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"{where}: unsupported annotation {tp!r}")  # a bug in this module
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+# --------------------------------------------------------------------------- schema
+
+TASK_PATTERN = re.compile(r"^(sr_x[234]|dn_s\d+|car_q\d+|derain)$")
+GROUPS = ("table1", "table2", "table3", "table4", "table6", "table8", "stdnorm", "seeds", "batch")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Training defaults shared by every run (a run may override some of them)."""
+
+    iterations: int
+    batch_size: int
+    lq_patch: int
+    lr: float
+    betas: tuple[float, float]
+    milestones: tuple[int, ...]
+    lr_gamma: float
+    ema_decay: float
+    grad_clip: float
+    seed: int
+    checkpoint_every: int
+    log_every: int
+    probe_every: int
+    probe_images: int
+    probe_per_block: bool
+    train_set: str
+    amp: Literal["off", "bf16", "fp16"]
+    compile: bool
+    device: str
+    num_workers: int
+    threads: int
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size", "lq_patch", "checkpoint_every", "log_every", "probe_images"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.probe_every < 0:
+            raise ParamsError(f"train.probe_every: must be >= 0 (0 = off), got {self.probe_every}")
+        if self.lr <= 0:
+            raise ParamsError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ParamsError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ParamsError(f"train.milestones: must be increasing, got {list(self.milestones)}")
+        if self.grad_clip < 0:
+            raise ParamsError(f"train.grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.device not in ("auto", "cpu") and not re.match(r"^cuda(:\d+)?$|^mps$", self.device):
+            raise ParamsError(f"train.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One member of the experiment grid. Unset fields take the ``train`` defaults."""
+
+    arch: str
+    norm: str
+    task: str
+    groups: tuple[str, ...] = ()
+    stdnorm: bool | None = None
+    affine_outer: bool | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    iterations: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    milestones: tuple[int, ...] | None = None
+    grad_clip: float | None = None
+    seed: int | None = None
+
+    @property
+    def scale(self) -> int:
+        """Upscaling factor implied by the task (1 for same-size restoration)."""
+        return int(self.task[len("sr_x"):]) if self.task.startswith("sr_x") else 1
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    sets: tuple[str, ...]
+    tile: int
+    tile_overlap: int
+    samples: int
+    precision_modes: tuple[Literal["fp32", "fp16", "bf16", "int8"], ...]
+    precision_crop: int  # LR size of the central crop used for the precision table, 0 = whole image
+    device: str
+
+    def __post_init__(self) -> None:
+        if not self.sets:
+            raise ParamsError("evaluate.sets: list at least one test set")
+        for name in ("tile", "tile_overlap", "samples", "precision_crop"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"evaluate.{name}: must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    sets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    experiment: str
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    degrade: DegradeParams
+    train: TrainParams
+    runs: dict[str, RunSpec]
+    evaluate: EvaluateParams
+    report: ReportParams
+    tracking: TrackingParams
+
+    def run(self, name: str) -> RunSpec:
+        try:
+            return self.runs[name]
+        except KeyError:
+            raise ParamsError(f"runs.{name}: no such run (declared runs: {', '.join(sorted(self.runs))})") from None
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run with every training setting filled in: what ``iln.train.fit`` consumes."""
+
+    name: str
+    spec: RunSpec
+    train: TrainParams
+
+    @property
+    def scale(self) -> int:
+        return self.spec.scale
+
+    def model_overrides(self) -> dict[str, Any]:
+        overrides = dict(self.spec.model)
+        if self.spec.stdnorm is not None:
+            overrides["stdnorm"] = self.spec.stdnorm
+        if self.spec.affine_outer is not None:
+            overrides["affine_outer"] = self.spec.affine_outer
+        return overrides
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the trained weights (resume only into an equal run)."""
+        payload = {"spec": dataclasses.asdict(self.spec), "train": dataclasses.asdict(self.train)}
+        for volatile in ("checkpoint_every", "log_every", "num_workers", "device", "threads", "compile"):
+            payload["train"].pop(volatile)
+        payload["spec"].pop("groups")
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resolve_run(params: Params, name: str) -> ResolvedRun:
+    spec = params.run(name)
+    overrides = {
+        key: getattr(spec, key)
+        for key in ("iterations", "batch_size", "lr", "milestones", "grad_clip", "seed")
+        if getattr(spec, key) is not None
+    }
+    try:
+        train = dataclasses.replace(params.train, **overrides)
+    except ParamsError as err:
+        raise ParamsError(f"runs.{name}: {err}") from None
+    return ResolvedRun(name=name, spec=spec, train=train)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_runs(params: Params) -> None:
+    from iln.models import ARCHS, NORMS  # torch-heavy import only when params are loaded
+
+    if not params.runs:
+        raise ParamsError("runs: declare at least one run")
+    for name, spec in params.runs.items():
+        where = f"runs.{name}"
+        if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+            raise ParamsError(f"{where}: run names may use letters, digits, '_', '-' and '.' only")
+        if name == "bicubic":
+            raise ParamsError(f"{where}: 'bicubic' is reserved for the interpolation baseline")
+        if spec.arch not in ARCHS:
+            raise ParamsError(f"{where}.arch: unknown arch {spec.arch!r} (choose from {', '.join(ARCHS)})")
+        if spec.norm not in NORMS:
+            raise ParamsError(f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})")
+        if not TASK_PATTERN.match(spec.task):
+            raise ParamsError(
+                f"{where}.task: unknown task {spec.task!r} (sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
+            )
+        if spec.task not in params.degrade.tasks:
+            raise ParamsError(
+                f"{where}.task: {spec.task!r} is not produced by the degrade stage "
+                f"(degrade.tasks: {', '.join(params.degrade.tasks)})"
+            )
+        for group in spec.groups:
+            if group not in GROUPS:
+                raise ParamsError(f"{where}.groups: unknown group {group!r} (choose from {', '.join(GROUPS)})")
+        for key in ("stdnorm", "affine_outer"):
+            if key in spec.model:
+                raise ParamsError(f"{where}.model.{key}: set it as runs.{name}.{key}, not under model")
+        resolve_run(params, name)
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate a params file; every error names the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    try:
+        params = parse(Params, raw, "")
+        _check_runs(params)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+    return params
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view of a (nested) dataclass or mapping, for logging as tracking params."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, _join(prefix, str(key))))
+        return out
+    return {prefix: obj}

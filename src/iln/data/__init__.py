@@ -1,0 +1,1 @@
+"""Data layer: dataset catalogue and download, image IO, degradations, training/test datasets."""

@@ -1,0 +1,183 @@
+"""Training patches and test pairs.
+
+``TrainPatches[k]`` is a pure function of (seed, k): k is the global sample counter, so a
+resumed run, or several data-parallel ranks taking disjoint k, see exactly the samples an
+uninterrupted single-process run would. Sample k belongs to epoch ``k // n`` (n images);
+the image is position ``k % n`` of that epoch's permutation, drawn from (seed, epoch); crop,
+flips and noise come from a generator seeded with (seed, k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from iln.data.degrade import add_gaussian_noise, jpeg_compress
+from iln.data.io import image_size, list_images, read_rgb
+from iln.data.params import parse_task
+
+_PERMUTATION_STREAM = 0x5045524D  # separates the per-epoch permutation stream from per-sample streams
+
+
+def _match(gt_files: list[Path], lq_dir: Path) -> dict[str, Path]:
+    lq_files = {p.stem: p for p in list_images(lq_dir)}
+    out = {}
+    for gt in gt_files:
+        if gt.stem not in lq_files:
+            raise FileNotFoundError(f"{lq_dir}: no lq partner for {gt}")
+        out[gt.stem] = lq_files[gt.stem]
+    extra = sorted(set(lq_files) - set(out))
+    if extra:
+        raise FileNotFoundError(f"{lq_files[extra[0]]}: lq image without a gt partner in the gt folder")
+    return out
+
+
+class TrainPatches:
+    """Random aligned (lq, gt) patches for training; see the module doc for determinism.
+
+    gt_dir: folder of HR images (or a list of folders, read as one set).
+    lq_dir: folder of LR images with the same names, or None to make lq on the fly from the
+        gt patch with ``degradation`` ("dn_s<sigma>" or "car_q<quality>"; scale must be 1).
+    Returns {"lq": float32 (3, p, p), "gt": float32 (3, s*p, s*p)} in [0, 1].
+    ``len()`` is the number of images (one epoch); any k >= 0 is a valid index.
+    ``cache`` keeps decoded images in memory, up to ``cache_bytes`` per process (each data
+    loader worker has its own cache); images beyond the budget are decoded on every use.
+    """
+
+    def __init__(self, gt_dir: str | Path | Sequence[str | Path], lq_dir: str | Path | None, *, scale: int,
+                 lq_patch: int, seed: int, augment: bool = True, degradation: str | None = None,
+                 cache: bool = True, cache_bytes: int = 4 << 30) -> None:
+        if scale < 1 or lq_patch < 1:
+            raise ValueError(f"scale and lq_patch must be >= 1, got {scale}, {lq_patch}")
+        self.scale, self.lq_patch, self.seed, self.augment = scale, lq_patch, seed, augment
+        self.cache, self.cache_bytes, self._cached_bytes = cache, cache_bytes, 0
+        self.degradation = parse_task(degradation, "degradation") if degradation is not None else None
+        if self.degradation is not None:
+            if self.degradation.kind not in ("dn", "car"):
+                raise ValueError(f"degradation must be dn_s<sigma> or car_q<quality>, got {degradation!r}")
+            if lq_dir is not None or scale != 1:
+                raise ValueError(f"on-the-fly degradation {degradation!r} needs lq_dir=None and scale=1")
+        elif lq_dir is None:
+            raise ValueError("lq_dir is required unless a degradation makes lq on the fly")
+        dirs = [Path(gt_dir)] if isinstance(gt_dir, (str, Path)) else [Path(d) for d in gt_dir]
+        self.gt_files = [p for d in dirs for p in list_images(d)]
+        if not self.gt_files:
+            raise FileNotFoundError(f"no training images in {', '.join(map(str, dirs))}")
+        stems = [p.stem for p in self.gt_files]
+        if len(set(stems)) != len(stems):
+            dup = next(s for s in stems if stems.count(s) > 1)
+            raise ValueError(f"image name {dup!r} occurs twice in {', '.join(map(str, dirs))}")
+        self.lq_files = None if lq_dir is None else _match(self.gt_files, Path(lq_dir))
+        self._check_sizes()
+        self._images: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _check_sizes(self) -> None:
+        """From the file headers: every lq fits a patch and matches its gt (gt = s * lq)."""
+        p, s = self.lq_patch, self.scale
+        for gt in self.gt_files:
+            gh, gw = image_size(gt)
+            if self.lq_files is None:
+                if gh < p or gw < p:
+                    raise ValueError(f"{gt}: image {gh}x{gw} is smaller than the training patch {p}x{p}")
+                continue
+            lq = self.lq_files[gt.stem]
+            lh, lw = image_size(lq)
+            if (gh, gw) != (lh * s, lw * s):
+                raise ValueError(f"{lq}: lq size {lh}x{lw} times scale {s} does not match gt {gt} size {gh}x{gw}")
+            if lh < p or lw < p:
+                raise ValueError(f"{lq}: image {lh}x{lw} is smaller than the training patch {p}x{p} "
+                                 f"(gt {gt} is {gh}x{gw})")
+
+    def __len__(self) -> int:
+        return len(self.gt_files)
+
+    def image_index(self, k: int) -> int:
+        """Which image sample k is cut from."""
+        n = len(self.gt_files)
+        epoch, position = divmod(k, n)
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng([self.seed, _PERMUTATION_STREAM, epoch])
+            self._perm = (epoch, rng.permutation(n))
+        return int(self._perm[1][position])
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if i in self._images:
+            return self._images[i]
+        gt = read_rgb(self.gt_files[i])
+        lq = None if self.lq_files is None else read_rgb(self.lq_files[self.gt_files[i].stem])
+        size = gt.nbytes + (0 if lq is None else lq.nbytes)
+        if self.cache and self._cached_bytes + size <= self.cache_bytes:
+            self._images[i] = (gt, lq)
+            self._cached_bytes += size
+        return gt, lq
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        k = int(k)
+        if k < 0:
+            raise IndexError(f"sample index must be >= 0, got {k}")
+        gt, lq = self._load(self.image_index(k))
+        rng = np.random.default_rng([self.seed, k])
+        p, s = self.lq_patch, self.scale
+        src = gt if lq is None else lq
+        top = int(rng.integers(0, src.shape[0] - p + 1))
+        left = int(rng.integers(0, src.shape[1] - p + 1))
+        gt_patch = gt[top * s:(top + p) * s, left * s:(left + p) * s]  # (s*p, s*p, 3)
+        lq_patch = None if lq is None else lq[top:top + p, left:left + p]  # (p, p, 3)
+        flips = rng.random(3) < 0.5 if self.augment else np.zeros(3, dtype=bool)
+        gt_patch = _augment(gt_patch, flips)
+        if lq_patch is None:
+            lq_patch = self._degrade(np.ascontiguousarray(gt_patch), rng)
+        else:
+            lq_patch = _augment(lq_patch, flips)
+        return {"lq": _to_chw(lq_patch), "gt": _to_chw(gt_patch)}
+
+    def _degrade(self, gt_patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        task = self.degradation
+        if task.kind == "dn":
+            return add_gaussian_noise(gt_patch, task.sigma, rng)
+        return jpeg_compress(gt_patch, task.quality)
+
+
+def _augment(img: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """Horizontal flip, vertical flip, transpose (together: the 8 dihedral transforms)."""
+    if flips[0]:
+        img = img[:, ::-1]
+    if flips[1]:
+        img = img[::-1, :]
+    if flips[2]:
+        img = img.transpose(1, 0, 2)
+    return img
+
+
+def _to_chw(img: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
+    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+
+
+class TestPairs:
+    """Evaluation pairs: a sequence of (name, lq uint8 (h, w, 3), gt uint8 (H, W, 3)), sorted by name."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, lq_dir: str | Path, gt_dir: str | Path) -> None:
+        self.lq_dir, self.gt_dir = Path(lq_dir), Path(gt_dir)
+        self.gt_files = list_images(self.gt_dir)
+        if not self.gt_files:
+            raise FileNotFoundError(f"{self.gt_dir}: no test images")
+        self.lq_files = _match(self.gt_files, self.lq_dir)
+
+    def __len__(self) -> int:
+        return len(self.gt_files)
+
+    def __getitem__(self, i: int) -> tuple[str, np.ndarray, np.ndarray]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        gt = self.gt_files[i]
+        return gt.stem, read_rgb(self.lq_files[gt.stem]), read_rgb(gt)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.stem for p in self.gt_files]

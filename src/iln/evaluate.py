@@ -1,0 +1,311 @@
+"""Restoring test images with a model and scoring them (PSNR / SSIM on Y).
+
+``restore`` turns one uint8 LR image into one uint8 restored image exactly as the
+benchmark protocol expects (clamp to [0, 1], scale to 255, round). ``evaluate_pairs``
+applies any such function to a set of (name, lq, gt) pairs and returns one row per image;
+``summarise`` reduces the rows to the per-set means that papers report. The bicubic
+baseline and the side-by-side crop panels live here too because they share the same
+uint8-in, uint8-out convention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from iln.metrics import psnr, rgb_to_y, ssim
+
+RestoreFn = Callable[[np.ndarray], np.ndarray]
+
+
+def _check_image(img: np.ndarray, what: str) -> None:
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+        desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise ValueError(f"{what} must be a uint8 (H, W, 3) RGB array, got {desc}")
+
+
+def to_uint8(y: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) model output in [0, 1] (any float dtype) -> uint8 (H, W, 3).
+
+    NaN becomes 0 and +-inf is clamped like any other value, so a numerically broken
+    forward pass (e.g. fp16 overflow) still yields an image that can be scored.
+    """
+    y = torch.nan_to_num(y[0].float(), nan=0.0, posinf=1.0, neginf=0.0)  # (3, H, W)
+    y = (y.clamp(0.0, 1.0) * 255.0).round()
+    return y.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering [0, length); the last one is flush."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def _forward_tiled(model: nn.Module, x: torch.Tensor, scale: int, tile: int, overlap: int) -> torch.Tensor:
+    """Run ``model`` on overlapping LR tiles and average the overlapping outputs."""
+    _, c, h, w = x.shape  # (1, 3, H, W)
+    th, tw = min(tile, h), min(tile, w)
+    stride = tile - overlap
+    acc = torch.zeros(1, c, h * scale, w * scale, dtype=torch.float32, device=x.device)
+    weight = torch.zeros(1, 1, h * scale, w * scale, dtype=torch.float32, device=x.device)
+    for top in _tile_starts(h, th, stride):
+        for left in _tile_starts(w, tw, stride):
+            patch = x[:, :, top : top + th, left : left + tw]  # (1, 3, th, tw)
+            out = model(patch).float()  # (1, 3, s*th, s*tw)
+            if out.shape[-2:] != (th * scale, tw * scale):
+                raise ValueError(f"model returned {tuple(out.shape)} for a tile {th}x{tw} at scale {scale}")
+            rows = slice(top * scale, (top + th) * scale)
+            cols = slice(left * scale, (left + tw) * scale)
+            acc[:, :, rows, cols] += out
+            weight[:, :, rows, cols] += 1.0
+    return acc / weight
+
+
+def restore(
+    model: nn.Module,
+    lq: np.ndarray,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    tile: int | None = None,
+    tile_overlap: int = 16,
+) -> np.ndarray:
+    """Restore one uint8 (H, W, 3) image; returns uint8 (s*H, s*W, 3).
+
+    The model must already be on ``device`` with parameters in ``dtype``; only the input is
+    cast. The model pads and crops to its window itself. It is switched to eval mode for
+    the call and put back in its previous mode afterwards.
+
+    ``tile`` (LR pixels, a multiple of ``model.window_size``) splits the input into
+    overlapping tiles of that size, ``tile_overlap`` LR pixels apart at each seam, and
+    averages the outputs where tiles overlap. This bounds memory on large images. For
+    models whose layers only see a local neighbourhood the tiled result differs from the
+    whole-image result only near seams; models with per-image statistics (i-LN, LN*,
+    InstanceNorm, channel attention's global pooling in HAT) compute those statistics per
+    tile, so tiling changes their output slightly everywhere. Benchmarks should be run
+    without tiling when memory allows.
+    """
+    _check_image(lq, "lq")
+    scale = int(model.scale)
+    if tile is not None:
+        window = int(model.window_size)
+        if tile <= 0 or tile % window:
+            raise ValueError(f"tile must be a positive multiple of model.window_size={window}, got {tile}")
+        if not 0 <= tile_overlap < tile:
+            raise ValueError(f"tile_overlap must be in [0, tile={tile}), got {tile_overlap}")
+    x = torch.from_numpy(np.array(lq, copy=True)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    x = (x.to(device=device, dtype=torch.float32) / 255.0).to(dtype)
+    h, w = lq.shape[:2]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if tile is None or (h <= tile and w <= tile):
+                y = model(x)  # (1, 3, s*H, s*W)
+            else:
+                y = _forward_tiled(model, x, scale, tile, tile_overlap)
+    finally:
+        model.train(was_training)
+    if tuple(y.shape) != (1, 3, h * scale, w * scale):
+        raise ValueError(f"model returned {tuple(y.shape)} for an input {h}x{w} at scale {scale}")
+    return to_uint8(y)
+
+
+def model_restore_fn(
+    model: nn.Module,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    tile: int | None = None,
+    tile_overlap: int = 16,
+) -> RestoreFn:
+    """``restore`` with the model and options bound, for ``evaluate_pairs``."""
+
+    def fn(lq: np.ndarray) -> np.ndarray:
+        return restore(model, lq, device=device, dtype=dtype, tile=tile, tile_overlap=tile_overlap)
+
+    return fn
+
+
+def evaluate_pairs(
+    restore_fn: RestoreFn,
+    pairs: Iterable[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    crop_border: int,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Score ``restore_fn(lq)`` against ``gt`` for every (name, lq, gt) pair.
+
+    Returns rows ``{"image": name, "psnr": dB, "ssim": value}`` in input order; PSNR and
+    SSIM on the Y channel with ``crop_border`` (= scale for SR) pixels removed per side.
+    """
+    total = len(pairs) if hasattr(pairs, "__len__") else None
+    rows: list[dict[str, Any]] = []
+    for name, lq, gt in tqdm(pairs, total=total, disable=not progress, desc="evaluate", leave=False):
+        _check_image(lq, f"lq of {name!r}")
+        _check_image(gt, f"gt of {name!r}")
+        pred = restore_fn(lq)
+        _check_image(pred, f"restored {name!r}")
+        if pred.shape != gt.shape:
+            raise ValueError(f"restored {name!r} has shape {pred.shape} but its gt has {gt.shape}")
+        rows.append(
+            {
+                "image": name,
+                "psnr": psnr(pred, gt, crop_border=crop_border),
+                "ssim": ssim(pred, gt, crop_border=crop_border),
+            }
+        )
+    return rows
+
+
+def summarise(rows: list[Mapping[str, Any]]) -> dict[str, float | int]:
+    """Per-set means: ``{"psnr", "ssim", "count", "psnr_infinite"}``.
+
+    An image restored perfectly has PSNR = inf, which would make the plain mean inf and
+    hide every other image. The PSNR mean is therefore taken over the finite values and
+    ``psnr_infinite`` counts the images left out (inf only if every image is perfect).
+    SSIM is always finite and averaged over all rows.
+    """
+    if not rows:
+        raise ValueError("summarise needs at least one row")
+    values = [float(r["psnr"]) for r in rows]
+    finite = [v for v in values if math.isfinite(v)]
+    if any(math.isnan(v) for v in values):
+        raise ValueError("summarise got a NaN PSNR")
+    return {
+        "psnr": float(np.mean(finite)) if finite else math.inf,
+        "ssim": float(np.mean([float(r["ssim"]) for r in rows])),
+        "count": len(rows),
+        "psnr_infinite": len(values) - len(finite),
+    }
+
+
+def bicubic_restore(scale: int, *, round_each_pass: bool = False) -> RestoreFn:
+    """The bicubic-upsampling baseline: MATLAB-compatible bicubic, rounded to uint8.
+
+    Computed in float64 and rounded once. ``round_each_pass=True`` rounds and clips to
+    0..255 after each axis as MATLAB does on a uint8 array; on natural images the two
+    differ by about one grey level, more where the first pass overshoots [0, 255].
+    """
+    from iln.data.degrade import imresize, round_to_uint8
+
+    def fn(lq: np.ndarray) -> np.ndarray:
+        _check_image(lq, "lq")
+        up = imresize(lq.astype(np.float64), scale, round_each_pass=round_each_pass)  # (s*H, s*W, 3)
+        return round_to_uint8(up)  # half away from zero, as MATLAB
+
+    return fn
+
+
+Box = tuple[int, int, int, int]  # (top, left, height, width) in HR pixels
+
+
+def centre_box(hr_shape: tuple[int, ...], size: int, *, scale: int = 1) -> Box:
+    """A ``size`` x ``size`` box in the middle of an HR image, corners aligned to ``scale``."""
+    h, w = hr_shape[:2]
+    if size > h or size > w:
+        raise ValueError(f"crop size {size} exceeds the image size {h}x{w}")
+    top = (h - size) // 2 // scale * scale
+    left = (w - size) // 2 // scale * scale
+    return top, left, size, size
+
+
+def largest_difference_box(a: np.ndarray, b: np.ndarray, *, size: int, scale: int = 1) -> Box:
+    """The ``size`` x ``size`` box where two restorations differ most (sum of |dY|).
+
+    Corners are aligned to ``scale`` so the matching LR crop is exact; ties go to the
+    top-most, then left-most box, so the choice is deterministic.
+    """
+    _check_image(a, "a")
+    _check_image(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b shapes differ: {a.shape} vs {b.shape}")
+    h, w = a.shape[:2]
+    if size > h or size > w:
+        raise ValueError(f"crop size {size} exceeds the image size {h}x{w}")
+    diff = np.abs(rgb_to_y(a) - rgb_to_y(b))  # (H, W)
+    integral = np.zeros((h + 1, w + 1), dtype=np.float64)
+    integral[1:, 1:] = diff.cumsum(0).cumsum(1)
+    tops = np.arange(0, h - size + 1, scale)
+    lefts = np.arange(0, w - size + 1, scale)
+    t, l = tops[:, None], lefts[None, :]
+    sums = integral[t + size, l + size] - integral[t, l + size] - integral[t + size, l] + integral[t, l]
+    i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(tops[i]), int(lefts[j]), size, size
+
+
+def side_by_side_crops(
+    images: Mapping[str, np.ndarray],
+    *,
+    scale: int,
+    box: Box,
+    upscale_lr: bool = True,
+    gap: int = 4,
+) -> np.ndarray:
+    """One uint8 panel with the same region of every image, left to right in dict order.
+
+    ``images`` maps a label (e.g. "LR", "Bicubic", "LN", "i-LN", "HR") to a uint8
+    (H, W, 3) array, either HR-sized or LR-sized (HR / scale). ``box`` is
+    (top, left, height, width) in HR pixels. LR images are cropped at box / scale and,
+    with ``upscale_lr``, enlarged by pixel repetition (nearest) to the HR crop size;
+    otherwise their small crop sits at the top-left of a white tile. Crops are separated
+    by ``gap`` white columns. Labels are not drawn: the order is the dict order.
+    """
+    if not images:
+        raise ValueError("side_by_side_crops needs at least one image")
+    for label, img in images.items():
+        _check_image(img, f"image {label!r}")
+    hr_shape = max((img.shape for img in images.values()), key=lambda s: s[0] * s[1])
+    hr_h, hr_w = hr_shape[:2]
+    top, left, bh, bw = box
+    if bh <= 0 or bw <= 0 or top < 0 or left < 0 or top + bh > hr_h or left + bw > hr_w:
+        raise ValueError(f"box {box} does not fit in the HR image {hr_h}x{hr_w}")
+    tiles = []
+    for label, img in images.items():
+        if img.shape == hr_shape:
+            tiles.append(img[top : top + bh, left : left + bw])
+            continue
+        if img.shape[:2] != (hr_h // scale, hr_w // scale):
+            raise ValueError(
+                f"image {label!r} has shape {img.shape}: expected HR {hr_shape} or LR of scale {scale}"
+            )
+        if top % scale or left % scale or bh % scale or bw % scale:
+            raise ValueError(f"box {box} must be aligned to scale {scale} to crop the LR image {label!r}")
+        crop = img[top // scale : (top + bh) // scale, left // scale : (left + bw) // scale]
+        if upscale_lr:
+            tiles.append(np.repeat(np.repeat(crop, scale, axis=0), scale, axis=1))
+        else:
+            canvas = np.full((bh, bw, 3), 255, dtype=np.uint8)
+            canvas[: crop.shape[0], : crop.shape[1]] = crop
+            tiles.append(canvas)
+    spacer = np.full((bh, gap, 3), 255, dtype=np.uint8)
+    parts: list[np.ndarray] = []
+    for k, t in enumerate(tiles):
+        if k:
+            parts.append(spacer)
+        parts.append(t)
+    return np.concatenate(parts, axis=1)
+
+
+def central_crop_pairs(
+    pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], *, lq_size: int, scale: int
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Aligned central crops: an ``lq_size`` square of each LR image and the matching
+    ``scale * lq_size`` square of its HR image (images smaller than that stay whole)."""
+    cropped = []
+    for name, lq, gt in pairs:
+        h, w = lq.shape[:2]
+        size_h, size_w = min(lq_size, h), min(lq_size, w)
+        top, left = (h - size_h) // 2, (w - size_w) // 2
+        lq_crop = lq[top : top + size_h, left : left + size_w]
+        gt_crop = gt[top * scale : (top + size_h) * scale, left * scale : (left + size_w) * scale]
+        cropped.append((name, np.ascontiguousarray(lq_crop), np.ascontiguousarray(gt_crop)))
+    return cropped

@@ -1,0 +1,312 @@
+"""HAT (Hybrid Attention Transformer, Chen et al. 2023) with an injectable norm.
+
+Module names and the computation follow the released implementation, so released
+weights load by name (see ``checkpoint.py``). The norm is passed in as a factory
+``dim -> module`` whose forward returns ``(y, scale)``; every residual branch is merged
+by ``residual_add(x, scale, ...)``, which gives the plain LN blocks for unit scales and the
+i-LN blocks (``x + s * F(norm(x))``) for the per-image std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from iln.models import common
+from iln.models.common import ForwardContext, residual_add
+from iln.models.norms import NormFactory
+
+
+class ChannelAttention(nn.Module):
+    """RCAN channel attention: global pool, squeeze, excite, sigmoid gate."""
+
+    def __init__(self, dim: int, squeeze_factor: int) -> None:
+        super().__init__()
+        self.attention = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(dim, dim // squeeze_factor, 1, padding=0),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(dim // squeeze_factor, dim, 1, padding=0),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
+        return x * self.attention(x)
+
+
+class CAB(nn.Module):
+    """Channel attention block, the convolutional branch of a HAB."""
+
+    def __init__(self, dim: int, compress_ratio: int, squeeze_factor: int) -> None:
+        super().__init__()
+        self.cab = nn.Sequential(
+            nn.Conv2d(dim, dim // compress_ratio, 3, 1, 1),
+            nn.GELU(),
+            nn.Conv2d(dim // compress_ratio, dim, 3, 1, 1),
+            ChannelAttention(dim, squeeze_factor),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
+        return self.cab(x)
+
+
+class HAB(nn.Module):
+    """Hybrid attention block: (shifted) window attention + 0.01 * CAB, then MLP."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window: int,
+        shift: int,
+        compress_ratio: int,
+        squeeze_factor: int,
+        conv_scale: float,
+        mlp_ratio: float,
+        drop_path: float,
+        norm_layer: NormFactory,
+        fast: bool,
+    ) -> None:
+        super().__init__()
+        self.shift = shift
+        self.conv_scale = conv_scale
+        self.drop_path = drop_path
+        self.norm1 = norm_layer(dim)
+        self.attn = common.WindowAttention(dim, window, num_heads, fast)
+        self.conv_block = CAB(dim, compress_ratio, squeeze_factor)
+        self.norm2 = norm_layer(dim)
+        self.mlp = common.Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, ctx: ForwardContext, index: Tensor) -> Tensor:
+        """x (B, N, C) -> (B, N, C); ``index`` the model's relative position index (n, n)."""
+        h, w = ctx.size
+        b, n_tok, c = x.shape
+        u, s1 = self.norm1(x)  # (B, N, C)
+        grid = u.view(b, h, w, c)  # (B, H, W, C)
+
+        conv_x = self.conv_block(grid.permute(0, 3, 1, 2))  # (B, C, H, W)
+        conv_x = conv_x.permute(0, 2, 3, 1).reshape(b, n_tok, c)  # (B, N, C)
+
+        attn_x = self.attn(grid, ctx, index, self.shift)  # (B, N, C)
+
+        x = residual_add(x, s1, common.drop_path(attn_x, self.drop_path, self.training, ctx.generator), conv_x * self.conv_scale)
+        v, s2 = self.norm2(x)
+        return residual_add(x, s2, common.drop_path(self.mlp(v), self.drop_path, self.training, ctx.generator))
+
+
+class OCAB(nn.Module):
+    """Overlapping cross-attention block: queries from w x w windows, keys/values from
+    overlapping ow x ow windows (zero padded at the border), then MLP. No stochastic depth."""
+
+    def __init__(
+        self, dim: int, window: int, overlap_ratio: float, num_heads: int, mlp_ratio: float, norm_layer: NormFactory, fast: bool
+    ) -> None:
+        super().__init__()
+        self.window = window
+        self.overlap = common.overlap_window_size(window, overlap_ratio)
+        if (self.overlap - window) % 2:
+            raise ValueError(
+                f"overlap_ratio={overlap_ratio} with window_size={window} gives an odd border "
+                f"({self.overlap - window}); choose values whose overlap is even"
+            )
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.fast = fast
+        self.norm1 = norm_layer(dim)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((window + self.overlap - 1) ** 2, num_heads))
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = norm_layer(dim)
+        self.mlp = common.Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, ctx: ForwardContext, index: Tensor) -> Tensor:
+        """x (B, N, C) -> (B, N, C); ``index`` the overlap index (w*w, ow*ow)."""
+        h, w = ctx.size
+        b, n_tok, c = x.shape
+        win, ow, heads = self.window, self.overlap, self.num_heads
+        d = c // heads
+        u, s1 = self.norm1(x)
+        qkv = self.qkv(u).view(b, h, w, 3 * c)  # (B, H, W, 3C)
+
+        q = common.window_partition(qkv[..., :c], win)  # (B*nW, w*w, C)
+        q = q.view(-1, win * win, heads, d).transpose(1, 2)  # (B*nW, h, w*w, d)
+
+        border = (ow - win) // 2
+        kv = nn.functional.pad(qkv[..., c:], (0, 0, border, border, border, border))  # (B, H+2p, W+2p, 2C)
+        kv = kv.unfold(1, ow, win).unfold(2, ow, win)  # (B, nWh, nWw, 2C, ow, ow)
+        kv = kv.reshape(b, -1, 2, heads, d, ow * ow).permute(2, 0, 1, 3, 5, 4)  # (2, B, nW, h, ow*ow, d)
+        kv = kv.reshape(2, -1, heads, ow * ow, d)  # (2, B*nW, h, ow*ow, d)
+        k, v = kv[0], kv[1]
+
+        if self.fast:
+            bias = common.gather_bias(self.relative_position_bias_table, index)  # (h, w*w, ow*ow)
+            out = common.fast_attention(q, k, v, bias, self.scale)  # (B*nW, h, w*w, d)
+        else:  # the straightforward path rebuilds its index on every call
+            index = common.relative_position_index_overlap(win, ow).to(x.device)
+            bias = common.gather_bias_naive(self.relative_position_bias_table, index)
+            out = common.naive_attention(q, k, v, bias, self.scale)
+        out = out.transpose(1, 2).reshape(-1, win * win, c)  # (B*nW, w*w, C)
+        out = common.window_reverse(out, win, h, w).reshape(b, n_tok, c)  # (B, N, C)
+
+        x = residual_add(x, s1, self.proj(out))
+        v_in, s2 = self.norm2(x)
+        return residual_add(x, s2, self.mlp(v_in))
+
+
+class AttenBlocks(nn.Module):
+    """The blocks of one group: ``depth`` HABs (every second one shifted) and one OCAB."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        compress_ratio: int,
+        squeeze_factor: int,
+        conv_scale: float,
+        overlap_ratio: float,
+        mlp_ratio: float,
+        drop_path: Sequence[float],
+        norm_layer: NormFactory,
+        fast: bool,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            HAB(
+                dim,
+                num_heads,
+                window,
+                0 if i % 2 == 0 else window // 2,
+                compress_ratio,
+                squeeze_factor,
+                conv_scale,
+                mlp_ratio,
+                drop_path[i],
+                norm_layer,
+                fast,
+            )
+            for i in range(depth)
+        )
+        self.overlap_attn = OCAB(dim, window, overlap_ratio, num_heads, mlp_ratio, norm_layer, fast)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, index_sa: Tensor, index_oca: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x, ctx, index_sa)
+        return self.overlap_attn(x, ctx, index_oca)
+
+
+class RHAG(nn.Module):
+    """Residual hybrid attention group: blocks, then conv3x3 on the image grid, plus input."""
+
+    def __init__(self, dim: int, **blocks_kwargs) -> None:
+        super().__init__()
+        self.residual_group = AttenBlocks(dim, **blocks_kwargs)
+        self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, index_sa: Tensor, index_oca: Tensor) -> Tensor:
+        y = self.residual_group(x, ctx, index_sa, index_oca)  # (B, N, C)
+        return common.tokens(self.conv(common.image(y, ctx.size))) + x
+
+
+class PatchEmbed(nn.Module):
+    """Image to tokens (patch size 1) followed by the patch-embed norm."""
+
+    def __init__(self, dim: int, norm_layer: NormFactory) -> None:
+        super().__init__()
+        self.norm = norm_layer(dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, N, C)
+        y, _ = self.norm(common.tokens(x))  # no residual here: the branch scale is unused
+        return y
+
+
+class HAT(nn.Module):
+    """HAT for classical SR with a pixel-shuffle head.
+
+    ``norm_layer`` builds the norms inside residual blocks, ``outer_norm_layer`` the
+    patch-embed and final norms. Any input size: the image is padded (reflect) to a
+    multiple of the window inside ``forward`` and the output cropped back.
+    """
+
+    def __init__(
+        self,
+        *,
+        scale: int,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        window_size: int,
+        compress_ratio: int,
+        squeeze_factor: int,
+        conv_scale: float,
+        overlap_ratio: float,
+        mlp_ratio: float,
+        drop_path_rate: float,
+        stdnorm: bool,
+        img_range: float,
+        norm_layer: NormFactory,
+        outer_norm_layer: NormFactory,
+        attention: str,
+    ) -> None:
+        super().__init__()
+        self.scale = scale
+        self.window_size = window_size
+        self.embed_dim = embed_dim
+        self.shift_size = window_size // 2
+        self.fast = attention == "fast"
+        self.input_norm = common.InputNorm(stdnorm, img_range)
+        overlap = common.overlap_window_size(window_size, overlap_ratio)
+        self.register_buffer("relative_position_index_SA", common.relative_position_index(window_size))
+        self.register_buffer("relative_position_index_OCA", common.relative_position_index_overlap(window_size, overlap))
+
+        self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
+        self.patch_embed = PatchEmbed(embed_dim, outer_norm_layer)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth grows with depth
+        self.layers = nn.ModuleList()
+        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+            self.layers.append(
+                RHAG(
+                    embed_dim,
+                    depth=depth,
+                    num_heads=heads,
+                    window=window_size,
+                    compress_ratio=compress_ratio,
+                    squeeze_factor=squeeze_factor,
+                    conv_scale=conv_scale,
+                    overlap_ratio=overlap_ratio,
+                    mlp_ratio=mlp_ratio,
+                    drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                    norm_layer=norm_layer,
+                    fast=self.fast,
+                )
+            )
+        self.norm = outer_norm_layer(embed_dim)
+        self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
+        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True))
+        self.upsample = common.upsample_layers(scale)
+        self.conv_last = nn.Conv2d(common.NUM_FEAT, 3, 3, 1, 1)
+
+    def forward_features(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, C, H, W) with H, W multiples of the window -> (B, C, H, W)."""
+        size = (x.shape[2], x.shape[3])
+        ctx = common.window_context(size, self.window_size, device=x.device, dtype=x.dtype, generator=generator, fast=self.fast)
+        t = self.patch_embed(x)  # (B, N, C)
+        for layer in self.layers:
+            t = layer(t, ctx, self.relative_position_index_SA, self.relative_position_index_OCA)
+        t, _ = self.norm(t)
+        return common.image(t, size)
+
+    def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """x (B, 3, H, W) in [0, 1] -> (B, 3, s*H, s*W), not clamped.
+
+        ``generator`` drives stochastic depth in training (global RNG when None)."""
+        h, w = x.shape[2], x.shape[3]
+        x = self.input_norm.encode(common.pad_to_multiple(x, self.window_size))
+        x = self.conv_first(x)
+        x = self.conv_after_body(self.forward_features(x, generator)) + x
+        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        x = self.input_norm.decode(x)
+        return x[:, :, : h * self.scale, : w * self.scale]

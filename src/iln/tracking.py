@@ -1,0 +1,204 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Every stage invocation is one MLflow run. Runs of the same grid member (its training,
+evaluation and analysis) are children of one parent run named after the member, so the
+MLflow UI shows them together. The default store is a sqlite file at the repository
+root; ``MLFLOW_TRACKING_URI`` points everything at another store or a tracking server.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+RUN_TAG = "iln.run"
+STAGE_TAG = "iln.stage"
+KIND_TAG = "iln.kind"
+PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+BATCH_LIMIT = 100
+
+
+def tracking_uri(root: Path) -> str:
+    """The store every stage writes to: ``$MLFLOW_TRACKING_URI`` or ``<root>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def git_commit(root: Path) -> str:
+    """Commit of the code that ran, with ``-dirty`` when the work tree had changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
+
+
+class StageRun:
+    """Handle on one MLflow run: params, step metrics, tags and artifacts."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self._client = client
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), _param_text(v)) for k, v in params.items()]
+        for start in range(0, len(items), BATCH_LIMIT):
+            self._client.log_batch(self.run_id, params=items[start:start + BATCH_LIMIT])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log finite numbers (MLflow stores NaN/inf poorly: they go in as tags instead)."""
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        finite, other = [], {}
+        for key, value in metrics.items():
+            value = float(value)
+            if math.isfinite(value):
+                finite.append(Metric(_metric_key(key), value, stamp, step or 0))
+            else:
+                other[f"nonfinite.{_metric_key(key)}"] = str(value)
+        for start in range(0, len(finite), BATCH_LIMIT):
+            self._client.log_batch(self.run_id, metrics=finite[start:start + BATCH_LIMIT])
+        if other:
+            self.set_tags(other)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def _param_text(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= PARAM_VALUE_LIMIT else text[: PARAM_VALUE_LIMIT - 3] + "..."
+
+
+def _metric_key(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def _client(root: Path) -> tuple[Any, str]:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(root)
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def _experiment_id(client: Any, name: str, root: Path, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:"):
+        artifacts = (root / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def _parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_TAG}` = '{run_name}' and tags.`{KIND_TAG}` = 'group'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    parent = client.create_run(
+        experiment_id, run_name=run_name, tags={**tags, RUN_TAG: run_name, KIND_TAG: "group"}
+    )
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    return parent.info.run_id
+
+
+@contextmanager
+def stage_run(
+    root: Path,
+    *,
+    experiment: str,
+    stage: str,
+    run_name: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> Iterator[StageRun]:
+    """Open one tracked run for a stage invocation of grid member ``run_name``.
+
+    The run ends FINISHED on success, FAILED on an exception, KILLED on Ctrl-C.
+    """
+    client, uri = _client(root)
+    experiment_id = _experiment_id(client, experiment, root, uri)
+    common = {"iln.git_commit": git_commit(root)}
+    parent_id = _parent_run(client, experiment_id, run_name, common)
+    run = client.create_run(
+        experiment_id,
+        run_name=f"{run_name}/{stage}",
+        tags={
+            **common,
+            **{k: str(v) for k, v in (tags or {}).items()},
+            RUN_TAG: run_name,
+            STAGE_TAG: stage,
+            KIND_TAG: "stage",
+            "mlflow.parentRunId": parent_id,
+        },
+    )
+    handle = StageRun(client, run.info.run_id)
+    if params:
+        handle.log_params(params)
+    status = "FAILED"
+    try:
+        yield handle
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(handle.run_id, status)
+
+
+def find_stage_runs(root: Path, *, experiment: str, run_name: str | None = None) -> list[dict[str, Any]]:
+    """Summaries of the stage runs in the store (used by tests and the report)."""
+    client, _ = _client(root)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = f"tags.`{KIND_TAG}` = 'stage'"
+    if run_name is not None:
+        query += f" and tags.`{RUN_TAG}` = '{run_name}'"
+    rows = []
+    for run in client.search_runs([found.experiment_id], filter_string=query, max_results=1000):
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "run": run.data.tags.get(RUN_TAG),
+                "stage": run.data.tags.get(STAGE_TAG),
+                "status": run.info.status,
+                "parent": run.data.tags.get("mlflow.parentRunId"),
+                "metrics": dict(run.data.metrics),
+                "params": dict(run.data.params),
+                "artifacts": [a.path for a in client.list_artifacts(run.info.run_id)],
+            }
+        )
+    return rows
+
+
+def metric_history(root: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    client, _ = _client(root)
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]

@@ -1,0 +1,271 @@
+"""The training loop: L1, Adam, MultiStepLR, parameter EMA, atomic checkpoints, exact resume.
+
+Determinism contract: sample ``k`` of the training stream is a pure function of
+``(seed, k)`` (see ``iln.data.dataset.TrainPatches``), step ``t`` consumes samples
+``[t*B, (t+1)*B)`` (rank ``r`` of ``W`` takes its contiguous slice), and the global torch
+RNG state (drop-path) is saved in every checkpoint. A run interrupted at any point and
+resumed from its last checkpoint therefore ends with the same weights as one that never
+stopped (on CPU, bit for bit).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from iln.config import TrainParams
+
+CHECKPOINT_VERSION = 1
+
+LogFn = Callable[[int, dict[str, float]], None]
+MonitorFn = Callable[[int, nn.Module, nn.Module], list[dict[str, Any]]]
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or features became non-finite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    steps: int
+    resumed_from: int
+    seconds_per_step: float
+    history: list[dict[str, float]]
+    monitor_rows: list[dict[str, Any]]
+
+
+class StreamBatches(torch.utils.data.Sampler[list[int]]):
+    """Sample indices of steps ``start .. stop-1`` for one rank: step t, rank r ->
+    ``t*B + r*b + [0, b)`` with ``b = B / W``."""
+
+    def __init__(self, start: int, stop: int, global_batch: int, rank: int, world_size: int) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"batch_size {global_batch} is not divisible by the {world_size} processes")
+        self.start, self.stop = start, stop
+        self.global_batch, self.local_batch = global_batch, global_batch // world_size
+        self.offset = rank * self.local_batch
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            first = step * self.global_batch + self.offset
+            yield list(range(first, first + self.local_batch))
+
+
+def build_optimizer(model: nn.Module, settings: TrainParams) -> tuple[torch.optim.Optimizer, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=settings.lr, betas=settings.betas, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(settings.milestones), settings.lr_gamma)
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
+    ema_params = [p for p in ema.parameters()]
+    model_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a sibling temp file, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to this exact run configuration, else None."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
+        return None
+    return state
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def fit(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    settings: TrainParams,
+    *,
+    device: torch.device,
+    checkpoint_path: Path,
+    fingerprint: str,
+    rank: int = 0,
+    world_size: int = 1,
+    on_log: LogFn | None = None,
+    monitor: MonitorFn | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, FitResult]:
+    """Train ``model`` (built and seeded by the caller) and return its EMA twin.
+
+    Resumes from ``checkpoint_path`` when it holds a checkpoint of the same
+    ``fingerprint``; a checkpoint of another configuration is ignored and overwritten.
+    ``monitor(step, model, ema)`` runs every ``settings.probe_every`` steps on rank 0 and
+    returns feature-statistic rows; a non-finite ``magnitude`` in them stops training.
+    """
+    model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer, scheduler = build_optimizer(model, settings)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
+    history: list[dict[str, float]] = []
+    monitor_rows: list[dict[str, Any]] = []
+    start = 0
+
+    state = load_checkpoint(checkpoint_path, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], device)
+        history, monitor_rows, start = list(state["history"]), list(state["monitor"]), int(state["step"])
+
+    train_model: nn.Module = model
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if settings.compile:
+        train_model = torch.compile(train_model)
+
+    def checkpoint(step: int) -> None:
+        if rank == 0:
+            save_atomic(
+                {
+                    "version": CHECKPOINT_VERSION,
+                    "fingerprint": fingerprint,
+                    "step": step,
+                    "model": _unwrap(model).state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(device),
+                    "history": history,
+                    "monitor": monitor_rows,
+                },
+                checkpoint_path,
+            )
+        if world_size > 1:
+            torch.distributed.barrier()
+
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=StreamBatches(start, settings.iterations, settings.batch_size, rank, world_size),
+        num_workers=settings.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(settings.seed),  # keeps the global RNG untouched
+    )
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp)
+    bar = tqdm(total=settings.iterations, initial=start, disable=not progress or rank != 0,
+               desc="train", unit="it", dynamic_ncols=True)
+    model.train()
+    step, last_saved = start, start
+    timer, timer_step, seconds = time.perf_counter(), start, 0.0
+    for batch in loader:
+        lq = batch["lq"].to(device, non_blocking=True)  # (b, 3, p, p)
+        gt = batch["gt"].to(device, non_blocking=True)  # (b, 3, s*p, s*p)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            output = train_model(lq)  # (b, 3, s*p, s*p)
+        loss = F.l1_loss(output.float(), gt)
+        if not torch.isfinite(loss):
+            bar.close()
+            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; the last good "
+                                   f"checkpoint (step {last_saved}) is kept at {checkpoint_path}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if settings.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        update_ema(ema, _unwrap(model), settings.ema_decay)
+        step += 1
+        bar.update(1)
+
+        if step % settings.log_every == 0 or step == settings.iterations:
+            now = time.perf_counter()
+            seconds += now - timer
+            row = {
+                "step": step,
+                "loss": float(loss.item()),
+                "lr": float(scheduler.get_last_lr()[0]),
+                "seconds_per_step": (now - timer) / (step - timer_step),
+            }
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", s_per_it=f"{row['seconds_per_step']:.3f}")
+            if on_log is not None and rank == 0:
+                on_log(step, {k: v for k, v in row.items() if k != "step"})
+            timer, timer_step = time.perf_counter(), step
+
+        if monitor is not None and rank == 0 and settings.probe_every and (
+            step % settings.probe_every == 0 or step == settings.iterations
+        ):
+            rows = monitor(step, _unwrap(model), ema)
+            monitor_rows.extend({"step": step, **r} for r in rows)
+            bad = [r["layer"] for r in rows if "magnitude" in r and not math.isfinite(r["magnitude"])]
+            if bad:
+                bar.close()
+                raise TrainingDiverged(f"features of {', '.join(bad)} became non-finite at step {step}; "
+                                       f"the last good checkpoint (step {last_saved}) is kept at {checkpoint_path}")
+        if step % settings.checkpoint_every == 0 or step == settings.iterations:
+            checkpoint(step)
+            last_saved = step
+    bar.close()
+    trained = step - start
+    return ema, FitResult(
+        steps=step,
+        resumed_from=start,
+        seconds_per_step=seconds / trained if trained else float("nan"),
+        history=history,
+        monitor_rows=monitor_rows,
+    )
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the local rank's CUDA device when present, else CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {spec!r} but no CUDA device is available (use auto or cpu)")
+    return device

@@ -1,0 +1,54 @@
+"""DVC stage `analyze@RUN`: statistics of the final model on the fixed probe batch
+(feature magnitude / entropy per layer, final-norm bias vs its input, relative-position-
+bias tables of the first and last groups).
+
+    python stages/analyze.py RUN [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from iln import tracking
+from iln.analysis import run_final_analysis
+from iln.config import load_params
+from iln.data.dataset import TestPairs
+from iln.layout import Layout
+from iln.monitor import probe_batch
+from iln.train import resolve_device
+from iln.weights import load_trained
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="name of the run under `runs:` in the params file")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    spec = params.run(args.run)
+    layout = Layout(Path(os.environ.get("DVC_ROOT", Path.cwd())))
+    device = resolve_device(params.evaluate.device)
+    model, recipe = load_trained(layout.weights(args.run), device)
+    pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.evaluate.sets[0])))[: params.train.probe_images]
+    lq = probe_batch([lq for _, lq, _ in pairs], size=2 * params.train.lq_patch).to(device)
+
+    out = layout.analysis_dir(args.run)
+    with tracking.stage_run(layout.root, experiment=params.tracking.experiment, stage="analyze",
+                            run_name=args.run, params={f"model.{k}": v for k, v in recipe.items()}) as tracker:
+        result = run_final_analysis(model, lq, out, per_block=params.train.probe_per_block, label=args.run)
+        for row in result["features"]:
+            tracker.log_metrics({f"final/{row['layer']}/{key}": row[key]
+                                 for key in ("magnitude", "max_abs", "entropy") if key in row})
+        tracker.log_artifact(out)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Benchmark suite: timing helpers, FLOP counting, memory measurement and the CLI output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from iln import bench
+
+
+def test_summarize_known_samples():
+    t = bench.summarize([0.3, 0.1, 0.2, 0.4], warmup=2)
+    assert t.median_s == pytest.approx(0.25)
+    assert (t.min_s, t.max_s) == (0.1, 0.4)
+    assert t.iqr_s == pytest.approx(0.325 - 0.175)
+    assert t.repeats == 4 and t.warmup == 2
+    assert t.samples_s == (0.3, 0.1, 0.2, 0.4)  # call order kept
+    with pytest.raises(ValueError, match="at least one sample"):
+        bench.summarize([], warmup=0)
+
+
+def test_time_callable_measures_a_sleep():
+    calls = []
+
+    def work():
+        calls.append(1)
+        time.sleep(0.02)
+
+    t = bench.time_callable(work, repeats=3, warmup=2)
+    assert len(calls) == 5  # warm-up calls run but are not timed
+    assert t.repeats == 3 and len(t.samples_s) == 3
+    assert 0.02 <= t.min_s <= t.median_s <= t.max_s < 1.0
+
+
+def test_time_interleaved_rotates_and_separates_the_arms():
+    order = []
+    fns = {"fast": lambda: order.append("fast"), "slow": lambda: (order.append("slow"), time.sleep(0.02))}
+    times = bench.time_interleaved(fns, repeats=4, warmup=1)
+    assert order[:2] == ["fast", "slow"]  # warm-up round
+    assert order[2:] == ["fast", "slow", "slow", "fast", "fast", "slow", "slow", "fast"]  # start rotates
+    assert times["slow"].median_s >= 0.02 > times["fast"].median_s
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        bench.time_interleaved(fns, repeats=0, warmup=0)
+
+
+def test_count_flops_of_a_linear_layer():
+    layer = nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    assert bench.count_flops(lambda: layer(x)) == 2 * 5 * 8 * 4
+    xg = x.clone().requires_grad_(True)
+    # backward: grad of the input (5x4 @ 4x8) and of the weight (4x5 @ 5x8), each as large as the forward
+    assert bench.count_flops(lambda: layer(xg).sum().backward()) == 3 * 2 * 5 * 8 * 4
+
+
+def test_matmul_peak_counts_2n3():
+    peak = bench.measure_matmul_peak(64, device=torch.device("cpu"), repeats=2, warmup=1,
+                                     generator=torch.Generator().manual_seed(0))
+    assert peak["flops"] == 2 * 64**3
+    assert peak["gflops"] == pytest.approx(peak["flops"] / peak["timing"]["median_s"] / 1e9)
+
+
+def test_peak_memory_sees_a_touched_allocation():
+    size = 96 * 2**20
+
+    def allocate():
+        buffer = torch.ones(size // 4)  # touched, so resident
+        return float(buffer[-1])
+
+    mem = bench.measure_peak_memory(allocate, device=torch.device("cpu"))
+    assert mem["method"] in ("rss_high_water_mark_of_call", "process_peak_rss")
+    assert mem["peak_bytes"] >= size
+    if mem["method"] == "rss_high_water_mark_of_call":
+        assert mem["delta_bytes"] >= 0.9 * size
+
+
+def test_ratios_and_attention_summary_from_rows():
+    def row(preset, norm, attention, step, infer):
+        return {"preset": preset, "norm": norm, "attention": attention,
+                "train_step": {"median_s": step}, "inference": {"median_s": infer}}
+
+    rows = [row("hat_1", "ln", "fast", 2.0, 1.0), row("hat_1", "iln", "fast", 2.1, 1.0),
+            row("hat_1", "ln", "naive", 3.0, 2.0), row("hat_tiny", "iln", "fast", 1.0, 1.0)]
+    ratios = bench.iln_ratios(rows)
+    assert list(ratios) == ["hat_1"]  # no LN twin for hat_tiny
+    assert ratios["hat_1"]["iln_over_ln_train_step"] == pytest.approx(1.05)
+    assert ratios["hat_1"]["meets_target"] is False
+    summary = bench.attention_summary(rows, {"inference_output": 1e-7, "train_output": 2e-5, "train_grad": 0.0})
+    assert summary["train_speedup_fast_over_naive"] == pytest.approx(1.5)
+    assert summary["meets_speed_target"] is True
+    assert summary["outputs_agree"] is False  # 2e-5 > 1e-5
+
+
+def test_quick_run_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "bench" / "results.json"
+    cmd = [sys.executable, "-m", "iln.bench", "--quick", "--presets", "hat_tiny", "--threads", "1", "--silent",
+           "--repeats", "1", "--warmup", "0", "--lr-patch", "8", "--infer-size", "8", "--bicubic-shape", "40", "48", "--bicubic-crop", "16",
+           "--bicubic-scales", "2", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert {"machine", "settings", "matmul_peak", "models", "ratios", "attention", "bicubic", "targets"} <= set(result)
+    assert result["machine"]["torch"] == torch.__version__ and result["machine"]["torch_threads"] == 1
+    assert result["settings"]["lr_patch"] == 8 and result["settings"]["batch"] == 1
+    labels = [r["label"] for r in result["models"]]
+    assert labels == ["hat_tiny/ln", "hat_tiny/iln", "hat_tiny/ln/naive"]
+    for r in result["models"]:
+        assert r["train_step"]["median_s"] > 0 and r["inference"]["median_s"] > 0
+        assert r["flops_per_step"] > 0 and r["achieved_gflops"] > 0
+        assert r["memory_train_step"]["peak_bytes"] > 0
+    flops = {r["label"]: r["flops_per_step"] for r in result["models"]}
+    assert flops["hat_tiny/ln"] == flops["hat_tiny/ln/naive"]  # same work, different kernels
+    assert "hat_tiny" in result["ratios"]
+    attention = result["attention"]
+    assert attention["preset"] == "hat_tiny" and attention["outputs_agree"] is True
+    assert set(result["bicubic"]["scales"]) == {"2", "4"}
+    assert all(r["identical_uint8"] for r in result["bicubic"]["scales"].values())
+    table = out.with_suffix(".md").read_text()
+    assert "| hat_tiny/iln |" in table and "i-LN / LN" in table
+    assert table in proc.stdout
+    assert not list(out.parent.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_cli_rejects_an_unknown_preset(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--presets", "hat_huge", "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2
+    assert "hat_huge" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

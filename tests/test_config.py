@@ -1,0 +1,78 @@
+"""params.yaml: the shipped files load, and bad params fail early, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from iln.config import ParamsError, load_params, resolve_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_params_files_load(path):
+    params = load_params(path)
+    for name in params.runs:
+        run = resolve_run(params, name)
+        assert run.train.iterations >= 1
+
+
+def _write(tmp_path, mutate) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _first_run(raw):
+    return raw["runs"][next(iter(raw["runs"]))]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: _first_run(r).update(norm="groupnorm"), r"runs\.\w+\.norm: unknown norm 'groupnorm'"),
+        (lambda r: _first_run(r).update(arch="hat_9"), r"runs\.\w+\.arch: unknown arch 'hat_9'"),
+        (lambda r: _first_run(r).update(task="sr_x5"), r"runs\.\w+\.task: unknown task 'sr_x5'"),
+        (lambda r: r["train"].update(lr="2e-4"), r"train\.lr: expected a number, got the string '2e-4'.*2\.0e-04"),
+        (lambda r: r["train"].pop("ema_decay"), r"train\.ema_decay: missing required key"),
+        (lambda r: r["train"].update(batchsize=4), r"train\.batchsize: unknown key"),
+        (lambda r: _first_run(r).update(iterations="many"), r"runs\.\w+\.iterations: expected an integer"),
+        (lambda r: _first_run(r).update(groups=["table99"]), r"runs\.\w+\.groups: unknown group 'table99'"),
+        (lambda r: r["train"].update(amp="fp8"), r"train\.amp: expected one of"),
+        (lambda r: r["train"].update(milestones=[10, 5]), r"train\.milestones: must be increasing"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, mutate, message):
+    with pytest.raises(ParamsError, match=message) as info:
+        load_params(_write(tmp_path, mutate))
+    assert "params.yaml" in str(info.value)
+
+
+def test_unknown_model_override_is_rejected_when_the_model_is_built(tmp_path):
+    from iln.models import build_model
+
+    with pytest.raises(ValueError, match="embed_dimm"):
+        build_model("hat_tiny", norm="ln", scale=2, embed_dimm=8)
+
+
+def test_run_overrides_take_precedence_over_train_defaults(tmp_path):
+    path = _write(tmp_path, lambda r: _first_run(r).update(iterations=7, grad_clip=0.5))
+    params = load_params(path)
+    run = resolve_run(params, next(iter(params.runs)))
+    assert (run.train.iterations, run.train.grad_clip) == (7, 0.5)
+
+
+def test_fingerprint_ignores_bookkeeping_but_not_training_settings(tmp_path):
+    base = load_params(ROOT / "params.yaml")
+    name = next(iter(base.runs))
+    logging = load_params(_write(tmp_path, lambda r: r["train"].update(log_every=3)))
+    (tmp_path / "b").mkdir()
+    lr = load_params(_write(tmp_path / "b", lambda r: r["train"].update(lr=1.0e-3)))
+    assert resolve_run(logging, name).fingerprint() == resolve_run(base, name).fingerprint()
+    assert resolve_run(lr, name).fingerprint() != resolve_run(base, name).fingerprint()
