@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from iln import tracking
+from iln.cli import run_stage
 from iln.analysis import run_final_analysis
 from iln.config import load_params
 from iln.data.dataset import TestPairs
@@ -51,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    sys.exit(run_stage("analyze", main))

@@ -10,11 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
-from iln.config import parse
+from iln.cli import run_stage
+from iln.config import load_params
 from iln.data.pairs import make_pairs
-from iln.data.params import DegradeParams
 from iln.layout import Layout
 
 
@@ -25,19 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = Path(os.environ.get("DVC_ROOT", Path.cwd()))
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    if "degrade" not in raw:
-        print(f"{args.params}: missing section 'degrade:'", file=sys.stderr)
-        return 1
-    params: DegradeParams = parse(DegradeParams, raw["degrade"], "degrade")
+    params = load_params(args.params).degrade  # the whole file is validated: a bad key anywhere stops here
     layout = Layout(root)
-    try:
-        make_pairs(params, layout.hr, layout.pairs, progress=not args.no_progress and sys.stderr.isatty())
-    except (FileNotFoundError, ValueError) as err:
-        print(f"degrade: {err}", file=sys.stderr)
-        return 1
+    make_pairs(params, layout.hr, layout.pairs, progress=not args.no_progress and sys.stderr.isatty())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("degrade", main))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from iln import tracking
+from iln.cli import run_stage
 from iln.config import flatten, load_params
 from iln.data.dataset import TestPairs
 from iln.data.io import write_png
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = params.evaluate
     device = resolve_device(settings.device)
     if args.run == "bicubic":
-        tasks = sorted({spec.task for spec in params.runs.values() if spec.task.startswith("sr_")})
+        tasks = [task for task in params.degrade.tasks if task.startswith("sr_")]
         restorers = {task: bicubic_restore(int(task[len("sr_x"):])) for task in tasks}
         model, run_params, precision_table = None, {"baseline": "bicubic"}, False
     else:
@@ -95,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    sys.exit(run_stage("evaluate", main))

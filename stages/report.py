@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from iln import tracking
+from iln.cli import run_stage
 from iln.config import load_params, resolve_run
 from iln.files import write_json_atomic
 from iln.layout import Layout
@@ -65,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("report", main))

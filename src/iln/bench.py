@@ -267,41 +267,30 @@ def measure_matmul_peak(
     return {"n": n, "dtype": "float32", "flops": flops, "gflops": flops / timing.median_s / 1e9, "timing": timing.to_dict()}
 
 
-def top_ops(fn: Callable[[], object], *, device: torch.device, limit: int = 15) -> list[dict[str, Any]]:
-    """The operators that take the most self time in one call of ``fn``.
+def top_ops(fn: Callable[[], object], *, device: torch.device, limit: int = 15) -> dict[str, Any]:
+    """Total profiled self time of one call of ``fn`` and the operators that take most of it.
 
-    Used to say where a step's time goes when a target is missed.
+    Used to say where a step's time goes when a target is missed (compare two variants'
+    lists op by op).
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         fn()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1.0
-    return [
-        {"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total}
-        for e in events[:limit]
-    ]
+    return {
+        "total_ms": total / 1e3,
+        "ops": [
+            {"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total}
+            for e in events[:limit]
+        ],
+    }
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-def _current_rss() -> int | None:
-    """Resident set size of this process in bytes, when the platform tells it."""
-    try:
-        import psutil  # optional: present in most environments, not a dependency
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        return int(psutil.Process().memory_info().rss)
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _reset_rss_peak() -> bool:
@@ -326,15 +315,34 @@ def _rss_peak() -> int | None:
     return None
 
 
-def measure_peak_memory(fn: Callable[[], object], *, device: torch.device) -> dict[str, Any]:
-    """Peak memory while ``fn()`` runs, with the method that measured it.
+def tensor_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of CPU tensor memory allocated during ``fn()`` beyond what was alive before.
 
-    CUDA: ``max_memory_allocated`` (tensor bytes, exact). CPU: torch has no allocator
-    statistics there (and tracemalloc does not see its buffers), so the process RSS is
-    used: on Linux the high-water mark is reset just before the call, giving the peak
-    during this call; elsewhere ``ru_maxrss`` is the peak of the whole process so far.
-    RSS counts everything alive in the process (interpreter, libraries, other models):
-    ``delta_bytes`` is the rise above the RSS just before the call.
+    torch keeps no allocator statistics for the CPU (and tracemalloc does not see its
+    buffers), but its profiler records every allocation and free with its size: the peak
+    of their running sum is what ``max_memory_allocated`` would say on a GPU, measured
+    from the state before the call (activations, gradients, temporaries).
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        running += event.nbytes()
+        peak = max(peak, running)
+    return int(peak)
+
+
+def measure_peak_memory(fn: Callable[[], object], *, device: torch.device) -> dict[str, Any]:
+    """Peak memory of one call of ``fn()``, with the method that measured it.
+
+    ``step_peak_bytes``: the peak of tensor memory allocated during the call above what
+    was alive before it (CUDA: ``max_memory_allocated`` minus the allocation before;
+    CPU: the profiler's allocation records, see ``tensor_peak_bytes``).
+    On the CPU ``rss_peak_bytes`` adds the process RSS high-water mark during the call
+    (Linux: the mark is reset first; elsewhere ``ru_maxrss``, the peak of the whole
+    process so far). RSS counts everything alive in the process and memory the C
+    allocator kept from earlier work, so it is an upper bound, not a per-model figure.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -343,20 +351,19 @@ def measure_peak_memory(fn: Callable[[], object], *, device: torch.device) -> di
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
-        return {"method": "cuda_max_memory_allocated", "peak_bytes": int(peak), "delta_bytes": int(peak - before)}
+        return {"method": "cuda_max_memory_allocated", "step_peak_bytes": int(peak - before),
+                "allocated_peak_bytes": int(peak), "rss_method": None, "rss_peak_bytes": None}
     gc.collect()
-    before = _current_rss()
+    step_peak = tensor_peak_bytes(fn)
     if _reset_rss_peak() and _rss_peak() is not None:
         fn()
-        peak = _rss_peak()
-        method = "rss_high_water_mark_of_call"
+        rss_peak, rss_method = _rss_peak(), "rss_high_water_mark_of_call"
     else:
         fn()
         unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-        method = "process_peak_rss"
-    delta = None if before is None or peak is None else max(0, peak - before)
-    return {"method": method, "peak_bytes": peak, "delta_bytes": delta}
+        rss_peak, rss_method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit, "process_peak_rss"
+    return {"method": "profiler_tensor_allocations", "step_peak_bytes": step_peak, "allocated_peak_bytes": None,
+            "rss_method": rss_method, "rss_peak_bytes": rss_peak}
 
 
 # ----------------------------------------------------------------------------- model benchmark
@@ -444,11 +451,15 @@ def benchmark_group(
     seed: int,
     matmul_gflops: float | None,
     count_model_flops: bool = True,
+    compile_model: bool = False,
 ) -> list[dict[str, Any]]:
     """Benchmark variants that are to be compared with each other (one preset).
 
     Training steps of all variants are timed interleaved, then their inferences; memory
-    and FLOPs are measured on one extra step each.
+    and FLOPs are measured on one extra step each. ``compile_model`` times
+    ``torch.compile``d models (compiled during the warm-up, which must then be >= 1;
+    stochastic depth then draws from the global RNG, as dynamo does not take a generator
+    argument); FLOPs are counted on the eager model, the same arithmetic.
     """
     models = build_variants(variants, scale=scale, device=device, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -456,11 +467,12 @@ def benchmark_group(
     infer_lq = torch.rand(1, 3, infer_size, infer_size, generator=gen).to(device)  # (1, 3, H, W)
     sync = synchronizer(device)
 
+    runners = {v: torch.compile(m) if compile_model else m for v, m in models.items()}
     steps: dict[str, Callable[[], object]] = {}
     for v, model in models.items():
         model.train()
-        drop_gen = torch.Generator(device=device).manual_seed(seed)
-        steps[v.label] = make_train_step(model, train_batch, make_adam(model), generator=drop_gen)
+        drop_gen = None if compile_model else torch.Generator(device=device).manual_seed(seed)
+        steps[v.label] = make_train_step(runners[v], train_batch, make_adam(model), generator=drop_gen)
     train_times = time_interleaved(steps, repeats=repeats, warmup=warmup, sync=sync)
     memory = {label: measure_peak_memory(step, device=device) for label, step in steps.items()}
 
@@ -470,7 +482,7 @@ def benchmark_group(
 
     for model in models.values():
         model.eval()
-    infers = {v.label: make_inference(m, infer_lq) for v, m in models.items()}
+    infers = {v.label: make_inference(runners[v], infer_lq) for v in models}
     infer_times = time_interleaved(infers, repeats=repeats, warmup=warmup, sync=sync)
 
     rows = []
@@ -585,19 +597,36 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def paired_ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any]) -> float:
+    """Median over rounds of (numerator sample / denominator sample).
+
+    Interleaved timing puts the two samples of a round next to each other in time, so
+    their ratio cancels most of the machine's load drift; the median drops the rounds a
+    neighbour process disturbed.
+    """
+    pairs = zip(numerator["samples_s"], denominator["samples_s"], strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
 def iln_ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """i-LN / LN training-step time per preset (fast attention rows only)."""
+    """i-LN / LN training-step time per preset (fast attention rows only).
+
+    The target is judged on the paired ratio; the ratio of medians and of minima are
+    kept as cross-checks (on a quiet machine all three agree).
+    """
     by_key = {(r["preset"], r["norm"]): r for r in rows if r["attention"] == "fast"}
     ratios = {}
     for (preset, norm), row in by_key.items():
         ln = by_key.get((preset, "ln"))
         if norm != "iln" or ln is None:
             continue
-        ratio = row["train_step"]["median_s"] / ln["train_step"]["median_s"]
+        ratio = paired_ratio(row["train_step"], ln["train_step"])
         target = TARGETS["iln_over_ln_max"] if preset in TARGET_PRESETS else None
         ratios[preset] = {
             "iln_over_ln_train_step": ratio,
-            "iln_over_ln_inference": row["inference"]["median_s"] / ln["inference"]["median_s"],
+            "iln_over_ln_train_step_of_medians": row["train_step"]["median_s"] / ln["train_step"]["median_s"],
+            "iln_over_ln_train_step_of_minima": row["train_step"]["min_s"] / ln["train_step"]["min_s"],
+            "iln_over_ln_inference": paired_ratio(row["inference"], ln["inference"]),
             "target_max": target,
             "meets_target": None if target is None else ratio <= target,
         }
@@ -610,12 +639,13 @@ def attention_summary(rows: Sequence[Mapping[str, Any]], agreement: Mapping[str,
     if naive is None:
         return None
     fast = next(r for r in rows if (r["preset"], r["norm"], r["attention"]) == (naive["preset"], naive["norm"], "fast"))
-    speedup = naive["train_step"]["median_s"] / fast["train_step"]["median_s"]
+    speedup = paired_ratio(naive["train_step"], fast["train_step"])
     out: dict[str, Any] = {
         "preset": naive["preset"],
         "norm": naive["norm"],
         "train_speedup_fast_over_naive": speedup,
-        "inference_speedup_fast_over_naive": naive["inference"]["median_s"] / fast["inference"]["median_s"],
+        "train_speedup_of_medians": naive["train_step"]["median_s"] / fast["train_step"]["median_s"],
+        "inference_speedup_fast_over_naive": paired_ratio(naive["inference"], fast["inference"]),
         "target_speedup_min": TARGETS["attention_speedup_min"],
         "meets_speed_target": speedup >= TARGETS["attention_speedup_min"],
         "max_abs_diff": dict(agreement) if agreement is not None else None,
@@ -641,29 +671,41 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         f"Device `{m['device']}` ({m['cpu_model'] or m.get('cuda_device', '?')}), torch {m['torch']}, "
         f"{m['torch_threads']} thread(s), load average at start {_fmt((m['load_average'] or [None])[0], '.2f')}; "
         f"x{s['scale']}, batch {s['batch']}, LR patch {s['lr_patch']}, inference on one "
-        f"{s['infer_size']}x{s['infer_size']} LR image; median of {s['repeats']} after {s['warmup']} warm-up.",
+        f"{s['infer_size']}x{s['infer_size']} LR image; median of {s['repeats']} after {s['warmup']} warm-up"
+        + ("; torch.compile'd models." if s.get("compile") else "."),
         "",
     ]
     peak = result.get("matmul_peak")
     if peak:
         lines += [f"Measured fp32 matmul peak ({peak['n']}x{peak['n']}): {peak['gflops']:.1f} GFLOP/s.", ""]
     lines += [
-        "| model | params | train step (s) | inference (s) | peak RSS/mem (MiB) | GFLOP/step | GFLOP/s | % of matmul peak |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params | train step (s) | inference (s) | step peak memory (MiB) | process RSS peak (MiB) "
+        "| GFLOP/step | GFLOP/s | % of matmul peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["models"]:
         f = r["flops_per_step"]
         lines.append(
             f"| {r['label']} | {r['params']:,} | {_fmt(r['train_step']['median_s'], '.3f')} | "
-            f"{_fmt(r['inference']['median_s'], '.3f')} | {_mib(r['memory_train_step']['peak_bytes'])} | "
+            f"{_fmt(r['inference']['median_s'], '.3f')} | {_mib(r['memory_train_step']['step_peak_bytes'])} | "
+            f"{_mib(r['memory_train_step']['rss_peak_bytes'])} | "
             f"{_fmt(None if f is None else f / 1e9, '.2f')} | {_fmt(r['achieved_gflops'], '.1f')} | "
             f"{_fmt(r['pct_of_matmul_peak'], '.0f')} |"
         )
     if result["ratios"]:
-        lines += ["", "| preset | i-LN / LN train step | i-LN / LN inference | target |", "|---|---:|---:|---|"]
+        lines += [
+            "",
+            "i-LN / LN time, median over rounds of the paired ratio (ratio of medians, of minima in brackets):",
+            "",
+            "| preset | train step | inference | target (train step) |",
+            "|---|---:|---:|---|",
+        ]
         for preset, r in result["ratios"].items():
             target = "-" if r["target_max"] is None else f"<= {r['target_max']:.2f} " + ("met" if r["meets_target"] else "MISSED")
-            lines.append(f"| {preset} | {r['iln_over_ln_train_step']:.3f} | {r['iln_over_ln_inference']:.3f} | {target} |")
+            lines.append(
+                f"| {preset} | {r['iln_over_ln_train_step']:.3f} ({r['iln_over_ln_train_step_of_medians']:.3f}, "
+                f"{r['iln_over_ln_train_step_of_minima']:.3f}) | {r['iln_over_ln_inference']:.3f} | {target} |"
+            )
     a = result.get("attention")
     if a:
         diff = a["max_abs_diff"] or {}
@@ -717,7 +759,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             "device": str(device), "threads": torch.get_num_threads(), "scale": args.scale, "batch": args.batch,
             "lr_patch": args.lr_patch, "infer_size": args.infer_size, "repeats": args.repeats, "warmup": args.warmup,
             "seed": args.seed, "presets": list(args.presets), "norms": list(args.norms),
-            "attention_preset": args.attention_preset, "quick": args.quick,
+            "attention_preset": args.attention_preset, "quick": args.quick, "compile": args.compile,
         },
         "targets": dict(TARGETS),
     }
@@ -745,7 +787,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         log(f"{preset}: {', '.join(v.label for v in variants)} ...")
         rows += benchmark_group(variants, scale=args.scale, batch=args.batch, lr_patch=args.lr_patch,
                                 infer_size=args.infer_size, device=device, repeats=args.repeats, warmup=args.warmup,
-                                seed=args.seed, matmul_gflops=matmul_gflops, count_model_flops="flops" not in args.skip)
+                                seed=args.seed, matmul_gflops=matmul_gflops, count_model_flops="flops" not in args.skip,
+                                compile_model=args.compile)
     result["models"] = rows
     result["ratios"] = iln_ratios(rows)
 
@@ -815,6 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", nargs="+", default=[], choices=("attention", "bicubic", "flops"), help="sections to skip")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also record the top N ops of one training step "
                    "per variant (torch.profiler)")
+    p.add_argument("--compile", action="store_true", help="time torch.compile'd models (needs a C++ compiler on "
+                   "the CPU; compilation happens in the warm-up)")
     p.add_argument("--silent", action="store_true", help="no progress messages on stderr")
     return p
 
@@ -846,6 +891,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.warmup < 0 or args.threads < 0 or min(args.bicubic_shape) < 1:
         raise ValueError("--warmup and --threads must be >= 0 and --bicubic-shape positive")
+    if args.compile and args.warmup < 1:
+        raise ValueError("--compile needs --warmup >= 1 (compilation must not be timed)")
     return args
 
 

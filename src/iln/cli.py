@@ -1,0 +1,24 @@
+"""Entry point shared by the stage scripts: expected failures end in one clear line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from iln.config import ParamsError
+from iln.data.download import DownloadError
+from iln.data.io import ImageReadError
+from iln.train import TrainingDiverged
+
+# Failures caused by the inputs (params, data, a diverging run), not by a bug: the message
+# says what to fix, so a traceback would only hide it.
+EXPECTED = (ParamsError, FileNotFoundError, ImageReadError, DownloadError, TrainingDiverged)
+
+
+def run_stage(name: str, main: Callable[[], int]) -> int:
+    """Run ``main``; an expected failure prints ``<name>: <message>`` and returns 1."""
+    try:
+        return main()
+    except EXPECTED as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,124 @@
+"""Smoke run of the real pipeline: `dvc repro` in a temporary copy with tiny params.
+
+Checks what a user relies on: every stage runs offline, metrics exist for every run and
+the bicubic baseline, MLflow holds one finished run per stage invocation grouped under
+its grid member, a second `dvc repro` is a no-op, a param change of one run re-runs only
+that run's stages, and a bad param fails before any work, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from iln import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", "stages", "src", "data/default", ".dvc/config")
+
+
+def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh clone-like copy of the project, reproduced once with tiny params."""
+    root = tmp_path_factory.mktemp("project")
+    for name in COPIED:
+        source, target = ROOT / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(source, target)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(iterations=4, batch_size=2, lq_patch=16, checkpoint_every=2, log_every=1,
+                           probe_every=2, probe_images=1)
+    params["runs"] = {
+        "ln": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2", "groups": ["table3", "table4"]},
+        "iln": {"arch": "hat_tiny", "norm": "iln", "task": "sr_x2", "groups": ["table3"]},
+    }
+    params["evaluate"].update(samples=1, precision_modes=["fp32", "int8"], precision_crop=16)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], root)
+    _run(["dvc", "repro"], root)
+    return root
+
+
+def test_repro_writes_metrics_for_every_run_and_the_baseline(project):
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], project).stdout)
+    files = next(iter(shown.values()))["data"]
+    for run in ("ln", "iln", "bicubic"):
+        values = files[f"runs/{run}/eval/metrics.json"]["data"]["sr_x2/default_test"]
+        assert 0 < values["psnr"] < 100 and 0 < values["ssim"] <= 1
+    assert files["reports/summary.json"]["data"]["ln"]["entropy_ceiling"] > 0
+    precision = json.loads((project / "runs/ln/eval/precision.json").read_text())
+    assert set(precision) == {"fp32", "int8"} and precision["fp32"]["default_test"]["overflow"] is False
+    assert (project / "reports/report.md").read_text().count("|") > 10
+    assert list((project / "reports/figures").glob("fig1_*.png"))
+    assert list((project / "reports/figures").glob("crops_sr_x2_default_test_*.png"))
+
+
+def test_mlflow_has_a_finished_run_per_stage_grouped_by_grid_member(project):
+    rows = tracking.find_stage_runs(project, experiment="iln")
+    by_key = {(r["run"], r["stage"]): r for r in rows}
+    for run in ("ln", "iln"):
+        train, evaluate, analyze = (by_key[(run, stage)] for stage in ("train", "evaluate", "analyze"))
+        assert {train["status"], evaluate["status"], analyze["status"]} == {"FINISHED"}
+        assert train["parent"] == evaluate["parent"] == analyze["parent"]
+        assert len(tracking.metric_history(project, train["run_id"], "loss")) == 4
+        assert "features/group0/magnitude" in train["metrics"] and "val/psnr" in train["metrics"]
+        assert "sr_x2/default_test/psnr" in evaluate["metrics"]
+        assert "samples" in evaluate["artifacts"] and "metrics.json" in evaluate["artifacts"]
+    assert ("bicubic", "evaluate") in by_key and ("report", "report") in by_key
+
+
+def test_second_repro_is_a_no_op(project):
+    out = _run(["dvc", "repro"], project).stdout
+    assert "Running stage" not in out
+
+
+def test_changing_one_run_reruns_only_its_stages(project):
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["runs"]["iln"]["iterations"] = 6
+    try:
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        changed = set(json.loads(_run(["dvc", "status", "--json"], project).stdout))
+    finally:
+        params_path.write_text(original)
+    assert {"train@iln"} <= changed
+    assert not {"train@ln", "evaluate@ln", "analyze@ln", "download", "degrade", "baseline"} & changed
+
+
+def test_bad_param_fails_before_any_work_naming_the_key(project):
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["runs"]["ln"]["norm"] = "layernorm2"
+    try:
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        result = _run(["dvc", "repro"], project, check=False)
+    finally:
+        params_path.write_text(original)
+    assert result.returncode != 0
+    assert "runs.ln.norm: unknown norm 'layernorm2'" in result.stdout + result.stderr
+    assert "%|" not in result.stderr  # no progress bar: no work started
