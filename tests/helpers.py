@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
+from pathlib import Path
+
+import yaml
 
 from iln.config import TrainParams
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_DEFAULTS = dict(
     iterations=10, batch_size=2, lq_patch=16, lr=2.0e-4, betas=(0.9, 0.99), milestones=(1000,), lr_gamma=0.5,
@@ -16,3 +20,12 @@ TRAIN_DEFAULTS = dict(
 
 def train_settings(**overrides) -> TrainParams:
     return TrainParams(**{**TRAIN_DEFAULTS, **overrides})
+
+
+def write_params(path: Path, **sections: dict) -> Path:
+    """The shipped params.yaml with some sections' keys replaced (stages validate the whole file)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in sections.items():
+        raw[section].update(values)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

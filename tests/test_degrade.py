@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import write_params
 from iln.data.degrade import add_gaussian_noise, bicubic_downsample, jpeg_compress, noise_rng, tile_positions
 from iln.data.io import read_rgb, write_png
 from iln.data.pairs import make_pairs
@@ -164,12 +165,11 @@ def test_degrade_params_validation():
 
 def test_degrade_stage_cli(tmp_path):
     _hr_tree(tmp_path / "data")
-    (tmp_path / "params.yaml").write_text(
-        "degrade:\n  tasks: [sr_x2]\n  sets: [default_test]\n  workers: 1\n  bogus: 1\n")
+    write_params(tmp_path / "params.yaml", degrade={"tasks": ["sr_x2"], "sets": ["default_test"], "workers": 1, "bogus": 1})
     run = subprocess.run([sys.executable, str(ROOT / "stages/degrade.py"), "--no-progress"], cwd=tmp_path,
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode != 0 and "degrade.bogus" in run.stderr
-    (tmp_path / "params.yaml").write_text("degrade:\n  tasks: [sr_x2]\n  sets: [default_test]\n  workers: 1\n")
+    write_params(tmp_path / "params.yaml", degrade={"tasks": ["sr_x2"], "sets": ["default_test"], "workers": 1})
     run = subprocess.run([sys.executable, str(ROOT / "stages/degrade.py"), "--no-progress"], cwd=tmp_path,
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr

@@ -23,6 +23,7 @@ from iln.data.download import DownloadError, Expected, fetch
 from iln.data.io import read_rgb, write_png
 from iln.data.params import DataParams
 from iln.data.prepare import Sources, prepare_sets
+from tests.helpers import write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -286,7 +287,7 @@ def test_data_params_validation():
 def test_download_stage_cli_default(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "default").symlink_to(ROOT / "data" / "default")
-    (tmp_path / "params.yaml").write_text("data:\n  datasets: [default]\n  workers: 1\n")
+    write_params(tmp_path / "params.yaml", data={"datasets": ["default"], "workers": 1})
     run = subprocess.run([sys.executable, str(ROOT / "stages/download.py"), "--no-progress"], cwd=tmp_path,
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr
