@@ -138,4 +138,4 @@ def test_unreadable_sources_raise_with_the_file_name(tmp_path):
 def test_describe_checkpoint_reads_the_architecture():
     text = describe_checkpoint(to_official_state_dict(_model(norm="iln", scale=3)))
     assert text.startswith("HAT, i-LN norms")
-    assert "scale x3" in text and "embed_dim 32" in text and "depths [2, 2, 2, 2]" in text and "window_size 8" in text
+    assert "scale x3" in text and "embed_dim 32" in text and "depths [2, 2, 2]" in text and "window_size 8" in text

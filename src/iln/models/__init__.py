@@ -44,10 +44,10 @@ _SWINIR_COMMON: dict[str, Any] = dict(family="swinir", mlp_ratio=2.0, drop_path_
 PRESETS: dict[str, dict[str, Any]] = {
     "hat_1": dict(_HAT_COMMON, embed_dim=96, depths=(6,) * 6, num_heads=(6,) * 6, window_size=16, compress_ratio=24, squeeze_factor=24),
     "hat": dict(_HAT_COMMON, embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6, window_size=16, compress_ratio=3, squeeze_factor=30),
-    "hat_tiny": dict(_HAT_COMMON, embed_dim=32, depths=(2,) * 4, num_heads=(4,) * 4, window_size=8, compress_ratio=4, squeeze_factor=8),
+    "hat_tiny": dict(_HAT_COMMON, embed_dim=32, depths=(2,) * 3, num_heads=(2,) * 3, window_size=8, compress_ratio=4, squeeze_factor=8),
     "swinir": dict(_SWINIR_COMMON, embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6, window_size=8),
     "swinir_1": dict(_SWINIR_COMMON, embed_dim=96, depths=(6,) * 6, num_heads=(6,) * 6, window_size=8),
-    "swinir_tiny": dict(_SWINIR_COMMON, embed_dim=32, depths=(2,) * 4, num_heads=(4,) * 4, window_size=8),
+    "swinir_tiny": dict(_SWINIR_COMMON, embed_dim=32, depths=(2,) * 4, num_heads=(2,) * 4, window_size=8),
 }
 ARCHS: tuple[str, ...] = tuple(PRESETS)
 
@@ -85,6 +85,8 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
 
     depths = _as_int_tuple("depths", hp["depths"])
     heads = _as_int_tuple("num_heads", hp["num_heads"])
+    if "num_heads" not in overrides and len(set(heads)) == 1:
+        heads = heads[:1]  # the preset's uniform head count follows overridden depths
     if len(heads) == 1:
         heads = heads * len(depths)
     if len(heads) != len(depths) or not depths or min(depths) < 1:

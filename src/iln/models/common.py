@@ -89,7 +89,23 @@ def residual_add(x: Tensor, scale: norms.Scale, *branches: Tensor) -> Tensor:
     total = branches[0]
     for branch in branches[1:]:
         total = total + branch
-    return torch.addcmul(x, total, scale) if isinstance(scale, Tensor) else x + total * scale
+    return _ScaledAdd.apply(x, total, scale) if isinstance(scale, Tensor) else x + total * scale
+
+
+class _ScaledAdd(torch.autograd.Function):
+    """x + t * s (s broadcast to t) with a backward that forms only the needed products."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        ctx.save_for_backward(t, s)
+        return torch.addcmul(x, t, s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        t, s = ctx.saved_tensors
+        grad_t = grad * s if ctx.needs_input_grad[1] else None
+        grad_s = (grad * t).sum_to_size(s.shape) if ctx.needs_input_grad[2] else None
+        return grad, grad_t, grad_s
 
 
 def drop_path(x: Tensor, rate: float, training: bool, generator: torch.Generator | None) -> Tensor:
@@ -250,6 +266,8 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, 
     if needs_grad:
         return _BiasedAttention.apply(q, k, v, bias, mask, scale)
     full = bias if mask is None else bias + mask
+    if q.ndim == 5 and q.shape[0] == 1:  # one image: (nW, h, n, d) with an (nW, h, n, n) mask
+        return F.scaled_dot_product_attention(q[0], k[0], v[0], attn_mask=full, scale=scale).unsqueeze(0)
     while full.ndim < q.ndim:
         full = full.unsqueeze(0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)

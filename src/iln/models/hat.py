@@ -255,7 +255,6 @@ class HAT(nn.Module):
         self.scale = scale
         self.window_size = window_size
         self.embed_dim = embed_dim
-        self.shift_size = window_size // 2
         self.fast = attention == "fast"
         self.input_norm = common.InputNorm(stdnorm, img_range)
         overlap = common.overlap_window_size(window_size, overlap_ratio)

@@ -54,37 +54,45 @@ class LayerNorm(_Affine):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps), UNIT
 
 
-class _Standardize(torch.autograd.Function):
-    """x -> ((x - mean) / std, std) with mean and biased variance over the last ``dims``
-    dims of each sample and std = sqrt(var + eps).
+class _StandardizeAffine(torch.autograd.Function):
+    """x -> (xhat * weight + bias, std), xhat = (x - mean) / std, with mean and biased
+    variance over the last ``dims`` dims of each sample and std = sqrt(var + eps).
 
-    Statistics and normalisation come from one fused kernel (the one LayerNorm uses);
-    the backward adds the gradient that flows through ``std`` (d std / dx = xhat / M for M
-    normalised values), so the rescaling is not detached.
+    Statistics and normalisation come from one fused kernel (the one LayerNorm uses).
+    The hand-written backward includes the gradient through ``std`` (d std / dx = xhat / M
+    for M normalised values), so the rescaling is not detached, and skips the extra
+    full-size products autograd would form for the affine.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, dims: int, eps: float) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float) -> tuple[Tensor, Tensor]:
         shape = list(x.shape[-dims:])
         xhat, mean, rstd = torch.native_layer_norm(x, shape, None, None, eps)  # mean, rstd (B, 1, 1) / (B, N, 1)
-        ctx.save_for_backward(x, xhat, mean, rstd)
+        ctx.save_for_backward(x, xhat, mean, rstd, weight)
         ctx.shape = shape
-        return xhat, rstd.reciprocal()
+        ctx.set_materialize_grads(False)  # an unused std (LN*) brings no gradient pass
+        return torch.addcmul(bias, xhat, weight), rstd.reciprocal()
 
     @staticmethod
-    def backward(ctx, grad_xhat: Tensor, grad_std: Tensor | None):
-        x, xhat, mean, rstd = ctx.saved_tensors
-        grad_x = torch.ops.aten.native_layer_norm_backward(
-            grad_xhat, x, ctx.shape, mean, rstd, None, None, [True, False, False]
-        )[0]
-        if grad_std is not None:
-            grad_x.addcmul_(xhat, grad_std, value=1.0 / math.prod(ctx.shape))
-        return grad_x, None, None
+    def backward(ctx, grad_y: Tensor, grad_std: Tensor | None):
+        x, xhat, mean, rstd, weight = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(xhat)
+        grad_w = (grad_y * xhat).sum_to_size(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_b = grad_y.sum_to_size(weight.shape) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_layer_norm_backward.default(
+                grad_y * weight, x, ctx.shape, mean, rstd, None, None, [True, False, False]
+            )[0]
+            if grad_std is not None:
+                grad_x.addcmul_(xhat, grad_std, value=1.0 / math.prod(ctx.shape))
+        return grad_x, grad_w, grad_b, None, None
 
 
-def standardize(x: Tensor, dims: int, eps: float) -> tuple[Tensor, Tensor]:
-    """((x - mean) / std, std) over the last ``dims`` dims; differentiable in both outputs."""
-    return _Standardize.apply(x, dims, eps)
+def standardize_affine(x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(xhat * weight + bias, std) over the last ``dims`` dims; differentiable in both."""
+    return _StandardizeAffine.apply(x, weight, bias, dims, eps)
 
 
 class ImageLayerNorm(_Affine):
@@ -101,8 +109,7 @@ class ImageLayerNorm(_Affine):
         self.rescale = rescale
 
     def forward(self, x: Tensor) -> tuple[Tensor, Scale]:  # x (B, N, C)
-        xhat, std = standardize(x, 2, self.eps)  # (B, N, C), (B, 1, 1)
-        y = torch.addcmul(self.bias, xhat, self.weight)  # xhat * weight + bias
+        y, std = standardize_affine(x, self.weight, self.bias, 2, self.eps)  # (B, N, C), (B, 1, 1)
         return y, (std if self.rescale else UNIT)
 
     def extra_repr(self) -> str:
@@ -117,8 +124,7 @@ class TokenRescaledLayerNorm(_Affine):
         self.eps = eps
 
     def forward(self, x: Tensor) -> tuple[Tensor, Scale]:  # x (B, N, C)
-        xhat, std = standardize(x, 1, self.eps)  # (B, N, C), (B, N, 1)
-        return torch.addcmul(self.bias, xhat, self.weight), std
+        return standardize_affine(x, self.weight, self.bias, 1, self.eps)  # (B, N, C), (B, N, 1)
 
 
 class RMSNorm(_Affine):

@@ -125,7 +125,6 @@ class SwinIR(nn.Module):
         self.scale = scale
         self.window_size = window_size
         self.embed_dim = embed_dim
-        self.shift_size = window_size // 2
         self.fast = attention == "fast"
         self.input_norm = common.InputNorm(stdnorm, img_range)
         self.register_buffer("relative_position_index", common.relative_position_index(window_size), persistent=False)
