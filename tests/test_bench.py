@@ -23,6 +23,8 @@ def test_summarize_known_samples():
     assert t.samples_s == (0.3, 0.1, 0.2, 0.4)  # call order kept
     with pytest.raises(ValueError, match="at least one sample"):
         bench.summarize([], warmup=0)
+    with pytest.raises(ValueError, match="1 CPU-time samples for 2"):
+        bench.summarize([0.1, 0.2], warmup=0, cpu_samples=[0.1])
 
 
 def test_time_callable_measures_a_sleep():
@@ -36,6 +38,7 @@ def test_time_callable_measures_a_sleep():
     assert len(calls) == 5  # warm-up calls run but are not timed
     assert t.repeats == 3 and len(t.samples_s) == 3
     assert 0.02 <= t.min_s <= t.median_s <= t.max_s < 1.0
+    assert t.cpu_median_s < 0.01 and len(t.cpu_samples_s) == 3  # sleeping uses no CPU time
 
 
 def test_time_interleaved_rotates_and_separates_the_arms():
@@ -87,7 +90,8 @@ def test_peak_memory_counts_the_tensors_of_the_call():
 def test_ratios_and_attention_summary_from_rows():
     def row(preset, norm, attention, step, infer):
         return {"preset": preset, "norm": norm, "attention": attention,
-                "train_step": {"samples_s": step, "median_s": sorted(step)[1], "min_s": min(step)},
+                "train_step": {"samples_s": step, "median_s": sorted(step)[1], "min_s": min(step),
+                               "cpu_samples_s": [0.5 * t for t in step]},
                 "inference": {"samples_s": infer, "median_s": sorted(infer)[1], "min_s": min(infer)}}
 
     # round 2 of LN was slowed by a neighbour: the paired ratio ignores it, the medians do not
@@ -99,6 +103,7 @@ def test_ratios_and_attention_summary_from_rows():
     assert list(ratios) == ["hat_1"]  # no LN twin for hat_tiny
     assert ratios["hat_1"]["iln_over_ln_train_step"] == pytest.approx(1.05)
     assert ratios["hat_1"]["iln_over_ln_train_step_of_medians"] == pytest.approx(0.35)
+    assert ratios["hat_1"]["iln_over_ln_train_step_cpu_time"] == pytest.approx(1.05)
     assert ratios["hat_1"]["meets_target"] is False
     summary = bench.attention_summary(rows, {"inference_output": 1e-7, "train_output": 2e-5, "train_grad": 0.0})
     assert summary["train_speedup_fast_over_naive"] == pytest.approx(1.0)  # paired: [1.5, 0.5, 1.0]
@@ -126,6 +131,8 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     flops = {r["label"]: r["flops_per_step"] for r in result["models"]}
     assert flops["hat_tiny/ln"] == flops["hat_tiny/ln/naive"]  # same work, different kernels
     assert "hat_tiny" in result["ratios"]
+    assert [p["preset"] for p in result["matmul_peak"]["measurements"]] == ["hat_tiny"]
+    assert all(r["matmul_peak_gflops"] == result["matmul_peak"]["gflops_max"] for r in result["models"])
     attention = result["attention"]
     assert attention["preset"] == "hat_tiny" and attention["outputs_agree"] is True
     assert set(result["bicubic"]["scales"]) == {"2", "4"}

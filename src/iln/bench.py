@@ -54,7 +54,12 @@ TARGET_PRESETS = ("hat_1", "swinir_1")  # presets the i-LN cost target applies t
 
 @dataclass(frozen=True)
 class Timing:
-    """Wall-clock seconds of repeated calls; ``median_s`` is the figure to quote."""
+    """Wall-clock seconds of repeated calls; ``median_s`` is the figure to quote.
+
+    ``cpu_samples_s`` is the process CPU time of each call (all threads). With one
+    thread on a CPU shared with other jobs it excludes the time the process waited for
+    a core, which is most of the noise there; with a GPU it only measures the host side.
+    """
 
     median_s: float
     min_s: float
@@ -63,15 +68,19 @@ class Timing:
     repeats: int
     warmup: int
     samples_s: tuple[float, ...]
+    cpu_median_s: float | None = None
+    cpu_samples_s: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def summarize(samples: Sequence[float], *, warmup: int) -> Timing:
-    """Timing of raw samples (seconds)."""
+def summarize(samples: Sequence[float], *, warmup: int, cpu_samples: Sequence[float] | None = None) -> Timing:
+    """Timing of raw wall-clock samples (seconds), with the CPU-time samples if given."""
     if not samples:
         raise ValueError("summarize needs at least one sample")
+    if cpu_samples is not None and len(cpu_samples) != len(samples):
+        raise ValueError(f"got {len(cpu_samples)} CPU-time samples for {len(samples)} wall-clock samples")
     ordered = sorted(samples)
     if len(ordered) >= 2:
         q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
@@ -85,6 +94,8 @@ def summarize(samples: Sequence[float], *, warmup: int) -> Timing:
         repeats=len(samples),
         warmup=warmup,
         samples_s=tuple(samples),
+        cpu_median_s=None if cpu_samples is None else statistics.median(cpu_samples),
+        cpu_samples_s=None if cpu_samples is None else tuple(cpu_samples),
     )
 
 
@@ -125,6 +136,7 @@ def time_interleaved(
             fns[name]()
     sync()
     samples: dict[str, list[float]] = {name: [] for name in names}
+    cpu_samples: dict[str, list[float]] = {name: [] for name in names}
     enabled = gc.isenabled()
     for r in range(repeats):
         shift = r % len(names)
@@ -133,14 +145,15 @@ def time_interleaved(
         try:
             for name in names[shift:] + names[:shift]:
                 sync()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 fns[name]()
                 sync()
                 samples[name].append(time.perf_counter() - start)
+                cpu_samples[name].append(time.process_time() - cpu_start)
         finally:
             if enabled:
                 gc.enable()
-    return {name: summarize(samples[name], warmup=warmup) for name in names}
+    return {name: summarize(samples[name], warmup=warmup, cpu_samples=cpu_samples[name]) for name in names}
 
 
 def time_callable(
@@ -316,12 +329,14 @@ def _rss_peak() -> int | None:
 
 
 def tensor_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of CPU tensor memory allocated during ``fn()`` beyond what was alive before.
+    """Peak bytes of tensor memory that ``fn()`` allocated and had not yet freed.
 
     torch keeps no allocator statistics for the CPU (and tracemalloc does not see its
     buffers), but its profiler records every allocation and free with its size: the peak
-    of their running sum is what ``max_memory_allocated`` would say on a GPU, measured
-    from the state before the call (activations, gradients, temporaries).
+    of their running sum is the call's working memory (activations, gradients,
+    temporaries). Memory alive before the call is not counted, and neither is its release
+    (e.g. the previous step's gradients dropped by ``zero_grad``): the profiler does not
+    know the size of blocks allocated before it started.
     """
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -336,9 +351,10 @@ def tensor_peak_bytes(fn: Callable[[], object]) -> int:
 def measure_peak_memory(fn: Callable[[], object], *, device: torch.device) -> dict[str, Any]:
     """Peak memory of one call of ``fn()``, with the method that measured it.
 
-    ``step_peak_bytes``: the peak of tensor memory allocated during the call above what
-    was alive before it (CUDA: ``max_memory_allocated`` minus the allocation before;
-    CPU: the profiler's allocation records, see ``tensor_peak_bytes``).
+    ``step_peak_bytes``: the call's working memory, the peak of the tensor memory it
+    allocated (CUDA: ``max_memory_allocated`` minus the allocation before the call, which
+    also nets out what the call frees; CPU: the profiler's allocation records, see
+    ``tensor_peak_bytes``, which do not).
     On the CPU ``rss_peak_bytes`` adds the process RSS high-water mark during the call
     (Linux: the mark is reset first; elsewhere ``ru_maxrss``, the peak of the whole
     process so far). RSS counts everything alive in the process and memory the C
@@ -451,15 +467,11 @@ def benchmark_group(
     seed: int,
     matmul_gflops: float | None,
     count_model_flops: bool = True,
-    compile_model: bool = False,
 ) -> list[dict[str, Any]]:
     """Benchmark variants that are to be compared with each other (one preset).
 
     Training steps of all variants are timed interleaved, then their inferences; memory
-    and FLOPs are measured on one extra step each. ``compile_model`` times
-    ``torch.compile``d models (compiled during the warm-up, which must then be >= 1;
-    stochastic depth then draws from the global RNG, as dynamo does not take a generator
-    argument); FLOPs are counted on the eager model, the same arithmetic.
+    and FLOPs are measured on one extra step each.
     """
     models = build_variants(variants, scale=scale, device=device, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -467,12 +479,11 @@ def benchmark_group(
     infer_lq = torch.rand(1, 3, infer_size, infer_size, generator=gen).to(device)  # (1, 3, H, W)
     sync = synchronizer(device)
 
-    runners = {v: torch.compile(m) if compile_model else m for v, m in models.items()}
     steps: dict[str, Callable[[], object]] = {}
     for v, model in models.items():
         model.train()
-        drop_gen = None if compile_model else torch.Generator(device=device).manual_seed(seed)
-        steps[v.label] = make_train_step(runners[v], train_batch, make_adam(model), generator=drop_gen)
+        drop_gen = torch.Generator(device=device).manual_seed(seed)
+        steps[v.label] = make_train_step(model, train_batch, make_adam(model), generator=drop_gen)
     train_times = time_interleaved(steps, repeats=repeats, warmup=warmup, sync=sync)
     memory = {label: measure_peak_memory(step, device=device) for label, step in steps.items()}
 
@@ -482,7 +493,7 @@ def benchmark_group(
 
     for model in models.values():
         model.eval()
-    infers = {v.label: make_inference(runners[v], infer_lq) for v in models}
+    infers = {v.label: make_inference(m, infer_lq) for v, m in models.items()}
     infer_times = time_interleaved(infers, repeats=repeats, warmup=warmup, sync=sync)
 
     rows = []
@@ -502,6 +513,7 @@ def benchmark_group(
             "memory_train_step": memory[v.label],
             "flops_per_step": f,
             "achieved_gflops": achieved,
+            "matmul_peak_gflops": matmul_gflops,
             "pct_of_matmul_peak": None if achieved is None or not matmul_gflops else 100.0 * achieved / matmul_gflops,
         })
     return rows
@@ -517,6 +529,22 @@ def attention_agreement(
     infer = output_difference(models[fast_v], models[naive_v], lq, with_grad=False)
     train = output_difference(models[fast_v], models[naive_v], lq, with_grad=True)
     return {"inference_output": infer["output"], "train_output": train["output"], "train_grad": train["grad"]}
+
+
+def profile_train_steps(
+    variants: Sequence[Variant], *, scale: int, batch: int, lr_patch: int, device: torch.device, seed: int, limit: int
+) -> dict[str, dict[str, Any]]:
+    """``top_ops`` of one training step (after one warm-up step) per variant, built one at
+    a time so that only one model is alive while it is profiled."""
+    profiles = {}
+    for v in variants:
+        model = build_variants([v], scale=scale, device=device, seed=seed)[v]
+        model.train()
+        data = random_batch(batch, lr_patch, scale, device=device, generator=torch.Generator().manual_seed(seed))
+        step = make_train_step(model, data, make_adam(model), generator=torch.Generator(device=device).manual_seed(seed))
+        step()  # warm-up outside the profile
+        profiles[v.label] = top_ops(step, device=device, limit=limit)
+    return profiles
 
 
 # ----------------------------------------------------------------------------- bicubic
@@ -597,14 +625,17 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def paired_ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any]) -> float:
+def paired_ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any], *, key: str = "samples_s") -> float | None:
     """Median over rounds of (numerator sample / denominator sample).
 
     Interleaved timing puts the two samples of a round next to each other in time, so
     their ratio cancels most of the machine's load drift; the median drops the rounds a
-    neighbour process disturbed.
+    neighbour process disturbed. ``key="cpu_samples_s"`` gives the CPU-time ratio (None
+    when CPU times were not recorded).
     """
-    pairs = zip(numerator["samples_s"], denominator["samples_s"], strict=True)
+    if numerator.get(key) is None or denominator.get(key) is None:
+        return None
+    pairs = zip(numerator[key], denominator[key], strict=True)
     return statistics.median(a / b for a, b in pairs)
 
 
@@ -626,6 +657,7 @@ def iln_ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             "iln_over_ln_train_step": ratio,
             "iln_over_ln_train_step_of_medians": row["train_step"]["median_s"] / ln["train_step"]["median_s"],
             "iln_over_ln_train_step_of_minima": row["train_step"]["min_s"] / ln["train_step"]["min_s"],
+            "iln_over_ln_train_step_cpu_time": paired_ratio(row["train_step"], ln["train_step"], key="cpu_samples_s"),
             "iln_over_ln_inference": paired_ratio(row["inference"], ln["inference"]),
             "target_max": target,
             "meets_target": None if target is None else ratio <= target,
@@ -645,6 +677,7 @@ def attention_summary(rows: Sequence[Mapping[str, Any]], agreement: Mapping[str,
         "norm": naive["norm"],
         "train_speedup_fast_over_naive": speedup,
         "train_speedup_of_medians": naive["train_step"]["median_s"] / fast["train_step"]["median_s"],
+        "train_speedup_cpu_time": paired_ratio(naive["train_step"], fast["train_step"], key="cpu_samples_s"),
         "inference_speedup_fast_over_naive": paired_ratio(naive["inference"], fast["inference"]),
         "target_speedup_min": TARGETS["attention_speedup_min"],
         "meets_speed_target": speedup >= TARGETS["attention_speedup_min"],
@@ -671,13 +704,16 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         f"Device `{m['device']}` ({m['cpu_model'] or m.get('cuda_device', '?')}), torch {m['torch']}, "
         f"{m['torch_threads']} thread(s), load average at start {_fmt((m['load_average'] or [None])[0], '.2f')}; "
         f"x{s['scale']}, batch {s['batch']}, LR patch {s['lr_patch']}, inference on one "
-        f"{s['infer_size']}x{s['infer_size']} LR image; median of {s['repeats']} after {s['warmup']} warm-up"
-        + ("; torch.compile'd models." if s.get("compile") else "."),
+        f"{s['infer_size']}x{s['infer_size']} LR image; median of {s['repeats']} after {s['warmup']} warm-up.",
         "",
     ]
     peak = result.get("matmul_peak")
     if peak:
-        lines += [f"Measured fp32 matmul peak ({peak['n']}x{peak['n']}): {peak['gflops']:.1f} GFLOP/s.", ""]
+        lines += [
+            f"fp32 matmul peak ({peak['n']}x{peak['n']}), measured before each preset's group (the % column uses "
+            f"that measurement): {peak['gflops_min']:.1f} to {peak['gflops_max']:.1f} GFLOP/s.",
+            "",
+        ]
     lines += [
         "| model | params | train step (s) | inference (s) | step peak memory (MiB) | process RSS peak (MiB) "
         "| GFLOP/step | GFLOP/s | % of matmul peak |",
@@ -695,16 +731,18 @@ def markdown_report(result: Mapping[str, Any]) -> str:
     if result["ratios"]:
         lines += [
             "",
-            "i-LN / LN time, median over rounds of the paired ratio (ratio of medians, of minima in brackets):",
+            "i-LN / LN time, median over rounds of the paired ratio (ratio of medians, of minima in brackets; "
+            "CPU time: the same paired ratio of process CPU time):",
             "",
-            "| preset | train step | inference | target (train step) |",
-            "|---|---:|---:|---|",
+            "| preset | train step | train step, CPU time | inference | target (train step) |",
+            "|---|---:|---:|---:|---|",
         ]
         for preset, r in result["ratios"].items():
             target = "-" if r["target_max"] is None else f"<= {r['target_max']:.2f} " + ("met" if r["meets_target"] else "MISSED")
             lines.append(
                 f"| {preset} | {r['iln_over_ln_train_step']:.3f} ({r['iln_over_ln_train_step_of_medians']:.3f}, "
-                f"{r['iln_over_ln_train_step_of_minima']:.3f}) | {r['iln_over_ln_inference']:.3f} | {target} |"
+                f"{r['iln_over_ln_train_step_of_minima']:.3f}) | {_fmt(r['iln_over_ln_train_step_cpu_time'], '.3f')} | "
+                f"{r['iln_over_ln_inference']:.3f} | {target} |"
             )
     a = result.get("attention")
     if a:
@@ -713,7 +751,8 @@ def markdown_report(result: Mapping[str, Any]) -> str:
             "",
             f"Attention on {a['preset']}/{a['norm']}: fused path {a['train_speedup_fast_over_naive']:.2f}x faster "
             f"per training step than the straightforward one (target >= {a['target_speedup_min']:.2f}: "
-            f"{'met' if a['meets_speed_target'] else 'MISSED'}), {a['inference_speedup_fast_over_naive']:.2f}x "
+            f"{'met' if a['meets_speed_target'] else 'MISSED'}; CPU time {_fmt(a['train_speedup_cpu_time'], '.2f')}x), "
+            f"{a['inference_speedup_fast_over_naive']:.2f}x "
             f"at inference; max |fast - naive|: output {_fmt(diff.get('train_output'), '.1e')} (autograd path), "
             f"{_fmt(diff.get('inference_output'), '.1e')} (inference), gradients {_fmt(diff.get('train_grad'), '.1e')}.",
         ]
@@ -759,20 +798,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             "device": str(device), "threads": torch.get_num_threads(), "scale": args.scale, "batch": args.batch,
             "lr_patch": args.lr_patch, "infer_size": args.infer_size, "repeats": args.repeats, "warmup": args.warmup,
             "seed": args.seed, "presets": list(args.presets), "norms": list(args.norms),
-            "attention_preset": args.attention_preset, "quick": args.quick, "compile": args.compile,
+            "attention_preset": args.attention_preset, "quick": args.quick,
         },
         "targets": dict(TARGETS),
     }
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed)
 
-    matmul_gflops = None
-    if "flops" not in args.skip:
-        log(f"matmul peak ({args.matmul_n}x{args.matmul_n}) ...")
-        result["matmul_peak"] = measure_matmul_peak(args.matmul_n, device=device, repeats=args.repeats,
-                                                    warmup=args.warmup, generator=gen)
-        matmul_gflops = result["matmul_peak"]["gflops"]
-
+    peaks: list[dict[str, Any]] = []
     presets = list(dict.fromkeys(args.presets))
     attention_preset = None if "attention" in args.skip else args.attention_preset
     if attention_preset is not None and attention_preset not in presets:
@@ -784,13 +817,22 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             if Variant(preset, args.norms[0]) not in variants:
                 variants.insert(0, Variant(preset, args.norms[0]))
             variants.append(Variant(preset, args.norms[0], "naive"))
+        matmul_gflops = None
+        if "flops" not in args.skip:  # re-measured per preset: the machine's load changes over a run
+            log(f"matmul peak ({args.matmul_n}x{args.matmul_n}) ...")
+            peaks.append(dict(measure_matmul_peak(args.matmul_n, device=device, repeats=args.repeats,
+                                                  warmup=args.warmup, generator=gen), preset=preset))
+            matmul_gflops = peaks[-1]["gflops"]
         log(f"{preset}: {', '.join(v.label for v in variants)} ...")
         rows += benchmark_group(variants, scale=args.scale, batch=args.batch, lr_patch=args.lr_patch,
                                 infer_size=args.infer_size, device=device, repeats=args.repeats, warmup=args.warmup,
-                                seed=args.seed, matmul_gflops=matmul_gflops, count_model_flops="flops" not in args.skip,
-                                compile_model=args.compile)
+                                seed=args.seed, matmul_gflops=matmul_gflops, count_model_flops="flops" not in args.skip)
     result["models"] = rows
     result["ratios"] = iln_ratios(rows)
+    if peaks:
+        gflops = [p["gflops"] for p in peaks]
+        result["matmul_peak"] = {"n": args.matmul_n, "dtype": "float32", "gflops_min": min(gflops),
+                                 "gflops_max": max(gflops), "measurements": peaks}
 
     agreement = None
     if attention_preset is not None:
@@ -801,16 +843,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
     if args.profile:
         log("profiling one training step per variant ...")
-        result["profile"] = {}
-        for v in [Variant(p, n) for p in args.presets for n in args.norms] + (
-                [Variant(attention_preset, args.norms[0], "naive")] if attention_preset else []):
-            model = build_variants([v], scale=args.scale, device=device, seed=args.seed)[v]
-            model.train()
-            batch = random_batch(args.batch, args.lr_patch, args.scale, device=device,
-                                 generator=torch.Generator().manual_seed(args.seed))
-            step = make_train_step(model, batch, make_adam(model))
-            step()  # warm-up outside the profile
-            result["profile"][v.label] = top_ops(step, device=device, limit=args.profile)
+        variants = [Variant(p, n) for p in args.presets for n in args.norms]
+        if attention_preset is not None:
+            variants.append(Variant(attention_preset, args.norms[0], "naive"))
+        result["profile"] = profile_train_steps(variants, scale=args.scale, batch=args.batch, lr_patch=args.lr_patch,
+                                                device=device, seed=args.seed, limit=args.profile)
 
     if "bicubic" not in args.skip:
         log(f"bicubic {args.bicubic_shape[1]}x{args.bicubic_shape[0]} ...")
@@ -858,8 +895,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", nargs="+", default=[], choices=("attention", "bicubic", "flops"), help="sections to skip")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also record the top N ops of one training step "
                    "per variant (torch.profiler)")
-    p.add_argument("--compile", action="store_true", help="time torch.compile'd models (needs a C++ compiler on "
-                   "the CPU; compilation happens in the warm-up)")
     p.add_argument("--silent", action="store_true", help="no progress messages on stderr")
     return p
 
@@ -891,8 +926,6 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.warmup < 0 or args.threads < 0 or min(args.bicubic_shape) < 1:
         raise ValueError("--warmup and --threads must be >= 0 and --bicubic-shape positive")
-    if args.compile and args.warmup < 1:
-        raise ValueError("--compile needs --warmup >= 1 (compilation must not be timed)")
     return args
 
 
