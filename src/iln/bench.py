@@ -551,7 +551,7 @@ def profile_train_steps(
 
 
 def random_image(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """uint8 (H, W, C) noise: the worst case for nothing, the same cost as a photo."""
+    """uint8 (H, W, C) noise: resizing costs the same for any content, so noise stands in for a photo."""
     return rng.integers(0, 256, size=shape, dtype=np.uint8)
 
 
