@@ -33,7 +33,8 @@ def fig1_magnitude_entropy(runs: Sequence[tuple[str, RunResults | None]], path: 
     if not any(_has_probes(r) for _, r in runs):
         return None
     fig = new_figure(5.0 * len(runs), 7.0)
-    axes = fig.subplots(2, len(runs), squeeze=False)
+    # Shared y axes per row: the point of the figure is LN's scale against i-LN's.
+    axes = fig.subplots(2, len(runs), squeeze=False, sharey="row")
     for col, (title, run) in enumerate(runs):
         ax_m, ax_e = axes[0, col], axes[1, col]
         if not _has_probes(run):
