@@ -77,3 +77,16 @@ def test_fingerprint_ignores_bookkeeping_but_not_training_settings(tmp_path):
     lr = load_params(_write(tmp_path / "b", lambda r: r["train"].update(lr=1.0e-3)))
     assert resolve_run(logging, name).fingerprint() == resolve_run(base, name).fingerprint()
     assert resolve_run(lr, name).fingerprint() != resolve_run(base, name).fingerprint()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_params_survive_a_yaml_1_2_rewrite(tmp_path, path):
+    """`dvc exp run -S` rewrites params.yaml with a YAML 1.2 dumper, dropping quotes that
+    YAML 1.1 (our reader) needs, e.g. around 4:2:0 (base-60 int) or off (boolean)."""
+    from ruamel.yaml import YAML
+
+    writer = YAML(typ="safe", pure=True)
+    rewritten = tmp_path / path.name
+    with rewritten.open("w") as handle:
+        writer.dump(writer.load(path), handle)
+    assert load_params(rewritten) == load_params(path)

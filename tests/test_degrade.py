@@ -94,7 +94,7 @@ def test_make_pairs_sr_dn_car(tmp_path):
     assert np.array_equal(car, jpeg_compress(read_rgb(hr / "default_test/c.png"), 20))
     entry = manifest["pairs"]["sr_x2/default_train"]
     assert entry["images"] == 2 and entry["per_image"]["a"] == {"gt": [50, 62], "lq": [25, 31]}
-    assert manifest["jpeg"]["subsampling"] == "4:2:0" and "Pillow" in manifest["jpeg"]["encoder"]
+    assert manifest["jpeg"]["subsampling"] == "yuv420" and "Pillow" in manifest["jpeg"]["encoder"]
     on_disk = json.loads((tmp_path / "pairs/manifest.json").read_text())
     assert on_disk["pairs"].keys() == manifest["pairs"].keys()
     assert not list((tmp_path / "pairs").glob(".staging-*"))

@@ -159,7 +159,7 @@ class TrainParams:
     probe_images: int
     probe_per_block: bool
     train_set: str
-    amp: Literal["off", "bf16", "fp16"]
+    amp: Literal["fp32", "bf16", "fp16"]  # fp32 = mixed precision off
     compile: bool
     device: str
     num_workers: int

@@ -21,7 +21,7 @@ __all__ = [
     "noise_rng", "jpeg_compress", "jpeg_encoder_info", "tile_positions", "SUBSAMPLING",
 ]
 
-SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}  # Pillow's codes
+SUBSAMPLING = {"yuv444": 0, "yuv422": 1, "yuv420": 2}  # chroma 4:4:4 / 4:2:2 / 4:2:0 -> Pillow's codes
 
 
 def _check_rgb(img: np.ndarray, what: str) -> None:
@@ -67,7 +67,7 @@ def add_gaussian_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) 
     return round_to_uint8(noisy)
 
 
-def jpeg_compress(img: np.ndarray, quality: int, *, subsampling: str = "4:2:0") -> np.ndarray:
+def jpeg_compress(img: np.ndarray, quality: int, *, subsampling: str = "yuv420") -> np.ndarray:
     """Encode as baseline JPEG with Pillow (libjpeg, standard IJG tables scaled by ``quality``,
     RGB -> YCbCr with ``subsampling``) and decode again."""
     _check_rgb(img, "jpeg_compress")
@@ -83,7 +83,7 @@ def jpeg_compress(img: np.ndarray, quality: int, *, subsampling: str = "4:2:0") 
         return np.asarray(decoded.convert("RGB")).copy()
 
 
-def jpeg_encoder_info(subsampling: str = "4:2:0") -> dict[str, str]:
+def jpeg_encoder_info(subsampling: str = "yuv420") -> dict[str, str]:
     """Which encoder made the JPEG pairs (encoders differ; recorded in the manifest)."""
     turbo = features.version("libjpeg_turbo")
     return {

@@ -106,7 +106,9 @@ class DegradeParams:
     seed: int = 0  # base of the per-image noise seeds
     workers: int = 0  # processes; 0 = all cores
     bicubic_rounding: Literal["once", "per_pass"] = "once"  # per_pass = MATLAB on uint8 input
-    jpeg_subsampling: Literal["4:2:0", "4:4:4"] = "4:2:0"
+    # yuv420 = 4:2:0 chroma subsampling. Written without colons: YAML 1.1 reads an unquoted
+    # 4:2:0 as the base-60 integer 14520, and `dvc exp run -S` rewrites params.yaml unquoted.
+    jpeg_subsampling: Literal["yuv420", "yuv444"] = "yuv420"
     png_compress_level: int = 1  # zlib level of written pairs: 1 is ~3x faster to write than 6, ~10% larger
     subimages: SubImages = field(default_factory=SubImages)
 
