@@ -47,10 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(settings.seed)
     overrides = run.model_overrides()
     model = build_model(run.spec.arch, norm=run.spec.norm, scale=run.scale, **overrides)
-    degradation = None if run.spec.task.startswith("sr_") or run.spec.task == "derain" else run.spec.task
-    lq_dir, gt_dir = layout.pair_dirs(run.spec.task, settings.train_set)
-    dataset = TrainPatches(gt_dir, None if degradation else lq_dir, scale=run.scale, lq_patch=settings.lq_patch,
-                           seed=settings.seed, degradation=degradation)
+    lq_dir, gt_dir = layout.pair_dirs(run.spec.task, settings.train_set)  # SR pairs (config admits SR runs only)
+    dataset = TrainPatches(gt_dir, lq_dir, scale=run.scale, lq_patch=settings.lq_patch, seed=settings.seed)
     val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, params.evaluate.sets[0])))[: settings.probe_images]
     probe_lq = probe_batch([lq for _, lq, _ in val_pairs], size=2 * settings.lq_patch)
 

@@ -50,7 +50,8 @@ def training_monitor(
             return rows
         scalars: dict[str, float] = {}
         for row in rows:
-            if row["layer"].startswith("group") and "." not in row["layer"] or row["layer"] == "final_norm_in":
+            is_group = row["layer"].startswith("group") and "." not in row["layer"]  # not group{g}.block{b}
+            if is_group or row["layer"] == "final_norm_in":
                 scalars[f"features/{row['layer']}/magnitude"] = row["magnitude"]
                 scalars[f"features/{row['layer']}/entropy"] = row["entropy"]
                 scalars[f"features/{row['layer']}/max_abs"] = row["max_abs"]

@@ -174,7 +174,7 @@ def stage_run(
 
 
 def find_stage_runs(root: Path, *, experiment: str, run_name: str | None = None) -> list[dict[str, Any]]:
-    """Summaries of the stage runs in the store (used by tests and the report)."""
+    """Summaries of the stage runs in the store, for checking a store from Python."""
     client, _ = _client(root)
     found = client.get_experiment_by_name(experiment)
     if found is None:
