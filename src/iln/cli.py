@@ -6,13 +6,14 @@ import sys
 from collections.abc import Callable
 
 from iln.config import ParamsError
+from iln.data.archive import UnsafeArchiveError
 from iln.data.download import DownloadError
 from iln.data.io import ImageReadError
 from iln.train import TrainingDiverged
 
 # Failures caused by the inputs (params, data, a diverging run), not by a bug: the message
 # says what to fix, so a traceback would only hide it.
-EXPECTED = (ParamsError, FileNotFoundError, ImageReadError, DownloadError, TrainingDiverged)
+EXPECTED = (ParamsError, FileNotFoundError, ImageReadError, DownloadError, UnsafeArchiveError, TrainingDiverged)
 
 
 def run_stage(name: str, main: Callable[[], int]) -> int:
