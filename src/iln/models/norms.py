@@ -74,7 +74,7 @@ class _StandardizeAffine(torch.autograd.Function):
         return torch.addcmul(bias, xhat, weight), rstd.reciprocal()
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, grad_std: Tensor | None):
+    def backward(ctx, grad_y: Tensor | None, grad_std: Tensor | None):
         x, xhat, mean, rstd, weight = ctx.saved_tensors
         if grad_y is None:
             grad_y = torch.zeros_like(xhat)
@@ -90,9 +90,61 @@ class _StandardizeAffine(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+class _ImageStandardizeAffine(torch.autograd.Function):
+    """The same map as ``_StandardizeAffine`` over all N*C values of each image, on CPU.
+
+    A contiguous (B, N, C) tensor is, viewed as (B, C, 1, N), a channels-last image whose
+    one group spans every value of a sample, so the CPU GroupNorm kernels give
+    normalisation *and* the per-channel affine in one pass forward, and the input, weight
+    and bias gradients in one pass backward. Only x is kept for backward (no xhat), and
+    the gradient through std is added in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        b, n, c = x.shape
+        image = x.view(b, 1, n, c).permute(0, 3, 1, 2)  # (B, C, 1, N), channels-last strides
+        y, mean, rstd = torch.native_group_norm(image, weight, bias, b, c, n, 1, eps)  # mean, rstd (B, 1)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.set_materialize_grads(False)
+        return y.permute(0, 2, 3, 1).view(b, n, c), rstd.reciprocal().view(b, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor | None, grad_std: Tensor | None):
+        x, mean, rstd, weight = ctx.saved_tensors
+        b, n, c = x.shape
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        grad_image = grad_y.contiguous().view(b, 1, n, c).permute(0, 3, 1, 2)  # (B, C, 1, N)
+        image = x.view(b, 1, n, c).permute(0, 3, 1, 2)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward.default(
+            grad_image, image, mean, rstd, weight, b, c, n, 1, list(ctx.needs_input_grad[:3])
+        )
+        if grad_x is not None:
+            grad_x = grad_x.permute(0, 2, 3, 1).reshape(b, n, c)
+            if grad_std is not None:  # + xhat * grad_std / (N*C), xhat = (x - mean) * rstd
+                k = rstd.view(b, 1, 1) * grad_std.view(b, 1, 1) / (n * c)  # (B, 1, 1)
+                grad_x.addcmul_(x, k).sub_(mean.view(b, 1, 1) * k)
+        return grad_x, grad_w, grad_b, None
+
+
 def standardize_affine(x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float) -> tuple[Tensor, Tensor]:
-    """(xhat * weight + bias, std) over the last ``dims`` dims; differentiable in both."""
+    """(xhat * weight + bias, std) over the last ``dims`` dims; differentiable in both.
+
+    Input of another dtype than the parameters (a bf16 / fp16 activation under autocast)
+    is computed in the parameters' dtype, as autocast runs ``layer_norm``.
+    """
+    if x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    if dims == 2 and _group_norm_applies(x):
+        return _ImageStandardizeAffine.apply(x, weight, bias, eps)
     return _StandardizeAffine.apply(x, weight, bias, dims, eps)
+
+
+def _group_norm_applies(x: Tensor) -> bool:
+    """The GroupNorm route needs the CPU kernels (they take channels-last input; the CUDA
+    ones do not) and a contiguous (B, N, C) input."""
+    return x.device.type == "cpu" and x.ndim == 3 and x.is_contiguous()
 
 
 class ImageLayerNorm(_Affine):

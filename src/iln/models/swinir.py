@@ -41,14 +41,17 @@ class SwinBlock(nn.Module):
     def forward(self, x: Tensor, ctx: ForwardContext, index: Tensor) -> Tensor:
         """x (B, N, C) -> (B, N, C)."""
         h, w = ctx.size
-        b, n_tok, c = x.shape
+        b, _, c = x.shape
         u, s1 = self.norm1(x)
         grid = u.view(b, h, w, c)  # (B, H, W, C)
         attn_x = self.attn(grid, ctx, index, self.shift)  # (B, N, C)
 
-        x = residual_add(x, s1, common.drop_path(attn_x, self.drop_path, self.training, ctx.generator))
+        keep = common.drop_path_keep(attn_x, self.drop_path, self.training, ctx.generator)
+        x = residual_add(x, s1, attn_x, keep=keep)
         v, s2 = self.norm2(x)
-        return residual_add(x, s2, common.drop_path(self.mlp(v), self.drop_path, self.training, ctx.generator))
+        mlp_x = self.mlp(v)
+        keep = common.drop_path_keep(mlp_x, self.drop_path, self.training, ctx.generator)
+        return residual_add(x, s2, mlp_x, keep=keep)
 
 
 class BasicLayer(nn.Module):
