@@ -8,14 +8,12 @@ bias tables of the first and last groups).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 import torch
 
 from iln import tracking
-from iln.cli import run_stage
+from iln.cli import project_root, run_stage
 from iln.analysis import run_final_analysis
 from iln.config import load_params
 from iln.data.dataset import TestPairs
@@ -33,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     spec = params.run(args.run)
-    layout = Layout(Path(os.environ.get("DVC_ROOT", Path.cwd())))
+    layout = Layout(project_root())
     device = resolve_device(params.evaluate.device)
     model, recipe = load_trained(layout.weights(args.run), device)
     pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.evaluate.sets[0])))[: params.train.probe_images]

@@ -6,11 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from iln.cli import run_stage
+from iln.cli import project_root, run_stage
 from iln.config import load_params
 from iln.data.pairs import make_pairs
 from iln.layout import Layout
@@ -22,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    root = Path(os.environ.get("DVC_ROOT", Path.cwd()))
+    root = project_root()
     params = load_params(args.params).degrade  # the whole file is validated: a bad key anywhere stops here
     layout = Layout(root)
     make_pairs(params, layout.hr, layout.pairs, progress=not args.no_progress and sys.stderr.isatty())

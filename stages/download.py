@@ -8,11 +8,9 @@ The default (`datasets: [default]`) copies the embedded photographs and needs no
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from iln.cli import run_stage
+from iln.cli import project_root, run_stage
 from iln.config import load_params
 from iln.data.prepare import Sources, prepare_sets
 from iln.layout import Layout
@@ -24,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    root = Path(os.environ.get("DVC_ROOT", Path.cwd()))
+    root = project_root()
     params = load_params(args.params).data  # the whole file is validated: a bad key anywhere stops here
     sources = Sources(
         embedded_dir=root / params.embedded_dir,

@@ -8,14 +8,13 @@ and the inference-precision table.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from iln import tracking
-from iln.cli import run_stage
+from iln.cli import project_root, run_stage
 from iln.config import flatten, load_params
 from iln.data.dataset import TestPairs
 from iln.data.io import write_png
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    layout = Layout(Path(os.environ.get("DVC_ROOT", Path.cwd())))
+    layout = Layout(project_root())
     settings = params.evaluate
     device = resolve_device(settings.device)
     if args.run == "bicubic":

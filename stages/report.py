@@ -7,12 +7,10 @@ ours, the figures, side-by-side crops, and reports/report.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 from iln import tracking
-from iln.cli import run_stage
+from iln.cli import project_root, run_stage
 from iln.config import load_params, resolve_run
 from iln.files import write_json_atomic
 from iln.layout import Layout
@@ -40,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    layout = Layout(Path(os.environ.get("DVC_ROOT", Path.cwd())))
+    layout = Layout(project_root())
     out = layout.report_dir
     runs = {name: resolve_run(params, name) for name in params.runs}
     with tracking.stage_run(layout.root, experiment=params.tracking.experiment, stage="report",

@@ -10,12 +10,11 @@ import argparse
 import os
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
 from iln import tracking
-from iln.cli import run_stage
+from iln.cli import project_root, run_stage
 from iln.config import flatten, load_params, resolve_run
 from iln.data.dataset import TestPairs, TrainPatches
 from iln.distributed import init_distributed, shutdown
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     run = resolve_run(params, args.run)
-    layout = Layout(Path(os.environ.get("DVC_ROOT", Path.cwd())))
+    layout = Layout(project_root())
     settings = run.train
     if settings.threads:
         torch.set_num_threads(settings.threads)

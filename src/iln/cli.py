@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from iln.config import ParamsError
 from iln.data.archive import UnsafeArchiveError
@@ -23,3 +25,9 @@ def run_stage(name: str, main: Callable[[], int]) -> int:
     except EXPECTED as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 1
+
+
+def project_root() -> Path:
+    """The folder a stage reads and writes under: ``DVC_ROOT`` when DVC runs the stage,
+    else the working directory."""
+    return Path(os.environ.get("DVC_ROOT", Path.cwd()))
