@@ -238,17 +238,17 @@ def test_overrides_use_official_names_and_land_in_hparams():
     assert model.layers[0].residual_group.blocks[0].mlp.fc1.out_features == 24
 
 
-def _explicit_residual(x, scale, branch, others, keep):
+def _explicit_residual(x, scale, branch, others, drop):
     """The block merge written out as the official code computes it."""
-    dropped = branch if keep is None else branch * keep
+    dropped = branch if drop is None else branch * drop
     total = dropped + sum(others) if others else dropped
     return x + (total if isinstance(scale, float) else scale * total)
 
 
 @pytest.mark.parametrize("scale_kind", ["unit", "per_sample", "per_token", "per_channel"])
-@pytest.mark.parametrize("with_keep", [False, True])
+@pytest.mark.parametrize("with_drop", [False, True])
 @pytest.mark.parametrize("n_others", [0, 1])
-def test_residual_add_equals_the_explicit_merge_in_values_and_gradients(scale_kind, with_keep, n_others):
+def test_residual_add_equals_the_explicit_merge_in_values_and_gradients(scale_kind, with_drop, n_others):
     g = torch.Generator().manual_seed(0)
     b, n, c = 3, 10, 6
     shapes = {"unit": None, "per_sample": (b, 1, 1), "per_token": (b, n, 1), "per_channel": (c,)}
@@ -259,25 +259,25 @@ def test_residual_add_equals_the_explicit_merge_in_values_and_gradients(scale_ki
     x, branch = leaf(b, n, c), leaf(b, n, c)
     others = [leaf(b, n, c) for _ in range(n_others)]
     scale = norms.UNIT if shapes[scale_kind] is None else leaf(*shapes[scale_kind])
-    keep = torch.tensor([2.0, 0.0, 2.0], dtype=torch.float64).view(b, 1, 1) if with_keep else None
+    drop = torch.tensor([2.0, 0.0, 2.0], dtype=torch.float64).view(b, 1, 1) if with_drop else None
     inputs = [x, branch, *others] + ([] if isinstance(scale, float) else [scale])
-    out = common.residual_add(x, scale, branch, *others, keep=keep)
-    want = _explicit_residual(x, scale, branch, others, keep)
+    out = common.residual_add(x, scale, branch, *others, drop_factor=drop)
+    want = _explicit_residual(x, scale, branch, others, drop)
     torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
     grad = torch.randn(b, n, c, generator=g, dtype=torch.float64)
     for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad)):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_drop_path_keep_is_zero_or_the_inverse_keep_rate_and_none_when_off():
+def test_drop_path_factor_is_zero_or_the_inverse_keep_rate_and_none_when_off():
     x = torch.zeros(4000, 5, 3)
-    keep = common.drop_path_keep(x, 0.25, True, torch.Generator().manual_seed(0))
-    assert keep.shape == (4000, 1, 1)
-    values = set(keep.flatten().tolist())
+    drop = common.drop_path_factor(x, 0.25, True, torch.Generator().manual_seed(0))
+    assert drop.shape == (4000, 1, 1)
+    values = set(drop.flatten().tolist())
     assert values == {0.0, torch.tensor(1.0 / 0.75).item()}  # in float32
-    assert abs((keep == 0).float().mean().item() - 0.25) < 0.03
-    assert common.drop_path_keep(x, 0.25, False, None) is None
-    assert common.drop_path_keep(x, 0.0, True, None) is None
+    assert abs((drop == 0).float().mean().item() - 0.25) < 0.03
+    assert common.drop_path_factor(x, 0.25, False, None) is None
+    assert common.drop_path_factor(x, 0.0, True, None) is None
 
 
 def test_tokens_as_image_is_a_view_and_hands_back_a_contiguous_token_gradient():

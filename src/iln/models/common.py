@@ -75,25 +75,27 @@ def permute_tokens(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
     return _PermuteTokens.apply(x, order, inverse)
 
 
-def residual_add(x: Tensor, scale: norms.Scale, branch: Tensor, *others: Tensor, keep: Tensor | None = None) -> Tensor:
-    """x + scale * (keep * branch + sum of others).
+def residual_add(
+    x: Tensor, scale: norms.Scale, branch: Tensor, *others: Tensor, drop_factor: Tensor | None = None
+) -> Tensor:
+    """x + scale * (drop_factor * branch + sum of others).
 
-    ``keep`` is the stochastic-depth factor of ``branch`` from ``drop_path_keep`` (None:
-    no drop); folding it into the same multiply-add saves the separate passes of an
-    explicit ``branch / keep * mask``. A unit scale adds the branches one by one, which
-    is exactly the operation order of the official LN blocks; any other scale multiplies
-    the summed branches, as the official i-LN blocks do.
+    ``drop_factor`` is the stochastic-depth factor of ``branch`` from ``drop_path_factor``
+    (None: nothing dropped); folding it into the same multiply-add saves the separate
+    passes of an explicit ``branch / keep_rate * mask``. A unit scale adds the branches one
+    by one, which is exactly the operation order of the official LN blocks; any other
+    scale multiplies the summed branches, as the official i-LN blocks do.
     """
     if isinstance(scale, float) and scale == norms.UNIT:
-        x = x + branch if keep is None else _ScaledAdd.apply(x, branch, keep)
+        x = x + branch if drop_factor is None else _ScaledAdd.apply(x, branch, drop_factor)
         for other in others:
             x = x + other
         return x
     if others:
         total = sum(others[1:], others[0])
-        total = branch + total if keep is None else torch.addcmul(total, branch, keep)
+        total = branch + total if drop_factor is None else torch.addcmul(total, branch, drop_factor)
         return _scaled_add(x, total, scale)
-    return _scaled_add(x, branch, scale if keep is None else scale * keep)
+    return _scaled_add(x, branch, scale if drop_factor is None else scale * drop_factor)
 
 
 def _scaled_add(x: Tensor, t: Tensor, scale: norms.Scale) -> Tensor:
@@ -101,9 +103,12 @@ def _scaled_add(x: Tensor, t: Tensor, scale: norms.Scale) -> Tensor:
 
 
 class _ScaledAdd(torch.autograd.Function):
-    """x + t * s (s broadcast to t) with a backward that forms only the needed products:
-    for a per-sample s (B, 1, ..., 1) its gradient is one dot product per sample, with no
-    full-size temporary."""
+    """x + t * s (s broadcast to t) with a backward that forms only the needed products.
+
+    For a per-sample s (B, 1, ..., 1) the gradient of s is one dot product per sample,
+    taken on CPU right before that sample's ``grad * s`` so that both read the same
+    cache-warm slice of ``grad``, and no full-size temporary is formed.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
@@ -113,13 +118,12 @@ class _ScaledAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         t, s = ctx.saved_tensors
-        grad_t = grad * s if ctx.needs_input_grad[1] else None
-        grad_s = None
-        if ctx.needs_input_grad[2]:
-            if _per_sample(s, t):
-                grad_s = _per_sample_dot(grad, t).view(s.shape)
-            else:
-                grad_s = (grad * t).sum_to_size(s.shape)
+        need_t, need_s = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if need_s and _per_sample(s, t):
+            grad_t, grad_s = _scale_and_dot(grad, t, s, need_t)
+            return grad, grad_t, grad_s
+        grad_t = grad * s if need_t else None
+        grad_s = (grad * t).sum_to_size(s.shape) if need_s else None
         return grad, grad_t, grad_s
 
 
@@ -127,26 +131,37 @@ def _per_sample(s: Tensor, t: Tensor) -> bool:
     return s.ndim == t.ndim and s.shape[0] == t.shape[0] and s[0].numel() == 1
 
 
-def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
-    """(B, ...) x (B, ...) -> (B,) sums of a * b per sample. On CPU one ``dot`` per sample
-    reads both tensors once and allocates nothing of their size; batched GPUs prefer one
-    ``vecdot`` call."""
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1).to(a.dtype)  # (B, M)
-    if a.device.type == "cpu":
-        return torch.stack([torch.dot(a_i, b_i) for a_i, b_i in zip(a, b)])
-    return torch.linalg.vecdot(a, b)
+def _scale_and_dot(grad: Tensor, t: Tensor, s: Tensor, need_scaled: bool) -> tuple[Tensor | None, Tensor]:
+    """(grad * s or None, per-sample sums of grad * t shaped like s) for a per-sample s.
+
+    On CPU one ``dot`` and one ``mul`` per sample, so each slice of ``grad`` is read from
+    memory once; a GPU takes the batched ``vecdot``.
+    """
+    b = grad.shape[0]
+    flat_grad, flat_t = grad.reshape(b, -1), t.reshape(b, -1).to(grad.dtype)  # (B, M)
+    if grad.device.type != "cpu":
+        return (grad * s if need_scaled else None), torch.linalg.vecdot(flat_grad, flat_t).view(s.shape)
+    scaled = torch.empty_like(grad, memory_format=torch.contiguous_format) if need_scaled else None
+    flat_scaled = scaled.view(b, -1) if need_scaled else None
+    flat_s = s.reshape(b, 1).to(grad.dtype)
+    sums = []
+    for i in range(b):
+        sums.append(torch.dot(flat_grad[i], flat_t[i]))
+        if need_scaled:
+            torch.mul(flat_grad[i], flat_s[i], out=flat_scaled[i])
+    return scaled, torch.stack(sums).view(s.shape).to(s.dtype)
 
 
-def drop_path_keep(x: Tensor, rate: float, training: bool, generator: torch.Generator | None) -> Tensor | None:
+def drop_path_factor(x: Tensor, rate: float, training: bool, generator: torch.Generator | None) -> Tensor | None:
     """Stochastic depth for the branch ``x`` (B, ...) as a per-sample factor (B, 1, ..., 1):
-    0 with probability ``rate``, else 1 / (1 - rate). None when nothing is dropped
-    (rate 0, or eval). Pass it to ``residual_add`` as ``keep``."""
+    0 with probability ``rate``, else 1 / (1 - rate). None when nothing is dropped (rate 0,
+    or eval). Pass it to ``residual_add`` as ``drop_factor``."""
     if rate == 0.0 or not training:
         return None
-    keep = 1.0 - rate
+    keep_rate = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = (keep + torch.rand(shape, dtype=x.dtype, device=x.device, generator=generator)).floor_()
-    return mask.div_(keep)
+    mask = (keep_rate + torch.rand(shape, dtype=x.dtype, device=x.device, generator=generator)).floor_()
+    return mask.div_(keep_rate)
 
 
 class Mlp(nn.Module):

@@ -124,7 +124,9 @@ class _ImageStandardizeAffine(torch.autograd.Function):
             grad_x = grad_x.permute(0, 2, 3, 1).reshape(b, n, c)
             if grad_std is not None:  # + xhat * grad_std / (N*C), xhat = (x - mean) * rstd
                 k = rstd.view(b, 1, 1) * grad_std.view(b, 1, 1) / (n * c)  # (B, 1, 1)
-                grad_x.addcmul_(x, k).sub_(mean.view(b, 1, 1) * k)
+                shift = mean.view(b, 1, 1) * k
+                for i in range(b):  # one sample at a time: the second pass finds it in cache
+                    grad_x[i].addcmul_(x[i], k[i]).sub_(shift[i])
         return grad_x, grad_w, grad_b, None
 
 

@@ -46,12 +46,12 @@ class SwinBlock(nn.Module):
         grid = u.view(b, h, w, c)  # (B, H, W, C)
         attn_x = self.attn(grid, ctx, index, self.shift)  # (B, N, C)
 
-        keep = common.drop_path_keep(attn_x, self.drop_path, self.training, ctx.generator)
-        x = residual_add(x, s1, attn_x, keep=keep)
+        drop = common.drop_path_factor(attn_x, self.drop_path, self.training, ctx.generator)
+        x = residual_add(x, s1, attn_x, drop_factor=drop)
         v, s2 = self.norm2(x)
         mlp_x = self.mlp(v)
-        keep = common.drop_path_keep(mlp_x, self.drop_path, self.training, ctx.generator)
-        return residual_add(x, s2, mlp_x, keep=keep)
+        drop = common.drop_path_factor(mlp_x, self.drop_path, self.training, ctx.generator)
+        return residual_add(x, s2, mlp_x, drop_factor=drop)
 
 
 class BasicLayer(nn.Module):
