@@ -214,7 +214,7 @@ def test_unknown_norm_names_the_valid_choices():
         build_norm("groupnorm", 8)
 
 
-def _image_norm_grads(route, x, weight, bias, eps, grad_y, grad_std):
+def _image_norm_grads(route, x, weight, bias, grad_y, grad_std):
     """Outputs and input/weight/bias gradients of one standardize route."""
     x, weight, bias = (t.detach().clone().requires_grad_(True) for t in (x, weight, bias))
     y, std = route(x, weight, bias)
@@ -245,8 +245,8 @@ def test_groupnorm_route_of_the_image_norm_equals_the_layernorm_route(dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
     # with a gradient through the std (i-LN) and without one (LN*: the std is unused)
     for g_std in (grad_std, None):
-        got = _image_norm_grads(group, x, weight, bias, eps, grad_y, g_std)
-        want = _image_norm_grads(layer, x, weight, bias, eps, grad_y, g_std)
+        got = _image_norm_grads(group, x, weight, bias, grad_y, g_std)
+        want = _image_norm_grads(layer, x, weight, bias, grad_y, g_std)
         for name, a, r in zip(("y", "std", "grad x", "grad weight", "grad bias"), got, want):
             torch.testing.assert_close(a, r, **tol, msg=lambda m, name=name: f"{name}: {m}")
 

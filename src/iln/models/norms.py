@@ -103,8 +103,7 @@ class _ImageStandardizeAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         b, n, c = x.shape
-        image = x.view(b, 1, n, c).permute(0, 3, 1, 2)  # (B, C, 1, N), channels-last strides
-        y, mean, rstd = torch.native_group_norm(image, weight, bias, b, c, n, 1, eps)  # mean, rstd (B, 1)
+        y, mean, rstd = torch.native_group_norm(_as_image(x), weight, bias, b, c, n, 1, eps)  # mean, rstd (B, 1)
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.set_materialize_grads(False)
         return y.permute(0, 2, 3, 1).view(b, n, c), rstd.reciprocal().view(b, 1, 1)
@@ -115,10 +114,8 @@ class _ImageStandardizeAffine(torch.autograd.Function):
         b, n, c = x.shape
         if grad_y is None:
             grad_y = torch.zeros_like(x)
-        grad_image = grad_y.contiguous().view(b, 1, n, c).permute(0, 3, 1, 2)  # (B, C, 1, N)
-        image = x.view(b, 1, n, c).permute(0, 3, 1, 2)
         grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward.default(
-            grad_image, image, mean, rstd, weight, b, c, n, 1, list(ctx.needs_input_grad[:3])
+            _as_image(grad_y.contiguous()), _as_image(x), mean, rstd, weight, b, c, n, 1, list(ctx.needs_input_grad[:3])
         )
         if grad_x is not None:
             grad_x = grad_x.permute(0, 2, 3, 1).reshape(b, n, c)
@@ -128,6 +125,12 @@ class _ImageStandardizeAffine(torch.autograd.Function):
                 for i in range(b):  # one sample at a time: the second pass finds it in cache
                     grad_x[i].addcmul_(x[i], k[i]).sub_(shift[i])
         return grad_x, grad_w, grad_b, None
+
+
+def _as_image(t: Tensor) -> Tensor:
+    """Contiguous tokens (B, N, C) -> the same memory as a channels-last (B, C, 1, N) image."""
+    b, n, c = t.shape
+    return t.view(b, 1, n, c).permute(0, 3, 1, 2)
 
 
 def standardize_affine(x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float) -> tuple[Tensor, Tensor]:
