@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         download_dir=root / params.download_dir,
         checksum_file=root / params.checksums,
         local={name: root / path for name, path in params.local.items()},
+        extract_limits=params.extract.limits(),
     )
     prepare_sets(params.datasets, Layout(root).hr, sources, workers=params.workers,
                  progress=not args.no_progress and sys.stderr.isatty())

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from iln.data import catalog
-from iln.data.archive import UnsafeArchiveError, member_wanted, safe_extract
+from iln.data.archive import ExtractLimits, UnsafeArchiveError, member_wanted, safe_extract
 from iln.data.download import DownloadError, Expected, fetch
 from iln.data.io import read_rgb, write_png
 from iln.data.params import DataParams
@@ -200,8 +200,75 @@ def test_unsafe_zip_rejected_and_filtering(tmp_path):
     (tmp_path / "good.zip").write_bytes(buf.getvalue())
     assert safe_extract(tmp_path / "good.zip", tmp_path / "out2", wanted=member_wanted(["keep"])) == 1
     assert [p.name for p in (tmp_path / "out2").rglob("*.txt")] == ["a.txt"]
-    (tmp_path / "inner.tar").write_bytes(_tar_bytes({"x/y.txt": b"y"}, {"x/l": "y.txt"}, gz=False))
-    assert safe_extract(tmp_path / "inner.tar", tmp_path / "out3") == 2  # an inside link is fine
+    (tmp_path / "plain.tar").write_bytes(_tar_bytes({"x/y.txt": b"y", "x/z.txt": b"z"}, gz=False))
+    assert safe_extract(tmp_path / "plain.tar", tmp_path / "out3") == 2
+
+
+def _symlink_chain_tar(depth: int = 5) -> bytes:
+    """The CVE-2025-4517 shape: a chain of symlinks whose resolved path passes PATH_MAX, then a
+    link that climbs out through it and a file written through that link."""
+    long = "d" * 247
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        path = ""
+        for _ in range(16):
+            for name, target in ((path + long, None), (path + "a", long)):
+                info = tarfile.TarInfo(name)
+                if target is None:
+                    info.type = tarfile.DIRTYPE
+                else:
+                    info.type, info.linkname = tarfile.SYMTYPE, target
+                tf.addfile(info)
+            path += "a/"
+        info = tarfile.TarInfo("escape")
+        info.type, info.linkname = tarfile.SYMTYPE, path + "/".join([".."] * (16 + depth))
+        tf.addfile(info)
+        info = tarfile.TarInfo("escape/file")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"pwnd"))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["chain", "inside_symlink", "hardlink"])
+def test_tar_links_of_any_kind_are_refused(tmp_path, kind):
+    target = tmp_path / "a" / "b" / "c" / "d" / "e" / "out"
+    if kind == "chain":
+        data = _symlink_chain_tar()
+    elif kind == "inside_symlink":
+        data = _tar_bytes({"x/y.txt": b"y"}, {"x/l": "y.txt"}, gz=False)
+    else:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            info = tarfile.TarInfo("x/y.txt")
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"y"))
+            info = tarfile.TarInfo("x/h")
+            info.type, info.linkname = tarfile.LNKTYPE, "x/y.txt"
+            tf.addfile(info)
+        data = buf.getvalue()
+    (tmp_path / "evil.tar").write_bytes(data)
+    with pytest.raises(UnsafeArchiveError, match="link"):
+        safe_extract(tmp_path / "evil.tar", target)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [tmp_path / "evil.tar"]
+
+
+def test_decompression_bomb_and_member_count_are_refused(tmp_path):
+    bomb = tmp_path / "zeros.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("zeros.bin", "w", force_zip64=True) as f:
+            chunk = bytes(1 << 20)
+            for _ in range(64):  # 64 MiB of zeros in ~64 KiB
+                f.write(chunk)
+    with pytest.raises(UnsafeArchiveError, match=r"decompression bomb.*max_ratio"):
+        safe_extract(bomb, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+    many = tmp_path / "many.tar"
+    many.write_bytes(_tar_bytes({f"f{i}.txt": b"x" for i in range(5)}, gz=False))
+    with pytest.raises(UnsafeArchiveError, match="5 members, more than the limit of 4"):
+        safe_extract(many, tmp_path / "out2", limits=ExtractLimits(max_members=4))
+    with pytest.raises(UnsafeArchiveError, match="max_gib"):
+        safe_extract(many, tmp_path / "out3", limits=ExtractLimits(max_bytes=4))
+    assert safe_extract(many, tmp_path / "out4") == 5
 
 
 def _png_bytes(img: np.ndarray, mode: str | None = None) -> bytes:

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from iln.data.archive import ExtractLimits
 from iln.data.catalog import SETS, expand, unknown_name_error
 
 TASK_RE = re.compile(r"^(?:sr_x(?P<scale>\d+)|dn_s(?P<sigma>\d+)|car_q(?P<quality>\d+)|derain)$")
@@ -51,6 +52,24 @@ def parse_task(name: str, where: str = "task") -> TaskSpec:
 
 
 @dataclass(frozen=True)
+class ExtractParams:
+    """Bounds on what one downloaded archive may unpack to (a decompression bomb is refused)."""
+
+    max_gib: float = 64.0  # total unpacked size; DF2K unpacks to ~12 GiB
+    max_members: int = 200_000
+    max_ratio: float = 50.0  # unpacked / archive size; image datasets unpack to about 1x
+
+    def __post_init__(self) -> None:
+        for key in ("max_gib", "max_members", "max_ratio"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"extract.{key}: must be > 0, got {getattr(self, key)}")
+
+    def limits(self) -> ExtractLimits:
+        return ExtractLimits(max_bytes=int(self.max_gib * 2**30), max_members=self.max_members,
+                             max_ratio=self.max_ratio)
+
+
+@dataclass(frozen=True)
 class DataParams:
     """What the download stage fetches and where it keeps downloads."""
 
@@ -60,6 +79,7 @@ class DataParams:
     download_dir: str = "data/downloads"  # archives and .part files (kept between runs, not a stage output)
     checksums: str = "data/checksums.json"  # SHA-256 recorded at first download (commit it)
     workers: int = 0  # processes for normalising images; 0 = all cores
+    extract: ExtractParams = field(default_factory=ExtractParams)
 
     def __post_init__(self) -> None:
         if not self.datasets:

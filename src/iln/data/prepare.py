@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from iln.data.archive import member_wanted, safe_extract
+from iln.data.archive import ExtractLimits, member_wanted, safe_extract
 from iln.data.catalog import ARCHIVES, RAIN_SUFFIX, SETS, SetSpec, expand
 from iln.data.download import ChecksumBook, DownloadError, Expected, fetch
 from iln.data.io import is_plain_rgb_png, list_images, read_rgb, write_png
@@ -34,6 +34,7 @@ class Sources:
     download_dir: Path
     checksum_file: Path
     local: dict[str, Path]
+    extract_limits: ExtractLimits = ExtractLimits()
 
 
 def prepare_sets(
@@ -103,7 +104,7 @@ def _source_root(spec: SetSpec, sources: Sources, scratch: Path, extracted: dict
         if local.is_dir():
             return local, {"origin": "local", "path": _display(local)}
         if local.is_file():
-            return _extract(local, scratch, extracted, wanted), {"origin": "local archive", "path": _display(local)}
+            return _extract(local, scratch, extracted, wanted, sources.extract_limits), {"origin": "local archive", "path": _display(local)}
         raise FileNotFoundError(f"data.local.{spec.name}: {local} does not exist")
     archive = ARCHIVES[spec.archive]
     if archive.url is None:
@@ -118,10 +119,11 @@ def _source_root(spec: SetSpec, sources: Sources, scratch: Path, extracted: dict
     if recorded is None and archive.sha256 is None:
         book.record(archive.filename, digests["sha256"], archive.url)
     origin = {"origin": "download", "url": archive.url, "sha256": digests["sha256"]}
-    return _extract(dest, scratch, extracted, wanted, all_sets_of=spec.archive), origin
+    return _extract(dest, scratch, extracted, wanted, sources.extract_limits, all_sets_of=spec.archive), origin
 
 
-def _extract(archive: Path, scratch: Path, extracted: dict[str, Path], wanted: list[str], *,
+def _extract(archive: Path, scratch: Path, extracted: dict[str, Path], wanted: list[str],
+             limits: ExtractLimits, *,
              all_sets_of: str | None = None) -> Path:
     key = str(archive.resolve())
     if key not in extracted:
@@ -129,7 +131,7 @@ def _extract(archive: Path, scratch: Path, extracted: dict[str, Path], wanted: l
             wanted = sorted({m for s in SETS.values() if s.archive == all_sets_of
                              for m in (s.member, s.input_member) if m})
         target = Path(tempfile.mkdtemp(prefix="x", dir=_mkdir(scratch)))
-        safe_extract(archive, target, wanted=member_wanted(wanted))
+        safe_extract(archive, target, wanted=member_wanted(wanted), limits=limits)
         extracted[key] = target
     return extracted[key]
 
