@@ -13,8 +13,8 @@ import sys
 import torch
 
 from iln import tracking
-from iln.cli import project_root, run_stage
 from iln.analysis import run_final_analysis
+from iln.cli import project_root, run_stage
 from iln.config import load_params
 from iln.data.dataset import TestPairs
 from iln.layout import Layout
@@ -34,16 +34,30 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(project_root())
     device = resolve_device(params.evaluate.device)
     model, recipe = load_trained(layout.weights(args.run), device)
-    pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.evaluate.sets[0])))[: params.train.probe_images]
+    pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.evaluate.sets[0])))[
+        : params.train.probe_images
+    ]
     lq = probe_batch([lq for _, lq, _ in pairs], size=2 * params.train.lq_patch).to(device)
 
     out = layout.analysis_dir(args.run)
-    with tracking.stage_run(layout.root, experiment=params.tracking.experiment, stage="analyze",
-                            run_name=args.run, params={f"model.{k}": v for k, v in recipe.items()}) as tracker:
-        result = run_final_analysis(model, lq, out, per_block=params.train.probe_per_block, label=args.run)
+    with tracking.stage_run(
+        layout.root,
+        experiment=params.tracking.experiment,
+        stage="analyze",
+        run_name=args.run,
+        params={f"model.{k}": v for k, v in recipe.items()},
+    ) as tracker:
+        result = run_final_analysis(
+            model, lq, out, per_block=params.train.probe_per_block, label=args.run
+        )
         for row in result["features"]:
-            tracker.log_metrics({f"final/{row['layer']}/{key}": row[key]
-                                 for key in ("magnitude", "max_abs", "entropy") if key in row})
+            tracker.log_metrics(
+                {
+                    f"final/{row['layer']}/{key}": row[key]
+                    for key in ("magnitude", "max_abs", "entropy")
+                    if key in row
+                }
+            )
         tracker.log_artifact(out)
     return 0
 

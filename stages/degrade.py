@@ -1,6 +1,6 @@
 """DVC stage `degrade`: (lq, gt) pairs data/pairs/<task>/<set>/{lq,gt}/ and data/pairs/manifest.json.
 
-    python stages/degrade.py [--params params.yaml]
+python stages/degrade.py [--params params.yaml]
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = project_root()
-    params = load_params(args.params).degrade  # the whole file is validated: a bad key anywhere stops here
+    params = load_params(
+        args.params
+    ).degrade  # the whole file is validated: a bad key anywhere stops here
     layout = Layout(root)
-    make_pairs(params, layout.hr, layout.pairs, progress=not args.no_progress and sys.stderr.isatty())
+    make_pairs(
+        params, layout.hr, layout.pairs, progress=not args.no_progress and sys.stderr.isatty()
+    )
     return 0
 
 

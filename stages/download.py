@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = project_root()
-    params = load_params(args.params).data  # the whole file is validated: a bad key anywhere stops here
+    params = load_params(
+        args.params
+    ).data  # the whole file is validated: a bad key anywhere stops here
     sources = Sources(
         embedded_dir=root / params.embedded_dir,
         download_dir=root / params.download_dir,
@@ -31,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         local={name: root / path for name, path in params.local.items()},
         extract_limits=params.extract.limits(),
     )
-    prepare_sets(params.datasets, Layout(root).hr, sources, workers=params.workers,
-                 progress=not args.no_progress and sys.stderr.isatty())
+    prepare_sets(
+        params.datasets,
+        Layout(root).hr,
+        sources,
+        workers=params.workers,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
     return 0
 
 

@@ -41,21 +41,43 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(project_root())
     out = layout.report_dir
     runs = {name: resolve_run(params, name) for name in params.runs}
-    with tracking.stage_run(layout.root, experiment=params.tracking.experiment, stage="report",
-                            run_name="report") as tracker:
-        summary = build_report(runs, layout.root / "runs", out, scale_note=scale_note(params), sets=params.report.sets)
-        for task in sorted({spec.task for spec in params.runs.values() if spec.task.startswith("sr_x")}):
-            pick = {norm: next((n for n in sorted(params.runs) if params.runs[n].norm == norm
-                                and params.runs[n].task == task), None) for norm in ("ln", "iln")}
+    with tracking.stage_run(
+        layout.root, experiment=params.tracking.experiment, stage="report", run_name="report"
+    ) as tracker:
+        summary = build_report(
+            runs, layout.root / "runs", out, scale_note=scale_note(params), sets=params.report.sets
+        )
+        for task in sorted(
+            {spec.task for spec in params.runs.values() if spec.task.startswith("sr_x")}
+        ):
+            pick = {
+                norm: next(
+                    (
+                        n
+                        for n in sorted(params.runs)
+                        if params.runs[n].norm == norm and params.runs[n].task == task
+                    ),
+                    None,
+                )
+                for norm in ("ln", "iln")
+            }
             if None in pick.values():
                 continue
             for dataset in params.report.sets:
                 sample = lambda run: layout.eval_dir(run) / "samples" / task / dataset  # noqa: E731
                 lq_dir, gt_dir = layout.pair_dirs(task, dataset)
                 comparison_panels(
-                    lq_dir=lq_dir, gt_dir=gt_dir, scale=int(task[len("sr_x"):]),
-                    samples={"Bicubic": sample("bicubic"), "LN": sample(pick["ln"]), "i-LN": sample(pick["iln"])},
-                    out_dir=out / "figures", prefix=f"crops_{task}_{dataset}", contrast=("LN", "i-LN"),
+                    lq_dir=lq_dir,
+                    gt_dir=gt_dir,
+                    scale=int(task[len("sr_x") :]),
+                    samples={
+                        "Bicubic": sample("bicubic"),
+                        "LN": sample(pick["ln"]),
+                        "i-LN": sample(pick["iln"]),
+                    },
+                    out_dir=out / "figures",
+                    prefix=f"crops_{task}_{dataset}",
+                    contrast=("LN", "i-LN"),
                 )
         write_json_atomic(out / "summary.json", summary["runs"])
         tracker.log_metrics(flatten_summary(summary))

@@ -1,7 +1,7 @@
 """DVC stage `train@RUN`: train one grid member, resuming from its last checkpoint.
 
-    python stages/train.py RUN [--params params.yaml]
-    torchrun --nproc_per_node N stages/train.py RUN     # one run over N GPUs (DDP)
+python stages/train.py RUN [--params params.yaml]
+torchrun --nproc_per_node N stages/train.py RUN     # one run over N GPUs (DDP)
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from iln.train import fit
 from iln.weights import save_trained
 
 HISTORY_COLUMNS = ("step", "loss", "lr", "seconds_per_step")
-PROBE_COLUMNS = ("step", "layer", "magnitude", "max_abs", "entropy", "entropy_ceiling", "token_std_spread")
+PROBE_COLUMNS = (
+    "step",
+    "layer",
+    "magnitude",
+    "max_abs",
+    "entropy",
+    "entropy_ceiling",
+    "token_std_spread",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,29 +54,65 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(settings.seed)
     overrides = run.model_overrides()
     model = build_model(run.spec.arch, norm=run.spec.norm, scale=run.scale, **overrides)
-    lq_dir, gt_dir = layout.pair_dirs(run.spec.task, settings.train_set)  # SR pairs (config admits SR runs only)
-    dataset = TrainPatches(gt_dir, lq_dir, scale=run.scale, lq_patch=settings.lq_patch, seed=settings.seed)
-    val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, params.evaluate.sets[0])))[: settings.probe_images]
+    lq_dir, gt_dir = layout.pair_dirs(
+        run.spec.task, settings.train_set
+    )  # SR pairs (config admits SR runs only)
+    dataset = TrainPatches(
+        gt_dir, lq_dir, scale=run.scale, lq_patch=settings.lq_patch, seed=settings.seed
+    )
+    val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, params.evaluate.sets[0])))[
+        : settings.probe_images
+    ]
     probe_lq = probe_batch([lq for _, lq, _ in val_pairs], size=2 * settings.lq_patch)
 
     out = layout.train_dir(run.name)
     tracked = (
-        tracking.stage_run(layout.root, experiment=params.tracking.experiment, stage="train", run_name=run.name,
-                           params={**flatten(run.spec, "run"), **flatten(settings, "train")},
-                           tags={"iln.fingerprint": run.fingerprint(), "iln.world_size": dist.world_size,
-                                 "iln.device": str(dist.device)})
-        if dist.is_main else nullcontext()
+        tracking.stage_run(
+            layout.root,
+            experiment=params.tracking.experiment,
+            stage="train",
+            run_name=run.name,
+            params={**flatten(run.spec, "run"), **flatten(settings, "train")},
+            tags={
+                "iln.fingerprint": run.fingerprint(),
+                "iln.world_size": dist.world_size,
+                "iln.device": str(dist.device),
+            },
+        )
+        if dist.is_main
+        else nullcontext()
     )
     with tracked as tracker:
         log = (lambda step, metrics: tracker.log_metrics(metrics, step=step)) if tracker else None
-        monitor = training_monitor(probe_lq, val_pairs, crop_border=run.scale, device=dist.device,
-                                   per_block=settings.probe_per_block, log=log)
-        ema, result = fit(model, dataset, settings, device=dist.device, checkpoint_path=layout.checkpoint(run.name),
-                          fingerprint=run.fingerprint(), rank=dist.rank, world_size=dist.world_size,
-                          on_log=log, monitor=monitor)
+        monitor = training_monitor(
+            probe_lq,
+            val_pairs,
+            crop_border=run.scale,
+            device=dist.device,
+            per_block=settings.probe_per_block,
+            log=log,
+        )
+        ema, result = fit(
+            model,
+            dataset,
+            settings,
+            device=dist.device,
+            checkpoint_path=layout.checkpoint(run.name),
+            fingerprint=run.fingerprint(),
+            rank=dist.rank,
+            world_size=dist.world_size,
+            on_log=log,
+            monitor=monitor,
+        )
         if dist.is_main:
-            save_trained(layout.weights(run.name), ema, arch=run.spec.arch, norm=run.spec.norm, scale=run.scale,
-                         overrides=overrides)
+            save_trained(
+                layout.weights(run.name),
+                ema,
+                arch=run.spec.arch,
+                norm=run.spec.norm,
+                scale=run.scale,
+                overrides=overrides,
+            )
             write_csv_atomic(out / "history.csv", result.history, HISTORY_COLUMNS)
             write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBE_COLUMNS)
             summary = {

@@ -11,9 +11,26 @@ from iln.config import TrainParams
 ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_DEFAULTS = dict(
-    iterations=10, batch_size=2, lq_patch=16, lr=2.0e-4, betas=(0.9, 0.99), milestones=(1000,), lr_gamma=0.5,
-    ema_decay=0.999, grad_clip=0.0, seed=1, checkpoint_every=5, log_every=1, probe_every=0, probe_images=1,
-    probe_per_block=False, train_set="default_train", amp="fp32", compile=False, device="cpu", num_workers=0,
+    iterations=10,
+    batch_size=2,
+    lq_patch=16,
+    lr=2.0e-4,
+    betas=(0.9, 0.99),
+    milestones=(1000,),
+    lr_gamma=0.5,
+    ema_decay=0.999,
+    grad_clip=0.0,
+    seed=1,
+    checkpoint_every=5,
+    log_every=1,
+    probe_every=0,
+    probe_images=1,
+    probe_per_block=False,
+    train_set="default_train",
+    amp="fp32",
+    compile=False,
+    device="cpu",
+    num_workers=0,
     threads=0,
 )
 

@@ -38,7 +38,9 @@ class FakeBlock(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, dim)
         self.attn = nn.Module()
-        self.attn.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads))
+        self.attn.relative_position_bias_table = nn.Parameter(
+            torch.randn((2 * window - 1) ** 2, heads)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C)
         return x + self.fc(x)
@@ -48,7 +50,9 @@ class FakeGroup(nn.Module):
     def __init__(self, dim: int, depth: int, window: int, heads: int) -> None:
         super().__init__()
         self.residual_group = nn.Module()
-        self.residual_group.blocks = nn.ModuleList(FakeBlock(dim, window, heads) for _ in range(depth))
+        self.residual_group.blocks = nn.ModuleList(
+            FakeBlock(dim, window, heads) for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
@@ -60,7 +64,9 @@ class FakeGroup(nn.Module):
 class FakeIR(nn.Module):
     """Follows the model contract: layers[g].residual_group.blocks[b].attn.<table>, norm."""
 
-    def __init__(self, dim: int = 6, groups: int = 2, depth: int = 2, window: int = 3, heads: int = 2) -> None:
+    def __init__(
+        self, dim: int = 6, groups: int = 2, depth: int = 2, window: int = 3, heads: int = 2
+    ) -> None:
         super().__init__()
         self.conv_first = nn.Conv2d(3, dim, 3, 1, 1)
         self.layers = nn.ModuleList(FakeGroup(dim, depth, window, heads) for _ in range(groups))
@@ -156,7 +162,9 @@ def test_bad_table_shapes_are_rejected(shape):
 def test_group_tables_and_plot(tmp_path):
     model = FakeIR(groups=3, depth=2, window=3, heads=2)
     first, last = group_rpb_tables(model, 0), group_rpb_tables(model, -1)
-    assert len(first) == 2 and torch.equal(last[1], model.layers[2].residual_group.blocks[1].attn.relative_position_bias_table.detach())
+    assert len(first) == 2 and torch.equal(
+        last[1], model.layers[2].residual_group.blocks[1].attn.relative_position_bias_table.detach()
+    )
     out = plot_rpb(first, tmp_path / "rpb.png", gathered=True)
     assert out.read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(AttributeError, match="relative_position_bias_table"):

@@ -43,10 +43,22 @@ def test_time_callable_measures_a_sleep():
 
 def test_time_interleaved_rotates_and_separates_the_arms():
     order = []
-    fns = {"fast": lambda: order.append("fast"), "slow": lambda: (order.append("slow"), time.sleep(0.02))}
+    fns = {
+        "fast": lambda: order.append("fast"),
+        "slow": lambda: (order.append("slow"), time.sleep(0.02)),
+    }
     times = bench.time_interleaved(fns, repeats=4, warmup=1)
     assert order[:2] == ["fast", "slow"]  # warm-up round
-    assert order[2:] == ["fast", "slow", "slow", "fast", "fast", "slow", "slow", "fast"]  # start rotates
+    assert order[2:] == [
+        "fast",
+        "slow",
+        "slow",
+        "fast",
+        "fast",
+        "slow",
+        "slow",
+        "fast",
+    ]  # start rotates
     assert times["slow"].median_s >= 0.02 > times["fast"].median_s
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         bench.time_interleaved(fns, repeats=0, warmup=0)
@@ -62,8 +74,13 @@ def test_count_flops_of_a_linear_layer():
 
 
 def test_matmul_peak_counts_2n3():
-    peak = bench.measure_matmul_peak(64, device=torch.device("cpu"), repeats=2, warmup=1,
-                                     generator=torch.Generator().manual_seed(0))
+    peak = bench.measure_matmul_peak(
+        64,
+        device=torch.device("cpu"),
+        repeats=2,
+        warmup=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert peak["flops"] == 2 * 64**3
     assert peak["gflops"] == pytest.approx(peak["flops"] / peak["timing"]["median_s"] / 1e9)
 
@@ -89,23 +106,35 @@ def test_peak_memory_counts_the_tensors_of_the_call():
 
 def test_ratios_and_attention_summary_from_rows():
     def row(preset, norm, attention, step, infer):
-        return {"preset": preset, "norm": norm, "attention": attention,
-                "train_step": {"samples_s": step, "median_s": sorted(step)[1], "min_s": min(step),
-                               "cpu_samples_s": [0.5 * t for t in step]},
-                "inference": {"samples_s": infer, "median_s": sorted(infer)[1], "min_s": min(infer)}}
+        return {
+            "preset": preset,
+            "norm": norm,
+            "attention": attention,
+            "train_step": {
+                "samples_s": step,
+                "median_s": sorted(step)[1],
+                "min_s": min(step),
+                "cpu_samples_s": [0.5 * t for t in step],
+            },
+            "inference": {"samples_s": infer, "median_s": sorted(infer)[1], "min_s": min(infer)},
+        }
 
     # round 2 of LN was slowed by a neighbour: the paired ratio ignores it, the medians do not
-    rows = [row("hat_1", "ln", "fast", [1.0, 3.0, 3.0], [1.0, 1.0, 1.0]),
-            row("hat_1", "iln", "fast", [1.05, 1.05, 3.15], [1.0, 1.0, 1.0]),
-            row("hat_1", "ln", "naive", [1.5, 1.5, 3.0], [2.0, 2.0, 2.0]),
-            row("hat_tiny", "iln", "fast", [1.0, 1.0, 1.0], [1.0, 1.0, 1.0])]
+    rows = [
+        row("hat_1", "ln", "fast", [1.0, 3.0, 3.0], [1.0, 1.0, 1.0]),
+        row("hat_1", "iln", "fast", [1.05, 1.05, 3.15], [1.0, 1.0, 1.0]),
+        row("hat_1", "ln", "naive", [1.5, 1.5, 3.0], [2.0, 2.0, 2.0]),
+        row("hat_tiny", "iln", "fast", [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]),
+    ]
     ratios = bench.iln_ratios(rows)
     assert list(ratios) == ["hat_1"]  # no LN twin for hat_tiny
     assert ratios["hat_1"]["iln_over_ln_train_step"] == pytest.approx(1.05)
     assert ratios["hat_1"]["iln_over_ln_train_step_of_medians"] == pytest.approx(0.35)
     assert ratios["hat_1"]["iln_over_ln_train_step_cpu_time"] == pytest.approx(1.05)
     assert ratios["hat_1"]["meets_target"] is False
-    summary = bench.attention_summary(rows, {"inference_output": 1e-7, "train_output": 2e-5, "train_grad": 0.0})
+    summary = bench.attention_summary(
+        rows, {"inference_output": 1e-7, "train_output": 2e-5, "train_grad": 0.0}
+    )
     assert summary["train_speedup_fast_over_naive"] == pytest.approx(1.0)  # paired: [1.5, 0.5, 1.0]
     assert summary["meets_speed_target"] is False
     assert summary["outputs_agree"] is False  # 2e-5 > 1e-5
@@ -113,14 +142,51 @@ def test_ratios_and_attention_summary_from_rows():
 
 def test_quick_run_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench" / "results.json"
-    cmd = [sys.executable, "-m", "iln.bench", "--quick", "--presets", "hat_tiny", "--threads", "1", "--silent",
-           "--repeats", "1", "--warmup", "0", "--lr-patch", "8", "--infer-size", "8", "--bicubic-shape", "40", "48", "--bicubic-crop", "16",
-           "--bicubic-scales", "2", "4", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "iln.bench",
+        "--quick",
+        "--presets",
+        "hat_tiny",
+        "--threads",
+        "1",
+        "--silent",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--lr-patch",
+        "8",
+        "--infer-size",
+        "8",
+        "--bicubic-shape",
+        "40",
+        "48",
+        "--bicubic-crop",
+        "16",
+        "--bicubic-scales",
+        "2",
+        "4",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert {"machine", "settings", "matmul_peak", "models", "ratios", "attention", "bicubic", "targets"} <= set(result)
-    assert result["machine"]["torch"] == torch.__version__ and result["machine"]["torch_threads"] == 1
+    assert {
+        "machine",
+        "settings",
+        "matmul_peak",
+        "models",
+        "ratios",
+        "attention",
+        "bicubic",
+        "targets",
+    } <= set(result)
+    assert (
+        result["machine"]["torch"] == torch.__version__ and result["machine"]["torch_threads"] == 1
+    )
     assert result["settings"]["lr_patch"] == 8 and result["settings"]["batch"] == 1
     labels = [r["label"] for r in result["models"]]
     assert labels == ["hat_tiny/ln", "hat_tiny/iln", "hat_tiny/ln/naive"]
@@ -132,7 +198,9 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert flops["hat_tiny/ln"] == flops["hat_tiny/ln/naive"]  # same work, different kernels
     assert "hat_tiny" in result["ratios"]
     assert [p["preset"] for p in result["matmul_peak"]["measurements"]] == ["hat_tiny"]
-    assert all(r["matmul_peak_gflops"] == result["matmul_peak"]["gflops_max"] for r in result["models"])
+    assert all(
+        r["matmul_peak_gflops"] == result["matmul_peak"]["gflops_max"] for r in result["models"]
+    )
     attention = result["attention"]
     assert attention["preset"] == "hat_tiny" and attention["outputs_agree"] is True
     assert set(result["bicubic"]["scales"]) == {"2", "4"}

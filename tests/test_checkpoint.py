@@ -14,7 +14,9 @@ def _image(seed: int = 0) -> torch.Tensor:
 
 
 def _model(arch: str = "hat_tiny", norm: str = "ln", scale: int = 2, seed: int = 0, **kw):
-    return build_model(arch, norm=norm, scale=scale, generator=torch.Generator().manual_seed(seed), **kw).eval()
+    return build_model(
+        arch, norm=norm, scale=scale, generator=torch.Generator().manual_seed(seed), **kw
+    ).eval()
 
 
 def test_released_key_names():
@@ -46,26 +48,47 @@ def test_released_key_names():
     ):
         assert key in ln, key
     iln = to_official_state_dict(_model(norm="iln"))
-    for key in ("patch_embed.norm.gamma", "norm.beta", "layers.1.residual_group.blocks.1.norm2.gamma", "layers.0.residual_group.overlap_attn.norm1.beta"):
+    for key in (
+        "patch_embed.norm.gamma",
+        "norm.beta",
+        "layers.1.residual_group.blocks.1.norm2.gamma",
+        "layers.0.residual_group.overlap_attn.norm1.beta",
+    ):
         assert key in iln, key
     assert not any(k.endswith((".norm1.weight", ".norm2.bias")) for k in iln)
-    assert (iln["relative_position_index_OCA"] < 0).any()  # the released buffer, negative entries included
+    assert (
+        iln["relative_position_index_OCA"] < 0
+    ).any()  # the released buffer, negative entries included
 
 
 @pytest.mark.parametrize(
-    ("arch", "norm", "scale"), [("hat_tiny", "ln", 2), ("hat_tiny", "iln", 4), ("swinir_tiny", "iln", 3), ("swinir_tiny", "ln", 2)]
+    ("arch", "norm", "scale"),
+    [
+        ("hat_tiny", "ln", 2),
+        ("hat_tiny", "iln", 4),
+        ("swinir_tiny", "iln", 3),
+        ("swinir_tiny", "ln", 2),
+    ],
 )
 def test_round_trip_through_a_basicsr_file_gives_the_same_outputs(tmp_path, arch, norm, scale):
     source = _model(arch, norm, scale, seed=1)
     path = tmp_path / "net_g.pth"
-    torch.save({"params": to_official_state_dict(_model(arch, norm, scale, seed=9)), "params_ema": to_official_state_dict(source)}, path)
+    torch.save(
+        {
+            "params": to_official_state_dict(_model(arch, norm, scale, seed=9)),
+            "params_ema": to_official_state_dict(source),
+        },
+        path,
+    )
     target = _model(arch, norm, scale, seed=2)
     assert not torch.equal(target.conv_first.weight, source.conv_first.weight)
     assert load_official_checkpoint(target, path) is target
     with torch.no_grad():
         torch.testing.assert_close(target(_image()), source(_image()), rtol=0, atol=0)
     load_official_checkpoint(target, path, key="params")
-    assert torch.equal(target.conv_first.weight, _model(arch, norm, scale, seed=9).conv_first.weight)
+    assert torch.equal(
+        target.conv_first.weight, _model(arch, norm, scale, seed=9).conv_first.weight
+    )
 
 
 def test_bare_state_dict_and_older_files_without_index_buffers_load():
@@ -100,7 +123,9 @@ def test_ln_checkpoint_into_iln_model_names_the_norm_mismatch():
 
 def test_iln_checkpoint_into_ln_model_says_it_is_an_iln_checkpoint():
     state = {"params_ema": to_official_state_dict(_model(norm="iln"))}
-    with pytest.raises(CheckpointMismatchError, match=r"i-LN norms \(parameters named gamma/beta\)"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"i-LN norms \(parameters named gamma/beta\)"
+    ):
         load_official_checkpoint(_model(norm="ln"), state)
 
 
@@ -119,7 +144,10 @@ def test_shape_mismatch_and_extra_tensors_are_listed():
     with pytest.raises(CheckpointMismatchError) as err:
         load_official_checkpoint(_model(norm="ln"), state)
     text = str(err.value)
-    assert "shape mismatch" in text and "conv_first.weight (16, 3, 3, 3) vs model (32, 3, 3, 3)" in text
+    assert (
+        "shape mismatch" in text
+        and "conv_first.weight (16, 3, 3, 3) vs model (32, 3, 3, 3)" in text
+    )
     assert "unexpected (1): extra.weight" in text
     assert "embed_dim 16" in text
 
@@ -138,4 +166,9 @@ def test_unreadable_sources_raise_with_the_file_name(tmp_path):
 def test_describe_checkpoint_reads_the_architecture():
     text = describe_checkpoint(to_official_state_dict(_model(norm="iln", scale=3)))
     assert text.startswith("HAT, i-LN norms")
-    assert "scale x3" in text and "embed_dim 32" in text and "depths [2, 2, 2]" in text and "window_size 8" in text
+    assert (
+        "scale x3" in text
+        and "embed_dim 32" in text
+        and "depths [2, 2, 2]" in text
+        and "window_size 8" in text
+    )

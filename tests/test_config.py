@@ -36,15 +36,30 @@ def _first_run(raw):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda r: _first_run(r).update(norm="groupnorm"), r"runs\.\w+\.norm: unknown norm 'groupnorm'"),
+        (
+            lambda r: _first_run(r).update(norm="groupnorm"),
+            r"runs\.\w+\.norm: unknown norm 'groupnorm'",
+        ),
         (lambda r: _first_run(r).update(arch="hat_9"), r"runs\.\w+\.arch: unknown arch 'hat_9'"),
         (lambda r: _first_run(r).update(task="sr_x5"), r"runs\.\w+\.task: unknown task 'sr_x5'"),
-        (lambda r: _first_run(r).update(task="dn_s15"), r"runs\.\w+\.task: 'dn_s15' needs a same-size"),
-        (lambda r: r["train"].update(lr="2e-4"), r"train\.lr: expected a number, got the string '2e-4'.*2\.0e-04"),
+        (
+            lambda r: _first_run(r).update(task="dn_s15"),
+            r"runs\.\w+\.task: 'dn_s15' needs a same-size",
+        ),
+        (
+            lambda r: r["train"].update(lr="2e-4"),
+            r"train\.lr: expected a number, got the string '2e-4'.*2\.0e-04",
+        ),
         (lambda r: r["train"].pop("ema_decay"), r"train\.ema_decay: missing required key"),
         (lambda r: r["train"].update(batchsize=4), r"train\.batchsize: unknown key"),
-        (lambda r: _first_run(r).update(iterations="many"), r"runs\.\w+\.iterations: expected an integer"),
-        (lambda r: _first_run(r).update(groups=["table99"]), r"runs\.\w+\.groups: unknown group 'table99'"),
+        (
+            lambda r: _first_run(r).update(iterations="many"),
+            r"runs\.\w+\.iterations: expected an integer",
+        ),
+        (
+            lambda r: _first_run(r).update(groups=["table99"]),
+            r"runs\.\w+\.groups: unknown group 'table99'",
+        ),
         (lambda r: r["train"].update(amp="fp8"), r"train\.amp: expected one of"),
         (lambda r: r["train"].update(milestones=[10, 5]), r"train\.milestones: must be increasing"),
     ],

@@ -22,8 +22,12 @@ def _write_sr_pairs(root, scale=2, sizes=((40, 48), (32, 36), (44, 44))):
 def _locate(big: np.ndarray, patch: np.ndarray) -> list[tuple[int, int]]:
     """Where ``patch`` occurs in ``big`` (exhaustive search; images are tiny)."""
     p = patch.shape[0]
-    return [(y, x) for y in range(big.shape[0] - p + 1) for x in range(big.shape[1] - p + 1)
-            if np.array_equal(big[y:y + p, x:x + p], patch)]
+    return [
+        (y, x)
+        for y in range(big.shape[0] - p + 1)
+        for x in range(big.shape[1] - p + 1)
+        if np.array_equal(big[y : y + p, x : x + p], patch)
+    ]
 
 
 def test_samples_are_a_function_of_seed_and_k(tmp_path):
@@ -33,12 +37,16 @@ def test_samples_are_a_function_of_seed_and_k(tmp_path):
     order = [7, 2, 11, 0, 5]
     first = {k: a[k] for k in order}
     for k in reversed(order):  # another instance, another order
-        assert np.array_equal(b[k]["lq"], first[k]["lq"]) and np.array_equal(b[k]["gt"], first[k]["gt"])
+        assert np.array_equal(b[k]["lq"], first[k]["lq"]) and np.array_equal(
+            b[k]["gt"], first[k]["gt"]
+        )
     c = TrainPatches(gt_dir, lq_dir, scale=2, lq_patch=8, seed=4)
     assert any(not np.array_equal(c[k]["gt"], first[k]["gt"]) for k in order)
     sample = first[7]
     assert sample["lq"].shape == (3, 8, 8) and sample["gt"].shape == (3, 16, 16)
-    assert sample["lq"].dtype == np.float32 and 0.0 <= sample["gt"].min() and sample["gt"].max() <= 1.0
+    assert (
+        sample["lq"].dtype == np.float32 and 0.0 <= sample["gt"].min() and sample["gt"].max() <= 1.0
+    )
 
 
 def test_every_image_once_per_epoch(tmp_path):
@@ -61,8 +69,8 @@ def test_crops_are_aligned(tmp_path):
         s = ds[k]
         lq = np.round(s["lq"].transpose(1, 2, 0) * 255).astype(np.uint8)
         gt = np.round(s["gt"].transpose(1, 2, 0) * 255).astype(np.uint8)
-        (ly, lx), = _locate(lq_full, lq)
-        assert np.array_equal(gt, gt_full[2 * ly:2 * ly + 12, 2 * lx:2 * lx + 12])
+        ((ly, lx),) = _locate(lq_full, lq)
+        assert np.array_equal(gt, gt_full[2 * ly : 2 * ly + 12, 2 * lx : 2 * lx + 12])
 
 
 def test_augmentation_is_applied_to_both(tmp_path):
@@ -76,10 +84,12 @@ def test_augmentation_is_applied_to_both(tmp_path):
         for hflip in (False, True):
             for vflip in (False, True):
                 for transpose in (False, True):
+
                     def t(x):
                         x = x[:, :, ::-1] if hflip else x
                         x = x[:, ::-1, :] if vflip else x
                         return x.transpose(0, 2, 1) if transpose else x
+
                     if np.array_equal(t(p["gt"]), a["gt"]) and np.array_equal(t(p["lq"]), a["lq"]):
                         found = (hflip, vflip, transpose)
         assert found is not None  # the same dihedral transform on lq and gt

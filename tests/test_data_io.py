@@ -19,12 +19,21 @@ def _png16(path: Path, values: np.ndarray) -> None:
     raw = b"".join(b"\x00" + values[i].astype(">u2").tobytes() for i in range(h))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     colour_type = {3: 2, 4: 6}[c]
     ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_rgb_roundtrip(tmp_path):
@@ -49,7 +58,9 @@ def test_palette_is_converted(tmp_path):
     rgb = np.zeros((4, 4, 3), dtype=np.uint8)
     rgb[:2] = (255, 0, 0)
     rgb[2:] = (0, 0, 255)
-    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=2).save(tmp_path / "p.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=2).save(
+        tmp_path / "p.png"
+    )
     assert np.array_equal(read_rgb(tmp_path / "p.png"), rgb)
 
 
@@ -71,11 +82,15 @@ def test_16bit_grey_and_rgb_scaled_by_rounding(tmp_path):
     np.testing.assert_array_equal(out[0, :, 0], [0, 0, 1, 1, 255])  # round(v / 257)
     rgb = np.array([[[0, 257, 65535], [1000, 30000, 65534]]], dtype=np.uint16)
     _png16(tmp_path / "c16.png", rgb)
-    np.testing.assert_array_equal(read_rgb(tmp_path / "c16.png"), np.round(rgb / 257).astype(np.uint8))
+    np.testing.assert_array_equal(
+        read_rgb(tmp_path / "c16.png"), np.round(rgb / 257).astype(np.uint8)
+    )
     assert not is_plain_rgb_png(tmp_path / "c16.png")  # must be converted, not copied
     rgba = np.concatenate([rgb, np.full((1, 2, 1), 65535, np.uint16)], axis=-1)
     _png16(tmp_path / "a16.png", rgba)
-    np.testing.assert_array_equal(read_rgb(tmp_path / "a16.png"), np.round(rgb / 257).astype(np.uint8))
+    np.testing.assert_array_equal(
+        read_rgb(tmp_path / "a16.png"), np.round(rgb / 257).astype(np.uint8)
+    )
 
 
 def test_truncated_and_garbage_files_name_the_file(tmp_path):

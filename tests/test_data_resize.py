@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from iln.data.degrade import bicubic_downsample, imresize, imresize_reference, modcrop, round_to_uint8
+from iln.data.degrade import (
+    bicubic_downsample,
+    imresize,
+    imresize_reference,
+    modcrop,
+    round_to_uint8,
+)
 from iln.data.resize import contributions, cubic
 
 
@@ -32,7 +38,9 @@ def test_double_scale_weights_by_hand():
     # Enlarging by 2: output pixel centres sit at +-0.25 from input centres:
     # k(1.25), k(0.25), k(0.75), k(1.75) = -0.0703125, 0.8671875, 0.2265625, -0.0234375.
     weights, _ = contributions(4, 8, 2.0)
-    np.testing.assert_allclose(weights[1], [-0.0703125, 0.8671875, 0.2265625, -0.0234375], atol=1e-15)
+    np.testing.assert_allclose(
+        weights[1], [-0.0703125, 0.8671875, 0.2265625, -0.0234375], atol=1e-15
+    )
 
 
 def test_hand_computed_ramp_example():
@@ -58,12 +66,17 @@ def test_constant_image_stays_constant(scale):
     np.testing.assert_allclose(up, 123.0, atol=1e-9)
 
 
-@pytest.mark.parametrize("shape,scale", [((13, 17, 3), 2), ((13, 17, 3), 3), ((13, 17, 3), 4), ((5, 7, 3), 4)])
+@pytest.mark.parametrize(
+    "shape,scale", [((13, 17, 3), 2), ((13, 17, 3), 3), ((13, 17, 3), 4), ((5, 7, 3), 4)]
+)
 def test_output_size_is_ceil(shape, scale):
     img = np.zeros(shape, dtype=np.uint8)
     out = bicubic_downsample(img, scale)
     assert out.shape == (-(-shape[0] // scale), -(-shape[1] // scale), 3)
-    assert imresize(img, 1.7).shape[:2] == (int(np.ceil(shape[0] * 1.7)), int(np.ceil(shape[1] * 1.7)))
+    assert imresize(img, 1.7).shape[:2] == (
+        int(np.ceil(shape[0] * 1.7)),
+        int(np.ceil(shape[1] * 1.7)),
+    )
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
@@ -89,8 +102,18 @@ def test_rows_and_columns_are_independent_axes():
     np.testing.assert_allclose(out, both, atol=1e-9)
 
 
-@pytest.mark.parametrize("shape,scale", [((20, 17, 3), 1 / 2), ((21, 18, 3), 1 / 3), ((24, 19, 3), 1 / 4),
-                                         ((9, 11, 3), 2), ((7, 6, 3), 4), ((15, 13, 3), 0.7), ((10, 9), 0.5)])
+@pytest.mark.parametrize(
+    "shape,scale",
+    [
+        ((20, 17, 3), 1 / 2),
+        ((21, 18, 3), 1 / 3),
+        ((24, 19, 3), 1 / 4),
+        ((9, 11, 3), 2),
+        ((7, 6, 3), 4),
+        ((15, 13, 3), 0.7),
+        ((10, 9), 0.5),
+    ],
+)
 def test_vectorised_equals_reference_bit_for_bit(shape, scale):
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, shape).astype(np.float64)

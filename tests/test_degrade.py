@@ -12,11 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import write_params
-from iln.data.degrade import add_gaussian_noise, bicubic_downsample, jpeg_compress, noise_rng, tile_positions
+from iln.data.degrade import (
+    add_gaussian_noise,
+    bicubic_downsample,
+    jpeg_compress,
+    noise_rng,
+    tile_positions,
+)
 from iln.data.io import read_rgb, write_png
 from iln.data.pairs import make_pairs
 from iln.data.params import DegradeParams, SubImages
+from tests.helpers import write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,8 +86,12 @@ def _hr_tree(root: Path) -> Path:
 
 def test_make_pairs_sr_dn_car(tmp_path):
     hr = _hr_tree(tmp_path)
-    params = DegradeParams(tasks=("sr_x2", "sr_x3", "dn_s15", "car_q20"), sets=("default_train", "default_test"),
-                           seed=5, workers=1)
+    params = DegradeParams(
+        tasks=("sr_x2", "sr_x3", "dn_s15", "car_q20"),
+        sets=("default_train", "default_test"),
+        seed=5,
+        workers=1,
+    )
     manifest = make_pairs(params, hr, tmp_path / "pairs", progress=False, log=lambda _: None)
     src = read_rgb(hr / "default_train" / "a.png")
     gt3 = read_rgb(tmp_path / "pairs/sr_x3/default_train/gt/a.png")
@@ -115,8 +125,12 @@ def test_pairs_do_not_depend_on_workers_or_other_images(tmp_path):
 def test_subimages_are_aligned(tmp_path):
     hr = tmp_path / "hr"
     write_png(hr / "default_train" / "big.png", _photo(60, 84, seed=3))
-    params = DegradeParams(tasks=("sr_x4",), sets=("default_train",), workers=1,
-                           subimages=SubImages(sets=("default_train",), size=24, step=12))
+    params = DegradeParams(
+        tasks=("sr_x4",),
+        sets=("default_train",),
+        workers=1,
+        subimages=SubImages(sets=("default_train",), size=24, step=12),
+    )
     manifest = make_pairs(params, hr, tmp_path / "pairs", progress=False, log=lambda _: None)
     base = tmp_path / "pairs/sr_x4/default_train"
     names = sorted(p.name for p in (base / "gt").iterdir())
@@ -155,7 +169,9 @@ def test_degrade_params_validation():
         DegradeParams(tasks=("sr_x2",), sets=("Nope",))
     with pytest.raises(ValueError, match="derain needs a set with rainy inputs"):
         DegradeParams(tasks=("derain",), sets=("default_train",))
-    ok = DegradeParams(tasks=("sr_x2", "derain"), sets=("default_train",), task_sets={"derain": ("Rain100L",)})
+    ok = DegradeParams(
+        tasks=("sr_x2", "derain"), sets=("default_train",), task_sets={"derain": ("Rain100L",)}
+    )
     assert ok.sets_for("derain") == ("Rain100L",) and ok.sets_for("sr_x2") == ("default_train",)
     with pytest.raises(ValueError, match=r"sets: listed twice: \['default_train'\]"):
         DegradeParams(tasks=("sr_x2",), sets=("default_train", "default_train"))
@@ -165,12 +181,28 @@ def test_degrade_params_validation():
 
 def test_degrade_stage_cli(tmp_path):
     _hr_tree(tmp_path / "data")
-    write_params(tmp_path / "params.yaml", degrade={"tasks": ["sr_x2"], "sets": ["default_test"], "workers": 1, "bogus": 1})
-    run = subprocess.run([sys.executable, str(ROOT / "stages/degrade.py"), "--no-progress"], cwd=tmp_path,
-                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    write_params(
+        tmp_path / "params.yaml",
+        degrade={"tasks": ["sr_x2"], "sets": ["default_test"], "workers": 1, "bogus": 1},
+    )
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "stages/degrade.py"), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode != 0 and "degrade.bogus" in run.stderr
-    write_params(tmp_path / "params.yaml", degrade={"tasks": ["sr_x2"], "sets": ["default_test"], "workers": 1})
-    run = subprocess.run([sys.executable, str(ROOT / "stages/degrade.py"), "--no-progress"], cwd=tmp_path,
-                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    write_params(
+        tmp_path / "params.yaml",
+        degrade={"tasks": ["sr_x2"], "sets": ["default_test"], "workers": 1},
+    )
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "stages/degrade.py"), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "data/pairs/sr_x2/default_test/lq/c.png").is_file()

@@ -52,7 +52,7 @@ class Server:
                 start = 0
                 rng = self.headers.get("Range")
                 if rng and rng.startswith("bytes="):
-                    start = int(rng[len("bytes="):].split("-")[0])
+                    start = int(rng[len("bytes=") :].split("-")[0])
                     if start >= len(data):
                         self.send_response(416)
                         self.end_headers()
@@ -74,7 +74,9 @@ class Server:
                 self.wfile.write(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def url(self, name: str) -> str:
@@ -96,8 +98,13 @@ def test_resume_after_cut_connection(server, tmp_path):
     data = np.random.default_rng(0).bytes(300_000)
     server.files["blob.bin"] = data
     server.cut["blob.bin"] = 100_000
-    digests = fetch(server.url("blob.bin"), tmp_path / "blob.bin", progress=False, backoff=0,
-                    expected=Expected(sha256=hashlib.sha256(data).hexdigest()))
+    digests = fetch(
+        server.url("blob.bin"),
+        tmp_path / "blob.bin",
+        progress=False,
+        backoff=0,
+        expected=Expected(sha256=hashlib.sha256(data).hexdigest()),
+    )
     assert (tmp_path / "blob.bin").read_bytes() == data
     assert digests["sha256"] == hashlib.sha256(data).hexdigest()
     assert server.requests == [("blob.bin", None), ("blob.bin", "bytes=100000-")]
@@ -115,7 +122,13 @@ def test_resume_across_runs_from_part_file(server, tmp_path):
 def test_checksum_mismatch_is_rejected_and_removed(server, tmp_path):
     server.files["f"] = b"payload"
     with pytest.raises(DownloadError, match=r"label-x: checksum mismatch .*sha256"):
-        fetch(server.url("f"), tmp_path / "f", expected=Expected(sha256="0" * 64), label="label-x", progress=False)
+        fetch(
+            server.url("f"),
+            tmp_path / "f",
+            expected=Expected(sha256="0" * 64),
+            label="label-x",
+            progress=False,
+        )
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(DownloadError, match="md5"):
         fetch(server.url("f"), tmp_path / "f", expected=Expected(md5="0" * 32), progress=False)
@@ -125,10 +138,20 @@ def test_checksum_mismatch_is_rejected_and_removed(server, tmp_path):
 def test_existing_file_reused_or_replaced(server, tmp_path):
     server.files["f"] = b"good"
     (tmp_path / "f").write_bytes(b"good")
-    fetch(server.url("f"), tmp_path / "f", expected=Expected(md5=hashlib.md5(b"good").hexdigest()), progress=False)
+    fetch(
+        server.url("f"),
+        tmp_path / "f",
+        expected=Expected(md5=hashlib.md5(b"good").hexdigest()),
+        progress=False,
+    )
     assert server.requests == []
     (tmp_path / "f").write_bytes(b"bad!")
-    fetch(server.url("f"), tmp_path / "f", expected=Expected(md5=hashlib.md5(b"good").hexdigest()), progress=False)
+    fetch(
+        server.url("f"),
+        tmp_path / "f",
+        expected=Expected(md5=hashlib.md5(b"good").hexdigest()),
+        progress=False,
+    )
     assert (tmp_path / "f").read_bytes() == b"good"
 
 
@@ -138,7 +161,12 @@ def test_offline_error_names_dataset_url_and_alternatives(server, tmp_path):
     with pytest.raises(DownloadError) as err:
         fetch(url, tmp_path / "f", label="Set5", progress=False, retries=1, backoff=0, timeout=2)
     message = str(err.value)
-    assert "Set5" in message and url in message and "embedded default" in message and "data.local" in message
+    assert (
+        "Set5" in message
+        and url in message
+        and "embedded default" in message
+        and "data.local" in message
+    )
     server.httpd = None
     server.close = lambda: None
 
@@ -152,7 +180,9 @@ def test_html_page_instead_of_file(server, tmp_path):
         fetch(server.url("missing"), tmp_path / "g", progress=False)
 
 
-def _tar_bytes(members: dict[str, bytes], links: dict[str, str] | None = None, gz: bool = True) -> bytes:
+def _tar_bytes(
+    members: dict[str, bytes], links: dict[str, str] | None = None, gz: bool = True
+) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tf:
         for name, data in members.items():
@@ -198,7 +228,9 @@ def test_unsafe_zip_rejected_and_filtering(tmp_path):
         zf.writestr("top/keep/a.txt", "a")
         zf.writestr("top/skip/b.txt", "b")
     (tmp_path / "good.zip").write_bytes(buf.getvalue())
-    assert safe_extract(tmp_path / "good.zip", tmp_path / "out2", wanted=member_wanted(["keep"])) == 1
+    assert (
+        safe_extract(tmp_path / "good.zip", tmp_path / "out2", wanted=member_wanted(["keep"])) == 1
+    )
     assert [p.name for p in (tmp_path / "out2").rglob("*.txt")] == ["a.txt"]
     (tmp_path / "plain.tar").write_bytes(_tar_bytes({"x/y.txt": b"y", "x/z.txt": b"z"}, gz=False))
     assert safe_extract(tmp_path / "plain.tar", tmp_path / "out3") == 2
@@ -279,24 +311,39 @@ def _png_bytes(img: np.ndarray, mode: str | None = None) -> bytes:
 
 def _benchmark_tar(seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
-    members = {f"benchmark/Set5/HR/img{i}.png": _png_bytes(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8))
-               for i in range(4)}
-    members["benchmark/Set5/HR/grey.png"] = _png_bytes(rng.integers(0, 256, (12, 10), dtype=np.uint8), "L")
+    members = {
+        f"benchmark/Set5/HR/img{i}.png": _png_bytes(
+            rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+        )
+        for i in range(4)
+    }
+    members["benchmark/Set5/HR/grey.png"] = _png_bytes(
+        rng.integers(0, 256, (12, 10), dtype=np.uint8), "L"
+    )
     members["benchmark/Set5/LR_bicubic/X2/img0x2.png"] = b"unused"
     return _tar_bytes(members)
 
 
 def _sources(tmp_path: Path, **local) -> Sources:
-    return Sources(embedded_dir=tmp_path / "default", download_dir=tmp_path / "downloads",
-                   checksum_file=tmp_path / "checksums.json", local={k: Path(v) for k, v in local.items()})
+    return Sources(
+        embedded_dir=tmp_path / "default",
+        download_dir=tmp_path / "downloads",
+        checksum_file=tmp_path / "checksums.json",
+        local={k: Path(v) for k, v in local.items()},
+    )
 
 
 def test_prepare_downloads_extracts_normalises_and_records(server, tmp_path, monkeypatch):
     server.files["benchmark.tar"] = _benchmark_tar()
-    monkeypatch.setitem(catalog.ARCHIVES, "EDSR_benchmark",
-                        catalog.Archive("benchmark.tar", server.url("benchmark.tar")))
+    monkeypatch.setitem(
+        catalog.ARCHIVES,
+        "EDSR_benchmark",
+        catalog.Archive("benchmark.tar", server.url("benchmark.tar")),
+    )
     hr = tmp_path / "hr"
-    summary = prepare_sets(["Set5"], hr, _sources(tmp_path), workers=1, progress=False, log=lambda _: None)
+    summary = prepare_sets(
+        ["Set5"], hr, _sources(tmp_path), workers=1, progress=False, log=lambda _: None
+    )
     names = sorted(p.name for p in (hr / "Set5").iterdir())
     assert names == ["grey.png", "img0.png", "img1.png", "img2.png", "img3.png"]
     assert read_rgb(hr / "Set5" / "grey.png").shape == (12, 10, 3)
@@ -307,19 +354,35 @@ def test_prepare_downloads_extracts_normalises_and_records(server, tmp_path, mon
     (tmp_path / "downloads" / "benchmark.tar").unlink()
     server.files["benchmark.tar"] = _benchmark_tar(seed=1)
     with pytest.raises(DownloadError, match="checksum mismatch"):
-        prepare_sets(["Set5"], hr, _sources(tmp_path), workers=1, progress=False, log=lambda _: None)
+        prepare_sets(
+            ["Set5"], hr, _sources(tmp_path), workers=1, progress=False, log=lambda _: None
+        )
     assert sorted(p.name for p in (hr / "Set5").iterdir()) == names  # previous copy untouched
     assert not (tmp_path / "downloads" / "benchmark.tar").exists()
     assert not (tmp_path / "downloads" / "benchmark.tar.part").exists()
 
 
 def test_prepare_incomplete_set_is_not_installed(server, tmp_path, monkeypatch):
-    server.files["benchmark.tar"] = _tar_bytes({"benchmark/Set14/HR/a.png": _png_bytes(np.zeros((4, 4, 3), np.uint8))})
-    monkeypatch.setitem(catalog.ARCHIVES, "EDSR_benchmark",
-                        catalog.Archive("benchmark.tar", server.url("benchmark.tar")))
+    server.files["benchmark.tar"] = _tar_bytes(
+        {"benchmark/Set14/HR/a.png": _png_bytes(np.zeros((4, 4, 3), np.uint8))}
+    )
+    monkeypatch.setitem(
+        catalog.ARCHIVES,
+        "EDSR_benchmark",
+        catalog.Archive("benchmark.tar", server.url("benchmark.tar")),
+    )
     with pytest.raises(ValueError, match="Set14: found 1 images .* complete copy has 14"):
-        prepare_sets(["Set14"], tmp_path / "hr", _sources(tmp_path), workers=1, progress=False, log=lambda _: None)
-    assert not (tmp_path / "hr" / "Set14").exists() and not list((tmp_path / "hr").glob(".staging-*"))
+        prepare_sets(
+            ["Set14"],
+            tmp_path / "hr",
+            _sources(tmp_path),
+            workers=1,
+            progress=False,
+            log=lambda _: None,
+        )
+    assert not (tmp_path / "hr" / "Set14").exists() and not list(
+        (tmp_path / "hr").glob(".staging-*")
+    )
 
 
 def test_prepare_embedded_and_local(tmp_path):
@@ -330,16 +393,33 @@ def test_prepare_embedded_and_local(tmp_path):
     for i in range(24):
         Image.fromarray(np.full((6, 6, 3), i, np.uint8)).save(local / f"kodim{i:02d}.bmp")
     hr = tmp_path / "hr"
-    summary = prepare_sets(["default", "Kodak24"], hr, _sources(tmp_path, Kodak24=local), workers=2,
-                           progress=False, log=lambda _: None)
+    summary = prepare_sets(
+        ["default", "Kodak24"],
+        hr,
+        _sources(tmp_path, Kodak24=local),
+        workers=2,
+        progress=False,
+        log=lambda _: None,
+    )
     assert [p.name for p in (hr / "default_train").iterdir()] == ["a.png"]
-    assert len(list((hr / "Kodak24").glob("*.png"))) == 24 and summary["Kodak24"]["origin"] == "local"
-    assert (hr / "default_train/a.png").read_bytes() == (tmp_path / "default/train/a.png").read_bytes()
+    assert (
+        len(list((hr / "Kodak24").glob("*.png"))) == 24 and summary["Kodak24"]["origin"] == "local"
+    )
+    assert (hr / "default_train/a.png").read_bytes() == (
+        tmp_path / "default/train/a.png"
+    ).read_bytes()
 
 
 def test_no_public_download_explains(tmp_path):
     with pytest.raises(DownloadError, match="Manga109.*manga109.org.*data.local.Manga109"):
-        prepare_sets(["Manga109"], tmp_path / "hr", _sources(tmp_path), workers=1, progress=False, log=lambda _: None)
+        prepare_sets(
+            ["Manga109"],
+            tmp_path / "hr",
+            _sources(tmp_path),
+            workers=1,
+            progress=False,
+            log=lambda _: None,
+        )
 
 
 def test_data_params_validation():
@@ -355,8 +435,13 @@ def test_download_stage_cli_default(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "default").symlink_to(ROOT / "data" / "default")
     write_params(tmp_path / "params.yaml", data={"datasets": ["default"], "workers": 1})
-    run = subprocess.run([sys.executable, str(ROOT / "stages/download.py"), "--no-progress"], cwd=tmp_path,
-                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "stages/download.py"), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode == 0, run.stderr
     assert len(list((tmp_path / "data/hr/default_train").glob("*.png"))) == 5
     assert len(list((tmp_path / "data/hr/default_test").glob("*.png"))) == 2

@@ -40,7 +40,9 @@ class FakeSR(nn.Module):
     ``kernel=3`` gives a small local receptive field (tiling differs only near seams).
     """
 
-    def __init__(self, scale: int = 2, window_size: int = 8, dim: int = 8, kernel: int = 3, seed: int = 0) -> None:
+    def __init__(
+        self, scale: int = 2, window_size: int = 8, dim: int = 8, kernel: int = 3, seed: int = 0
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.scale, self.window_size, self.embed_dim = scale, window_size, dim
@@ -88,10 +90,16 @@ def test_restore_identity_roundtrip_is_exact():
 
 def test_restore_scale_layout_and_clamp():
     lq = _image(9, 11, seed=1)
-    up = restore(Lambda(lambda x: F.interpolate(x, scale_factor=3, mode="nearest"), scale=3), lq, device="cpu")
+    up = restore(
+        Lambda(lambda x: F.interpolate(x, scale_factor=3, mode="nearest"), scale=3),
+        lq,
+        device="cpu",
+    )
     assert np.array_equal(up, _nearest(lq, 3))
     # Out-of-range values are clamped, NaN becomes 0, then rounding: 0.5 / 255 steps.
-    const = Lambda(lambda x: torch.stack([x[:, 0] * 0 + 1.7, x[:, 1] * 0 - 3.0, x[:, 2] * 0 + 100.4 / 255], 1))
+    const = Lambda(
+        lambda x: torch.stack([x[:, 0] * 0 + 1.7, x[:, 1] * 0 - 3.0, x[:, 2] * 0 + 100.4 / 255], 1)
+    )
     out = restore(const, lq, device="cpu")
     assert (out[..., 0] == 255).all() and (out[..., 1] == 0).all() and (out[..., 2] == 100).all()
     out = restore(Lambda(lambda x: x * float("nan")), lq, device="cpu")
@@ -143,7 +151,11 @@ def _pairs(model, n=3):
         lq = _image(12 + k, 14, seed=10 + k)
         gt = restore(model, lq, device="cpu")
         if k:  # perturb all but the first so PSNR is finite there
-            gt = np.clip(gt.astype(int) + np.random.default_rng(k).integers(-k * 3, k * 3 + 1, gt.shape), 0, 255).astype(np.uint8)
+            gt = np.clip(
+                gt.astype(int) + np.random.default_rng(k).integers(-k * 3, k * 3 + 1, gt.shape),
+                0,
+                255,
+            ).astype(np.uint8)
         out.append((f"img{k}", lq, gt))
     return out
 
@@ -151,7 +163,9 @@ def _pairs(model, n=3):
 def test_evaluate_pairs_rows_and_summary():
     model = FakeSR()
     pairs = _pairs(model)
-    rows = evaluate_pairs(model_restore_fn(model, device="cpu"), pairs, crop_border=2, progress=False)
+    rows = evaluate_pairs(
+        model_restore_fn(model, device="cpu"), pairs, crop_border=2, progress=False
+    )
     assert [r["image"] for r in rows] == ["img0", "img1", "img2"]
     assert rows[0]["psnr"] == math.inf and rows[0]["ssim"] == pytest.approx(1.0)
     assert math.isfinite(rows[1]["psnr"]) and rows[1]["psnr"] > rows[2]["psnr"]
@@ -160,7 +174,9 @@ def test_evaluate_pairs_rows_and_summary():
     assert s["psnr"] == pytest.approx((rows[1]["psnr"] + rows[2]["psnr"]) / 2)
     assert s["ssim"] == pytest.approx(np.mean([r["ssim"] for r in rows]))
     # A generator (no len) works too.
-    rows2 = evaluate_pairs(model_restore_fn(model, device="cpu"), iter(pairs), crop_border=2, progress=True)
+    rows2 = evaluate_pairs(
+        model_restore_fn(model, device="cpu"), iter(pairs), crop_border=2, progress=True
+    )
     assert rows2 == rows
 
 
@@ -176,9 +192,19 @@ def test_evaluate_pairs_names_bad_image():
     model = FakeSR()
     lq = _image(8, 8)
     with pytest.raises(ValueError, match="'bad'.*shape"):
-        evaluate_pairs(model_restore_fn(model, device="cpu"), [("bad", lq, _image(15, 16))], crop_border=2, progress=False)
+        evaluate_pairs(
+            model_restore_fn(model, device="cpu"),
+            [("bad", lq, _image(15, 16))],
+            crop_border=2,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="gt of 'bad2'"):
-        evaluate_pairs(model_restore_fn(model, device="cpu"), [("bad2", lq, _image(16, 16)[..., :1])], crop_border=2, progress=False)
+        evaluate_pairs(
+            model_restore_fn(model, device="cpu"),
+            [("bad2", lq, _image(16, 16)[..., :1])],
+            crop_border=2,
+            progress=False,
+        )
 
 
 def test_bicubic_baseline():
@@ -202,7 +228,9 @@ def test_bicubic_baseline():
     ref = degrade.imresize(lq.astype(np.float64), 4, round_each_pass=True)
     assert np.array_equal(per_pass, degrade.round_to_uint8(ref))
     smooth = np.clip(ramp.astype(int) + np.arange(8)[:, None, None] * 3, 0, 255).astype(np.uint8)
-    diff = bicubic_restore(2, round_each_pass=True)(smooth).astype(int) - bicubic_restore(2)(smooth).astype(int)
+    diff = bicubic_restore(2, round_each_pass=True)(smooth).astype(int) - bicubic_restore(2)(
+        smooth
+    ).astype(int)
     assert np.abs(diff).max() <= 1
 
 

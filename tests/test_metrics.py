@@ -14,7 +14,9 @@ from iln.metrics import SSIM_C1, SSIM_C2, gaussian_window, psnr, rgb_to_y, ssim
 def _random_pair(shape=(48, 40, 3), noise=10, seed=0):
     rng = np.random.default_rng(seed)
     gt = rng.integers(0, 256, shape, dtype=np.uint8)
-    pred = np.clip(gt.astype(np.int64) + rng.integers(-noise, noise + 1, shape), 0, 255).astype(np.uint8)
+    pred = np.clip(gt.astype(np.int64) + rng.integers(-noise, noise + 1, shape), 0, 255).astype(
+        np.uint8
+    )
     return pred, gt
 
 
@@ -22,15 +24,21 @@ def _smooth_image(h=64, w=72, seed=0):
     """A natural-ish image (smooth gradients + texture) so SSIM is far from 0 and 1."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
-    base = 128 + 60 * np.sin(xx / 7.0)[..., None] * np.cos(yy / 5.0)[..., None] * np.array([1.0, 0.7, 0.4])
+    base = 128 + 60 * np.sin(xx / 7.0)[..., None] * np.cos(yy / 5.0)[..., None] * np.array(
+        [1.0, 0.7, 0.4]
+    )
     return np.clip(base + rng.normal(0, 8, (h, w, 3)), 0, 255).round().astype(np.uint8)
 
 
 def test_rgb_to_y_known_values():
-    img = np.array([[[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8)
+    img = np.array(
+        [[[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8
+    )
     y = rgb_to_y(img)
     assert y.dtype == np.float64 and y.shape == (1, 5)
-    np.testing.assert_allclose(y[0], [16.0, 235.0, 16 + 65.481, 16 + 128.553, 16 + 24.966], atol=1e-12)
+    np.testing.assert_allclose(
+        y[0], [16.0, 235.0, 16 + 65.481, 16 + 128.553, 16 + 24.966], atol=1e-12
+    )
 
 
 def test_rgb_to_y_is_not_rounded_and_accepts_float():
@@ -48,7 +56,9 @@ def test_psnr_constant_offset(d):
     gt = rng.integers(20, 200, (32, 30, 3), dtype=np.uint8)
     pred = gt + np.uint8(d)
     # RGB: every value differs by d.
-    assert psnr(pred, gt, crop_border=0, y_channel=False) == pytest.approx(20 * math.log10(255 / d), abs=1e-10)
+    assert psnr(pred, gt, crop_border=0, y_channel=False) == pytest.approx(
+        20 * math.log10(255 / d), abs=1e-10
+    )
     # Y: an equal offset d on R, G, B shifts Y by d * 219 / 255.
     dy = d * 219.0 / 255.0
     assert psnr(pred, gt, crop_border=2) == pytest.approx(20 * math.log10(255 / dy), abs=1e-10)
@@ -85,12 +95,18 @@ def test_crop_border_is_honoured():
 @pytest.mark.parametrize("crop", [0, 4])
 def test_ssim_agrees_with_skimage_on_y(crop):
     gt = _smooth_image()
-    pred = np.clip(gt.astype(np.int64) + np.random.default_rng(1).integers(-25, 26, gt.shape), 0, 255).astype(np.uint8)
+    pred = np.clip(
+        gt.astype(np.int64) + np.random.default_rng(1).integers(-25, 26, gt.shape), 0, 255
+    ).astype(np.uint8)
     ours = ssim(pred, gt, crop_border=crop)
     sl = slice(crop, -crop) if crop else slice(None)
     ref = structural_similarity(
-        rgb_to_y(pred)[sl, sl], rgb_to_y(gt)[sl, sl],
-        gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255,
+        rgb_to_y(pred)[sl, sl],
+        rgb_to_y(gt)[sl, sl],
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=255,
     )
     assert 0.2 < ours < 0.99
     assert ours == pytest.approx(ref, abs=1e-9)
@@ -98,16 +114,28 @@ def test_ssim_agrees_with_skimage_on_y(crop):
 
 def test_ssim_rgb_is_mean_over_channels_and_agrees_with_skimage():
     gt = _smooth_image(seed=3)
-    pred = np.clip(gt.astype(np.int64) + np.random.default_rng(2).integers(-30, 31, gt.shape), 0, 255).astype(np.uint8)
+    pred = np.clip(
+        gt.astype(np.int64) + np.random.default_rng(2).integers(-30, 31, gt.shape), 0, 255
+    ).astype(np.uint8)
     ours = ssim(pred, gt, crop_border=2, y_channel=False)
     ref = structural_similarity(
-        pred[2:-2, 2:-2], gt[2:-2, 2:-2], channel_axis=-1,
-        gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255,
+        pred[2:-2, 2:-2],
+        gt[2:-2, 2:-2],
+        channel_axis=-1,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=255,
     )
     assert ours == pytest.approx(ref, abs=1e-9)
     # Each channel alone, via a grey image repeated over channels, averages to the same.
     per_channel = [
-        ssim(np.repeat(pred[..., c : c + 1], 3, -1), np.repeat(gt[..., c : c + 1], 3, -1), crop_border=2, y_channel=False)
+        ssim(
+            np.repeat(pred[..., c : c + 1], 3, -1),
+            np.repeat(gt[..., c : c + 1], 3, -1),
+            crop_border=2,
+            y_channel=False,
+        )
         for c in range(3)
     ]
     assert ours == pytest.approx(np.mean(per_channel), abs=1e-12)
@@ -128,7 +156,10 @@ def test_ssim_matches_brute_force_valid_window():
             va = (win * (pa - ma) ** 2).sum()
             vb = (win * (pb - mb) ** 2).sum()
             cov = (win * (pa - ma) * (pb - mb)).sum()
-            vals.append(((2 * ma * mb + SSIM_C1) * (2 * cov + SSIM_C2)) / ((ma**2 + mb**2 + SSIM_C1) * (va + vb + SSIM_C2)))
+            vals.append(
+                ((2 * ma * mb + SSIM_C1) * (2 * cov + SSIM_C2))
+                / ((ma**2 + mb**2 + SSIM_C1) * (va + vb + SSIM_C2))
+            )
     assert len(vals) == 7 * 9
     assert ssim(pred, gt, crop_border=0) == pytest.approx(np.mean(vals), abs=1e-10)
 
@@ -137,7 +168,9 @@ def test_ssim_of_flat_images_known_value():
     a = np.full((20, 20, 3), 100, dtype=np.uint8)
     b = np.full((20, 20, 3), 150, dtype=np.uint8)
     ya, yb = rgb_to_y(a)[0, 0], rgb_to_y(b)[0, 0]
-    expected = (2 * ya * yb + SSIM_C1) / (ya**2 + yb**2 + SSIM_C1)  # zero variance: only luminance term
+    expected = (2 * ya * yb + SSIM_C1) / (
+        ya**2 + yb**2 + SSIM_C1
+    )  # zero variance: only luminance term
     assert ssim(a, b, crop_border=0) == pytest.approx(expected, abs=1e-12)
 
 
@@ -146,7 +179,9 @@ def test_ssim_symmetric_and_decreasing_with_noise():
     rng = np.random.default_rng(0)
     scores = []
     for level in (2, 10, 40):
-        pred = np.clip(gt.astype(np.int64) + rng.integers(-level, level + 1, gt.shape), 0, 255).astype(np.uint8)
+        pred = np.clip(
+            gt.astype(np.int64) + rng.integers(-level, level + 1, gt.shape), 0, 255
+        ).astype(np.uint8)
         s = ssim(pred, gt, crop_border=2)
         assert s == pytest.approx(ssim(gt, pred, crop_border=2), abs=1e-12)
         scores.append(s)

@@ -26,7 +26,9 @@ def test_every_tiny_arch_and_norm_runs_forward_and_backward_at_every_scale(arch,
         y.square().mean().backward()
         assert torch.isfinite(y).all()
         grads = [p.grad for p in model.parameters()]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads), "a parameter got no or a bad gradient"
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), (
+            "a parameter got no or a bad gradient"
+        )
 
 
 @pytest.mark.parametrize("arch", TINY)
@@ -39,7 +41,12 @@ def test_full_presets_forward_any_size_including_one_pixel(arch):
 
 @pytest.mark.parametrize(
     ("arch", "scale", "expected"),
-    [("hat_1", 2, 4_476_095), ("hat_1", 4, 4_623_807), ("hat", 2, 20_624_795), ("hat", 4, 20_772_507)],
+    [
+        ("hat_1", 2, 4_476_095),
+        ("hat_1", 4, 4_623_807),
+        ("hat", 2, 20_624_795),
+        ("hat", 4, 20_772_507),
+    ],
 )
 def test_parameter_counts_equal_the_released_models_for_ln_and_iln(arch, scale, expected):
     for norm in ("ln", "iln"):
@@ -48,12 +55,25 @@ def test_parameter_counts_equal_the_released_models_for_ln_and_iln(arch, scale, 
 
 
 def test_norm_twins_have_the_same_parameter_count_unless_the_variant_adds_some():
-    counts = {n: sum(p.numel() for p in build_model("hat_tiny", norm=n, scale=2).parameters()) for n in NORMS}
+    counts = {
+        n: sum(p.numel() for p in build_model("hat_tiny", norm=n, scale=2).parameters())
+        for n in NORMS
+    }
     base = counts["ln"]
-    for name in ("iln", "ln_star", "ln_rs", "rmsnorm", "batchnorm", "batchnorm_train", "instancenorm"):
+    for name in (
+        "iln",
+        "ln_star",
+        "ln_rs",
+        "rmsnorm",
+        "batchnorm",
+        "batchnorm_train",
+        "instancenorm",
+    ):
         assert counts[name] == base, name
     model = build_model("hat_tiny", norm="ln", scale=2)
-    n_block_norms = sum(isinstance(m, norms.LayerNorm) for m in model.modules()) - 2  # minus the two outer norms
+    n_block_norms = (
+        sum(isinstance(m, norms.LayerNorm) for m in model.modules()) - 2
+    )  # minus the two outer norms
     dim = model.embed_dim
     assert counts["layerscale"] == base + n_block_norms * dim
     assert counts["dyt"] == base + n_block_norms + 2  # one alpha per norm
@@ -79,12 +99,17 @@ def test_stdnorm_standardises_with_the_div2k_statistics_and_maps_back():
     mean = torch.tensor([0.4488, 0.4371, 0.4040]).view(1, 3, 1, 1)
     std = torch.tensor([0.2842, 0.2701, 0.2920]).view(1, 3, 1, 1)
     x = _image(1, 4, 5)
-    on, off = common.InputNorm(stdnorm=True, img_range=1.0), common.InputNorm(stdnorm=False, img_range=1.0)
+    on, off = (
+        common.InputNorm(stdnorm=True, img_range=1.0),
+        common.InputNorm(stdnorm=False, img_range=1.0),
+    )
     torch.testing.assert_close(on.encode(x), (x - mean) / std)
     torch.testing.assert_close(off.encode(x), x - mean)
     torch.testing.assert_close(on.decode(on.encode(x)), x)
     torch.testing.assert_close(off.decode(off.encode(x)), x)
-    assert "mean" not in build_model("hat_tiny", norm="iln", scale=2).state_dict()  # constants, not weights
+    assert (
+        "mean" not in build_model("hat_tiny", norm="iln", scale=2).state_dict()
+    )  # constants, not weights
 
 
 def test_contract_attributes_and_hooks():
@@ -92,7 +117,9 @@ def test_contract_attributes_and_hooks():
     assert (model.scale, model.window_size, model.embed_dim) == (3, 8, model.hparams["embed_dim"])
     seen = []
     model.layers[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    model.layers[0].residual_group.blocks[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model.layers[0].residual_group.blocks[1].register_forward_hook(
+        lambda m, i, o: seen.append(o.shape)
+    )
     model(_image(2, 9, 10))
     c = model.embed_dim
     assert seen == [(2, 16 * 16, c), (2, 16 * 16, c)]
@@ -100,7 +127,10 @@ def test_contract_attributes_and_hooks():
     assert table.shape == (15 * 15, model.hparams["num_heads"][0])
     assert model.norm.bias.shape == (c,)
     swin = build_model("swinir_tiny", norm="iln", scale=2)
-    assert swin.layers[0].residual_group.blocks[0].attn.relative_position_bias_table.shape == (225, swin.hparams["num_heads"][0])
+    assert swin.layers[0].residual_group.blocks[0].attn.relative_position_bias_table.shape == (
+        225,
+        swin.hparams["num_heads"][0],
+    )
     assert swin.norm.bias.shape == (swin.embed_dim,)
 
 
@@ -116,7 +146,9 @@ def test_fast_attention_matches_naive_in_outputs_and_gradients(arch, norm):
     g_fast = torch.autograd.grad(y_fast.square().mean(), list(fast.parameters()))
     g_naive = torch.autograd.grad(y_naive.square().mean(), list(naive.parameters()))
     for (name, _), a, b in zip(fast.named_parameters(), g_fast, g_naive):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * (1 + b.abs().max().item()), msg=name)
+        torch.testing.assert_close(
+            a, b, rtol=1e-4, atol=1e-5 * (1 + b.abs().max().item()), msg=name
+        )
     with torch.no_grad():  # inference takes torch's fused attention kernel
         for batch in (x[:1], x):
             torch.testing.assert_close(fast(batch), naive(batch), rtol=0, atol=1e-5)
@@ -136,15 +168,28 @@ def _block_and_context(arch: str, norm: str, which: str):
     model = build_model(arch, norm=norm, scale=2, eps=0.0, drop_path_rate=0.0).double()
     group = model.layers[0].residual_group
     block = group.overlap_attn if which == "ocab" else group.blocks[1]  # blocks[1] is shifted
-    index = model.relative_position_index_OCA if which == "ocab" else getattr(model, "relative_position_index_SA", None)
+    index = (
+        model.relative_position_index_OCA
+        if which == "ocab"
+        else getattr(model, "relative_position_index_SA", None)
+    )
     if index is None:
         index = model.relative_position_index
     size = (16, 16)
-    ctx = common.window_context(size, model.window_size, device=torch.device("cpu"), dtype=torch.float64, generator=None, fast=True)
+    ctx = common.window_context(
+        size,
+        model.window_size,
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        generator=None,
+        fast=True,
+    )
     return block, ctx, index, model.embed_dim
 
 
-@pytest.mark.parametrize(("arch", "which"), [("hat_tiny", "hab"), ("hat_tiny", "ocab"), ("swinir_tiny", "swin")])
+@pytest.mark.parametrize(
+    ("arch", "which"), [("hat_tiny", "hab"), ("hat_tiny", "ocab"), ("swinir_tiny", "swin")]
+)
 def test_iln_blocks_are_positively_homogeneous_and_ln_blocks_are_not(arch, which):
     for norm, homogeneous in (("iln", True), ("ln", False)):
         block, ctx, index, c = _block_and_context(arch, norm, which)
@@ -188,7 +233,9 @@ def test_generator_makes_initialisation_and_stochastic_depth_reproducible():
     a = build_model("swinir_tiny", norm="ln", scale=2, generator=torch.Generator().manual_seed(5))
     b = build_model("swinir_tiny", norm="ln", scale=2, generator=torch.Generator().manual_seed(5))
     c = build_model("swinir_tiny", norm="ln", scale=2, generator=torch.Generator().manual_seed(6))
-    for (k, va), vb, vc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (k, va), vb, vc in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values()
+    ):
         assert torch.equal(va, vb), k
     assert not torch.equal(a.conv_first.weight, c.conv_first.weight)
     state = torch.get_rng_state()
@@ -203,7 +250,9 @@ def test_generator_makes_initialisation_and_stochastic_depth_reproducible():
 
 
 def test_initialisation_follows_the_released_recipe():
-    model = build_model("hat_tiny", norm="layerscale", scale=2, generator=torch.Generator().manual_seed(0))
+    model = build_model(
+        "hat_tiny", norm="layerscale", scale=2, generator=torch.Generator().manual_seed(0)
+    )
     block = model.layers[0].residual_group.blocks[0]
     assert block.attn.qkv.bias.abs().max() == 0
     assert 0.015 < block.mlp.fc1.weight.std().item() < 0.025
@@ -213,9 +262,13 @@ def test_initialisation_follows_the_released_recipe():
 
 
 def test_build_errors_name_the_bad_value_and_the_choices():
-    with pytest.raises(ValueError, match=r"unknown override 'embed_dimm'.*valid overrides:.*embed_dim"):
+    with pytest.raises(
+        ValueError, match=r"unknown override 'embed_dimm'.*valid overrides:.*embed_dim"
+    ):
         build_model("hat_tiny", norm="ln", scale=2, embed_dimm=8)
-    with pytest.raises(ValueError, match=r"unknown override 'compress_ratio' for arch 'swinir_tiny'"):
+    with pytest.raises(
+        ValueError, match=r"unknown override 'compress_ratio' for arch 'swinir_tiny'"
+    ):
         build_model("swinir_tiny", norm="ln", scale=2, compress_ratio=3)
     with pytest.raises(ValueError, match=r"unknown arch 'hat_2'.*" + ".*".join(ARCHS)):
         build_model("hat_2", norm="ln", scale=2)
@@ -232,7 +285,16 @@ def test_build_errors_name_the_bad_value_and_the_choices():
 
 
 def test_overrides_use_official_names_and_land_in_hparams():
-    model = build_model("hat_tiny", norm="ln", scale=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, mlp_ratio=1.5)
+    model = build_model(
+        "hat_tiny",
+        norm="ln",
+        scale=2,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 4],
+        window_size=4,
+        mlp_ratio=1.5,
+    )
     assert model.hparams["depths"] == [1, 1] and model.hparams["num_heads"] == [2, 4]
     assert len(model.layers) == 2 and model.window_size == 4 and model.embed_dim == 16
     assert model.layers[0].residual_group.blocks[0].mlp.fc1.out_features == 24
@@ -248,7 +310,9 @@ def _explicit_residual(x, scale, branch, others, drop):
 @pytest.mark.parametrize("scale_kind", ["unit", "per_sample", "per_token", "per_channel"])
 @pytest.mark.parametrize("with_drop", [False, True])
 @pytest.mark.parametrize("n_others", [0, 1])
-def test_residual_add_equals_the_explicit_merge_in_values_and_gradients(scale_kind, with_drop, n_others):
+def test_residual_add_equals_the_explicit_merge_in_values_and_gradients(
+    scale_kind, with_drop, n_others
+):
     g = torch.Generator().manual_seed(0)
     b, n, c = 3, 10, 6
     shapes = {"unit": None, "per_sample": (b, 1, 1), "per_token": (b, n, 1), "per_channel": (c,)}
@@ -265,7 +329,9 @@ def test_residual_add_equals_the_explicit_merge_in_values_and_gradients(scale_ki
     want = _explicit_residual(x, scale, branch, others, drop)
     torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
     grad = torch.randn(b, n, c, generator=g, dtype=torch.float64)
-    for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+    for got, expected in zip(
+        torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad)
+    ):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 

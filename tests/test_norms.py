@@ -17,7 +17,9 @@ def _randomise_affine(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def _tokens(b: int = 3, n: int = 20, c: int = 8, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+def _tokens(
+    b: int = 3, n: int = 20, c: int = 8, seed: int = 1, dtype=torch.float32
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (3.0 * torch.randn(b, n, c, generator=g) + 2.0).to(dtype)  # (B, N, C)
 
@@ -37,7 +39,9 @@ def test_ln_equals_torch_layer_norm():
     _randomise_affine(norm)
     x = _tokens()
     y, scale = norm(x)
-    torch.testing.assert_close(y, F.layer_norm(x, (8,), norm.weight, norm.bias, 1e-5), rtol=0, atol=0)
+    torch.testing.assert_close(
+        y, F.layer_norm(x, (8,), norm.weight, norm.bias, 1e-5), rtol=0, atol=0
+    )
     assert scale == UNIT
 
 
@@ -156,7 +160,9 @@ def test_instancenorm_normalises_each_channel_of_each_image_over_tokens():
     norm = build_norm("instancenorm", 8).double()
     x = _tokens(dtype=torch.float64)
     y, _ = norm(x)
-    torch.testing.assert_close(y.mean(dim=1), torch.zeros(3, 8, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        y.mean(dim=1), torch.zeros(3, 8, dtype=torch.float64), rtol=0, atol=1e-12
+    )
     var = x.var(dim=1, unbiased=False)
     torch.testing.assert_close(y.var(dim=1, unbiased=False), var / (var + norm.eps))
 
@@ -166,7 +172,9 @@ def test_batchnorm_uses_running_stats_in_eval_and_batchnorm_train_never_does():
     bn = build_norm("batchnorm", 8)
     y_train, _ = bn(x)
     flat = x.reshape(-1, 8)
-    torch.testing.assert_close(y_train.reshape(-1, 8), F.batch_norm(flat, None, None, training=True, eps=1e-5))
+    torch.testing.assert_close(
+        y_train.reshape(-1, 8), F.batch_norm(flat, None, None, training=True, eps=1e-5)
+    )
     assert int(bn.num_batches_tracked) == 1
     bn.eval()
     y_eval, _ = bn(x)
@@ -233,7 +241,10 @@ def test_groupnorm_route_of_the_image_norm_equals_the_layernorm_route(dtype):
     g = torch.Generator().manual_seed(0)
     x = (4.0 * torch.randn(b, n, c, generator=g) + 1.5).to(dtype)
     weight, bias = torch.randn(c, generator=g).to(dtype), torch.randn(c, generator=g).to(dtype)
-    grad_y, grad_std = torch.randn(b, n, c, generator=g).to(dtype), torch.randn(b, 1, 1, generator=g).to(dtype)
+    grad_y, grad_std = (
+        torch.randn(b, n, c, generator=g).to(dtype),
+        torch.randn(b, 1, 1, generator=g).to(dtype),
+    )
     assert norms._group_norm_applies(x)
 
     def group(t, w, bb):
@@ -265,5 +276,11 @@ def test_image_norm_takes_the_layernorm_route_for_strided_input_with_the_same_re
 @pytest.mark.parametrize("name", ["iln", "ln_rs"])
 def test_gradcheck_of_the_strided_route(name):
     norm = build_norm(name, 4).double()
-    x = _tokens(b=2, n=5, c=4, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    x = (
+        _tokens(b=2, n=5, c=4, dtype=torch.float64)
+        .transpose(1, 2)
+        .contiguous()
+        .transpose(1, 2)
+        .requires_grad_(True)
+    )
     assert torch.autograd.gradcheck(lambda t: norm(t), (x,))

@@ -21,7 +21,16 @@ import yaml
 from iln import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", "stages", "src", "data/default", ".dvc/config")
+COPIED = (
+    "dvc.yaml",
+    "params.yaml",
+    "data.dvc",
+    ".dvcignore",
+    "stages",
+    "src",
+    "data/default",
+    ".dvc/config",
+)
 
 
 def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -31,7 +40,9 @@ def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.Completed
     env["OMP_NUM_THREADS"] = "1"
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -43,12 +54,21 @@ def project(tmp_path_factory) -> Path:
         source, target = ROOT / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
         else:
             shutil.copy2(source, target)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"].update(iterations=4, batch_size=2, lq_patch=16, checkpoint_every=2, log_every=1,
-                           probe_every=2, probe_images=1)
+    params["train"].update(
+        iterations=4,
+        batch_size=2,
+        lq_patch=16,
+        checkpoint_every=2,
+        log_every=1,
+        probe_every=2,
+        probe_images=1,
+    )
     params["runs"] = {
         "ln": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2", "groups": ["table3", "table4"]},
         "iln": {"arch": "hat_tiny", "norm": "iln", "task": "sr_x2", "groups": ["table3"]},
@@ -70,7 +90,10 @@ def test_repro_writes_metrics_for_every_run_and_the_baseline(project):
         assert 0 < values["psnr"] < 100 and 0 < values["ssim"] <= 1
     assert files["reports/summary.json"]["data"]["ln"]["entropy_ceiling"] > 0
     precision = json.loads((project / "runs/ln/eval/precision.json").read_text())
-    assert set(precision) == {"fp32", "int8"} and precision["fp32"]["default_test"]["overflow"] is False
+    assert (
+        set(precision) == {"fp32", "int8"}
+        and precision["fp32"]["default_test"]["overflow"] is False
+    )
     assert (project / "reports/report.md").read_text().count("|") > 10
     assert list((project / "reports/figures").glob("fig1_*.png"))
     assert list((project / "reports/figures").glob("crops_sr_x2_default_test_*.png"))
@@ -80,7 +103,9 @@ def test_mlflow_has_a_finished_run_per_stage_grouped_by_grid_member(project):
     rows = tracking.find_stage_runs(project, experiment="iln")
     by_key = {(r["run"], r["stage"]): r for r in rows}
     for run in ("ln", "iln"):
-        train, evaluate, analyze = (by_key[(run, stage)] for stage in ("train", "evaluate", "analyze"))
+        train, evaluate, analyze = (
+            by_key[(run, stage)] for stage in ("train", "evaluate", "analyze")
+        )
         assert {train["status"], evaluate["status"], analyze["status"]} == {"FINISHED"}
         assert train["parent"] == evaluate["parent"] == analyze["parent"]
         assert len(tracking.metric_history(project, train["run_id"], "loss")) == 4
@@ -106,7 +131,9 @@ def test_changing_one_run_reruns_only_its_stages(project):
     finally:
         params_path.write_text(original)
     assert {"train@iln"} <= changed
-    assert not {"train@ln", "evaluate@ln", "analyze@ln", "download", "degrade", "baseline"} & changed
+    assert (
+        not {"train@ln", "evaluate@ln", "analyze@ln", "download", "degrade", "baseline"} & changed
+    )
 
 
 def test_bad_param_fails_before_any_work_naming_the_key(project):

@@ -41,7 +41,9 @@ class FakeNormSR(nn.Module):
     model's regime): fine in fp32 because the final LayerNorm rescales it, inf in fp16.
     """
 
-    def __init__(self, gain: float, *, fail_in_half: bool = False, dim: int = 8, seed: int = 0) -> None:
+    def __init__(
+        self, gain: float, *, fail_in_half: bool = False, dim: int = 8, seed: int = 0
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.scale, self.window_size, self.embed_dim = 2, 4, dim
@@ -53,7 +55,7 @@ class FakeNormSR(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W)
         if self.fail_in_half and x.dtype == torch.float16:
-            raise RuntimeError('"fake_op" not implemented for \'Half\'')
+            raise RuntimeError("\"fake_op\" not implemented for 'Half'")
         b, _, h, w = x.shape
         f = self.conv_first(x).flatten(2).transpose(1, 2)  # (B, N, C)
         for layer in self.layers:
@@ -75,7 +77,9 @@ def _pairs(n=2):
 
 def test_ln_like_model_overflows_in_fp16_only():
     model = FakeNormSR(gain=100.0)
-    res = evaluate_precisions(model, _pairs(), scale=2, device="cpu", modes=("fp32", "fp16"), progress=False)
+    res = evaluate_precisions(
+        model, _pairs(), scale=2, device="cpu", modes=("fp32", "fp16"), progress=False
+    )
     fp32, fp16 = res["fp32"], res["fp16"]
     assert fp32["overflow"] is False and fp32["unsupported"] is None
     assert fp32["max_abs_feature"] > FP16_MAX and fp32["exceeds_fp16_range"] is True
@@ -112,7 +116,9 @@ def test_caller_model_untouched_and_hooks_removed():
 
 def test_unsupported_format_is_reported_not_raised():
     model = FakeNormSR(gain=1.0, fail_in_half=True)
-    res = evaluate_precisions(model, _pairs(), scale=2, device="cpu", modes=("fp32", "fp16", "bf16"), progress=False)
+    res = evaluate_precisions(
+        model, _pairs(), scale=2, device="cpu", modes=("fp32", "fp16", "bf16"), progress=False
+    )
     assert "not implemented for 'Half'" in res["fp16"]["unsupported"]
     assert res["fp16"]["psnr"] is None and res["fp16"]["count"] == 0
     assert res["bf16"]["unsupported"] is None and res["bf16"]["count"] == 2
@@ -122,7 +128,9 @@ def test_unsupported_format_is_reported_not_raised():
 def test_bad_arguments():
     model = FakeNormSR(gain=1.0)
     with pytest.raises(ValueError, match="'fp8'"):
-        evaluate_precisions(model, _pairs(1), scale=2, device="cpu", modes=("fp32", "fp8"), progress=False)
+        evaluate_precisions(
+            model, _pairs(1), scale=2, device="cpu", modes=("fp32", "fp8"), progress=False
+        )
     with pytest.raises(ValueError, match="model.scale=2"):
         evaluate_precisions(model, _pairs(1), scale=4, device="cpu", progress=False)
     with pytest.raises(ValueError, match="model.layers"):
@@ -134,7 +142,9 @@ def test_feature_monitor_records_group_outputs():
     lq = _pairs(1)[0][1]
     seen = []
     with FeatureMonitor(model) as mon:
-        handle = model.layers[2].register_forward_hook(lambda m, i, o: seen.append(o.abs().max().item()))
+        handle = model.layers[2].register_forward_hook(
+            lambda m, i, o: seen.append(o.abs().max().item())
+        )
         restore(model, lq, device="cpu")
         handle.remove()
     assert mon.max_abs_feature == pytest.approx(seen[0]) and not mon.overflow
@@ -182,15 +192,23 @@ def test_prepare_model_formats():
     q = prepare_model(model, "int8", "cpu")
     assert q.conv_first.weight.dtype == torch.float32 and q.conv_first._forward_pre_hooks
     assert not torch.equal(q.conv_first.weight, model.conv_first.weight)
-    assert model.conv_first.weight.dtype == torch.float32 and not model.conv_first._forward_pre_hooks
+    assert (
+        model.conv_first.weight.dtype == torch.float32 and not model.conv_first._forward_pre_hooks
+    )
 
 
 def test_crop_border_defaults_to_scale():
     model = FakeNormSR(gain=1.0)
     pairs = _pairs(1)
-    default = evaluate_precisions(model, pairs, scale=2, device="cpu", modes=("fp32",), progress=False)["fp32"]
-    explicit = evaluate_precisions(model, pairs, scale=2, device="cpu", modes=("fp32",), crop_border=2, progress=False)["fp32"]
-    none = evaluate_precisions(model, pairs, scale=2, device="cpu", modes=("fp32",), crop_border=0, progress=False)["fp32"]
+    default = evaluate_precisions(
+        model, pairs, scale=2, device="cpu", modes=("fp32",), progress=False
+    )["fp32"]
+    explicit = evaluate_precisions(
+        model, pairs, scale=2, device="cpu", modes=("fp32",), crop_border=2, progress=False
+    )["fp32"]
+    none = evaluate_precisions(
+        model, pairs, scale=2, device="cpu", modes=("fp32",), crop_border=0, progress=False
+    )["fp32"]
     assert default["psnr"] == explicit["psnr"] != none["psnr"]
 
 
@@ -202,7 +220,9 @@ def test_hat_tiny_low_precision_runs():
     rng = np.random.default_rng(1)
     lq = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     pairs = [("x", lq, np.repeat(np.repeat(lq, 2, 0), 2, 1))]
-    res = evaluate_precisions(model, pairs, scale=2, device="cpu", modes=("fp32", "fp16", "int8"), progress=False)
+    res = evaluate_precisions(
+        model, pairs, scale=2, device="cpu", modes=("fp32", "fp16", "int8"), progress=False
+    )
     for mode in ("fp32", "fp16", "int8"):
         assert res[mode]["unsupported"] is None and res[mode]["overflow"] is False, mode
         assert 0 < res[mode]["max_abs_feature"] < FP16_MAX, mode

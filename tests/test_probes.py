@@ -42,7 +42,9 @@ class FakeBlock(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, dim)
         self.attn = nn.Module()
-        self.attn.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads))
+        self.attn.relative_position_bias_table = nn.Parameter(
+            torch.randn((2 * window - 1) ** 2, heads)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C)
         return x + self.fc(x)
@@ -64,7 +66,14 @@ class FakeGroup(nn.Module):
 class FakeIR(nn.Module):
     """conv_first -> tokens -> groups -> final norm -> pixel-shuffle head, like HAT/SwinIR."""
 
-    def __init__(self, dim: int = 8, groups: int = 3, depth: int = 2, scale: int = 2, fail_after: int | None = None):
+    def __init__(
+        self,
+        dim: int = 8,
+        groups: int = 3,
+        depth: int = 2,
+        scale: int = 2,
+        fail_after: int | None = None,
+    ):
         super().__init__()
         self.scale = scale
         self.conv_first = nn.Conv2d(3, dim, 3, 1, 1)
@@ -177,7 +186,9 @@ def test_measure_features_rows_follow_the_contract(model):
     assert [r["layer"] for r in rows] == ["group0", "group1", "group2", FINAL_NORM_INPUT]
     assert all(tuple(r) == PROBE_COLUMNS for r in rows)
     # the final norm's input is the last group's output: identical statistics
-    assert {k: v for k, v in rows[2].items() if k != "layer"} == {k: v for k, v in rows[3].items() if k != "layer"}
+    assert {k: v for k, v in rows[2].items() if k != "layer"} == {
+        k: v for k, v in rows[3].items() if k != "layer"
+    }
 
 
 def test_measured_values_match_a_manual_forward(model):
@@ -262,10 +273,14 @@ def test_with_step_prefixes_rows(model):
 # ------------------------------------------------------------------ overhead
 
 
-def _overhead(model: nn.Module, batch: torch.Tensor, probe: torch.Tensor, repeats: int = 3) -> tuple[float, float]:
+def _overhead(
+    model: nn.Module, batch: torch.Tensor, probe: torch.Tensor, repeats: int = 3
+) -> tuple[float, float]:
     """(best seconds per training step, best seconds per probe measurement)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    target = torch.rand(batch.shape[0], 3, batch.shape[2] * model.scale, batch.shape[3] * model.scale)
+    target = torch.rand(
+        batch.shape[0], 3, batch.shape[2] * model.scale, batch.shape[3] * model.scale
+    )
     model.train()
     step, probe_t = math.inf, math.inf
     for _ in range(repeats):

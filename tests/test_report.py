@@ -12,7 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from iln.report import build_report, flatten_summary, load_paper_numbers, load_runs, validate_paper_numbers
+from iln.report import (
+    build_report,
+    flatten_summary,
+    load_paper_numbers,
+    load_runs,
+    validate_paper_numbers,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = (0, 100, 200, 300)
@@ -29,8 +35,14 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 
 def feature(layer: str, mag: float, ent: float) -> dict:
-    return {"layer": layer, "magnitude": mag, "max_abs": 4 * math.sqrt(mag), "entropy": ent,
-            "entropy_ceiling": math.log(CHANNELS), "token_std_spread": 0.3}
+    return {
+        "layer": layer,
+        "magnitude": mag,
+        "max_abs": 4 * math.sqrt(mag),
+        "entropy": ent,
+        "entropy_ceiling": math.log(CHANNELS),
+        "token_std_spread": 0.3,
+    }
 
 
 def stats(norm: str, step: int, g: int) -> tuple[float, float]:
@@ -40,30 +52,57 @@ def stats(norm: str, step: int, g: int) -> tuple[float, float]:
     return 1.2, math.log(CHANNELS) - 0.05
 
 
-def make_run(root: Path, name: str, *, norm: str, task: str = "sr_x2", psnr: float = 30.0,
-             sets=("default_test", "Set14"), precision: bool = False, analysis: bool = False) -> None:
+def make_run(
+    root: Path,
+    name: str,
+    *,
+    norm: str,
+    task: str = "sr_x2",
+    psnr: float = 30.0,
+    sets=("default_test", "Set14"),
+    precision: bool = False,
+    analysis: bool = False,
+) -> None:
     run = root / name
     probes = []
     for step in STEPS:
         for g in range(GROUPS):
             probes.append({"step": step, **feature(f"group{g}", *stats(norm, step, g))})
         probes.append({"step": step, **feature("final_norm_in", *stats(norm, step, GROUPS - 1))})
-    write_csv(run / "train" / "probes.csv", ["step", "layer", "magnitude", "max_abs", "entropy", "entropy_ceiling",
-                                             "token_std_spread"], probes)
-    write_csv(run / "train" / "history.csv", ["step", "loss", "lr", "seconds_per_step"],
-              [{"step": s, "loss": 0.1, "lr": 2e-4, "seconds_per_step": 0.5} for s in STEPS[1:]])
-    metrics = {f"{task}/{s}": {"psnr": psnr + i, "ssim": 0.8 + 0.01 * i} for i, s in enumerate(sets)}
+    write_csv(
+        run / "train" / "probes.csv",
+        ["step", "layer", "magnitude", "max_abs", "entropy", "entropy_ceiling", "token_std_spread"],
+        probes,
+    )
+    write_csv(
+        run / "train" / "history.csv",
+        ["step", "loss", "lr", "seconds_per_step"],
+        [{"step": s, "loss": 0.1, "lr": 2e-4, "seconds_per_step": 0.5} for s in STEPS[1:]],
+    )
+    metrics = {
+        f"{task}/{s}": {"psnr": psnr + i, "ssim": 0.8 + 0.01 * i} for i, s in enumerate(sets)
+    }
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
     if precision:
-        prec = {mode: {"Urban100": {"psnr": psnr - (20 if (mode == "fp16" and norm == "ln") else 0),
-                                    "overflow": mode == "fp16" and norm == "ln"}} for mode in ("fp32", "fp16")}
+        prec = {
+            mode: {
+                "Urban100": {
+                    "psnr": psnr - (20 if (mode == "fp16" and norm == "ln") else 0),
+                    "overflow": mode == "fp16" and norm == "ln",
+                }
+            }
+            for mode in ("fp32", "fp16")
+        }
         (run / "eval" / "precision.json").write_text(json.dumps(prec))
     if analysis:
         final = [feature(f"group{g}", 1000.0 * (g + 1), 2.0) for g in range(GROUPS)]
         write_csv(run / "analysis" / "features.csv", list(final[0]), final)
-        write_csv(run / "analysis" / "final_norm.csv", ["channel", "bias", "input_mean_abs"],
-                  [{"channel": c, "bias": 0.1, "input_mean_abs": 1.0} for c in range(CHANNELS)])
+        write_csv(
+            run / "analysis" / "final_norm.csv",
+            ["channel", "bias", "input_mean_abs"],
+            [{"channel": c, "bias": 0.1, "input_mean_abs": 1.0} for c in range(CHANNELS)],
+        )
         for png in ("final_norm.png", "rpb_first.png", "rpb_last.png"):
             (run / "analysis" / png).write_bytes(PNG_MAGIC)
 
@@ -73,15 +112,31 @@ def declared_runs() -> dict[str, object]:
     return {
         "ln": {**base, "norm": "ln", "groups": ["table1", "table3", "table4", "table8"]},
         # a RunSpec-like object with attributes
-        "iln": SimpleNamespace(**base, norm="iln", stdnorm=None, affine_outer=None, grad_clip=0.0,
-                               groups=("table1", "table3", "table4", "table8")),
+        "iln": SimpleNamespace(
+            **base,
+            norm="iln",
+            stdnorm=None,
+            affine_outer=None,
+            grad_clip=0.0,
+            groups=("table1", "table3", "table4", "table8"),
+        ),
         "inorm": {**base, "norm": "instancenorm", "groups": ["table1"]},
         "ln_star": {**base, "norm": "ln_star", "groups": ["table3"]},  # declared, never run
         "ln_rs": {**base, "norm": "ln_rs", "groups": ["table3"]},
         # a resolved run: unset spec fields come from its train settings
         "ln_clip": SimpleNamespace(
-            spec=SimpleNamespace(arch="hat_tiny", norm="ln", task="sr_x2", groups=("table8",), stdnorm=None,
-                                 affine_outer=None, grad_clip=None, seed=None, batch_size=None, iterations=None),
+            spec=SimpleNamespace(
+                arch="hat_tiny",
+                norm="ln",
+                task="sr_x2",
+                groups=("table8",),
+                stdnorm=None,
+                affine_outer=None,
+                grad_clip=None,
+                seed=None,
+                batch_size=None,
+                iterations=None,
+            ),
             train=SimpleNamespace(grad_clip=1.0, seed=1, batch_size=4, iterations=300),
         ),
         "ln_std": {**base, "norm": "ln", "stdnorm": True, "groups": ["stdnorm"]},
@@ -104,7 +159,12 @@ def built(tmp_path_factory):
     make_run(root, "dn_ln", norm="ln", task="dn_s15", psnr=33.0, sets=("Urban100",))
     make_run(root, "dn_iln", norm="iln", task="dn_s15", psnr=33.4, sets=("Urban100",))
     out = tmp_path_factory.mktemp("reports")
-    summary = build_report(declared_runs(), root, out, scale_note="preset hat_tiny, 300 iterations, embedded photos, CPU")
+    summary = build_report(
+        declared_runs(),
+        root,
+        out,
+        scale_note="preset hat_tiny, 300 iterations, embedded photos, CPU",
+    )
     return root, out, summary
 
 
@@ -132,10 +192,24 @@ def md_row(out: Path, key: str, label: str) -> tuple[list[str], list[str]]:
 
 def test_every_table_and_figure_is_written(built):
     _, out, summary = built
-    for key in ("table1", "table2", "table3", "table4", "table6", "table8", "table_s1_stdnorm", "runs"):
+    for key in (
+        "table1",
+        "table2",
+        "table3",
+        "table4",
+        "table6",
+        "table8",
+        "table_s1_stdnorm",
+        "runs",
+    ):
         assert summary["tables"][key] == "written", key
         assert (out / "tables" / f"{key}.csv").exists() and (out / "tables" / f"{key}.md").exists()
-    for name in ("fig1_magnitude_entropy", "fig4_magnitude_by_norm", "fig7_entropy_ablation", "figS1_stdnorm"):
+    for name in (
+        "fig1_magnitude_entropy",
+        "fig4_magnitude_by_norm",
+        "fig7_entropy_ablation",
+        "figS1_stdnorm",
+    ):
         assert summary["figures"][name] == "written"
         assert (out / "figures" / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
     assert not list(out.rglob("*.tmp"))
@@ -167,9 +241,17 @@ def test_table3_marks_a_declared_but_missing_run_not_run(built):
 def test_table1_has_features_of_the_final_checkpoint(built):
     _, out, _ = built
     rows = read_table(out, "table1")
-    assert [r["row"] for r in rows if r["column"] == "default_test PSNR"] == ["LN", "i-LN", "InstanceNorm"]
-    assert float(cell(rows, "LN", "magnitude, deepest group")["ours"]) == 3000.0  # analysis/features.csv
-    assert float(cell(rows, "InstanceNorm", "magnitude, deepest group")["ours"]) == 1.2  # last probe step
+    assert [r["row"] for r in rows if r["column"] == "default_test PSNR"] == [
+        "LN",
+        "i-LN",
+        "InstanceNorm",
+    ]
+    assert (
+        float(cell(rows, "LN", "magnitude, deepest group")["ours"]) == 3000.0
+    )  # analysis/features.csv
+    assert (
+        float(cell(rows, "InstanceNorm", "magnitude, deepest group")["ours"]) == 1.2
+    )  # last probe step
 
 
 def test_table8_and_table4(built):
@@ -177,8 +259,12 @@ def test_table8_and_table4(built):
     rows = read_table(out, "table8")
     assert float(cell(rows, "LN", "max |x| (final)")["paper"]) == 5.8e6
     clipped = cell(rows, "LN + grad clip 1", "max |x| (final)")
-    assert float(clipped["paper"]) == 5.6e6 and float(clipped["ours"]) == pytest.approx(4 * math.sqrt(4.0**3))
-    assert float(cell(rows, "LN", "max |x| (during training)")["ours"]) == pytest.approx(4 * math.sqrt(64.0))
+    assert float(clipped["paper"]) == 5.6e6 and float(clipped["ours"]) == pytest.approx(
+        4 * math.sqrt(4.0**3)
+    )
+    assert float(cell(rows, "LN", "max |x| (during training)")["ours"]) == pytest.approx(
+        4 * math.sqrt(64.0)
+    )
     header, cells = md_row(out, "table8", "LN")  # the pipes of |x| are escaped in markdown
     assert cells[header.index("max |x| (final) (paper)")] == "5.8e+06" and len(cells) == len(header)
     rows = read_table(out, "table4")
@@ -247,7 +333,11 @@ def test_malformed_inputs_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"metrics\.json.*psnr"):
         load_runs(runs, tmp_path)
     (tmp_path / "ln" / "eval" / "metrics.json").write_text("{}")
-    write_csv(tmp_path / "ln" / "train" / "probes.csv", ["step", "layer"], [{"step": 0, "layer": "group0"}])
+    write_csv(
+        tmp_path / "ln" / "train" / "probes.csv",
+        ["step", "layer"],
+        [{"step": 0, "layer": "group0"}],
+    )
     with pytest.raises(ValueError, match=r"probes\.csv.*magnitude"):
         load_runs(runs, tmp_path)
     with pytest.raises(ValueError, match="run 'x'.*norm"):
@@ -261,7 +351,9 @@ def test_paper_numbers_file_is_valid_and_strict():
     assert all(t["source"] for t in paper["tables"].values())
     broken = copy.deepcopy(paper)
     broken["tables"]["table8"]["results"]["ln"]["max_abs"] = "5.8e6"  # what YAML 1.1 makes of 5.8e6
-    with pytest.raises(ValueError, match=r"tables\.table8\.results\.ln\.max_abs: expected a number"):
+    with pytest.raises(
+        ValueError, match=r"tables\.table8\.results\.ln\.max_abs: expected a number"
+    ):
         validate_paper_numbers(broken)
     del broken["tables"]["table2"]["source"]
     with pytest.raises(ValueError, match="table2: missing key 'source'"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 
@@ -20,7 +19,12 @@ class TinyNet(nn.Module):
 
     def __init__(self, dropout: float = 0.1) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Dropout(dropout), nn.Conv2d(8, 12, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(8, 12, 3, padding=1),
+        )
         self.up = nn.PixelShuffle(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,9 +50,19 @@ class StreamData(torch.utils.data.Dataset):
 
 def _train(tmp_path, dataset, iterations=12, **kw):
     torch.manual_seed(0)
-    settings = train_settings(iterations=iterations, batch_size=4, checkpoint_every=4, log_every=2, probe_every=0)
-    return fit(TinyNet(), dataset, settings, device=torch.device("cpu"), checkpoint_path=tmp_path / "ckpt.pt",
-               fingerprint="abc", progress=False, **kw)
+    settings = train_settings(
+        iterations=iterations, batch_size=4, checkpoint_every=4, log_every=2, probe_every=0
+    )
+    return fit(
+        TinyNet(),
+        dataset,
+        settings,
+        device=torch.device("cpu"),
+        checkpoint_path=tmp_path / "ckpt.pt",
+        fingerprint="abc",
+        progress=False,
+        **kw,
+    )
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path):
@@ -76,14 +90,24 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_non_finite_features_from_the_monitor_stop_training(tmp_path):
-    settings = train_settings(iterations=6, batch_size=2, checkpoint_every=2, log_every=1, probe_every=3)
+    settings = train_settings(
+        iterations=6, batch_size=2, checkpoint_every=2, log_every=1, probe_every=3
+    )
 
     def monitor(step, model, ema):
         return [{"layer": "group0", "magnitude": float("inf") if step == 6 else 1.0}]
 
     with pytest.raises(TrainingDiverged, match="group0"):
-        fit(TinyNet(), StreamData(), settings, device=torch.device("cpu"), checkpoint_path=tmp_path / "c.pt",
-            fingerprint="x", monitor=monitor, progress=False)
+        fit(
+            TinyNet(),
+            StreamData(),
+            settings,
+            device=torch.device("cpu"),
+            checkpoint_path=tmp_path / "c.pt",
+            fingerprint="x",
+            monitor=monitor,
+            progress=False,
+        )
 
 
 def test_stream_batches_split_every_step_between_ranks():
@@ -107,10 +131,20 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    settings = train_settings(iterations=5, batch_size=4, checkpoint_every=5, log_every=1, probe_every=0)
-    ema, _ = fit(TinyNet(dropout=0.0), StreamData(), settings, device=torch.device("cpu"),
-                 checkpoint_path=__import__("pathlib").Path(out) / "ckpt.pt", fingerprint="ddp",
-                 rank=rank, world_size=world, progress=False)
+    settings = train_settings(
+        iterations=5, batch_size=4, checkpoint_every=5, log_every=1, probe_every=0
+    )
+    ema, _ = fit(
+        TinyNet(dropout=0.0),
+        StreamData(),
+        settings,
+        device=torch.device("cpu"),
+        checkpoint_path=__import__("pathlib").Path(out) / "ckpt.pt",
+        fingerprint="ddp",
+        rank=rank,
+        world_size=world,
+        progress=False,
+    )
     if rank == 0:
         torch.save(ema.state_dict(), os.path.join(out, "ema.pt"))
     torch.distributed.destroy_process_group()
@@ -122,9 +156,18 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
-    settings = train_settings(iterations=5, batch_size=4, checkpoint_every=5, log_every=1, probe_every=0)
-    single, _ = fit(TinyNet(dropout=0.0), StreamData(), settings, device=torch.device("cpu"),
-                    checkpoint_path=tmp_path / "single.pt", fingerprint="ddp", progress=False)
+    settings = train_settings(
+        iterations=5, batch_size=4, checkpoint_every=5, log_every=1, probe_every=0
+    )
+    single, _ = fit(
+        TinyNet(dropout=0.0),
+        StreamData(),
+        settings,
+        device=torch.device("cpu"),
+        checkpoint_path=tmp_path / "single.pt",
+        fingerprint="ddp",
+        progress=False,
+    )
     ddp = torch.load(tmp_path / "ema.pt", weights_only=True)
     for key, value in single.state_dict().items():
         assert torch.allclose(value, ddp[key], atol=1e-6), key

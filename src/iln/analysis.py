@@ -72,7 +72,9 @@ def final_norm_bias(
     def pre_hook(_module: nn.Module, args: tuple) -> None:
         x = args[0]
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"model.norm input: expected (B, N, C), got {getattr(x, 'shape', type(x).__name__)}")
+            raise ValueError(
+                f"model.norm input: expected (B, N, C), got {getattr(x, 'shape', type(x).__name__)}"
+            )
         x64 = x.detach().to(torch.float64)  # (B, N, C)
         sums.append(x64.abs().sum(dim=(0, 1)).cpu())
         counts.append(x64.shape[0] * x64.shape[1])
@@ -93,14 +95,18 @@ def final_norm_bias(
     else:
         beta = torch.full_like(mean_abs, math.nan)  # (C,) no bias parameter
     if beta.numel() != mean_abs.numel():
-        raise ValueError(f"model.norm.bias has {beta.numel()} entries but its input has {mean_abs.numel()} channels")
+        raise ValueError(
+            f"model.norm.bias has {beta.numel()} entries but its input has {mean_abs.numel()} channels"
+        )
     return [
         {"channel": c, "bias": float(beta[c]), "input_mean_abs": float(mean_abs[c])}
         for c in range(beta.numel())
     ]
 
 
-def plot_final_norm(rows: Sequence[Mapping[str, object]], path: Path | str, *, title: str = "") -> Path:
+def plot_final_norm(
+    rows: Sequence[Mapping[str, object]], path: Path | str, *, title: str = ""
+) -> Path:
     """Fig. 8 style: channels sorted by input mean |x|; the bias in the same order; and
     the bias against mean |x| per channel."""
     if not rows:
@@ -116,7 +122,9 @@ def plot_final_norm(rows: Sequence[Mapping[str, object]], path: Path | str, *, t
     axes[0].set_xlabel("channel (sorted by input mean |x|)")
     axes[0].set_ylabel("input mean |x|")
     if np.isnan(bias).all():
-        axes[1].text(0.5, 0.5, "no bias parameter", ha="center", va="center", transform=axes[1].transAxes)
+        axes[1].text(
+            0.5, 0.5, "no bias parameter", ha="center", va="center", transform=axes[1].transAxes
+        )
     else:
         axes[1].bar(x, bias[order], width=1.0, color="tab:red")
         axes[1].axhline(0.0, color="k", lw=0.5)
@@ -139,16 +147,22 @@ def plot_final_norm(rows: Sequence[Mapping[str, object]], path: Path | str, *, t
 def rpb_table_images(table: torch.Tensor) -> torch.Tensor:
     """((2w-1)^2, heads) table -> (heads, 2w-1, 2w-1) images indexed [dy + w-1, dx + w-1]."""
     if table.dim() != 2:
-        raise ValueError(f"relative_position_bias_table must be ((2w-1)^2, heads), got {tuple(table.shape)}")
+        raise ValueError(
+            f"relative_position_bias_table must be ((2w-1)^2, heads), got {tuple(table.shape)}"
+        )
     side = math.isqrt(table.shape[0])
     if side * side != table.shape[0] or side % 2 == 0:
-        raise ValueError(f"relative_position_bias_table has {table.shape[0]} rows, not (2w-1)^2 for an integer w")
+        raise ValueError(
+            f"relative_position_bias_table has {table.shape[0]} rows, not (2w-1)^2 for an integer w"
+        )
     return table.detach().t().reshape(table.shape[1], side, side)
 
 
 def relative_position_index(window: int) -> torch.Tensor:
     """(w*w, w*w) index into the ((2w-1)^2,) table for query token i and key token j."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))  # (2, w, w)
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    )  # (2, w, w)
     flat = coords.flatten(1)  # (2, w*w)
     rel = flat[:, :, None] - flat[:, None, :] + (window - 1)  # (2, w*w, w*w)
     return rel[0] * (2 * window - 1) + rel[1]  # (w*w, w*w)
@@ -159,7 +173,11 @@ def gather_rpb(table: torch.Tensor) -> torch.Tensor:
     images = rpb_table_images(table)  # checks the shape
     window = (images.shape[-1] + 1) // 2
     index = relative_position_index(window).to(table.device)  # (w*w, w*w)
-    return table.detach()[index.reshape(-1)].reshape(window * window, window * window, -1).permute(2, 0, 1)
+    return (
+        table.detach()[index.reshape(-1)]
+        .reshape(window * window, window * window, -1)
+        .permute(2, 0, 1)
+    )
 
 
 def group_rpb_tables(model: nn.Module, group: int) -> list[torch.Tensor]:
@@ -176,18 +194,24 @@ def group_rpb_tables(model: nn.Module, group: int) -> list[torch.Tensor]:
     for b, block in enumerate(blocks):
         table = getattr(getattr(block, "attn", None), "relative_position_bias_table", None)
         if not isinstance(table, torch.Tensor):
-            raise AttributeError(f"model.layers[{g}].residual_group.blocks[{b}].attn.relative_position_bias_table not found")
+            raise AttributeError(
+                f"model.layers[{g}].residual_group.blocks[{b}].attn.relative_position_bias_table not found"
+            )
         tables.append(table.detach().cpu().to(torch.float32))
     return tables
 
 
-def plot_rpb(tables: Sequence[torch.Tensor], path: Path | str, *, title: str = "", gathered: bool = False) -> Path:
+def plot_rpb(
+    tables: Sequence[torch.Tensor], path: Path | str, *, title: str = "", gathered: bool = False
+) -> Path:
     """Heat maps: one row per block, one column per head. Default: the table reshaped to
     (2w-1, 2w-1) over (dy, dx); gathered=True shows the (w*w, w*w) bias over (query, key).
     Colour limits are symmetric and shared within a row (one block)."""
     if not tables:
         raise ValueError("plot_rpb: no tables")
-    images = [gather_rpb(t) if gathered else rpb_table_images(t) for t in tables]  # each (heads, h, w)
+    images = [
+        gather_rpb(t) if gathered else rpb_table_images(t) for t in tables
+    ]  # each (heads, h, w)
     heads = images[0].shape[0]
     fig = new_figure(1.6 * heads + 1.0, 1.6 * len(images) + 0.6)
     axes = np.atleast_2d(fig.subplots(len(images), heads, squeeze=False))
@@ -196,7 +220,9 @@ def plot_rpb(tables: Sequence[torch.Tensor], path: Path | str, *, title: str = "
         mappable = None
         for h in range(heads):
             ax = axes[b, h]
-            mappable = ax.imshow(img[h].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            mappable = ax.imshow(
+                img[h].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest"
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if b == 0:
@@ -233,8 +259,18 @@ def run_final_analysis(
     files = [
         out_dir / "features.csv",
         out_dir / "final_norm.csv",
-        plot_final_norm(bias_rows, out_dir / "final_norm.png", title=f"{prefix}final norm bias vs input"),
-        plot_rpb(group_rpb_tables(model, 0), out_dir / "rpb_first.png", title=f"{prefix}relative position bias, first group"),
-        plot_rpb(group_rpb_tables(model, -1), out_dir / "rpb_last.png", title=f"{prefix}relative position bias, last group"),
+        plot_final_norm(
+            bias_rows, out_dir / "final_norm.png", title=f"{prefix}final norm bias vs input"
+        ),
+        plot_rpb(
+            group_rpb_tables(model, 0),
+            out_dir / "rpb_first.png",
+            title=f"{prefix}relative position bias, first group",
+        ),
+        plot_rpb(
+            group_rpb_tables(model, -1),
+            out_dir / "rpb_last.png",
+            title=f"{prefix}relative position bias, last group",
+        ),
     ]
     return {"features": features, "final_norm": bias_rows, "files": [str(f) for f in files]}

@@ -76,12 +76,16 @@ class Timing:
         return asdict(self)
 
 
-def summarize(samples: Sequence[float], *, warmup: int, cpu_samples: Sequence[float] | None = None) -> Timing:
+def summarize(
+    samples: Sequence[float], *, warmup: int, cpu_samples: Sequence[float] | None = None
+) -> Timing:
     """Timing of raw wall-clock samples (seconds), with the CPU-time samples if given."""
     if not samples:
         raise ValueError("summarize needs at least one sample")
     if cpu_samples is not None and len(cpu_samples) != len(samples):
-        raise ValueError(f"got {len(cpu_samples)} CPU-time samples for {len(samples)} wall-clock samples")
+        raise ValueError(
+            f"got {len(cpu_samples)} CPU-time samples for {len(samples)} wall-clock samples"
+        )
     ordered = sorted(samples)
     if len(ordered) >= 2:
         q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
@@ -128,7 +132,9 @@ def time_interleaved(
     (as ``timeit`` does) so that a collection triggered by one arm is not charged to another.
     """
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+        raise ValueError(
+            f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}"
+        )
     if not fns:
         raise ValueError("time_interleaved needs at least one function")
     names = list(fns)
@@ -154,7 +160,10 @@ def time_interleaved(
         finally:
             if enabled:
                 gc.enable()
-    return {name: summarize(samples[name], warmup=warmup, cpu_samples=cpu_samples[name]) for name in names}
+    return {
+        name: summarize(samples[name], warmup=warmup, cpu_samples=cpu_samples[name])
+        for name in names
+    }
 
 
 def time_callable(
@@ -172,7 +181,9 @@ def random_batch(
 ) -> tuple[Tensor, Tensor]:
     """A random (lq, gt) pair of the training shapes; the values do not affect the time."""
     lq = torch.rand(batch, 3, lr_patch, lr_patch, generator=generator)  # (B, 3, p, p)
-    gt = torch.rand(batch, 3, scale * lr_patch, scale * lr_patch, generator=generator)  # (B, 3, s*p, s*p)
+    gt = torch.rand(
+        batch, 3, scale * lr_patch, scale * lr_patch, generator=generator
+    )  # (B, 3, s*p, s*p)
     return lq.to(device), gt.to(device)
 
 
@@ -234,10 +245,14 @@ def time_train_step(
     return time_callable(step, repeats=repeats, warmup=warmup, sync=synchronizer(device))
 
 
-def time_inference(model: nn.Module, lq: Tensor, *, device: torch.device, repeats: int, warmup: int) -> Timing:
+def time_inference(
+    model: nn.Module, lq: Tensor, *, device: torch.device, repeats: int, warmup: int
+) -> Timing:
     """Median seconds to restore ``lq`` in eval mode under ``torch.inference_mode``."""
     model.eval()
-    return time_callable(make_inference(model, lq), repeats=repeats, warmup=warmup, sync=synchronizer(device))
+    return time_callable(
+        make_inference(model, lq), repeats=repeats, warmup=warmup, sync=synchronizer(device)
+    )
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -252,7 +267,9 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def train_step_flops(model: nn.Module, batch: tuple[Tensor, Tensor], *, generator: torch.Generator | None = None) -> int:
+def train_step_flops(
+    model: nn.Module, batch: tuple[Tensor, Tensor], *, generator: torch.Generator | None = None
+) -> int:
     """FLOPs of forward + L1 backward (the Adam update adds only uncounted elementwise work)."""
     lq, gt = batch
     model.train()
@@ -278,7 +295,13 @@ def measure_matmul_peak(
     b = torch.randn(n, n, generator=generator).to(device)  # (n, n)
     timing = time_callable(lambda: a @ b, repeats=repeats, warmup=warmup, sync=synchronizer(device))
     flops = 2 * n**3
-    return {"n": n, "dtype": "float32", "flops": flops, "gflops": flops / timing.median_s / 1e9, "timing": timing.to_dict()}
+    return {
+        "n": n,
+        "dtype": "float32",
+        "flops": flops,
+        "gflops": flops / timing.median_s / 1e9,
+        "timing": timing.to_dict(),
+    }
 
 
 def top_ops(fn: Callable[[], object], *, device: torch.device, limit: int = 15) -> dict[str, Any]:
@@ -298,7 +321,12 @@ def top_ops(fn: Callable[[], object], *, device: torch.device, limit: int = 15) 
     return {
         "total_ms": total / 1e3,
         "ops": [
-            {"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total}
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_ms": getattr(e, key) / 1e3,
+                "share": getattr(e, key) / total,
+            }
             for e in events[:limit]
         ],
     }
@@ -339,7 +367,9 @@ def tensor_peak_bytes(fn: Callable[[], object]) -> int:
     (e.g. the previous step's gradients dropped by ``zero_grad``): the profiler does not
     know the size of blocks allocated before it started.
     """
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     running = peak = 0
@@ -368,8 +398,13 @@ def measure_peak_memory(fn: Callable[[], object], *, device: torch.device) -> di
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
-        return {"method": "cuda_max_memory_allocated", "step_peak_bytes": int(peak - before),
-                "allocated_peak_bytes": int(peak), "rss_method": None, "rss_peak_bytes": None}
+        return {
+            "method": "cuda_max_memory_allocated",
+            "step_peak_bytes": int(peak - before),
+            "allocated_peak_bytes": int(peak),
+            "rss_method": None,
+            "rss_peak_bytes": None,
+        }
     gc.collect()
     step_peak = tensor_peak_bytes(fn)
     if _reset_rss_peak() and _rss_peak() is not None:
@@ -378,9 +413,17 @@ def measure_peak_memory(fn: Callable[[], object], *, device: torch.device) -> di
     else:
         fn()
         unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        rss_peak, rss_method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit, "process_peak_rss"
-    return {"method": "profiler_tensor_allocations", "step_peak_bytes": step_peak, "allocated_peak_bytes": None,
-            "rss_method": rss_method, "rss_peak_bytes": rss_peak}
+        rss_peak, rss_method = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit,
+            "process_peak_rss",
+        )
+    return {
+        "method": "profiler_tensor_allocations",
+        "step_peak_bytes": step_peak,
+        "allocated_peak_bytes": None,
+        "rss_method": rss_method,
+        "rss_peak_bytes": rss_peak,
+    }
 
 
 # ----------------------------------------------------------------------------- model benchmark
@@ -396,7 +439,9 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return f"{self.preset}/{self.norm}" + ("" if self.attention == "fast" else f"/{self.attention}")
+        return f"{self.preset}/{self.norm}" + (
+            "" if self.attention == "fast" else f"/{self.attention}"
+        )
 
 
 def build_variants(
@@ -411,9 +456,16 @@ def build_variants(
 
     models: dict[Variant, nn.Module] = {}
     for v in variants:
-        model = build_model(v.preset, norm=v.norm, scale=scale, attention=v.attention,
-                            generator=torch.Generator().manual_seed(seed))
-        twin = next((m for u, m in models.items() if (u.preset, u.norm) == (v.preset, v.norm)), None)
+        model = build_model(
+            v.preset,
+            norm=v.norm,
+            scale=scale,
+            attention=v.attention,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        twin = next(
+            (m for u, m in models.items() if (u.preset, u.norm) == (v.preset, v.norm)), None
+        )
         if twin is not None:
             model.load_state_dict(twin.state_dict())
         models[v] = model.to(device)
@@ -502,21 +554,28 @@ def benchmark_group(
         step_s = train_times[v.label].median_s
         f = flops[v.label]
         achieved = None if f is None else f / step_s / 1e9
-        rows.append({
-            "preset": v.preset,
-            "norm": v.norm,
-            "attention": v.attention,
-            "label": v.label,
-            "params": sum(p.numel() for p in model.parameters()),
-            "hparams": {k: model.hparams[k] for k in ("stdnorm", "affine_outer", "eps", "embed_dim", "window_size")},
-            "train_step": train_times[v.label].to_dict(),
-            "inference": infer_times[v.label].to_dict(),
-            "memory_train_step": memory[v.label],
-            "flops_per_step": f,
-            "achieved_gflops": achieved,
-            "matmul_peak_gflops": matmul_gflops,
-            "pct_of_matmul_peak": None if achieved is None or not matmul_gflops else 100.0 * achieved / matmul_gflops,
-        })
+        rows.append(
+            {
+                "preset": v.preset,
+                "norm": v.norm,
+                "attention": v.attention,
+                "label": v.label,
+                "params": sum(p.numel() for p in model.parameters()),
+                "hparams": {
+                    k: model.hparams[k]
+                    for k in ("stdnorm", "affine_outer", "eps", "embed_dim", "window_size")
+                },
+                "train_step": train_times[v.label].to_dict(),
+                "inference": infer_times[v.label].to_dict(),
+                "memory_train_step": memory[v.label],
+                "flops_per_step": f,
+                "achieved_gflops": achieved,
+                "matmul_peak_gflops": matmul_gflops,
+                "pct_of_matmul_peak": None
+                if achieved is None or not matmul_gflops
+                else 100.0 * achieved / matmul_gflops,
+            }
+        )
     return rows
 
 
@@ -526,14 +585,27 @@ def attention_agreement(
     """Max |fast - naive| of outputs (inference and autograd paths) and gradients on one image."""
     fast_v, naive_v = Variant(preset, norm, "fast"), Variant(preset, norm, "naive")
     models = build_variants([fast_v, naive_v], scale=scale, device=device, seed=seed)
-    lq = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1)).to(device)  # (1, 3, H, W)
+    lq = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1)).to(
+        device
+    )  # (1, 3, H, W)
     infer = output_difference(models[fast_v], models[naive_v], lq, with_grad=False)
     train = output_difference(models[fast_v], models[naive_v], lq, with_grad=True)
-    return {"inference_output": infer["output"], "train_output": train["output"], "train_grad": train["grad"]}
+    return {
+        "inference_output": infer["output"],
+        "train_output": train["output"],
+        "train_grad": train["grad"],
+    }
 
 
 def profile_train_steps(
-    variants: Sequence[Variant], *, scale: int, batch: int, lr_patch: int, device: torch.device, seed: int, limit: int
+    variants: Sequence[Variant],
+    *,
+    scale: int,
+    batch: int,
+    lr_patch: int,
+    device: torch.device,
+    seed: int,
+    limit: int,
 ) -> dict[str, dict[str, Any]]:
     """``top_ops`` of one training step (after one warm-up step) per variant, built one at
     a time so that only one model is alive while it is profiled."""
@@ -541,8 +613,15 @@ def profile_train_steps(
     for v in variants:
         model = build_variants([v], scale=scale, device=device, seed=seed)[v]
         model.train()
-        data = random_batch(batch, lr_patch, scale, device=device, generator=torch.Generator().manual_seed(seed))
-        step = make_train_step(model, data, make_adam(model), generator=torch.Generator(device=device).manual_seed(seed))
+        data = random_batch(
+            batch, lr_patch, scale, device=device, generator=torch.Generator().manual_seed(seed)
+        )
+        step = make_train_step(
+            model,
+            data,
+            make_adam(model),
+            generator=torch.Generator(device=device).manual_seed(seed),
+        )
         step()  # warm-up outside the profile
         profiles[v.label] = top_ops(step, device=device, limit=limit)
     return profiles
@@ -574,13 +653,22 @@ def benchmark_bicubic(
     from iln.data.degrade import bicubic_downsample, imresize_reference, round_to_uint8
 
     patch = np.ascontiguousarray(image[:crop, :crop])
-    out: dict[str, Any] = {"image_shape": list(image.shape), "crop": list(patch.shape), "scales": {}}
+    out: dict[str, Any] = {
+        "image_shape": list(image.shape),
+        "crop": list(patch.shape),
+        "scales": {},
+    }
     for s in scales:
         full = time_callable(lambda: bicubic_downsample(image, s), repeats=repeats, warmup=warmup)
-        fast_crop = time_callable(lambda: bicubic_downsample(patch, s), repeats=repeats, warmup=warmup)
+        fast_crop = time_callable(
+            lambda: bicubic_downsample(patch, s), repeats=repeats, warmup=warmup
+        )
         results: list[np.ndarray] = []
-        ref_crop = time_callable(lambda: results.append(round_to_uint8(imresize_reference(patch, 1.0 / s))),
-                                 repeats=reference_repeats, warmup=0)
+        ref_crop = time_callable(
+            lambda: results.append(round_to_uint8(imresize_reference(patch, 1.0 / s))),
+            repeats=reference_repeats,
+            warmup=0,
+        )
         fast_out = bicubic_downsample(patch, s)
         out["scales"][str(s)] = {
             "timing": full.to_dict(),
@@ -626,7 +714,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def paired_ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any], *, key: str = "samples_s") -> float | None:
+def paired_ratio(
+    numerator: Mapping[str, Any], denominator: Mapping[str, Any], *, key: str = "samples_s"
+) -> float | None:
     """Median over rounds of (numerator sample / denominator sample).
 
     Interleaved timing puts the two samples of a round next to each other in time, so
@@ -656,9 +746,13 @@ def iln_ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
         target = TARGETS["iln_over_ln_max"] if preset in TARGET_PRESETS else None
         ratios[preset] = {
             "iln_over_ln_train_step": ratio,
-            "iln_over_ln_train_step_of_medians": row["train_step"]["median_s"] / ln["train_step"]["median_s"],
-            "iln_over_ln_train_step_of_minima": row["train_step"]["min_s"] / ln["train_step"]["min_s"],
-            "iln_over_ln_train_step_cpu_time": paired_ratio(row["train_step"], ln["train_step"], key="cpu_samples_s"),
+            "iln_over_ln_train_step_of_medians": row["train_step"]["median_s"]
+            / ln["train_step"]["median_s"],
+            "iln_over_ln_train_step_of_minima": row["train_step"]["min_s"]
+            / ln["train_step"]["min_s"],
+            "iln_over_ln_train_step_cpu_time": paired_ratio(
+                row["train_step"], ln["train_step"], key="cpu_samples_s"
+            ),
             "iln_over_ln_inference": paired_ratio(row["inference"], ln["inference"]),
             "target_max": target,
             "meets_target": None if target is None else ratio <= target,
@@ -666,19 +760,28 @@ def iln_ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     return ratios
 
 
-def attention_summary(rows: Sequence[Mapping[str, Any]], agreement: Mapping[str, float] | None) -> dict[str, Any] | None:
+def attention_summary(
+    rows: Sequence[Mapping[str, Any]], agreement: Mapping[str, float] | None
+) -> dict[str, Any] | None:
     """Naive / fast training-step time of the attention-comparison preset."""
     naive = next((r for r in rows if r["attention"] == "naive"), None)
     if naive is None:
         return None
-    fast = next(r for r in rows if (r["preset"], r["norm"], r["attention"]) == (naive["preset"], naive["norm"], "fast"))
+    fast = next(
+        r
+        for r in rows
+        if (r["preset"], r["norm"], r["attention"]) == (naive["preset"], naive["norm"], "fast")
+    )
     speedup = paired_ratio(naive["train_step"], fast["train_step"])
     out: dict[str, Any] = {
         "preset": naive["preset"],
         "norm": naive["norm"],
         "train_speedup_fast_over_naive": speedup,
-        "train_speedup_of_medians": naive["train_step"]["median_s"] / fast["train_step"]["median_s"],
-        "train_speedup_cpu_time": paired_ratio(naive["train_step"], fast["train_step"], key="cpu_samples_s"),
+        "train_speedup_of_medians": naive["train_step"]["median_s"]
+        / fast["train_step"]["median_s"],
+        "train_speedup_cpu_time": paired_ratio(
+            naive["train_step"], fast["train_step"], key="cpu_samples_s"
+        ),
         "inference_speedup_fast_over_naive": paired_ratio(naive["inference"], fast["inference"]),
         "target_speedup_min": TARGETS["attention_speedup_min"],
         "meets_speed_target": speedup >= TARGETS["attention_speedup_min"],
@@ -686,12 +789,19 @@ def attention_summary(rows: Sequence[Mapping[str, Any]], agreement: Mapping[str,
         "tolerance": TARGETS["attention_max_abs_diff"],
     }
     if agreement is not None:
-        out["outputs_agree"] = max(agreement["inference_output"], agreement["train_output"]) <= TARGETS["attention_max_abs_diff"]
+        out["outputs_agree"] = (
+            max(agreement["inference_output"], agreement["train_output"])
+            <= TARGETS["attention_max_abs_diff"]
+        )
     return out
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and not math.isfinite(value))
+        else format(value, spec)
+    )
 
 
 def _mib(value: int | None) -> str:
@@ -739,7 +849,11 @@ def markdown_report(result: Mapping[str, Any]) -> str:
             "|---|---:|---:|---:|---|",
         ]
         for preset, r in result["ratios"].items():
-            target = "-" if r["target_max"] is None else f"<= {r['target_max']:.2f} " + ("met" if r["meets_target"] else "MISSED")
+            target = (
+                "-"
+                if r["target_max"] is None
+                else f"<= {r['target_max']:.2f} " + ("met" if r["meets_target"] else "MISSED")
+            )
             lines.append(
                 f"| {preset} | {r['iln_over_ln_train_step']:.3f} ({r['iln_over_ln_train_step_of_medians']:.3f}, "
                 f"{r['iln_over_ln_train_step_of_minima']:.3f}) | {_fmt(r['iln_over_ln_train_step_cpu_time'], '.3f')} | "
@@ -790,16 +904,29 @@ def resolve_device(name: str) -> torch.device:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """The whole benchmark, as configured by the parsed CLI arguments."""
     device = resolve_device(args.device)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.silent else (lambda msg: None)
+    log = (
+        (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not args.silent
+        else (lambda msg: None)
+    )
     result: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "command": ["python", "-m", "iln.bench", *argv],
         "machine": machine_info(device),
         "settings": {
-            "device": str(device), "threads": torch.get_num_threads(), "scale": args.scale, "batch": args.batch,
-            "lr_patch": args.lr_patch, "infer_size": args.infer_size, "repeats": args.repeats, "warmup": args.warmup,
-            "seed": args.seed, "presets": list(args.presets), "norms": list(args.norms),
-            "attention_preset": args.attention_preset, "quick": args.quick,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "scale": args.scale,
+            "batch": args.batch,
+            "lr_patch": args.lr_patch,
+            "infer_size": args.infer_size,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "presets": list(args.presets),
+            "norms": list(args.norms),
+            "attention_preset": args.attention_preset,
+            "quick": args.quick,
         },
         "targets": dict(TARGETS),
     }
@@ -819,27 +946,60 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                 variants.insert(0, Variant(preset, args.norms[0]))
             variants.append(Variant(preset, args.norms[0], "naive"))
         matmul_gflops = None
-        if "flops" not in args.skip:  # re-measured per preset: the machine's load changes over a run
+        if (
+            "flops" not in args.skip
+        ):  # re-measured per preset: the machine's load changes over a run
             log(f"matmul peak ({args.matmul_n}x{args.matmul_n}) ...")
-            peaks.append(dict(measure_matmul_peak(args.matmul_n, device=device, repeats=args.repeats,
-                                                  warmup=args.warmup, generator=gen), preset=preset))
+            peaks.append(
+                dict(
+                    measure_matmul_peak(
+                        args.matmul_n,
+                        device=device,
+                        repeats=args.repeats,
+                        warmup=args.warmup,
+                        generator=gen,
+                    ),
+                    preset=preset,
+                )
+            )
             matmul_gflops = peaks[-1]["gflops"]
         log(f"{preset}: {', '.join(v.label for v in variants)} ...")
-        rows += benchmark_group(variants, scale=args.scale, batch=args.batch, lr_patch=args.lr_patch,
-                                infer_size=args.infer_size, device=device, repeats=args.repeats, warmup=args.warmup,
-                                seed=args.seed, matmul_gflops=matmul_gflops, count_model_flops="flops" not in args.skip)
+        rows += benchmark_group(
+            variants,
+            scale=args.scale,
+            batch=args.batch,
+            lr_patch=args.lr_patch,
+            infer_size=args.infer_size,
+            device=device,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            seed=args.seed,
+            matmul_gflops=matmul_gflops,
+            count_model_flops="flops" not in args.skip,
+        )
     result["models"] = rows
     result["ratios"] = iln_ratios(rows)
     if peaks:
         gflops = [p["gflops"] for p in peaks]
-        result["matmul_peak"] = {"n": args.matmul_n, "dtype": "float32", "gflops_min": min(gflops),
-                                 "gflops_max": max(gflops), "measurements": peaks}
+        result["matmul_peak"] = {
+            "n": args.matmul_n,
+            "dtype": "float32",
+            "gflops_min": min(gflops),
+            "gflops_max": max(gflops),
+            "measurements": peaks,
+        }
 
     agreement = None
     if attention_preset is not None:
         log(f"{attention_preset}: fast vs naive attention outputs ...")
-        agreement = attention_agreement(attention_preset, args.norms[0], scale=args.scale, size=args.lr_patch,
-                                        device=device, seed=args.seed)
+        agreement = attention_agreement(
+            attention_preset,
+            args.norms[0],
+            scale=args.scale,
+            size=args.lr_patch,
+            device=device,
+            seed=args.seed,
+        )
     result["attention"] = attention_summary(rows, agreement)
 
     if args.profile:
@@ -847,17 +1007,34 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         variants = [Variant(p, n) for p in args.presets for n in args.norms]
         if attention_preset is not None:
             variants.append(Variant(attention_preset, args.norms[0], "naive"))
-        result["profile"] = profile_train_steps(variants, scale=args.scale, batch=args.batch, lr_patch=args.lr_patch,
-                                                device=device, seed=args.seed, limit=args.profile)
+        result["profile"] = profile_train_steps(
+            variants,
+            scale=args.scale,
+            batch=args.batch,
+            lr_patch=args.lr_patch,
+            device=device,
+            seed=args.seed,
+            limit=args.profile,
+        )
 
     if "bicubic" not in args.skip:
         log(f"bicubic {args.bicubic_shape[1]}x{args.bicubic_shape[0]} ...")
-        image = random_image((args.bicubic_shape[0], args.bicubic_shape[1], 3), np.random.default_rng(args.seed))
-        result["bicubic"] = benchmark_bicubic(image, args.bicubic_scales, repeats=args.repeats, warmup=args.warmup,
-                                              crop=args.bicubic_crop, reference_repeats=args.reference_repeats)
+        image = random_image(
+            (args.bicubic_shape[0], args.bicubic_shape[1], 3), np.random.default_rng(args.seed)
+        )
+        result["bicubic"] = benchmark_bicubic(
+            image,
+            args.bicubic_scales,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            crop=args.bicubic_crop,
+            reference_repeats=args.reference_repeats,
+        )
         for r in result["bicubic"]["scales"].values():
             r["meets_speedup_target"] = r["speedup_vs_reference"] >= TARGETS["bicubic_speedup_min"]
-    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["machine"]["load_average_end"] = (
+        list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    )
     result["elapsed_s"] = time.perf_counter() - started
     return result
 
@@ -866,36 +1043,93 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m iln.bench",
         description="Time training steps, inference, memory and FLOP rate of the model presets for each norm, "
-                    "fast vs naive attention, and the bicubic degradation; write JSON and markdown.",
+        "fast vs naive attention, and the bicubic degradation; write JSON and markdown.",
     )
-    p.add_argument("--presets", nargs="+", default=None, help="model presets (default hat_tiny hat_1 swinir_1; "
-                   "--quick: hat_tiny swinir_tiny)")
-    p.add_argument("--norms", nargs="+", default=["ln", "iln"], help="norm variants; the first is used for the "
-                   "attention comparison (default ln iln)")
-    p.add_argument("--attention-preset", default=None, help="preset timed with fast and naive attention "
-                   "(default hat_1; --quick: hat_tiny)")
-    p.add_argument("--quick", action="store_true", help="tiny presets, small sizes, few repeats (tests, CI)")
-    p.add_argument("--out", type=Path, default=Path("bench/results.json"), help="JSON path; the markdown table "
-                   "is written beside it with suffix .md")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=None,
+        help="model presets (default hat_tiny hat_1 swinir_1; --quick: hat_tiny swinir_tiny)",
+    )
+    p.add_argument(
+        "--norms",
+        nargs="+",
+        default=["ln", "iln"],
+        help="norm variants; the first is used for the attention comparison (default ln iln)",
+    )
+    p.add_argument(
+        "--attention-preset",
+        default=None,
+        help="preset timed with fast and naive attention (default hat_1; --quick: hat_tiny)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny presets, small sizes, few repeats (tests, CI)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/results.json"),
+        help="JSON path; the markdown table is written beside it with suffix .md",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
     p.add_argument("--scale", type=int, default=2, choices=(2, 3, 4))
     p.add_argument("--batch", type=int, default=None, help="training batch (default 2; --quick 1)")
-    p.add_argument("--lr-patch", type=int, default=None, help="LR training patch side (default 64; --quick 16)")
-    p.add_argument("--infer-size", type=int, default=None, help="LR inference image side (default 64; --quick 16)")
+    p.add_argument(
+        "--lr-patch", type=int, default=None, help="LR training patch side (default 64; --quick 16)"
+    )
+    p.add_argument(
+        "--infer-size",
+        type=int,
+        default=None,
+        help="LR inference image side (default 64; --quick 16)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; --quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--matmul-n", type=int, default=None, help="matmul side for the peak (default 2048; --quick 256)")
-    p.add_argument("--bicubic-shape", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help=f"image for the bicubic throughput (default {DIV2K_SHAPE[0]} {DIV2K_SHAPE[1]}; --quick 96 128)")
+    p.add_argument(
+        "--matmul-n",
+        type=int,
+        default=None,
+        help="matmul side for the peak (default 2048; --quick 256)",
+    )
+    p.add_argument(
+        "--bicubic-shape",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help=f"image for the bicubic throughput (default {DIV2K_SHAPE[0]} {DIV2K_SHAPE[1]}; --quick 96 128)",
+    )
     p.add_argument("--bicubic-scales", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--bicubic-crop", type=int, default=None, help="crop side for the reference comparison "
-                   "(default 256; --quick 24)")
-    p.add_argument("--reference-repeats", type=int, default=None, help="repeats of the slow reference (default 3; --quick 1)")
-    p.add_argument("--skip", nargs="+", default=[], choices=("attention", "bicubic", "flops"), help="sections to skip")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="also record the top N ops of one training step "
-                   "per variant (torch.profiler)")
+    p.add_argument(
+        "--bicubic-crop",
+        type=int,
+        default=None,
+        help="crop side for the reference comparison (default 256; --quick 24)",
+    )
+    p.add_argument(
+        "--reference-repeats",
+        type=int,
+        default=None,
+        help="repeats of the slow reference (default 3; --quick 1)",
+    )
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=("attention", "bicubic", "flops"),
+        help="sections to skip",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also record the top N ops of one training step per variant (torch.profiler)",
+    )
     p.add_argument("--silent", action="store_true", help="no progress messages on stderr")
     return p
 
@@ -906,9 +1140,14 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     defaults = dict(
         presets=["hat_tiny", "swinir_tiny"] if quick else ["hat_tiny", "hat_1", "swinir_1"],
         attention_preset="hat_tiny" if quick else "hat_1",
-        batch=1 if quick else 2, lr_patch=16 if quick else 64, infer_size=16 if quick else 64,
-        repeats=2 if quick else 5, warmup=1, matmul_n=256 if quick else 2048,
-        bicubic_shape=[96, 128] if quick else list(DIV2K_SHAPE[:2]), bicubic_crop=24 if quick else 256,
+        batch=1 if quick else 2,
+        lr_patch=16 if quick else 64,
+        infer_size=16 if quick else 64,
+        repeats=2 if quick else 5,
+        warmup=1,
+        matmul_n=256 if quick else 2048,
+        bicubic_shape=[96, 128] if quick else list(DIV2K_SHAPE[:2]),
+        bicubic_crop=24 if quick else 256,
         reference_repeats=1 if quick else 3,
     )
     for key, value in defaults.items():
@@ -922,7 +1161,15 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for norm in args.norms:
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
-    for key in ("batch", "lr_patch", "infer_size", "repeats", "matmul_n", "bicubic_crop", "reference_repeats"):
+    for key in (
+        "batch",
+        "lr_patch",
+        "infer_size",
+        "repeats",
+        "matmul_n",
+        "bicubic_crop",
+        "reference_repeats",
+    ):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.warmup < 0 or args.threads < 0 or min(args.bicubic_shape) < 1:

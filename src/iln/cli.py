@@ -15,7 +15,14 @@ from iln.train import TrainingDiverged
 
 # Failures caused by the inputs (params, data, a diverging run), not by a bug: the message
 # says what to fix, so a traceback would only hide it.
-EXPECTED = (ParamsError, FileNotFoundError, ImageReadError, DownloadError, UnsafeArchiveError, TrainingDiverged)
+EXPECTED = (
+    ParamsError,
+    FileNotFoundError,
+    ImageReadError,
+    DownloadError,
+    UnsafeArchiveError,
+    TrainingDiverged,
+)
 
 
 def run_stage(name: str, main: Callable[[], int]) -> int:

@@ -39,7 +39,9 @@ def parse(cls: type, mapping: Any, where: str) -> Any:
 
 def _parse_dataclass(cls: type, mapping: Any, where: str) -> Any:
     if not isinstance(mapping, Mapping):
-        raise ParamsError(f"{where}: expected a mapping of {cls.__name__} fields, got {_describe(mapping)}")
+        raise ParamsError(
+            f"{where}: expected a mapping of {cls.__name__} fields, got {_describe(mapping)}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(mapping) - set(fields))
@@ -80,10 +82,14 @@ def _parse_value(tp: Any, value: Any, where: str) -> Any:
                 return _parse_value(arg, value, where)
             except ParamsError as err:
                 errors.append(str(err))
-        raise ParamsError(errors[0] if len(errors) == 1 else f"{where}: {_describe(value)} fits none of {tp}")
+        raise ParamsError(
+            errors[0] if len(errors) == 1 else f"{where}: {_describe(value)} fits none of {tp}"
+        )
     if origin is Literal:
         if value not in args:
-            raise ParamsError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ParamsError(
+                f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}"
+            )
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -92,7 +98,9 @@ def _parse_value(tp: Any, value: Any, where: str) -> Any:
             return tuple(_parse_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ParamsError(f"{where}: expected a list of {len(args)} items, got {len(value)}")
-        return tuple(_parse_value(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _parse_value(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))
+        )
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise ParamsError(f"{where}: expected a mapping, got {_describe(value)}")
@@ -166,7 +174,14 @@ class TrainParams:
     threads: int
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size", "lq_patch", "checkpoint_every", "log_every", "probe_images"):
+        for name in (
+            "iterations",
+            "batch_size",
+            "lq_patch",
+            "checkpoint_every",
+            "log_every",
+            "probe_images",
+        ):
             if getattr(self, name) < 1:
                 raise ParamsError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.probe_every < 0:
@@ -180,7 +195,9 @@ class TrainParams:
         if self.grad_clip < 0:
             raise ParamsError(f"train.grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
         if self.device not in ("auto", "cpu") and not re.match(r"^cuda(:\d+)?$|^mps$", self.device):
-            raise ParamsError(f"train.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+            raise ParamsError(
+                f"train.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -204,7 +221,7 @@ class RunSpec:
     @property
     def scale(self) -> int:
         """Upscaling factor implied by the task (1 for same-size restoration)."""
-        return int(self.task[len("sr_x"):]) if self.task.startswith("sr_x") else 1
+        return int(self.task[len("sr_x") :]) if self.task.startswith("sr_x") else 1
 
 
 @dataclass(frozen=True)
@@ -249,7 +266,9 @@ class Params:
         try:
             return self.runs[name]
         except KeyError:
-            raise ParamsError(f"runs.{name}: no such run (declared runs: {', '.join(sorted(self.runs))})") from None
+            raise ParamsError(
+                f"runs.{name}: no such run (declared runs: {', '.join(sorted(self.runs))})"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -275,7 +294,14 @@ class ResolvedRun:
     def fingerprint(self) -> str:
         """Hash of everything that shapes the trained weights (resume only into an equal run)."""
         payload = {"spec": dataclasses.asdict(self.spec), "train": dataclasses.asdict(self.train)}
-        for volatile in ("checkpoint_every", "log_every", "num_workers", "device", "threads", "compile"):
+        for volatile in (
+            "checkpoint_every",
+            "log_every",
+            "num_workers",
+            "device",
+            "threads",
+            "compile",
+        ):
             payload["train"].pop(volatile)
         payload["spec"].pop("groups")
         text = json.dumps(payload, sort_keys=True, default=str)
@@ -311,9 +337,13 @@ def _check_runs(params: Params) -> None:
         if name == "bicubic":
             raise ParamsError(f"{where}: 'bicubic' is reserved for the interpolation baseline")
         if spec.arch not in ARCHS:
-            raise ParamsError(f"{where}.arch: unknown arch {spec.arch!r} (choose from {', '.join(ARCHS)})")
+            raise ParamsError(
+                f"{where}.arch: unknown arch {spec.arch!r} (choose from {', '.join(ARCHS)})"
+            )
         if spec.norm not in NORMS:
-            raise ParamsError(f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})")
+            raise ParamsError(
+                f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})"
+            )
         if not TASK_PATTERN.match(spec.task):
             raise ParamsError(
                 f"{where}.task: unknown task {spec.task!r} (sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
@@ -331,10 +361,14 @@ def _check_runs(params: Params) -> None:
             )
         for group in spec.groups:
             if group not in GROUPS:
-                raise ParamsError(f"{where}.groups: unknown group {group!r} (choose from {', '.join(GROUPS)})")
+                raise ParamsError(
+                    f"{where}.groups: unknown group {group!r} (choose from {', '.join(GROUPS)})"
+                )
         for key in ("stdnorm", "affine_outer"):
             if key in spec.model:
-                raise ParamsError(f"{where}.model.{key}: set it as runs.{name}.{key}, not under model")
+                raise ParamsError(
+                    f"{where}.model.{key}: set it as runs.{name}.{key}, not under model"
+                )
         resolve_run(params, name)
 
 

@@ -35,7 +35,9 @@ def init_distributed(env: Mapping[str, str], device_spec: str) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size
+        )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

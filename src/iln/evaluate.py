@@ -25,7 +25,12 @@ RestoreFn = Callable[[np.ndarray], np.ndarray]
 
 
 def _check_image(img: np.ndarray, what: str) -> None:
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+    if (
+        not isinstance(img, np.ndarray)
+        or img.dtype != np.uint8
+        or img.ndim != 3
+        or img.shape[-1] != 3
+    ):
         desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
         raise ValueError(f"{what} must be a uint8 (H, W, 3) RGB array, got {desc}")
 
@@ -49,7 +54,9 @@ def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return starts + [length - tile]
 
 
-def _forward_tiled(model: nn.Module, x: torch.Tensor, scale: int, tile: int, overlap: int) -> torch.Tensor:
+def _forward_tiled(
+    model: nn.Module, x: torch.Tensor, scale: int, tile: int, overlap: int
+) -> torch.Tensor:
     """Run ``model`` on overlapping LR tiles and average the overlapping outputs."""
     _, c, h, w = x.shape  # (1, 3, H, W)
     th, tw = min(tile, h), min(tile, w)
@@ -61,7 +68,9 @@ def _forward_tiled(model: nn.Module, x: torch.Tensor, scale: int, tile: int, ove
             patch = x[:, :, top : top + th, left : left + tw]  # (1, 3, th, tw)
             out = model(patch).float()  # (1, 3, s*th, s*tw)
             if out.shape[-2:] != (th * scale, tw * scale):
-                raise ValueError(f"model returned {tuple(out.shape)} for a tile {th}x{tw} at scale {scale}")
+                raise ValueError(
+                    f"model returned {tuple(out.shape)} for a tile {th}x{tw} at scale {scale}"
+                )
             rows = slice(top * scale, (top + th) * scale)
             cols = slice(left * scale, (left + tw) * scale)
             acc[:, :, rows, cols] += out
@@ -98,7 +107,9 @@ def restore(
     if tile is not None:
         window = int(model.window_size)
         if tile <= 0 or tile % window:
-            raise ValueError(f"tile must be a positive multiple of model.window_size={window}, got {tile}")
+            raise ValueError(
+                f"tile must be a positive multiple of model.window_size={window}, got {tile}"
+            )
         if not 0 <= tile_overlap < tile:
             raise ValueError(f"tile_overlap must be in [0, tile={tile}), got {tile_overlap}")
     x = torch.from_numpy(np.array(lq, copy=True)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
@@ -149,7 +160,9 @@ def evaluate_pairs(
     """
     total = len(pairs) if hasattr(pairs, "__len__") else None
     rows: list[dict[str, Any]] = []
-    for name, lq, gt in tqdm(pairs, total=total, disable=not progress, desc="evaluate", leave=False):
+    for name, lq, gt in tqdm(
+        pairs, total=total, disable=not progress, desc="evaluate", leave=False
+    ):
         _check_image(lq, f"lq of {name!r}")
         _check_image(gt, f"gt of {name!r}")
         pred = restore_fn(lq)
@@ -199,7 +212,9 @@ def bicubic_restore(scale: int, *, round_each_pass: bool = False) -> RestoreFn:
 
     def fn(lq: np.ndarray) -> np.ndarray:
         _check_image(lq, "lq")
-        up = imresize(lq.astype(np.float64), scale, round_each_pass=round_each_pass)  # (s*H, s*W, 3)
+        up = imresize(
+            lq.astype(np.float64), scale, round_each_pass=round_each_pass
+        )  # (s*H, s*W, 3)
         return round_to_uint8(up)  # half away from zero, as MATLAB
 
     return fn
@@ -237,7 +252,12 @@ def largest_difference_box(a: np.ndarray, b: np.ndarray, *, size: int, scale: in
     tops = np.arange(0, h - size + 1, scale)
     lefts = np.arange(0, w - size + 1, scale)
     t, l = tops[:, None], lefts[None, :]
-    sums = integral[t + size, l + size] - integral[t, l + size] - integral[t + size, l] + integral[t, l]
+    sums = (
+        integral[t + size, l + size]
+        - integral[t, l + size]
+        - integral[t + size, l]
+        + integral[t, l]
+    )
     i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
     return int(tops[i]), int(lefts[j]), size, size
 
@@ -278,7 +298,9 @@ def side_by_side_crops(
                 f"image {label!r} has shape {img.shape}: expected HR {hr_shape} or LR of scale {scale}"
             )
         if top % scale or left % scale or bh % scale or bw % scale:
-            raise ValueError(f"box {box} must be aligned to scale {scale} to crop the LR image {label!r}")
+            raise ValueError(
+                f"box {box} must be aligned to scale {scale} to crop the LR image {label!r}"
+            )
         crop = img[top // scale : (top + bh) // scale, left // scale : (left + bw) // scale]
         if upscale_lr:
             tiles.append(np.repeat(np.repeat(crop, scale, axis=0), scale, axis=1))

@@ -43,12 +43,16 @@ def strict_json(obj: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Strict JSON (non-finite numbers become null), keys sorted, written atomically."""
-    write_text_atomic(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_text_atomic(
+        path, json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    )
 
 
 def write_csv_atomic(path: Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(
+        buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n"
+    )
     writer.writeheader()
     for row in rows:
         writer.writerow(row)

@@ -39,22 +39,32 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     if img.ndim != 3 or img.shape[-1] != 3:
         raise ValueError(f"rgb_to_y expects an (H, W, 3) RGB array, got shape {img.shape}")
     if not (img.dtype == np.uint8 or np.issubdtype(img.dtype, np.floating)):
-        raise ValueError(f"rgb_to_y expects uint8 or float values in [0, 255], got dtype {img.dtype}")
+        raise ValueError(
+            f"rgb_to_y expects uint8 or float values in [0, 255], got dtype {img.dtype}"
+        )
     return img.astype(np.float64) @ _Y_WEIGHTS + _Y_OFFSET  # (H, W)
 
 
-def _prepare(pred: np.ndarray, gt: np.ndarray, crop_border: int, y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+def _prepare(
+    pred: np.ndarray, gt: np.ndarray, crop_border: int, y_channel: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Validate, convert to float64 (Y or RGB) and crop; returns (H', W', C) arrays."""
     for name, arr in (("pred", pred), ("gt", gt)):
         if not isinstance(arr, np.ndarray):
             raise ValueError(f"{name} must be a numpy array, got {type(arr).__name__}")
         if arr.dtype != np.uint8:
-            raise ValueError(f"{name} must have dtype uint8 (values rounded to [0, 255]), got {arr.dtype}")
+            raise ValueError(
+                f"{name} must have dtype uint8 (values rounded to [0, 255]), got {arr.dtype}"
+            )
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise ValueError(f"{name} must have shape (H, W, 3) RGB, got {arr.shape}")
     if pred.shape != gt.shape:
         raise ValueError(f"pred and gt shapes differ: pred {pred.shape} vs gt {gt.shape}")
-    if isinstance(crop_border, bool) or not isinstance(crop_border, (int, np.integer)) or crop_border < 0:
+    if (
+        isinstance(crop_border, bool)
+        or not isinstance(crop_border, (int, np.integer))
+        or crop_border < 0
+    ):
         raise ValueError(f"crop_border must be a non-negative int, got {crop_border!r}")
     h, w = gt.shape[:2]
     if 2 * crop_border >= h or 2 * crop_border >= w:

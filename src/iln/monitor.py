@@ -19,7 +19,7 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     """Central ``size`` x ``size`` window of an (H, W, 3) image (smaller images whole)."""
     h, w = img.shape[:2]
     top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return img[top:top + size, left:left + size]
+    return img[top : top + size, left : left + size]
 
 
 def probe_batch(lq_images: Sequence[np.ndarray], size: int) -> torch.Tensor:
@@ -50,7 +50,9 @@ def training_monitor(
             return rows
         scalars: dict[str, float] = {}
         for row in rows:
-            is_group = row["layer"].startswith("group") and "." not in row["layer"]  # not group{g}.block{b}
+            is_group = (
+                row["layer"].startswith("group") and "." not in row["layer"]
+            )  # not group{g}.block{b}
             if is_group or row["layer"] == "final_norm_in":
                 scalars[f"features/{row['layer']}/magnitude"] = row["magnitude"]
                 scalars[f"features/{row['layer']}/entropy"] = row["entropy"]

@@ -39,7 +39,12 @@ MODES = ("fp32", "fp16", "bf16", "int8")
 FP16_MAX = 65504.0
 INT8_MAX = 127
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+_DTYPES = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "int8": torch.float32,
+}
 
 
 def fake_quant_symmetric(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -92,7 +97,9 @@ class FeatureMonitor:
 
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(getattr(model, "layers", None), nn.ModuleList):
-            raise ValueError("model must expose its residual groups as the nn.ModuleList `model.layers`")
+            raise ValueError(
+                "model must expose its residual groups as the nn.ModuleList `model.layers`"
+            )
         self.model = model
         self.max_abs_feature = 0.0
         self.feature_nonfinite = False
@@ -168,7 +175,9 @@ def evaluate_precisions(
     rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     unsupported: dict[str, str | None] = {mode: None for mode in modes}
     total = len(pairs) if hasattr(pairs, "__len__") else None
-    for name, lq, gt in tqdm(pairs, total=total, disable=not progress, desc="precision", leave=False):
+    for name, lq, gt in tqdm(
+        pairs, total=total, disable=not progress, desc="precision", leave=False
+    ):
         for mode in modes:
             if unsupported[mode] is not None:
                 continue
@@ -178,10 +187,14 @@ def evaluate_precisions(
             except (RuntimeError, NotImplementedError) as err:
                 if mode == "fp32":
                     raise
-                unsupported[mode] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                unsupported[mode] = (
+                    f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                )
                 continue
             if pred.shape != gt.shape:
-                raise ValueError(f"restored {name!r} has shape {pred.shape} but its gt has {gt.shape}")
+                raise ValueError(
+                    f"restored {name!r} has shape {pred.shape} but its gt has {gt.shape}"
+                )
             rows[mode].append(
                 {
                     "image": name,

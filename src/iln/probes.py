@@ -79,7 +79,9 @@ def per_image_stats(x: torch.Tensor) -> dict[str, torch.Tensor]:
     token_std = x64.std(dim=2, unbiased=False)  # (B, N)
     std_mean = token_std.mean(dim=1)  # (B,)
     std_std = token_std.std(dim=1, unbiased=False)  # (B,)
-    spread_b = torch.where(std_mean > 0, std_std / std_mean.clamp_min(1e-300), torch.zeros_like(std_mean))
+    spread_b = torch.where(
+        std_mean > 0, std_std / std_mean.clamp_min(1e-300), torch.zeros_like(std_mean)
+    )
     return {
         "magnitude": magnitude_b,
         "max_abs": max_abs_b,
@@ -178,8 +180,12 @@ def probe_points(model: nn.Module, *, per_block: bool = False) -> list[ProbePoin
         if per_block:
             blocks = getattr(getattr(group, "residual_group", None), "blocks", None)
             if blocks is None:
-                raise AttributeError(f"model.layers[{g}].residual_group.blocks not found (per_block=True)")
-            points.extend(ProbePoint(f"group{g}.block{b}", blk, False) for b, blk in enumerate(blocks))
+                raise AttributeError(
+                    f"model.layers[{g}].residual_group.blocks not found (per_block=True)"
+                )
+            points.extend(
+                ProbePoint(f"group{g}.block{b}", blk, False) for b, blk in enumerate(blocks)
+            )
         points.append(ProbePoint(f"group{g}", group, False))
     norm = getattr(model, "norm", None)
     if not isinstance(norm, nn.Module):
@@ -224,14 +230,18 @@ class FeatureProbe(contextlib.AbstractContextManager):
 
             def pre_hook(_module: nn.Module, args: tuple) -> None:
                 if not args:
-                    raise RuntimeError(f"{point.name}: the final norm was called without a positional input")
+                    raise RuntimeError(
+                        f"{point.name}: the final norm was called without a positional input"
+                    )
                 acc.add(args[0])
 
             return point.module.register_forward_pre_hook(pre_hook)
 
         def hook(_module: nn.Module, _args: tuple, output: object) -> None:
             if not isinstance(output, torch.Tensor):
-                raise TypeError(f"{point.name}: expected a (B, N, C) tensor output, got {type(output).__name__}")
+                raise TypeError(
+                    f"{point.name}: expected a (B, N, C) tensor output, got {type(output).__name__}"
+                )
             acc.add(output)
 
         return point.module.register_forward_hook(hook)
@@ -317,5 +327,7 @@ def read_csv_rows(path: Path | str, required: Sequence[str]) -> list[dict[str, s
         fields = reader.fieldnames or []
         missing = [c for c in required if c not in fields]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected at least {list(required)}, found {fields}")
+            raise ValueError(
+                f"{path}: missing column(s) {missing}; expected at least {list(required)}, found {fields}"
+            )
         return list(reader)

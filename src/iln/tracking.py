@@ -37,7 +37,10 @@ def git_commit(root: Path) -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, check=True,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -56,7 +59,7 @@ class StageRun:
 
         items = [Param(str(k), _param_text(v)) for k, v in params.items()]
         for start in range(0, len(items), BATCH_LIMIT):
-            self._client.log_batch(self.run_id, params=items[start:start + BATCH_LIMIT])
+            self._client.log_batch(self.run_id, params=items[start : start + BATCH_LIMIT])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log finite numbers (MLflow stores NaN/inf poorly: they go in as tags instead)."""
@@ -71,7 +74,7 @@ class StageRun:
             else:
                 other[f"nonfinite.{_metric_key(key)}"] = str(value)
         for start in range(0, len(finite), BATCH_LIMIT):
-            self._client.log_batch(self.run_id, metrics=finite[start:start + BATCH_LIMIT])
+            self._client.log_batch(self.run_id, metrics=finite[start : start + BATCH_LIMIT])
         if other:
             self.set_tags(other)
 
@@ -173,7 +176,9 @@ def stage_run(
         client.set_terminated(handle.run_id, status)
 
 
-def find_stage_runs(root: Path, *, experiment: str, run_name: str | None = None) -> list[dict[str, Any]]:
+def find_stage_runs(
+    root: Path, *, experiment: str, run_name: str | None = None
+) -> list[dict[str, Any]]:
     """Summaries of the stage runs in the store, for checking a store from Python."""
     client, _ = _client(root)
     found = client.get_experiment_by_name(experiment)

@@ -49,9 +49,13 @@ class StreamBatches(torch.utils.data.Sampler[list[int]]):
     """Sample indices of steps ``start .. stop-1`` for one rank: step t, rank r ->
     ``t*B + r*b + [0, b)`` with ``b = B / W``."""
 
-    def __init__(self, start: int, stop: int, global_batch: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self, start: int, stop: int, global_batch: int, rank: int, world_size: int
+    ) -> None:
         if global_batch % world_size:
-            raise ValueError(f"batch_size {global_batch} is not divisible by the {world_size} processes")
+            raise ValueError(
+                f"batch_size {global_batch} is not divisible by the {world_size} processes"
+            )
         self.start, self.stop = start, stop
         self.global_batch, self.local_batch = global_batch, global_batch // world_size
         self.offset = rank * self.local_batch
@@ -77,7 +81,9 @@ def adam(params: list[nn.Parameter], *, lr: float, betas: tuple[float, float]) -
 def build_optimizer(model: nn.Module, settings: TrainParams) -> tuple[torch.optim.Optimizer, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adam(params, lr=settings.lr, betas=settings.betas)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(settings.milestones), settings.lr_gamma)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, list(settings.milestones), settings.lr_gamma
+    )
     return optimizer, scheduler
 
 
@@ -164,7 +170,11 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], device)
-        history, monitor_rows, start = list(state["history"]), list(state["monitor"]), int(state["step"])
+        history, monitor_rows, start = (
+            list(state["history"]),
+            list(state["monitor"]),
+            int(state["step"]),
+        )
 
     train_model: nn.Module = model
     if world_size > 1:
@@ -196,27 +206,39 @@ def fit(
 
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=StreamBatches(start, settings.iterations, settings.batch_size, rank, world_size),
+        batch_sampler=StreamBatches(
+            start, settings.iterations, settings.batch_size, rank, world_size
+        ),
         num_workers=settings.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(settings.seed),  # keeps the global RNG untouched
     )
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp)
-    bar = tqdm(total=settings.iterations, initial=start, disable=not progress or rank != 0,
-               desc="train", unit="it", dynamic_ncols=True)
+    bar = tqdm(
+        total=settings.iterations,
+        initial=start,
+        disable=not progress or rank != 0,
+        desc="train",
+        unit="it",
+        dynamic_ncols=True,
+    )
     model.train()
     step, last_saved = start, start
     timer, timer_step, seconds = time.perf_counter(), start, 0.0
     for batch in loader:
         lq = batch["lq"].to(device, non_blocking=True)  # (b, 3, p, p)
         gt = batch["gt"].to(device, non_blocking=True)  # (b, 3, s*p, s*p)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
             output = train_model(lq)  # (b, 3, s*p, s*p)
         loss = F.l1_loss(output.float(), gt)
         if not torch.isfinite(loss):
             bar.close()
-            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; the last good "
-                                   f"checkpoint (step {last_saved}) is kept at {checkpoint_path}")
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {step + 1}; the last good "
+                f"checkpoint (step {last_saved}) is kept at {checkpoint_path}"
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if settings.grad_clip > 0:
@@ -244,16 +266,23 @@ def fit(
                 on_log(step, {k: v for k, v in row.items() if k != "step"})
             timer, timer_step = time.perf_counter(), step
 
-        if monitor is not None and rank == 0 and settings.probe_every and (
-            step % settings.probe_every == 0 or step == settings.iterations
+        if (
+            monitor is not None
+            and rank == 0
+            and settings.probe_every
+            and (step % settings.probe_every == 0 or step == settings.iterations)
         ):
             rows = monitor(step, _unwrap(model), ema)
             monitor_rows.extend({"step": step, **r} for r in rows)
-            bad = [r["layer"] for r in rows if "magnitude" in r and not math.isfinite(r["magnitude"])]
+            bad = [
+                r["layer"] for r in rows if "magnitude" in r and not math.isfinite(r["magnitude"])
+            ]
             if bad:
                 bar.close()
-                raise TrainingDiverged(f"features of {', '.join(bad)} became non-finite at step {step}; "
-                                       f"the last good checkpoint (step {last_saved}) is kept at {checkpoint_path}")
+                raise TrainingDiverged(
+                    f"features of {', '.join(bad)} became non-finite at step {step}; "
+                    f"the last good checkpoint (step {last_saved}) is kept at {checkpoint_path}"
+                )
         if step % settings.checkpoint_every == 0 or step == settings.iterations:
             checkpoint(step)
             last_saved = step
@@ -276,5 +305,7 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is {spec!r} but no CUDA device is available (use auto or cpu)")
+        raise RuntimeError(
+            f"train.device is {spec!r} but no CUDA device is available (use auto or cpu)"
+        )
     return device

@@ -12,9 +12,17 @@ from iln.models import build_model
 from iln.train import save_atomic
 
 
-def save_trained(path: Path, model: nn.Module, *, arch: str, norm: str, scale: int, overrides: dict[str, Any]) -> None:
+def save_trained(
+    path: Path, model: nn.Module, *, arch: str, norm: str, scale: int, overrides: dict[str, Any]
+) -> None:
     save_atomic(
-        {"arch": arch, "norm": norm, "scale": scale, "overrides": dict(overrides), "state_dict": model.state_dict()},
+        {
+            "arch": arch,
+            "norm": norm,
+            "scale": scale,
+            "overrides": dict(overrides),
+            "state_dict": model.state_dict(),
+        },
         Path(path),
     )
 

@@ -61,15 +61,24 @@ def _check_member_name(archive: Path, name: str) -> None:
 def _check_totals(archive: Path, members: int, unpacked: int, limits: ExtractLimits) -> None:
     packed = max(archive.stat().st_size, 1)
     if members > limits.max_members:
-        raise _reject(archive, f"{members} members, more than the limit of {limits.max_members} "
-                               f"(data.extract.max_members)")
+        raise _reject(
+            archive,
+            f"{members} members, more than the limit of {limits.max_members} "
+            f"(data.extract.max_members)",
+        )
     if unpacked > limits.max_bytes:
-        raise _reject(archive, f"unpacks to {unpacked / 2**30:.1f} GiB, more than the limit of "
-                               f"{limits.max_bytes / 2**30:.1f} GiB (data.extract.max_gib)")
+        raise _reject(
+            archive,
+            f"unpacks to {unpacked / 2**30:.1f} GiB, more than the limit of "
+            f"{limits.max_bytes / 2**30:.1f} GiB (data.extract.max_gib)",
+        )
     if unpacked / packed > limits.max_ratio:
-        raise _reject(archive, f"unpacks to {unpacked / packed:.0f}x its size ({unpacked} bytes from "
-                               f"{packed}), more than {limits.max_ratio:g}x: a decompression bomb? "
-                               f"(data.extract.max_ratio)")
+        raise _reject(
+            archive,
+            f"unpacks to {unpacked / packed:.0f}x its size ({unpacked} bytes from "
+            f"{packed}), more than {limits.max_ratio:g}x: a decompression bomb? "
+            f"(data.extract.max_ratio)",
+        )
 
 
 def member_wanted(prefixes: Iterable[str] | None) -> Callable[[str], bool]:
@@ -81,8 +90,13 @@ def member_wanted(prefixes: Iterable[str] | None) -> Callable[[str], bool]:
     return lambda name: any(key in "/" + name.replace("\\", "/").lstrip("/") for key in keys)
 
 
-def safe_extract(archive: str | Path, dest: str | Path, *, wanted: Callable[[str], bool] | None = None,
-                 limits: ExtractLimits = ExtractLimits()) -> int:
+def safe_extract(
+    archive: str | Path,
+    dest: str | Path,
+    *,
+    wanted: Callable[[str], bool] | None = None,
+    limits: ExtractLimits = ExtractLimits(),
+) -> int:
     """Extract ``archive`` into ``dest`` after checking every member; returns files extracted.
 
     ``wanted`` selects which members are written (all of them are checked)."""
@@ -96,7 +110,9 @@ def safe_extract(archive: str | Path, dest: str | Path, *, wanted: Callable[[str
     raise ValueError(f"{archive}: not a zip or tar archive")
 
 
-def _extract_zip(archive: Path, dest: Path, wanted: Callable[[str], bool], limits: ExtractLimits) -> int:
+def _extract_zip(
+    archive: Path, dest: Path, wanted: Callable[[str], bool], limits: ExtractLimits
+) -> int:
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
@@ -112,9 +128,14 @@ def _extract_zip(archive: Path, dest: Path, wanted: Callable[[str], bool], limit
             for info in infos:
                 if info.is_dir() or not wanted(info.filename):
                     continue
-                target = dest.joinpath(*[p for p in info.filename.replace("\\", "/").split("/") if p])
+                target = dest.joinpath(
+                    *[p for p in info.filename.replace("\\", "/").split("/") if p]
+                )
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:  # reads at most file_size bytes
+                with (
+                    zf.open(info) as src,
+                    open(target, "wb") as out,
+                ):  # reads at most file_size bytes
                     shutil.copyfileobj(src, out, 1 << 20)
                 count += 1
     except zipfile.BadZipFile as err:
@@ -122,7 +143,9 @@ def _extract_zip(archive: Path, dest: Path, wanted: Callable[[str], bool], limit
     return count
 
 
-def _extract_tar(archive: Path, dest: Path, wanted: Callable[[str], bool], limits: ExtractLimits) -> int:
+def _extract_tar(
+    archive: Path, dest: Path, wanted: Callable[[str], bool], limits: ExtractLimits
+) -> int:
     try:
         with tarfile.open(archive) as tf:
             members = tf.getmembers()
@@ -130,8 +153,11 @@ def _extract_tar(archive: Path, dest: Path, wanted: Callable[[str], bool], limit
                 _check_member_name(archive, m.name)
                 if m.issym() or m.islnk():
                     kind = "symlink" if m.issym() else "hard link"
-                    raise _reject(archive, f"member {m.name!r} is a {kind} (-> {m.linkname!r}); "
-                                           f"links are not accepted in datasets")
+                    raise _reject(
+                        archive,
+                        f"member {m.name!r} is a {kind} (-> {m.linkname!r}); "
+                        f"links are not accepted in datasets",
+                    )
                 if not (m.isfile() or m.isdir()):
                     raise _reject(archive, f"member {m.name!r} is a device or FIFO")
             _check_totals(archive, len(members), sum(m.size for m in members), limits)

@@ -64,49 +64,71 @@ _GDRIVE_HOWTO = (
 
 ARCHIVES: dict[str, Archive] = {
     "DIV2K_train_HR": Archive(
-        "DIV2K_train_HR.zip", "https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_train_HR.zip",
-        md5="bdc2d9338d4e574fe81bf7d158758658", checksum_origin=_TORCHSR, size="3.5 GB",
+        "DIV2K_train_HR.zip",
+        "https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_train_HR.zip",
+        md5="bdc2d9338d4e574fe81bf7d158758658",
+        checksum_origin=_TORCHSR,
+        size="3.5 GB",
     ),
     "DIV2K_valid_HR": Archive(
-        "DIV2K_valid_HR.zip", "https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_valid_HR.zip",
-        md5="9fcdda83005c5e5997799b69f955ff88", checksum_origin=_TORCHSR, size="0.45 GB",
+        "DIV2K_valid_HR.zip",
+        "https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_valid_HR.zip",
+        md5="9fcdda83005c5e5997799b69f955ff88",
+        checksum_origin=_TORCHSR,
+        size="0.45 GB",
     ),
     "Flickr2K": Archive(
-        "Flickr2K.tar", "https://cv.snu.ac.kr/research/EDSR/Flickr2K.tar",
-        md5="5d3f39443d5e9489bff8963f8f26cb03", checksum_origin=_TORCHSR, size="20 GB (HR and LR)",
+        "Flickr2K.tar",
+        "https://cv.snu.ac.kr/research/EDSR/Flickr2K.tar",
+        md5="5d3f39443d5e9489bff8963f8f26cb03",
+        checksum_origin=_TORCHSR,
+        size="20 GB (HR and LR)",
     ),
     "EDSR_benchmark": Archive(
-        "benchmark.tar", "https://cv.snu.ac.kr/research/EDSR/benchmark.tar",
-        md5="4ace41d33c2384b97e6b320cd0afd6ba", checksum_origin=_TORCHSR, size="0.2 GB",
+        "benchmark.tar",
+        "https://cv.snu.ac.kr/research/EDSR/benchmark.tar",
+        md5="4ace41d33c2384b97e6b320cd0afd6ba",
+        checksum_origin=_TORCHSR,
+        size="0.2 GB",
     ),
     "Manga109": Archive(
-        "Manga109.zip", None,
+        "Manga109.zip",
+        None,
         howto="Manga109 is distributed only on request (manga109.org). Put the 109 page images in a folder "
-              "and set data.local.Manga109 to it.",
+        "and set data.local.Manga109 to it.",
     ),
     "IRCNN_testsets": Archive(
-        "IRCNN-938f6a7f.zip", _GITHUB.format(repo="cszn/IRCNN", commit="938f6a7fc9f12df9188da838fc2cec4bcca06976"),
+        "IRCNN-938f6a7f.zip",
+        _GITHUB.format(repo="cszn/IRCNN", commit="938f6a7fc9f12df9188da838fc2cec4bcca06976"),
         size="0.1 GB",
     ),
     "FFDNet_testsets": Archive(
-        "FFDNet-a68d5445.zip", _GITHUB.format(repo="cszn/FFDNet", commit="a68d544599bb9bb2f89da51ab9e18458fa882023"),
+        "FFDNet-a68d5445.zip",
+        _GITHUB.format(repo="cszn/FFDNet", commit="a68d544599bb9bb2f89da51ab9e18458fa882023"),
         size="0.1 GB",
     ),
     "SwinIR_testsets": Archive(
         "SwinIR-33f61662.zip",
-        _GITHUB.format(repo="JingyunLiang/SwinIR", commit="33f616625268d08ba600f8db89388eec0328edb1"),
+        _GITHUB.format(
+            repo="JingyunLiang/SwinIR", commit="33f616625268d08ba600f8db89388eec0328edb1"
+        ),
         size="0.05 GB",
     ),
     "DnCNN_testsets": Archive(
-        "DnCNN-badb6530.zip", _GITHUB.format(repo="cszn/DnCNN", commit="badb6530935b23b2f2fcb40885898a2bab80eb73"),
+        "DnCNN-badb6530.zip",
+        _GITHUB.format(repo="cszn/DnCNN", commit="badb6530935b23b2f2fcb40885898a2bab80eb73"),
         size="0.05 GB",
     ),
     "Rain13K_train": Archive(
-        "Rain13K_train.zip", _GDRIVE.format(id="14BidJeG4nSNuFNFDf99K-7eErCq4i47t"), size="2 GB",
+        "Rain13K_train.zip",
+        _GDRIVE.format(id="14BidJeG4nSNuFNFDf99K-7eErCq4i47t"),
+        size="2 GB",
         howto=_GDRIVE_HOWTO,
     ),
     "Rain13K_test": Archive(
-        "Rain13K_test.zip", _GDRIVE.format(id="1P_-RAvltEoEhfT-9GrWRdpEi6NSswTs8"), size="0.6 GB",
+        "Rain13K_test.zip",
+        _GDRIVE.format(id="1P_-RAvltEoEhfT-9GrWRdpEi6NSswTs8"),
+        size="0.6 GB",
         howto=_GDRIVE_HOWTO,
     ),
 }
@@ -114,36 +136,161 @@ ARCHIVES: dict[str, Archive] = {
 
 def _sets() -> dict[str, SetSpec]:
     specs = [
-        SetSpec("default_train", "embedded", "train", "scikit-image photographs (offline default)", member="train"),
-        SetSpec("default_test", "embedded", "test", "scikit-image photographs (offline default)", member="test"),
-        SetSpec("DIV2K_train", "archive", "train", "DIV2K training HR (800)", "DIV2K_train_HR", "DIV2K_train_HR",
-                count=800),
-        SetSpec("DIV2K_valid", "archive", "test", "DIV2K validation HR (100)", "DIV2K_valid_HR", "DIV2K_valid_HR",
-                count=100),
-        SetSpec("Flickr2K", "archive", "train", "Flickr2K HR (2650)", "Flickr2K", "Flickr2K/Flickr2K_HR", count=2650),
-        SetSpec("DF2K", "composite", "train", "DIV2K train + Flickr2K (3450)", parts=("DIV2K_train", "Flickr2K")),
-        SetSpec("Set5", "archive", "test", "SR benchmark", "EDSR_benchmark", "benchmark/Set5/HR", count=5),
-        SetSpec("Set14", "archive", "test", "SR benchmark", "EDSR_benchmark", "benchmark/Set14/HR", count=14),
-        SetSpec("B100", "archive", "test", "SR benchmark (BSD100)", "EDSR_benchmark", "benchmark/B100/HR", count=100),
-        SetSpec("Urban100", "archive", "test", "SR / denoising benchmark", "EDSR_benchmark", "benchmark/Urban100/HR",
-                count=100),
+        SetSpec(
+            "default_train",
+            "embedded",
+            "train",
+            "scikit-image photographs (offline default)",
+            member="train",
+        ),
+        SetSpec(
+            "default_test",
+            "embedded",
+            "test",
+            "scikit-image photographs (offline default)",
+            member="test",
+        ),
+        SetSpec(
+            "DIV2K_train",
+            "archive",
+            "train",
+            "DIV2K training HR (800)",
+            "DIV2K_train_HR",
+            "DIV2K_train_HR",
+            count=800,
+        ),
+        SetSpec(
+            "DIV2K_valid",
+            "archive",
+            "test",
+            "DIV2K validation HR (100)",
+            "DIV2K_valid_HR",
+            "DIV2K_valid_HR",
+            count=100,
+        ),
+        SetSpec(
+            "Flickr2K",
+            "archive",
+            "train",
+            "Flickr2K HR (2650)",
+            "Flickr2K",
+            "Flickr2K/Flickr2K_HR",
+            count=2650,
+        ),
+        SetSpec(
+            "DF2K",
+            "composite",
+            "train",
+            "DIV2K train + Flickr2K (3450)",
+            parts=("DIV2K_train", "Flickr2K"),
+        ),
+        SetSpec(
+            "Set5",
+            "archive",
+            "test",
+            "SR benchmark",
+            "EDSR_benchmark",
+            "benchmark/Set5/HR",
+            count=5,
+        ),
+        SetSpec(
+            "Set14",
+            "archive",
+            "test",
+            "SR benchmark",
+            "EDSR_benchmark",
+            "benchmark/Set14/HR",
+            count=14,
+        ),
+        SetSpec(
+            "B100",
+            "archive",
+            "test",
+            "SR benchmark (BSD100)",
+            "EDSR_benchmark",
+            "benchmark/B100/HR",
+            count=100,
+        ),
+        SetSpec(
+            "Urban100",
+            "archive",
+            "test",
+            "SR / denoising benchmark",
+            "EDSR_benchmark",
+            "benchmark/Urban100/HR",
+            count=100,
+        ),
         SetSpec("Manga109", "archive", "test", "SR benchmark", "Manga109", "Manga109", count=109),
-        SetSpec("CBSD68", "archive", "test", "colour denoising benchmark", "IRCNN_testsets", "testsets/CBSD68",
-                count=68),
-        SetSpec("Kodak24", "archive", "test", "colour denoising benchmark", "FFDNet_testsets", "testsets/Kodak24",
-                count=24),
-        SetSpec("McMaster", "archive", "test", "colour denoising benchmark", "SwinIR_testsets", "testsets/McMaster",
-                count=18),
-        SetSpec("Classic5", "archive", "test", "JPEG benchmark (greyscale, replicated to RGB)", "SwinIR_testsets",
-                "testsets/classic5", count=5),
-        SetSpec("LIVE1", "archive", "test", "JPEG benchmark", "DnCNN_testsets", "testsets/LIVE1", count=29),
-        SetSpec("Rain13K", "archive", "train", "deraining training pairs", "Rain13K_train", "Rain13K/target",
-                input_member="Rain13K/input", count=13712),
+        SetSpec(
+            "CBSD68",
+            "archive",
+            "test",
+            "colour denoising benchmark",
+            "IRCNN_testsets",
+            "testsets/CBSD68",
+            count=68,
+        ),
+        SetSpec(
+            "Kodak24",
+            "archive",
+            "test",
+            "colour denoising benchmark",
+            "FFDNet_testsets",
+            "testsets/Kodak24",
+            count=24,
+        ),
+        SetSpec(
+            "McMaster",
+            "archive",
+            "test",
+            "colour denoising benchmark",
+            "SwinIR_testsets",
+            "testsets/McMaster",
+            count=18,
+        ),
+        SetSpec(
+            "Classic5",
+            "archive",
+            "test",
+            "JPEG benchmark (greyscale, replicated to RGB)",
+            "SwinIR_testsets",
+            "testsets/classic5",
+            count=5,
+        ),
+        SetSpec(
+            "LIVE1",
+            "archive",
+            "test",
+            "JPEG benchmark",
+            "DnCNN_testsets",
+            "testsets/LIVE1",
+            count=29,
+        ),
+        SetSpec(
+            "Rain13K",
+            "archive",
+            "train",
+            "deraining training pairs",
+            "Rain13K_train",
+            "Rain13K/target",
+            input_member="Rain13K/input",
+            count=13712,
+        ),
     ]
     for name in ("Rain100L", "Rain100H", "Test100", "Test1200", "Test2800"):
-        count = int(name[len("Test"):]) if name.startswith("Test") else 100
-        specs.append(SetSpec(name, "archive", "test", "deraining test pairs", "Rain13K_test", f"{name}/target",
-                             input_member=f"{name}/input", count=count))
+        count = int(name[len("Test") :]) if name.startswith("Test") else 100
+        specs.append(
+            SetSpec(
+                name,
+                "archive",
+                "test",
+                "deraining test pairs",
+                "Rain13K_test",
+                f"{name}/target",
+                input_member=f"{name}/input",
+                count=count,
+            )
+        )
     return {spec.name: spec for spec in specs}
 
 
@@ -166,7 +313,9 @@ def catalogue_names() -> list[str]:
 
 
 def unknown_name_error(name: str, where: str) -> ValueError:
-    return ValueError(f"{where}: unknown dataset {name!r} (catalogue: {', '.join(catalogue_names())})")
+    return ValueError(
+        f"{where}: unknown dataset {name!r} (catalogue: {', '.join(catalogue_names())})"
+    )
 
 
 def expand(names: tuple[str, ...] | list[str], where: str = "datasets") -> list[str]:

@@ -18,7 +18,9 @@ from iln.data.degrade import add_gaussian_noise, jpeg_compress
 from iln.data.io import image_size, list_images, read_rgb
 from iln.data.params import parse_task
 
-_PERMUTATION_STREAM = 0x5045524D  # separates the per-epoch permutation stream from per-sample streams
+_PERMUTATION_STREAM = (
+    0x5045524D  # separates the per-epoch permutation stream from per-sample streams
+)
 
 
 def _match(gt_files: list[Path], lq_dir: Path) -> dict[str, Path]:
@@ -30,7 +32,9 @@ def _match(gt_files: list[Path], lq_dir: Path) -> dict[str, Path]:
         out[gt.stem] = lq_files[gt.stem]
     extra = sorted(set(lq_files) - set(out))
     if extra:
-        raise FileNotFoundError(f"{lq_files[extra[0]]}: lq image without a gt partner in the gt folder")
+        raise FileNotFoundError(
+            f"{lq_files[extra[0]]}: lq image without a gt partner in the gt folder"
+        )
     return out
 
 
@@ -46,19 +50,35 @@ class TrainPatches:
     loader worker has its own cache); images beyond the budget are decoded on every use.
     """
 
-    def __init__(self, gt_dir: str | Path | Sequence[str | Path], lq_dir: str | Path | None, *, scale: int,
-                 lq_patch: int, seed: int, augment: bool = True, degradation: str | None = None,
-                 cache: bool = True, cache_bytes: int = 4 << 30) -> None:
+    def __init__(
+        self,
+        gt_dir: str | Path | Sequence[str | Path],
+        lq_dir: str | Path | None,
+        *,
+        scale: int,
+        lq_patch: int,
+        seed: int,
+        augment: bool = True,
+        degradation: str | None = None,
+        cache: bool = True,
+        cache_bytes: int = 4 << 30,
+    ) -> None:
         if scale < 1 or lq_patch < 1:
             raise ValueError(f"scale and lq_patch must be >= 1, got {scale}, {lq_patch}")
         self.scale, self.lq_patch, self.seed, self.augment = scale, lq_patch, seed, augment
         self.cache, self.cache_bytes, self._cached_bytes = cache, cache_bytes, 0
-        self.degradation = parse_task(degradation, "degradation") if degradation is not None else None
+        self.degradation = (
+            parse_task(degradation, "degradation") if degradation is not None else None
+        )
         if self.degradation is not None:
             if self.degradation.kind not in ("dn", "car"):
-                raise ValueError(f"degradation must be dn_s<sigma> or car_q<quality>, got {degradation!r}")
+                raise ValueError(
+                    f"degradation must be dn_s<sigma> or car_q<quality>, got {degradation!r}"
+                )
             if lq_dir is not None or scale != 1:
-                raise ValueError(f"on-the-fly degradation {degradation!r} needs lq_dir=None and scale=1")
+                raise ValueError(
+                    f"on-the-fly degradation {degradation!r} needs lq_dir=None and scale=1"
+                )
         elif lq_dir is None:
             raise ValueError("lq_dir is required unless a degradation makes lq on the fly")
         dirs = [Path(gt_dir)] if isinstance(gt_dir, (str, Path)) else [Path(d) for d in gt_dir]
@@ -81,15 +101,21 @@ class TrainPatches:
             gh, gw = image_size(gt)
             if self.lq_files is None:
                 if gh < p or gw < p:
-                    raise ValueError(f"{gt}: image {gh}x{gw} is smaller than the training patch {p}x{p}")
+                    raise ValueError(
+                        f"{gt}: image {gh}x{gw} is smaller than the training patch {p}x{p}"
+                    )
                 continue
             lq = self.lq_files[gt.stem]
             lh, lw = image_size(lq)
             if (gh, gw) != (lh * s, lw * s):
-                raise ValueError(f"{lq}: lq size {lh}x{lw} times scale {s} does not match gt {gt} size {gh}x{gw}")
+                raise ValueError(
+                    f"{lq}: lq size {lh}x{lw} times scale {s} does not match gt {gt} size {gh}x{gw}"
+                )
             if lh < p or lw < p:
-                raise ValueError(f"{lq}: image {lh}x{lw} is smaller than the training patch {p}x{p} "
-                                 f"(gt {gt} is {gh}x{gw})")
+                raise ValueError(
+                    f"{lq}: image {lh}x{lw} is smaller than the training patch {p}x{p} "
+                    f"(gt {gt} is {gh}x{gw})"
+                )
 
     def __len__(self) -> int:
         return len(self.gt_files)
@@ -124,8 +150,8 @@ class TrainPatches:
         src = gt if lq is None else lq
         top = int(rng.integers(0, src.shape[0] - p + 1))
         left = int(rng.integers(0, src.shape[1] - p + 1))
-        gt_patch = gt[top * s:(top + p) * s, left * s:(left + p) * s]  # (s*p, s*p, 3)
-        lq_patch = None if lq is None else lq[top:top + p, left:left + p]  # (p, p, 3)
+        gt_patch = gt[top * s : (top + p) * s, left * s : (left + p) * s]  # (s*p, s*p, 3)
+        lq_patch = None if lq is None else lq[top : top + p, left : left + p]  # (p, p, 3)
         flips = rng.random(3) < 0.5 if self.augment else np.zeros(3, dtype=bool)
         gt_patch = _augment(gt_patch, flips)
         if lq_patch is None:

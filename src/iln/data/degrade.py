@@ -17,15 +17,33 @@ from PIL import Image, features
 from iln.data.resize import imresize, imresize_reference, round_to_uint8
 
 __all__ = [
-    "imresize", "imresize_reference", "round_to_uint8", "bicubic_downsample", "modcrop", "add_gaussian_noise",
-    "noise_rng", "jpeg_compress", "jpeg_encoder_info", "tile_positions", "SUBSAMPLING",
+    "imresize",
+    "imresize_reference",
+    "round_to_uint8",
+    "bicubic_downsample",
+    "modcrop",
+    "add_gaussian_noise",
+    "noise_rng",
+    "jpeg_compress",
+    "jpeg_encoder_info",
+    "tile_positions",
+    "SUBSAMPLING",
 ]
 
-SUBSAMPLING = {"yuv444": 0, "yuv422": 1, "yuv420": 2}  # chroma 4:4:4 / 4:2:2 / 4:2:0 -> Pillow's codes
+SUBSAMPLING = {
+    "yuv444": 0,
+    "yuv422": 1,
+    "yuv420": 2,
+}  # chroma 4:4:4 / 4:2:2 / 4:2:0 -> Pillow's codes
 
 
 def _check_rgb(img: np.ndarray, what: str) -> None:
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+    if (
+        not isinstance(img, np.ndarray)
+        or img.dtype != np.uint8
+        or img.ndim != 3
+        or img.shape[2] != 3
+    ):
         shape = getattr(img, "shape", None)
         dtype = getattr(img, "dtype", type(img).__name__)
         raise ValueError(f"{what} expects a uint8 (H, W, 3) image, got {dtype} of shape {shape}")
@@ -74,10 +92,18 @@ def jpeg_compress(img: np.ndarray, quality: int, *, subsampling: str = "yuv420")
     if not 1 <= int(quality) <= 100:
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
     if subsampling not in SUBSAMPLING:
-        raise ValueError(f"JPEG subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
+        raise ValueError(
+            f"JPEG subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}"
+        )
     buffer = io.BytesIO()
-    Image.fromarray(img, "RGB").save(buffer, format="JPEG", quality=int(quality),
-                                     subsampling=SUBSAMPLING[subsampling], optimize=False, progressive=False)
+    Image.fromarray(img, "RGB").save(
+        buffer,
+        format="JPEG",
+        quality=int(quality),
+        subsampling=SUBSAMPLING[subsampling],
+        optimize=False,
+        progressive=False,
+    )
     buffer.seek(0)
     with Image.open(buffer) as decoded:
         return np.asarray(decoded.convert("RGB")).copy()

@@ -12,7 +12,6 @@ import hashlib
 import http.client
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -124,7 +123,9 @@ def fetch(
     problem = mismatch(digests, expected)
     if problem is not None:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{label}: checksum mismatch for {url}: got {problem}; the download was deleted")
+        raise DownloadError(
+            f"{label}: checksum mismatch for {url}: got {problem}; the download was deleted"
+        )
     os.replace(part, dest)
     return digests
 
@@ -146,8 +147,10 @@ def _download_to(url: str, part: Path, *, label: str, progress: bool, timeout: f
             return
         if err.code in (408, 429, 500, 502, 503, 504):
             raise _Retryable(f"HTTP {err.code}") from err
-        raise DownloadError(f"{label}: {url} answered HTTP {err.code} {err.reason}. Use the embedded default set "
-                            f"or point data.local.<set> at a local copy.") from None
+        raise DownloadError(
+            f"{label}: {url} answered HTTP {err.code} {err.reason}. Use the embedded default set "
+            f"or point data.local.<set> at a local copy."
+        ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         raise _Retryable(str(err)) from err
     with response:
@@ -156,7 +159,7 @@ def _download_to(url: str, part: Path, *, label: str, progress: bool, timeout: f
         if ctype.startswith("text/html"):
             raise DownloadError(
                 f"{label}: {url} returned a web page instead of the file (a login, quota or confirmation page). "
-                f"Download it in a browser into {part.parent} as {part.name[:-len('.part')]}, or point "
+                f"Download it in a browser into {part.parent} as {part.name[: -len('.part')]}, or point "
                 f"data.local.<set> at a local copy."
             )
         if offset and status != 206:  # the server ignored the Range header: start again
@@ -165,16 +168,25 @@ def _download_to(url: str, part: Path, *, label: str, progress: bool, timeout: f
         total = offset + int(length) if length is not None else None
         mode = "ab" if offset else "wb"
         received = 0
-        with open(part, mode) as handle, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-            disable=not progress, leave=False,
-        ) as bar:
+        with (
+            open(part, mode) as handle,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=label,
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
             try:
                 while block := response.read(CHUNK):
                     handle.write(block)
                     received += len(block)
                     bar.update(len(block))
-            except (OSError, http.client.HTTPException, socket.timeout) as err:
+            except (TimeoutError, OSError, http.client.HTTPException) as err:
                 raise _Retryable(str(err)) from err
         if length is not None and received < int(length):
             raise _Retryable(f"connection closed after {offset + received} of {total} bytes")

@@ -21,15 +21,25 @@ class EmbeddedImage:
     name: str  # scikit-image loader (skimage.data.<name>) and output file stem
     split: str  # "train" or "test"
     crop: tuple[int, int, int, int]  # (top, left, height, width) on the original
-    size: tuple[int, int]  # (height, width) after resizing; multiples of 12 (mod-crop free for x2/x3/x4)
+    size: tuple[
+        int, int
+    ]  # (height, width) after resizing; multiples of 12 (mod-crop free for x2/x3/x4)
     licence: str
 
 
 EMBEDDED = (
     EmbeddedImage("astronaut", "train", (0, 0, 512, 512), (384, 384), "public domain (NASA)"),
     EmbeddedImage("rocket", "train", (0, 5, 427, 630), (252, 372), "public domain (SpaceX)"),
-    EmbeddedImage("hubble_deep_field", "train", (52, 116, 768, 768), (384, 384), "public domain (NASA)"),
-    EmbeddedImage("immunohistochemistry", "train", (0, 0, 512, 512), (384, 384), "no known copyright restrictions"),
+    EmbeddedImage(
+        "hubble_deep_field", "train", (52, 116, 768, 768), (384, 384), "public domain (NASA)"
+    ),
+    EmbeddedImage(
+        "immunohistochemistry",
+        "train",
+        (0, 0, 512, 512),
+        (384, 384),
+        "no known copyright restrictions",
+    ),
     EmbeddedImage("retina", "train", (0, 0, 1411, 1411), (384, 384), "CC0 (M. Haggstrom)"),
     EmbeddedImage("chelsea", "test", (0, 4, 300, 443), (252, 372), "CC0 (S. van der Walt)"),
     EmbeddedImage("coffee", "test", (0, 5, 400, 590), (252, 372), "CC0 (R. Michetti)"),
@@ -43,8 +53,10 @@ def render(spec: EmbeddedImage) -> np.ndarray:
     original = getattr(skimage.data, spec.name)()  # (H, W, 3) uint8, read from the installed wheel
     top, left, h, w = spec.crop
     if top + h > original.shape[0] or left + w > original.shape[1]:
-        raise ValueError(f"{spec.name}: crop {spec.crop} exceeds the image size {original.shape[:2]}")
-    crop = original[top:top + h, left:left + w, :3]
+        raise ValueError(
+            f"{spec.name}: crop {spec.crop} exceeds the image size {original.shape[:2]}"
+        )
+    crop = original[top : top + h, left : left + w, :3]
     return round_to_uint8(imresize(crop, output_shape=spec.size))
 
 

@@ -38,7 +38,8 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: image folder not found")
     return sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
 
@@ -66,7 +67,13 @@ def read_rgb(path: str | Path) -> np.ndarray:
                 array = _to_rgb(img, path)
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as err:
         raise ImageReadError(f"{path}: cannot decode image ({err})") from None
     return np.ascontiguousarray(array)
 
@@ -82,19 +89,25 @@ def _to_rgb(img: Image.Image, path: Path) -> np.ndarray:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(img).astype(np.int64)
         if values.min() < 0 or values.max() > 65535:
-            raise ImageReadError(f"{path}: integer image with values outside 0..65535 is not supported")
+            raise ImageReadError(
+                f"{path}: integer image with values outside 0..65535 is not supported"
+            )
         return _grey_to_rgb(_16_to_8(values))
     if mode == "P" or mode == "PA":
         has_alpha = mode == "PA" or "transparency" in img.info
         return _to_rgb(img.convert("RGBA" if has_alpha else "RGB"), path)
     if mode == "LA":
         la = np.asarray(img)
-        return _drop_opaque_alpha(np.concatenate([_grey_to_rgb(la[..., 0]), la[..., 1:2]], axis=-1), path)
+        return _drop_opaque_alpha(
+            np.concatenate([_grey_to_rgb(la[..., 0]), la[..., 1:2]], axis=-1), path
+        )
     if mode == "RGBA":
         return _drop_opaque_alpha(np.asarray(img), path)
     if mode in ("CMYK", "YCbCr", "RGBX"):
         return np.asarray(img.convert("RGB"))
-    raise ImageReadError(f"{path}: unsupported image mode {mode!r} (expected RGB, greyscale, palette or 16-bit)")
+    raise ImageReadError(
+        f"{path}: unsupported image mode {mode!r} (expected RGB, greyscale, palette or 16-bit)"
+    )
 
 
 def _read_16bit_png(path: Path) -> np.ndarray:
@@ -144,9 +157,13 @@ def write_png(path: str | Path, array: np.ndarray, *, compress_level: int = 6) -
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # honours the umask, unlike mkstemp
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666
+        )  # honours the umask, unlike mkstemp
         with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(np.ascontiguousarray(array)).save(handle, format="PNG", compress_level=compress_level)
+            Image.fromarray(np.ascontiguousarray(array)).save(
+                handle, format="PNG", compress_level=compress_level
+            )
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -158,7 +175,12 @@ def is_plain_rgb_png(path: str | Path) -> bool:
     copied byte for byte instead of decoded and re-encoded."""
     try:
         with Image.open(path) as img:
-            if img.format != "PNG" or img.mode != "RGB" or _is_16bit_png_header(img) or img.info.get("transparency"):
+            if (
+                img.format != "PNG"
+                or img.mode != "RGB"
+                or _is_16bit_png_header(img)
+                or img.info.get("transparency")
+            ):
                 return False
             img.verify()
     except Exception:  # any problem: fall back to the decoding path, which reports it
@@ -168,4 +190,6 @@ def is_plain_rgb_png(path: str | Path) -> bool:
 
 def _is_16bit_png_header(img: Image.Image) -> bool:
     """Pillow decodes 16-bit colour PNGs to 8 bits by truncation; detect them to round instead."""
-    return img.format == "PNG" and any(isinstance(t.args, str) and t.args in _16BIT_PNG_RAWMODES for t in img.tile)
+    return img.format == "PNG" and any(
+        isinstance(t.args, str) and t.args in _16BIT_PNG_RAWMODES for t in img.tile
+    )

@@ -18,8 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from iln.data.catalog import RAIN_SUFFIX, parts_of
-from iln.data.degrade import (add_gaussian_noise, bicubic_downsample, jpeg_compress, jpeg_encoder_info, modcrop,
-                              noise_rng, tile_positions)
+from iln.data.degrade import (
+    add_gaussian_noise,
+    bicubic_downsample,
+    jpeg_compress,
+    jpeg_encoder_info,
+    modcrop,
+    noise_rng,
+    tile_positions,
+)
 from iln.data.io import is_plain_rgb_png, list_images, read_rgb, write_png
 from iln.data.parallel import resolve_workers, run_jobs
 from iln.data.params import DegradeParams, parse_task
@@ -57,33 +64,56 @@ class ImageJob:
     options: Options
 
 
-def make_pairs(params: DegradeParams, hr_root: str | Path, pairs_root: str | Path, *, progress: bool = True,
-               log: Callable[[str], None] = print) -> dict:
+def make_pairs(
+    params: DegradeParams,
+    hr_root: str | Path,
+    pairs_root: str | Path,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Write every task x set pair folder and the manifest; returns the manifest."""
     hr_root, pairs_root = Path(hr_root), Path(pairs_root)
     pairs_root.mkdir(parents=True, exist_ok=True)
     for stale in pairs_root.glob(STAGING_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
-    options = Options(params.seed, params.bicubic_rounding == "per_pass", params.jpeg_subsampling,
-                      params.png_compress_level)
+    options = Options(
+        params.seed,
+        params.bicubic_rounding == "per_pass",
+        params.jpeg_subsampling,
+        params.png_compress_level,
+    )
     start = time.perf_counter()
     staged: dict[tuple[str, str], Path] = {}
     jobs: dict[tuple[str, str | None], dict] = {}  # (gt source, lq source) -> {"name", "outputs"}
     try:
         for task in params.tasks:
             for set_name in params.sets_for(task):
-                stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{task}-{set_name}-", dir=pairs_root))
+                stage = Path(
+                    tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{task}-{set_name}-", dir=pairs_root)
+                )
                 (stage / "lq").mkdir()
                 (stage / "gt").mkdir()
                 staged[(task, set_name)] = stage
-                tiles = (params.subimages.size, params.subimages.step) if set_name in params.subimages.sets else None
+                tiles = (
+                    (params.subimages.size, params.subimages.step)
+                    if set_name in params.subimages.sets
+                    else None
+                )
                 output = Output(task, set_name, str(stage / "lq"), str(stage / "gt"), tiles)
                 for name, gt_src, lq_src in _sources(hr_root, set_name, derain=task == "derain"):
-                    entry = jobs.setdefault((str(gt_src), str(lq_src) if lq_src else None),
-                                            {"name": name, "outputs": []})
+                    entry = jobs.setdefault(
+                        (str(gt_src), str(lq_src) if lq_src else None),
+                        {"name": name, "outputs": []},
+                    )
                     entry["outputs"].append(output)
-        work = [(ImageJob(v["name"], gt, lq, tuple(v["outputs"]), options),) for (gt, lq), v in jobs.items()]
-        results = run_jobs(_process_image, work, workers=params.workers, progress=progress, desc="degrade")
+        work = [
+            (ImageJob(v["name"], gt, lq, tuple(v["outputs"]), options),)
+            for (gt, lq), v in jobs.items()
+        ]
+        results = run_jobs(
+            _process_image, work, workers=params.workers, progress=progress, desc="degrade"
+        )
         records: dict[str, dict] = {f"{t}/{s}": {} for (t, s) in staged}
         for job_results in results:
             for key, name, record in job_results:
@@ -95,8 +125,10 @@ def make_pairs(params: DegradeParams, hr_root: str | Path, pairs_root: str | Pat
             shutil.rmtree(stage, ignore_errors=True)
     manifest = _manifest(params, records, staged)
     write_json_atomic(pairs_root / "manifest.json", manifest)
-    log(f"degrade: {len(work)} source images, {len(staged)} pair folders in {time.perf_counter() - start:.1f} s "
-        f"({resolve_workers(params.workers)} workers)")
+    log(
+        f"degrade: {len(work)} source images, {len(staged)} pair folders in {time.perf_counter() - start:.1f} s "
+        f"({resolve_workers(params.workers)} workers)"
+    )
     return manifest
 
 
@@ -107,14 +139,20 @@ def _sources(hr_root: Path, set_name: str, *, derain: bool) -> list[tuple[str, P
     for part in parts_of(set_name):
         folder = hr_root / part
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: HR images of set {part!r} not found; add {set_name!r} to "
-                                    f"data.datasets so the download stage provides it")
+            raise FileNotFoundError(
+                f"{folder}: HR images of set {part!r} not found; add {set_name!r} to "
+                f"data.datasets so the download stage provides it"
+            )
         rain = hr_root / f"{part}{RAIN_SUFFIX}" if derain else None
         if derain and not rain.is_dir():
-            raise FileNotFoundError(f"{rain}: rainy inputs of set {part!r} not found (derain needs a paired set)")
+            raise FileNotFoundError(
+                f"{rain}: rainy inputs of set {part!r} not found (derain needs a paired set)"
+            )
         for path in list_images(folder):
             if path.stem in seen:
-                raise ValueError(f"{set_name}: image name {path.stem!r} occurs in both {seen[path.stem]} and {path}")
+                raise ValueError(
+                    f"{set_name}: image name {path.stem!r} occurs in both {seen[path.stem]} and {path}"
+                )
             seen[path.stem] = path
             lq = None
             if rain is not None:
@@ -129,7 +167,9 @@ def _sources(hr_root: Path, set_name: str, *, derain: bool) -> list[tuple[str, P
 
 def _process_image(job: ImageJob) -> list[tuple[str, str, dict]]:
     """All outputs of one source image; returns (task/set, name, record) per output."""
-    hr = None if all(o.task == "derain" for o in job.outputs) else read_rgb(job.gt_src)  # (H, W, 3) uint8
+    hr = (
+        None if all(o.task == "derain" for o in job.outputs) else read_rgb(job.gt_src)
+    )  # (H, W, 3) uint8
     plain_png = is_plain_rgb_png(job.gt_src)
     results = []
     for out in job.outputs:
@@ -139,8 +179,10 @@ def _process_image(job: ImageJob) -> list[tuple[str, str, dict]]:
             gt = read_rgb(job.gt_src) if hr is None else hr
             lq = read_rgb(job.lq_src)
             if lq.shape != gt.shape:
-                raise ValueError(f"{job.lq_src}: size {lq.shape[:2]} differs from its target {job.gt_src} "
-                                 f"{gt.shape[:2]}")
+                raise ValueError(
+                    f"{job.lq_src}: size {lq.shape[:2]} differs from its target {job.gt_src} "
+                    f"{gt.shape[:2]}"
+                )
         elif task.kind == "sr":
             gt = modcrop(hr, task.scale)
             lq = bicubic_downsample(gt, task.scale, round_each_pass=job.options.round_each_pass)
@@ -154,17 +196,35 @@ def _process_image(job: ImageJob) -> list[tuple[str, str, dict]]:
             lq = jpeg_compress(gt, task.quality, subsampling=job.options.jpeg_subsampling)
         record["gt"], record["lq"] = list(gt.shape[:2]), list(lq.shape[:2])
         if out.tiles is None:
-            _write_pair(out, job.name, lq, gt, gt_copy_from=job.gt_src if plain_png and gt is hr else None,
-                        lq_copy_from=job.lq_src if task.kind == "derain" and is_plain_rgb_png(job.lq_src) else None,
-                        level=job.options.compress_level)
+            _write_pair(
+                out,
+                job.name,
+                lq,
+                gt,
+                gt_copy_from=job.gt_src if plain_png and gt is hr else None,
+                lq_copy_from=job.lq_src
+                if task.kind == "derain" and is_plain_rgb_png(job.lq_src)
+                else None,
+                level=job.options.compress_level,
+            )
         else:
-            record["tiles"] = _write_tiles(out, job.name, lq, gt, task.scale, level=job.options.compress_level)
+            record["tiles"] = _write_tiles(
+                out, job.name, lq, gt, task.scale, level=job.options.compress_level
+            )
         results.append((f"{out.task}/{out.set_name}", job.name, record))
     return results
 
 
-def _write_pair(out: Output, name: str, lq: np.ndarray, gt: np.ndarray, *, gt_copy_from: str | None,
-                lq_copy_from: str | None, level: int) -> None:
+def _write_pair(
+    out: Output,
+    name: str,
+    lq: np.ndarray,
+    gt: np.ndarray,
+    *,
+    gt_copy_from: str | None,
+    lq_copy_from: str | None,
+    level: int,
+) -> None:
     gt_path, lq_path = Path(out.gt_dir) / f"{name}.png", Path(out.lq_dir) / f"{name}.png"
     if gt_copy_from:
         shutil.copyfile(gt_copy_from, gt_path)  # already a plain RGB PNG of exactly these pixels
@@ -176,7 +236,9 @@ def _write_pair(out: Output, name: str, lq: np.ndarray, gt: np.ndarray, *, gt_co
         write_png(lq_path, lq, compress_level=level)
 
 
-def _write_tiles(out: Output, name: str, lq: np.ndarray, gt: np.ndarray, scale: int, *, level: int) -> int:
+def _write_tiles(
+    out: Output, name: str, lq: np.ndarray, gt: np.ndarray, scale: int, *, level: int
+) -> int:
     """Cut aligned tiles: HR size/step from params, LR the same divided by the scale."""
     size, step = out.tiles
     h, w = lq.shape[:2]
@@ -186,17 +248,25 @@ def _write_tiles(out: Output, name: str, lq: np.ndarray, gt: np.ndarray, scale: 
         for left in tile_positions(w, lsize, lstep):
             index += 1
             stem = f"{name}_s{index:03d}"
-            lq_tile = lq[top:top + lsize, left:left + lsize]
-            gt_tile = gt[top * scale:(top + lsize) * scale, left * scale:(left + lsize) * scale]
-            write_png(Path(out.lq_dir) / f"{stem}.png", np.ascontiguousarray(lq_tile), compress_level=level)
-            write_png(Path(out.gt_dir) / f"{stem}.png", np.ascontiguousarray(gt_tile), compress_level=level)
+            lq_tile = lq[top : top + lsize, left : left + lsize]
+            gt_tile = gt[top * scale : (top + lsize) * scale, left * scale : (left + lsize) * scale]
+            write_png(
+                Path(out.lq_dir) / f"{stem}.png",
+                np.ascontiguousarray(lq_tile),
+                compress_level=level,
+            )
+            write_png(
+                Path(out.gt_dir) / f"{stem}.png",
+                np.ascontiguousarray(gt_tile),
+                compress_level=level,
+            )
     return index
 
 
 def _manifest(params: DegradeParams, records: dict[str, dict], staged: dict) -> dict:
     """Deterministic: the same params and HR images give the same bytes (no timings, no worker count)."""
     pairs = {}
-    for (task, set_name) in staged:
+    for task, set_name in staged:
         key = f"{task}/{set_name}"
         images = records[key]
         tiled = set_name in params.subimages.sets
@@ -213,8 +283,8 @@ def _manifest(params: DegradeParams, records: dict[str, dict], staged: dict) -> 
         "format": 1,
         "params": {k: v for k, v in asdict(params).items() if k != "workers"},
         "bicubic": "MATLAB imresize (bicubic a=-0.5, antialiased, symmetric borders), float64, "
-                   + ("rounded after each pass" if params.bicubic_rounding == "per_pass" else "rounded once")
-                   + ", half away from zero",
+        + ("rounded after each pass" if params.bicubic_rounding == "per_pass" else "rounded once")
+        + ", half away from zero",
         "noise": "N(0, sigma^2) on [0, 255], numpy PCG64 seeded by sha256(seed|task|image), clipped and rounded",
         "jpeg": jpeg_encoder_info(params.jpeg_subsampling),
         "pairs": pairs,

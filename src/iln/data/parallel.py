@@ -15,8 +15,14 @@ def resolve_workers(workers: int) -> int:
     return workers if workers > 0 else (os.cpu_count() or 1)
 
 
-def run_jobs(fn: Callable[..., Any], jobs: list[tuple], *, workers: int = 0, progress: bool = True,
-             desc: str = "") -> list[Any]:
+def run_jobs(
+    fn: Callable[..., Any],
+    jobs: list[tuple],
+    *,
+    workers: int = 0,
+    progress: bool = True,
+    desc: str = "",
+) -> list[Any]:
     """``[fn(*job) for job in jobs]``, in worker processes when there are several; ``fn`` must be a
     module-level function. The first failing job's exception is raised."""
     n = min(resolve_workers(workers), len(jobs))

@@ -32,7 +32,9 @@ class TaskSpec:
 def parse_task(name: str, where: str = "task") -> TaskSpec:
     match = TASK_RE.match(name)
     if not match:
-        raise ValueError(f"{where}: unknown task {name!r} (sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)")
+        raise ValueError(
+            f"{where}: unknown task {name!r} (sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
+        )
     if match["scale"] is not None:
         scale = int(match["scale"])
         if scale not in SR_SCALES:
@@ -65,8 +67,11 @@ class ExtractParams:
                 raise ValueError(f"extract.{key}: must be > 0, got {getattr(self, key)}")
 
     def limits(self) -> ExtractLimits:
-        return ExtractLimits(max_bytes=int(self.max_gib * 2**30), max_members=self.max_members,
-                             max_ratio=self.max_ratio)
+        return ExtractLimits(
+            max_bytes=int(self.max_gib * 2**30),
+            max_members=self.max_members,
+            max_ratio=self.max_ratio,
+        )
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,13 @@ class DataParams:
     """What the download stage fetches and where it keeps downloads."""
 
     datasets: tuple[str, ...]  # set or group names from iln.data.catalog
-    local: dict[str, str] = field(default_factory=dict)  # set name -> folder (or archive) already on disk
+    local: dict[str, str] = field(
+        default_factory=dict
+    )  # set name -> folder (or archive) already on disk
     embedded_dir: str = "data/default"
-    download_dir: str = "data/downloads"  # archives and .part files (kept between runs, not a stage output)
+    download_dir: str = (
+        "data/downloads"  # archives and .part files (kept between runs, not a stage output)
+    )
     checksums: str = "data/checksums.json"  # SHA-256 recorded at first download (commit it)
     workers: int = 0  # processes for normalising images; 0 = all cores
     extract: ExtractParams = field(default_factory=ExtractParams)
@@ -89,7 +98,9 @@ class DataParams:
             if name not in SETS:
                 raise unknown_name_error(name, f"local.{name}")
             if SETS[name].kind != "archive":
-                raise ValueError(f"local.{name}: only downloadable sets can be pointed at a local folder")
+                raise ValueError(
+                    f"local.{name}: only downloadable sets can be pointed at a local folder"
+                )
         if self.workers < 0:
             raise ValueError(f"workers: must be >= 0 (0 = all cores), got {self.workers}")
 
@@ -122,14 +133,18 @@ class DegradeParams:
 
     tasks: tuple[str, ...]
     sets: tuple[str, ...]
-    task_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per-task override of ``sets``
+    task_sets: dict[str, tuple[str, ...]] = field(
+        default_factory=dict
+    )  # per-task override of ``sets``
     seed: int = 0  # base of the per-image noise seeds
     workers: int = 0  # processes; 0 = all cores
     bicubic_rounding: Literal["once", "per_pass"] = "once"  # per_pass = MATLAB on uint8 input
     # yuv420 = 4:2:0 chroma subsampling. Written without colons: YAML 1.1 reads an unquoted
     # 4:2:0 as the base-60 integer 14520, and `dvc exp run -S` rewrites params.yaml unquoted.
     jpeg_subsampling: Literal["yuv420", "yuv444"] = "yuv420"
-    png_compress_level: int = 1  # zlib level of written pairs: 1 is ~3x faster to write than 6, ~10% larger
+    png_compress_level: int = (
+        1  # zlib level of written pairs: 1 is ~3x faster to write than 6, ~10% larger
+    )
     subimages: SubImages = field(default_factory=SubImages)
 
     def __post_init__(self) -> None:
@@ -137,10 +152,15 @@ class DegradeParams:
             raise ValueError("tasks: list at least one task (e.g. sr_x2)")
         for task in self.tasks:
             parse_task(task, f"tasks: {task}")
-        for key, values in (("tasks", self.tasks), ("sets", self.sets), *(
-                (f"task_sets.{t}", v) for t, v in self.task_sets.items())):
+        for key, values in (
+            ("tasks", self.tasks),
+            ("sets", self.sets),
+            *((f"task_sets.{t}", v) for t, v in self.task_sets.items()),
+        ):
             if len(set(values)) != len(values):
-                raise ValueError(f"{key}: listed twice: {sorted({v for v in values if values.count(v) > 1})}")
+                raise ValueError(
+                    f"{key}: listed twice: {sorted({v for v in values if values.count(v) > 1})}"
+                )
         for task in self.task_sets:
             if task not in self.tasks:
                 raise ValueError(f"task_sets.{task}: not one of tasks ({', '.join(self.tasks)})")
@@ -151,8 +171,10 @@ class DegradeParams:
                     raise unknown_name_error(name, where)
                 if task == "derain" and not all(SETS[p].paired for p in _parts(name)):
                     paired = sorted(n for n, s in SETS.items() if s.paired)
-                    raise ValueError(f"{where}: derain needs a set with rainy inputs, got {name!r} "
-                                     f"(paired sets: {', '.join(paired)}; set task_sets.derain)")
+                    raise ValueError(
+                        f"{where}: derain needs a set with rainy inputs, got {name!r} "
+                        f"(paired sets: {', '.join(paired)}; set task_sets.derain)"
+                    )
         if self.workers < 0:
             raise ValueError(f"workers: must be >= 0 (0 = all cores), got {self.workers}")
         if not 0 <= self.png_compress_level <= 9:

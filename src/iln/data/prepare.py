@@ -59,14 +59,18 @@ def prepare_sets(
     try:
         for name in sets:
             spec = SETS[name]
-            root, origin = _source_root(spec, sources, scratch, extracted, progress=progress, log=log)
+            root, origin = _source_root(
+                spec, sources, scratch, extracted, progress=progress, log=log
+            )
             clean_dir = locate(root, spec.member, name)
             pairs = [(clean_dir, hr_root / name)]
             if spec.paired:
                 input_dir = locate(root, spec.input_member, name)
                 if input_dir == clean_dir:
-                    raise ValueError(f"{name}: expected separate folders of rainy inputs and clean targets under "
-                                     f"{root} (e.g. input/ and target/)")
+                    raise ValueError(
+                        f"{name}: expected separate folders of rainy inputs and clean targets under "
+                        f"{root} (e.g. input/ and target/)"
+                    )
                 pairs.append((input_dir, hr_root / f"{name}{RAIN_SUFFIX}"))
             counts = _normalise_set(spec, pairs, workers=workers, progress=progress)
             summary[name] = {"count": counts[0], **origin}
@@ -90,8 +94,15 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _source_root(spec: SetSpec, sources: Sources, scratch: Path, extracted: dict[str, Path], *,
-                 progress: bool, log: Callable[[str], None]) -> tuple[Path, dict]:
+def _source_root(
+    spec: SetSpec,
+    sources: Sources,
+    scratch: Path,
+    extracted: dict[str, Path],
+    *,
+    progress: bool,
+    log: Callable[[str], None],
+) -> tuple[Path, dict]:
     """A folder under which the set's member folder(s) can be found, and where it came from."""
     if spec.kind == "embedded":
         root = sources.embedded_dir
@@ -104,32 +115,57 @@ def _source_root(spec: SetSpec, sources: Sources, scratch: Path, extracted: dict
         if local.is_dir():
             return local, {"origin": "local", "path": _display(local)}
         if local.is_file():
-            return _extract(local, scratch, extracted, wanted, sources.extract_limits), {"origin": "local archive", "path": _display(local)}
+            return _extract(local, scratch, extracted, wanted, sources.extract_limits), {
+                "origin": "local archive",
+                "path": _display(local),
+            }
         raise FileNotFoundError(f"data.local.{spec.name}: {local} does not exist")
     archive = ARCHIVES[spec.archive]
     if archive.url is None:
-        raise DownloadError(f"{spec.name}: no public download. {archive.howto} "
-                            f"Or use the embedded default set (data.datasets: [default]).")
+        raise DownloadError(
+            f"{spec.name}: no public download. {archive.howto} "
+            f"Or use the embedded default set (data.datasets: [default])."
+        )
     book = ChecksumBook(sources.checksum_file)
     recorded = book.get(archive.filename)
     dest = sources.download_dir / archive.filename
     log(f"{spec.name}: fetching {archive.url} ({archive.size or 'size unknown'})")
-    digests = fetch(archive.url, dest, expected=Expected(sha256=archive.sha256 or recorded, md5=archive.md5),
-                    label=f"{spec.name} ({archive.filename})", progress=progress)
+    digests = fetch(
+        archive.url,
+        dest,
+        expected=Expected(sha256=archive.sha256 or recorded, md5=archive.md5),
+        label=f"{spec.name} ({archive.filename})",
+        progress=progress,
+    )
     if recorded is None and archive.sha256 is None:
         book.record(archive.filename, digests["sha256"], archive.url)
     origin = {"origin": "download", "url": archive.url, "sha256": digests["sha256"]}
-    return _extract(dest, scratch, extracted, wanted, sources.extract_limits, all_sets_of=spec.archive), origin
+    return _extract(
+        dest, scratch, extracted, wanted, sources.extract_limits, all_sets_of=spec.archive
+    ), origin
 
 
-def _extract(archive: Path, scratch: Path, extracted: dict[str, Path], wanted: list[str],
-             limits: ExtractLimits, *,
-             all_sets_of: str | None = None) -> Path:
+def _extract(
+    archive: Path,
+    scratch: Path,
+    extracted: dict[str, Path],
+    wanted: list[str],
+    limits: ExtractLimits,
+    *,
+    all_sets_of: str | None = None,
+) -> Path:
     key = str(archive.resolve())
     if key not in extracted:
         if all_sets_of is not None:  # extract the folders of every set in this archive at once
-            wanted = sorted({m for s in SETS.values() if s.archive == all_sets_of
-                             for m in (s.member, s.input_member) if m})
+            wanted = sorted(
+                {
+                    m
+                    for s in SETS.values()
+                    if s.archive == all_sets_of
+                    for m in (s.member, s.input_member)
+                    if m
+                }
+            )
         target = Path(tempfile.mkdtemp(prefix="x", dir=_mkdir(scratch)))
         safe_extract(archive, target, wanted=member_wanted(wanted), limits=limits)
         extracted[key] = target
@@ -151,7 +187,9 @@ def locate(root: Path, member: str, set_name: str) -> Path:
             return hits[0]
         if len(hits) > 1:
             listing = ", ".join(str(h.relative_to(root)) for h in hits[:5])
-            raise ValueError(f"{set_name}: several folders under {root} match {member!r}: {listing}")
+            raise ValueError(
+                f"{set_name}: several folders under {root} match {member!r}: {listing}"
+            )
     if _has_images(root):
         return root
     raise FileNotFoundError(f"{set_name}: no folder of images matching {member!r} under {root}")
@@ -164,7 +202,9 @@ def _has_images(folder: Path) -> bool:
         return False
 
 
-def _normalise_set(spec: SetSpec, pairs: list[tuple[Path, Path]], *, workers: int, progress: bool) -> list[int]:
+def _normalise_set(
+    spec: SetSpec, pairs: list[tuple[Path, Path]], *, workers: int, progress: bool
+) -> list[int]:
     """Convert each (source folder -> destination folder); paired folders must share names."""
     plans = []
     for src_dir, dst_dir in pairs:
@@ -172,22 +212,30 @@ def _normalise_set(spec: SetSpec, pairs: list[tuple[Path, Path]], *, workers: in
         by_stem: dict[str, Path] = {}
         for f in files:
             if f.stem in by_stem:
-                raise ValueError(f"{spec.name}: {by_stem[f.stem].name} and {f.name} in {src_dir} would both "
-                                 f"become {f.stem}.png")
+                raise ValueError(
+                    f"{spec.name}: {by_stem[f.stem].name} and {f.name} in {src_dir} would both "
+                    f"become {f.stem}.png"
+                )
             by_stem[f.stem] = f
         plans.append((by_stem, dst_dir))
     if spec.count is not None and len(plans[0][0]) != spec.count:
-        raise ValueError(f"{spec.name}: found {len(plans[0][0])} images in {pairs[0][0]}, a complete copy has "
-                         f"{spec.count}")
+        raise ValueError(
+            f"{spec.name}: found {len(plans[0][0])} images in {pairs[0][0]}, a complete copy has "
+            f"{spec.count}"
+        )
     if len(plans) == 2:
         plans[1] = (_match_partners(spec.name, plans[0][0], plans[1][0], pairs[1][0]), plans[1][1])
     staged = []
     try:
         jobs = []
         for by_stem, dst_dir in plans:
-            stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + dst_dir.name + "-", dir=dst_dir.parent))
+            stage = Path(
+                tempfile.mkdtemp(prefix=STAGING_PREFIX + dst_dir.name + "-", dir=dst_dir.parent)
+            )
             staged.append((stage, dst_dir))
-            jobs += [(str(src), str(stage / f"{stem}.png")) for stem, src in sorted(by_stem.items())]
+            jobs += [
+                (str(src), str(stage / f"{stem}.png")) for stem, src in sorted(by_stem.items())
+            ]
         run_jobs(_normalise_file, jobs, workers=workers, progress=progress, desc=spec.name)
         for stage, dst_dir in staged:
             replace_dir(stage, dst_dir)
@@ -197,7 +245,9 @@ def _normalise_set(spec: SetSpec, pairs: list[tuple[Path, Path]], *, workers: in
     return [len(by_stem) for by_stem, _ in plans]
 
 
-def _match_partners(set_name: str, clean: dict[str, Path], inputs: dict[str, Path], input_dir: Path) -> dict[str, Path]:
+def _match_partners(
+    set_name: str, clean: dict[str, Path], inputs: dict[str, Path], input_dir: Path
+) -> dict[str, Path]:
     """Rainy inputs keyed by the clean image's stem: same stem, or 'rain-x' for 'norain-x'."""
     out = {}
     for stem in clean:

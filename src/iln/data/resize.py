@@ -31,9 +31,9 @@ def cubic(x):
     ax = abs(x)
     ax2 = ax * ax
     ax3 = ax2 * ax
-    return (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1.0) + (-0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0) * (
-        (ax > 1.0) & (ax <= 2.0)
-    )
+    return (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1.0) + (
+        -0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0
+    ) * ((ax > 1.0) & (ax <= 2.0))
 
 
 def _mirror(index: int, length: int) -> int:
@@ -150,8 +150,9 @@ def round_to_uint8(x: np.ndarray) -> np.ndarray:
     return np.floor(np.clip(x, 0.0, 255.0) + 0.5).astype(np.uint8)
 
 
-def imresize_reference(img: np.ndarray, scale: float | None = None, *,
-                       output_shape: tuple[int, int] | None = None) -> np.ndarray:
+def imresize_reference(
+    img: np.ndarray, scale: float | None = None, *, output_shape: tuple[int, int] | None = None
+) -> np.ndarray:
     """Straightforward per-pixel version of ``imresize`` (slow; for tests and benchmarks).
 
     Loops over every output row (first pass) and every output column (second pass), computes
@@ -167,7 +168,9 @@ def imresize_reference(img: np.ndarray, scale: float | None = None, *,
     return x[:, :, 0] if squeeze else x
 
 
-def _reference_axis(x: np.ndarray, in_len: int, out_len: int, scale: float, axis: int) -> np.ndarray:
+def _reference_axis(
+    x: np.ndarray, in_len: int, out_len: int, scale: float, axis: int
+) -> np.ndarray:
     data = (x if axis == 0 else x.transpose(1, 0, 2)).tolist()  # [n][other][C] Python floats
     other, channels = len(data[0]), len(data[0][0])
     kernel_width = KERNEL_WIDTH / scale if scale < 1 else KERNEL_WIDTH

@@ -34,20 +34,57 @@ __all__ = [
 SCALES = (2, 3, 4)
 
 _HAT_COMMON: dict[str, Any] = dict(
-    family="hat", conv_scale=0.01, overlap_ratio=0.5, mlp_ratio=2.0, drop_path_rate=0.1, img_range=1.0
+    family="hat",
+    conv_scale=0.01,
+    overlap_ratio=0.5,
+    mlp_ratio=2.0,
+    drop_path_rate=0.1,
+    img_range=1.0,
 )
-_SWINIR_COMMON: dict[str, Any] = dict(family="swinir", mlp_ratio=2.0, drop_path_rate=0.1, img_range=1.0)
+_SWINIR_COMMON: dict[str, Any] = dict(
+    family="swinir", mlp_ratio=2.0, drop_path_rate=0.1, img_range=1.0
+)
 
 # Network presets. hat_1 is the official "HAT-mini" config the paper calls HAT_1; hat the
 # full HAT; swinir the classical SwinIR; swinir_1 a SwinIR sized like hat_1 (the paper
 # does not publish it); the tiny ones keep a CPU training step well under a second.
 PRESETS: dict[str, dict[str, Any]] = {
-    "hat_1": dict(_HAT_COMMON, embed_dim=96, depths=(6,) * 6, num_heads=(6,) * 6, window_size=16, compress_ratio=24, squeeze_factor=24),
-    "hat": dict(_HAT_COMMON, embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6, window_size=16, compress_ratio=3, squeeze_factor=30),
-    "hat_tiny": dict(_HAT_COMMON, embed_dim=32, depths=(2,) * 3, num_heads=(2,) * 3, window_size=8, compress_ratio=4, squeeze_factor=8),
-    "swinir": dict(_SWINIR_COMMON, embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6, window_size=8),
-    "swinir_1": dict(_SWINIR_COMMON, embed_dim=96, depths=(6,) * 6, num_heads=(6,) * 6, window_size=8),
-    "swinir_tiny": dict(_SWINIR_COMMON, embed_dim=32, depths=(2,) * 4, num_heads=(2,) * 4, window_size=8),
+    "hat_1": dict(
+        _HAT_COMMON,
+        embed_dim=96,
+        depths=(6,) * 6,
+        num_heads=(6,) * 6,
+        window_size=16,
+        compress_ratio=24,
+        squeeze_factor=24,
+    ),
+    "hat": dict(
+        _HAT_COMMON,
+        embed_dim=180,
+        depths=(6,) * 6,
+        num_heads=(6,) * 6,
+        window_size=16,
+        compress_ratio=3,
+        squeeze_factor=30,
+    ),
+    "hat_tiny": dict(
+        _HAT_COMMON,
+        embed_dim=32,
+        depths=(2,) * 3,
+        num_heads=(2,) * 3,
+        window_size=8,
+        compress_ratio=4,
+        squeeze_factor=8,
+    ),
+    "swinir": dict(
+        _SWINIR_COMMON, embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6, window_size=8
+    ),
+    "swinir_1": dict(
+        _SWINIR_COMMON, embed_dim=96, depths=(6,) * 6, num_heads=(6,) * 6, window_size=8
+    ),
+    "swinir_tiny": dict(
+        _SWINIR_COMMON, embed_dim=32, depths=(2,) * 4, num_heads=(2,) * 4, window_size=8
+    ),
 }
 ARCHS: tuple[str, ...] = tuple(PRESETS)
 
@@ -59,7 +96,11 @@ _UPSAMPLERS = ("pixelshuffle",)
 def _as_int_tuple(name: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,)
-    if isinstance(value, Sequence) and not isinstance(value, str) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         return tuple(value)
     raise ValueError(f"{name} must be an int or a list of ints, got {value!r}")
 
@@ -71,16 +112,26 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
     if isinstance(scale, bool) or scale not in SCALES:
-        raise ValueError(f"scale {scale!r} is not supported; valid scales: {', '.join(map(str, SCALES))}")
+        raise ValueError(
+            f"scale {scale!r} is not supported; valid scales: {', '.join(map(str, SCALES))}"
+        )
     preset = PRESETS[arch]
     valid = sorted(set(preset) - {"family"} | set(_GENERAL_KEYS))
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ValueError(f"unknown override {', '.join(map(repr, unknown))} for arch {arch!r}; valid overrides: {', '.join(valid)}")
+        raise ValueError(
+            f"unknown override {', '.join(map(repr, unknown))} for arch {arch!r}; valid overrides: {', '.join(valid)}"
+        )
 
     hp: dict[str, Any] = {"arch": arch, "norm": norm, "scale": int(scale)}
     hp.update(preset)
-    hp.update(stdnorm=norm == "iln", affine_outer=norm == "iln", eps=norms.default_eps(norm), attention="fast", upsampler="pixelshuffle")
+    hp.update(
+        stdnorm=norm == "iln",
+        affine_outer=norm == "iln",
+        eps=norms.default_eps(norm),
+        attention="fast",
+        upsampler="pixelshuffle",
+    )
     hp.update(overrides)
 
     depths = _as_int_tuple("depths", hp["depths"])
@@ -90,20 +141,30 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
     if len(heads) == 1:
         heads = heads * len(depths)
     if len(heads) != len(depths) or not depths or min(depths) < 1:
-        raise ValueError(f"depths {depths} and num_heads {heads} must be non-empty, positive and of equal length")
+        raise ValueError(
+            f"depths {depths} and num_heads {heads} must be non-empty, positive and of equal length"
+        )
     hp["depths"], hp["num_heads"] = list(depths), list(heads)
     embed, window = hp["embed_dim"], hp["window_size"]
     if not isinstance(embed, int) or embed < 1 or any(embed % h for h in heads):
-        raise ValueError(f"embed_dim {embed!r} must be a positive int divisible by every num_heads {heads}")
+        raise ValueError(
+            f"embed_dim {embed!r} must be a positive int divisible by every num_heads {heads}"
+        )
     if not isinstance(window, int) or window < 2 or window % 2:
-        raise ValueError(f"window_size {window!r} must be an even int >= 2 (the shift is half a window)")
+        raise ValueError(
+            f"window_size {window!r} must be an even int >= 2 (the shift is half a window)"
+        )
     for key in ("compress_ratio", "squeeze_factor"):
         if key in hp and (not isinstance(hp[key], int) or hp[key] < 1 or embed // hp[key] < 1):
             raise ValueError(f"{key} {hp[key]!r} must be an int in [1, embed_dim={embed}]")
     if hp["attention"] not in common.ATTENTION_MODES:
-        raise ValueError(f"attention {hp['attention']!r} is not valid; valid: {', '.join(common.ATTENTION_MODES)}")
+        raise ValueError(
+            f"attention {hp['attention']!r} is not valid; valid: {', '.join(common.ATTENTION_MODES)}"
+        )
     if hp["upsampler"] not in _UPSAMPLERS:
-        raise ValueError(f"upsampler {hp['upsampler']!r} is not supported; valid: {', '.join(_UPSAMPLERS)}")
+        raise ValueError(
+            f"upsampler {hp['upsampler']!r} is not supported; valid: {', '.join(_UPSAMPLERS)}"
+        )
     if not 0.0 <= float(hp["drop_path_rate"]) < 1.0:
         raise ValueError(f"drop_path_rate {hp['drop_path_rate']!r} must be in [0, 1)")
     for key in ("stdnorm", "affine_outer"):
@@ -117,7 +178,9 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
     return hp
 
 
-def build_model(arch: str, *, norm: str, scale: int, generator: torch.Generator | None = None, **overrides: Any) -> nn.Module:
+def build_model(
+    arch: str, *, norm: str, scale: int, generator: torch.Generator | None = None, **overrides: Any
+) -> nn.Module:
     """Build preset ``arch`` with norm variant ``norm`` for x``scale`` SR.
 
     Overrides use the official hyper-parameter names (``embed_dim``, ``depths``,
@@ -130,7 +193,11 @@ def build_model(arch: str, *, norm: str, scale: int, generator: torch.Generator 
     """
     hp = resolve_hparams(arch, norm=norm, scale=scale, **overrides)
     block_norm = norms.norm_factory(norm, eps=hp["eps"])
-    outer_norm = norms.affine_factory() if hp["affine_outer"] else norms.norm_factory(norm, eps=hp["eps"], residual=False)
+    outer_norm = (
+        norms.affine_factory()
+        if hp["affine_outer"]
+        else norms.norm_factory(norm, eps=hp["eps"], residual=False)
+    )
     shared = dict(
         scale=hp["scale"],
         embed_dim=hp["embed_dim"],

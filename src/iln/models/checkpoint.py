@@ -66,7 +66,9 @@ def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def read_state_dict(source: str | os.PathLike[str] | Mapping[str, Any], key: str = "params_ema") -> dict[str, Tensor]:
+def read_state_dict(
+    source: str | os.PathLike[str] | Mapping[str, Any], key: str = "params_ema"
+) -> dict[str, Tensor]:
     """The tensors of ``source`` (path or dict): ``source[key]`` in the BasicSR layout,
     the other BasicSR key when ``key`` is absent, or a bare state dict."""
     where = "the given state dict"
@@ -77,7 +79,9 @@ def read_state_dict(source: str | os.PathLike[str] | Mapping[str, Any], key: str
         try:
             blob = torch.load(where, map_location="cpu", weights_only=True)
         except Exception as err:  # unpickling refused or corrupt file
-            raise ValueError(f"checkpoint {where} could not be read as a torch state dict: {err}") from err
+            raise ValueError(
+                f"checkpoint {where} could not be read as a torch state dict: {err}"
+            ) from err
     else:
         blob = source
     if not isinstance(blob, Mapping):
@@ -99,17 +103,27 @@ def describe_checkpoint(state: Mapping[str, Tensor]) -> str:
     """A one-line guess of what network a released-format state dict holds."""
     parts: list[str] = []
     keys = list(state)
-    parts.append("HAT" if any(".overlap_attn." in k for k in keys) else "SwinIR-like" if any(".blocks." in k for k in keys) else "unknown arch")
+    parts.append(
+        "HAT"
+        if any(".overlap_attn." in k for k in keys)
+        else "SwinIR-like"
+        if any(".blocks." in k for k in keys)
+        else "unknown arch"
+    )
     if any(k.endswith((".gamma", ".beta")) for k in keys):
         parts.append("i-LN norms (parameters named gamma/beta)")
     elif any(re.search(r"\.norm1\.weight$", k) for k in keys):
         parts.append("LN-style norms (parameters named weight/bias)")
-    ups = sorted(int(m.group(1)) for k in keys if (m := re.fullmatch(r"upsample\.(\d+)\.weight", k)))
+    ups = sorted(
+        int(m.group(1)) for k in keys if (m := re.fullmatch(r"upsample\.(\d+)\.weight", k))
+    )
     if len(ups) == 2:
         parts.append("scale x4")
     elif len(ups) == 1:
         out_ch = state[f"upsample.{ups[0]}.weight"].shape[0]
-        parts.append({256: "scale x2", 576: "scale x3"}.get(out_ch, f"upsample with {out_ch} channels"))
+        parts.append(
+            {256: "scale x2", 576: "scale x3"}.get(out_ch, f"upsample with {out_ch} channels")
+        )
     if "conv_first.weight" in state:
         parts.append(f"embed_dim {state['conv_first.weight'].shape[0]}")
     depth: dict[int, set[int]] = {}
@@ -118,7 +132,10 @@ def describe_checkpoint(state: Mapping[str, Tensor]) -> str:
             depth.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     if depth:
         parts.append(f"depths {[len(depth[g]) for g in sorted(depth)]}")
-    table = next((v for k, v in state.items() if k.endswith("blocks.0.attn.relative_position_bias_table")), None)
+    table = next(
+        (v for k, v in state.items() if k.endswith("blocks.0.attn.relative_position_bias_table")),
+        None,
+    )
     if table is not None:
         side = round(table.shape[0] ** 0.5)
         parts.append(f"window_size {(side + 1) // 2}, {table.shape[1]} heads")

@@ -38,7 +38,13 @@ class ForwardContext:
 
 
 def window_context(
-    size: tuple[int, int], window: int, *, device: torch.device, dtype: torch.dtype, generator: torch.Generator | None, fast: bool
+    size: tuple[int, int],
+    window: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator | None,
+    fast: bool,
 ) -> ForwardContext:
     """The shared per-forward geometry of a windowed network on an (H, W) token grid."""
     if not fast:
@@ -76,7 +82,11 @@ def permute_tokens(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
 
 
 def residual_add(
-    x: Tensor, scale: norms.Scale, branch: Tensor, *others: Tensor, drop_factor: Tensor | None = None
+    x: Tensor,
+    scale: norms.Scale,
+    branch: Tensor,
+    *others: Tensor,
+    drop_factor: Tensor | None = None,
 ) -> Tensor:
     """x + scale * (drop_factor * branch + sum of others).
 
@@ -131,7 +141,9 @@ def _per_sample(s: Tensor, t: Tensor) -> bool:
     return s.ndim == t.ndim and s.shape[0] == t.shape[0] and s[0].numel() == 1
 
 
-def _scale_and_dot(grad: Tensor, t: Tensor, s: Tensor, need_scaled: bool) -> tuple[Tensor | None, Tensor]:
+def _scale_and_dot(
+    grad: Tensor, t: Tensor, s: Tensor, need_scaled: bool
+) -> tuple[Tensor | None, Tensor]:
     """(grad * s or None, per-sample sums of grad * t shaped like s) for a per-sample s.
 
     On CPU one ``dot`` and one ``mul`` per sample, so each slice of ``grad`` is read from
@@ -140,7 +152,9 @@ def _scale_and_dot(grad: Tensor, t: Tensor, s: Tensor, need_scaled: bool) -> tup
     b = grad.shape[0]
     flat_grad, flat_t = grad.reshape(b, -1), t.reshape(b, -1).to(grad.dtype)  # (B, M)
     if grad.device.type != "cpu":
-        return (grad * s if need_scaled else None), torch.linalg.vecdot(flat_grad, flat_t).view(s.shape)
+        return (grad * s if need_scaled else None), torch.linalg.vecdot(flat_grad, flat_t).view(
+            s.shape
+        )
     scaled = torch.empty_like(grad, memory_format=torch.contiguous_format) if need_scaled else None
     flat_scaled = scaled.view(b, -1) if need_scaled else None
     flat_s = s.reshape(b, 1).to(grad.dtype)
@@ -152,7 +166,9 @@ def _scale_and_dot(grad: Tensor, t: Tensor, s: Tensor, need_scaled: bool) -> tup
     return scaled, torch.stack(sums).view(s.shape).to(s.dtype)
 
 
-def drop_path_factor(x: Tensor, rate: float, training: bool, generator: torch.Generator | None) -> Tensor | None:
+def drop_path_factor(
+    x: Tensor, rate: float, training: bool, generator: torch.Generator | None
+) -> Tensor | None:
     """Stochastic depth for the branch ``x`` (B, ...) as a per-sample factor (B, 1, ..., 1):
     0 with probability ``rate``, else 1 / (1 - rate). None when nothing is dropped (rate 0,
     or eval). Pass it to ``residual_add`` as ``drop_factor``."""
@@ -160,7 +176,9 @@ def drop_path_factor(x: Tensor, rate: float, training: bool, generator: torch.Ge
         return None
     keep_rate = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = (keep_rate + torch.rand(shape, dtype=x.dtype, device=x.device, generator=generator)).floor_()
+    mask = (
+        keep_rate + torch.rand(shape, dtype=x.dtype, device=x.device, generator=generator)
+    ).floor_()
     return mask.div_(keep_rate)
 
 
@@ -195,7 +213,9 @@ def window_reverse(windows: Tensor, window: int, h: int, w: int) -> Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
-def shift_window_mask(h: int, w: int, window: int, shift: int, *, device: torch.device, dtype: torch.dtype) -> Tensor:
+def shift_window_mask(
+    h: int, w: int, window: int, shift: int, *, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """Additive attention mask (nW, n, n) of shifted windows: 0 within a region, -100 across.
 
     After the cyclic shift, a window on the bottom/right border holds tokens from up to
@@ -215,7 +235,9 @@ def shift_window_mask(h: int, w: int, window: int, shift: int, *, device: torch.
 
 def relative_position_index(window: int) -> Tensor:
     """(n, n) index into a ((2w-1)^2, heads) bias table for query i and key j of a window."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ).flatten(1)
     rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, n, n), each in [0, 2w-2]
     return rel[0] * (2 * window - 1) + rel[1]
 
@@ -232,8 +254,12 @@ def relative_position_index_overlap(window: int, overlap: int) -> Tensor:
     coordinates makes some entries negative, which wrap around when the table is indexed.
     Distinct (query, key) offsets still land on distinct table rows.
     """
-    grid_q = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-    grid_k = torch.stack(torch.meshgrid(torch.arange(overlap), torch.arange(overlap), indexing="ij")).flatten(1)
+    grid_q = torch.stack(
+        torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ).flatten(1)
+    grid_k = torch.stack(
+        torch.meshgrid(torch.arange(overlap), torch.arange(overlap), indexing="ij")
+    ).flatten(1)
     rel = grid_k[:, None, :] - grid_q[:, :, None] + (window - overlap + 1)  # (2, w*w, ow*ow)
     return rel[0] * (window + overlap - 1) + rel[1]
 
@@ -251,10 +277,14 @@ def gather_bias(table: Tensor, index: Tensor) -> Tensor:
 
 def gather_bias_naive(table: Tensor, index: Tensor) -> Tensor:
     """``gather_bias`` the way the released code writes it (advanced indexing, permute)."""
-    return table[index.view(-1)].view(*index.shape, -1).permute(2, 0, 1).contiguous()  # (heads, nq, nk)
+    return (
+        table[index.view(-1)].view(*index.shape, -1).permute(2, 0, 1).contiguous()
+    )  # (heads, nq, nk)
 
 
-def naive_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+def naive_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None
+) -> Tensor:
     """softmax(q k^T * scale + bias [+ mask]) v, spelled out as the released code does.
 
     q (..., nq, d), k and v (..., nk, d); bias and mask broadcastable to (..., nq, nk).
@@ -275,7 +305,9 @@ class _BiasedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float
+    ) -> Tensor:
         probs = torch.matmul(q * scale, k.transpose(-2, -1))  # (..., nq, nk)
         # bias + mask is image-independent, so combining first saves a pass over probs;
         # it changes only masked logits (-100 + bias), whose softmax weight is ~e^-100
@@ -292,7 +324,9 @@ class _BiasedAttention(torch.autograd.Function):
         q, k, v, probs, out = ctx.saved_tensors
         grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)  # (..., nk, d)
         grad_s = torch.matmul(grad_out, v.transpose(-2, -1))  # dP (..., nq, nk)
-        row = (grad_out * out).sum(-1, keepdim=True)  # rowsum(dP * P) = rowsum(dO * O), (..., nq, 1)
+        row = (grad_out * out).sum(
+            -1, keepdim=True
+        )  # rowsum(dP * P) = rowsum(dO * O), (..., nq, 1)
         grad_s.sub_(row).mul_(probs)  # dS, in place
         grad_bias = grad_s.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None
         grad_q = torch.matmul(grad_s, k).mul_(ctx.scale)  # (..., nq, d)
@@ -300,7 +334,9 @@ class _BiasedAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None
 
 
-def fast_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+def fast_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None
+) -> Tensor:
     """Same result as ``naive_attention``, computed faster.
 
     Without gradients it is torch's fused ``scaled_dot_product_attention`` with bias
@@ -308,12 +344,16 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, 
     gradients (the bias table is trained, which the fused kernels cannot differentiate)
     it is ``_BiasedAttention``.
     """
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad
+    )
     if needs_grad:
         return _BiasedAttention.apply(q, k, v, bias, mask, scale)
     full = bias if mask is None else bias + mask
     if q.ndim == 5 and q.shape[0] == 1:  # one image: (nW, h, n, d) with an (nW, h, n, n) mask
-        return F.scaled_dot_product_attention(q[0], k[0], v[0], attn_mask=full, scale=scale).unsqueeze(0)
+        return F.scaled_dot_product_attention(
+            q[0], k[0], v[0], attn_mask=full, scale=scale
+        ).unsqueeze(0)
     while full.ndim < q.ndim:
         full = full.unsqueeze(0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)
@@ -335,7 +375,9 @@ class WindowAttention(nn.Module):
         self.window = window
         self.scale = (dim // num_heads) ** -0.5
         self.fast = fast
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window - 1) ** 2, num_heads)
+        )
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -348,7 +390,9 @@ class WindowAttention(nn.Module):
         n = self.window * self.window
         if self.fast:  # one gather each way, with the context's permutations and mask
             order, inverse = ctx.orders[shift]
-            windows = permute_tokens(grid.reshape(b, h * w, c), order, inverse).view(-1, n, c)  # (B*nW, n, C)
+            windows = permute_tokens(grid.reshape(b, h * w, c), order, inverse).view(
+                -1, n, c
+            )  # (B*nW, n, C)
             out = self._attend(windows, index, ctx.shift_mask if shift else None)  # (B*nW, n, C)
             return permute_tokens(out.view(b, h * w, c), inverse, order)  # (B, N, C)
         mask = None
@@ -366,7 +410,9 @@ class WindowAttention(nn.Module):
         """windows (B*nW, n, C), index (n, n), mask (nW, n, n) or None -> (B*nW, n, C)."""
         bw, n, c = windows.shape
         heads = self.num_heads
-        qkv = self.qkv(windows).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # (3, B*nW, h, n, d)
+        qkv = (
+            self.qkv(windows).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        )  # (3, B*nW, h, n, d)
         if self.fast:
             qkv = qkv.contiguous()  # one copy instead of one per matmul
         q, k, v = qkv
@@ -395,7 +441,11 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
         step_h = min(pad_h, x.shape[2] - 1)
         step_w = min(pad_w, x.shape[3] - 1)
         if (pad_h and step_h == 0) or (pad_w and step_w == 0):
-            x = F.pad(x, (0, pad_w if step_w == 0 else 0, 0, pad_h if step_h == 0 else 0), mode="replicate")
+            x = F.pad(
+                x,
+                (0, pad_w if step_w == 0 else 0, 0, pad_h if step_h == 0 else 0),
+                mode="replicate",
+            )
             pad_h, pad_w = (pad_h if step_h else 0), (pad_w if step_w else 0)
             continue
         x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
@@ -489,7 +539,9 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=LINEAR_STD, a=-2.0, b=2.0, generator=generator)
+                nn.init.trunc_normal_(
+                    module.weight, std=LINEAR_STD, a=-2.0, b=2.0, generator=generator
+                )
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Conv2d):

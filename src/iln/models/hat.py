@@ -103,7 +103,14 @@ class OCAB(nn.Module):
     overlapping ow x ow windows (zero padded at the border), then MLP. No stochastic depth."""
 
     def __init__(
-        self, dim: int, window: int, overlap_ratio: float, num_heads: int, mlp_ratio: float, norm_layer: NormFactory, fast: bool
+        self,
+        dim: int,
+        window: int,
+        overlap_ratio: float,
+        num_heads: int,
+        mlp_ratio: float,
+        norm_layer: NormFactory,
+        fast: bool,
     ) -> None:
         super().__init__()
         self.window = window
@@ -118,7 +125,9 @@ class OCAB(nn.Module):
         self.fast = fast
         self.norm1 = norm_layer(dim)
         self.qkv = nn.Linear(dim, dim * 3)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((window + self.overlap - 1) ** 2, num_heads))
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((window + self.overlap - 1) ** 2, num_heads)
+        )
         self.proj = nn.Linear(dim, dim)
         self.norm2 = norm_layer(dim)
         self.mlp = common.Mlp(dim, int(dim * mlp_ratio))
@@ -136,9 +145,13 @@ class OCAB(nn.Module):
         q = q.view(-1, win * win, heads, d).transpose(1, 2)  # (B*nW, h, w*w, d)
 
         border = (ow - win) // 2
-        kv = nn.functional.pad(qkv[..., c:], (0, 0, border, border, border, border))  # (B, H+2p, W+2p, 2C)
+        kv = nn.functional.pad(
+            qkv[..., c:], (0, 0, border, border, border, border)
+        )  # (B, H+2p, W+2p, 2C)
         kv = kv.unfold(1, ow, win).unfold(2, ow, win)  # (B, nWh, nWw, 2C, ow, ow)
-        kv = kv.reshape(b, -1, 2, heads, d, ow * ow).permute(2, 0, 1, 3, 5, 4)  # (2, B, nW, h, ow*ow, d)
+        kv = kv.reshape(b, -1, 2, heads, d, ow * ow).permute(
+            2, 0, 1, 3, 5, 4
+        )  # (2, B, nW, h, ow*ow, d)
         kv = kv.reshape(2, -1, heads, ow * ow, d)  # (2, B*nW, h, ow*ow, d)
         k, v = kv[0], kv[1]
 
@@ -194,7 +207,9 @@ class AttenBlocks(nn.Module):
         )
         self.overlap_attn = OCAB(dim, window, overlap_ratio, num_heads, mlp_ratio, norm_layer, fast)
 
-    def forward(self, x: Tensor, ctx: ForwardContext, index_sa: Tensor, index_oca: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, ctx: ForwardContext, index_sa: Tensor, index_oca: Tensor
+    ) -> Tensor:
         for block in self.blocks:
             x = block(x, ctx, index_sa)
         return self.overlap_attn(x, ctx, index_oca)
@@ -208,7 +223,9 @@ class RHAG(nn.Module):
         self.residual_group = AttenBlocks(dim, **blocks_kwargs)
         self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
 
-    def forward(self, x: Tensor, ctx: ForwardContext, index_sa: Tensor, index_oca: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, ctx: ForwardContext, index_sa: Tensor, index_oca: Tensor
+    ) -> Tensor:
         y = self.residual_group(x, ctx, index_sa, index_oca)  # (B, N, C)
         return common.tokens(self.conv(common.image(y, ctx.size))) + x
 
@@ -260,12 +277,19 @@ class HAT(nn.Module):
         self.fast = attention == "fast"
         self.input_norm = common.InputNorm(stdnorm, img_range)
         overlap = common.overlap_window_size(window_size, overlap_ratio)
-        self.register_buffer("relative_position_index_SA", common.relative_position_index(window_size))
-        self.register_buffer("relative_position_index_OCA", common.relative_position_index_overlap(window_size, overlap))
+        self.register_buffer(
+            "relative_position_index_SA", common.relative_position_index(window_size)
+        )
+        self.register_buffer(
+            "relative_position_index_OCA",
+            common.relative_position_index_overlap(window_size, overlap),
+        )
 
         self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
         self.patch_embed = PatchEmbed(embed_dim, outer_norm_layer)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth grows with depth
+        rates = torch.linspace(
+            0, drop_path_rate, sum(depths)
+        ).tolist()  # stochastic depth grows with depth
         self.layers = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             self.layers.append(
@@ -286,14 +310,23 @@ class HAT(nn.Module):
             )
         self.norm = outer_norm_layer(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
-        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True))
+        self.conv_before_upsample = nn.Sequential(
+            nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True)
+        )
         self.upsample = common.upsample_layers(scale)
         self.conv_last = nn.Conv2d(common.NUM_FEAT, 3, 3, 1, 1)
 
     def forward_features(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, C, H, W) with H, W multiples of the window -> (B, C, H, W)."""
         size = (x.shape[2], x.shape[3])
-        ctx = common.window_context(size, self.window_size, device=x.device, dtype=x.dtype, generator=generator, fast=self.fast)
+        ctx = common.window_context(
+            size,
+            self.window_size,
+            device=x.device,
+            dtype=x.dtype,
+            generator=generator,
+            fast=self.fast,
+        )
         t = self.patch_embed(x)  # (B, N, C)
         for layer in self.layers:
             t = layer(t, ctx, self.relative_position_index_SA, self.relative_position_index_OCA)

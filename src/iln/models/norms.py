@@ -65,9 +65,13 @@ class _StandardizeAffine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float
+    ) -> tuple[Tensor, Tensor]:
         shape = list(x.shape[-dims:])
-        xhat, mean, rstd = torch.native_layer_norm(x, shape, None, None, eps)  # mean, rstd (B, 1, 1) / (B, N, 1)
+        xhat, mean, rstd = torch.native_layer_norm(
+            x, shape, None, None, eps
+        )  # mean, rstd (B, 1, 1) / (B, N, 1)
         ctx.save_for_backward(x, xhat, mean, rstd, weight)
         ctx.shape = shape
         ctx.set_materialize_grads(False)  # an unused std (LN*) brings no gradient pass
@@ -103,7 +107,9 @@ class _ImageStandardizeAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         b, n, c = x.shape
-        y, mean, rstd = torch.native_group_norm(_as_image(x), weight, bias, b, c, n, 1, eps)  # mean, rstd (B, 1)
+        y, mean, rstd = torch.native_group_norm(
+            _as_image(x), weight, bias, b, c, n, 1, eps
+        )  # mean, rstd (B, 1)
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.set_materialize_grads(False)
         return y.permute(0, 2, 3, 1).view(b, n, c), rstd.reciprocal().view(b, 1, 1)
@@ -115,7 +121,16 @@ class _ImageStandardizeAffine(torch.autograd.Function):
         if grad_y is None:
             grad_y = torch.zeros_like(x)
         grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward.default(
-            _as_image(grad_y.contiguous()), _as_image(x), mean, rstd, weight, b, c, n, 1, list(ctx.needs_input_grad[:3])
+            _as_image(grad_y.contiguous()),
+            _as_image(x),
+            mean,
+            rstd,
+            weight,
+            b,
+            c,
+            n,
+            1,
+            list(ctx.needs_input_grad[:3]),
         )
         if grad_x is not None:
             grad_x = grad_x.permute(0, 2, 3, 1).reshape(b, n, c)
@@ -133,7 +148,9 @@ def _as_image(t: Tensor) -> Tensor:
     return t.view(b, 1, n, c).permute(0, 3, 1, 2)
 
 
-def standardize_affine(x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float) -> tuple[Tensor, Tensor]:
+def standardize_affine(
+    x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float
+) -> tuple[Tensor, Tensor]:
     """(xhat * weight + bias, std) over the last ``dims`` dims; differentiable in both.
 
     Input of another dtype than the parameters (a bf16 / fp16 activation under autocast)
@@ -240,7 +257,9 @@ class BatchNorm(_Affine):
     eval mode; ``False`` (``batchnorm_train``) always uses the batch statistics.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5, track_running_stats: bool = True, momentum: float = 0.1) -> None:
+    def __init__(
+        self, dim: int, eps: float = 1e-5, track_running_stats: bool = True, momentum: float = 0.1
+    ) -> None:
         super().__init__(dim)
         self.eps = eps
         self.momentum = momentum
@@ -343,7 +362,9 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown norm {name!r}; valid norms: {', '.join(NORMS)}")
 
 
-def build_norm(name: str, dim: int, *, eps: float | None = None, residual: bool = True) -> nn.Module:
+def build_norm(
+    name: str, dim: int, *, eps: float | None = None, residual: bool = True
+) -> nn.Module:
     """Build norm ``name`` over ``dim`` channels.
 
     ``residual=False`` is for norms with no residual branch around them (patch-embed and

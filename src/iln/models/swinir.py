@@ -70,7 +70,16 @@ class BasicLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, drop_path[i], norm_layer, fast)
+            SwinBlock(
+                dim,
+                num_heads,
+                window,
+                0 if i % 2 == 0 else window // 2,
+                mlp_ratio,
+                drop_path[i],
+                norm_layer,
+                fast,
+            )
             for i in range(depth)
         )
 
@@ -130,7 +139,9 @@ class SwinIR(nn.Module):
         self.embed_dim = embed_dim
         self.fast = attention == "fast"
         self.input_norm = common.InputNorm(stdnorm, img_range)
-        self.register_buffer("relative_position_index", common.relative_position_index(window_size), persistent=False)
+        self.register_buffer(
+            "relative_position_index", common.relative_position_index(window_size), persistent=False
+        )
 
         self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
         self.patch_embed = PatchEmbed(embed_dim, outer_norm_layer)
@@ -150,14 +161,23 @@ class SwinIR(nn.Module):
         )
         self.norm = outer_norm_layer(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
-        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True))
+        self.conv_before_upsample = nn.Sequential(
+            nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True)
+        )
         self.upsample = common.upsample_layers(scale)
         self.conv_last = nn.Conv2d(common.NUM_FEAT, 3, 3, 1, 1)
 
     def forward_features(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, C, H, W) with H, W multiples of the window -> (B, C, H, W)."""
         size = (x.shape[2], x.shape[3])
-        ctx = common.window_context(size, self.window_size, device=x.device, dtype=x.dtype, generator=generator, fast=self.fast)
+        ctx = common.window_context(
+            size,
+            self.window_size,
+            device=x.device,
+            dtype=x.dtype,
+            generator=generator,
+            fast=self.fast,
+        )
         t = self.patch_embed(x)
         for layer in self.layers:
             t = layer(t, ctx, self.relative_position_index)

@@ -109,21 +109,44 @@ def build_report(
         (tables.table8(results, paper), "table8"),
         (tables.stdnorm_table(results), "stdnorm"),
         (tables.runs_table(results, "seeds", "table_s2_seeds", "Table S2 (ours): seeds"), "seeds"),
-        (tables.runs_table(results, "batch", "table_s3_batch", "Table S3 (ours): batch size"), "batch"),
+        (
+            tables.runs_table(results, "batch", "table_s3_batch", "Table S3 (ours): batch size"),
+            "batch",
+        ),
         (tables.all_runs_table(results), "any"),
     ]
     status: dict[str, str] = {}
-    md: list[str] = ["# i-LN reproduction report", "", *_scale_lines(results, scale_note), "", "## Tables", ""]
+    md: list[str] = [
+        "# i-LN reproduction report",
+        "",
+        *_scale_lines(results, scale_note),
+        "",
+        "## Tables",
+        "",
+    ]
     for table, group in built:
         if not table.has_ours() and not table.has_paper():
             status[table.key] = f"skipped: no results from runs in group {group}"
-            md += [f"### {table.title}", "", f"Skipped: no results from runs in group `{group}` and no paper numbers.", ""]
+            md += [
+                f"### {table.title}",
+                "",
+                f"Skipped: no results from runs in group `{group}` and no paper numbers.",
+                "",
+            ]
             continue
         body = [table.to_markdown(), ""] + [f"- {note}" for note in table.notes]
-        write_text_atomic(tables_dir / f"{table.key}.md", "\n".join([f"# {table.title}", "", *body, ""]))
+        write_text_atomic(
+            tables_dir / f"{table.key}.md", "\n".join([f"# {table.title}", "", *body, ""])
+        )
         write_csv_atomic(tables_dir / f"{table.key}.csv", table.csv_rows(), TABLE_CSV_COLUMNS)
         status[table.key] = "written" if table.has_ours() else "paper only (not run)"
-        md += [f"### {table.title}", "", *body, f"- CSV: [tables/{table.key}.csv](tables/{table.key}.csv)", ""]
+        md += [
+            f"### {table.title}",
+            "",
+            *body,
+            f"- CSV: [tables/{table.key}.csv](tables/{table.key}.csv)",
+            "",
+        ]
 
     # ---- figures
     feats = paper.get("features", {})
@@ -137,13 +160,21 @@ def build_report(
                 f" Paper (HAT_1, x4, 300K iterations): LN reaches {feats['ln_magnitude_low']:g} to "
                 f"{feats['ln_magnitude_high']:g}, i-LN stays near {feats['iln_magnitude_approx']:g}; "
                 f"entropy ceiling ln 96 = {feats['entropy_ceiling_c96']:g}."
-                if {"ln_magnitude_low", "ln_magnitude_high", "iln_magnitude_approx", "entropy_ceiling_c96"} <= set(feats)
+                if {
+                    "ln_magnitude_low",
+                    "ln_magnitude_high",
+                    "iln_magnitude_approx",
+                    "entropy_ceiling_c96",
+                }
+                <= set(feats)
                 else ""
             ),
         ),
         "fig4_magnitude_by_norm": (
             lambda p: figures.deepest_curves(
-                tables.runs_in_group(results, "table1"), p, title="Deepest group, every normalisation (Table 1 runs)"
+                tables.runs_in_group(results, "table1"),
+                p,
+                title="Deepest group, every normalisation (Table 1 runs)",
             ),
             "Fig. 4 style: deepest-group magnitude (log) and entropy over training for every normalisation.",
         ),
@@ -153,7 +184,9 @@ def build_report(
         ),
         "figS1_stdnorm": (
             lambda p: figures.deepest_curves(
-                tables.runs_in_group(results, "stdnorm"), p, title="Deepest group, stdnorm on/off (ours)"
+                tables.runs_in_group(results, "stdnorm"),
+                p,
+                title="Deepest group, stdnorm on/off (ours)",
             ),
             "Ours: deepest-group magnitude and entropy with input standardisation on and off.",
         ),
@@ -170,7 +203,10 @@ def build_report(
 
     # ---- per-run final analyses (Fig. 8, 9)
     with_figs = [r for r in results.values() if r.figures]
-    md += ["## Final-checkpoint analyses (Fig. 8: final-norm bias, Fig. 9: relative position bias)", ""]
+    md += [
+        "## Final-checkpoint analyses (Fig. 8: final-norm bias, Fig. 9: relative position bias)",
+        "",
+    ]
     if with_figs:
         md += ["| run | final norm | rpb, first group | rpb, last group |", "|---|---|---|---|"]
         for run in with_figs:

@@ -29,13 +29,17 @@ def comparison_panels(
     folders = list(samples.values())
     if not folders or not all(folder.is_dir() for folder in folders):
         return []
-    names = sorted(set.intersection(*({p.name for p in folder.glob("*.png")} for folder in folders)))
+    names = sorted(
+        set.intersection(*({p.name for p in folder.glob("*.png")} for folder in folders))
+    )
     written = []
     for name in names:
         gt = read_rgb(gt_dir / name)
         restored = {label: read_rgb(folder / name) for label, folder in samples.items()}
         size = min(crop, gt.shape[0], gt.shape[1]) // scale * scale
-        box = largest_difference_box(restored[contrast[0]], restored[contrast[1]], size=size, scale=scale)
+        box = largest_difference_box(
+            restored[contrast[0]], restored[contrast[1]], size=size, scale=scale
+        )
         images = {"LR": read_rgb(lq_dir / name), **restored, "HR": gt}
         path = out_dir / f"{prefix}_{Path(name).stem}.png"
         write_png(path, side_by_side_crops(images, scale=scale, box=box))

@@ -27,7 +27,9 @@ def _empty(ax, text: str) -> None:
     ax.set_yticks([])
 
 
-def fig1_magnitude_entropy(runs: Sequence[tuple[str, RunResults | None]], path: Path) -> Path | None:
+def fig1_magnitude_entropy(
+    runs: Sequence[tuple[str, RunResults | None]], path: Path
+) -> Path | None:
     """Magnitude (log) and channel entropy vs iteration at every group, one column per run
     (LN and i-LN). None when no run has probes."""
     if not any(_has_probes(r) for _, r in runs):
@@ -60,7 +62,9 @@ def fig1_magnitude_entropy(runs: Sequence[tuple[str, RunResults | None]], path: 
     return save_figure_atomic(fig, path)
 
 
-def deepest_curves(runs: Sequence[RunResults], path: Path, *, title: str, log_magnitude: bool = True) -> Path | None:
+def deepest_curves(
+    runs: Sequence[RunResults], path: Path, *, title: str, log_magnitude: bool = True
+) -> Path | None:
     """Deepest-group magnitude and entropy vs iteration, one line per run (Fig. 4 style)."""
     runs = [r for r in runs if _has_probes(r)]
     if not runs:

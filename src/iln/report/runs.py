@@ -183,11 +183,15 @@ def read_metrics(path: Path) -> dict[str, dict[str, float]] | None:
     if data is None:
         return None
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected an object {{'<task>/<set>': {{'psnr': .., 'ssim': ..}}}}")
+        raise ValueError(
+            f"{path}: expected an object {{'<task>/<set>': {{'psnr': .., 'ssim': ..}}}}"
+        )
     out = {}
     for key, value in data.items():
         if "/" not in key or not isinstance(value, Mapping):
-            raise ValueError(f"{path}: entry {key!r} must be '<task>/<set>': {{'psnr': .., 'ssim': ..}}")
+            raise ValueError(
+                f"{path}: entry {key!r} must be '<task>/<set>': {{'psnr': .., 'ssim': ..}}"
+            )
         out[key] = {}
         for metric, number in value.items():
             if isinstance(number, bool) or not isinstance(number, (int, float)):
@@ -202,7 +206,9 @@ def read_precision(path: Path) -> dict[str, dict[str, dict[str, object]]] | None
     if data is None:
         return None
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected an object {{'<mode>': {{'<set>': {{'psnr': .., 'overflow': ..}}}}}}")
+        raise ValueError(
+            f"{path}: expected an object {{'<mode>': {{'<set>': {{'psnr': .., 'overflow': ..}}}}}}"
+        )
     out: dict[str, dict[str, dict[str, object]]] = {}
     for mode, sets in data.items():
         if not isinstance(sets, Mapping):
@@ -213,11 +219,18 @@ def read_precision(path: Path) -> dict[str, dict[str, dict[str, object]]] | None
                 raise ValueError(f"{path}: {mode}.{set_name} must be an object")
             psnr = entry.get("psnr")
             if psnr is not None and (isinstance(psnr, bool) or not isinstance(psnr, (int, float))):
-                raise ValueError(f"{path}: {mode}.{set_name}.psnr must be a number or null, got {psnr!r}")
+                raise ValueError(
+                    f"{path}: {mode}.{set_name}.psnr must be a number or null, got {psnr!r}"
+                )
             overflow = entry.get("overflow")
             if overflow is not None and not isinstance(overflow, bool):
-                raise ValueError(f"{path}: {mode}.{set_name}.overflow must be true/false, got {overflow!r}")
-            out[mode][set_name] = {"psnr": None if psnr is None else float(psnr), "overflow": overflow}
+                raise ValueError(
+                    f"{path}: {mode}.{set_name}.overflow must be true/false, got {overflow!r}"
+                )
+            out[mode][set_name] = {
+                "psnr": None if psnr is None else float(psnr),
+                "overflow": overflow,
+            }
     return out
 
 
@@ -255,19 +268,33 @@ class RunResults:
             precision=read_precision(folder / "eval" / "precision.json"),
             features=read_features(folder / "analysis" / "features.csv"),
             final_norm=read_final_norm(folder / "analysis" / "final_norm.csv"),
-            figures={n: folder / "analysis" / n for n in ANALYSIS_FIGURES if (folder / "analysis" / n).exists()},
+            figures={
+                n: folder / "analysis" / n
+                for n in ANALYSIS_FIGURES
+                if (folder / "analysis" / n).exists()
+            },
         )
 
     @property
     def has_results(self) -> bool:
-        return any(v for v in (self.probes, self.history, self.metrics, self.precision, self.features, self.final_norm))
+        return any(
+            v
+            for v in (
+                self.probes,
+                self.history,
+                self.metrics,
+                self.precision,
+                self.features,
+                self.final_norm,
+            )
+        )
 
     # ---- evaluation
 
     def sets(self) -> list[str]:
         """Test sets evaluated for the run's own task, in file order."""
         prefix = f"{self.info.task}/"
-        found = [k[len(prefix):] for k in (self.metrics or {}) if k.startswith(prefix)]
+        found = [k[len(prefix) :] for k in (self.metrics or {}) if k.startswith(prefix)]
         if self.report_sets is None:
             return found
         return [s for s in self.report_sets if s in found]
@@ -291,7 +318,9 @@ class RunResults:
         found = self.final_features()
         if found is None:
             return None
-        groups = [(i, r["layer"]) for r in found[0] if (i := _group_index(str(r["layer"]))) is not None]
+        groups = [
+            (i, r["layer"]) for r in found[0] if (i := _group_index(str(r["layer"]))) is not None
+        ]
         return max(groups)[1] if groups else None
 
     def final_stat(self, stat: str, layer: str | None = None) -> float | None:
@@ -327,17 +356,23 @@ class RunResults:
 
     def curve(self, layer: str, stat: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one statistic at one layer over training."""
-        points = sorted((int(r["step"]), float(r[stat])) for r in (self.probes or []) if r["layer"] == layer)
+        points = sorted(
+            (int(r["step"]), float(r[stat])) for r in (self.probes or []) if r["layer"] == layer
+        )
         return [p[0] for p in points], [p[1] for p in points]
 
     def mean_seconds_per_step(self) -> float | None:
         if not self.history:
             return None
-        values = [r["seconds_per_step"] for r in self.history if math.isfinite(r["seconds_per_step"])]
+        values = [
+            r["seconds_per_step"] for r in self.history if math.isfinite(r["seconds_per_step"])
+        ]
         return sum(values) / len(values) if values else None
 
     def last_step(self) -> int | None:
-        steps = [int(r["step"]) for r in (self.probes or [])] + [int(r["step"]) for r in (self.history or [])]
+        steps = [int(r["step"]) for r in (self.probes or [])] + [
+            int(r["step"]) for r in (self.history or [])
+        ]
         return max(steps) if steps else None
 
 

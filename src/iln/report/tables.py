@@ -72,7 +72,9 @@ class Table:
         return self.cells.setdefault((row, column), Cell())
 
     def has_paper(self, column: str | None = None) -> bool:
-        return any(c.paper is not None for (_, k), c in self.cells.items() if column is None or k == column)
+        return any(
+            c.paper is not None for (_, k), c in self.cells.items() if column is None or k == column
+        )
 
     def has_ours(self) -> bool:
         return any(c.ours is not None for c in self.cells.values())
@@ -156,14 +158,24 @@ def pick_run(
 ) -> RunResults | None:
     """The most representative run of a norm: in a preferred group, no grad clipping, the
     official stdnorm pairing, lowest seed, then by name."""
-    candidates = [r for r in results.values() if r.info.norm == norm and need(r) and (task is None or r.info.task == task)]
+    candidates = [
+        r
+        for r in results.values()
+        if r.info.norm == norm and need(r) and (task is None or r.info.task == task)
+    ]
     if not candidates:
         return None
 
     def rank(r: RunResults) -> tuple:
         in_group = min((i for i, g in enumerate(groups) if g in r.info.groups), default=len(groups))
         default_std = r.info.stdnorm is None or r.info.stdnorm == (norm == "iln")
-        return (in_group, r.info.grad_clip > 0, not default_std, r.info.seed if r.info.seed is not None else 0, r.info.name)
+        return (
+            in_group,
+            r.info.grad_clip > 0,
+            not default_std,
+            r.info.seed if r.info.seed is not None else 0,
+            r.info.name,
+        )
 
     return min(candidates, key=rank)
 
@@ -189,13 +201,17 @@ def _fill_features(table: Table, row: str, run: RunResults) -> None:
         table.cell(row, key).run = name
 
 
-def _set_columns(table: Table, sets: Sequence[str], metrics: Sequence[str] = ("psnr", "ssim")) -> None:
+def _set_columns(
+    table: Table, sets: Sequence[str], metrics: Sequence[str] = ("psnr", "ssim")
+) -> None:
     for s in sets:
         for m in metrics:
             table.add_column(Column(f"{s}:{m}", f"{s} {m.upper()}", m))
 
 
-def _fill_sets(table: Table, row: str, run: RunResults, metrics: Sequence[str] = ("psnr", "ssim")) -> None:
+def _fill_sets(
+    table: Table, row: str, run: RunResults, metrics: Sequence[str] = ("psnr", "ssim")
+) -> None:
     for s in run.sets():
         for m in metrics:
             table.add_column(Column(f"{s}:{m}", f"{s} {m.upper()}", m))
@@ -215,11 +231,15 @@ def _paper_sets(results_block: Mapping) -> list[str]:
 
 def _paper_note(table: Table, paper_table: Mapping | None) -> None:
     if paper_table is None:
-        table.notes.append("Paper numbers: none recorded for this table (cells left empty, not invented).")
+        table.notes.append(
+            "Paper numbers: none recorded for this table (cells left empty, not invented)."
+        )
         return
     setting = paper_table.get("setting") or {}
     where = ", ".join(f"{k} {v}" for k, v in setting.items())
-    table.notes.append(f"Paper numbers: {paper_table['source']}" + (f" ({where})." if where else "."))
+    table.notes.append(
+        f"Paper numbers: {paper_table['source']}" + (f" ({where})." if where else ".")
+    )
 
 
 def _task_note(table: Table, runs: Sequence[RunResults], paper_table: Mapping | None) -> None:
@@ -229,7 +249,9 @@ def _task_note(table: Table, runs: Sequence[RunResults], paper_table: Mapping | 
     if ours:
         table.notes.append(f"Our runs: task {', '.join(ours)}, arch {', '.join(archs)}.")
     if task and ours and ours != [task]:
-        table.notes.append(f"Our task differs from the paper's ({task}): compare the direction of the differences, not the values.")
+        table.notes.append(
+            f"Our task differs from the paper's ({task}): compare the direction of the differences, not the values."
+        )
 
 
 def norm_comparison_table(
@@ -253,7 +275,9 @@ def norm_comparison_table(
         table.add_row(row, [run.info.name] if run is not None else [])
         for set_name, per_metric in (block.get(norm) or {}).items():
             for metric, value in per_metric.items():
-                table.add_column(Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric))
+                table.add_column(
+                    Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric)
+                )
                 table.cell(row, f"{set_name}:{metric}").paper = float(value)
         if run is not None:
             _fill_sets(table, row, run)
@@ -276,18 +300,25 @@ def table1(results: Mapping[str, RunResults], paper: Mapping) -> Table:
         if all(n != norm for n, _ in variants):
             variants.append((norm, None))
     return norm_comparison_table(
-        "table1", "Table 1: normalisation layers compared (final PSNR/SSIM and feature statistics)",
-        variants, paper_table, features=True,
+        "table1",
+        "Table 1: normalisation layers compared (final PSNR/SSIM and feature statistics)",
+        variants,
+        paper_table,
+        features=True,
     )
 
 
 def table2(results: Mapping[str, RunResults], paper: Mapping) -> Table:
     """LN vs InstanceNorm vs i-LN on the SR benchmarks (paper Table 2)."""
     paper_table = paper["tables"].get("table2")
+
     def sr(r: RunResults) -> bool:
         return r.has_results and r.info.task.startswith("sr_")
 
-    variants = [(n, pick_run(results, n, groups=("table1",), need=sr)) for n in ("ln", "instancenorm", "iln")]
+    variants = [
+        (n, pick_run(results, n, groups=("table1",), need=sr))
+        for n in ("ln", "instancenorm", "iln")
+    ]
     return norm_comparison_table(
         "table2", "Table 2: LN vs InstanceNorm vs i-LN", variants, paper_table, features=False
     )
@@ -297,12 +328,23 @@ def table3(results: Mapping[str, RunResults], paper: Mapping) -> Table:
     """Ablation LN, LN*, LN+Rs, i-LN (paper Table 3)."""
     paper_table = paper["tables"].get("table3")
     variants = [
-        (n, pick_run(results, n, groups=("table3",), need=lambda r: "table3" in r.info.groups and r.has_results))
+        (
+            n,
+            pick_run(
+                results,
+                n,
+                groups=("table3",),
+                need=lambda r: "table3" in r.info.groups and r.has_results,
+            ),
+        )
         for n in ("ln", "ln_star", "ln_rs", "iln")
     ]
     return norm_comparison_table(
-        "table3", "Table 3: holistic normalisation (LN*) and input-adaptive rescaling (Rs) ablated",
-        variants, paper_table, features=True,
+        "table3",
+        "Table 3: holistic normalisation (LN*) and input-adaptive rescaling (Rs) ablated",
+        variants,
+        paper_table,
+        features=True,
     )
 
 
@@ -310,12 +352,18 @@ def table4(results: Mapping[str, RunResults], paper: Mapping) -> Table:
     """PSNR and overflow per inference precision, LN vs i-LN (paper Table 4)."""
     paper_table = paper["tables"].get("table4")
     block = (paper_table or {}).get("results") or {}
-    table = Table(key="table4", title="Table 4: inference precision (PSNR, overflow)", row_header="norm / precision")
+    table = Table(
+        key="table4",
+        title="Table 4: inference precision (PSNR, overflow)",
+        row_header="norm / precision",
+    )
     runs = [r for r in runs_in_group(results, "table4") if r.precision]
     seen_norms = set()
     for run in runs:
         seen_norms.add(run.info.norm)
-        modes = sorted(run.precision, key=lambda m: PRECISION_MODES.index(m) if m in PRECISION_MODES else 99)
+        modes = sorted(
+            run.precision, key=lambda m: PRECISION_MODES.index(m) if m in PRECISION_MODES else 99
+        )
         for mode in modes:
             row = f"{run.info.label} / {mode}"
             table.add_row(row, [run.info.name])
@@ -327,7 +375,9 @@ def table4(results: Mapping[str, RunResults], paper: Mapping) -> Table:
                 table.cell(row, f"{set_name}:psnr").run = run.info.name
             for set_name, per_metric in (block.get(run.info.norm, {}).get(mode) or {}).items():
                 for metric, value in per_metric.items():
-                    table.add_column(Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric))
+                    table.add_column(
+                        Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric)
+                    )
                     table.cell(row, f"{set_name}:{metric}").paper = float(value)
     for norm, per_mode in block.items():
         if norm in seen_norms:
@@ -337,11 +387,17 @@ def table4(results: Mapping[str, RunResults], paper: Mapping) -> Table:
             table.add_row(row)
             for set_name, per_metric in per_set.items():
                 for metric, value in per_metric.items():
-                    table.add_column(Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric))
+                    table.add_column(
+                        Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric)
+                    )
                     table.cell(row, f"{set_name}:{metric}").paper = float(value)
     _paper_note(table, paper_table)
-    table.notes.append("The paper reports i-LN unchanged under fp16; it gives no separate number for it here.")
-    table.notes.append("Overflow: any non-finite value in the low-precision forward pass (as reported by the evaluation).")
+    table.notes.append(
+        "The paper reports i-LN unchanged under fp16; it gives no separate number for it here."
+    )
+    table.notes.append(
+        "Overflow: any non-finite value in the low-precision forward pass (as reported by the evaluation)."
+    )
     return table
 
 
@@ -352,17 +408,32 @@ def _family(arch: str) -> str:
 def table6(results: Mapping[str, RunResults], paper: Mapping) -> Table:
     """LN vs i-LN on other tasks and models (the paper's rows beyond x4 SR with HAT_1)."""
     paper_table = paper["tables"].get("table6")
-    table = Table(key="table6", title="Table 6: other tasks and models, LN vs i-LN (PSNR)", row_header="task / set")
-    for col in (Column("ln", "LN PSNR", "psnr"), Column("iln", "i-LN PSNR", "psnr"), Column("gain", "i-LN − LN (dB)", "psnr")):
+    table = Table(
+        key="table6",
+        title="Table 6: other tasks and models, LN vs i-LN (PSNR)",
+        row_header="task / set",
+    )
+    for col in (
+        Column("ln", "LN PSNR", "psnr"),
+        Column("iln", "i-LN PSNR", "psnr"),
+        Column("gain", "i-LN − LN (dB)", "psnr"),
+    ):
         table.add_column(col)
 
     def ours_for(task: str, set_name: str, arch: str | None, norm: str) -> RunResults | None:
         cands = [
-            r for r in results.values()
-            if r.info.norm == norm and r.info.task == task and r.metric(set_name, "psnr") is not None
+            r
+            for r in results.values()
+            if r.info.norm == norm
+            and r.info.task == task
+            and r.metric(set_name, "psnr") is not None
             and (arch is None or _family(r.info.arch) == _family(arch))
         ]
-        return min(cands, key=lambda r: (r.info.arch != arch, r.info.grad_clip > 0, r.info.name)) if cands else None
+        return (
+            min(cands, key=lambda r: (r.info.arch != arch, r.info.grad_clip > 0, r.info.name))
+            if cands
+            else None
+        )
 
     def fill(row: str, task: str, set_name: str, arch: str | None) -> None:
         runs = {n: ours_for(task, set_name, arch, n) for n in ("ln", "iln")}
@@ -377,7 +448,9 @@ def table6(results: Mapping[str, RunResults], paper: Mapping) -> Table:
 
     covered = set()
     for prow in (paper_table or {}).get("rows", []):
-        label = f"{prow['task']} / {prow['set']}" + (f" ({prow['arch']})" if prow.get("arch") else "")
+        label = f"{prow['task']} / {prow['set']}" + (
+            f" ({prow['arch']})" if prow.get("arch") else ""
+        )
         if prow.get("note"):
             label += f" [{prow['note']}]"
         fill(label, prow["task"], prow["set"], prow.get("arch"))
@@ -385,7 +458,9 @@ def table6(results: Mapping[str, RunResults], paper: Mapping) -> Table:
             if norm in prow and "psnr" in prow[norm]:
                 table.cell(label, norm).paper = float(prow[norm]["psnr"])
         if "ln" in prow and "iln" in prow:
-            table.cell(label, "gain").paper = round(float(prow["iln"]["psnr"]) - float(prow["ln"]["psnr"]), 6)
+            table.cell(label, "gain").paper = round(
+                float(prow["iln"]["psnr"]) - float(prow["ln"]["psnr"]), 6
+            )
         covered.add((prow["task"], prow["set"]))
     for run in sorted(results.values(), key=lambda r: r.info.name):
         if run.info.task.startswith("sr_") or run.info.norm not in ("ln", "iln"):
@@ -395,7 +470,9 @@ def table6(results: Mapping[str, RunResults], paper: Mapping) -> Table:
                 covered.add((run.info.task, set_name))
                 fill(f"{run.info.task} / {set_name}", run.info.task, set_name, None)
     _paper_note(table, paper_table)
-    table.notes.append("Ours: any run with the row's task and norm (same model family when the paper names one).")
+    table.notes.append(
+        "Ours: any run with the row's task and norm (same model family when the paper names one)."
+    )
     return table
 
 
@@ -403,7 +480,11 @@ def table8(results: Mapping[str, RunResults], paper: Mapping) -> Table:
     """Max |x| for LN, LN with gradient clipping, and i-LN (paper Table 8)."""
     paper_table = paper["tables"].get("table8")
     block = (paper_table or {}).get("results") or {}
-    table = Table(key="table8", title="Table 8: gradient clipping vs feature divergence (max |x|)", row_header="variant")
+    table = Table(
+        key="table8",
+        title="Table 8: gradient clipping vs feature divergence (max |x|)",
+        row_header="variant",
+    )
     table.add_column(Column("max_abs", "max |x| (final)", "sci"))
     table.add_column(Column("max_abs_training", "max |x| (during training)", "sci"))
     table.add_column(Column("mag_deepest", "magnitude, deepest group", "sci"))
@@ -415,7 +496,11 @@ def table8(results: Mapping[str, RunResults], paper: Mapping) -> Table:
     runs = runs_in_group(results, "table8")
     seen = set()
     for run in runs:
-        row = run.info.label if sum(r.info.label == run.info.label for r in runs) == 1 else f"{run.info.label} [{run.info.name}]"
+        row = (
+            run.info.label
+            if sum(r.info.label == run.info.label for r in runs) == 1
+            else f"{run.info.label} [{run.info.name}]"
+        )
         table.add_row(row, [run.info.name])
         key = paper_key(run.info.norm, run.info.grad_clip)
         seen.add(key)
@@ -485,7 +570,10 @@ def all_runs_table(results: Mapping[str, RunResults]) -> Table:
     table.add_column(Column("last_step", "last probed/logged step", "int"))
     table.add_column(Column("sec_per_step", "s/step", "sci"))
     for run in results.values():
-        table.add_row(f"{run.info.name}: {run.info.arch} {run.info.label} {run.info.task}", [run.info.name] if run.has_results else [])
+        table.add_row(
+            f"{run.info.name}: {run.info.arch} {run.info.label} {run.info.task}",
+            [run.info.name] if run.has_results else [],
+        )
     for run, row in zip(results.values(), table.rows, strict=True):
         if not run.has_results:
             continue
