@@ -25,7 +25,7 @@ from iln.monitor import probe_batch, training_monitor
 from iln.train import fit
 from iln.weights import save_trained
 
-HISTORY_COLUMNS = ("step", "loss", "lr", "seconds_per_step")
+HISTORY_COLUMNS = ("step", "loss", "lr", "seconds_per_step", "val_psnr")
 PROBE_COLUMNS = (
     "step",
     "layer",
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 norm=run.spec.norm,
                 scale=run.scale,
                 overrides=overrides,
+                raw=model,
             )
             write_csv_atomic(out / "history.csv", result.history, HISTORY_COLUMNS)
             write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBE_COLUMNS)

@@ -1,4 +1,5 @@
-"""Final-checkpoint analyses: the final norm's bias against its input (paper Fig. 8) and the
+"""Final-checkpoint analyses: feature statistics of the EMA and of the trained ("raw")
+weights, the final norm's bias against its input (paper Fig. 8) and the
 relative-position-bias tables of the first and last groups (paper Fig. 9).
 
 Works for any model that follows the residual-stream contract (HAT and SwinIR alike):
@@ -20,10 +21,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from iln.files import write_bytes_atomic, write_csv_atomic
+from iln.files import write_bytes_atomic, write_csv_atomic, write_json_atomic
 from iln.probes import PROBE_COLUMNS, evaluation_mode, measure_features, unwrap
 
 FINAL_NORM_COLUMNS: tuple[str, ...] = ("channel", "bias", "input_mean_abs")
+FEATURES_COLUMNS: tuple[str, ...] = ("weights", *PROBE_COLUMNS)
+"""features.csv: one row per (weights, layer); ``weights`` is ``ema`` or ``raw``."""
+SUMMARY_STATS: tuple[str, ...] = ("magnitude", "entropy", "max_abs")
 
 
 # --------------------------------------------------------------------------------------
@@ -96,7 +100,8 @@ def final_norm_bias(
         beta = torch.full_like(mean_abs, math.nan)  # (C,) no bias parameter
     if beta.numel() != mean_abs.numel():
         raise ValueError(
-            f"model.norm.bias has {beta.numel()} entries but its input has {mean_abs.numel()} channels"
+            f"model.norm.bias has {beta.numel()} entries "
+            f"but its input has {mean_abs.numel()} channels"
         )
     return [
         {"channel": c, "bias": float(beta[c]), "input_mean_abs": float(mean_abs[c])}
@@ -195,7 +200,8 @@ def group_rpb_tables(model: nn.Module, group: int) -> list[torch.Tensor]:
         table = getattr(getattr(block, "attn", None), "relative_position_bias_table", None)
         if not isinstance(table, torch.Tensor):
             raise AttributeError(
-                f"model.layers[{g}].residual_group.blocks[{b}].attn.relative_position_bias_table not found"
+                f"model.layers[{g}].residual_group.blocks[{b}]"
+                ".attn.relative_position_bias_table not found"
             )
         tables.append(table.detach().cpu().to(torch.float32))
     return tables
@@ -239,38 +245,80 @@ def plot_rpb(
 # Everything for one final checkpoint
 
 
+def final_feature_rows(
+    weight_sets: Mapping[str, nn.Module],
+    lq_batch: torch.Tensor,
+    *,
+    per_block: bool = False,
+    chunk_size: int | None = None,
+) -> list[dict[str, object]]:
+    """Feature statistics (iln.probes) of every model in ``weight_sets`` (name -> model,
+    e.g. ``{"ema": ..., "raw": ...}``) on the same probe batch; rows FEATURES_COLUMNS."""
+    rows: list[dict[str, object]] = []
+    for name, model in weight_sets.items():
+        features = measure_features(model, lq_batch, per_block=per_block, chunk_size=chunk_size)
+        rows.extend({"weights": name, **row} for row in features)
+    return rows
+
+
+def final_summary(rows: Sequence[Mapping[str, object]]) -> dict[str, float]:
+    """``final/<weights>/<layer>/<stat>`` for stat in SUMMARY_STATS, from features rows."""
+    return {
+        f"final/{row['weights']}/{row['layer']}/{stat}": float(row[stat])
+        for row in rows
+        for stat in SUMMARY_STATS
+    }
+
+
 def run_final_analysis(
     model: nn.Module,
     lq_batch: torch.Tensor,
     out_dir: Path | str,
     *,
+    raw: nn.Module | None = None,
     per_block: bool = False,
     chunk_size: int | None = None,
     label: str = "",
 ) -> dict[str, object]:
-    """Write features.csv, final_norm.csv, final_norm.png, rpb_first.png, rpb_last.png into
-    out_dir (the run's analysis/ folder) and return the rows and file paths."""
+    """Write features.csv, summary.json, final_norm.csv, final_norm.png, rpb_first.png,
+    rpb_last.png into out_dir (the run's analysis/ folder); return rows, summary and paths.
+
+    ``model`` holds the EMA weights (what evaluation uses), ``raw`` the trained weights:
+    features.csv and summary.json have both (``weights`` ema / raw), the final-norm and
+    relative-position-bias analyses the EMA weights, as their titles say.
+    """
     out_dir = Path(out_dir)
-    features = measure_features(model, lq_batch, per_block=per_block, chunk_size=chunk_size)
-    write_csv_atomic(out_dir / "features.csv", features, PROBE_COLUMNS)
+    weight_sets = {"ema": model} if raw is None else {"ema": model, "raw": raw}
+    features = final_feature_rows(weight_sets, lq_batch, per_block=per_block, chunk_size=chunk_size)
+    write_csv_atomic(out_dir / "features.csv", features, FEATURES_COLUMNS)
+    summary = final_summary(features)
+    write_json_atomic(out_dir / "summary.json", summary)
     bias_rows = final_norm_bias(model, lq_batch, chunk_size=chunk_size)
     write_csv_atomic(out_dir / "final_norm.csv", bias_rows, FINAL_NORM_COLUMNS)
     prefix = f"{label}: " if label else ""
     files = [
         out_dir / "features.csv",
+        out_dir / "summary.json",
         out_dir / "final_norm.csv",
         plot_final_norm(
-            bias_rows, out_dir / "final_norm.png", title=f"{prefix}final norm bias vs input"
+            bias_rows,
+            out_dir / "final_norm.png",
+            title=f"{prefix}final norm bias vs input (EMA weights)",
         ),
         plot_rpb(
             group_rpb_tables(model, 0),
             out_dir / "rpb_first.png",
-            title=f"{prefix}relative position bias, first group",
+            title=f"{prefix}relative position bias, first group (EMA weights)",
         ),
         plot_rpb(
             group_rpb_tables(model, -1),
             out_dir / "rpb_last.png",
-            title=f"{prefix}relative position bias, last group",
+            title=f"{prefix}relative position bias, last group (EMA weights)",
         ),
     ]
-    return {"features": features, "final_norm": bias_rows, "files": [str(f) for f in files]}
+    return {
+        "features": features,
+        "summary": summary,
+        "final_norm": bias_rows,
+        "files": [str(f) for f in files],
+    }
