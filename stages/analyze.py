@@ -17,6 +17,7 @@ from iln.analysis import run_final_analysis
 from iln.cli import project_root, run_stage
 from iln.config import load_params
 from iln.data.dataset import TestPairs
+from iln.files import remove_stale_temps
 from iln.layout import Layout
 from iln.monitor import probe_batch
 from iln.train import resolve_device
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     spec = params.run(args.run)
     layout = Layout(project_root())
+    remove_stale_temps(layout.analysis_dir(args.run))  # kill -9 leftovers
     device = resolve_device(params.evaluate.device)
     model, recipe = load_trained(layout.weights(args.run), device)
     pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.evaluate.sets[0])))[

@@ -25,7 +25,7 @@ from iln.evaluate import (
     model_restore_fn,
     summarise,
 )
-from iln.files import write_csv_atomic, write_json_atomic
+from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
 from iln.layout import Layout
 from iln.precision import evaluate_precisions
 from iln.train import resolve_device
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     layout = Layout(project_root())
+    remove_stale_temps(layout.eval_dir(args.run), recursive=True)  # kill -9 leftovers
     settings = params.evaluate
     device = resolve_device(settings.device)
     if args.run == "bicubic":

@@ -12,7 +12,7 @@ import sys
 from iln import tracking
 from iln.cli import project_root, run_stage
 from iln.config import load_params, resolve_run
-from iln.files import write_json_atomic
+from iln.files import remove_stale_temps, write_json_atomic
 from iln.layout import Layout
 from iln.report import build_report, flatten_summary
 from iln.report.crops import comparison_panels
@@ -27,7 +27,8 @@ def scale_note(params) -> str:
     return (
         f"presets {', '.join(archs)}; {', '.join(map(str, iterations))} iterations at batch "
         f"{', '.join(map(str, batches))}, LR patch {params.train.lq_patch}; training data "
-        f"{params.train.train_set}; test sets {', '.join(params.evaluate.sets)}; device {params.train.device} "
+        f"{params.train.train_set}; test sets {', '.join(params.evaluate.sets)}; "
+        f"device {params.train.device} "
         f"(the paper: HAT_1 and larger, 300K-500K iterations on DF2K, GPUs)"
     )
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     layout = Layout(project_root())
+    remove_stale_temps(layout.report_dir, recursive=True)  # kill -9 leftovers
     out = layout.report_dir
     runs = {name: resolve_run(params, name) for name in params.runs}
     with tracking.stage_run(
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             if None in pick.values():
                 continue
             for dataset in params.report.sets:
-                sample = lambda run: layout.eval_dir(run) / "samples" / task / dataset  # noqa: E731
+                sample = lambda run, task=task, dataset=dataset: (  # noqa: E731
+                    layout.eval_dir(run) / "samples" / task / dataset
+                )
                 lq_dir, gt_dir = layout.pair_dirs(task, dataset)
                 comparison_panels(
                     lq_dir=lq_dir,

@@ -18,7 +18,7 @@ from iln.cli import project_root, run_stage
 from iln.config import flatten, load_params, resolve_run
 from iln.data.dataset import TestPairs, TrainPatches
 from iln.distributed import init_distributed, shutdown
-from iln.files import write_csv_atomic, write_json_atomic
+from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
 from iln.layout import Layout
 from iln.models import build_model
 from iln.monitor import probe_batch, training_monitor
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     run = resolve_run(params, args.run)
     layout = Layout(project_root())
+    remove_stale_temps(layout.checkpoint(run.name).parent)  # kill -9 leftovers
+    remove_stale_temps(layout.train_dir(run.name))
     settings = run.train
     if settings.threads:
         torch.set_num_threads(settings.threads)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from iln.config import TrainParams
+from iln.files import atomic_path
 
 CHECKPOINT_VERSION = 1
 
@@ -98,11 +98,9 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a sibling temp file, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through the project's atomic writer (``iln.files.atomic_path``)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
