@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = params.run(args.run)
     layout = Layout(project_root())
     remove_stale_temps(layout.analysis_dir(args.run))  # kill -9 leftovers
-    device = resolve_device(params.evaluate.device)
+    device = resolve_device(params.evaluate.device, key="evaluate.device")
     model, recipe = load_trained(layout.weights(args.run), device)
     pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.evaluate.sets[0])))[
         : params.train.probe_images

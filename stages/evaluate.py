@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(project_root())
     remove_stale_temps(layout.eval_dir(args.run), recursive=True)  # kill -9 leftovers
     settings = params.evaluate
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, key="evaluate.device")
     if args.run == "bicubic":
         tasks = [task for task in params.degrade.tasks if task.startswith("sr_")]
         restorers = {task: bicubic_restore(int(task[len("sr_x") :])) for task in tasks}

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from iln import tracking
-from iln.cli import project_root, run_stage
+from iln.cli import project_root, run_stage, warn
 from iln.config import flatten, load_params, resolve_run
 from iln.data.dataset import TestPairs, TrainPatches
 from iln.distributed import init_distributed, shutdown
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             world_size=dist.world_size,
             on_log=log,
             monitor=monitor,
+            warn=lambda message: warn("train", message),
         )
         if dist.is_main:
             save_trained(

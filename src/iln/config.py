@@ -188,6 +188,16 @@ class TrainParams:
             raise ParamsError(f"train.probe_every: must be >= 0 (0 = off), got {self.probe_every}")
         if self.lr <= 0:
             raise ParamsError(f"train.lr: must be > 0, got {self.lr}")
+        for name in ("seed", "num_workers", "threads"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ParamsError(f"train.betas[{i}]: must be in [0, 1), got {beta}")
+        if self.lr_gamma <= 0:
+            raise ParamsError(f"train.lr_gamma: must be > 0, got {self.lr_gamma}")
+        if self.milestones and self.milestones[0] < 1:
+            raise ParamsError(f"train.milestones: must be >= 1, got {list(self.milestones)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ParamsError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
         if list(self.milestones) != sorted(self.milestones):
@@ -250,6 +260,10 @@ class ReportParams:
 @dataclass(frozen=True)
 class TrackingParams:
     experiment: str
+
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise ParamsError("tracking.experiment: must be a non-empty name")
 
 
 @dataclass(frozen=True)
@@ -318,7 +332,11 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
     try:
         train = dataclasses.replace(params.train, **overrides)
     except ParamsError as err:
-        raise ParamsError(f"runs.{name}: {err}") from None
+        message = str(err)
+        for key in overrides:  # name the run's own key when its override is the bad value
+            if message.startswith(f"train.{key}"):
+                raise ParamsError(f"runs.{name}.{key}{message[len(f'train.{key}') :]}") from None
+        raise ParamsError(f"runs.{name}: {message}") from None
     return ResolvedRun(name=name, spec=spec, train=train)
 
 
@@ -370,6 +388,28 @@ def _check_runs(params: Params) -> None:
                     f"{where}.model.{key}: set it as runs.{name}.{key}, not under model"
                 )
         resolve_run(params, name)
+        _check_degraded(params, spec.task, [params.train.train_set], "train.train_set", where)
+        _check_degraded(params, spec.task, params.evaluate.sets, "evaluate.sets", where)
+    for task in (t for t in params.degrade.tasks if t.startswith("sr_x")):
+        _check_degraded(params, task, params.evaluate.sets, "evaluate.sets", "bicubic baseline")
+    unknown = [s for s in params.report.sets if s not in params.evaluate.sets]
+    if unknown:
+        raise ParamsError(
+            f"report.sets: {unknown[0]!r} is not evaluated (evaluate.sets: "
+            f"{', '.join(params.evaluate.sets)})"
+        )
+
+
+def _check_degraded(params: Params, task: str, sets: Any, key: str, user: str) -> None:
+    """Each of ``sets`` must be a set the degrade stage makes for ``task`` (used by ``user``)."""
+    made = params.degrade.sets_for(task)
+    source = f"degrade.task_sets.{task}" if task in params.degrade.task_sets else "degrade.sets"
+    for name in sets:
+        if name not in made:
+            raise ParamsError(
+                f"{key}: {name!r} is not a set the degrade stage makes for {task}, which "
+                f"{user} needs ({source}: {', '.join(made)})"
+            )
 
 
 def load_params(path: str | Path) -> Params:

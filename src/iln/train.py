@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,11 +26,11 @@ from tqdm import tqdm
 
 from iln.config import TrainParams
 from iln.files import atomic_path
-
-CHECKPOINT_VERSION = 1
+from iln.resume import CHECKPOINT_VERSION, load_resume_state, save_resume_state
 
 LogFn = Callable[[int, dict[str, float]], None]
 MonitorFn = Callable[[int, nn.Module, nn.Module], list[dict[str, Any]]]
+WarnFn = Callable[[str], None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,14 +117,21 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this exact run configuration, else None."""
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
-        return None
-    return state
+def load_checkpoint(
+    path: Path, fingerprint: str, *, max_step: int | None = None, warn: WarnFn | None = None
+) -> dict[str, Any] | None:
+    """The newest usable checkpoint of this exact configuration at ``path`` (or the one
+    kept before it), else None; see ``iln.resume``."""
+    return load_resume_state(
+        path,
+        fingerprint,
+        max_step=max_step if max_step is not None else 2**62,
+        warn=warn or _stderr_warning,
+    )
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -144,6 +152,7 @@ def fit(
     on_log: LogFn | None = None,
     monitor: MonitorFn | None = None,
     progress: bool = True,
+    warn: WarnFn | None = None,
 ) -> tuple[nn.Module, FitResult]:
     """Train ``model`` (built and seeded by the caller) and return its EMA twin.
 
@@ -160,7 +169,7 @@ def fit(
     monitor_rows: list[dict[str, Any]] = []
     start = 0
 
-    state = load_checkpoint(checkpoint_path, fingerprint)
+    state = load_checkpoint(checkpoint_path, fingerprint, max_step=settings.iterations, warn=warn)
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -183,7 +192,7 @@ def fit(
 
     def checkpoint(step: int) -> None:
         if rank == 0:
-            save_atomic(
+            save_resume_state(
                 {
                     "version": CHECKPOINT_VERSION,
                     "fingerprint": fingerprint,
@@ -222,6 +231,16 @@ def fit(
     )
     model.train()
     step, last_saved = start, start
+    last_good = Path(state["loaded_from"]) if state is not None else None
+
+    def kept() -> str:
+        """Where the last good checkpoint of THIS configuration is, for the divergence message."""
+        if last_good is None:
+            return (
+                "no checkpoint of this configuration was written before (a rerun starts at step 0)"
+            )
+        return f"the last good checkpoint (step {last_saved}) is kept at {last_good}"
+
     timer, timer_step, seconds = time.perf_counter(), start, 0.0
     for batch in loader:
         lq = batch["lq"].to(device, non_blocking=True)  # (b, 3, p, p)
@@ -233,10 +252,7 @@ def fit(
         loss = F.l1_loss(output.float(), gt)
         if not torch.isfinite(loss):
             bar.close()
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at step {step + 1}; the last good "
-                f"checkpoint (step {last_saved}) is kept at {checkpoint_path}"
-            )
+            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; {kept()}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if settings.grad_clip > 0:
@@ -278,12 +294,11 @@ def fit(
             if bad:
                 bar.close()
                 raise TrainingDiverged(
-                    f"features of {', '.join(bad)} became non-finite at step {step}; "
-                    f"the last good checkpoint (step {last_saved}) is kept at {checkpoint_path}"
+                    f"features of {', '.join(bad)} became non-finite at step {step}; {kept()}"
                 )
         if step % settings.checkpoint_every == 0 or step == settings.iterations:
             checkpoint(step)
-            last_saved = step
+            last_saved, last_good = step, checkpoint_path
     bar.close()
     trained = step - start
     return ema, FitResult(
@@ -295,15 +310,14 @@ def fit(
     )
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local rank's CUDA device when present, else CPU."""
+def resolve_device(spec: str, local_rank: int = 0, *, key: str = "train.device") -> torch.device:
+    """``auto`` -> the local rank's CUDA device when present, else CPU. ``key`` names the
+    params key in the error raised when the device asked for is not there."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"train.device is {spec!r} but no CUDA device is available (use auto or cpu)"
-        )
+        raise RuntimeError(f"{key}: {spec!r} but no CUDA device is available (use auto or cpu)")
     return device

@@ -97,25 +97,26 @@ class TrainPatches:
     def _check_sizes(self) -> None:
         """From the file headers: every lq fits a patch and matches its gt (gt = s * lq)."""
         p, s = self.lq_patch, self.scale
+        smallest: tuple[int, Path, int, int] | None = None  # (min side, file, h, w)
         for gt in self.gt_files:
             gh, gw = image_size(gt)
-            if self.lq_files is None:
-                if gh < p or gw < p:
+            src, (h, w) = gt, (gh, gw)
+            if self.lq_files is not None:
+                src = self.lq_files[gt.stem]
+                h, w = image_size(src)
+                if (gh, gw) != (h * s, w * s):
                     raise ValueError(
-                        f"{gt}: image {gh}x{gw} is smaller than the training patch {p}x{p}"
+                        f"{src}: lq size {h}x{w} times scale {s} does not match gt {gt} "
+                        f"size {gh}x{gw}"
                     )
-                continue
-            lq = self.lq_files[gt.stem]
-            lh, lw = image_size(lq)
-            if (gh, gw) != (lh * s, lw * s):
-                raise ValueError(
-                    f"{lq}: lq size {lh}x{lw} times scale {s} does not match gt {gt} size {gh}x{gw}"
-                )
-            if lh < p or lw < p:
-                raise ValueError(
-                    f"{lq}: image {lh}x{lw} is smaller than the training patch {p}x{p} "
-                    f"(gt {gt} is {gh}x{gw})"
-                )
+            if smallest is None or min(h, w) < smallest[0]:
+                smallest = (min(h, w), src, h, w)
+        if smallest is not None and smallest[0] < p:
+            _, src, h, w = smallest
+            raise ValueError(
+                f"train.lq_patch: {p} is larger than the smallest training input {src} "
+                f"({h}x{w}), the training patch {p}x{p} does not fit in it"
+            )
 
     def __len__(self) -> int:
         return len(self.gt_files)

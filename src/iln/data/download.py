@@ -64,8 +64,16 @@ class ChecksumBook:
         if self.path.exists():
             try:
                 self.entries: dict[str, dict[str, str]] = json.loads(self.path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path}: not valid JSON ({err})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(
+                    f"{self.path}: unreadable checksum file, not valid JSON ({err}); the download "
+                    f"stage writes it: restore it from git, or delete it to record fresh checksums"
+                ) from None
+            if not isinstance(self.entries, dict):
+                raise ValueError(
+                    f"{self.path}: unreadable checksum file (expected a JSON object); the "
+                    f"download stage writes it: restore it from git, or delete it"
+                )
         else:
             self.entries = {}
 

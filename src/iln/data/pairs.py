@@ -166,7 +166,17 @@ def _sources(hr_root: Path, set_name: str, *, derain: bool) -> list[tuple[str, P
 
 
 def _process_image(job: ImageJob) -> list[tuple[str, str, dict]]:
-    """All outputs of one source image; returns (task/set, name, record) per output."""
+    """All outputs of one source image; returns (task/set, name, record) per output.
+    A ValueError about the image (too small for the scale, ...) names the source file."""
+    try:
+        return _process_image_named(job)
+    except ValueError as err:
+        if str(job.gt_src) in str(err) or (job.lq_src and str(job.lq_src) in str(err)):
+            raise
+        raise ValueError(f"{job.gt_src}: {err}") from None
+
+
+def _process_image_named(job: ImageJob) -> list[tuple[str, str, dict]]:
     hr = (
         None if all(o.task == "derain" for o in job.outputs) else read_rgb(job.gt_src)
     )  # (H, W, 3) uint8

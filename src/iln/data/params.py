@@ -177,6 +177,8 @@ class DegradeParams:
                     )
         if self.workers < 0:
             raise ValueError(f"workers: must be >= 0 (0 = all cores), got {self.workers}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level: must be in 0..9, got {self.png_compress_level}")
 

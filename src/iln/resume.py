@@ -1,0 +1,77 @@
+"""Resumable training state on disk: the latest checkpoint and the one before it.
+
+``checkpoint.pt`` is replaced atomically at every checkpoint; the file it replaces is kept
+as ``checkpoint.prev.pt``. A checkpoint that cannot be read (a damaged disk, a file cut
+short by hand) is skipped with one warning line, and training resumes from the previous
+one, or restarts from step 0 when neither is usable. Only a checkpoint of the same
+configuration (``iln.fingerprint``) is ever resumed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iln.files import atomic_path
+
+CHECKPOINT_VERSION = 1
+
+
+def previous_path(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_resume_state(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` atomically to ``path``; the checkpoint it replaces becomes the
+    previous one."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        if path.exists():
+            os.replace(path, previous_path(path))
+
+
+def load_resume_state(
+    path: Path,
+    fingerprint: str,
+    *,
+    max_step: int,
+    warn: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """The newest readable checkpoint of configuration ``fingerprint`` at a step <= ``max_step``
+    (``path``, else its previous one), or None: start from step 0.
+
+    Unreadable files produce one ``warn`` line that says what happens instead. A checkpoint
+    of another configuration is not an error: it is ignored (and later overwritten).
+    """
+    path = Path(path)
+    problems: list[str] = []
+    for candidate in (path, previous_path(path)):
+        if not candidate.exists():
+            continue
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors, ...
+            problems.append(f"{candidate} is unreadable ({_first_line(err)})")
+            continue
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            problems.append(f"{candidate} is not a checkpoint of this version")
+            continue
+        if state.get("fingerprint") != fingerprint or int(state.get("step", -1)) > max_step:
+            continue  # another configuration, or a longer run: not ours to resume
+        if problems:
+            warn(f"{'; '.join(problems)}: resuming from {candidate} (step {state['step']})")
+        return {**state, "loaded_from": str(candidate)}
+    if problems:
+        warn(f"{'; '.join(problems)}: no usable checkpoint of this run, training starts at step 0")
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
