@@ -10,15 +10,18 @@ import argparse
 import os
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
+import iln
 from iln import tracking
 from iln.cli import project_root, run_stage, warn
 from iln.config import flatten, load_params, resolve_run
 from iln.data.dataset import TestPairs, TrainPatches
 from iln.distributed import init_distributed, shutdown
 from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
+from iln.fingerprint import code_digest, training_fingerprint, tree_digest
 from iln.layout import Layout
 from iln.models import build_model
 from iln.monitor import probe_batch, training_monitor
@@ -66,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         : settings.probe_images
     ]
     probe_lq = probe_batch([lq for _, lq, _ in val_pairs], size=2 * settings.lq_patch)
+    fingerprint = training_fingerprint(  # what a checkpoint must match to be resumed
+        run,
+        data_digest=tree_digest([lq_dir, gt_dir]),
+        code_digest=code_digest(Path(__file__), Path(iln.__file__).parent),
+    )
 
     out = layout.train_dir(run.name)
     tracked = (
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             run_name=run.name,
             params={**flatten(run.spec, "run"), **flatten(settings, "train")},
             tags={
-                "iln.fingerprint": run.fingerprint(),
+                "iln.fingerprint": fingerprint,
                 "iln.world_size": dist.world_size,
                 "iln.device": str(dist.device),
             },
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             settings,
             device=dist.device,
             checkpoint_path=layout.checkpoint(run.name),
-            fingerprint=run.fingerprint(),
+            fingerprint=fingerprint,
             rank=dist.rank,
             world_size=dist.world_size,
             on_log=log,

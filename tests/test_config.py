@@ -84,16 +84,6 @@ def test_run_overrides_take_precedence_over_train_defaults(tmp_path):
     assert (run.train.iterations, run.train.grad_clip) == (7, 0.5)
 
 
-def test_fingerprint_ignores_bookkeeping_but_not_training_settings(tmp_path):
-    base = load_params(ROOT / "params.yaml")
-    name = next(iter(base.runs))
-    logging = load_params(_write(tmp_path, lambda r: r["train"].update(log_every=3)))
-    (tmp_path / "b").mkdir()
-    lr = load_params(_write(tmp_path / "b", lambda r: r["train"].update(lr=1.0e-3)))
-    assert resolve_run(logging, name).fingerprint() == resolve_run(base, name).fingerprint()
-    assert resolve_run(lr, name).fingerprint() != resolve_run(base, name).fingerprint()
-
-
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_params_survive_a_yaml_1_2_rewrite(tmp_path, path):
     """`dvc exp run -S` rewrites params.yaml with a YAML 1.2 dumper, dropping quotes that

@@ -8,8 +8,6 @@ key it concerns (``runs.ln_x2.norm``), and nothing is coerced silently: YAML 1.1
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 import types
 import typing
@@ -304,22 +302,6 @@ class ResolvedRun:
         if self.spec.affine_outer is not None:
             overrides["affine_outer"] = self.spec.affine_outer
         return overrides
-
-    def fingerprint(self) -> str:
-        """Hash of everything that shapes the trained weights (resume only into an equal run)."""
-        payload = {"spec": dataclasses.asdict(self.spec), "train": dataclasses.asdict(self.train)}
-        for volatile in (
-            "checkpoint_every",
-            "log_every",
-            "num_workers",
-            "device",
-            "threads",
-            "compile",
-        ):
-            payload["train"].pop(volatile)
-        payload["spec"].pop("groups")
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def resolve_run(params: Params, name: str) -> ResolvedRun:
