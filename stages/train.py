@@ -25,6 +25,7 @@ from iln.fingerprint import code_digest, training_fingerprint, tree_digest
 from iln.layout import Layout
 from iln.models import build_model
 from iln.monitor import probe_batch, training_monitor
+from iln.resume import remember_tracked_run, tracked_run
 from iln.train import fit
 from iln.weights import save_trained
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     out = layout.train_dir(run.name)
+    store = tracking.tracking_uri(layout.root)
+    checkpoint = layout.checkpoint(run.name)
     tracked = (
         tracking.stage_run(
             layout.root,
@@ -88,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                 "iln.world_size": dist.world_size,
                 "iln.device": str(dist.device),
             },
+            continue_run=tracked_run(checkpoint, fingerprint, store),  # a resumed training
         )
         if dist.is_main
         else nullcontext()
     )
     with tracked as tracker:
+        if tracker:
+            remember_tracked_run(checkpoint, fingerprint, store, tracker.run_id)
         log = (lambda step, metrics: tracker.log_metrics(metrics, step=step)) if tracker else None
         monitor = training_monitor(
             probe_lq,
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset,
             settings,
             device=dist.device,
-            checkpoint_path=layout.checkpoint(run.name),
+            checkpoint_path=checkpoint,
             fingerprint=fingerprint,
             rank=dist.rank,
             world_size=dist.world_size,

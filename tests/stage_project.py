@@ -26,7 +26,7 @@ def make_project(root: Path, *, runs: tuple[str, ...] = ("ln",), **train) -> Pat
             lq_patch=16,
             checkpoint_every=2,
             log_every=1,
-            probe_every=2,
+            probe_every=0,
             probe_images=1,
             threads=1,
             **train,
@@ -38,6 +38,12 @@ def make_project(root: Path, *, runs: tuple[str, ...] = ("ln",), **train) -> Pat
     }
     params["data"]["workers"] = params["degrade"]["workers"] = 1
     write_params(root, params)
+    return root
+
+
+def copy_project(template: Path, root: Path) -> Path:
+    """A copy of a project (its params and data), without its store or run outputs."""
+    shutil.copytree(template, root, ignore=shutil.ignore_patterns("mlflow.db*", "runs", "check*"))
     return root
 
 

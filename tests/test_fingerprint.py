@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from iln import tracking
 from iln.config import RunSpec, TrainParams, load_params, resolve_run
 from iln.data.io import write_png
 from iln.fingerprint import (
@@ -19,7 +20,7 @@ from iln.fingerprint import (
     training_fingerprint,
     tree_digest,
 )
-from tests.stage_project import make_project, read_params, run_stage, summary, write_params
+from tests.stage_project import copy_project, read_params, run_stage, summary, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,13 +115,14 @@ def test_imports_are_followed_through_packages_relative_and_lazy_imports(tmp_pat
     assert code_digest(script, pkg) != before
 
 
-def test_train_stage_retrains_on_new_data_and_resumes_past_observer_changes(tmp_path):
+def test_train_stage_retrains_on_new_data_and_resumes_past_observer_changes(
+    tmp_path, degraded_project
+):
     """The independent check's scenario: add a training image, rerun degrade and train."""
-    root = make_project(tmp_path / "project")
-    for stage in ("download", "degrade"):
-        run_stage(root, stage, "--no-progress")
+    root = copy_project(degraded_project, tmp_path / "project")
     run_stage(root, "train", "ln")
     assert summary(root, "ln")["resumed_from"] == 0
+    (first,) = tracking.find_stage_runs(root, experiment="iln", run_name="ln")
 
     params = read_params(root)  # probes and logs more often, new report groups: no retraining
     params["train"].update(probe_every=1, log_every=2)
@@ -128,9 +130,14 @@ def test_train_stage_retrains_on_new_data_and_resumes_past_observer_changes(tmp_
     write_params(root, params)
     run_stage(root, "train", "ln")
     assert summary(root, "ln")["resumed_from"] == 4
+    (again,) = tracking.find_stage_runs(root, experiment="iln", run_name="ln")
+    assert again["run_id"] == first["run_id"] and again["status"] == "FINISHED"  # continued
+    assert [s for s, _ in tracking.metric_history(root, first["run_id"], "loss")] == [1, 2, 3, 4]
 
     train_dir = root / "data" / "hr" / "default_train"  # one more training photo
     shutil.copy(root / "data" / "default" / "test" / "chelsea.png", train_dir / "extra.png")
     run_stage(root, "degrade", "--no-progress")
     run_stage(root, "train", "ln")
     assert summary(root, "ln")["resumed_from"] == 0
+    runs = tracking.find_stage_runs(root, experiment="iln", run_name="ln")
+    assert len(runs) == 2  # new data, new training, new tracked run
