@@ -18,7 +18,7 @@ def _image(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("arch", TINY)
 @pytest.mark.parametrize("norm", NORMS)
 def test_every_tiny_arch_and_norm_runs_forward_and_backward_at_every_scale(arch, norm):
-    for scale in (2, 3, 4):
+    for scale in (1, 2, 3, 4):
         model = build_model(arch, norm=norm, scale=scale)
         x = _image(2, 13, 17)
         y = model(x)
@@ -29,6 +29,42 @@ def test_every_tiny_arch_and_norm_runs_forward_and_backward_at_every_scale(arch,
         assert all(g is not None and torch.isfinite(g).all() for g in grads), (
             "a parameter got no or a bad gradient"
         )
+
+
+@pytest.mark.parametrize("arch", TINY)
+@pytest.mark.parametrize("norm", ("ln", "iln", "ln_star", "ln_rs"))
+def test_scale_one_restorer_keeps_an_odd_input_shape_and_trains(arch, norm):
+    model = build_model(arch, norm=norm, scale=1)
+    x = _image(2, 13, 21, seed=3)
+    y = model(x)
+    assert y.shape == x.shape
+    (y - x).abs().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", TINY)
+@pytest.mark.parametrize("stdnorm", (False, True))
+def test_scale_one_output_is_the_input_plus_a_residual_in_image_space(arch, stdnorm):
+    # a head that predicts the constant residual c in the encoded space restores
+    # input + c * std / img_range: the identity when c = 0, for any body and stdnorm
+    model = build_model(arch, norm="iln", scale=1, stdnorm=stdnorm, img_range=2.0).eval()
+    x = _image(1, 13, 21, seed=4)
+    with torch.no_grad():
+        model.conv_last.weight.zero_()
+        model.conv_last.bias.zero_()
+        torch.testing.assert_close(model(x), x, rtol=0, atol=1e-6)
+        model.conv_last.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        std = torch.tensor(common.RGB_STD) if stdnorm else torch.ones(3)
+        shift = (torch.tensor([0.1, -0.2, 0.3]) * std / 2.0).view(1, 3, 1, 1)
+        torch.testing.assert_close(model(x), x + shift, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("arch", "expected"), [("hat_1", 4_273_887), ("swinir_1", 3_327_771)])
+def test_scale_one_parameter_counts(arch, expected):
+    for norm in ("ln", "iln"):
+        model = build_model(arch, norm=norm, scale=1)
+        assert sum(p.numel() for p in model.parameters()) == expected
+        assert not hasattr(model, "upsample")
 
 
 @pytest.mark.parametrize("arch", TINY)
@@ -233,9 +269,7 @@ def test_generator_makes_initialisation_and_stochastic_depth_reproducible():
     a = build_model("swinir_tiny", norm="ln", scale=2, generator=torch.Generator().manual_seed(5))
     b = build_model("swinir_tiny", norm="ln", scale=2, generator=torch.Generator().manual_seed(5))
     c = build_model("swinir_tiny", norm="ln", scale=2, generator=torch.Generator().manual_seed(6))
-    for (k, va), vb, vc in zip(
-        a.state_dict().items(), b.state_dict().values(), c.state_dict().values()
-    ):
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
     assert not torch.equal(a.conv_first.weight, c.conv_first.weight)
     state = torch.get_rng_state()
@@ -274,7 +308,7 @@ def test_build_errors_name_the_bad_value_and_the_choices():
         build_model("hat_2", norm="ln", scale=2)
     with pytest.raises(ValueError, match=r"unknown norm 'gn'.*iln"):
         build_model("hat_tiny", norm="gn", scale=2)
-    with pytest.raises(ValueError, match=r"scale 8 is not supported; valid scales: 2, 3, 4"):
+    with pytest.raises(ValueError, match=r"scale 8 is not supported; valid scales: 1, 2, 3, 4"):
         build_model("hat_tiny", norm="ln", scale=8)
     with pytest.raises(ValueError, match=r"attention 'flash'.*fast, naive"):
         build_model("hat_tiny", norm="ln", scale=2, attention="flash")

@@ -31,7 +31,7 @@ __all__ = [
     "to_official_state_dict",
 ]
 
-SCALES = (2, 3, 4)
+SCALES = (1, 2, 3, 4)  # 1: restoration (denoising, JPEG, deraining) with a global residual
 
 _HAT_COMMON: dict[str, Any] = dict(
     family="hat",
@@ -120,7 +120,8 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(
-            f"unknown override {', '.join(map(repr, unknown))} for arch {arch!r}; valid overrides: {', '.join(valid)}"
+            f"unknown override {', '.join(map(repr, unknown))} for arch {arch!r}; "
+            f"valid overrides: {', '.join(valid)}"
         )
 
     hp: dict[str, Any] = {"arch": arch, "norm": norm, "scale": int(scale)}
@@ -159,7 +160,8 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
             raise ValueError(f"{key} {hp[key]!r} must be an int in [1, embed_dim={embed}]")
     if hp["attention"] not in common.ATTENTION_MODES:
         raise ValueError(
-            f"attention {hp['attention']!r} is not valid; valid: {', '.join(common.ATTENTION_MODES)}"
+            f"attention {hp['attention']!r} is not valid; "
+            f"valid: {', '.join(common.ATTENTION_MODES)}"
         )
     if hp["upsampler"] not in _UPSAMPLERS:
         raise ValueError(
@@ -181,7 +183,8 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
 def build_model(
     arch: str, *, norm: str, scale: int, generator: torch.Generator | None = None, **overrides: Any
 ) -> nn.Module:
-    """Build preset ``arch`` with norm variant ``norm`` for x``scale`` SR.
+    """Build preset ``arch`` with norm variant ``norm`` for x``scale`` SR, or for
+    restoration at input resolution (input + predicted residual) with ``scale=1``.
 
     Overrides use the official hyper-parameter names (``embed_dim``, ``depths``,
     ``num_heads``, ``window_size``, ``compress_ratio``, ``squeeze_factor``, ``mlp_ratio``,

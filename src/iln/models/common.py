@@ -537,7 +537,7 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
     None the global generator is used.
     """
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(
                     module.weight, std=LINEAR_STD, a=-2.0, b=2.0, generator=generator

@@ -115,7 +115,8 @@ class PatchEmbed(nn.Module):
 
 
 class SwinIR(nn.Module):
-    """SwinIR for classical SR (pixel-shuffle head). Any input size, padded to the window."""
+    """SwinIR for classical SR (pixel-shuffle head) or, at ``scale=1``, for restoration
+    (input + predicted residual, as HAT). Any input size, padded to the window."""
 
     def __init__(
         self,
@@ -161,11 +162,14 @@ class SwinIR(nn.Module):
         )
         self.norm = outer_norm_layer(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
-        self.conv_before_upsample = nn.Sequential(
-            nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True)
-        )
-        self.upsample = common.upsample_layers(scale)
-        self.conv_last = nn.Conv2d(common.NUM_FEAT, 3, 3, 1, 1)
+        if scale == 1:  # restoration head: features -> residual image
+            self.conv_last = nn.Conv2d(embed_dim, 3, 3, 1, 1)
+        else:  # super-resolution head: features -> pixel shuffle -> image
+            self.conv_before_upsample = nn.Sequential(
+                nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True)
+            )
+            self.upsample = common.upsample_layers(scale)
+            self.conv_last = nn.Conv2d(common.NUM_FEAT, 3, 3, 1, 1)
 
     def forward_features(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, C, H, W) with H, W multiples of the window -> (B, C, H, W)."""
@@ -185,11 +189,14 @@ class SwinIR(nn.Module):
         return common.image(t, size)
 
     def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """x (B, 3, H, W) in [0, 1] -> (B, 3, s*H, s*W), not clamped."""
+        """x (B, 3, H, W) in [0, 1] -> (B, 3, s*H, s*W) (s = 1: input + residual), not clamped."""
         h, w = x.shape[2], x.shape[3]
         x = self.input_norm.encode(common.pad_to_multiple(x, self.window_size))
-        x = self.conv_first(x)
-        x = self.conv_after_body(self.forward_features(x, generator)) + x
-        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        f = self.conv_first(x)
+        f = self.conv_after_body(self.forward_features(f, generator)) + f
+        if self.scale == 1:  # global residual in the encoded space: decode(x + r) = x + r'
+            x = x + self.conv_last(f)
+        else:
+            x = self.conv_last(self.upsample(self.conv_before_upsample(f)))
         x = self.input_norm.decode(x)
         return x[:, :, : h * self.scale, : w * self.scale]
