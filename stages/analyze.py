@@ -19,7 +19,7 @@ from iln.config import load_params
 from iln.data.dataset import TestPairs
 from iln.layout import Layout
 from iln.monitor import probe_batch
-from iln.train import resolve_device
+from iln.runtime import resolve_device
 from iln.weights import load_trained
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     spec = params.run(args.run)
     layout = Layout(project_root())
-    device = resolve_device(params.evaluate.device)
+    device = resolve_device(params.evaluate.device, key="evaluate.device")
     model, recipe = load_trained(layout.weights(args.run), device)
     pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.evaluate.sets[0])))[
         : params.train.probe_images

@@ -28,7 +28,7 @@ from iln.evaluate import (
 from iln.files import write_csv_atomic, write_json_atomic
 from iln.layout import Layout
 from iln.precision import evaluate_precisions
-from iln.train import resolve_device
+from iln.runtime import resolve_device
 from iln.weights import load_trained
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     layout = Layout(project_root())
     settings = params.evaluate
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, key="evaluate.device")
     if args.run == "bicubic":
         tasks = [task for task in params.degrade.tasks if task.startswith("sr_")]
         restorers = {task: bicubic_restore(int(task[len("sr_x") :])) for task in tasks}
