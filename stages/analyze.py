@@ -20,7 +20,7 @@ from iln.data.dataset import TestPairs
 from iln.files import remove_stale_temps
 from iln.layout import Layout
 from iln.monitor import probe_batch
-from iln.train import resolve_device
+from iln.runtime import resolve_device
 from iln.weights import load_trained
 
 

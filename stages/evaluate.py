@@ -28,7 +28,7 @@ from iln.evaluate import (
 from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
 from iln.layout import Layout
 from iln.precision import evaluate_precisions
-from iln.train import resolve_device
+from iln.runtime import resolve_device
 from iln.weights import load_trained
 
 

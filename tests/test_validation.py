@@ -18,7 +18,7 @@ from iln.data.io import write_png
 from iln.data.pairs import make_pairs
 from iln.data.params import DegradeParams
 from iln.data.prepare import Sources, prepare_sets
-from iln.train import resolve_device
+from iln.runtime import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

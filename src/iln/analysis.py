@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from iln.files import write_bytes_atomic, write_csv_atomic
-from iln.probes import PROBE_COLUMNS, evaluation_mode, measure_features, unwrap
+from iln.probes import PROBE_COLUMNS, evaluation_mode, measure_features
+from iln.runtime import unwrap
 
 FINAL_NORM_COLUMNS: tuple[str, ...] = ("channel", "bias", "input_mean_abs")
 
@@ -96,7 +97,8 @@ def final_norm_bias(
         beta = torch.full_like(mean_abs, math.nan)  # (C,) no bias parameter
     if beta.numel() != mean_abs.numel():
         raise ValueError(
-            f"model.norm.bias has {beta.numel()} entries but its input has {mean_abs.numel()} channels"
+            f"model.norm.bias has {beta.numel()} entries "
+            f"but its input has {mean_abs.numel()} channels"
         )
     return [
         {"channel": c, "bias": float(beta[c]), "input_mean_abs": float(mean_abs[c])}
@@ -195,7 +197,8 @@ def group_rpb_tables(model: nn.Module, group: int) -> list[torch.Tensor]:
         table = getattr(getattr(block, "attn", None), "relative_position_bias_table", None)
         if not isinstance(table, torch.Tensor):
             raise AttributeError(
-                f"model.layers[{g}].residual_group.blocks[{b}].attn.relative_position_bias_table not found"
+                f"model.layers[{g}].residual_group.blocks[{b}]"
+                ".attn.relative_position_bias_table not found"
             )
         tables.append(table.detach().cpu().to(torch.float32))
     return tables

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from iln.runtime import unwrap
+
 PROBE_COLUMNS: tuple[str, ...] = (
     "layer",
     "magnitude",
@@ -259,18 +261,6 @@ class FeatureProbe(contextlib.AbstractContextManager):
         return out
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers (same parameters, eager forward):
-    hooks on a compiled graph would force a recompilation at every measurement."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and no autograd for the body; every submodule's train/eval flag restored."""
@@ -328,6 +318,7 @@ def read_csv_rows(path: Path | str, required: Sequence[str]) -> list[dict[str, s
         missing = [c for c in required if c not in fields]
         if missing:
             raise ValueError(
-                f"{path}: missing column(s) {missing}; expected at least {list(required)}, found {fields}"
+                f"{path}: missing column(s) {missing}; "
+                f"expected at least {list(required)}, found {fields}"
             )
         return list(reader)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from iln.config import TrainParams
 from iln.files import atomic_path
 from iln.resume import CHECKPOINT_VERSION, load_resume_state, save_resume_state
+from iln.runtime import unwrap
 
 LogFn = Callable[[int, dict[str, float]], None]
 MonitorFn = Callable[[int, nn.Module, nn.Module], list[dict[str, Any]]]
@@ -91,9 +92,8 @@ def build_optimizer(model: nn.Module, settings: TrainParams) -> tuple[torch.opti
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
-    ema_params = [p for p in ema.parameters()]
-    model_params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1.0 - decay)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)
 
@@ -132,11 +132,6 @@ def load_checkpoint(
 
 def _stderr_warning(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 def fit(
@@ -197,7 +192,7 @@ def fit(
                     "version": CHECKPOINT_VERSION,
                     "fingerprint": fingerprint,
                     "step": step,
-                    "model": _unwrap(model).state_dict(),
+                    "model": unwrap(model).state_dict(),
                     "ema": ema.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -261,7 +256,7 @@ def fit(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        update_ema(ema, _unwrap(model), settings.ema_decay)
+        update_ema(ema, unwrap(model), settings.ema_decay)
         step += 1
         bar.update(1)
 
@@ -286,7 +281,7 @@ def fit(
             and settings.probe_every
             and (step % settings.probe_every == 0 or step == settings.iterations)
         ):
-            rows = monitor(step, _unwrap(model), ema)
+            rows = monitor(step, unwrap(model), ema)
             monitor_rows.extend({"step": step, **r} for r in rows)
             bad = [
                 r["layer"] for r in rows if "magnitude" in r and not math.isfinite(r["magnitude"])
@@ -308,16 +303,3 @@ def fit(
         history=history,
         monitor_rows=monitor_rows,
     )
-
-
-def resolve_device(spec: str, local_rank: int = 0, *, key: str = "train.device") -> torch.device:
-    """``auto`` -> the local rank's CUDA device when present, else CPU. ``key`` names the
-    params key in the error raised when the device asked for is not there."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{key}: {spec!r} but no CUDA device is available (use auto or cpu)")
-    return device
