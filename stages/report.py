@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from iln import tracking
 from iln.cli import project_root, run_stage
 from iln.config import load_params, resolve_run
+from iln.data.params import parse_task
 from iln.files import write_json_atomic
 from iln.layout import Layout
 from iln.report import build_report, flatten_summary
@@ -27,7 +29,8 @@ def scale_note(params) -> str:
     return (
         f"presets {', '.join(archs)}; {', '.join(map(str, iterations))} iterations at batch "
         f"{', '.join(map(str, batches))}, LR patch {params.train.lq_patch}; training data "
-        f"{params.train.train_set}; test sets {', '.join(params.evaluate.sets)}; device {params.train.device} "
+        f"{params.train.train_set}; test sets {', '.join(params.evaluate.sets)}; "
+        f"device {params.train.device} "
         f"(the paper: HAT_1 and larger, 300K-500K iterations on DF2K, GPUs)"
     )
 
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             runs, layout.root / "runs", out, scale_note=scale_note(params), sets=params.report.sets
         )
         for task in sorted(
-            {spec.task for spec in params.runs.values() if spec.task.startswith("sr_x")}
+            {spec.task for spec in params.runs.values() if parse_task(spec.task).kind == "sr"}
         ):
             pick = {
                 norm: next(
@@ -64,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
             if None in pick.values():
                 continue
             for dataset in params.report.sets:
-                sample = lambda run: layout.eval_dir(run) / "samples" / task / dataset  # noqa: E731
+
+                def sample(run: str, task: str = task, dataset: str = dataset) -> Path:
+                    return layout.eval_dir(run) / "samples" / task / dataset
+
                 lq_dir, gt_dir = layout.pair_dirs(task, dataset)
                 comparison_panels(
                     lq_dir=lq_dir,
                     gt_dir=gt_dir,
-                    scale=int(task[len("sr_x") :]),
+                    scale=parse_task(task).scale,
                     samples={
                         "Bicubic": sample("bicubic"),
                         "LN": sample(pick["ln"]),

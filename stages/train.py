@@ -16,12 +16,13 @@ import torch
 from iln import tracking
 from iln.cli import project_root, run_stage
 from iln.config import flatten, load_params, resolve_run
-from iln.data.dataset import TestPairs, TrainPatches
+from iln.data.dataset import TestPairs, training_patches
 from iln.distributed import init_distributed, shutdown
 from iln.files import write_csv_atomic, write_json_atomic
 from iln.layout import Layout
 from iln.models import build_model
 from iln.monitor import probe_batch, training_monitor
+from iln.protocols import protocol_for
 from iln.train import fit
 from iln.weights import save_trained
 
@@ -54,13 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(settings.seed)
     overrides = run.model_overrides()
     model = build_model(run.spec.arch, norm=run.spec.norm, scale=run.scale, **overrides)
-    lq_dir, gt_dir = layout.pair_dirs(
-        run.spec.task, settings.train_set
-    )  # SR pairs (config admits SR runs only)
-    dataset = TrainPatches(
-        gt_dir, lq_dir, scale=run.scale, lq_patch=settings.lq_patch, seed=settings.seed
+    dataset = training_patches(
+        run.spec.task,
+        settings.train_set,
+        layout=layout,
+        lq_patch=settings.lq_patch,
+        seed=settings.seed,
+        jpeg_subsampling=params.degrade.jpeg_subsampling,
     )
-    val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, params.evaluate.sets[0])))[
+    first_test_set = params.test_sets(run.spec.task)[0]
+    val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, first_test_set)))[
         : settings.probe_images
     ]
     probe_lq = probe_batch([lq for _, lq, _ in val_pairs], size=2 * settings.lq_patch)
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         monitor = training_monitor(
             probe_lq,
             val_pairs,
-            crop_border=run.scale,
+            crop_border=protocol_for(run.spec.task).crop_border,
             device=dist.device,
             per_block=settings.probe_per_block,
             log=log,
