@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(project_root())
     device = resolve_device(params.evaluate.device)
     model, recipe = load_trained(layout.weights(args.run), device)
-    pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.evaluate.sets[0])))[
+    pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.test_sets(spec.task)[0])))[
         : params.train.probe_images
     ]
     lq = probe_batch([lq for _, lq, _ in pairs], size=2 * params.train.lq_patch).to(device)
