@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     remove_stale_temps(layout.analysis_dir(args.run))  # kill -9 leftovers
     device = resolve_device(params.evaluate.device, key="evaluate.device")
     model, recipe = load_trained(layout.weights(args.run), device)
-    pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.evaluate.sets[0])))[
+    pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.test_sets(spec.task)[0])))[
         : params.train.probe_images
     ]
     lq = probe_batch([lq for _, lq, _ in pairs], size=2 * params.train.lq_patch).to(device)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from iln import tracking
 from iln.cli import project_root, run_stage
 from iln.config import load_params, resolve_run
+from iln.data.params import parse_task
 from iln.files import remove_stale_temps, write_json_atomic
 from iln.layout import Layout
 from iln.report import build_report, flatten_summary
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             runs, layout.root / "runs", out, scale_note=scale_note(params), sets=params.report.sets
         )
         for task in sorted(
-            {spec.task for spec in params.runs.values() if spec.task.startswith("sr_x")}
+            {spec.task for spec in params.runs.values() if parse_task(spec.task).kind == "sr"}
         ):
             pick = {
                 norm: next(
@@ -66,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
             if None in pick.values():
                 continue
             for dataset in params.report.sets:
-                sample = lambda run, task=task, dataset=dataset: (  # noqa: E731
-                    layout.eval_dir(run) / "samples" / task / dataset
-                )
+
+                def sample(run: str, task: str = task, dataset: str = dataset) -> Path:
+                    return layout.eval_dir(run) / "samples" / task / dataset
+
                 lq_dir, gt_dir = layout.pair_dirs(task, dataset)
                 comparison_panels(
                     lq_dir=lq_dir,
                     gt_dir=gt_dir,
-                    scale=int(task[len("sr_x") :]),
+                    scale=parse_task(task).scale,
                     samples={
                         "Bicubic": sample("bicubic"),
                         "LN": sample(pick["ln"]),

@@ -18,13 +18,14 @@ import iln
 from iln import tracking
 from iln.cli import project_root, run_stage, warn
 from iln.config import flatten, load_params, resolve_run
-from iln.data.dataset import TestPairs, TrainPatches
+from iln.data.dataset import TestPairs, training_patches, training_sources
 from iln.distributed import init_distributed, shutdown
 from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
 from iln.fingerprint import code_digest, training_fingerprint, tree_digest
 from iln.layout import Layout
 from iln.models import build_model
 from iln.monitor import probe_batch, training_monitor
+from iln.protocols import protocol_for
 from iln.resume import remember_tracked_run, tracked_run
 from iln.train import fit
 from iln.weights import save_trained
@@ -60,19 +61,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(settings.seed)
     overrides = run.model_overrides()
     model = build_model(run.spec.arch, norm=run.spec.norm, scale=run.scale, **overrides)
-    lq_dir, gt_dir = layout.pair_dirs(
-        run.spec.task, settings.train_set
-    )  # SR pairs (config admits SR runs only)
-    dataset = TrainPatches(
-        gt_dir, lq_dir, scale=run.scale, lq_patch=settings.lq_patch, seed=settings.seed
+    dataset = training_patches(
+        run.spec.task,
+        settings.train_set,
+        layout=layout,
+        lq_patch=settings.lq_patch,
+        seed=settings.seed,
+        jpeg_subsampling=params.degrade.jpeg_subsampling,
     )
-    val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, params.evaluate.sets[0])))[
+    first_test_set = params.test_sets(run.spec.task)[0]
+    val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, first_test_set)))[
         : settings.probe_images
     ]
     probe_lq = probe_batch([lq for _, lq, _ in val_pairs], size=2 * settings.lq_patch)
     fingerprint = training_fingerprint(  # what a checkpoint must match to be resumed
         run,
-        data_digest=tree_digest([lq_dir, gt_dir]),
+        data_digest=tree_digest(training_sources(run.spec.task, settings.train_set, layout)),
         code_digest=code_digest(Path(__file__), Path(iln.__file__).parent),
     )
 
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         monitor = training_monitor(
             probe_lq,
             val_pairs,
-            crop_border=run.scale,
+            crop_border=protocol_for(run.spec.task).crop_border,
             device=dist.device,
             per_block=settings.probe_per_block,
             log=log,

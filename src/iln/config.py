@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from iln.data.params import DataParams, DegradeParams
+from iln.data.catalog import expand, parts_of
+from iln.data.params import DataParams, DegradeParams, parse_task
 
 
 class ParamsError(ValueError):
@@ -141,7 +142,6 @@ def _join(where: str, name: str) -> str:
 
 # --------------------------------------------------------------------------- schema
 
-TASK_PATTERN = re.compile(r"^(sr_x[234]|dn_s\d+|car_q\d+|derain)$")
 GROUPS = ("table1", "table2", "table3", "table4", "table6", "table8", "stdnorm", "seeds", "batch")
 
 
@@ -225,11 +225,12 @@ class RunSpec:
     milestones: tuple[int, ...] | None = None
     grad_clip: float | None = None
     seed: int | None = None
+    train_set: str | None = None  # e.g. Rain13K for derain in a grid whose default is DF2K
 
     @property
     def scale(self) -> int:
         """Upscaling factor implied by the task (1 for same-size restoration)."""
-        return int(self.task[len("sr_x") :]) if self.task.startswith("sr_x") else 1
+        return parse_task(self.task).scale
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,11 @@ class Params:
                 f"runs.{name}: no such run (declared runs: {', '.join(sorted(self.runs))})"
             ) from None
 
+    def test_sets(self, task: str) -> tuple[str, ...]:
+        """The sets of ``evaluate.sets`` that the degrade stage makes pairs of for ``task``."""
+        made = self.degrade.sets_for(task)
+        return tuple(s for s in self.evaluate.sets if s in made)
+
 
 @dataclass(frozen=True)
 class ResolvedRun:
@@ -290,6 +296,7 @@ class ResolvedRun:
     name: str
     spec: RunSpec
     train: TrainParams
+    jpeg_subsampling: str | None = None  # car_q runs: chroma of the on-the-fly JPEG encoding
 
     @property
     def scale(self) -> int:
@@ -308,7 +315,15 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
     spec = params.run(name)
     overrides = {
         key: getattr(spec, key)
-        for key in ("iterations", "batch_size", "lr", "milestones", "grad_clip", "seed")
+        for key in (
+            "iterations",
+            "batch_size",
+            "lr",
+            "milestones",
+            "grad_clip",
+            "seed",
+            "train_set",
+        )
         if getattr(spec, key) is not None
     }
     try:
@@ -319,7 +334,13 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
             if message.startswith(f"train.{key}"):
                 raise ParamsError(f"runs.{name}.{key}{message[len(f'train.{key}') :]}") from None
         raise ParamsError(f"runs.{name}: {message}") from None
-    return ResolvedRun(name=name, spec=spec, train=train)
+    car = parse_task(spec.task).kind == "car"
+    return ResolvedRun(
+        name=name,
+        spec=spec,
+        train=train,
+        jpeg_subsampling=params.degrade.jpeg_subsampling if car else None,
+    )
 
 
 # --------------------------------------------------------------------------- checks
@@ -344,21 +365,16 @@ def _check_runs(params: Params) -> None:
             raise ParamsError(
                 f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})"
             )
-        if not TASK_PATTERN.match(spec.task):
-            raise ParamsError(
-                f"{where}.task: unknown task {spec.task!r} (sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
-            )
-        if not spec.task.startswith("sr_x"):
-            raise ParamsError(
-                f"{where}.task: {spec.task!r} needs a same-size (scale 1) restorer, which the models do not "
-                f"build yet; training runs are SR tasks (sr_x2, sr_x3, sr_x4). The degrade stage can still "
-                f"produce {spec.task} pairs."
-            )
+        try:
+            task = parse_task(spec.task, f"{where}.task")
+        except ValueError as err:
+            raise ParamsError(str(err)) from None
         if spec.task not in params.degrade.tasks:
             raise ParamsError(
                 f"{where}.task: {spec.task!r} is not produced by the degrade stage "
                 f"(degrade.tasks: {', '.join(params.degrade.tasks)})"
             )
+        _check_run_data(params, where, spec, task.kind)
         for group in spec.groups:
             if group not in GROUPS:
                 raise ParamsError(
@@ -392,6 +408,34 @@ def _check_degraded(params: Params, task: str, sets: Any, key: str, user: str) -
                 f"{key}: {name!r} is not a set the degrade stage makes for {task}, which "
                 f"{user} needs ({source}: {', '.join(made)})"
             )
+
+
+def _check_run_data(params: Params, where: str, spec: RunSpec, kind: str) -> None:
+    """The run's training images and test pairs are produced by the download / degrade stages."""
+    train_set = spec.train_set or params.train.train_set
+    key = f"{where}.train_set" if spec.train_set else "train.train_set"
+    if kind in ("dn", "car"):  # clean images, degraded on the fly
+        try:
+            missing = [p for p in parts_of(train_set) if p not in expand(params.data.datasets)]
+        except ValueError as err:
+            raise ParamsError(f"{key}: {err}") from None
+        if missing:
+            raise ParamsError(
+                f"{key}: {spec.task} trains on the clean images of {train_set!r}, but the "
+                f"download stage does not fetch {', '.join(missing)} (data.datasets)"
+            )
+    elif train_set not in params.degrade.sets_for(spec.task):
+        raise ParamsError(
+            f"{key}: {spec.task} trains on the degrade stage's pairs of {train_set!r}, which it "
+            f"does not make (degrade sets for {spec.task}: "
+            f"{', '.join(params.degrade.sets_for(spec.task))})"
+        )
+    if not params.test_sets(spec.task):
+        raise ParamsError(
+            f"{where}.task: none of evaluate.sets ({', '.join(params.evaluate.sets)}) is degraded "
+            f"for {spec.task} "
+            f"(degrade sets for it: {', '.join(params.degrade.sets_for(spec.task))})"
+        )
 
 
 def load_params(path: str | Path) -> Params:

@@ -78,6 +78,8 @@ def training_fingerprint(run: ResolvedRun, *, data_digest: str, code_digest: str
         "data": data_digest,
         "code": code_digest,
     }
+    if run.jpeg_subsampling is not None:  # car_q runs encode their inputs on the fly
+        payload["jpeg_subsampling"] = run.jpeg_subsampling
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
