@@ -11,6 +11,7 @@ from iln.config import ParamsError
 from iln.data.archive import UnsafeArchiveError
 from iln.data.download import DownloadError
 from iln.data.io import ImageReadError
+from iln.released import ReleasedWeightsError
 from iln.train import TrainingDiverged
 
 # Failures caused by the inputs (params, data, a diverging run), not by a bug: the message
@@ -22,6 +23,7 @@ EXPECTED = (
     DownloadError,
     UnsafeArchiveError,
     TrainingDiverged,
+    ReleasedWeightsError,
 )
 
 
