@@ -286,3 +286,40 @@ def test_released_params_are_checked_strictly(tmp_path):
     raw["runs"], raw["released"] = {}, {"a": entry}
     path.write_text(yaml.safe_dump(raw))
     assert load_params(path).released["a"].key == "params_ema"
+
+
+def test_report_handles_runs_without_a_train_folder(tmp_path):
+    """A released entry has eval/ and analysis/ but no train/: the report's other tables and
+    figures read it like any run, and its section puts the paper's number beside ours."""
+    from iln.analysis import run_final_analysis
+    from iln.files import write_json_atomic
+    from iln.report import build_report
+    from iln.report.paper import load_paper_numbers
+
+    runs_dir, out = tmp_path / "runs", tmp_path / "reports"
+    write_json_atomic(
+        runs_dir / "hat1_ln_x4" / "eval" / "metrics.json",
+        {
+            "sr_x4/Set14": {"psnr": 28.8, "ssim": 0.79},
+            "released": {"file": "w.pth", "sha256": "ab" * 32, "key": "params_ema", "tile": 64},
+        },
+    )
+    write_json_atomic(
+        runs_dir / "hat1_ln_x4" / "eval" / "precision.json",
+        {"fp16": {"Set14": {"psnr": None, "overflow": True}}},
+    )
+    run_final_analysis(
+        _model("hat_tiny", "ln", 0), torch.rand(1, 3, 16, 16), runs_dir / "hat1_ln_x4" / "analysis"
+    )
+    entry = {"arch": "hat_1", "norm": "ln", "task": "sr_x4", "stdnorm": False, "weights": "w.pth"}
+    from iln.config import ReleasedSpec
+
+    released = {"hat1_ln_x4": ReleasedSpec(**entry)}
+    build_report(released, runs_dir, out, scale_note="test", released=released)
+    report = (out / "report.md").read_text()
+    table = (out / "tables" / "released.md").read_text()
+    paper = load_paper_numbers()["tables"]["table2"]["results"]["ln"]["Set14"]
+    assert f"| Set14 | {paper['psnr']:g} | 28.80 | {paper['ssim']:g} | 0.7900 |" in table
+    assert "tiled (64 px LR tiles" in table and "(overflow)" in table
+    assert "hat1_ln_x4: hat_1 LN sr_x4" in report  # the all-runs table read it too
+    assert "../runs/hat1_ln_x4/analysis/final_norm.png" in report
