@@ -120,7 +120,11 @@ def released_section(
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     md = ["## Released checkpoints (the authors' weights, evaluated without training)", ""]
     if not released:
-        return md + ["No `released:` entries in params.yaml.", ""]
+        return md + [
+            "None declared (`released:` in params.yaml; README: \"The authors' released "
+            'checkpoints").',
+            "",
+        ]
 
     metric_rows: list[list[str]] = []
     csv_rows: list[dict[str, object]] = []
