@@ -1,7 +1,7 @@
 """DVC stage `evaluate@RUN` (and `baseline`): PSNR/SSIM on every test set, restored samples,
 and the inference-precision table. Each task is scored by its protocol (iln.protocols).
 
-    python stages/evaluate.py RUN [--params params.yaml]
+    python stages/evaluate.py RUN [--params params.yaml]  # RUN: a `runs:` or `released:` entry
     python stages/evaluate.py bicubic            # the baseline: bicubic upsampling for SR,
                                                  # the degraded input itself for DN/CAR/DR
 """
@@ -33,6 +33,7 @@ from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
 from iln.layout import Layout
 from iln.precision import evaluate_precisions
 from iln.protocols import protocol_for
+from iln.released import open_released
 from iln.runtime import resolve_device
 from iln.weights import load_trained
 
@@ -40,7 +41,8 @@ from iln.weights import load_trained
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "run", help="run name under `runs:`, or `bicubic` for the interpolation baseline"
+        "run",
+        help="run name under `runs:` or `released:`, or `bicubic` for the interpolation baseline",
     )
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
@@ -50,12 +52,32 @@ def main(argv: list[str] | None = None) -> int:
     remove_stale_temps(layout.eval_dir(args.run), recursive=True)  # kill -9 leftovers
     settings = params.evaluate
     device = resolve_device(settings.device, key="evaluate.device")
+    released, tags = None, None  # set for a `released:` entry
     if args.run == "bicubic":
         restorers = {}
         for task in params.degrade.tasks:
             scale = parse_task(task).scale
             restorers[task] = bicubic_restore(scale) if scale > 1 else degraded_input
         model, run_params, precision_table = None, {"baseline": "bicubic"}, False
+    elif args.run in params.released:  # the authors' weights: evaluated, never trained
+        spec = params.released[args.run]
+        model, record = open_released(
+            spec, args.run, root=layout.root, book=layout.weights_book, device=device
+        )
+        restorers = {
+            spec.task: model_restore_fn(
+                model, device=device, tile=settings.tile or None, tile_overlap=settings.tile_overlap
+            )
+        }
+        run_params = {**flatten(settings, "evaluate"), **flatten(spec, "released")}
+        precision_table = bool(settings.precision_modes)
+        released = {  # how the numbers were made: tile 0 = whole images
+            **record.as_dict(),
+            "tile": settings.tile,
+            "tile_overlap": settings.tile_overlap,
+            "precision_crop": settings.precision_crop,
+        }
+        tags = {"iln.released": "true", "iln.weights_sha256": record.sha256}
     else:
         spec = params.run(args.run)
         model, _ = load_trained(layout.weights(args.run), device)
@@ -78,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         stage="evaluate",
         run_name=args.run,
         params=run_params,
+        tags=tags,
     ) as tracker:
         for task, restore_fn in restorers.items():
             for dataset in params.test_sets(task):
@@ -120,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                         modes=settings.precision_modes,
                         crop_border=crop_border,
                     )
-        write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(
+            out / "metrics.json", metrics if released is None else {**metrics, "released": released}
+        )
         write_csv_atomic(
             out / "per_image.csv",
             per_image,

@@ -45,11 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     remove_stale_temps(layout.report_dir, recursive=True)  # kill -9 leftovers
     out = layout.report_dir
     runs = {name: resolve_run(params, name) for name in params.runs}
+    (out / "figures").mkdir(parents=True, exist_ok=True)  # a DVC output, even when empty
     with tracking.stage_run(
         layout.root, experiment=params.tracking.experiment, stage="report", run_name="report"
     ) as tracker:
         summary = build_report(
-            runs, layout.root / "runs", out, scale_note=scale_note(params), sets=params.report.sets
+            runs,
+            layout.root / "runs",
+            out,
+            scale_note=scale_note(params),
+            sets=params.report.sets,
+            released=params.released,
         )
         for task in sorted(
             {spec.task for spec in params.runs.values() if parse_task(spec.task).kind == "sr"}

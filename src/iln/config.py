@@ -234,6 +234,36 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class ReleasedSpec:
+    """A released checkpoint evaluated and analysed like a trained run, never trained.
+
+    ``weights``: a BasicSR-format file (a dict with ``params`` and/or ``params_ema``),
+    relative to the project root or absolute; ``key``: which of the two to load.
+    """
+
+    arch: str
+    norm: str
+    task: str
+    weights: str
+    key: Literal["params_ema", "params"] = "params_ema"
+    stdnorm: bool | None = None
+    affine_outer: bool | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> int:
+        return int(self.task[len("sr_x") :]) if self.task.startswith("sr_x") else 1
+
+    def model_overrides(self) -> dict[str, Any]:
+        overrides = dict(self.model)
+        if self.stdnorm is not None:
+            overrides["stdnorm"] = self.stdnorm
+        if self.affine_outer is not None:
+            overrides["affine_outer"] = self.affine_outer
+        return overrides
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     sets: tuple[str, ...]
     tile: int
@@ -274,6 +304,7 @@ class Params:
     evaluate: EvaluateParams
     report: ReportParams
     tracking: TrackingParams
+    released: dict[str, ReleasedSpec] = field(default_factory=dict)
 
     def run(self, name: str) -> RunSpec:
         try:
@@ -349,8 +380,8 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
 def _check_runs(params: Params) -> None:
     from iln.models import ARCHS, NORMS  # torch-heavy import only when params are loaded
 
-    if not params.runs:
-        raise ParamsError("runs: declare at least one run")
+    if not params.runs and not params.released:
+        raise ParamsError("runs: declare at least one run (or a `released:` entry)")
     for name, spec in params.runs.items():
         where = f"runs.{name}"
         if not re.match(r"^[A-Za-z0-9_.-]+$", name):
@@ -438,6 +469,50 @@ def _check_run_data(params: Params, where: str, spec: RunSpec, kind: str) -> Non
         )
 
 
+def _check_released(params: Params) -> None:
+    from iln.models import ARCHS, NORMS, resolve_hparams
+
+    for name, spec in params.released.items():
+        where = f"released.{name}"
+        if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+            raise ParamsError(f"{where}: names may use letters, digits, '_', '-' and '.' only")
+        if name == "bicubic" or name in params.runs:
+            raise ParamsError(
+                f"{where}: the name is taken by "
+                + ("the interpolation baseline" if name == "bicubic" else f"runs.{name}")
+                + " (released entries share the runs/<name>/ folders)"
+            )
+        if spec.arch not in ARCHS:
+            raise ParamsError(
+                f"{where}.arch: unknown arch {spec.arch!r} (choose from {', '.join(ARCHS)})"
+            )
+        if spec.norm not in NORMS:
+            raise ParamsError(
+                f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})"
+            )
+        if not re.match(r"^sr_x[234]$", spec.task):
+            raise ParamsError(
+                f"{where}.task: expected sr_x2, sr_x3 or sr_x4 (the released checkpoints are SR "
+                f"models), got {spec.task!r}"
+            )
+        if spec.task not in params.degrade.tasks:
+            raise ParamsError(
+                f"{where}.task: {spec.task!r} is not produced by the degrade stage "
+                f"(degrade.tasks: {', '.join(params.degrade.tasks)})"
+            )
+        if not spec.weights.strip():
+            raise ParamsError(f"{where}.weights: give the path of the checkpoint file")
+        for key in ("stdnorm", "affine_outer"):
+            if key in spec.model:
+                raise ParamsError(
+                    f"{where}.model.{key}: set it as released.{name}.{key}, not under model"
+                )
+        try:
+            resolve_hparams(spec.arch, norm=spec.norm, scale=spec.scale, **spec.model_overrides())
+        except ValueError as err:
+            raise ParamsError(f"{where}.model: {err}") from None
+
+
 def load_params(path: str | Path) -> Params:
     """Read and validate a params file; every error names the file and the key."""
     path = Path(path)
@@ -450,6 +525,7 @@ def load_params(path: str | Path) -> Params:
     try:
         params = parse(Params, raw, "")
         _check_runs(params)
+        _check_released(params)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
     return params

@@ -37,6 +37,15 @@ class Layout:
         """Final EMA weights and the model recipe."""
         return self.train_dir(run) / "model.pt"
 
+    def released_record(self, name: str) -> Path:
+        """Which weights file a released entry uses (written by its check stage)."""
+        return self.run_dir(name) / "weights.json"
+
+    @property
+    def weights_book(self) -> Path:
+        """SHA-256 of every released weights file, recorded on first use (commit it)."""
+        return self.root / "weights" / "checksums.json"
+
     def eval_dir(self, run: str) -> Path:
         return self.run_dir(run) / "eval"
 

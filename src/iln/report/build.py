@@ -10,6 +10,7 @@ from pathlib import Path
 from iln.files import write_csv_atomic, write_text_atomic
 from iln.report import figures, tables
 from iln.report.paper import load_paper_numbers
+from iln.report.released import released_section
 from iln.report.runs import RunResults, load_runs
 from iln.report.tables import TABLE_CSV_COLUMNS, Table
 
@@ -83,6 +84,7 @@ def build_report(
     scale_note: str,
     paper: Mapping | None = None,
     sets: Sequence[str] | None = None,
+    released: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     """Write out_dir/report.md, out_dir/tables/<table>.{md,csv} and out_dir/figures/*.png.
 
@@ -93,6 +95,7 @@ def build_report(
     scale_note: what scale this ran at (preset, iterations, data, device), shown first.
     paper: the paper numbers (default: the packaged paper_numbers.yaml).
     sets: our test sets to show, in order (default: every set in metrics.json).
+    released: the `released:` entries (the authors' checkpoints), shown in their own section.
     Returns {"runs": {name: final numbers}, "tables": {key: status}, "figures": {name: status}}.
     """
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
@@ -219,6 +222,7 @@ def build_report(
     else:
         md += ["Skipped: no run has analysis figures yet.", ""]
 
+    md += released_section(released or {}, runs_dir, out_dir, paper)
     md += ["## Where the paper's numbers come from", "", f"Paper: {paper['paper']}.", ""]
     md += [f"- {key}: {table['source']}" for key, table in paper["tables"].items()]
     if "features" in paper:

@@ -188,6 +188,8 @@ def read_metrics(path: Path) -> dict[str, dict[str, float]] | None:
         )
     out = {}
     for key, value in data.items():
+        if key == "released":  # a released entry's weights record, read by report.released
+            continue
         if "/" not in key or not isinstance(value, Mapping):
             raise ValueError(
                 f"{path}: entry {key!r} must be '<task>/<set>': {{'psnr': .., 'ssim': ..}}"
