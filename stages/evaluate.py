@@ -26,7 +26,7 @@ from iln.evaluate import (
     summarise,
 )
 from iln.files import write_csv_atomic, write_json_atomic
-from iln.layout import Layout
+from iln.layout import PER_IMAGE_COLUMNS, Layout
 from iln.precision import evaluate_precisions
 from iln.train import resolve_device
 from iln.weights import load_trained
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment=params.tracking.experiment,
         stage="evaluate",
         run_name=args.run,
+        norm=None if args.run == "bicubic" else params.run(args.run).norm,
         params=run_params,
     ) as tracker:
         for task, restore_fn in restorers.items():
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                         crop_border=crop_border,
                     )
         write_json_atomic(out / "metrics.json", metrics)
-        write_csv_atomic(out / "per_image.csv", per_image, ("set", "image", "psnr", "ssim"))
+        write_csv_atomic(out / "per_image.csv", per_image, PER_IMAGE_COLUMNS)
         by_mode = {
             mode: {ds: precision[ds][mode] for ds in precision} for mode in settings.precision_modes
         }

@@ -15,7 +15,7 @@ from iln.config import load_params, resolve_run
 from iln.files import write_json_atomic
 from iln.layout import Layout
 from iln.report import build_report, flatten_summary
-from iln.report.crops import comparison_panels
+from iln.report.tables import Protocol
 
 
 def scale_note(params) -> str:
@@ -27,7 +27,8 @@ def scale_note(params) -> str:
     return (
         f"presets {', '.join(archs)}; {', '.join(map(str, iterations))} iterations at batch "
         f"{', '.join(map(str, batches))}, LR patch {params.train.lq_patch}; training data "
-        f"{params.train.train_set}; test sets {', '.join(params.evaluate.sets)}; device {params.train.device} "
+        f"{params.train.train_set}; test sets {', '.join(params.evaluate.sets)}; "
+        f"device {params.train.device} "
         f"(the paper: HAT_1 and larger, 300K-500K iterations on DF2K, GPUs)"
     )
 
@@ -41,44 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(project_root())
     out = layout.report_dir
     runs = {name: resolve_run(params, name) for name in params.runs}
+    protocol = Protocol(
+        probe_set=params.evaluate.sets[0],
+        probe_images=params.train.probe_images,
+        probe_crop=2 * params.train.lq_patch,
+        precision_crop=params.evaluate.precision_crop,
+        ema_decay=params.train.ema_decay,
+    )
     with tracking.stage_run(
         layout.root, experiment=params.tracking.experiment, stage="report", run_name="report"
     ) as tracker:
         summary = build_report(
-            runs, layout.root / "runs", out, scale_note=scale_note(params), sets=params.report.sets
+            runs,
+            layout.runs_dir,
+            out,
+            scale_note=scale_note(params),
+            protocol=protocol,
+            sets=params.report.sets,
+            pair_dirs=layout.pair_dirs,
         )
-        for task in sorted(
-            {spec.task for spec in params.runs.values() if spec.task.startswith("sr_x")}
-        ):
-            pick = {
-                norm: next(
-                    (
-                        n
-                        for n in sorted(params.runs)
-                        if params.runs[n].norm == norm and params.runs[n].task == task
-                    ),
-                    None,
-                )
-                for norm in ("ln", "iln")
-            }
-            if None in pick.values():
-                continue
-            for dataset in params.report.sets:
-                sample = lambda run: layout.eval_dir(run) / "samples" / task / dataset  # noqa: E731
-                lq_dir, gt_dir = layout.pair_dirs(task, dataset)
-                comparison_panels(
-                    lq_dir=lq_dir,
-                    gt_dir=gt_dir,
-                    scale=int(task[len("sr_x") :]),
-                    samples={
-                        "Bicubic": sample("bicubic"),
-                        "LN": sample(pick["ln"]),
-                        "i-LN": sample(pick["iln"]),
-                    },
-                    out_dir=out / "figures",
-                    prefix=f"crops_{task}_{dataset}",
-                    contrast=("LN", "i-LN"),
-                )
         write_json_atomic(out / "summary.json", summary["runs"])
         tracker.log_metrics(flatten_summary(summary))
         tracker.log_artifact(out)

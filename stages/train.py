@@ -19,22 +19,11 @@ from iln.config import flatten, load_params, resolve_run
 from iln.data.dataset import TestPairs, TrainPatches
 from iln.distributed import init_distributed, shutdown
 from iln.files import write_csv_atomic, write_json_atomic
-from iln.layout import Layout
+from iln.layout import HISTORY_COLUMNS, PROBES_CSV_COLUMNS, Layout
 from iln.models import build_model
 from iln.monitor import probe_batch, training_monitor
 from iln.train import fit
 from iln.weights import save_trained
-
-HISTORY_COLUMNS = ("step", "loss", "lr", "seconds_per_step")
-PROBE_COLUMNS = (
-    "step",
-    "layer",
-    "magnitude",
-    "max_abs",
-    "entropy",
-    "entropy_ceiling",
-    "token_std_spread",
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             experiment=params.tracking.experiment,
             stage="train",
             run_name=run.name,
+            norm=run.spec.norm,
             params={**flatten(run.spec, "run"), **flatten(settings, "train")},
             tags={
                 "iln.fingerprint": run.fingerprint(),
@@ -114,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides=overrides,
             )
             write_csv_atomic(out / "history.csv", result.history, HISTORY_COLUMNS)
-            write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBE_COLUMNS)
+            write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBES_CSV_COLUMNS)
             summary = {
                 "steps": result.steps,
                 "resumed_from": result.resumed_from,

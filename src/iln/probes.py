@@ -33,15 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PROBE_COLUMNS: tuple[str, ...] = (
-    "layer",
-    "magnitude",
-    "max_abs",
-    "entropy",
-    "entropy_ceiling",
-    "token_std_spread",
-)
-PROBES_CSV_COLUMNS: tuple[str, ...] = ("step", *PROBE_COLUMNS)
+from iln.layout import PROBE_COLUMNS as PROBE_COLUMNS  # the row schema, re-exported
+
 FINAL_NORM_INPUT = "final_norm_in"
 
 
@@ -328,6 +321,7 @@ def read_csv_rows(path: Path | str, required: Sequence[str]) -> list[dict[str, s
         missing = [c for c in required if c not in fields]
         if missing:
             raise ValueError(
-                f"{path}: missing column(s) {missing}; expected at least {list(required)}, found {fields}"
+                f"{path}: missing column(s) {missing}; "
+                f"expected at least {list(required)}, found {fields}"
             )
         return list(reader)
