@@ -25,5 +25,5 @@ def test_norm_runs_get_the_norms_colour_and_the_experiment_its_kind(tmp_path, mo
     assert colours["iln/evaluate"] == NORM_STYLES["iln"].color != colours["ln"]
     assert colours["bicubic/evaluate"] is None
     assert tracking.experiment_url("http://127.0.0.1:5000/", "3") == (
-        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+        "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
     )

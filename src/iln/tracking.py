@@ -143,7 +143,7 @@ def _experiment_id(client: Any, name: str, root: Path, uri: str) -> str:
 
 def experiment_url(server: str, experiment_id: str) -> str:
     """The UI address of an experiment, opened on the model-training (runs and charts) view."""
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def norm_tags(norm: str | None) -> dict[str, str]:
