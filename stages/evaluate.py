@@ -26,7 +26,7 @@ from iln.evaluate import (
     summarise,
 )
 from iln.files import write_csv_atomic, write_json_atomic
-from iln.layout import PER_IMAGE_COLUMNS, Layout
+from iln.layout import METRICS_KEYS, PER_IMAGE_COLUMNS, Layout
 from iln.precision import evaluate_precisions
 from iln.train import resolve_device
 from iln.weights import load_trained
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows = evaluate_pairs(restore_and_keep, pairs, crop_border=crop_border)
                 key = f"{task}/{dataset}"
                 summary = summarise(rows)
-                metrics[key] = {"psnr": summary["psnr"], "ssim": summary["ssim"]}
+                metrics[key] = {m: summary[m] for m in METRICS_KEYS}
                 per_image += [{"set": key, **row} for row in rows]
                 for row, restored in zip(rows, kept):
                     write_png(

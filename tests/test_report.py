@@ -417,7 +417,7 @@ def test_report_md_states_the_scale_first_and_why_things_are_skipped(built):
     assert "**Headline:** at the last training probe" in text
     assert summary["tables"]["table_s2_seeds"] == "skipped: no run in group `seeds`"
     assert summary["figures"]["fig4_norms_magnitude"] == "written"  # inorm is in table1
-    assert "![fig1a_magnitude_vs_iteration](figures/fig1a_magnitude_vs_iteration.png)" in text
+    assert "![fig1_magnitude_vs_iteration](figures/fig1_magnitude_vs_iteration.png)" in text
     assert "../" in text and "rpb_first.png" in text  # links to the runs' analysis figures
     for heading in ("Table 1: Normalisation layers compared", "Table 4: Low-precision inference"):
         section = report_section(text, heading)
@@ -427,8 +427,8 @@ def test_report_md_states_the_scale_first_and_why_things_are_skipped(built):
 def test_figures_are_written_and_skipped_with_the_reason(built, tmp_path):
     _, out, summary = built
     for name in (
-        "fig1a_magnitude_vs_iteration",
-        "fig1b_entropy_vs_iteration",
+        "fig1_magnitude_vs_iteration",
+        "fig1_entropy_vs_iteration",
         "fig7_per_group_last_probe",
         "fig8_stabilisers_max_abs",
         "figS1_stdnorm_magnitude",

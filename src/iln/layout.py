@@ -12,7 +12,7 @@ Per run ``R`` (one entry of ``runs:`` in params.yaml)::
     runs/R/train/summary.json      TRAIN_SUMMARY_KEYS
     runs/R/eval/metrics.json       {"<task>/<set>": {METRICS_KEYS}}
     runs/R/eval/per_image.csv      PER_IMAGE_COLUMNS
-    runs/R/eval/precision.json     {"<mode>": {"<set>": {PRECISION_KEYS}}} ({} outside Table 4)
+    runs/R/eval/precision.json     {"<mode>": {"<set>": {PRECISION_KEYS, ...}}} ({} outside Table 4)
     runs/R/eval/samples/<task>/<set>/<image>.png   the first restored images
     runs/R/analysis/features.csv   FEATURES_COLUMNS, final-checkpoint statistics per layer
     runs/R/analysis/final_norm.csv FINAL_NORM_COLUMNS
@@ -52,7 +52,7 @@ FEATURES_OPTIONAL: tuple[str, ...] = ("weights",)
 FINAL_NORM_COLUMNS: tuple[str, ...] = ("channel", "bias", "input_mean_abs")
 PER_IMAGE_COLUMNS: tuple[str, ...] = ("set", "image", "psnr", "ssim")
 METRICS_KEYS: tuple[str, ...] = ("psnr", "ssim")
-PRECISION_KEYS: tuple[str, ...] = ("psnr", "overflow")
+PRECISION_KEYS: tuple[str, ...] = ("psnr", "overflow")  # what the report reads; there are more
 TRAIN_SUMMARY_KEYS: tuple[str, ...] = (
     "steps",
     "resumed_from",

@@ -311,7 +311,7 @@ def build_report(
     )
     plans: list[tuple[str, str, Callable[[Path], Path | None], str, str]] = [
         (
-            "fig1a_magnitude_vs_iteration",
+            "fig1_magnitude_vs_iteration",
             "Feature magnitude vs iteration (paper Fig. 1, top)",
             lambda p: figures.stat_vs_iteration(
                 main,
@@ -327,7 +327,7 @@ def build_report(
             main_reason,
         ),
         (
-            "fig1b_entropy_vs_iteration",
+            "fig1_entropy_vs_iteration",
             "Channel entropy vs iteration (paper Fig. 1, bottom)",
             lambda p: figures.stat_vs_iteration(
                 main,
