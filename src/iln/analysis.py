@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from torch import nn
 
 from iln.files import write_bytes_atomic, write_csv_atomic
@@ -106,15 +106,25 @@ def final_norm_bias(
     ]
 
 
+def log_axis(ax, values: Sequence[float], axis: str = "y") -> None:
+    """Log scale labelled in plain numbers (0.1, 1, 10): decades always, and 2 and 5 within
+    each decade when the data spans less than two decades (else too few labels to read)."""
+    getattr(ax, f"set_{axis}scale")("log")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    narrow = bool(positive) and max(positive) / min(positive) < 100
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    target.set_major_locator(LogLocator(base=10.0, numticks=10))
+    target.set_major_formatter(plain)
+    target.set_minor_locator(LogLocator(base=10.0, subs=(2.0, 5.0) if narrow else (1.0,)))
+    target.set_minor_formatter(plain if narrow else NullFormatter())
+
+
 def _log_axis_if_wide(ax, values: np.ndarray, axis: str) -> None:
-    """Log scale with labels at whole decades only when the values span more than a decade
-    (a narrower log axis crowds its minor labels); linear otherwise."""
+    """log_axis when the values span more than a decade, a linear axis otherwise."""
     positive = values[values > 0]
     if positive.size and positive.max() / positive.min() > 10:
-        getattr(ax, f"set_{axis}scale")("log")
-        target = ax.xaxis if axis == "x" else ax.yaxis
-        target.set_major_locator(LogLocator(base=10.0, numticks=8))
-        target.set_minor_formatter(NullFormatter())
+        log_axis(ax, [float(v) for v in values], axis)
     else:
         (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(nbins=5))
 
@@ -318,21 +328,24 @@ def run_final_analysis(
     bias_rows = final_norm_bias(model, lq_batch, chunk_size=chunk_size)
     write_csv_atomic(out_dir / "final_norm.csv", bias_rows, FINAL_NORM_COLUMNS)
     prefix = f"{label}: " if label else ""
+    held = "EMA" if weights == WEIGHTS_EMA else weights
     files = [
         out_dir / "features.csv",
         out_dir / "final_norm.csv",
         plot_final_norm(
-            bias_rows, out_dir / "final_norm.png", title=f"{prefix}final norm bias vs input"
+            bias_rows,
+            out_dir / "final_norm.png",
+            title=f"{prefix}final-norm bias vs its input ({held} weights)",
         ),
         plot_rpb(
             group_rpb_tables(model, 0),
             out_dir / "rpb_first.png",
-            title=f"{prefix}relative position bias, first group",
+            title=f"{prefix}relative position bias, first group ({held} weights)",
         ),
         plot_rpb(
             group_rpb_tables(model, -1),
             out_dir / "rpb_last.png",
-            title=f"{prefix}relative position bias, last group",
+            title=f"{prefix}relative position bias, last group ({held} weights)",
         ),
     ]
     return {"features": features, "final_norm": bias_rows, "files": [str(f) for f in files]}

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import MaxNLocator
 
-from iln.analysis import new_figure, save_figure_atomic
+from iln.analysis import log_axis, new_figure, save_figure_atomic
 from iln.report.runs import RunResults
 from iln.styles import (
     LINE_GRAD_CLIP,
@@ -60,20 +59,6 @@ def _ceiling(runs: Sequence[RunResults]) -> float | None:
     return max(values) if values else None
 
 
-def _log_axis(ax: Axes, values: Sequence[float], axis: str = "y") -> None:
-    """Log scale labelled in plain numbers (0.1, 1, 10): decades always, and 2 and 5 within
-    each decade when the data spans less than two decades (else too few labels to read)."""
-    getattr(ax, f"set_{axis}scale")("log")
-    target = ax.yaxis if axis == "y" else ax.xaxis
-    positive = [v for v in values if v > 0 and np.isfinite(v)]
-    narrow = bool(positive) and max(positive) / min(positive) < 100
-    target.set_major_locator(LogLocator(base=10.0, numticks=10))
-    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    subs = (2.0, 5.0) if narrow else ()
-    target.set_minor_locator(LogLocator(base=10.0, subs=subs or (1.0,), numticks=30))
-    target.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if narrow else NullFormatter())
-
-
 def stat_vs_iteration(
     runs: Sequence[RunResults],
     path: Path,
@@ -111,7 +96,7 @@ def stat_vs_iteration(
     if stat == "entropy" and (ceiling := _ceiling(runs)) is not None:
         ax.axhline(ceiling, color="k", ls="--", lw=0.8, label=f"ceiling ln C = {ceiling:.2f}")
     if log:
-        _log_axis(ax, values)
+        log_axis(ax, values)
     ax.set_xlabel("training iteration")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -150,7 +135,7 @@ def per_group_last_probe(runs: Sequence[RunResults], path: Path, *, title: str) 
         ax_e.plot(x, [float(rows[layer]["entropy"]) for layer in layers], label=label, **style)
     if (ceiling := _ceiling(runs)) is not None:
         ax_e.axhline(ceiling, color="k", ls="--", lw=0.8, label=f"ceiling ln C = {ceiling:.2f}")
-    _log_axis(ax_m, magnitudes)
+    log_axis(ax_m, magnitudes)
     ax_m.set_ylabel("magnitude: mean x² (log scale)")
     ax_e.set_ylabel("channel entropy (nats)")
     for ax in (ax_m, ax_e):
@@ -183,7 +168,7 @@ def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> 
         if steps:
             any_psnr = True
             ax_p.plot(steps, psnr, marker="o", ms=3, lw=1.5, **style)
-    _log_axis(ax_l, losses)
+    log_axis(ax_l, losses)
     ax_l.set_ylabel("L1 training loss (log scale)")
     ax_l.set_title("training loss", fontsize=10)
     ax_p.set_ylabel("validation PSNR (dB, Y), EMA weights")
