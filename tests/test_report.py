@@ -345,6 +345,7 @@ def test_table1_uses_the_best_run_of_each_norm_and_labels_raw_and_ema(built):
     text = (out / "tables" / "table1.md").read_text()
     assert "'raw' = the weights being trained (final checkpoint, probe at step 300)" in text
     assert "'EMA' = their moving average (decay 0.999)" in text
+    assert "from the rest of the grid (ln, iln)" in text  # not in group table1: said so
 
 
 def test_table2_shows_every_task_we_ran_beside_the_papers(built):

@@ -339,9 +339,8 @@ def _fill_features(table: Table, row: str, run: RunResults) -> None:
         table.set_ours(row, col, values[col.key], run.info.name)
 
 
-def _metric_column(set_name: str, metric: str, prefix: str = "", key: str = "") -> Column:
-    label = f"{prefix}{set_name} {metric.upper()}"
-    return Column(key or f"{prefix}{set_name}:{metric}", label, metric)
+def _metric_column(set_name: str, metric: str) -> Column:
+    return Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric)
 
 
 def _fill_sets(
@@ -353,7 +352,7 @@ def _fill_sets(
 
 
 def _paper_sets(table: Table, rows: Sequence[Mapping], row_of: Callable[[Mapping], str]) -> None:
-    """Put the paper's per-set numbers (psnr/ssim) and findings into their rows."""
+    """Put the paper's per-set numbers (psnr/ssim) into their rows."""
     for prow in rows:
         row = row_of(prow)
         if "set" in prow:
@@ -420,6 +419,12 @@ def _norm_rows_table(
         _fill_features(table, norm_label(run.info.norm), run)
     _paper_findings(table, rows, lambda p: norm_label(p["norm"]))
     table.measured = [measured_eval(picked, protocol), measured_features(picked, protocol)]
+    borrowed = [r.info.name for r in picked if group not in r.info.groups]
+    if borrowed:
+        table.notes.append(
+            f"No run of group `{group}` for some norms: their rows show the most representative "
+            f"run of that norm from the rest of the grid ({', '.join(borrowed)})."
+        )
     return table
 
 
