@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment=params.tracking.experiment,
         stage="analyze",
         run_name=args.run,
+        norm=spec.norm,
         params={f"model.{k}": v for k, v in recipe.items()},
         tags=tags,
     ) as tracker:

@@ -30,7 +30,7 @@ from iln.evaluate import (
     summarise,
 )
 from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
-from iln.layout import Layout
+from iln.layout import METRICS_KEYS, METRICS_OPTIONAL, PER_IMAGE_COLUMNS, Layout
 from iln.precision import evaluate_precisions
 from iln.protocols import protocol_for
 from iln.released import open_released
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment=params.tracking.experiment,
         stage="evaluate",
         run_name=args.run,
+        norm=None if args.run == "bicubic" else spec.norm,
         params=run_params,
         tags=tags,
     ) as tracker:
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows = evaluate_pairs(restore_and_keep, pairs, protocol=protocol)
                 key = f"{task}/{dataset}"
                 summary = summarise(rows)
-                metrics[key] = {m: summary[m] for m in ("psnr", "ssim", "psnr_b") if m in summary}
+                metrics[key] = {
+                    m: summary[m] for m in (*METRICS_KEYS, *METRICS_OPTIONAL) if m in summary
+                }
                 per_image += [
                     {"set": key, "task": task, "protocol": protocol.name, **row} for row in rows
                 ]
@@ -146,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(
             out / "metrics.json", metrics if released is None else {**metrics, "released": released}
         )
-        write_csv_atomic(
-            out / "per_image.csv",
-            per_image,
-            ("set", "image", "psnr", "ssim", "psnr_b", "task", "protocol"),
-        )
+        write_csv_atomic(out / "per_image.csv", per_image, PER_IMAGE_COLUMNS)
         by_mode = {
             mode: {ds: precision[ds][mode] for ds in precision} for mode in settings.precision_modes
         }

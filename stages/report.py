@@ -17,7 +17,7 @@ from iln.data.params import parse_task
 from iln.files import remove_stale_temps, write_json_atomic
 from iln.layout import Layout
 from iln.report import build_report, flatten_summary
-from iln.report.crops import comparison_panels
+from iln.report.tables import Protocol
 
 
 def scale_note(params) -> str:
@@ -46,52 +46,26 @@ def main(argv: list[str] | None = None) -> int:
     out = layout.report_dir
     runs = {name: resolve_run(params, name) for name in params.runs}
     (out / "figures").mkdir(parents=True, exist_ok=True)  # a DVC output, even when empty
+    protocol = Protocol(
+        probe_set=params.evaluate.sets[0],
+        probe_images=params.train.probe_images,
+        probe_crop=2 * params.train.lq_patch,
+        precision_crop=params.evaluate.precision_crop,
+        ema_decay=params.train.ema_decay,
+    )
     with tracking.stage_run(
         layout.root, experiment=params.tracking.experiment, stage="report", run_name="report"
     ) as tracker:
         summary = build_report(
             runs,
-            layout.root / "runs",
+            layout.runs_dir,
             out,
             scale_note=scale_note(params),
+            protocol=protocol,
             sets=params.report.sets,
+            pair_dirs=layout.pair_dirs,
             released=params.released,
         )
-        for task in sorted(
-            {spec.task for spec in params.runs.values() if parse_task(spec.task).kind == "sr"}
-        ):
-            pick = {
-                norm: next(
-                    (
-                        n
-                        for n in sorted(params.runs)
-                        if params.runs[n].norm == norm and params.runs[n].task == task
-                    ),
-                    None,
-                )
-                for norm in ("ln", "iln")
-            }
-            if None in pick.values():
-                continue
-            for dataset in params.report.sets:
-
-                def sample(run: str, task: str = task, dataset: str = dataset) -> Path:
-                    return layout.eval_dir(run) / "samples" / task / dataset
-
-                lq_dir, gt_dir = layout.pair_dirs(task, dataset)
-                comparison_panels(
-                    lq_dir=lq_dir,
-                    gt_dir=gt_dir,
-                    scale=parse_task(task).scale,
-                    samples={
-                        "Bicubic": sample("bicubic"),
-                        "LN": sample(pick["ln"]),
-                        "i-LN": sample(pick["iln"]),
-                    },
-                    out_dir=out / "figures",
-                    prefix=f"crops_{task}_{dataset}",
-                    contrast=("LN", "i-LN"),
-                )
         write_json_atomic(out / "summary.json", summary["runs"])
         tracker.log_metrics(flatten_summary(summary))
         tracker.log_artifact(out)

@@ -22,24 +22,13 @@ from iln.data.dataset import TestPairs, training_patches, training_sources
 from iln.distributed import init_distributed, shutdown
 from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
 from iln.fingerprint import code_digest, training_fingerprint, tree_digest
-from iln.layout import Layout
+from iln.layout import HISTORY_COLUMNS, PROBES_CSV_COLUMNS, Layout
 from iln.models import build_model
 from iln.monitor import probe_batch, training_monitor
 from iln.protocols import protocol_for
 from iln.resume import remember_tracked_run, tracked_run
 from iln.train import fit
 from iln.weights import save_trained
-
-HISTORY_COLUMNS = ("step", "loss", "lr", "seconds_per_step")
-PROBE_COLUMNS = (
-    "step",
-    "layer",
-    "magnitude",
-    "max_abs",
-    "entropy",
-    "entropy_ceiling",
-    "token_std_spread",
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             experiment=params.tracking.experiment,
             stage="train",
             run_name=run.name,
+            norm=run.spec.norm,
             params={**flatten(run.spec, "run"), **flatten(settings, "train")},
             tags={
                 "iln.fingerprint": fingerprint,
@@ -135,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides=overrides,
             )
             write_csv_atomic(out / "history.csv", result.history, HISTORY_COLUMNS)
-            write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBE_COLUMNS)
+            write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBES_CSV_COLUMNS)
             summary = {
                 "steps": result.steps,
                 "resumed_from": result.resumed_from,

@@ -19,7 +19,7 @@ from iln.analysis import (
     rpb_table_images,
     run_final_analysis,
 )
-from iln.probes import PROBE_COLUMNS
+from iln.layout import FEATURES_COLUMNS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -178,7 +178,8 @@ def test_group_tables_and_plot(tmp_path):
 def _check_outputs(out_dir, n_layers: int) -> None:
     with (out_dir / "features.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert tuple(rows[0]) == PROBE_COLUMNS and len(rows) == n_layers
+    assert tuple(rows[0]) == FEATURES_COLUMNS and len(rows) == n_layers
+    assert {r["weights"] for r in rows} == {"ema"}
     with (out_dir / "final_norm.csv").open() as fh:
         assert tuple(next(csv.DictReader(fh))) == FINAL_NORM_COLUMNS
     for name in ("final_norm.png", "rpb_first.png", "rpb_last.png"):

@@ -33,17 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from iln.layout import PROBE_COLUMNS as PROBE_COLUMNS  # the row schema, re-exported
 from iln.runtime import unwrap
 
-PROBE_COLUMNS: tuple[str, ...] = (
-    "layer",
-    "magnitude",
-    "max_abs",
-    "entropy",
-    "entropy_ceiling",
-    "token_std_spread",
-)
-PROBES_CSV_COLUMNS: tuple[str, ...] = ("step", *PROBE_COLUMNS)
 FINAL_NORM_INPUT = "final_norm_in"
 
 

@@ -10,6 +10,12 @@ and parent runs are found or made, under an exclusive file lock beside it
 (``mlflow.db.lock``); a write that meets "database is locked" is retried with backoff, so
 no metric is lost. A stage run left RUNNING by a killed process of this machine is closed
 as KILLED when its stage next starts; a resumed training continues its own MLflow run.
+
+Every run of a grid member carries its norm (tag ``iln.norm``) and the norm's fixed colour
+(``mlflow.runColor``, iln.styles), so LN is red and i-LN blue in every MLflow chart. The
+experiment is tagged as model training (``mlflow.experimentKind``); MLflow 3.17's UI still
+opens on its GenAI view unless the URL carries ``?workflowType=machine_learning`` (see
+``experiment_url``) or the sidebar's "Model training" switch is set (the browser keeps it).
 """
 
 from __future__ import annotations
@@ -26,10 +32,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from iln.styles import norm_style
+
 RUN_TAG = "iln.run"
 STAGE_TAG = "iln.stage"
 KIND_TAG = "iln.kind"
 PROCESS_TAG = "iln.process"  # host:pid:start of the process that owns a RUNNING stage run
+NORM_TAG = "iln.norm"
+RUN_COLOR_TAG = "mlflow.runColor"  # the colour the MLflow UI draws a run in
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # "Machine learning" rather than "GenAI apps"
+EXPERIMENT_NOTE_TAG = "mlflow.note.content"  # the experiment's description in the UI
+EXPERIMENT_NOTE = (
+    "Stage runs of the iln pipeline (train, evaluate, analyze per grid member, and the "
+    "report), grouped under one parent run per member; run colours are fixed per norm."
+)
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 BATCH_LIMIT = 100
 
@@ -120,17 +137,36 @@ def _client(root: Path) -> tuple[Any, str]:
 def _experiment_id(client: Any, name: str, root: Path, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        return experiment.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:"):
-        artifacts = (root / "mlartifacts").resolve().as_uri()
-    try:
-        return _retry(client.create_experiment, name, artifact_location=artifacts)
-    except Exception:  # made meanwhile by another process writing to the same server
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+        experiment_id, tags = experiment.experiment_id, experiment.tags
+    else:
+        artifacts = None
+        if uri.startswith("sqlite:"):
+            artifacts = (root / "mlartifacts").resolve().as_uri()
+        try:
+            experiment_id = _retry(client.create_experiment, name, artifact_location=artifacts)
+            tags = {}
+        except Exception:  # made meanwhile by another process writing to the same server
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            experiment_id, tags = experiment.experiment_id, experiment.tags
+    wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, EXPERIMENT_NOTE_TAG: EXPERIMENT_NOTE}
+    for key, value in wanted.items():
+        if key not in tags:  # never overwrite what a user set in the UI
+            _retry(client.set_experiment_tag, experiment_id, key, value)
+    return experiment_id
+
+
+def experiment_url(server: str, experiment_id: str) -> str:
+    """The UI address of an experiment, opened on the model-training (runs and charts) view."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def norm_tags(norm: str | None) -> dict[str, str]:
+    """Tags naming a run's norm and giving it the norm's fixed colour in the MLflow UI."""
+    if norm is None:
+        return {}
+    return {NORM_TAG: norm, RUN_COLOR_TAG: norm_style(norm).color}
 
 
 def _parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
@@ -162,8 +198,12 @@ def stage_run(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
     continue_run: str | None = None,
+    norm: str | None = None,
 ) -> Iterator[StageRun]:
     """Open one tracked run for a stage invocation of grid member ``run_name``.
+
+    norm: the member's normalisation (tags ``iln.norm`` and its colour); None for runs that
+    have none (the bicubic baseline, the report).
 
     Runs of the same (run_name, stage) left RUNNING by a killed process of this machine
     are first closed as KILLED. ``continue_run``: the id of an earlier run of this stage to
@@ -171,7 +211,7 @@ def stage_run(
     The run ends FINISHED on success, FAILED on an exception, KILLED on Ctrl-C.
     """
     uri = tracking_uri(root)
-    common = {"iln.git_commit": git_commit(root)}
+    common = {"iln.git_commit": git_commit(root), **norm_tags(norm)}
     run_tags = {
         **common,
         **{k: str(v) for k, v in (tags or {}).items()},
