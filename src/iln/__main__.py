@@ -25,7 +25,7 @@ from iln.restore import (
     output_paths,
     restore_files,
 )
-from iln.train import resolve_device
+from iln.runtime import resolve_device
 
 
 def _bool(text: str) -> bool:

@@ -417,10 +417,13 @@ def _check_runs(params: Params) -> None:
                     f"{where}.model.{key}: set it as runs.{name}.{key}, not under model"
                 )
         resolve_run(params, name)
-        _check_degraded(params, spec.task, [params.train.train_set], "train.train_set", where)
-        _check_degraded(params, spec.task, params.evaluate.sets, "evaluate.sets", where)
-    for task in (t for t in params.degrade.tasks if t.startswith("sr_x")):
-        _check_degraded(params, task, params.evaluate.sets, "evaluate.sets", "bicubic baseline")
+    made = {s for task in params.degrade.tasks for s in params.degrade.sets_for(task)}
+    for name in params.evaluate.sets:  # each test set is scored for the tasks that make it
+        if name not in made:
+            raise ParamsError(
+                f"evaluate.sets: {name!r} is not a set the degrade stage makes for any task "
+                f"(degrade.sets, degrade.task_sets: {', '.join(sorted(made))})"
+            )
     unknown = [s for s in params.report.sets if s not in params.evaluate.sets]
     if unknown:
         raise ParamsError(
@@ -428,17 +431,6 @@ def _check_runs(params: Params) -> None:
             f"{', '.join(params.evaluate.sets)})"
         )
 
-
-def _check_degraded(params: Params, task: str, sets: Any, key: str, user: str) -> None:
-    """Each of ``sets`` must be a set the degrade stage makes for ``task`` (used by ``user``)."""
-    made = params.degrade.sets_for(task)
-    source = f"degrade.task_sets.{task}" if task in params.degrade.task_sets else "degrade.sets"
-    for name in sets:
-        if name not in made:
-            raise ParamsError(
-                f"{key}: {name!r} is not a set the degrade stage makes for {task}, which "
-                f"{user} needs ({source}: {', '.join(made)})"
-            )
 
 
 def _check_run_data(params: Params, where: str, spec: RunSpec, kind: str) -> None:
