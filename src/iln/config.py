@@ -346,13 +346,14 @@ def _check_runs(params: Params) -> None:
             )
         if not TASK_PATTERN.match(spec.task):
             raise ParamsError(
-                f"{where}.task: unknown task {spec.task!r} (sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
+                f"{where}.task: unknown task {spec.task!r} "
+                "(sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
             )
         if not spec.task.startswith("sr_x"):
             raise ParamsError(
-                f"{where}.task: {spec.task!r} needs a same-size (scale 1) restorer, which the models do not "
-                f"build yet; training runs are SR tasks (sr_x2, sr_x3, sr_x4). The degrade stage can still "
-                f"produce {spec.task} pairs."
+                f"{where}.task: {spec.task!r} needs a same-size (scale 1) restorer, which the "
+                f"models do not build yet; training runs are SR tasks (sr_x2, sr_x3, sr_x4). "
+                f"The degrade stage can still produce {spec.task} pairs."
             )
         if spec.task not in params.degrade.tasks:
             raise ParamsError(

@@ -185,7 +185,8 @@ def _to_chw(img: np.ndarray) -> np.ndarray:
 
 
 class TestPairs:
-    """Evaluation pairs: a sequence of (name, lq uint8 (h, w, 3), gt uint8 (H, W, 3)), sorted by name."""
+    """Evaluation pairs: a sequence of (name, lq uint8 (h, w, 3), gt uint8 (H, W, 3)),
+    sorted by name."""
 
     __test__ = False  # not a pytest test class
 

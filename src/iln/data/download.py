@@ -121,9 +121,10 @@ def fetch(
             attempt += 1
             if attempt > retries:
                 raise DownloadError(
-                    f"{label}: download from {url} failed after {retries + 1} attempts ({err.__cause__ or err}). "
-                    f"Check the network, or use the embedded default set (data.datasets: [default]), or point "
-                    f"data.local.<set> at a folder that already holds the images. The partial file "
+                    f"{label}: download from {url} failed after {retries + 1} attempts "
+                    f"({err.__cause__ or err}). Check the network, or use the embedded default "
+                    f"set (data.datasets: [default]), or point data.local.<set> at a folder that "
+                    f"already holds the images. The partial file "
                     f"{part} is kept and will be resumed."
                 ) from None
             time.sleep(backoff * attempt)
@@ -166,9 +167,9 @@ def _download_to(url: str, part: Path, *, label: str, progress: bool, timeout: f
         ctype = response.headers.get("Content-Type", "")
         if ctype.startswith("text/html"):
             raise DownloadError(
-                f"{label}: {url} returned a web page instead of the file (a login, quota or confirmation page). "
-                f"Download it in a browser into {part.parent} as {part.name[: -len('.part')]}, or point "
-                f"data.local.<set> at a local copy."
+                f"{label}: {url} returned a web page instead of the file (a login, quota or "
+                f"confirmation page). Download it in a browser into {part.parent} as "
+                f"{part.name[: -len('.part')]}, or point data.local.<set> at a local copy."
             )
         if offset and status != 206:  # the server ignored the Range header: start again
             offset = 0
