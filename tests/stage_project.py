@@ -41,9 +41,11 @@ def make_project(root: Path, *, runs: tuple[str, ...] = ("ln",), **train) -> Pat
     return root
 
 
-def copy_project(template: Path, root: Path) -> Path:
-    """A copy of a project (its params and data), without its store or run outputs."""
-    shutil.copytree(template, root, ignore=shutil.ignore_patterns("mlflow.db*", "runs", "check*"))
+def copy_project(template: Path, root: Path, *, store: bool = True) -> Path:
+    """A copy of a project (its params, data and, unless ``store`` is false, its empty
+    MLflow store), without run outputs."""
+    skip = ("runs", "checkpoints", "mlartifacts") + (() if store else ("mlflow.db*",))
+    shutil.copytree(template, root, ignore=shutil.ignore_patterns(*skip))
     return root
 
 

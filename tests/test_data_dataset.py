@@ -85,7 +85,7 @@ def test_augmentation_is_applied_to_both(tmp_path):
             for vflip in (False, True):
                 for transpose in (False, True):
 
-                    def t(x):
+                    def t(x, hflip=hflip, vflip=vflip, transpose=transpose):
                         x = x[:, :, ::-1] if hflip else x
                         x = x[:, ::-1, :] if vflip else x
                         return x.transpose(0, 2, 1) if transpose else x

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +124,21 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
     removed = remove_stale_temps(tmp_path, recursive=True)
     assert sorted(removed) == sorted(stale)
     assert all(path.exists() for path in kept)
+
+
+def test_dvc_never_counts_temp_files_in_an_output():
+    root = Path(__file__).resolve().parents[1]
+    temps = [
+        "checkpoints/ln/.checkpoint.pt.4242.0a1b2c3d.iln.tmp",
+        "checkpoints/ln/.checkpoint.pt.tmp4242",
+        "runs/ln/eval/samples/sr_x2/default_test/.chelsea.png.4242.0a1b2c3d.iln.tmp",
+    ]
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
+    result = subprocess.run(
+        [dvc, "check-ignore", *temps, "checkpoints/ln/checkpoint.pt"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.split() == temps

@@ -32,7 +32,7 @@ def _both_train(root, **env):
 
 
 def _two_runs(tmp_path, degraded_project):
-    root = copy_project(degraded_project, tmp_path / "project")
+    root = copy_project(degraded_project, tmp_path / "project", store=False)
     params = read_params(root)
     params["runs"]["iln"] = {**params["runs"]["ln"], "norm": "iln"}
     write_params(root, params)

@@ -74,8 +74,10 @@ def load_resume_state(
 
 
 def _first_line(err: BaseException) -> str:
+    """The error's first sentence (torch appends a paragraph of advice to its messages)."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    first = text[0].split(". ")[0].rstrip(".") if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 # The MLflow run a checkpoint's training logs to, so that a resumed training continues it.

@@ -33,7 +33,8 @@ def parse_task(name: str, where: str = "task") -> TaskSpec:
     match = TASK_RE.match(name)
     if not match:
         raise ValueError(
-            f"{where}: unknown task {name!r} (sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
+            f"{where}: unknown task {name!r} "
+            "(sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
         )
     if match["scale"] is not None:
         scale = int(match["scale"])
@@ -122,8 +123,8 @@ class SubImages:
         for scale in SR_SCALES:
             if self.size % scale or self.step % scale:
                 raise ValueError(
-                    f"subimages: size {self.size} and step {self.step} must be divisible by every SR scale "
-                    f"{SR_SCALES} so LR tiles stay aligned"
+                    f"subimages: size {self.size} and step {self.step} must be divisible by "
+                    f"every SR scale {SR_SCALES} so LR tiles stay aligned"
                 )
 
 
