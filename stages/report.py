@@ -21,17 +21,20 @@ from iln.report.tables import Protocol
 
 
 def scale_note(params) -> str:
-    """One line that says what these numbers are: preset, iterations, data, device."""
+    """One line that says what these numbers are: preset, iterations, learning rate, EMA,
+    data, device, against the paper's recipe."""
     runs = [resolve_run(params, name) for name in params.runs]
     archs = sorted({r.spec.arch for r in runs})
     iterations = sorted({r.train.iterations for r in runs})
     batches = sorted({r.train.batch_size for r in runs})
+    lrs = sorted({r.train.lr for r in runs})
     return (
         f"presets {', '.join(archs)}; {', '.join(map(str, iterations))} iterations at batch "
-        f"{', '.join(map(str, batches))}, LR patch {params.train.lq_patch}; training data "
-        f"{params.train.train_set}; test sets {', '.join(params.evaluate.sets)}; "
-        f"device {params.train.device} "
-        f"(the paper: HAT_1 and larger, 300K-500K iterations on DF2K, GPUs)"
+        f"{', '.join(map(str, batches))}, LR patch {params.train.lq_patch}, Adam lr "
+        f"{', '.join(f'{lr:g}' for lr in lrs)}, EMA decay {params.train.ema_decay:g}; training "
+        f"data {params.train.train_set}; test sets {', '.join(params.evaluate.sets)}; "
+        f"device {params.train.device} (the paper: HAT_1 and larger, 300K-500K iterations "
+        f"at lr 0.0002, EMA decay 0.999, on DF2K, GPUs)"
     )
 
 

@@ -495,6 +495,17 @@ def test_history_val_psnr_is_optional(tmp_path):
     assert results["b"].history_curve("val_psnr") == ([], [])
 
 
+def test_a_null_metric_reads_as_missing(tmp_path):
+    """Strict JSON writes a non-finite PSNR (identical images) as null."""
+    make_run(tmp_path, "ln", norm="ln", sets=("default_test",))
+    (tmp_path / "ln" / "eval" / "metrics.json").write_text(
+        '{"sr_x2/default_test": {"psnr": null, "ssim": 1.0}}'
+    )
+    run = load_runs({"ln": {**BASE, "norm": "ln"}}, tmp_path)["ln"]
+    assert run.metric("default_test", "psnr") is None
+    assert run.metric("default_test", "ssim") == 1.0
+
+
 def test_sets_filter_orders_and_limits_our_columns(tmp_path):
     make_run(tmp_path / "runs", "ln", norm="ln", sets=("default_test", "Set14", "B100"))
     runs = {"ln": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2", "groups": ["table1"]}}

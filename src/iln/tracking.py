@@ -177,7 +177,11 @@ def _parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[st
         max_results=1,
     )
     if found:
-        return found[0].info.run_id
+        existing = found[0]
+        for key in (NORM_TAG, RUN_COLOR_TAG):  # a parent made before these tags existed
+            if key in tags and existing.data.tags.get(key) != tags[key]:
+                _retry(client.set_tag, existing.info.run_id, key, tags[key])
+        return existing.info.run_id
     parent = _retry(
         client.create_run,
         experiment_id,
