@@ -21,6 +21,11 @@ from iln.report.crops import comparison_panels
 def scale_note(params) -> str:
     """One line that says what these numbers are: preset, iterations, data, device."""
     runs = [resolve_run(params, name) for name in params.runs]
+    if not runs:
+        return (
+            f"no training runs: the released checkpoints of `released:` only; test sets "
+            f"{', '.join(params.evaluate.sets)}"
+        )
     archs = sorted({r.spec.arch for r in runs})
     iterations = sorted({r.train.iterations for r in runs})
     batches = sorted({r.train.batch_size for r in runs})
