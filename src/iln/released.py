@@ -54,8 +54,8 @@ class ReleasedCheckpoint:
         )
 
 
-_MINI = "about 37 MB if it holds params and params_ema, half that with one (estimated)"
-_DAGGER = "about 166 MB if it holds params and params_ema, half that with one (estimated)"
+_MINI = "about 40 MB with params and params_ema, half that with one (estimated)"
+_DAGGER = "about 170 MB with params and params_ema, half that with one (estimated)"
 
 CATALOGUE: dict[str, ReleasedCheckpoint] = {
     c.filename: c
@@ -173,8 +173,8 @@ def verify_weights(
     """Check that the file exists and matches its recorded SHA-256 (recorded now if new).
 
     ``book`` is a JSON file {weights as written: {"sha256", "bytes"}} kept in the project
-    (commit it to pin the files). A mismatch raises ``ReleasedWeightsError`` saying how to accept
-    a deliberately replaced file.
+    (commit it to pin the files). A mismatch raises ``ReleasedWeightsError`` saying how to
+    accept a deliberately replaced file.
     """
     path = resolve_weights(weights, root)
     require_weights(path, where)
@@ -192,7 +192,7 @@ def verify_weights(
             f"{where}: {path} has SHA-256 {digest}, but {known['sha256']} was recorded for it on "
             f"first use in {book}; if you replaced the file on purpose, delete its entry there"
         )
-    if known is None:
+    if known is None:  # written atomically; an entry lost to a concurrent writer is re-recorded
         entries[weights] = {"sha256": digest, "bytes": size}
         write_json_atomic(book, entries)
     return path, WeightsRecord(file=weights, sha256=digest, bytes=size, key=key)
