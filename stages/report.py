@@ -24,6 +24,11 @@ def scale_note(params) -> str:
     """One line that says what these numbers are: preset, iterations, learning rate, EMA,
     data, device, against the paper's recipe."""
     runs = [resolve_run(params, name) for name in params.runs]
+    if not runs:
+        return (
+            f"no training runs: the released checkpoints of `released:` only; test sets "
+            f"{', '.join(params.evaluate.sets)}"
+        )
     archs = sorted({r.spec.arch for r in runs})
     iterations = sorted({r.train.iterations for r in runs})
     batches = sorted({r.train.batch_size for r in runs})

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in (("stdnorm", args.stdnorm), ("affine_outer", args.affine_outer))
         if value is not None
     }
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"iln restore: error: --device {args.device}: no CUDA device here", file=sys.stderr)
+        return 2
     try:
         device = resolve_device(args.device)
         model = load_model(
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             key=args.key,
         )
         targets = output_paths(input_images(args.input), args.output)
-    except (RestoreError, FileNotFoundError, ImageReadError, ValueError) as err:
+    except (RestoreError, FileNotFoundError, ImageReadError, ValueError, RuntimeError) as err:
         print(f"iln restore: error: {err}", file=sys.stderr)
         return 2
     if args.tile and (args.tile < 0 or args.tile % model.window_size):

@@ -13,7 +13,6 @@ damaged file is noticed instead of silently changing the numbers.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from iln.files import write_json_atomic
+from iln.data.download import ChecksumBook
 from iln.models import build_model, load_official_checkpoint
 
 DRIVE_FOLDER = "https://drive.google.com/drive/folders/1vAv1qw_jYsk0TIJhegjrJkYG3Rycey8c"
@@ -54,8 +53,8 @@ class ReleasedCheckpoint:
         )
 
 
-_MINI = "about 37 MB if it holds params and params_ema, half that with one (estimated)"
-_DAGGER = "about 166 MB if it holds params and params_ema, half that with one (estimated)"
+_MINI = "about 40 MB with params and params_ema, half that with one (estimated)"
+_DAGGER = "about 170 MB with params and params_ema, half that with one (estimated)"
 
 CATALOGUE: dict[str, ReleasedCheckpoint] = {
     c.filename: c
@@ -172,30 +171,27 @@ def verify_weights(
 ) -> tuple[Path, WeightsRecord]:
     """Check that the file exists and matches its recorded SHA-256 (recorded now if new).
 
-    ``book`` is a JSON file {weights as written: {"sha256", "bytes"}} kept in the project
-    (commit it to pin the files). A mismatch raises ``ReleasedWeightsError`` saying how to accept
-    a deliberately replaced file.
+    ``book`` is a checksum file like the datasets' (``ChecksumBook``), keyed by ``weights``
+    as written in params.yaml; commit it to pin the files. A mismatch raises
+    ``ReleasedWeightsError`` saying how to accept a deliberately replaced file.
     """
     path = resolve_weights(weights, root)
     require_weights(path, where)
-    digest, size = sha256_of(path), path.stat().st_size
-    book = Path(book)
-    entries: dict[str, Any] = {}
-    if book.exists():
-        try:
-            entries = json.loads(book.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ReleasedWeightsError(f"{book}: not valid JSON ({err})") from None
-    known = entries.get(weights)
-    if isinstance(known, Mapping) and known.get("sha256") not in (None, digest):
+    digest = sha256_of(path)
+    try:
+        checksums = ChecksumBook(book)
+    except ValueError as err:
+        raise ReleasedWeightsError(str(err)) from None
+    known = checksums.get(weights)
+    if known is not None and known != digest:
         raise ReleasedWeightsError(
-            f"{where}: {path} has SHA-256 {digest}, but {known['sha256']} was recorded for it on "
-            f"first use in {book}; if you replaced the file on purpose, delete its entry there"
+            f"{where}: {path} has SHA-256 {digest}, but {known} was recorded for it on first "
+            f"use in {book}; if you replaced the file on purpose, delete its entry there"
         )
-    if known is None:
-        entries[weights] = {"sha256": digest, "bytes": size}
-        write_json_atomic(book, entries)
-    return path, WeightsRecord(file=weights, sha256=digest, bytes=size, key=key)
+    if known is None:  # written atomically; an entry lost to a concurrent writer is re-recorded
+        entry = CATALOGUE.get(path.name)
+        checksums.record(weights, digest, f"{DRIVE_FOLDER} {entry.member}" if entry else "")
+    return path, WeightsRecord(file=weights, sha256=digest, bytes=path.stat().st_size, key=key)
 
 
 def read_basicsr(path: Path, key: str) -> Mapping[str, torch.Tensor]:
