@@ -294,7 +294,7 @@ def test_report_handles_runs_without_a_train_folder(tmp_path):
     from iln.analysis import run_final_analysis
     from iln.files import write_json_atomic
     from iln.report import build_report
-    from iln.report.paper import load_paper_numbers
+    from iln.report.paper import load_paper_numbers, paper_rows
 
     runs_dir, out = tmp_path / "runs", tmp_path / "reports"
     write_json_atomic(
@@ -318,7 +318,7 @@ def test_report_handles_runs_without_a_train_folder(tmp_path):
     build_report(released, runs_dir, out, scale_note="test", released=released)
     report = (out / "report.md").read_text()
     table = (out / "tables" / "released.md").read_text()
-    paper = load_paper_numbers()["tables"]["table2"]["results"]["ln"]["Set14"]
+    (paper,) = paper_rows(load_paper_numbers(), "table1", norm="ln", set="Set14")
     assert f"| Set14 | {paper['psnr']:g} | 28.80 | {paper['ssim']:g} | 0.7900 |" in table
     assert "tiled (64 px LR tiles" in table and "(overflow)" in table
     assert "hat1_ln_x4: hat_1 LN sr_x4" in report  # the all-runs table read it too

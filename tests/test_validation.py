@@ -51,7 +51,11 @@ def _params(tmp_path, key: str, value) -> Path:
         ("train.lr_gamma", -0.5, "train.lr_gamma: must be > 0"),
         ("train.lr_gamma", 0.0, "train.lr_gamma: must be > 0"),
         ("tracking.experiment", "", "tracking.experiment: must be a non-empty name"),
-        ("train.train_set", "Set5", "train.train_set: 'Set5' is not a set the degrade stage"),
+        (
+            "train.train_set",
+            "Set5",
+            "train.train_set: sr_x2 trains on the degrade stage's pairs of 'Set5'",
+        ),
         ("evaluate.sets", ["B100"], "evaluate.sets: 'B100' is not a set the degrade stage"),
         ("report.sets", ["Urban100"], "report.sets: 'Urban100' is not evaluated"),
         ("runs.ln.task", KeyError, "runs.ln.task: missing required key"),

@@ -382,6 +382,13 @@ def _check_runs(params: Params) -> None:
 
     if not params.runs and not params.released:
         raise ParamsError("runs: declare at least one run (or a `released:` entry)")
+    made = {s for task in params.degrade.tasks for s in params.degrade.sets_for(task)}
+    for name in params.evaluate.sets:  # each test set is scored for the tasks that make it
+        if name not in made:
+            raise ParamsError(
+                f"evaluate.sets: {name!r} is not a set the degrade stage makes for any task "
+                f"(degrade.sets, degrade.task_sets: {', '.join(sorted(made))})"
+            )
     for name, spec in params.runs.items():
         where = f"runs.{name}"
         if not re.match(r"^[A-Za-z0-9_.-]+$", name):
@@ -417,20 +424,12 @@ def _check_runs(params: Params) -> None:
                     f"{where}.model.{key}: set it as runs.{name}.{key}, not under model"
                 )
         resolve_run(params, name)
-    made = {s for task in params.degrade.tasks for s in params.degrade.sets_for(task)}
-    for name in params.evaluate.sets:  # each test set is scored for the tasks that make it
-        if name not in made:
-            raise ParamsError(
-                f"evaluate.sets: {name!r} is not a set the degrade stage makes for any task "
-                f"(degrade.sets, degrade.task_sets: {', '.join(sorted(made))})"
-            )
     unknown = [s for s in params.report.sets if s not in params.evaluate.sets]
     if unknown:
         raise ParamsError(
             f"report.sets: {unknown[0]!r} is not evaluated (evaluate.sets: "
             f"{', '.join(params.evaluate.sets)})"
         )
-
 
 
 def _check_run_data(params: Params, where: str, spec: RunSpec, kind: str) -> None:

@@ -47,7 +47,16 @@ TRAJECTORY_KEYS = {
 }
 OBSERVER_KEYS = {
     # the run's overrides of train keys are judged as train keys (ResolvedRun.train)
-    "run": ("groups", "iterations", "batch_size", "lr", "milestones", "grad_clip", "seed"),
+    "run": (
+        "groups",
+        "iterations",
+        "batch_size",
+        "lr",
+        "milestones",
+        "grad_clip",
+        "seed",
+        "train_set",
+    ),
     "train": (
         "iterations",
         "checkpoint_every",

@@ -17,7 +17,7 @@ def resolve_device(spec: str, local_rank: int = 0, *, key: str = "device") -> to
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{key} is {spec!r} but no CUDA device is available (use auto or cpu)")
+        raise RuntimeError(f"{key}: {spec!r} but no CUDA device is available (use auto or cpu)")
     return device
 
 

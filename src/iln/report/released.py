@@ -28,27 +28,19 @@ NORM_LABELS = {"ln": "LN", "iln": "i-LN"}
 def paper_number(
     paper: Mapping, *, arch: str, norm: str, task: str, set_name: str, metric: str
 ) -> tuple[float, str] | None:
-    """(value, table key) of the paper's number for this model and set, if it has one.
-
-    Tables with ``results`` match through their ``setting`` (arch and task); tables with
-    ``rows`` through each row's task, set and arch. Tables without an arch are not matched:
-    a number for an unknown model is not put beside a released one.
-    """
+    """(value, table key) of the paper's full-precision number for this model and set, if it
+    has one. A row matches through its own keys over its table's ``setting`` (arch, task);
+    rows without an arch, of another precision or of a training variant are never matched:
+    a number for another model is not put beside a released one."""
     for key, table in paper.get("tables", {}).items():
-        if "results" in table:
-            setting = table.get("setting") or {}
-            if setting.get("arch") != arch or setting.get("task") != task:
+        setting = table.get("setting") or {}
+        for row in table.get("rows") or []:
+            cell = {**setting, **row}
+            if "precision" in cell or "variant" in cell or metric not in cell:
                 continue
-            value = (table["results"].get(norm) or {}).get(set_name, {})
-        else:
-            rows = [
-                r
-                for r in table["rows"]
-                if r.get("task") == task and r.get("set") == set_name and r.get("arch") == arch
-            ]
-            value = (rows[0].get(norm) or {}) if rows else {}
-        if isinstance(value, Mapping) and metric in value:
-            return float(value[metric]), key
+            wanted = {"arch": arch, "task": task, "set": set_name, "norm": norm}
+            if all(cell.get(k) == v for k, v in wanted.items()):
+                return float(cell[metric]), key
     return None
 
 
