@@ -227,3 +227,26 @@ def test_cli_rejects_an_unknown_preset(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "hat_huge" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_einops_stand_in_of_the_authors_comparison_matches_the_pattern():
+    from benchmarks import vs_official
+
+    b, nc, ch, ow, nw = 2, 2, 3, 4, 5
+    t = torch.arange(b * nc * ch * ow * ow * nw, dtype=torch.float32).view(b, nc * ch * ow * ow, nw)
+    got = vs_official._rearrange(
+        t, "b (nc ch owh oww) nw -> nc (b nw) (owh oww) ch", nc=nc, ch=ch, owh=ow, oww=ow
+    )
+    assert got.shape == (nc, b * nw, ow * ow, ch)
+    split = t.view(b, nc, ch, ow * ow, nw)
+    for i, j, n, p, c in [(0, 0, 0, 0, 0), (1, 1, 3, 7, 2), (1, 0, 4, 15, 1)]:
+        assert got[j, i * nw + n, p, c] == split[i, j, c, p, n]
+    with pytest.raises(NotImplementedError, match="pattern"):
+        vs_official._rearrange(t, "b c n -> n b c")
+
+
+def test_authors_comparison_names_a_path_that_is_not_their_checkout(tmp_path):
+    from benchmarks import vs_official
+
+    with pytest.raises(FileNotFoundError, match="hat_arch.py"):
+        vs_official.official_classes(tmp_path)

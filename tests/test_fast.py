@@ -153,16 +153,6 @@ def test_gather_bias_equals_the_reference_with_wrapping_indices():
     _same_values_and_grads(fast.gather_bias, common.gather_bias, (table, index), tol=0.0)
 
 
-def test_permuted_tokens_and_their_gradient():
-    order = torch.randperm(12, generator=_gen(4))
-    inverse = torch.argsort(order)
-    x = _leaf(2, 12, 3, g=_gen(5))
-    _same_values_and_grads(
-        lambda t: fast.permute_tokens(t, order, inverse), lambda t: t[:, order], (x,), tol=0.0
-    )
-    assert torch.autograd.gradcheck(lambda t: fast.permute_tokens(t, order, inverse), (x,))
-
-
 def test_tokens_as_image_is_a_view_and_hands_back_a_contiguous_token_gradient():
     x = torch.randn(2, 12, 5, requires_grad=True)  # (B, N, C) on a 3 x 4 grid
     img = common.image(x, (3, 4), fast=True)

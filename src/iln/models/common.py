@@ -211,7 +211,8 @@ class WindowAttention(nn.Module):
 
     Reference: cyclic shift, window partition, softmax(q k^T * scale + bias + mask) v,
     window reverse, shift back. ``fast``: shift + partition as one token gather with the
-    context's permutations, and ``fast.attention``.
+    context's permutations (two copies instead of four), ``fast.gather_bias`` and
+    ``fast.attention``.
     """
 
     def __init__(self, dim: int, window: int, num_heads: int, fast: bool) -> None:
@@ -234,12 +235,11 @@ class WindowAttention(nn.Module):
         b, h, w, c = grid.shape
         n = self.window * self.window
         mask = ctx.shift_mask if shift else None
-        if self.fast:
+        if self.fast:  # shift + partition (and back) as one token gather each way
             order, inverse = ctx.orders[shift]
-            tokens = grid.reshape(b, h * w, c)
-            windows = fast_ops.permute_tokens(tokens, order, inverse).view(-1, n, c)
+            windows = grid.reshape(b, h * w, c).index_select(1, order).view(-1, n, c)
             out = self._attend(windows, index, mask)  # (B*nW, n, C)
-            return fast_ops.permute_tokens(out.view(b, h * w, c), inverse, order)  # (B, N, C)
+            return out.view(b, h * w, c).index_select(1, inverse)  # (B, N, C)
         if shift:
             grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
         windows = window_partition(grid, self.window)  # (B*nW, n, C)

@@ -19,29 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# ----------------------------------------------------------------------------- window partition
-
-
-class _PermuteTokens(torch.autograd.Function):
-    """x[:, order] for a permutation ``order``; its gradient is the inverse gather
-    (cheaper than the scatter-add of a general index_select)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:  # x (B, N, C)
-        ctx.save_for_backward(inverse)
-        return x.index_select(1, order)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
-
-
-def permute_tokens(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
-    """(B, N, C) -> (B, N, C) with token i taken from ``order[i]``."""
-    return _PermuteTokens.apply(x, order, inverse)
-
-
 # ----------------------------------------------------------------------------- residual
 
 
