@@ -1,6 +1,6 @@
 """DVC stage `analyze@RUN`: statistics of the final model on the fixed probe batch
-(feature magnitude / entropy per layer, final-norm bias vs its input, relative-position-
-bias tables of the first and last groups).
+(feature magnitude / entropy per layer of the EMA and of the trained weights, final-norm
+bias vs its input, relative-position-bias tables of the first and last groups).
 
     python stages/analyze.py RUN [--params params.yaml]
 """
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(project_root())
     remove_stale_temps(layout.analysis_dir(args.run))  # kill -9 leftovers
     device = resolve_device(params.evaluate.device, key="evaluate.device")
-    tags = None
+    tags, raw = None, None  # raw: the trained (not averaged) weights, for a trained run
     if args.run in params.released:  # the authors' weights: analysed, never trained
         spec = params.released[args.run]
         model, record = open_released(
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         spec = params.run(args.run)
         model, recipe = load_trained(layout.weights(args.run), device)
+        raw, _ = load_trained(layout.weights(args.run), device, weights="raw")
     pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.test_sets(spec.task)[0])))[
         : params.train.probe_images
     ]
@@ -63,16 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         tags=tags,
     ) as tracker:
         result = run_final_analysis(
-            model, lq, out, per_block=params.train.probe_per_block, label=args.run
+            model, lq, out, raw=raw, per_block=params.train.probe_per_block, label=args.run
         )
-        for row in result["features"]:
-            tracker.log_metrics(
-                {
-                    f"final/{row['layer']}/{key}": row[key]
-                    for key in ("magnitude", "max_abs", "entropy")
-                    if key in row
-                }
-            )
+        tracker.log_metrics(result["summary"])  # final/{ema,raw}/<layer>/<stat>
         tracker.log_artifact(out)
     return 0
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from iln import tracking
 from iln.cli import project_root, run_stage
 from iln.config import load_params, resolve_run
-from iln.data.params import parse_task
 from iln.files import remove_stale_temps, write_json_atomic
 from iln.layout import Layout
 from iln.report import build_report, flatten_summary

@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 norm=run.spec.norm,
                 scale=run.scale,
                 overrides=overrides,
+                raw=model,
             )
             write_csv_atomic(out / "history.csv", result.history, HISTORY_COLUMNS)
             write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBES_CSV_COLUMNS)

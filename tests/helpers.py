@@ -20,6 +20,7 @@ TRAIN_DEFAULTS = dict(
     lr_gamma=0.5,
     ema_decay=0.999,
     grad_clip=0.0,
+    kld_weight=0.0,
     seed=1,
     checkpoint_every=5,
     log_every=1,

@@ -1,8 +1,11 @@
-"""Final-norm bias (Fig. 8) and relative-position-bias images (Fig. 9)."""
+"""Final-checkpoint statistics (EMA and raw weights), final-norm bias (Fig. 8) and
+relative-position-bias images (Fig. 9)."""
 
 from __future__ import annotations
 
+import copy
 import csv
+import json
 import math
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 from iln.analysis import (
+    FEATURES_COLUMNS,
     FINAL_NORM_COLUMNS,
     final_norm_bias,
     gather_rpb,
@@ -20,6 +24,8 @@ from iln.analysis import (
     run_final_analysis,
 )
 from iln.layout import FEATURES_COLUMNS
+from iln.probes import measure_features
+from iln.weights import load_trained, save_trained
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -175,11 +181,13 @@ def test_group_tables_and_plot(tmp_path):
 # ------------------------------------------------------------------ everything for one checkpoint
 
 
-def _check_outputs(out_dir, n_layers: int) -> None:
+def _check_outputs(out_dir, n_layers: int, weights: tuple[str, ...] = ("ema",)) -> None:
     with (out_dir / "features.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == FEATURES_COLUMNS and len(rows) == n_layers
     assert {r["weights"] for r in rows} == {"ema"}
+    assert tuple(rows[0]) == FEATURES_COLUMNS and len(rows) == n_layers * len(weights)
+    assert [r["weights"] for r in rows] == [w for w in weights for _ in range(n_layers)]
     with (out_dir / "final_norm.csv").open() as fh:
         assert tuple(next(csv.DictReader(fh))) == FINAL_NORM_COLUMNS
     for name in ("final_norm.png", "rpb_first.png", "rpb_last.png"):
@@ -191,7 +199,57 @@ def test_run_final_analysis_writes_every_file(tmp_path):
     model = FakeIR(groups=2)
     result = run_final_analysis(model, lq(), tmp_path / "analysis", label="fake")
     _check_outputs(tmp_path / "analysis", n_layers=3)
-    assert len(result["files"]) == 5 and len(result["final_norm"]) == 6
+    assert len(result["files"]) == 6 and len(result["final_norm"]) == 6
+
+
+def test_ema_and_raw_weights_are_measured_and_labelled(tmp_path):
+    torch.manual_seed(0)
+    ema = FakeIR(groups=2)
+    raw = copy.deepcopy(ema)
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.mul_(3.0)  # a trained model far from its EMA twin
+    out = tmp_path / "analysis"
+    result = run_final_analysis(ema, lq(), out, raw=raw)
+    _check_outputs(out, n_layers=3, weights=("ema", "raw"))
+    with (out / "features.csv").open() as fh:
+        rows = {(r["weights"], r["layer"]): float(r["magnitude"]) for r in csv.DictReader(fh)}
+    for name, model in (("ema", ema), ("raw", raw)):
+        for row in measure_features(model, lq()):
+            assert rows[(name, row["layer"])] == pytest.approx(row["magnitude"], rel=1e-12)
+    assert rows[("raw", "group1")] > 10 * rows[("ema", "group1")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == result["summary"]
+    expected = {
+        f"final/{w}/{layer}/{stat}"
+        for w in ("ema", "raw")
+        for layer in ("group0", "group1", "final_norm_in")
+        for stat in ("magnitude", "entropy", "max_abs")
+    }
+    assert set(summary) == expected
+    assert summary["final/raw/group1/magnitude"] == rows[("raw", "group1")]
+
+
+def test_model_file_keeps_both_weight_sets(tmp_path):
+    from iln.models import build_model
+
+    torch.manual_seed(0)
+    raw = build_model("hat_tiny", norm="ln", scale=2)
+    ema = copy.deepcopy(raw)
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.add_(0.5)
+    path = tmp_path / "model.pt"
+    save_trained(path, ema, arch="hat_tiny", norm="ln", scale=2, overrides={}, raw=raw)
+    loaded = {w: load_trained(path, torch.device("cpu"), weights=w)[0] for w in ("ema", "raw")}
+    for name, model in (("ema", ema), ("raw", raw)):
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded[name].state_dict()[key], value), (name, key)
+    blob = torch.load(path, weights_only=True)
+    assert blob["state_dict"].keys() == blob["raw_state_dict"].keys()  # EMA under state_dict
+    save_trained(path, ema, arch="hat_tiny", norm="ln", scale=2, overrides={})
+    with pytest.raises(ValueError, match="no raw weights"):
+        load_trained(path, torch.device("cpu"), weights="raw")
 
 
 @pytest.mark.parametrize(("arch", "norm"), [("hat_tiny", "ln"), ("swinir_tiny", "iln")])

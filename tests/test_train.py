@@ -95,7 +95,7 @@ def test_non_finite_features_from_the_monitor_stop_training(tmp_path):
     )
 
     def monitor(step, model, ema):
-        return [{"layer": "group0", "magnitude": float("inf") if step == 6 else 1.0}]
+        return [{"layer": "group0", "magnitude": float("inf") if step == 6 else 1.0}], None
 
     with pytest.raises(TrainingDiverged, match="group0"):
         fit(
@@ -171,3 +171,34 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     ddp = torch.load(tmp_path / "ema.pt", weights_only=True)
     for key, value in single.state_dict().items():
         assert torch.allclose(value, ddp[key], atol=1e-6), key
+
+
+def test_monitor_runs_before_the_first_update_and_validation_joins_the_history(tmp_path):
+    settings = train_settings(
+        iterations=6, batch_size=2, checkpoint_every=6, log_every=2, probe_every=3
+    )
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in TinyNet().state_dict().items()}
+    seen = []
+
+    def monitor(step, model, ema):
+        if step == 0:  # the model has not been updated yet
+            assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+        seen.append(step)
+        return [{"layer": "group0", "magnitude": 1.0}], 20.0 + step
+
+    torch.manual_seed(0)
+    _, result = fit(
+        TinyNet(),
+        StreamData(),
+        settings,
+        device=torch.device("cpu"),
+        checkpoint_path=tmp_path / "c.pt",
+        fingerprint="x",
+        monitor=monitor,
+        progress=False,
+    )
+    assert seen == [0, 3, 6]
+    assert [r["step"] for r in result.monitor_rows] == [0, 3, 6]
+    assert [r["step"] for r in result.history] == [2, 3, 4, 6]  # every probe step is logged
+    assert [r.get("val_psnr") for r in result.history] == [None, 23.0, None, 26.0]

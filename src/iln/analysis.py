@@ -1,4 +1,5 @@
-"""Final-checkpoint analyses: the final norm's bias against its input (paper Fig. 8) and the
+"""Final-checkpoint analyses: feature statistics of the EMA and of the trained ("raw")
+weights, the final norm's bias against its input (paper Fig. 8) and the
 relative-position-bias tables of the first and last groups (paper Fig. 9).
 
 Works for any model that follows the residual-stream contract (HAT and SwinIR alike):
@@ -22,11 +23,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from torch import nn
 
-from iln.files import write_bytes_atomic, write_csv_atomic
-from iln.layout import FEATURES_COLUMNS, FINAL_NORM_COLUMNS, WEIGHTS_EMA
+from iln.files import write_bytes_atomic, write_csv_atomic, write_json_atomic
+from iln.layout import FEATURES_COLUMNS, FINAL_NORM_COLUMNS
 from iln.models.common import BIAS_TABLE_STD
 from iln.probes import evaluation_mode, measure_features
 from iln.runtime import unwrap
+
+SUMMARY_STATS: tuple[str, ...] = ("magnitude", "entropy", "max_abs")
 
 # --------------------------------------------------------------------------------------
 # Figures, saved atomically
@@ -304,49 +307,80 @@ def plot_rpb(
 # Everything for one final checkpoint
 
 
+def final_feature_rows(
+    weight_sets: Mapping[str, nn.Module],
+    lq_batch: torch.Tensor,
+    *,
+    per_block: bool = False,
+    chunk_size: int | None = None,
+) -> list[dict[str, object]]:
+    """Feature statistics (iln.probes) of every model in ``weight_sets`` (name -> model,
+    e.g. ``{"ema": ..., "raw": ...}``) on the same probe batch; rows FEATURES_COLUMNS."""
+    rows: list[dict[str, object]] = []
+    for name, model in weight_sets.items():
+        features = measure_features(model, lq_batch, per_block=per_block, chunk_size=chunk_size)
+        rows.extend({"weights": name, **row} for row in features)
+    return rows
+
+
+def final_summary(rows: Sequence[Mapping[str, object]]) -> dict[str, float]:
+    """``final/<weights>/<layer>/<stat>`` for stat in SUMMARY_STATS, from features rows."""
+    return {
+        f"final/{row['weights']}/{row['layer']}/{stat}": float(row[stat])
+        for row in rows
+        for stat in SUMMARY_STATS
+    }
+
+
 def run_final_analysis(
     model: nn.Module,
     lq_batch: torch.Tensor,
     out_dir: Path | str,
     *,
+    raw: nn.Module | None = None,
     per_block: bool = False,
     chunk_size: int | None = None,
     label: str = "",
-    weights: str = WEIGHTS_EMA,
 ) -> dict[str, object]:
-    """Write features.csv, final_norm.csv, final_norm.png, rpb_first.png, rpb_last.png into
-    out_dir (the run's analysis/ folder) and return the rows and file paths.
+    """Write features.csv, summary.json, final_norm.csv, final_norm.png, rpb_first.png,
+    rpb_last.png into out_dir (the run's analysis/ folder); return rows, summary and paths.
 
-    weights: which weights ``model`` holds (``ema`` or ``raw``), the ``weights`` column of
-    features.csv."""
+    ``model`` holds the EMA weights (what evaluation uses), ``raw`` the trained weights:
+    features.csv and summary.json have both (``weights`` ema / raw), the final-norm and
+    relative-position-bias analyses the EMA weights, as their titles say.
+    """
     out_dir = Path(out_dir)
-    features = measure_features(model, lq_batch, per_block=per_block, chunk_size=chunk_size)
-    write_csv_atomic(
-        out_dir / "features.csv",
-        [{"weights": weights, **row} for row in features],
-        FEATURES_COLUMNS,
-    )
+    weight_sets = {"ema": model} if raw is None else {"ema": model, "raw": raw}
+    features = final_feature_rows(weight_sets, lq_batch, per_block=per_block, chunk_size=chunk_size)
+    write_csv_atomic(out_dir / "features.csv", features, FEATURES_COLUMNS)
+    summary = final_summary(features)
+    write_json_atomic(out_dir / "summary.json", summary)
     bias_rows = final_norm_bias(model, lq_batch, chunk_size=chunk_size)
     write_csv_atomic(out_dir / "final_norm.csv", bias_rows, FINAL_NORM_COLUMNS)
     prefix = f"{label}: " if label else ""
-    held = "EMA" if weights == WEIGHTS_EMA else weights
     files = [
         out_dir / "features.csv",
+        out_dir / "summary.json",
         out_dir / "final_norm.csv",
         plot_final_norm(
             bias_rows,
             out_dir / "final_norm.png",
-            title=f"{prefix}final-norm bias vs its input ({held} weights)",
+            title=f"{prefix}final norm bias vs input (EMA weights)",
         ),
         plot_rpb(
             group_rpb_tables(model, 0),
             out_dir / "rpb_first.png",
-            title=f"{prefix}relative position bias, first group ({held} weights)",
+            title=f"{prefix}relative position bias, first group (EMA weights)",
         ),
         plot_rpb(
             group_rpb_tables(model, -1),
             out_dir / "rpb_last.png",
-            title=f"{prefix}relative position bias, last group ({held} weights)",
+            title=f"{prefix}relative position bias, last group (EMA weights)",
         ),
     ]
-    return {"features": features, "final_norm": bias_rows, "files": [str(f) for f in files]}
+    return {
+        "features": features,
+        "summary": summary,
+        "final_norm": bias_rows,
+        "files": [str(f) for f in files],
+    }

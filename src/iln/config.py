@@ -158,6 +158,7 @@ class TrainParams:
     lr_gamma: float
     ema_decay: float
     grad_clip: float
+    kld_weight: float  # weight of the feature KL regulariser (iln.kld), 0 = off
     seed: int
     checkpoint_every: int
     log_every: int
@@ -202,6 +203,8 @@ class TrainParams:
             raise ParamsError(f"train.milestones: must be increasing, got {list(self.milestones)}")
         if self.grad_clip < 0:
             raise ParamsError(f"train.grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.kld_weight < 0:
+            raise ParamsError(f"train.kld_weight: must be >= 0 (0 = off), got {self.kld_weight}")
         if self.device not in ("auto", "cpu") and not re.match(r"^cuda(:\d+)?$|^mps$", self.device):
             raise ParamsError(
                 f"train.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
@@ -224,6 +227,7 @@ class RunSpec:
     lr: float | None = None
     milestones: tuple[int, ...] | None = None
     grad_clip: float | None = None
+    kld_weight: float | None = None
     seed: int | None = None
     train_set: str | None = None  # e.g. Rain13K for derain in a grid whose default is DF2K
 
@@ -269,7 +273,7 @@ class EvaluateParams:
     tile: int
     tile_overlap: int
     samples: int
-    precision_modes: tuple[Literal["fp32", "fp16", "bf16", "int8"], ...]
+    precision_modes: tuple[Literal["fp32", "fp16", "bf16", "int8", "int4"], ...]
     precision_crop: int  # LR size of the central crop used for the precision table, 0 = whole image
     device: str
 
@@ -352,6 +356,7 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
             "lr",
             "milestones",
             "grad_clip",
+            "kld_weight",
             "seed",
             "train_set",
         )

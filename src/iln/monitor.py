@@ -1,5 +1,6 @@
-"""What the training loop watches every few hundred steps: residual-stream statistics of
-the model being trained on a fixed probe batch, and validation PSNR of its EMA twin."""
+"""What the training loop watches before the first update and every few hundred steps:
+residual-stream statistics of the model being trained on a fixed probe batch, and
+validation PSNR of its EMA twin."""
 
 from __future__ import annotations
 
@@ -40,14 +41,25 @@ def training_monitor(
     device: torch.device,
     per_block: bool,
     log: Callable[[int, dict[str, float]], None] | None = None,
-) -> Callable[[int, nn.Module, nn.Module], list[dict[str, Any]]]:
-    """Build the ``monitor(step, model, ema)`` callback of ``iln.train.fit``."""
+) -> Callable[[int, nn.Module, nn.Module], tuple[list[dict[str, Any]], float | None]]:
+    """Build the ``monitor(step, model, ema)`` callback of ``iln.train.fit``: feature rows
+    of ``model`` on the probe batch, and the mean PSNR of ``ema`` on ``val_pairs`` (whole
+    images; None without pairs). Both also go to ``log`` (``features/...``, ``val/psnr``)."""
     probe_lq = probe_lq.to(device)
 
-    def monitor(step: int, model: nn.Module, ema: nn.Module) -> list[dict[str, Any]]:
+    def monitor(
+        step: int, model: nn.Module, ema: nn.Module
+    ) -> tuple[list[dict[str, Any]], float | None]:
         rows = measure_features(model, probe_lq, per_block=per_block)
+        val_psnr = None
+        if val_pairs:
+            values = [
+                psnr(restore(ema, lq, device=device), gt, crop_border=crop_border)
+                for _, lq, gt in val_pairs
+            ]
+            val_psnr = float(np.mean(values))
         if log is None:
-            return rows
+            return rows, val_psnr
         scalars: dict[str, float] = {}
         for row in rows:
             is_group = (
@@ -57,13 +69,9 @@ def training_monitor(
                 scalars[f"features/{row['layer']}/magnitude"] = row["magnitude"]
                 scalars[f"features/{row['layer']}/entropy"] = row["entropy"]
                 scalars[f"features/{row['layer']}/max_abs"] = row["max_abs"]
-        if val_pairs:
-            values = [
-                psnr(restore(ema, lq, device=device), gt, crop_border=crop_border)
-                for _, lq, gt in val_pairs
-            ]
-            scalars["val/psnr"] = float(np.mean(values))
+        if val_psnr is not None:
+            scalars["val/psnr"] = val_psnr
         log(step, scalars)
-        return rows
+        return rows, val_psnr
 
     return monitor

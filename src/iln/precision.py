@@ -18,6 +18,12 @@ Formats (each on its own deep copy of the model; the caller's model is never tou
   fake-quantised symmetric per tensor with a scale computed from that very input at call
   time (dynamic quantisation: max |x| / 127). Biases, norms, softmax, attention
   matmuls (``q @ k^T``, ``attn @ v``) and residual additions stay in fp32.
+- ``int4`` (simulated, fp32 arithmetic): the same scheme as ``int8`` with 4-bit signed
+  symmetric levels [-7, 7]: weights per output channel (scale = max |w| / 7 over the
+  channel), the input of every ``nn.Linear`` / ``nn.Conv2d`` per tensor, dynamic
+  (scale = max |x| / 7). Only 15 levels per tensor: a per-tensor activation scale set by a
+  few huge LN features rounds every ordinary feature to 0, which is the paper's point
+  about outliers and low-bit inference.
 """
 
 from __future__ import annotations
@@ -35,51 +41,66 @@ from tqdm.auto import tqdm
 from iln.evaluate import restore, summarise
 from iln.metrics import psnr, ssim
 
-MODES = ("fp32", "fp16", "bf16", "int8")
+MODES = ("fp32", "fp16", "bf16", "int8", "int4")
 FP16_MAX = 65504.0
 INT8_MAX = 127
+INT4_MAX = 7
+INT_LEVELS = {"int8": INT8_MAX, "int4": INT4_MAX}  # largest integer level per integer mode
 
 _DTYPES = {
     "fp32": torch.float32,
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
     "int8": torch.float32,
+    "int4": torch.float32,
 }
 
 
-def fake_quant_symmetric(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Round ``x / scale`` to integers in [-127, 127] and map back (``scale`` > 0, broadcastable)."""
-    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX) * scale
+def fake_quant_symmetric(
+    x: torch.Tensor, scale: torch.Tensor, qmax: int = INT8_MAX
+) -> torch.Tensor:
+    """Round ``x / scale`` to integers in [-qmax, qmax] and map back (``scale`` > 0,
+    broadcastable); qmax 127 is int8, 7 is int4."""
+    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
 
 
-def _symmetric_scale(amax: torch.Tensor) -> torch.Tensor:
-    """max |x| / 127, with all-zero groups given scale 1 (they quantise to 0 either way)."""
-    scale = amax / INT8_MAX
+def _symmetric_scale(amax: torch.Tensor, qmax: int = INT8_MAX) -> torch.Tensor:
+    """max |x| / qmax, with all-zero groups given scale 1 (they quantise to 0 either way)."""
+    scale = amax / qmax
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def quantise_weights_(model: nn.Module) -> int:
-    """Fake-quantise Linear / Conv2d weights in place, per output channel; returns how many."""
+def quantise_weights_(model: nn.Module, qmax: int = INT8_MAX) -> int:
+    """Fake-quantise Linear / Conv2d weights in place to [-qmax, qmax] levels, per output
+    channel; returns how many layers."""
     count = 0
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 w = module.weight  # (out, in) or (out, in, kh, kw)
                 amax = w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True)  # (out, 1, ...)
-                w.copy_(fake_quant_symmetric(w, _symmetric_scale(amax)))
+                w.copy_(fake_quant_symmetric(w, _symmetric_scale(amax, qmax), qmax))
                 count += 1
     return count
 
 
-def _quantise_input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    x = args[0]
-    return (fake_quant_symmetric(x, _symmetric_scale(x.detach().abs().amax())),) + tuple(args[1:])
+def _input_quantiser(qmax: int):
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        scale = _symmetric_scale(x.detach().abs().amax(), qmax)
+        return (fake_quant_symmetric(x, scale, qmax),) + tuple(args[1:])
+
+    return hook
 
 
-def attach_activation_quant(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-    """Per-tensor dynamic fake-quantisation of the input of every Linear / Conv2d."""
+def attach_activation_quant(
+    model: nn.Module, qmax: int = INT8_MAX
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Per-tensor dynamic fake-quantisation to [-qmax, qmax] levels of the input of every
+    Linear / Conv2d."""
+    hook = _input_quantiser(qmax)
     return [
-        m.register_forward_pre_hook(_quantise_input_hook)
+        m.register_forward_pre_hook(hook)
         for m in model.modules()
         if isinstance(m, (nn.Linear, nn.Conv2d))
     ]
@@ -135,9 +156,9 @@ def prepare_model(model: nn.Module, mode: str, device: torch.device | str) -> nn
     if mode not in MODES:
         raise ValueError(f"unknown precision mode {mode!r}; expected one of {MODES}")
     m = copy.deepcopy(model).to(device=device, dtype=_DTYPES[mode]).eval()
-    if mode == "int8":
-        quantise_weights_(m)
-        attach_activation_quant(m)  # the hooks live and die with this copy
+    if mode in INT_LEVELS:
+        quantise_weights_(m, INT_LEVELS[mode])
+        attach_activation_quant(m, INT_LEVELS[mode])  # the hooks live and die with this copy
     return m
 
 

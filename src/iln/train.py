@@ -10,6 +10,7 @@ stopped (on CPU, bit for bit).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -26,11 +27,13 @@ from tqdm import tqdm
 
 from iln.config import TrainParams
 from iln.files import atomic_path
+from iln.kld import FeatureKL
 from iln.resume import CHECKPOINT_VERSION, load_resume_state, save_resume_state
 from iln.runtime import unwrap
 
 LogFn = Callable[[int, dict[str, float]], None]
-MonitorFn = Callable[[int, nn.Module, nn.Module], list[dict[str, Any]]]
+MonitorFn = Callable[[int, nn.Module, nn.Module], tuple[list[dict[str, Any]], float | None]]
+"""monitor(step, model, ema) -> (feature rows of the model, validation PSNR of the EMA or None)."""
 WarnFn = Callable[[str], None]
 
 
@@ -153,8 +156,12 @@ def fit(
 
     Resumes from ``checkpoint_path`` when it holds a checkpoint of the same
     ``fingerprint``; a checkpoint of another configuration is ignored and overwritten.
-    ``monitor(step, model, ema)`` runs every ``settings.probe_every`` steps on rank 0 and
-    returns feature-statistic rows; a non-finite ``magnitude`` in them stops training.
+    ``monitor(step, model, ema)`` runs on rank 0 before the first update (step 0) and every
+    ``settings.probe_every`` steps; it returns feature-statistic rows (a non-finite
+    ``magnitude`` in them stops training) and a validation PSNR, stored as ``val_psnr`` in
+    that step's history row (every probe step is also a logged step).
+    With ``settings.kld_weight`` > 0 the loss is ``L1 + kld_weight * FeatureKL penalty``
+    (see ``iln.kld``); 0 trains on the plain L1 loss.
     """
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -237,14 +244,38 @@ def fit(
         return f"the last good checkpoint (step {last_saved}) is kept at {last_good}"
 
     timer, timer_step, seconds = time.perf_counter(), start, 0.0
+    probing = monitor is not None and rank == 0 and settings.probe_every > 0
+
+    def probe(step: int) -> float | None:
+        rows, psnr = monitor(step, unwrap(model), ema)
+        monitor_rows.extend({"step": step, **r} for r in rows)
+        bad = [r["layer"] for r in rows if "magnitude" in r and not math.isfinite(r["magnitude"])]
+        if bad:
+            bar.close()
+            raise TrainingDiverged(
+                f"features of {', '.join(bad)} became non-finite at step {step}; {kept()}"
+            )
+        return psnr
+
+    if probing and start == 0:
+        probe(0)  # the initial model, before any update
     for batch in loader:
         lq = batch["lq"].to(device, non_blocking=True)  # (b, 3, p, p)
         gt = batch["gt"].to(device, non_blocking=True)  # (b, 3, s*p, s*p)
-        with torch.autocast(
-            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        feature_kl = FeatureKL(unwrap(model)) if settings.kld_weight > 0 else None
+        with (
+            torch.autocast(
+                device.type,
+                dtype=autocast_dtype or torch.float32,
+                enabled=autocast_dtype is not None,
+            ),
+            feature_kl or contextlib.nullcontext(),
         ):
             output = train_model(lq)  # (b, 3, s*p, s*p)
+            kld = feature_kl.penalty() if feature_kl is not None else None
         loss = F.l1_loss(output.float(), gt)
+        if kld is not None:
+            loss = loss + settings.kld_weight * kld
         if not torch.isfinite(loss):
             bar.close()
             raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; {kept()}")
@@ -260,7 +291,8 @@ def fit(
         step += 1
         bar.update(1)
 
-        if step % settings.log_every == 0 or step == settings.iterations:
+        probe_now = probing and (step % settings.probe_every == 0 or step == settings.iterations)
+        if step % settings.log_every == 0 or step == settings.iterations or probe_now:
             now = time.perf_counter()
             seconds += now - timer
             row = {
@@ -269,28 +301,16 @@ def fit(
                 "lr": float(scheduler.get_last_lr()[0]),
                 "seconds_per_step": (now - timer) / (step - timer_step),
             }
-            history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", s_per_it=f"{row['seconds_per_step']:.3f}")
             if on_log is not None and rank == 0:
                 on_log(step, {k: v for k, v in row.items() if k != "step"})
+            if probe_now:  # after the timing: probes do not count as training time
+                val_psnr = probe(step)
+                if val_psnr is not None:
+                    row["val_psnr"] = val_psnr
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", s_per_it=f"{row['seconds_per_step']:.3f}")
             timer, timer_step = time.perf_counter(), step
 
-        if (
-            monitor is not None
-            and rank == 0
-            and settings.probe_every
-            and (step % settings.probe_every == 0 or step == settings.iterations)
-        ):
-            rows = monitor(step, unwrap(model), ema)
-            monitor_rows.extend({"step": step, **r} for r in rows)
-            bad = [
-                r["layer"] for r in rows if "magnitude" in r and not math.isfinite(r["magnitude"])
-            ]
-            if bad:
-                bar.close()
-                raise TrainingDiverged(
-                    f"features of {', '.join(bad)} became non-finite at step {step}; {kept()}"
-                )
         if step % settings.checkpoint_every == 0 or step == settings.iterations:
             checkpoint(step)
             last_saved, last_good = step, checkpoint_path

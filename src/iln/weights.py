@@ -1,9 +1,17 @@
-"""Trained-model files: EMA weights plus the recipe needed to rebuild the network."""
+"""Trained-model files: the EMA weights (what evaluation uses, as in the paper), the trained
+("raw") weights beside them, and the recipe needed to rebuild the network.
+
+``state_dict`` holds the EMA weights, so any reader that loads ``state_dict`` evaluates the
+EMA model; ``raw_state_dict`` holds the weights of the model being trained at its last step
+(what the training probes measured). With EMA decay 0.999 the EMA still carries
+0.999^T of the initial weights after T steps (55% at T = 600), so on short runs the two
+differ a lot.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -11,27 +19,42 @@ from torch import nn
 from iln.models import build_model
 from iln.train import save_atomic
 
+Weights = Literal["ema", "raw"]
+STATE_KEYS: dict[str, str] = {"ema": "state_dict", "raw": "raw_state_dict"}
+
 
 def save_trained(
-    path: Path, model: nn.Module, *, arch: str, norm: str, scale: int, overrides: dict[str, Any]
+    path: Path,
+    model: nn.Module,
+    *,
+    arch: str,
+    norm: str,
+    scale: int,
+    overrides: dict[str, Any],
+    raw: nn.Module | None = None,
 ) -> None:
-    save_atomic(
-        {
-            "arch": arch,
-            "norm": norm,
-            "scale": scale,
-            "overrides": dict(overrides),
-            "state_dict": model.state_dict(),
-        },
-        Path(path),
-    )
+    """Write ``model`` (the EMA weights) and, when given, ``raw`` (the trained weights)."""
+    blob = {
+        "arch": arch,
+        "norm": norm,
+        "scale": scale,
+        "overrides": dict(overrides),
+        "state_dict": model.state_dict(),
+    }
+    if raw is not None:
+        blob["raw_state_dict"] = raw.state_dict()
+    save_atomic(blob, Path(path))
 
 
-def load_trained(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network recorded in ``path`` and load its weights (eval mode)."""
+def load_trained(
+    path: Path, device: torch.device, *, weights: Weights = "ema"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network recorded in ``path`` and load its ``weights`` (eval mode)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained model here (run the train stage first)")
+    if weights not in STATE_KEYS:
+        raise ValueError(f"weights must be one of {sorted(STATE_KEYS)}, got {weights!r}")
     rerun = "the train stage writes it: rerun that stage (dvc repro -f train@RUN)"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -45,9 +68,13 @@ def load_trained(path: Path, device: torch.device) -> tuple[nn.Module, dict[str,
         raise ValueError(
             f"{path}: not a trained-model file (missing {', '.join(sorted(missing))}); {rerun}"
         )
+    if STATE_KEYS[weights] not in blob:
+        raise ValueError(
+            f"{path}: holds no {weights} weights (written before they were saved); {rerun}"
+        )
     model = build_model(blob["arch"], norm=blob["norm"], scale=blob["scale"], **blob["overrides"])
     try:
-        model.load_state_dict(blob["state_dict"])
+        model.load_state_dict(blob[STATE_KEYS[weights]])
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise ValueError(
