@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from iln.analysis import (
-    FEATURES_COLUMNS,
     FINAL_NORM_COLUMNS,
     final_norm_bias,
     gather_rpb,
