@@ -170,6 +170,10 @@ def declared_runs() -> dict[str, object]:
         "ln_nostd": {**BASE, "norm": "ln", "groups": ["stdnorm"]},
         "dn_ln": {**BASE, "norm": "ln", "task": "dn_s15"},
         "dn_iln": {**BASE, "norm": "iln", "task": "dn_s15"},
+        "sw_car_ln": {**BASE, "arch": "swinir_tiny", "norm": "ln", "task": "car_q20"},
+        "sw_car_iln": {**BASE, "arch": "swinir_tiny", "norm": "iln", "task": "car_q20"},
+        "hat_car_ln": {**BASE, "norm": "ln", "task": "car_q20"},
+        "hat_car_iln": {**BASE, "norm": "iln", "task": "car_q20"},
         "released_iln": {**BASE, "arch": "hat", "norm": "iln", "task": "sr_x2"},
     }
 
@@ -187,6 +191,12 @@ def built(tmp_path_factory):
     make_run(root, "ln_nostd", norm="ln", psnr=30.0)
     make_run(root, "dn_ln", norm="ln", task="dn_s15", psnr=33.0, sets=("Urban100",))
     make_run(root, "dn_iln", norm="iln", task="dn_s15", psnr=33.4, sets=("Urban100",))
+    for arch, psnr in (("sw", 32.0), ("hat", 32.5)):  # one task and set, two models
+        for norm, gain in (("ln", 0.0), ("iln", 0.25)):
+            sets = ("default_test",)
+            make_run(
+                root, f"{arch}_car_{norm}", norm=norm, task="car_q20", psnr=psnr + gain, sets=sets
+            )
     # released weights: evaluated and analysed, never trained here (no train/ folder)
     make_run(root, "released_iln", norm="iln", psnr=38.6, sets=("Set5",), train=False)
     out = tmp_path_factory.mktemp("reports")
@@ -360,6 +370,12 @@ def test_table2_shows_every_task_we_ran_beside_the_papers(built):
     assert float(cell(rows, sr, "LN PSNR")["ours"]) == 30.0
     assert float(cell(rows, sr, "i-LN PSNR")["ours"]) == 30.5
     assert cell(rows, "deraining / Rain100L / hat_1", "LN PSNR")["status"] == "no run"
+    # one row per model of the same task and set
+    assert float(cell(rows, "JPEG CAR q=20 / default_test / hat_tiny", "LN PSNR")["ours"]) == 32.5
+    assert (
+        float(cell(rows, "JPEG CAR q=20 / default_test / swinir_tiny", "i-LN PSNR")["ours"])
+        == 32.25
+    )
 
 
 def test_table3_marks_a_declared_but_missing_run_no_run(built):

@@ -546,16 +546,16 @@ def table2(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         same = [p for p in prows if (p["task"], p["set"], p.get("arch")) == (task, set_name, arch)]
         _paper_pair(table, cols, row, same)
         used += [r for r in runs.values() if r is not None]
-        covered.add((task, set_name))
+        covered |= {(task, set_name, r.info.arch) for r in runs.values() if r is not None}
     ours_only = sorted(
         (r for r in results.values() if r.info.variant in ("ln", "iln")),
         key=lambda r: (r.info.task, r.info.arch, r.info.name),
     )
     for run in ours_only:
         for set_name in run.sets():
-            if (run.info.task, set_name) in covered:
+            if (run.info.task, set_name, run.info.arch) in covered:  # one row per model
                 continue
-            covered.add((run.info.task, set_name))
+            covered.add((run.info.task, set_name, run.info.arch))
             runs = {n: ours(run.info.task, set_name, n, run.info.arch) for n in ("ln", "iln")}
             row = f"{task_name(run.info.task)} / {set_name} / {run.info.arch}"
             _fill_pair(table, cols, row, set_name, runs)
