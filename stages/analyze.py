@@ -17,25 +17,38 @@ from iln.analysis import run_final_analysis
 from iln.cli import project_root, run_stage
 from iln.config import load_params
 from iln.data.dataset import TestPairs
+from iln.files import remove_stale_temps
 from iln.layout import Layout
 from iln.monitor import probe_batch
-from iln.train import resolve_device
+from iln.released import open_released
+from iln.runtime import resolve_device
 from iln.weights import load_trained
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="name of the run under `runs:` in the params file")
+    parser.add_argument("run", help="name of the run under `runs:` or `released:`")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    spec = params.run(args.run)
     layout = Layout(project_root())
-    device = resolve_device(params.evaluate.device)
-    model, recipe = load_trained(layout.weights(args.run), device)
-    raw, _ = load_trained(layout.weights(args.run), device, weights="raw")
-    pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.evaluate.sets[0])))[
+    remove_stale_temps(layout.analysis_dir(args.run))  # kill -9 leftovers
+    device = resolve_device(params.evaluate.device, key="evaluate.device")
+    tags, raw = None, None  # raw: the trained (not averaged) weights, for a trained run
+    if args.run in params.released:  # the authors' weights: analysed, never trained
+        spec = params.released[args.run]
+        model, record = open_released(
+            spec, args.run, root=layout.root, book=layout.weights_book, device=device
+        )
+        recipe = {"arch": spec.arch, "norm": spec.norm, "scale": spec.scale}
+        recipe["overrides"] = spec.model_overrides()
+        tags = {"iln.released": "true", "iln.weights_sha256": record.sha256}
+    else:
+        spec = params.run(args.run)
+        model, recipe = load_trained(layout.weights(args.run), device)
+        raw, _ = load_trained(layout.weights(args.run), device, weights="raw")
+    pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.test_sets(spec.task)[0])))[
         : params.train.probe_images
     ]
     lq = probe_batch([lq for _, lq, _ in pairs], size=2 * params.train.lq_patch).to(device)
@@ -46,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         experiment=params.tracking.experiment,
         stage="analyze",
         run_name=args.run,
+        norm=spec.norm,
         params={f"model.{k}": v for k, v in recipe.items()},
+        tags=tags,
     ) as tracker:
         result = run_final_analysis(
             model, lq, out, raw=raw, per_block=params.train.probe_per_block, label=args.run

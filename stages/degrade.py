@@ -1,4 +1,5 @@
-"""DVC stage `degrade`: (lq, gt) pairs data/pairs/<task>/<set>/{lq,gt}/ and data/pairs/manifest.json.
+"""DVC stage `degrade`: (lq, gt) pairs data/pairs/<task>/<set>/{lq,gt}/ and
+data/pairs/manifest.json.
 
 python stages/degrade.py [--params params.yaml]
 """
@@ -11,6 +12,7 @@ import sys
 from iln.cli import project_root, run_stage
 from iln.config import load_params
 from iln.data.pairs import make_pairs
+from iln.files import remove_stale_temps
 from iln.layout import Layout
 
 
@@ -25,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         args.params
     ).degrade  # the whole file is validated: a bad key anywhere stops here
     layout = Layout(root)
+    remove_stale_temps(layout.pairs)  # kill -9 leftovers (pair folders are staged whole)
     make_pairs(
         params, layout.hr, layout.pairs, progress=not args.no_progress and sys.stderr.isatty()
     )

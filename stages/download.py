@@ -13,6 +13,7 @@ import sys
 from iln.cli import project_root, run_stage
 from iln.config import load_params
 from iln.data.prepare import Sources, prepare_sets
+from iln.files import remove_stale_temps
 from iln.layout import Layout
 
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(
         args.params
     ).data  # the whole file is validated: a bad key anywhere stops here
+    remove_stale_temps(Layout(root).hr)  # kill -9 leftovers (set folders are staged whole)
+    remove_stale_temps((root / params.checksums).parent)
     sources = Sources(
         embedded_dir=root / params.embedded_dir,
         download_dir=root / params.download_dir,

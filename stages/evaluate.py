@@ -1,8 +1,9 @@
 """DVC stage `evaluate@RUN` (and `baseline`): PSNR/SSIM on every test set, restored samples,
-and the inference-precision table.
+and the inference-precision table. Each task is scored by its protocol (iln.protocols).
 
-    python stages/evaluate.py RUN [--params params.yaml]
-    python stages/evaluate.py bicubic            # the bicubic-upsampling baseline
+    python stages/evaluate.py RUN [--params params.yaml]  # RUN: a `runs:` or `released:` entry
+    python stages/evaluate.py bicubic            # the baseline: bicubic upsampling for SR,
+                                                 # the degraded input itself for DN/CAR/DR
 """
 
 from __future__ import annotations
@@ -16,38 +17,67 @@ import torch
 from iln import tracking
 from iln.cli import project_root, run_stage
 from iln.config import flatten, load_params
+from iln.data.catalog import SETS
 from iln.data.dataset import TestPairs
 from iln.data.io import write_png
+from iln.data.params import parse_task
 from iln.evaluate import (
     bicubic_restore,
     central_crop_pairs,
+    degraded_input,
     evaluate_pairs,
     model_restore_fn,
     summarise,
 )
-from iln.files import write_csv_atomic, write_json_atomic
-from iln.layout import Layout
+from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
+from iln.layout import METRICS_KEYS, METRICS_OPTIONAL, PER_IMAGE_COLUMNS, Layout
 from iln.precision import evaluate_precisions
-from iln.train import resolve_device
+from iln.protocols import protocol_for
+from iln.released import open_released
+from iln.runtime import resolve_device
 from iln.weights import load_trained
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "run", help="run name under `runs:`, or `bicubic` for the interpolation baseline"
+        "run",
+        help="run name under `runs:` or `released:`, or `bicubic` for the interpolation baseline",
     )
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
     layout = Layout(project_root())
+    remove_stale_temps(layout.eval_dir(args.run), recursive=True)  # kill -9 leftovers
     settings = params.evaluate
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, key="evaluate.device")
+    released, tags = None, None  # set for a `released:` entry
     if args.run == "bicubic":
-        tasks = [task for task in params.degrade.tasks if task.startswith("sr_")]
-        restorers = {task: bicubic_restore(int(task[len("sr_x") :])) for task in tasks}
+        restorers = {}
+        for task in params.degrade.tasks:
+            scale = parse_task(task).scale
+            restorers[task] = bicubic_restore(scale) if scale > 1 else degraded_input
         model, run_params, precision_table = None, {"baseline": "bicubic"}, False
+    elif args.run in params.released:  # the authors' weights: evaluated, never trained
+        spec = params.released[args.run]
+        model, record = open_released(
+            spec, args.run, root=layout.root, book=layout.weights_book, device=device
+        )
+        restorers = {
+            spec.task: model_restore_fn(
+                model, device=device, tile=settings.tile or None, tile_overlap=settings.tile_overlap
+            )
+        }
+        run_params = {**flatten(settings, "evaluate"), **flatten(spec, "released")}
+        precision_table = bool(settings.precision_modes)
+        released = {  # how the numbers were made: tile 0 = whole images
+            **record.as_dict(),
+            "tile": settings.tile,
+            "tile_overlap": settings.tile_overlap,
+            "precision_crop": settings.precision_crop,
+        }
+        tags = {"iln.released": "true", "iln.weights_sha256": record.sha256}
     else:
         spec = params.run(args.run)
         model, _ = load_trained(layout.weights(args.run), device)
@@ -69,11 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         experiment=params.tracking.experiment,
         stage="evaluate",
         run_name=args.run,
+        norm=None if args.run == "bicubic" else spec.norm,
         params=run_params,
+        tags=tags,
     ) as tracker:
         for task, restore_fn in restorers.items():
-            crop_border = int(task[len("sr_x") :]) if task.startswith("sr_x") else 0
-            for dataset in settings.sets:
+            for dataset in params.test_sets(task):
+                protocol = protocol_for(task, grey=SETS[dataset].grey)
+                crop_border = protocol.crop_border
                 pairs = TestPairs(*layout.pair_dirs(task, dataset))
                 kept: list = []  # the first `samples` restorations, saved below
 
@@ -83,11 +116,15 @@ def main(argv: list[str] | None = None) -> int:
                         kept.append(restored)
                     return restored
 
-                rows = evaluate_pairs(restore_and_keep, pairs, crop_border=crop_border)
+                rows = evaluate_pairs(restore_and_keep, pairs, protocol=protocol)
                 key = f"{task}/{dataset}"
                 summary = summarise(rows)
-                metrics[key] = {"psnr": summary["psnr"], "ssim": summary["ssim"]}
-                per_image += [{"set": key, **row} for row in rows]
+                metrics[key] = {
+                    m: summary[m] for m in (*METRICS_KEYS, *METRICS_OPTIONAL) if m in summary
+                }
+                per_image += [
+                    {"set": key, "task": task, "protocol": protocol.name, **row} for row in rows
+                ]
                 for row, restored in zip(rows, kept):
                     write_png(
                         out / "samples" / task / dataset / f"{Path(row['image']).stem}.png",
@@ -109,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                         modes=settings.precision_modes,
                         crop_border=crop_border,
                     )
-        write_json_atomic(out / "metrics.json", metrics)
-        write_csv_atomic(out / "per_image.csv", per_image, ("set", "image", "psnr", "ssim"))
+        write_json_atomic(
+            out / "metrics.json", metrics if released is None else {**metrics, "released": released}
+        )
+        write_csv_atomic(out / "per_image.csv", per_image, PER_IMAGE_COLUMNS)
         by_mode = {
             mode: {ds: precision[ds][mode] for ds in precision} for mode in settings.precision_modes
         }
@@ -118,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             out / "precision.json", by_mode if precision_table else {}
         )  # {}: not in table4
         for key, values in metrics.items():
-            tracker.log_metrics({f"{key}/psnr": values["psnr"], f"{key}/ssim": values["ssim"]})
+            tracker.log_metrics({f"{key}/{m}": v for m, v in values.items()})
         for mode, sets in by_mode.items() if precision_table else ():
             for ds, entry in sets.items():
                 if entry.get("psnr") is not None:

@@ -10,31 +10,25 @@ import argparse
 import os
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
+import iln
 from iln import tracking
-from iln.cli import project_root, run_stage
+from iln.cli import project_root, run_stage, warn
 from iln.config import flatten, load_params, resolve_run
-from iln.data.dataset import TestPairs, TrainPatches
+from iln.data.dataset import TestPairs, training_patches, training_sources
 from iln.distributed import init_distributed, shutdown
-from iln.files import write_csv_atomic, write_json_atomic
-from iln.layout import Layout
+from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
+from iln.fingerprint import code_digest, training_fingerprint, tree_digest
+from iln.layout import HISTORY_COLUMNS, PROBES_CSV_COLUMNS, Layout
 from iln.models import build_model
 from iln.monitor import probe_batch, training_monitor
+from iln.protocols import protocol_for
+from iln.resume import remember_tracked_run, tracked_run
 from iln.train import fit
 from iln.weights import save_trained
-
-HISTORY_COLUMNS = ("step", "loss", "lr", "seconds_per_step", "val_psnr")
-PROBE_COLUMNS = (
-    "step",
-    "layer",
-    "magnitude",
-    "max_abs",
-    "entropy",
-    "entropy_ceiling",
-    "token_std_spread",
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     run = resolve_run(params, args.run)
     layout = Layout(project_root())
+    remove_stale_temps(layout.checkpoint(run.name).parent)  # kill -9 leftovers
+    remove_stale_temps(layout.train_dir(run.name))
     settings = run.train
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -54,40 +50,54 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(settings.seed)
     overrides = run.model_overrides()
     model = build_model(run.spec.arch, norm=run.spec.norm, scale=run.scale, **overrides)
-    lq_dir, gt_dir = layout.pair_dirs(
-        run.spec.task, settings.train_set
-    )  # SR pairs (config admits SR runs only)
-    dataset = TrainPatches(
-        gt_dir, lq_dir, scale=run.scale, lq_patch=settings.lq_patch, seed=settings.seed
+    dataset = training_patches(
+        run.spec.task,
+        settings.train_set,
+        layout=layout,
+        lq_patch=settings.lq_patch,
+        seed=settings.seed,
+        jpeg_subsampling=params.degrade.jpeg_subsampling,
     )
-    val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, params.evaluate.sets[0])))[
+    first_test_set = params.test_sets(run.spec.task)[0]
+    val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, first_test_set)))[
         : settings.probe_images
     ]
     probe_lq = probe_batch([lq for _, lq, _ in val_pairs], size=2 * settings.lq_patch)
+    fingerprint = training_fingerprint(  # what a checkpoint must match to be resumed
+        run,
+        data_digest=tree_digest(training_sources(run.spec.task, settings.train_set, layout)),
+        code_digest=code_digest(Path(__file__), Path(iln.__file__).parent),
+    )
 
     out = layout.train_dir(run.name)
+    store = tracking.tracking_uri(layout.root)
+    checkpoint = layout.checkpoint(run.name)
     tracked = (
         tracking.stage_run(
             layout.root,
             experiment=params.tracking.experiment,
             stage="train",
             run_name=run.name,
+            norm=run.spec.norm,
             params={**flatten(run.spec, "run"), **flatten(settings, "train")},
             tags={
-                "iln.fingerprint": run.fingerprint(),
+                "iln.fingerprint": fingerprint,
                 "iln.world_size": dist.world_size,
                 "iln.device": str(dist.device),
             },
+            continue_run=tracked_run(checkpoint, fingerprint, store),  # a resumed training
         )
         if dist.is_main
         else nullcontext()
     )
     with tracked as tracker:
+        if tracker:
+            remember_tracked_run(checkpoint, fingerprint, store, tracker.run_id)
         log = (lambda step, metrics: tracker.log_metrics(metrics, step=step)) if tracker else None
         monitor = training_monitor(
             probe_lq,
             val_pairs,
-            crop_border=run.scale,
+            crop_border=protocol_for(run.spec.task).crop_border,
             device=dist.device,
             per_block=settings.probe_per_block,
             log=log,
@@ -97,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             dataset,
             settings,
             device=dist.device,
-            checkpoint_path=layout.checkpoint(run.name),
-            fingerprint=run.fingerprint(),
+            checkpoint_path=checkpoint,
+            fingerprint=fingerprint,
             rank=dist.rank,
             world_size=dist.world_size,
             on_log=log,
             monitor=monitor,
+            warn=lambda message: warn("train", message),
         )
         if dist.is_main:
             save_trained(
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 raw=model,
             )
             write_csv_atomic(out / "history.csv", result.history, HISTORY_COLUMNS)
-            write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBE_COLUMNS)
+            write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBES_CSV_COLUMNS)
             summary = {
                 "steps": result.steps,
                 "resumed_from": result.resumed_from,

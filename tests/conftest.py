@@ -14,3 +14,16 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def degraded_project(tmp_path_factory):
+    """A tiny project after its download and degrade stages (copy it with copy_project)."""
+    from iln import tracking
+    from tests.stage_project import make_project, run_stage
+
+    root = make_project(tmp_path_factory.mktemp("degraded") / "project")
+    for stage in ("download", "degrade"):
+        run_stage(root, stage, "--no-progress")
+    tracking.find_stage_runs(root, experiment="iln")  # creates the store once (~5 s)
+    return root

@@ -41,7 +41,8 @@ def train_settings(**overrides) -> TrainParams:
 
 
 def write_params(path: Path, **sections: dict) -> Path:
-    """The shipped params.yaml with some sections' keys replaced (stages validate the whole file)."""
+    """The shipped params.yaml with some sections' keys replaced (stages validate the whole
+    file)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in sections.items():
         raw[section].update(values)

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from iln.analysis import (
-    FEATURES_COLUMNS,
     FINAL_NORM_COLUMNS,
     final_norm_bias,
     gather_rpb,
@@ -23,6 +22,7 @@ from iln.analysis import (
     rpb_table_images,
     run_final_analysis,
 )
+from iln.layout import FEATURES_COLUMNS
 from iln.probes import measure_features
 from iln.weights import load_trained, save_trained
 
@@ -183,6 +183,8 @@ def test_group_tables_and_plot(tmp_path):
 def _check_outputs(out_dir, n_layers: int, weights: tuple[str, ...] = ("ema",)) -> None:
     with (out_dir / "features.csv").open() as fh:
         rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == FEATURES_COLUMNS and len(rows) == n_layers
+    assert {r["weights"] for r in rows} == {"ema"}
     assert tuple(rows[0]) == FEATURES_COLUMNS and len(rows) == n_layers * len(weights)
     assert [r["weights"] for r in rows] == [w for w in weights for _ in range(n_layers)]
     with (out_dir / "final_norm.csv").open() as fh:

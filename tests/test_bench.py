@@ -6,25 +6,30 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from iln import bench
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the benchmarks live beside the package, not in it
+
+from benchmarks import suite as bench  # noqa: E402
+from benchmarks import timing  # noqa: E402
 
 
 def test_summarize_known_samples():
-    t = bench.summarize([0.3, 0.1, 0.2, 0.4], warmup=2)
+    t = timing.summarize([0.3, 0.1, 0.2, 0.4], warmup=2)
     assert t.median_s == pytest.approx(0.25)
     assert (t.min_s, t.max_s) == (0.1, 0.4)
     assert t.iqr_s == pytest.approx(0.325 - 0.175)
     assert t.repeats == 4 and t.warmup == 2
     assert t.samples_s == (0.3, 0.1, 0.2, 0.4)  # call order kept
     with pytest.raises(ValueError, match="at least one sample"):
-        bench.summarize([], warmup=0)
+        timing.summarize([], warmup=0)
     with pytest.raises(ValueError, match="1 CPU-time samples for 2"):
-        bench.summarize([0.1, 0.2], warmup=0, cpu_samples=[0.1])
+        timing.summarize([0.1, 0.2], warmup=0, cpu_samples=[0.1])
 
 
 def test_time_callable_measures_a_sleep():
@@ -34,7 +39,7 @@ def test_time_callable_measures_a_sleep():
         calls.append(1)
         time.sleep(0.02)
 
-    t = bench.time_callable(work, repeats=3, warmup=2)
+    t = timing.time_callable(work, repeats=3, warmup=2)
     assert len(calls) == 5  # warm-up calls run but are not timed
     assert t.repeats == 3 and len(t.samples_s) == 3
     assert 0.02 <= t.min_s <= t.median_s <= t.max_s < 1.0
@@ -47,7 +52,7 @@ def test_time_interleaved_rotates_and_separates_the_arms():
         "fast": lambda: order.append("fast"),
         "slow": lambda: (order.append("slow"), time.sleep(0.02)),
     }
-    times = bench.time_interleaved(fns, repeats=4, warmup=1)
+    times = timing.time_interleaved(fns, repeats=4, warmup=1)
     assert order[:2] == ["fast", "slow"]  # warm-up round
     assert order[2:] == [
         "fast",
@@ -61,7 +66,7 @@ def test_time_interleaved_rotates_and_separates_the_arms():
     ]  # start rotates
     assert times["slow"].median_s >= 0.02 > times["fast"].median_s
     with pytest.raises(ValueError, match="repeats must be >= 1"):
-        bench.time_interleaved(fns, repeats=0, warmup=0)
+        timing.time_interleaved(fns, repeats=0, warmup=0)
 
 
 def test_count_flops_of_a_linear_layer():
@@ -69,7 +74,7 @@ def test_count_flops_of_a_linear_layer():
     x = torch.randn(5, 8)
     assert bench.count_flops(lambda: layer(x)) == 2 * 5 * 8 * 4
     xg = x.clone().requires_grad_(True)
-    # backward: grad of the input (5x4 @ 4x8) and of the weight (4x5 @ 5x8), each as large as the forward
+    # backward: grads of the input (5x4 @ 4x8) and weight (4x5 @ 5x8), each as large as forward
     assert bench.count_flops(lambda: layer(xg).sum().backward()) == 3 * 2 * 5 * 8 * 4
 
 
@@ -85,31 +90,34 @@ def test_matmul_peak_counts_2n3():
     assert peak["gflops"] == pytest.approx(peak["flops"] / peak["timing"]["median_s"] / 1e9)
 
 
-def test_peak_memory_counts_the_tensors_of_the_call():
-    keep = torch.ones(2**20)  # alive before the call: not part of its peak
+def test_peak_memory_counts_the_fresh_memory_of_the_call():
     mib = 2**20
 
     def work():
-        a = torch.ones(8 * mib // 4)  # 8 MiB
-        b = torch.ones(16 * mib // 4)  # 16 MiB: peak 24 MiB here
+        a = torch.ones(64 * mib // 4)  # 64 MiB touched
+        b = torch.ones(32 * mib // 4)  # 96 MiB alive: the peak
         del a
-        c = torch.ones(4 * mib // 4)  # 20 MiB alive, below the peak
-        return float(b[0] + c[0] + keep[0])
+        c = torch.ones(16 * mib // 4)
+        return float(b[0] + c[0])
 
-    assert bench.tensor_peak_bytes(work) == pytest.approx(24 * mib, abs=4096)
     mem = bench.measure_peak_memory(work, device=torch.device("cpu"))
-    assert mem["method"] == "profiler_tensor_allocations"
-    assert mem["step_peak_bytes"] == pytest.approx(24 * mib, abs=4096)
-    assert mem["rss_method"] in ("rss_high_water_mark_of_call", "process_peak_rss")
-    assert mem["rss_peak_bytes"] >= 20 * mib  # touched pages are resident
+    assert mem["method"] == "child_process_peak_rss_growth"
+    assert 80 * mib <= mem["step_peak_bytes"] <= 140 * mib
+    assert mem["rss_peak_bytes"] >= mem["step_peak_bytes"]
+
+    def fail():
+        raise ValueError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.measure_peak_memory(fail, device=torch.device("cpu"))
 
 
-def test_ratios_and_attention_summary_from_rows():
-    def row(preset, norm, attention, step, infer):
+def test_ratios_and_fast_path_summary_from_rows():
+    def row(preset, norm, path, step, infer):
         return {
             "preset": preset,
             "norm": norm,
-            "attention": attention,
+            "path": path,
             "train_step": {
                 "samples_s": step,
                 "median_s": sorted(step)[1],
@@ -123,7 +131,7 @@ def test_ratios_and_attention_summary_from_rows():
     rows = [
         row("hat_1", "ln", "fast", [1.0, 3.0, 3.0], [1.0, 1.0, 1.0]),
         row("hat_1", "iln", "fast", [1.05, 1.05, 3.15], [1.0, 1.0, 1.0]),
-        row("hat_1", "ln", "naive", [1.5, 1.5, 3.0], [2.0, 2.0, 2.0]),
+        row("hat_1", "ln", "reference", [1.5, 1.5, 3.0], [2.0, 2.0, 2.0]),
         row("hat_tiny", "iln", "fast", [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]),
     ]
     ratios = bench.iln_ratios(rows)
@@ -132,10 +140,12 @@ def test_ratios_and_attention_summary_from_rows():
     assert ratios["hat_1"]["iln_over_ln_train_step_of_medians"] == pytest.approx(0.35)
     assert ratios["hat_1"]["iln_over_ln_train_step_cpu_time"] == pytest.approx(1.05)
     assert ratios["hat_1"]["meets_target"] is False
-    summary = bench.attention_summary(
+    summary = bench.fast_path_summary(
         rows, {"inference_output": 1e-7, "train_output": 2e-5, "train_grad": 0.0}
     )
-    assert summary["train_speedup_fast_over_naive"] == pytest.approx(1.0)  # paired: [1.5, 0.5, 1.0]
+    assert summary["train_speedup_fast_over_reference"] == pytest.approx(
+        1.0
+    )  # paired: [1.5, 0.5, 1.0]
     assert summary["meets_speed_target"] is False
     assert summary["outputs_agree"] is False  # 2e-5 > 1e-5
 
@@ -145,7 +155,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "iln.bench",
+        "benchmarks.suite",
         "--quick",
         "--presets",
         "hat_tiny",
@@ -171,7 +181,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert {
@@ -180,7 +190,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         "matmul_peak",
         "models",
         "ratios",
-        "attention",
+        "fast_path",
         "bicubic",
         "targets",
     } <= set(result)
@@ -189,20 +199,20 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     )
     assert result["settings"]["lr_patch"] == 8 and result["settings"]["batch"] == 1
     labels = [r["label"] for r in result["models"]]
-    assert labels == ["hat_tiny/ln", "hat_tiny/iln", "hat_tiny/ln/naive"]
+    assert labels == ["hat_tiny/ln", "hat_tiny/iln", "hat_tiny/ln/reference"]
     for r in result["models"]:
         assert r["train_step"]["median_s"] > 0 and r["inference"]["median_s"] > 0
         assert r["flops_per_step"] > 0 and r["achieved_gflops"] > 0
         assert r["memory_train_step"]["step_peak_bytes"] > 0
     flops = {r["label"]: r["flops_per_step"] for r in result["models"]}
-    assert flops["hat_tiny/ln"] == flops["hat_tiny/ln/naive"]  # same work, different kernels
+    assert flops["hat_tiny/ln"] == flops["hat_tiny/ln/reference"]  # same work, different kernels
     assert "hat_tiny" in result["ratios"]
     assert [p["preset"] for p in result["matmul_peak"]["measurements"]] == ["hat_tiny"]
     assert all(
         r["matmul_peak_gflops"] == result["matmul_peak"]["gflops_max"] for r in result["models"]
     )
-    attention = result["attention"]
-    assert attention["preset"] == "hat_tiny" and attention["outputs_agree"] is True
+    fast_path = result["fast_path"]
+    assert fast_path["preset"] == "hat_tiny" and fast_path["outputs_agree"] is True
     assert set(result["bicubic"]["scales"]) == {"2", "4"}
     assert all(r["identical_uint8"] for r in result["bicubic"]["scales"].values())
     table = out.with_suffix(".md").read_text()
@@ -217,3 +227,26 @@ def test_cli_rejects_an_unknown_preset(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "hat_huge" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_einops_stand_in_of_the_authors_comparison_matches_the_pattern():
+    from benchmarks import vs_official
+
+    b, nc, ch, ow, nw = 2, 2, 3, 4, 5
+    t = torch.arange(b * nc * ch * ow * ow * nw, dtype=torch.float32).view(b, nc * ch * ow * ow, nw)
+    got = vs_official._rearrange(
+        t, "b (nc ch owh oww) nw -> nc (b nw) (owh oww) ch", nc=nc, ch=ch, owh=ow, oww=ow
+    )
+    assert got.shape == (nc, b * nw, ow * ow, ch)
+    split = t.view(b, nc, ch, ow * ow, nw)
+    for i, j, n, p, c in [(0, 0, 0, 0, 0), (1, 1, 3, 7, 2), (1, 0, 4, 15, 1)]:
+        assert got[j, i * nw + n, p, c] == split[i, j, c, p, n]
+    with pytest.raises(NotImplementedError, match="pattern"):
+        vs_official._rearrange(t, "b c n -> n b c")
+
+
+def test_authors_comparison_names_a_path_that_is_not_their_checkout(tmp_path):
+    from benchmarks import vs_official
+
+    with pytest.raises(FileNotFoundError, match="hat_arch.py"):
+        vs_official.official_classes(tmp_path)

@@ -85,7 +85,7 @@ def test_augmentation_is_applied_to_both(tmp_path):
             for vflip in (False, True):
                 for transpose in (False, True):
 
-                    def t(x):
+                    def t(x, hflip=hflip, vflip=vflip, transpose=transpose):
                         x = x[:, :, ::-1] if hflip else x
                         x = x[:, ::-1, :] if vflip else x
                         return x.transpose(0, 2, 1) if transpose else x
@@ -112,7 +112,10 @@ def test_on_the_fly_noise(tmp_path):
 
 def test_too_small_and_mismatched_images_are_named(tmp_path):
     gt_dir, lq_dir = _write_sr_pairs(tmp_path, sizes=((40, 48), (12, 30)))
-    with pytest.raises(ValueError, match=r"im1\.png.*6x15.*smaller than the training patch 8x8"):
+    with pytest.raises(
+        ValueError,
+        match=r"train\.lq_patch: 8 is larger than the smallest training input .*im1\.png \(6x15\)",
+    ):
         TrainPatches(gt_dir, lq_dir, scale=2, lq_patch=8, seed=0)
     write_png(lq_dir / "im1.png", np.zeros((7, 15, 3), np.uint8))
     with pytest.raises(ValueError, match=r"im1\.png.*7x15.*does not match"):

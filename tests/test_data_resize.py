@@ -45,7 +45,8 @@ def test_double_scale_weights_by_hand():
 
 def test_hand_computed_ramp_example():
     # Row [10, 20, ..., 80] shrunk by 2 (worked out from the weights above):
-    # first output (-3*30 - 9*20 + 29*10 + 111*10 + 111*20 + 29*30 - 9*40 - 3*50) / 256 = 3710 / 256,
+    # first output
+    # (-3*30 - 9*20 + 29*10 + 111*10 + 111*20 + 29*30 - 9*40 - 3*50) / 256 = 3710 / 256,
     # second (-3*10 - 9*10 + 29*20 + 111*30 + 111*40 + 29*50 - 9*60 - 3*70) / 256 = 8930 / 256,
     # third reads 1-based 2..9 with 9 mirrored to 8:
     # (-3*20 - 9*30 + 29*40 + 111*50 + 111*60 + 29*70 - 9*80 - 3*80) / 256 = 14110 / 256

@@ -193,9 +193,12 @@ def test_degrade_stage_cli(tmp_path):
         env={"PATH": "/usr/bin:/bin"},
     )
     assert run.returncode != 0 and "degrade.bogus" in run.stderr
-    write_params(
+    write_params(  # runs train on default_test here: only it is degraded
         tmp_path / "params.yaml",
         degrade={"tasks": ["sr_x2"], "sets": ["default_test"], "workers": 1},
+        train={"train_set": "default_test"},
+        evaluate={"sets": ["default_test"]},
+        report={"sets": ["default_test"]},
     )
     run = subprocess.run(
         [sys.executable, str(ROOT / "stages/degrade.py"), "--no-progress"],

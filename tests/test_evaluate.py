@@ -141,7 +141,8 @@ def test_tiled_close_to_whole_for_local_model():
     tiled = restore(model, lq, device="cpu", tile=24, tile_overlap=8)
     assert tiled.shape == whole.shape == (150, 135, 3)
     assert psnr(tiled, whole, crop_border=0, y_channel=False) > 40
-    # Far from any seam (tile starts 0, 16, 26 -> seams near LR rows 16..24 and 26..) nothing changes.
+    # Far from any seam (tile starts 0, 16, 26 -> seams near LR rows 16..24 and 26..) nothing
+    # changes.
     assert np.array_equal(tiled[: 3 * 12, : 3 * 12], whole[: 3 * 12, : 3 * 12])
 
 

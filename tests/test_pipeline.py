@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iln import tracking
+from iln import layout, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = (
@@ -95,9 +95,32 @@ def test_repro_writes_metrics_for_every_run_and_the_baseline(project):
         set(precision) == {"fp32", "int8"}
         and precision["fp32"]["default_test"]["overflow"] is False
     )
-    assert (project / "reports/report.md").read_text().count("|") > 10
+    report = (project / "reports/report.md").read_text()
+    assert report.count("|") > 10
+    assert "### Table 1: Normalisation layers compared" in report and "| 28.79 |" in report
     assert list((project / "reports/figures").glob("fig1_*.png"))
     assert list((project / "reports/figures").glob("crops_sr_x2_default_test_*.png"))
+
+
+def test_stages_write_the_layouts_schemas(project):
+    """What the stages write is what iln.layout declares (the report reads with it)."""
+
+    def header(path: Path) -> tuple[str, ...]:
+        return tuple(path.read_text().splitlines()[0].split(","))
+
+    files = layout.RunFiles(project / "runs" / "ln")
+    assert header(files.history) == layout.HISTORY_COLUMNS
+    assert header(files.probes) == layout.PROBES_CSV_COLUMNS
+    assert header(files.features) == layout.FEATURES_COLUMNS
+    assert header(files.final_norm) == layout.FINAL_NORM_COLUMNS
+    assert header(files.per_image) == layout.PER_IMAGE_COLUMNS
+    assert set(json.loads(files.train_summary.read_text())) == set(layout.TRAIN_SUMMARY_KEYS)
+    for values in json.loads(files.metrics.read_text()).values():
+        assert tuple(values) == layout.METRICS_KEYS
+    for per_set in json.loads(files.precision.read_text()).values():
+        for entry in per_set.values():
+            assert set(layout.PRECISION_KEYS) <= set(entry)
+    assert all((files.analysis_dir / name).exists() for name in layout.ANALYSIS_FIGURES)
 
 
 def test_mlflow_has_a_finished_run_per_stage_grouped_by_grid_member(project):

@@ -1,4 +1,5 @@
-"""The report from a synthetic runs folder: paper numbers beside ours, missing runs, figures."""
+"""The report from a synthetic runs folder: the paper's tables under the paper's numbers and
+titles, our numbers beside them (raw and EMA weights labelled), missing runs and groups."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+from iln.data.io import write_png
 from iln.report import (
     build_report,
     flatten_summary,
@@ -19,11 +22,17 @@ from iln.report import (
     load_runs,
     validate_paper_numbers,
 )
+from iln.report.paper import printed
+from iln.report.tables import Protocol
+from iln.styles import NORM_STYLES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = (0, 100, 200, 300)
 GROUPS = 3
 CHANNELS = 32
+PROTOCOL = Protocol(
+    probe_set="default_test", probe_images=2, probe_crop=64, precision_crop=48, ema_decay=0.999
+)
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -52,6 +61,10 @@ def stats(norm: str, step: int, g: int) -> tuple[float, float]:
     return 1.2, math.log(CHANNELS) - 0.05
 
 
+PROBE_HEADER = ["step", "layer", "magnitude", "max_abs", "entropy", "entropy_ceiling"]
+PROBE_HEADER += ["token_std_spread"]
+
+
 def make_run(
     root: Path,
     name: str,
@@ -61,43 +74,54 @@ def make_run(
     psnr: float = 30.0,
     sets=("default_test", "Set14"),
     precision: bool = False,
-    analysis: bool = False,
+    analysis: str | None = None,  # None | "old" (no weights column) | "both" (ema and raw)
+    train: bool = True,
+    val_psnr: bool = False,
 ) -> None:
     run = root / name
-    probes = []
-    for step in STEPS:
-        for g in range(GROUPS):
-            probes.append({"step": step, **feature(f"group{g}", *stats(norm, step, g))})
-        probes.append({"step": step, **feature("final_norm_in", *stats(norm, step, GROUPS - 1))})
-    write_csv(
-        run / "train" / "probes.csv",
-        ["step", "layer", "magnitude", "max_abs", "entropy", "entropy_ceiling", "token_std_spread"],
-        probes,
-    )
-    write_csv(
-        run / "train" / "history.csv",
-        ["step", "loss", "lr", "seconds_per_step"],
-        [{"step": s, "loss": 0.1, "lr": 2e-4, "seconds_per_step": 0.5} for s in STEPS[1:]],
-    )
+    if train:
+        probes = []
+        for step in STEPS:
+            for g in range(GROUPS):
+                probes.append({"step": step, **feature(f"group{g}", *stats(norm, step, g))})
+            probes.append(
+                {"step": step, **feature("final_norm_in", *stats(norm, step, GROUPS - 1))}
+            )
+        write_csv(run / "train" / "probes.csv", PROBE_HEADER, probes)
+        history = [
+            {"step": s, "loss": 0.1 / s, "lr": 2e-4, "seconds_per_step": 0.5} for s in STEPS[1:]
+        ]
+        columns = ["step", "loss", "lr", "seconds_per_step"]
+        if val_psnr:
+            columns.append("val_psnr")
+            for row in history:
+                row["val_psnr"] = psnr + row["step"] / 100 if row["step"] % 200 == 0 else ""
+        write_csv(run / "train" / "history.csv", columns, history)
     metrics = {
         f"{task}/{s}": {"psnr": psnr + i, "ssim": 0.8 + 0.01 * i} for i, s in enumerate(sets)
     }
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
     if precision:
+        collapse = norm == "ln"
         prec = {
             mode: {
-                "Urban100": {
-                    "psnr": psnr - (20 if (mode == "fp16" and norm == "ln") else 0),
-                    "overflow": mode == "fp16" and norm == "ln",
+                "default_test": {
+                    "psnr": psnr - (20 if (mode in ("fp16", "int4") and collapse) else 0),
+                    "overflow": mode == "fp16" and collapse,
                 }
             }
-            for mode in ("fp32", "fp16")
+            for mode in ("fp32", "fp16", "int8", "int4")
         }
         (run / "eval" / "precision.json").write_text(json.dumps(prec))
     if analysis:
-        final = [feature(f"group{g}", 1000.0 * (g + 1), 2.0) for g in range(GROUPS)]
-        write_csv(run / "analysis" / "features.csv", list(final[0]), final)
+        ema = [feature(f"group{g}", 10.0 * (g + 1), 2.5) for g in range(GROUPS)]
+        if analysis == "old":
+            write_csv(run / "analysis" / "features.csv", list(ema[0]), ema)
+        else:
+            raw = [feature(f"group{g}", 1000.0 * (g + 1), 2.0) for g in range(GROUPS)]
+            rows = [{"weights": "ema", **r} for r in ema] + [{"weights": "raw", **r} for r in raw]
+            write_csv(run / "analysis" / "features.csv", list(rows[0]), rows)
         write_csv(
             run / "analysis" / "final_norm.csv",
             ["channel", "bias", "input_mean_abs"],
@@ -107,22 +131,24 @@ def make_run(
             (run / "analysis" / png).write_bytes(PNG_MAGIC)
 
 
+BASE = {"arch": "hat_tiny", "task": "sr_x2", "seed": 1, "batch_size": 4, "iterations": 300}
+
+
 def declared_runs() -> dict[str, object]:
-    base = {"arch": "hat_tiny", "task": "sr_x2", "seed": 1, "batch_size": 4, "iterations": 300}
     return {
-        "ln": {**base, "norm": "ln", "groups": ["table1", "table3", "table4", "table8"]},
+        "ln": {**BASE, "norm": "ln", "groups": ["table3", "table4"]},
         # a RunSpec-like object with attributes
         "iln": SimpleNamespace(
-            **base,
+            **BASE,
             norm="iln",
             stdnorm=None,
             affine_outer=None,
             grad_clip=0.0,
-            groups=("table1", "table3", "table4", "table8"),
+            groups=("table3", "table4"),
         ),
-        "inorm": {**base, "norm": "instancenorm", "groups": ["table1"]},
-        "ln_star": {**base, "norm": "ln_star", "groups": ["table3"]},  # declared, never run
-        "ln_rs": {**base, "norm": "ln_rs", "groups": ["table3"]},
+        "inorm": {**BASE, "norm": "instancenorm", "groups": ["table1"]},
+        "ln_star": {**BASE, "norm": "ln_star", "groups": ["table3"]},  # declared, never run
+        "ln_rs": {**BASE, "norm": "ln_rs", "groups": ["table3"]},
         # a resolved run: unset spec fields come from its train settings
         "ln_clip": SimpleNamespace(
             spec=SimpleNamespace(
@@ -139,31 +165,47 @@ def declared_runs() -> dict[str, object]:
             ),
             train=SimpleNamespace(grad_clip=1.0, seed=1, batch_size=4, iterations=300),
         ),
-        "ln_std": {**base, "norm": "ln", "stdnorm": True, "groups": ["stdnorm"]},
-        "ln_nostd": {**base, "norm": "ln", "groups": ["stdnorm"]},
-        "dn_ln": {**base, "norm": "ln", "task": "dn_s15"},
-        "dn_iln": {**base, "norm": "iln", "task": "dn_s15"},
+        "ln_kld": {**BASE, "norm": "ln", "kld_weight": 0.01, "groups": ["table8"]},
+        "ln_std": {**BASE, "norm": "ln", "stdnorm": True, "groups": ["stdnorm"]},
+        "ln_nostd": {**BASE, "norm": "ln", "groups": ["stdnorm"]},
+        "dn_ln": {**BASE, "norm": "ln", "task": "dn_s15"},
+        "dn_iln": {**BASE, "norm": "iln", "task": "dn_s15"},
+        "sw_car_ln": {**BASE, "arch": "swinir_tiny", "norm": "ln", "task": "car_q20"},
+        "sw_car_iln": {**BASE, "arch": "swinir_tiny", "norm": "iln", "task": "car_q20"},
+        "hat_car_ln": {**BASE, "norm": "ln", "task": "car_q20"},
+        "hat_car_iln": {**BASE, "norm": "iln", "task": "car_q20"},
+        "released_iln": {**BASE, "arch": "hat", "norm": "iln", "task": "sr_x2"},
     }
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    make_run(root, "ln", norm="ln", psnr=30.0, precision=True, analysis=True)
-    make_run(root, "iln", norm="iln", psnr=30.5, precision=True, analysis=True)
+    make_run(root, "ln", norm="ln", psnr=30.0, precision=True, analysis="both", val_psnr=True)
+    make_run(root, "iln", norm="iln", psnr=30.5, precision=True, analysis="old", val_psnr=True)
     make_run(root, "inorm", norm="instancenorm", psnr=30.3)
     make_run(root, "ln_rs", norm="ln_rs", psnr=30.1)
     make_run(root, "ln_clip", norm="ln", psnr=29.9)
+    make_run(root, "ln_kld", norm="ln", psnr=29.0)
     make_run(root, "ln_std", norm="ln", psnr=30.2)
     make_run(root, "ln_nostd", norm="ln", psnr=30.0)
     make_run(root, "dn_ln", norm="ln", task="dn_s15", psnr=33.0, sets=("Urban100",))
     make_run(root, "dn_iln", norm="iln", task="dn_s15", psnr=33.4, sets=("Urban100",))
+    for arch, psnr in (("sw", 32.0), ("hat", 32.5)):  # one task and set, two models
+        for norm, gain in (("ln", 0.0), ("iln", 0.25)):
+            sets = ("default_test",)
+            make_run(
+                root, f"{arch}_car_{norm}", norm=norm, task="car_q20", psnr=psnr + gain, sets=sets
+            )
+    # released weights: evaluated and analysed, never trained here (no train/ folder)
+    make_run(root, "released_iln", norm="iln", psnr=38.6, sets=("Set5",), train=False)
     out = tmp_path_factory.mktemp("reports")
     summary = build_report(
         declared_runs(),
         root,
         out,
         scale_note="preset hat_tiny, 300 iterations, embedded photos, CPU",
+        protocol=PROTOCOL,
     )
     return root, out, summary
 
@@ -179,144 +221,305 @@ def cell(rows: list[dict[str, str]], row: str, column: str) -> dict[str, str]:
     return found[0]
 
 
+def md_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the first markdown table in text; escaped pipes unescaped."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+
+    def split(line: str) -> list[str]:
+        parts = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+        return [c.strip().replace("\\|", "|") for c in parts]
+
+    return split(lines[0]), [split(line) for line in lines[2:]]
+
+
 def md_row(out: Path, key: str, label: str) -> tuple[list[str], list[str]]:
-    lines = (out / "tables" / f"{key}.md").read_text().splitlines()
-    table = [line for line in lines if line.startswith("|")]
-    header = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", table[0].strip("|"))]
-    for line in table[2:]:
-        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip("|"))]
+    header, rows = md_table((out / "tables" / f"{key}.md").read_text())
+    for cells in rows:
         if cells[0] == label:
             return header, cells
-    raise AssertionError(f"no row {label!r} in {key}.md")
+    raise AssertionError(f"no row {label!r} in {key}.md: {[r[0] for r in rows]}")
 
 
-def test_every_table_and_figure_is_written(built):
-    _, out, summary = built
-    for key in (
-        "table1",
-        "table2",
-        "table3",
-        "table4",
-        "table6",
-        "table8",
-        "table_s1_stdnorm",
-        "runs",
-    ):
-        assert summary["tables"][key] == "written", key
-        assert (out / "tables" / f"{key}.csv").exists() and (out / "tables" / f"{key}.md").exists()
-    for name in (
-        "fig1_magnitude_entropy",
-        "fig4_magnitude_by_norm",
-        "fig7_entropy_ablation",
-        "figS1_stdnorm",
-    ):
-        assert summary["figures"][name] == "written"
-        assert (out / "figures" / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
-    assert not list(out.rglob("*.tmp"))
+def report_section(text: str, heading: str) -> str:
+    """The report.md text from `### heading` up to the next heading."""
+    start = text.index(f"### {heading}\n")
+    end = text.find("\n#", start + 4)
+    return text[start : end if end >= 0 else None]
 
 
-def test_table2_puts_paper_numbers_beside_ours(built):
-    _, out, _ = built
-    rows = read_table(out, "table2")
-    ln = cell(rows, "LN", "Set14 PSNR")
-    assert float(ln["paper"]) == 28.79 and float(ln["ours"]) == 31.0 and ln["run"] == "ln"
-    assert float(cell(rows, "i-LN", "Manga109 SSIM")["paper"]) == 0.9228
-    assert cell(rows, "i-LN", "Manga109 SSIM")["ours"] == ""  # we did not evaluate Manga109
-    assert float(cell(rows, "InstanceNorm", "default_test PSNR")["ours"]) == 30.3
-    header, cells = md_row(out, "table2", "LN")
-    i = header.index("Set14 PSNR (paper)")
-    assert header[i + 1] == "Set14 PSNR (ours)" and cells[i] == "28.79" and cells[i + 1] == "31.00"
+# ---------------------------------------------------------------- numbering and paper numbers
 
 
-def test_table3_marks_a_declared_but_missing_run_not_run(built):
-    _, out, _ = built
-    header, cells = md_row(out, "table3", "LN*")
-    assert cells[1] == "not run" and cells[header.index("default_test PSNR (ours)")] == "not run"
-    rows = read_table(out, "table3")
-    assert float(cell(rows, "LN", "B100 PSNR")["paper"]) == 27.79
-    assert float(cell(rows, "LN+Rs", "default_test PSNR")["ours"]) == 30.1
-    assert cell(rows, "LN*", "default_test PSNR")["status"] == "not run"
+def paper_values(prow: dict) -> dict[str, object]:
+    return {k: v for k, v in prow.items() if k in ("psnr", "ssim", "max_abs", "finding")}
 
 
-def test_table1_has_features_of_the_final_checkpoint(built):
+@pytest.mark.parametrize("with_runs", [True, False])
+def test_every_paper_table_appears_under_its_number_and_title_with_its_numbers(
+    built, tmp_path, with_runs
+):
+    """Every table of paper_numbers.yaml is in report.md as "Table N: <title>" with every
+    number of the yaml in its CSV, exactly, with or without runs of ours."""
+    if with_runs:
+        _, out, _ = built
+    else:
+        out = tmp_path / "report"
+        build_report(declared_runs(), tmp_path / "no_runs", out, scale_note="nothing run")
+    paper = load_paper_numbers()
+    text = (out / "report.md").read_text()
+    headings = re.findall(r"^### (Table \w+): (.*)$", text, flags=re.M)
+    numbered = dict(headings)
+    for key, block in paper["tables"].items():
+        number = f"Table {key[len('table') :]}"
+        assert numbered.get(number) == block["title"], (number, numbered)
+        md = (out / "tables" / f"{key}.md").read_text()
+        assert md.startswith(f"# {number}: {block['title']}\n")
+        csv_paper = [r["paper"] for r in read_table(out, key) if r["paper"] != ""]
+        for prow in block["rows"]:
+            for metric, value in paper_values(prow).items():
+                if isinstance(value, str):
+                    assert value in csv_paper, (key, prow)
+                else:
+                    assert any(_is_float(p) and float(p) == value for p in csv_paper), (
+                        key,
+                        metric,
+                        value,
+                    )
+                    assert printed(value) in md, (key, value)
+    # the paper's numbering, ours marked S
+    assert [n for n, _ in headings] == [
+        "Table 1",
+        "Table 2",
+        "Table 3",
+        "Table 4",
+        "Table 6",
+        "Table 8",
+        "Table S1",
+        "Table S2",
+        "Table S3",
+        "Table S4",
+    ]
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def test_without_runs_table1_and_table2_show_the_papers_numbers_and_no_run(tmp_path):
+    out = tmp_path / "report"
+    summary = build_report({}, tmp_path / "empty", out, scale_note="nothing run")
+    assert summary["runs"] == {}
+    assert summary["tables"]["table1"] == "paper only (no run)"
+    header, cells = md_row(out, "table1", "LN")
+    assert cells[header.index("Set14 PSNR (paper)")] == "28.79"
+    assert cells[header.index("Manga109 SSIM (paper)")] == "0.9150"  # as the paper prints it
+    assert cells[1] == "no run"
+    _, inorm = md_row(out, "table1", "InstanceNorm")
+    assert "27.02" in inorm and "0.8136" in inorm
+    header, cells = md_row(out, "table1", "BN (batch stats in eval)")  # a row, no numbers
+    assert cells[1] == "no run"
+    header, cells = md_row(out, "table2", "deraining / Rain100L / hat_1")
+    assert cells[header.index("LN PSNR (paper)")] == "34.35"
+    assert cells[header.index("i-LN SSIM (paper)")] == "0.9641"
+    assert cells[header.index("LN PSNR (ours)")] == "no run"
+    _, swinir = md_row(out, "table2", "deraining / Test100 / swinir_1")
+    assert "27.45" in swinir and "0.8982" in swinir
+    assert all(v.startswith("skipped: no ") for v in summary["figures"].values())
+    assert summary["figures"]["fig4_norms_magnitude"] == "skipped: no run in group `table1`"
+    assert summary["tables"]["table_s2_seeds"] == "skipped: no run in group `seeds`"
+
+
+# ---------------------------------------------------------------- our numbers
+
+
+def test_table1_uses_the_best_run_of_each_norm_and_labels_raw_and_ema(built):
     _, out, _ = built
     rows = read_table(out, "table1")
-    assert [r["row"] for r in rows if r["column"] == "default_test PSNR"] == [
-        "LN",
-        "i-LN",
-        "InstanceNorm",
-    ]
-    assert (
-        float(cell(rows, "LN", "magnitude, deepest group")["ours"]) == 3000.0
-    )  # analysis/features.csv
-    assert (
-        float(cell(rows, "InstanceNorm", "magnitude, deepest group")["ours"]) == 1.2
-    )  # last probe step
+    ln = cell(rows, "LN", "default_test PSNR")
+    assert float(ln["ours"]) == 30.0 and ln["run"] == "ln"  # not the clipped or KL run
+    assert float(cell(rows, "InstanceNorm", "default_test PSNR")["ours"]) == 30.3
+    # LN: analysis has both weights; raw from it, EMA from it
+    assert float(cell(rows, "LN", "deepest magnitude, raw")["ours"]) == 3000.0
+    assert float(cell(rows, "LN", "deepest magnitude, EMA")["ours"]) == 30.0
+    # i-LN: an old features.csv without the weights column holds EMA; raw = the last probe
+    assert float(cell(rows, "i-LN", "deepest magnitude, EMA")["ours"]) == 30.0
+    assert float(cell(rows, "i-LN", "deepest magnitude, raw")["ours"]) == 1.2
+    # InstanceNorm: no analysis: no EMA statistics, raw from the last probe
+    assert cell(rows, "InstanceNorm", "deepest magnitude, EMA")["status"] == "missing"
+    header, _ = md_row(out, "table1", "LN")
+    assert "deepest magnitude, raw (ours)" in header and "deepest entropy, EMA (ours)" in header
+    text = (out / "tables" / "table1.md").read_text()
+    assert "'raw' = the weights being trained (final checkpoint, probe at step 300)" in text
+    assert "'EMA' = their moving average (decay 0.999)" in text
+    assert "from the rest of the grid (ln, iln)" in text  # not in group table1: said so
 
 
-def test_table8_and_table4(built):
+def test_table2_shows_every_task_we_ran_beside_the_papers(built):
+    _, out, _ = built
+    rows = read_table(out, "table2")
+    dn = "colour denoising σ=15 / Urban100 / hat_1"
+    assert float(cell(rows, dn, "LN PSNR")["paper"]) == 35.489
+    assert float(cell(rows, dn, "i-LN PSNR")["ours"]) == 33.4
+    assert float(cell(rows, dn, "i-LN − LN PSNR (dB)")["ours"]) == pytest.approx(0.4)
+    assert float(cell(rows, dn, "i-LN − LN PSNR (dB)")["paper"]) == pytest.approx(0.069)
+    sr = "SR x2 / default_test / hat_tiny"
+    assert float(cell(rows, sr, "LN PSNR")["ours"]) == 30.0
+    assert float(cell(rows, sr, "i-LN PSNR")["ours"]) == 30.5
+    assert cell(rows, "deraining / Rain100L / hat_1", "LN PSNR")["status"] == "no run"
+    # one row per model of the same task and set
+    assert float(cell(rows, "JPEG CAR q=20 / default_test / hat_tiny", "LN PSNR")["ours"]) == 32.5
+    assert (
+        float(cell(rows, "JPEG CAR q=20 / default_test / swinir_tiny", "i-LN PSNR")["ours"])
+        == 32.25
+    )
+
+
+def test_table3_marks_a_declared_but_missing_run_no_run(built):
+    _, out, _ = built
+    header, cells = md_row(out, "table3", "LN*")
+    assert cells[1] == "no run" and cells[header.index("default_test PSNR (ours)")] == "no run"
+    rows = read_table(out, "table3")
+    assert float(cell(rows, "LN", "B100 PSNR")["paper"]) == 27.7897
+    assert float(cell(rows, "i-LN", "Manga109 PSNR")["paper"]) == 32.1694
+    assert float(cell(rows, "LN+Rs", "default_test PSNR")["ours"]) == 30.1
+
+
+def test_table4_has_int4_and_says_it_was_measured_on_crops(built):
+    _, out, _ = built
+    rows = read_table(out, "table4")
+    fp16 = cell(rows, "LN / fp16", "default_test PSNR")
+    assert float(fp16["ours"]) == 10.0
+    assert cell(rows, "LN / fp16", "default_test overflow")["ours"] == "True"
+    assert float(cell(rows, "LN / int4", "default_test PSNR")["ours"]) == 10.0
+    assert float(cell(rows, "i-LN / fp16", "Urban100 PSNR")["paper"]) == 27.5849
+    text = (out / "tables" / "table4.md").read_text()
+    assert "central 48x48-pixel LR crops of default_test (HR 96 pixels)" in text
+    assert "EMA weights" in text
+
+
+def test_table8_rows_are_the_papers_stabilisers(built):
     _, out, _ = built
     rows = read_table(out, "table8")
-    assert float(cell(rows, "LN", "max |x| (final)")["paper"]) == 5.8e6
-    clipped = cell(rows, "LN + grad clip 1", "max |x| (final)")
-    assert float(clipped["paper"]) == 5.6e6 and float(clipped["ours"]) == pytest.approx(
+    assert float(cell(rows, "LN", "max |x|, raw")["paper"]) == 5.8e6
+    clipped = cell(rows, "LN + gradient clipping", "max |x|, raw")
+    assert float(clipped["paper"]) == 5.6e6 and clipped["run"] == "ln_clip"
+    assert float(clipped["ours"]) == pytest.approx(4 * math.sqrt(4.0**3))
+    kld = cell(rows, "LN + KL-divergence regulariser", "finding")
+    assert kld["paper"] == "stable, but clearly lower PSNR" and kld["run"] == "ln_kld"
+    assert float(cell(rows, "LN", "max |x| during training")["ours"]) == pytest.approx(
         4 * math.sqrt(4.0**3)
     )
-    assert float(cell(rows, "LN", "max |x| (during training)")["ours"]) == pytest.approx(
-        4 * math.sqrt(64.0)
-    )
     header, cells = md_row(out, "table8", "LN")  # the pipes of |x| are escaped in markdown
-    assert cells[header.index("max |x| (final) (paper)")] == "5.8e+06" and len(cells) == len(header)
-    rows = read_table(out, "table4")
-    fp16 = cell(rows, "LN / fp16", "Urban100 PSNR")
-    assert float(fp16["paper"]) == 7.46 and float(fp16["ours"]) == 10.0
-    assert cell(rows, "LN / fp16", "Urban100 overflow")["ours"] == "True"
+    assert cells[header.index("max |x|, raw (paper)")] == "5.8e+6" and len(cells) == len(header)
 
 
-def test_table6_matches_other_tasks_and_leaves_the_rest_not_run(built):
+def test_table6_takes_full_hat_runs_only(built):
     _, out, _ = built
     rows = read_table(out, "table6")
-    label = "dn_s15 / Urban100 (hat_1) [colour denoising]"
-    assert float(cell(rows, label, "LN PSNR")["paper"]) == 35.489
-    assert float(cell(rows, label, "i-LN PSNR")["ours"]) == 33.4
-    assert float(cell(rows, label, "i-LN − LN (dB)")["ours"]) == pytest.approx(0.4)
-    assert cell(rows, "derain / Rain100L (hat_1)", "LN PSNR")["status"] == "not run"
+    set5 = cell(rows, "SR x2 / Set5", "i-LN PSNR")
+    assert float(set5["paper"]) == 38.65 and float(set5["ours"]) == 38.6
+    assert set5["run"] == "released_iln"  # a run without train/ is read like any other
+    assert cell(rows, "SR x2 / Set5", "LN PSNR")["ours"] == ""
 
 
-def test_report_md_states_the_scale_first_and_skips_missing_groups(built):
+def test_report_md_states_the_scale_first_and_why_things_are_skipped(built):
     _, out, summary = built
     text = (out / "report.md").read_text()
     head = "\n".join(text.splitlines()[:4])
     assert "Scale of these results: preset hat_tiny, 300 iterations, embedded photos, CPU" in head
-    assert summary["tables"]["table_s2_seeds"].startswith("skipped")
-    assert "Skipped: no results from runs in group `seeds`" in text
-    assert "![fig1_magnitude_entropy](figures/fig1_magnitude_entropy.png)" in text
+    assert "**Headline:** at the last training probe" in text
+    assert summary["tables"]["table_s2_seeds"] == "skipped: no run in group `seeds`"
+    assert summary["figures"]["fig4_norms_magnitude"] == "written"  # inorm is in table1
+    assert "![fig1_magnitude_vs_iteration](figures/fig1_magnitude_vs_iteration.png)" in text
     assert "../" in text and "rpb_first.png" in text  # links to the runs' analysis figures
-    assert "Where the paper's numbers come from" in text
+    for heading in ("Table 1: Normalisation layers compared", "Table 4: Low-precision inference"):
+        section = report_section(text, heading)
+        assert "*What it shows:*" in section and "*Ours measured on:*" in section
+
+
+def test_figures_are_written_and_skipped_with_the_reason(built, tmp_path):
+    _, out, summary = built
+    for name in (
+        "fig1_magnitude_vs_iteration",
+        "fig1_entropy_vs_iteration",
+        "fig7_per_group_last_probe",
+        "fig8_stabilisers_max_abs",
+        "figS1_stdnorm_magnitude",
+        "figS2_loss_val_psnr",
+    ):
+        assert summary["figures"][name] == "written", name
+        assert (out / "figures" / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+    assert not list(out.rglob("*.tmp"))
+    # a group declared but without probes yet says so, naming its runs
+    root = tmp_path / "runs"
+    make_run(root, "ln", norm="ln", train=False)
+    runs = {"ln": {**BASE, "norm": "ln", "groups": ["table1"]}}
+    summary = build_report(runs, root, tmp_path / "out", scale_note="-")
+    assert summary["figures"]["fig4_norms_magnitude"] == (
+        "skipped: no run in group `table1` (ln) has probes.csv yet"
+    )
+    assert summary["figures"]["fig8_stabilisers_max_abs"] == "skipped: no run in group `table8`"
+
+
+def test_crop_panels_are_labelled_figures(tmp_path):
+    rng = np.random.default_rng(0)
+    root, pairs = tmp_path / "runs", tmp_path / "pairs"
+    gt = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    write_png(pairs / "gt" / "a.png", gt)
+    write_png(pairs / "lq" / "a.png", gt[::2, ::2])
+    for name, norm in (("bicubic", None), ("ln", "ln"), ("iln", "iln")):
+        if norm:
+            make_run(root, name, norm=norm, sets=("default_test",), train=False)
+        noisy = np.clip(gt.astype(int) + rng.integers(-9, 9, gt.shape), 0, 255).astype(np.uint8)
+        write_png(root / name / "eval" / "samples" / "sr_x2" / "default_test" / "a.png", noisy)
+    runs = {n: {**BASE, "norm": n, "groups": []} for n in ("ln", "iln")}
+    out = tmp_path / "out"
+    summary = build_report(
+        runs, root, out, scale_note="-", pair_dirs=lambda task, s: (pairs / "lq", pairs / "gt")
+    )
+    assert summary["figures"]["crops sr_x2/default_test"] == "written"
+    assert (out / "figures" / "crops_sr_x2_default_test_a.png").read_bytes().startswith(PNG_MAGIC)
+    assert (
+        "![crops_sr_x2_default_test_a](figures/crops_sr_x2_default_test_a.png)"
+        in (out / "report.md").read_text()
+    )
 
 
 def test_summary_has_final_numbers_per_run(built):
     _, _, summary = built
     runs = summary["runs"]
     assert "ln_star" not in runs
-    assert runs["ln"]["deepest_magnitude"] == 3000.0
-    assert runs["ln_rs"]["deepest_magnitude"] == pytest.approx(4.0**3)
+    assert runs["ln"]["deepest_magnitude_raw"] == 3000.0
+    assert runs["ln"]["deepest_magnitude_ema"] == 30.0
+    assert runs["ln_rs"]["deepest_magnitude_raw"] == pytest.approx(4.0**3)
     assert runs["iln"]["psnr"] == {"default_test": 30.5, "Set14": 31.5}
     flat = flatten_summary(summary)
-    assert flat["ln/psnr/Set14"] == 31.0 and flat["iln/deepest_entropy"] == 2.0
+    assert flat["ln/psnr/Set14"] == 31.0 and flat["iln/deepest_entropy_ema"] == 2.5
     json.dumps(summary, allow_nan=False)  # valid strict JSON for a DVC metrics file
 
 
-def test_no_results_at_all_shows_paper_numbers_only(tmp_path):
-    out = tmp_path / "report"
-    summary = build_report(declared_runs(), tmp_path / "empty", out, scale_note="nothing run")
-    assert summary["runs"] == {}
-    assert summary["tables"]["table2"] == "paper only (not run)"
-    assert summary["tables"]["table1"].startswith("skipped")
-    assert all(v.startswith("skipped") for v in summary["figures"].values())
-    header, cells = md_row(out, "table2", "LN")
-    assert cells[header.index("Set14 PSNR (paper)")] == "28.79"
-    assert cells[header.index("Set14 PSNR (ours)")] == "not run"
+def test_history_val_psnr_is_optional(tmp_path):
+    make_run(tmp_path, "a", norm="ln", val_psnr=True)
+    make_run(tmp_path, "b", norm="ln")
+    runs = {n: {**BASE, "norm": "ln"} for n in ("a", "b")}
+    results = load_runs(runs, tmp_path)
+    assert results["a"].history_curve("val_psnr") == ([200], [32.0])
+    assert results["b"].history_curve("val_psnr") == ([], [])
+
+
+def test_a_null_metric_reads_as_missing(tmp_path):
+    """Strict JSON writes a non-finite PSNR (identical images) as null."""
+    make_run(tmp_path, "ln", norm="ln", sets=("default_test",))
+    (tmp_path / "ln" / "eval" / "metrics.json").write_text(
+        '{"sr_x2/default_test": {"psnr": null, "ssim": 1.0}}'
+    )
+    run = load_runs({"ln": {**BASE, "norm": "ln"}}, tmp_path)["ln"]
+    assert run.metric("default_test", "psnr") is None
+    assert run.metric("default_test", "ssim") == 1.0
 
 
 def test_sets_filter_orders_and_limits_our_columns(tmp_path):
@@ -340,21 +543,36 @@ def test_malformed_inputs_name_the_file(tmp_path):
     )
     with pytest.raises(ValueError, match=r"probes\.csv.*magnitude"):
         load_runs(runs, tmp_path)
+    make_run(tmp_path / "b", "ln", norm="ln", analysis="both")
+    features = tmp_path / "b" / "ln" / "analysis" / "features.csv"
+    features.write_text(features.read_text().replace("raw,", "final,"))
+    with pytest.raises(ValueError, match=r"features\.csv, line \d+: weights must be"):
+        load_runs(runs, tmp_path / "b")
     with pytest.raises(ValueError, match="run 'x'.*norm"):
         load_runs({"x": {"arch": "hat_tiny", "task": "sr_x2"}}, tmp_path)
 
 
 def test_paper_numbers_file_is_valid_and_strict():
     paper = load_paper_numbers()
-    assert paper["tables"]["table2"]["results"]["ln"]["Set14"] == {"psnr": 28.79, "ssim": 0.7876}
-    assert paper["tables"]["table8"]["results"]["ln"]["max_abs"] == 5.8e6
-    assert all(t["source"] for t in paper["tables"].values())
+    assert "design notes" not in json.dumps(paper)  # cites the paper, not our notes
+    assert all(
+        block["source"].startswith("the paper's Table") for block in paper["tables"].values()
+    )
     broken = copy.deepcopy(paper)
-    broken["tables"]["table8"]["results"]["ln"]["max_abs"] = "5.8e6"  # what YAML 1.1 makes of 5.8e6
-    with pytest.raises(
-        ValueError, match=r"tables\.table8\.results\.ln\.max_abs: expected a number"
-    ):
+    broken["tables"]["table8"]["rows"][0]["max_abs"] = "5.8e6"  # what YAML 1.1 makes of 5.8e6
+    with pytest.raises(ValueError, match=r"tables\.table8\.rows\[0\]\.max_abs: expected a number"):
         validate_paper_numbers(broken)
+    broken = copy.deepcopy(paper)
     del broken["tables"]["table2"]["source"]
     with pytest.raises(ValueError, match="table2: missing key 'source'"):
         validate_paper_numbers(broken)
+    broken = copy.deepcopy(paper)
+    broken["tables"]["table1"]["rows"][0]["psnr_y"] = 1.0
+    with pytest.raises(ValueError, match=r"table1\.rows\[0\]: unknown key\(s\) \['psnr_y'\]"):
+        validate_paper_numbers(broken)
+
+
+def test_every_norm_has_its_own_colour():
+    colours = [s.color for s in NORM_STYLES.values()]
+    assert len(set(colours)) == len(colours)
+    assert len({s.label for s in NORM_STYLES.values()}) == len(NORM_STYLES)

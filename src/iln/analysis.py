@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,16 +20,16 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from torch import nn
 
 from iln.files import write_bytes_atomic, write_csv_atomic, write_json_atomic
-from iln.probes import PROBE_COLUMNS, evaluation_mode, measure_features, unwrap
+from iln.layout import FEATURES_COLUMNS, FINAL_NORM_COLUMNS
+from iln.models.common import BIAS_TABLE_STD
+from iln.probes import evaluation_mode, measure_features
+from iln.runtime import unwrap
 
-FINAL_NORM_COLUMNS: tuple[str, ...] = ("channel", "bias", "input_mean_abs")
-FEATURES_COLUMNS: tuple[str, ...] = ("weights", *PROBE_COLUMNS)
-"""features.csv: one row per (weights, layer); ``weights`` is ``ema`` or ``raw``."""
 SUMMARY_STATS: tuple[str, ...] = ("magnitude", "entropy", "max_abs")
-
 
 # --------------------------------------------------------------------------------------
 # Figures, saved atomically
@@ -109,6 +110,29 @@ def final_norm_bias(
     ]
 
 
+def log_axis(ax, values: Sequence[float], axis: str = "y") -> None:
+    """Log scale labelled in plain numbers (0.1, 1, 10): decades always, and 2 and 5 within
+    each decade when the data spans less than two decades (else too few labels to read)."""
+    getattr(ax, f"set_{axis}scale")("log")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    narrow = bool(positive) and max(positive) / min(positive) < 100
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    target.set_major_locator(LogLocator(base=10.0, numticks=10))
+    target.set_major_formatter(plain)
+    target.set_minor_locator(LogLocator(base=10.0, subs=(2.0, 5.0) if narrow else (1.0,)))
+    target.set_minor_formatter(plain if narrow else NullFormatter())
+
+
+def _log_axis_if_wide(ax, values: np.ndarray, axis: str) -> None:
+    """log_axis when the values span more than a decade, a linear axis otherwise."""
+    positive = values[values > 0]
+    if positive.size and positive.max() / positive.min() > 10:
+        log_axis(ax, [float(v) for v in values], axis)
+    else:
+        (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(nbins=5))
+
+
 def plot_final_norm(
     rows: Sequence[Mapping[str, object]], path: Path | str, *, title: str = ""
 ) -> Path:
@@ -120,26 +144,30 @@ def plot_final_norm(
     bias = np.array([float(r["bias"]) for r in rows])  # (C,)
     order = np.argsort(-mean_abs)
     x = np.arange(len(rows))
-    fig = new_figure(11, 3.4)
+    fig = new_figure(12, 3.8)
     axes = fig.subplots(1, 3)
     axes[0].bar(x, np.maximum(mean_abs[order], 1e-12), width=1.0, color="tab:blue")
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("channel (sorted by input mean |x|)")
+    _log_axis_if_wide(axes[0], mean_abs, "y")
+    axes[0].set_xlabel("channel, sorted by input mean |x|")
     axes[0].set_ylabel("input mean |x|")
+    axes[0].set_title("input of the final norm", fontsize=9)
     if np.isnan(bias).all():
-        axes[1].text(
-            0.5, 0.5, "no bias parameter", ha="center", va="center", transform=axes[1].transAxes
-        )
+        for ax in axes[1:]:
+            ax.text(0.5, 0.5, "no bias parameter", ha="center", va="center", transform=ax.transAxes)
     else:
         axes[1].bar(x, bias[order], width=1.0, color="tab:red")
         axes[1].axhline(0.0, color="k", lw=0.5)
-    axes[1].set_xlabel("channel (same order)")
-    axes[1].set_ylabel("final-norm bias")
-    axes[2].scatter(np.maximum(mean_abs, 1e-12), bias, s=8)
-    axes[2].axhline(0.0, color="k", lw=0.5)
-    axes[2].set_xscale("log")
-    axes[2].set_xlabel("input mean |x|")
-    axes[2].set_ylabel("bias")
+        axes[2].scatter(np.maximum(mean_abs, 1e-12), bias, s=10, color="tab:purple")
+        axes[2].axhline(0.0, color="k", lw=0.5)
+        _log_axis_if_wide(axes[2], mean_abs, "x")
+    axes[1].set_xlabel("channel, same order")
+    axes[1].set_ylabel("final-norm bias β")
+    axes[1].set_title("bias per channel", fontsize=9)
+    axes[2].set_xlabel("input mean |x| of the channel")
+    axes[2].set_ylabel("final-norm bias β")
+    axes[2].set_title("bias against input magnitude", fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     return save_figure_atomic(fig, path)
@@ -211,33 +239,67 @@ def plot_rpb(
     tables: Sequence[torch.Tensor], path: Path | str, *, title: str = "", gathered: bool = False
 ) -> Path:
     """Heat maps: one row per block, one column per head. Default: the table reshaped to
-    (2w-1, 2w-1) over (dy, dx); gathered=True shows the (w*w, w*w) bias over (query, key).
-    Colour limits are symmetric and shared within a row (one block)."""
+    (2w-1, 2w-1) over the relative offsets (dy, dx) between query and key; gathered=True
+    shows the (w*w, w*w) bias over (query, key). Colour limits are symmetric and shared
+    within a row (one block), with a colour bar per row. A block whose table still has
+    about its initial spread (std < 2x BIAS_TABLE_STD) is marked as near initialisation."""
     if not tables:
         raise ValueError("plot_rpb: no tables")
     images = [
         gather_rpb(t) if gathered else rpb_table_images(t) for t in tables
     ]  # each (heads, h, w)
     heads = images[0].shape[0]
-    fig = new_figure(1.6 * heads + 1.0, 1.6 * len(images) + 0.6)
+    reach = (images[0].shape[-1] - 1) // 2  # w - 1: the largest offset
+    extent = None if gathered else (-reach - 0.5, reach + 0.5, reach + 0.5, -reach - 0.5)
+    width = max(1.9 * heads + 1.6, 5.5)
+    fig = new_figure(width, 1.9 * len(images) + 1.1)
     axes = np.atleast_2d(fig.subplots(len(images), heads, squeeze=False))
-    for b, img in enumerate(images):
+    near_init = []
+    for b, (img, table) in enumerate(zip(images, tables, strict=True)):
         lim = float(img.abs().max()) or 1.0
+        spread = float(table.float().std())
+        near_init.append(spread < 2 * BIAS_TABLE_STD)
         mappable = None
         for h in range(heads):
             ax = axes[b, h]
             mappable = ax.imshow(
-                img[h].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest"
+                img[h].numpy(),
+                cmap="RdBu_r",
+                vmin=-lim,
+                vmax=lim,
+                interpolation="nearest",
+                extent=extent,
             )
-            ax.set_xticks([])
-            ax.set_yticks([])
+            if gathered:
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                ax.set_xticks([-reach, 0, reach])
+                ax.set_yticks([-reach, 0, reach])
+                ax.tick_params(labelsize=7)
             if b == 0:
                 ax.set_title(f"head {h}", fontsize=8)
+            if b == len(images) - 1:
+                ax.set_xlabel("key index" if gathered else "dx = query - key column", fontsize=8)
             if h == 0:
-                ax.set_ylabel(f"block {b}", fontsize=8)
-        fig.colorbar(mappable, ax=list(axes[b]), shrink=0.8)
-    if title:
-        fig.suptitle(title)
+                mark = ", near init." if near_init[-1] else ""
+                ax.set_ylabel(
+                    f"block {b} (std {spread:.3f}{mark})\n"
+                    + ("query index" if gathered else "dy = query - key row"),
+                    fontsize=8,
+                )
+        bar = fig.colorbar(mappable, ax=list(axes[b]), shrink=0.8)
+        bar.set_label("bias added to the logit", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
+    note = ""
+    if all(near_init):
+        note = "\n" + textwrap.fill(
+            f"Still near initialisation: every table's std is below {2 * BIAS_TABLE_STD:g} "
+            f"(initial std {BIAS_TABLE_STD:g}), so these maps show little learned structure.",
+            width=int(width * 13),
+        )
+    if title or note:
+        fig.suptitle(title + note, fontsize=9)
     return save_figure_atomic(fig, path)
 
 

@@ -7,31 +7,30 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from iln.config import ParamsError
-from iln.data.archive import UnsafeArchiveError
-from iln.data.download import DownloadError
-from iln.data.io import ImageReadError
-from iln.train import TrainingDiverged
-
-# Failures caused by the inputs (params, data, a diverging run), not by a bug: the message
-# says what to fix, so a traceback would only hide it.
-EXPECTED = (
-    ParamsError,
-    FileNotFoundError,
-    ImageReadError,
-    DownloadError,
-    UnsafeArchiveError,
-    TrainingDiverged,
-)
+# Failures caused by the inputs (params, data, a damaged file, a full disk, a diverging run),
+# not by a bug: the library raises them with a message that says what to fix, so a traceback
+# would only hide it. Every such error of the library is a ValueError (ParamsError,
+# ImageReadError, UnsafeArchiveError, ...), a RuntimeError (DownloadError, TrainingDiverged,
+# no CUDA device, ...) or an OSError (a missing file, DiskFullError). ILN_TRACEBACK=1 shows
+# the traceback as well, for reporting a bug.
+EXPECTED = (ValueError, RuntimeError, OSError)
 
 
 def run_stage(name: str, main: Callable[[], int]) -> int:
-    """Run ``main``; an expected failure prints ``<name>: <message>`` and returns 1."""
+    """Run ``main``; an expected failure prints ``<name>: error: <message>`` and returns 1."""
     try:
         return main()
     except EXPECTED as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
+        if os.environ.get("ILN_TRACEBACK"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line
+        print(f"{name}: error: {message}", file=sys.stderr)
         return 1
+
+
+def warn(name: str, message: str) -> None:
+    """One warning line on stderr, prefixed by the stage name."""
+    print(f"{name}: warning: {' '.join(message.split())}", file=sys.stderr)
 
 
 def project_root() -> Path:

@@ -8,8 +8,6 @@ key it concerns (``runs.ln_x2.norm``), and nothing is coerced silently: YAML 1.1
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 import types
 import typing
@@ -20,7 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from iln.data.params import DataParams, DegradeParams
+from iln.data.catalog import expand, parts_of
+from iln.data.params import DataParams, DegradeParams, parse_task
 
 
 class ParamsError(ValueError):
@@ -143,7 +142,6 @@ def _join(where: str, name: str) -> str:
 
 # --------------------------------------------------------------------------- schema
 
-TASK_PATTERN = re.compile(r"^(sr_x[234]|dn_s\d+|car_q\d+|derain)$")
 GROUPS = ("table1", "table2", "table3", "table4", "table6", "table8", "stdnorm", "seeds", "batch")
 
 
@@ -189,6 +187,16 @@ class TrainParams:
             raise ParamsError(f"train.probe_every: must be >= 0 (0 = off), got {self.probe_every}")
         if self.lr <= 0:
             raise ParamsError(f"train.lr: must be > 0, got {self.lr}")
+        for name in ("seed", "num_workers", "threads"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ParamsError(f"train.betas[{i}]: must be in [0, 1), got {beta}")
+        if self.lr_gamma <= 0:
+            raise ParamsError(f"train.lr_gamma: must be > 0, got {self.lr_gamma}")
+        if self.milestones and self.milestones[0] < 1:
+            raise ParamsError(f"train.milestones: must be >= 1, got {list(self.milestones)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ParamsError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
         if list(self.milestones) != sorted(self.milestones):
@@ -221,11 +229,42 @@ class RunSpec:
     grad_clip: float | None = None
     kld_weight: float | None = None
     seed: int | None = None
+    train_set: str | None = None  # e.g. Rain13K for derain in a grid whose default is DF2K
 
     @property
     def scale(self) -> int:
         """Upscaling factor implied by the task (1 for same-size restoration)."""
+        return parse_task(self.task).scale
+
+
+@dataclass(frozen=True)
+class ReleasedSpec:
+    """A released checkpoint evaluated and analysed like a trained run, never trained.
+
+    ``weights``: a BasicSR-format file (a dict with ``params`` and/or ``params_ema``),
+    relative to the project root or absolute; ``key``: which of the two to load.
+    """
+
+    arch: str
+    norm: str
+    task: str
+    weights: str
+    key: Literal["params_ema", "params"] = "params_ema"
+    stdnorm: bool | None = None
+    affine_outer: bool | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> int:
         return int(self.task[len("sr_x") :]) if self.task.startswith("sr_x") else 1
+
+    def model_overrides(self) -> dict[str, Any]:
+        overrides = dict(self.model)
+        if self.stdnorm is not None:
+            overrides["stdnorm"] = self.stdnorm
+        if self.affine_outer is not None:
+            overrides["affine_outer"] = self.affine_outer
+        return overrides
 
 
 @dataclass(frozen=True)
@@ -255,6 +294,10 @@ class ReportParams:
 class TrackingParams:
     experiment: str
 
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise ParamsError("tracking.experiment: must be a non-empty name")
+
 
 @dataclass(frozen=True)
 class Params:
@@ -265,6 +308,7 @@ class Params:
     evaluate: EvaluateParams
     report: ReportParams
     tracking: TrackingParams
+    released: dict[str, ReleasedSpec] = field(default_factory=dict)
 
     def run(self, name: str) -> RunSpec:
         try:
@@ -274,6 +318,11 @@ class Params:
                 f"runs.{name}: no such run (declared runs: {', '.join(sorted(self.runs))})"
             ) from None
 
+    def test_sets(self, task: str) -> tuple[str, ...]:
+        """The sets of ``evaluate.sets`` that the degrade stage makes pairs of for ``task``."""
+        made = self.degrade.sets_for(task)
+        return tuple(s for s in self.evaluate.sets if s in made)
+
 
 @dataclass(frozen=True)
 class ResolvedRun:
@@ -282,6 +331,7 @@ class ResolvedRun:
     name: str
     spec: RunSpec
     train: TrainParams
+    jpeg_subsampling: str | None = None  # car_q runs: chroma of the on-the-fly JPEG encoding
 
     @property
     def scale(self) -> int:
@@ -294,22 +344,6 @@ class ResolvedRun:
         if self.spec.affine_outer is not None:
             overrides["affine_outer"] = self.spec.affine_outer
         return overrides
-
-    def fingerprint(self) -> str:
-        """Hash of everything that shapes the trained weights (resume only into an equal run)."""
-        payload = {"spec": dataclasses.asdict(self.spec), "train": dataclasses.asdict(self.train)}
-        for volatile in (
-            "checkpoint_every",
-            "log_every",
-            "num_workers",
-            "device",
-            "threads",
-            "compile",
-        ):
-            payload["train"].pop(volatile)
-        payload["spec"].pop("groups")
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def resolve_run(params: Params, name: str) -> ResolvedRun:
@@ -324,14 +358,25 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
             "grad_clip",
             "kld_weight",
             "seed",
+            "train_set",
         )
         if getattr(spec, key) is not None
     }
     try:
         train = dataclasses.replace(params.train, **overrides)
     except ParamsError as err:
-        raise ParamsError(f"runs.{name}: {err}") from None
-    return ResolvedRun(name=name, spec=spec, train=train)
+        message = str(err)
+        for key in overrides:  # name the run's own key when its override is the bad value
+            if message.startswith(f"train.{key}"):
+                raise ParamsError(f"runs.{name}.{key}{message[len(f'train.{key}') :]}") from None
+        raise ParamsError(f"runs.{name}: {message}") from None
+    car = parse_task(spec.task).kind == "car"
+    return ResolvedRun(
+        name=name,
+        spec=spec,
+        train=train,
+        jpeg_subsampling=params.degrade.jpeg_subsampling if car else None,
+    )
 
 
 # --------------------------------------------------------------------------- checks
@@ -340,8 +385,15 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
 def _check_runs(params: Params) -> None:
     from iln.models import ARCHS, NORMS  # torch-heavy import only when params are loaded
 
-    if not params.runs:
-        raise ParamsError("runs: declare at least one run")
+    if not params.runs and not params.released:
+        raise ParamsError("runs: declare at least one run (or a `released:` entry)")
+    made = {s for task in params.degrade.tasks for s in params.degrade.sets_for(task)}
+    for name in params.evaluate.sets:  # each test set is scored for the tasks that make it
+        if name not in made:
+            raise ParamsError(
+                f"evaluate.sets: {name!r} is not a set the degrade stage makes for any task "
+                f"(degrade.sets, degrade.task_sets: {', '.join(sorted(made))})"
+            )
     for name, spec in params.runs.items():
         where = f"runs.{name}"
         if not re.match(r"^[A-Za-z0-9_.-]+$", name):
@@ -356,21 +408,16 @@ def _check_runs(params: Params) -> None:
             raise ParamsError(
                 f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})"
             )
-        if not TASK_PATTERN.match(spec.task):
-            raise ParamsError(
-                f"{where}.task: unknown task {spec.task!r} (sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
-            )
-        if not spec.task.startswith("sr_x"):
-            raise ParamsError(
-                f"{where}.task: {spec.task!r} needs a same-size (scale 1) restorer, which the models do not "
-                f"build yet; training runs are SR tasks (sr_x2, sr_x3, sr_x4). The degrade stage can still "
-                f"produce {spec.task} pairs."
-            )
+        try:
+            task = parse_task(spec.task, f"{where}.task")
+        except ValueError as err:
+            raise ParamsError(str(err)) from None
         if spec.task not in params.degrade.tasks:
             raise ParamsError(
                 f"{where}.task: {spec.task!r} is not produced by the degrade stage "
                 f"(degrade.tasks: {', '.join(params.degrade.tasks)})"
             )
+        _check_run_data(params, where, spec, task.kind)
         for group in spec.groups:
             if group not in GROUPS:
                 raise ParamsError(
@@ -382,6 +429,84 @@ def _check_runs(params: Params) -> None:
                     f"{where}.model.{key}: set it as runs.{name}.{key}, not under model"
                 )
         resolve_run(params, name)
+    unknown = [s for s in params.report.sets if s not in params.evaluate.sets]
+    if unknown:
+        raise ParamsError(
+            f"report.sets: {unknown[0]!r} is not evaluated (evaluate.sets: "
+            f"{', '.join(params.evaluate.sets)})"
+        )
+
+
+def _check_run_data(params: Params, where: str, spec: RunSpec, kind: str) -> None:
+    """The run's training images and test pairs are produced by the download / degrade stages."""
+    train_set = spec.train_set or params.train.train_set
+    key = f"{where}.train_set" if spec.train_set else "train.train_set"
+    if kind in ("dn", "car"):  # clean images, degraded on the fly
+        try:
+            missing = [p for p in parts_of(train_set) if p not in expand(params.data.datasets)]
+        except ValueError as err:
+            raise ParamsError(f"{key}: {err}") from None
+        if missing:
+            raise ParamsError(
+                f"{key}: {spec.task} trains on the clean images of {train_set!r}, but the "
+                f"download stage does not fetch {', '.join(missing)} (data.datasets)"
+            )
+    elif train_set not in params.degrade.sets_for(spec.task):
+        raise ParamsError(
+            f"{key}: {spec.task} trains on the degrade stage's pairs of {train_set!r}, which it "
+            f"does not make (degrade sets for {spec.task}: "
+            f"{', '.join(params.degrade.sets_for(spec.task))})"
+        )
+    if not params.test_sets(spec.task):
+        raise ParamsError(
+            f"{where}.task: none of evaluate.sets ({', '.join(params.evaluate.sets)}) is degraded "
+            f"for {spec.task} "
+            f"(degrade sets for it: {', '.join(params.degrade.sets_for(spec.task))})"
+        )
+
+
+def _check_released(params: Params) -> None:
+    from iln.models import ARCHS, NORMS, resolve_hparams
+
+    for name, spec in params.released.items():
+        where = f"released.{name}"
+        if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+            raise ParamsError(f"{where}: names may use letters, digits, '_', '-' and '.' only")
+        if name == "bicubic" or name in params.runs:
+            raise ParamsError(
+                f"{where}: the name is taken by "
+                + ("the interpolation baseline" if name == "bicubic" else f"runs.{name}")
+                + " (released entries share the runs/<name>/ folders)"
+            )
+        if spec.arch not in ARCHS:
+            raise ParamsError(
+                f"{where}.arch: unknown arch {spec.arch!r} (choose from {', '.join(ARCHS)})"
+            )
+        if spec.norm not in NORMS:
+            raise ParamsError(
+                f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})"
+            )
+        if not re.match(r"^sr_x[234]$", spec.task):
+            raise ParamsError(
+                f"{where}.task: expected sr_x2, sr_x3 or sr_x4 (the released checkpoints are SR "
+                f"models), got {spec.task!r}"
+            )
+        if spec.task not in params.degrade.tasks:
+            raise ParamsError(
+                f"{where}.task: {spec.task!r} is not produced by the degrade stage "
+                f"(degrade.tasks: {', '.join(params.degrade.tasks)})"
+            )
+        if not spec.weights.strip():
+            raise ParamsError(f"{where}.weights: give the path of the checkpoint file")
+        for key in ("stdnorm", "affine_outer"):
+            if key in spec.model:
+                raise ParamsError(
+                    f"{where}.model.{key}: set it as released.{name}.{key}, not under model"
+                )
+        try:
+            resolve_hparams(spec.arch, norm=spec.norm, scale=spec.scale, **spec.model_overrides())
+        except ValueError as err:
+            raise ParamsError(f"{where}.model: {err}") from None
 
 
 def load_params(path: str | Path) -> Params:
@@ -396,6 +521,7 @@ def load_params(path: str | Path) -> Params:
     try:
         params = parse(Params, raw, "")
         _check_runs(params)
+        _check_released(params)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
     return params

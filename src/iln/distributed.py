@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from iln.train import resolve_device
+from iln.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def init_distributed(env: Mapping[str, str], device_spec: str) -> DistInfo:
     world_size = int(env.get("WORLD_SIZE", "1"))
     rank = int(env.get("RANK", "0"))
     local_rank = int(env.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_spec, local_rank)
+    device = resolve_device(device_spec, local_rank, key="train.device")
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

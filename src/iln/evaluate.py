@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from iln.metrics import psnr, rgb_to_y, ssim
+from iln.protocols import Protocol
 
 RestoreFn = Callable[[np.ndarray], np.ndarray]
 
@@ -150,14 +151,19 @@ def evaluate_pairs(
     restore_fn: RestoreFn,
     pairs: Iterable[tuple[str, np.ndarray, np.ndarray]],
     *,
-    crop_border: int,
+    crop_border: int | None = None,
+    protocol: Protocol | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Score ``restore_fn(lq)`` against ``gt`` for every (name, lq, gt) pair.
 
-    Returns rows ``{"image": name, "psnr": dB, "ssim": value}`` in input order; PSNR and
-    SSIM on the Y channel with ``crop_border`` (= scale for SR) pixels removed per side.
+    Scored by ``protocol`` (``iln.protocols``: the task's image space, crop and metrics), or,
+    given ``crop_border`` instead, by the SR convention: PSNR and SSIM on Y with
+    ``crop_border`` pixels removed per side. Returns rows ``{"image": name, "psnr": dB,
+    "ssim": value}`` (plus ``"psnr_b"`` when the protocol measures it) in input order.
     """
+    if (crop_border is None) == (protocol is None):
+        raise ValueError("evaluate_pairs needs exactly one of crop_border and protocol")
     total = len(pairs) if hasattr(pairs, "__len__") else None
     rows: list[dict[str, Any]] = []
     for name, lq, gt in tqdm(
@@ -169,6 +175,9 @@ def evaluate_pairs(
         _check_image(pred, f"restored {name!r}")
         if pred.shape != gt.shape:
             raise ValueError(f"restored {name!r} has shape {pred.shape} but its gt has {gt.shape}")
+        if protocol is not None:
+            rows.append({"image": name, **protocol.score(pred, gt)})
+            continue
         rows.append(
             {
                 "image": name,
@@ -179,26 +188,35 @@ def evaluate_pairs(
     return rows
 
 
+def _finite_mean(values: list[float], what: str) -> float:
+    """Mean over the finite values (inf only if every value is inf); NaN raises."""
+    if any(math.isnan(v) for v in values):
+        raise ValueError(f"summarise got a NaN {what}")
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.inf
+
+
 def summarise(rows: list[Mapping[str, Any]]) -> dict[str, float | int]:
-    """Per-set means: ``{"psnr", "ssim", "count", "psnr_infinite"}``.
+    """Per-set means: ``{"psnr", "ssim", "count", "psnr_infinite"}`` (+ ``"psnr_b"``).
 
     An image restored perfectly has PSNR = inf, which would make the plain mean inf and
     hide every other image. The PSNR mean is therefore taken over the finite values and
-    ``psnr_infinite`` counts the images left out (inf only if every image is perfect).
-    SSIM is always finite and averaged over all rows.
+    ``psnr_infinite`` counts the images left out (inf only if every image is perfect);
+    PSNR-B, when the rows have it, is averaged the same way. SSIM is always finite and
+    averaged over all rows.
     """
     if not rows:
         raise ValueError("summarise needs at least one row")
     values = [float(r["psnr"]) for r in rows]
-    finite = [v for v in values if math.isfinite(v)]
-    if any(math.isnan(v) for v in values):
-        raise ValueError("summarise got a NaN PSNR")
-    return {
-        "psnr": float(np.mean(finite)) if finite else math.inf,
+    out: dict[str, float | int] = {
+        "psnr": _finite_mean(values, "PSNR"),
         "ssim": float(np.mean([float(r["ssim"]) for r in rows])),
         "count": len(rows),
-        "psnr_infinite": len(values) - len(finite),
+        "psnr_infinite": sum(1 for v in values if not math.isfinite(v)),
     }
+    if all("psnr_b" in r for r in rows):
+        out["psnr_b"] = _finite_mean([float(r["psnr_b"]) for r in rows], "PSNR-B")
+    return out
 
 
 def bicubic_restore(scale: int, *, round_each_pass: bool = False) -> RestoreFn:
@@ -218,6 +236,13 @@ def bicubic_restore(scale: int, *, round_each_pass: bool = False) -> RestoreFn:
         return round_to_uint8(up)  # half away from zero, as MATLAB
 
     return fn
+
+
+def degraded_input(lq: np.ndarray) -> np.ndarray:
+    """The baseline of same-size tasks (denoising, JPEG, deraining): the degraded input itself,
+    so a set's score says how far the test pairs start from their targets."""
+    _check_image(lq, "lq")
+    return lq.copy()
 
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in HR pixels
@@ -251,12 +276,12 @@ def largest_difference_box(a: np.ndarray, b: np.ndarray, *, size: int, scale: in
     integral[1:, 1:] = diff.cumsum(0).cumsum(1)
     tops = np.arange(0, h - size + 1, scale)
     lefts = np.arange(0, w - size + 1, scale)
-    t, l = tops[:, None], lefts[None, :]
+    t, c = tops[:, None], lefts[None, :]
     sums = (
-        integral[t + size, l + size]
-        - integral[t, l + size]
-        - integral[t + size, l]
-        + integral[t, l]
+        integral[t + size, c + size]
+        - integral[t, c + size]
+        - integral[t + size, c]
+        + integral[t, c]
     )
     i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
     return int(tops[i]), int(lefts[j]), size, size
@@ -295,7 +320,8 @@ def side_by_side_crops(
             continue
         if img.shape[:2] != (hr_h // scale, hr_w // scale):
             raise ValueError(
-                f"image {label!r} has shape {img.shape}: expected HR {hr_shape} or LR of scale {scale}"
+                f"image {label!r} has shape {img.shape}: "
+                f"expected HR {hr_shape} or LR of scale {scale}"
             )
         if top % scale or left % scale or bh % scale or bw % scale:
             raise ValueError(

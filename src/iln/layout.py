@@ -1,9 +1,170 @@
-"""Where every pipeline artefact lives, relative to the project root (one place to change)."""
+"""Every pipeline artefact: where it lives (relative to the project root) and what is in it.
+
+The one place that stages (writers) and the report (reader) take file names and column
+schemas from; `tests/test_layout.py` checks that dvc.yaml declares exactly these outputs.
+
+Per run ``R`` (one entry of ``runs:`` in params.yaml)::
+
+    checkpoints/R/checkpoint.pt    resumable training state (DVC persist, not under runs/)
+    runs/R/train/model.pt          final EMA weights and the model recipe
+    runs/R/train/history.csv       HISTORY_COLUMNS, one row per logged step
+    runs/R/train/probes.csv        PROBES_CSV_COLUMNS, one row per (probe step, layer)
+    runs/R/train/summary.json      TRAIN_SUMMARY_KEYS
+    runs/R/eval/metrics.json       {"<task>/<set>": {METRICS_KEYS}}
+    runs/R/eval/per_image.csv      PER_IMAGE_COLUMNS
+    runs/R/eval/precision.json     {"<mode>": {"<set>": {PRECISION_KEYS, ...}}} ({} outside Table 4)
+    runs/R/eval/samples/<task>/<set>/<image>.png   the first restored images
+    runs/R/analysis/features.csv   FEATURES_COLUMNS, final-checkpoint statistics per layer
+    runs/R/analysis/final_norm.csv FINAL_NORM_COLUMNS
+    runs/R/analysis/*.png          ANALYSIS_FIGURES
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+# ---- column schemas and JSON keys
+
+HISTORY_COLUMNS: tuple[str, ...] = ("step", "loss", "lr", "seconds_per_step", "val_psnr")
+"""history.csv; ``val_psnr`` (EMA weights, validation images) is empty on rows without one."""
+HISTORY_OPTIONAL: tuple[str, ...] = ("val_psnr",)  # absent from files written before it existed
+
+PROBE_COLUMNS: tuple[str, ...] = (
+    "layer",
+    "magnitude",
+    "max_abs",
+    "entropy",
+    "entropy_ceiling",
+    "token_std_spread",
+)
+"""One row of feature statistics per probed layer (see iln.probes for the definitions)."""
+PROBES_CSV_COLUMNS: tuple[str, ...] = ("step", *PROBE_COLUMNS)
+"""probes.csv: statistics of the weights being trained ("raw"), every probe step."""
+
+WEIGHTS_EMA = "ema"
+WEIGHTS_RAW = "raw"
+FEATURES_COLUMNS: tuple[str, ...] = ("weights", *PROBE_COLUMNS)
+"""features.csv: final-checkpoint statistics; ``weights`` is ``ema`` or ``raw``. A file
+without the column predates it and holds the EMA weights (what model.pt stores)."""
+FEATURES_OPTIONAL: tuple[str, ...] = ("weights",)
+
+FINAL_NORM_COLUMNS: tuple[str, ...] = ("channel", "bias", "input_mean_abs")
+PER_IMAGE_COLUMNS: tuple[str, ...] = ("set", "image", "psnr", "ssim", "psnr_b", "task", "protocol")
+"""per_image.csv; ``psnr_b`` only for JPEG artefact removal (empty elsewhere)."""
+METRICS_KEYS: tuple[str, ...] = ("psnr", "ssim")
+METRICS_OPTIONAL: tuple[str, ...] = ("psnr_b",)  # JPEG artefact removal only
+PRECISION_KEYS: tuple[str, ...] = ("psnr", "overflow")  # what the report reads; there are more
+TRAIN_SUMMARY_KEYS: tuple[str, ...] = (
+    "steps",
+    "resumed_from",
+    "seconds_per_step",
+    "final_loss",
+    "parameters",
+)
+ANALYSIS_FIGURES: tuple[str, ...] = ("final_norm.png", "rpb_first.png", "rpb_last.png")
+
+# ---- the stages' outputs, as dvc.yaml declares them (paths relative to the root)
+
+TRAIN_OUTPUTS: tuple[str, ...] = (
+    "checkpoints/{run}",
+    "runs/{run}/train/model.pt",
+    "runs/{run}/train/probes.csv",
+    "runs/{run}/train/summary.json",
+    "runs/{run}/train/history.csv",
+)
+EVALUATE_OUTPUTS: tuple[str, ...] = (
+    "runs/{run}/eval/samples",
+    "runs/{run}/eval/per_image.csv",
+    "runs/{run}/eval/precision.json",
+    "runs/{run}/eval/metrics.json",
+)
+BASELINE_OUTPUTS: tuple[str, ...] = (
+    "runs/bicubic/eval/samples",
+    "runs/bicubic/eval/per_image.csv",
+    "runs/bicubic/eval/metrics.json",
+)
+ANALYZE_OUTPUTS: tuple[str, ...] = ("runs/{run}/analysis",)
+REPORT_OUTPUTS: tuple[str, ...] = (
+    "reports/tables",
+    "reports/report.md",
+    "reports/summary.json",
+    "reports/figures",
+)
+
+
+def stage_outputs(stage: str, run: str | None = None) -> tuple[str, ...]:
+    """The outputs (outs, metrics, plots) of one dvc.yaml stage, for run ``run``."""
+    per_run = {"train": TRAIN_OUTPUTS, "evaluate": EVALUATE_OUTPUTS, "analyze": ANALYZE_OUTPUTS}
+    if stage in per_run:
+        if run is None:
+            raise ValueError(f"stage {stage!r} is per run: pass the run name")
+        return tuple(p.format(run=run) for p in per_run[stage])
+    fixed = {"baseline": BASELINE_OUTPUTS, "report": REPORT_OUTPUTS}
+    if stage not in fixed:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(per_run | fixed)}")
+    return fixed[stage]
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one run folder (``runs/R``); a folder may hold only some of them
+    (a run without training, e.g. released weights, has eval/ and analysis/ only)."""
+
+    folder: Path
+
+    @property
+    def train_dir(self) -> Path:
+        return self.folder / "train"
+
+    @property
+    def weights(self) -> Path:
+        """Final EMA weights and the model recipe."""
+        return self.train_dir / "model.pt"
+
+    @property
+    def history(self) -> Path:
+        return self.train_dir / "history.csv"
+
+    @property
+    def probes(self) -> Path:
+        return self.train_dir / "probes.csv"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.train_dir / "summary.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.folder / "eval"
+
+    @property
+    def metrics(self) -> Path:
+        return self.eval_dir / "metrics.json"
+
+    @property
+    def per_image(self) -> Path:
+        return self.eval_dir / "per_image.csv"
+
+    @property
+    def precision(self) -> Path:
+        return self.eval_dir / "precision.json"
+
+    def samples(self, task: str, dataset: str) -> Path:
+        """Folder of the restored images kept for one task and set."""
+        return self.eval_dir / "samples" / task / dataset
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.folder / "analysis"
+
+    @property
+    def features(self) -> Path:
+        return self.analysis_dir / "features.csv"
+
+    @property
+    def final_norm(self) -> Path:
+        return self.analysis_dir / "final_norm.csv"
 
 
 @dataclass(frozen=True)
@@ -23,11 +184,18 @@ class Layout:
         base = self.pairs / task / dataset
         return base / "lq", base / "gt"
 
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
     def run_dir(self, run: str) -> Path:
-        return self.root / "runs" / run
+        return self.runs_dir / run
+
+    def run_files(self, run: str) -> RunFiles:
+        return RunFiles(self.run_dir(run))
 
     def train_dir(self, run: str) -> Path:
-        return self.run_dir(run) / "train"
+        return self.run_files(run).train_dir
 
     def checkpoint(self, run: str) -> Path:
         """Resumable training state (a DVC ``persist`` output, kept outside ``runs/``)."""
@@ -35,13 +203,22 @@ class Layout:
 
     def weights(self, run: str) -> Path:
         """Final EMA weights and the model recipe."""
-        return self.train_dir(run) / "model.pt"
+        return self.run_files(run).weights
+
+    def released_record(self, name: str) -> Path:
+        """Which weights file a released entry uses (written by its check stage)."""
+        return self.run_dir(name) / "weights.json"
+
+    @property
+    def weights_book(self) -> Path:
+        """SHA-256 of every released weights file, recorded on first use (commit it)."""
+        return self.root / "weights" / "checksums.json"
 
     def eval_dir(self, run: str) -> Path:
-        return self.run_dir(run) / "eval"
+        return self.run_files(run).eval_dir
 
     def analysis_dir(self, run: str) -> Path:
-        return self.run_dir(run) / "analysis"
+        return self.run_files(run).analysis_dir
 
     @property
     def report_dir(self) -> Path:

@@ -33,15 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PROBE_COLUMNS: tuple[str, ...] = (
-    "layer",
-    "magnitude",
-    "max_abs",
-    "entropy",
-    "entropy_ceiling",
-    "token_std_spread",
-)
-PROBES_CSV_COLUMNS: tuple[str, ...] = ("step", *PROBE_COLUMNS)
+from iln.layout import PROBE_COLUMNS as PROBE_COLUMNS  # the row schema, re-exported
+from iln.runtime import unwrap
+
 FINAL_NORM_INPUT = "final_norm_in"
 
 
@@ -259,18 +253,6 @@ class FeatureProbe(contextlib.AbstractContextManager):
         return out
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers (same parameters, eager forward):
-    hooks on a compiled graph would force a recompilation at every measurement."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and no autograd for the body; every submodule's train/eval flag restored."""
@@ -328,6 +310,7 @@ def read_csv_rows(path: Path | str, required: Sequence[str]) -> list[dict[str, s
         missing = [c for c in required if c not in fields]
         if missing:
             raise ValueError(
-                f"{path}: missing column(s) {missing}; expected at least {list(required)}, found {fields}"
+                f"{path}: missing column(s) {missing}; "
+                f"expected at least {list(required)}, found {fields}"
             )
         return list(reader)

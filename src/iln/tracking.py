@@ -4,22 +4,49 @@ Every stage invocation is one MLflow run. Runs of the same grid member (its trai
 evaluation and analysis) are children of one parent run named after the member, so the
 MLflow UI shows them together. The default store is a sqlite file at the repository
 root; ``MLFLOW_TRACKING_URI`` points everything at another store or a tracking server.
+
+Several stage processes may start at once: the sqlite store is created, and experiments
+and parent runs are found or made, under an exclusive file lock beside it
+(``mlflow.db.lock``); a write that meets "database is locked" is retried with backoff, so
+no metric is lost. A stage run left RUNNING by a killed process of this machine is closed
+as KILLED when its stage next starts; a resumed training continues its own MLflow run.
+
+Every run of a grid member carries its norm (tag ``iln.norm``) and the norm's fixed colour
+(``mlflow.runColor``, iln.styles), so LN is red and i-LN blue in every MLflow chart. The
+experiment is tagged as model training (``mlflow.experimentKind``); MLflow 3.17's UI still
+opens on its GenAI view unless the URL carries ``?workflowType=machine_learning`` (see
+``experiment_url``) or the sidebar's "Model training" switch is set (the browser keeps it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
+import random
+import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from iln.styles import norm_style
+
 RUN_TAG = "iln.run"
 STAGE_TAG = "iln.stage"
 KIND_TAG = "iln.kind"
+PROCESS_TAG = "iln.process"  # host:pid:start of the process that owns a RUNNING stage run
+NORM_TAG = "iln.norm"
+RUN_COLOR_TAG = "mlflow.runColor"  # the colour the MLflow UI draws a run in
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # "Machine learning" rather than "GenAI apps"
+EXPERIMENT_NOTE_TAG = "mlflow.note.content"  # the experiment's description in the UI
+EXPERIMENT_NOTE = (
+    "Stage runs of the iln pipeline (train, evaluate, analyze per grid member, and the "
+    "report), grouped under one parent run per member; run colours are fixed per norm."
+)
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 BATCH_LIMIT = 100
 
@@ -59,7 +86,7 @@ class StageRun:
 
         items = [Param(str(k), _param_text(v)) for k, v in params.items()]
         for start in range(0, len(items), BATCH_LIMIT):
-            self._client.log_batch(self.run_id, params=items[start : start + BATCH_LIMIT])
+            _retry(self._client.log_batch, self.run_id, params=items[start : start + BATCH_LIMIT])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log finite numbers (MLflow stores NaN/inf poorly: they go in as tags instead)."""
@@ -74,20 +101,20 @@ class StageRun:
             else:
                 other[f"nonfinite.{_metric_key(key)}"] = str(value)
         for start in range(0, len(finite), BATCH_LIMIT):
-            self._client.log_batch(self.run_id, metrics=finite[start : start + BATCH_LIMIT])
+            _retry(self._client.log_batch, self.run_id, metrics=finite[start : start + BATCH_LIMIT])
         if other:
             self.set_tags(other)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
-            self._client.set_tag(self.run_id, key, str(value))
+            _retry(self._client.set_tag, self.run_id, key, str(value))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+            _retry(self._client.log_artifacts, self.run_id, str(path), artifact_path)
         elif path.exists():
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+            _retry(self._client.log_artifact, self.run_id, str(path), artifact_path)
 
 
 def _param_text(value: Any) -> str:
@@ -110,25 +137,58 @@ def _client(root: Path) -> tuple[Any, str]:
 def _experiment_id(client: Any, name: str, root: Path, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        return experiment.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:"):
-        artifacts = (root / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+        experiment_id, tags = experiment.experiment_id, experiment.tags
+    else:
+        artifacts = None
+        if uri.startswith("sqlite:"):
+            artifacts = (root / "mlartifacts").resolve().as_uri()
+        try:
+            experiment_id = _retry(client.create_experiment, name, artifact_location=artifacts)
+            tags = {}
+        except Exception:  # made meanwhile by another process writing to the same server
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            experiment_id, tags = experiment.experiment_id, experiment.tags
+    wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, EXPERIMENT_NOTE_TAG: EXPERIMENT_NOTE}
+    for key, value in wanted.items():
+        if key not in tags:  # never overwrite what a user set in the UI
+            _retry(client.set_experiment_tag, experiment_id, key, value)
+    return experiment_id
+
+
+def experiment_url(server: str, experiment_id: str) -> str:
+    """The UI address of an experiment, opened on the model-training (runs and charts) view."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def norm_tags(norm: str | None) -> dict[str, str]:
+    """Tags naming a run's norm and giving it the norm's fixed colour in the MLflow UI."""
+    if norm is None:
+        return {}
+    return {NORM_TAG: norm, RUN_COLOR_TAG: norm_style(norm).color}
 
 
 def _parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
-    found = client.search_runs(
+    found = _retry(
+        client.search_runs,
         [experiment_id],
         filter_string=f"tags.`{RUN_TAG}` = '{run_name}' and tags.`{KIND_TAG}` = 'group'",
         max_results=1,
     )
     if found:
-        return found[0].info.run_id
-    parent = client.create_run(
-        experiment_id, run_name=run_name, tags={**tags, RUN_TAG: run_name, KIND_TAG: "group"}
+        existing = found[0]
+        for key in (NORM_TAG, RUN_COLOR_TAG):  # a parent made before these tags existed
+            if key in tags and existing.data.tags.get(key) != tags[key]:
+                _retry(client.set_tag, existing.info.run_id, key, tags[key])
+        return existing.info.run_id
+    parent = _retry(
+        client.create_run,
+        experiment_id,
+        run_name=run_name,
+        tags={**tags, RUN_TAG: run_name, KIND_TAG: "group"},
     )
-    client.set_terminated(parent.info.run_id, "FINISHED")
+    _retry(client.set_terminated, parent.info.run_id, "FINISHED")
     return parent.info.run_id
 
 
@@ -141,30 +201,56 @@ def stage_run(
     run_name: str,
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
+    continue_run: str | None = None,
+    norm: str | None = None,
 ) -> Iterator[StageRun]:
     """Open one tracked run for a stage invocation of grid member ``run_name``.
 
+    norm: the member's normalisation (tags ``iln.norm`` and its colour); None for runs that
+    have none (the bicubic baseline, the report).
+
+    Runs of the same (run_name, stage) left RUNNING by a killed process of this machine
+    are first closed as KILLED. ``continue_run``: the id of an earlier run of this stage to
+    continue (a resumed training), when the store still has it; else a new run is made.
     The run ends FINISHED on success, FAILED on an exception, KILLED on Ctrl-C.
     """
-    client, uri = _client(root)
-    experiment_id = _experiment_id(client, experiment, root, uri)
-    common = {"iln.git_commit": git_commit(root)}
-    parent_id = _parent_run(client, experiment_id, run_name, common)
-    run = client.create_run(
-        experiment_id,
-        run_name=f"{run_name}/{stage}",
-        tags={
-            **common,
-            **{k: str(v) for k, v in (tags or {}).items()},
-            RUN_TAG: run_name,
-            STAGE_TAG: stage,
-            KIND_TAG: "stage",
-            "mlflow.parentRunId": parent_id,
-        },
-    )
-    handle = StageRun(client, run.info.run_id)
-    if params:
-        handle.log_params(params)
+    uri = tracking_uri(root)
+    common = {"iln.git_commit": git_commit(root), **norm_tags(norm)}
+    run_tags = {
+        **common,
+        **{k: str(v) for k, v in (tags or {}).items()},
+        RUN_TAG: run_name,
+        STAGE_TAG: stage,
+        KIND_TAG: "stage",
+        PROCESS_TAG: _process_id(),
+    }
+    with _store_lock(uri):  # creates the store once, however many processes start at once
+        client, _ = _client(root)
+        experiment_id = _experiment_id(client, experiment, root, uri)
+        parent_id = _parent_run(client, experiment_id, run_name, common)
+        _close_killed_runs(client, experiment_id, run_name, stage)
+        run_id = _reopen(client, continue_run, run_name, stage) if continue_run else None
+        if run_id is None:
+            run_id = _retry(
+                client.create_run,
+                experiment_id,
+                run_name=f"{run_name}/{stage}",
+                tags={**run_tags, "mlflow.parentRunId": parent_id},
+            ).info.run_id
+            logged: dict[str, str] = {}
+        else:
+            logged = dict(_retry(client.get_run, run_id).data.params)
+    handle = StageRun(client, run_id)
+    if logged:
+        handle.set_tags(run_tags)
+    if params:  # a continued run keeps its params (MLflow forbids changing them)
+        new = {k: v for k, v in params.items() if str(k) not in logged}
+        changed = sorted(
+            k for k, v in params.items() if str(k) in logged and logged[str(k)] != _param_text(v)
+        )
+        handle.log_params(new)
+        if changed:
+            handle.set_tags({"iln.params_changed_on_resume": ", ".join(changed)})
     status = "FAILED"
     try:
         yield handle
@@ -173,7 +259,7 @@ def stage_run(
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(handle.run_id, status)
+        _retry(client.set_terminated, handle.run_id, status)
 
 
 def find_stage_runs(
@@ -207,3 +293,105 @@ def find_stage_runs(
 def metric_history(root: Path, run_id: str, key: str) -> list[tuple[int, float]]:
     client, _ = _client(root)
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+# --------------------------------------------------------------------------- concurrency
+
+RETRY_SECONDS = 120.0  # give up on a store locked for longer than this
+
+
+def _retry(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, retried with jittered exponential backoff while the store
+    answers "database is locked" (another process is writing to the sqlite file)."""
+    delay, waited = 0.05, 0.0
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            if "database is locked" not in str(err) or waited > RETRY_SECONDS:
+                raise
+        pause = delay * (0.5 + random.random())
+        time.sleep(pause)
+        waited += pause
+        delay = min(delay * 2, 2.0)
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Exclusive lock beside a sqlite store (``<db>.lock``) while it may be created or
+    experiments and parent runs are found-or-made; nothing to lock for a server."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _process_id(pid: int | None = None) -> str:
+    """host:pid:start-time of a process (the start time tells a reused pid apart)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "?"
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks
+
+
+def _owner_gone(process: str | None) -> bool:
+    """True when the process that owns a RUNNING run ran on this machine and is gone."""
+    if not process or process.count(":") < 2:
+        return False
+    host, pid, start = process.rsplit(":", 2)
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's run: it may still be alive
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass  # alive, owned by another user
+    return start != "?" and _start_ticks(int(pid)) != start  # the pid now names another process
+
+
+def _reopen(client: Any, run_id: str, run_name: str, stage: str) -> str | None:
+    """Mark run ``run_id`` RUNNING again when it is a finished or killed run of this stage."""
+    try:
+        run = _retry(client.get_run, run_id)
+    except Exception:  # deleted, or another store
+        return None
+    tags = run.data.tags
+    if tags.get(RUN_TAG) != run_name or tags.get(STAGE_TAG) != stage:
+        return None
+    if run.info.status == "RUNNING" or run.info.lifecycle_stage != "active":
+        return None  # a live process still writes to it, or it was deleted
+    _retry(client.update_run, run_id, status="RUNNING")
+    return run_id
+
+
+def _close_killed_runs(client: Any, experiment_id: str, run_name: str, stage: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of (run_name, stage) whose process of this machine died."""
+    found = _retry(
+        client.search_runs,
+        [experiment_id],
+        filter_string=(
+            f"tags.`{RUN_TAG}` = '{run_name}' and tags.`{STAGE_TAG}` = '{stage}' "
+            f"and attributes.status = 'RUNNING'"
+        ),
+        max_results=100,
+    )
+    closed = []
+    for run in found:
+        if _owner_gone(run.data.tags.get(PROCESS_TAG)):
+            _retry(client.set_terminated, run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed

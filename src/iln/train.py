@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,13 +26,15 @@ from torch import nn
 from tqdm import tqdm
 
 from iln.config import TrainParams
+from iln.files import atomic_path
 from iln.kld import FeatureKL
-
-CHECKPOINT_VERSION = 1
+from iln.resume import CHECKPOINT_VERSION, load_resume_state, save_resume_state
+from iln.runtime import unwrap
 
 LogFn = Callable[[int, dict[str, float]], None]
 MonitorFn = Callable[[int, nn.Module, nn.Module], tuple[list[dict[str, Any]], float | None]]
 """monitor(step, model, ema) -> (feature rows of the model, validation PSNR of the EMA or None)."""
+WarnFn = Callable[[str], None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -93,19 +95,16 @@ def build_optimizer(model: nn.Module, settings: TrainParams) -> tuple[torch.opti
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
-    ema_params = [p for p in ema.parameters()]
-    model_params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1.0 - decay)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a sibling temp file, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through the project's atomic writer (``iln.files.atomic_path``)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -121,19 +120,21 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this exact run configuration, else None."""
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
-        return None
-    return state
+def load_checkpoint(
+    path: Path, fingerprint: str, *, max_step: int | None = None, warn: WarnFn | None = None
+) -> dict[str, Any] | None:
+    """The newest usable checkpoint of this exact configuration at ``path`` (or the one
+    kept before it), else None; see ``iln.resume``."""
+    return load_resume_state(
+        path,
+        fingerprint,
+        max_step=max_step if max_step is not None else 2**62,
+        warn=warn or _stderr_warning,
+    )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)  # torch.compile
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def fit(
@@ -149,6 +150,7 @@ def fit(
     on_log: LogFn | None = None,
     monitor: MonitorFn | None = None,
     progress: bool = True,
+    warn: WarnFn | None = None,
 ) -> tuple[nn.Module, FitResult]:
     """Train ``model`` (built and seeded by the caller) and return its EMA twin.
 
@@ -169,7 +171,7 @@ def fit(
     monitor_rows: list[dict[str, Any]] = []
     start = 0
 
-    state = load_checkpoint(checkpoint_path, fingerprint)
+    state = load_checkpoint(checkpoint_path, fingerprint, max_step=settings.iterations, warn=warn)
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -192,12 +194,12 @@ def fit(
 
     def checkpoint(step: int) -> None:
         if rank == 0:
-            save_atomic(
+            save_resume_state(
                 {
                     "version": CHECKPOINT_VERSION,
                     "fingerprint": fingerprint,
                     "step": step,
-                    "model": _unwrap(model).state_dict(),
+                    "model": unwrap(model).state_dict(),
                     "ema": ema.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -231,18 +233,27 @@ def fit(
     )
     model.train()
     step, last_saved = start, start
+    last_good = Path(state["loaded_from"]) if state is not None else None
+
+    def kept() -> str:
+        """Where the last good checkpoint of THIS configuration is, for the divergence message."""
+        if last_good is None:
+            return (
+                "no checkpoint of this configuration was written before (a rerun starts at step 0)"
+            )
+        return f"the last good checkpoint (step {last_saved}) is kept at {last_good}"
+
     timer, timer_step, seconds = time.perf_counter(), start, 0.0
     probing = monitor is not None and rank == 0 and settings.probe_every > 0
 
     def probe(step: int) -> float | None:
-        rows, psnr = monitor(step, _unwrap(model), ema)
+        rows, psnr = monitor(step, unwrap(model), ema)
         monitor_rows.extend({"step": step, **r} for r in rows)
         bad = [r["layer"] for r in rows if "magnitude" in r and not math.isfinite(r["magnitude"])]
         if bad:
             bar.close()
             raise TrainingDiverged(
-                f"features of {', '.join(bad)} became non-finite at step {step}; "
-                f"the last good checkpoint (step {last_saved}) is kept at {checkpoint_path}"
+                f"features of {', '.join(bad)} became non-finite at step {step}; {kept()}"
             )
         return psnr
 
@@ -251,7 +262,7 @@ def fit(
     for batch in loader:
         lq = batch["lq"].to(device, non_blocking=True)  # (b, 3, p, p)
         gt = batch["gt"].to(device, non_blocking=True)  # (b, 3, s*p, s*p)
-        feature_kl = FeatureKL(_unwrap(model)) if settings.kld_weight > 0 else None
+        feature_kl = FeatureKL(unwrap(model)) if settings.kld_weight > 0 else None
         with (
             torch.autocast(
                 device.type,
@@ -267,10 +278,7 @@ def fit(
             loss = loss + settings.kld_weight * kld
         if not torch.isfinite(loss):
             bar.close()
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at step {step + 1}; the last good "
-                f"checkpoint (step {last_saved}) is kept at {checkpoint_path}"
-            )
+            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; {kept()}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if settings.grad_clip > 0:
@@ -279,7 +287,7 @@ def fit(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        update_ema(ema, _unwrap(model), settings.ema_decay)
+        update_ema(ema, unwrap(model), settings.ema_decay)
         step += 1
         bar.update(1)
 
@@ -305,7 +313,7 @@ def fit(
 
         if step % settings.checkpoint_every == 0 or step == settings.iterations:
             checkpoint(step)
-            last_saved = step
+            last_saved, last_good = step, checkpoint_path
     bar.close()
     trained = step - start
     return ema, FitResult(
@@ -315,17 +323,3 @@ def fit(
         history=history,
         monitor_rows=monitor_rows,
     )
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local rank's CUDA device when present, else CPU."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"train.device is {spec!r} but no CUDA device is available (use auto or cpu)"
-        )
-    return device

@@ -55,16 +55,30 @@ def load_trained(
         raise FileNotFoundError(f"{path}: no trained model here (run the train stage first)")
     if weights not in STATE_KEYS:
         raise ValueError(f"weights must be one of {sorted(STATE_KEYS)}, got {weights!r}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    missing = {"arch", "norm", "scale", "overrides", "state_dict"} - set(blob)
+    rerun = "the train stage writes it: rerun that stage (dvc repro -f train@RUN)"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # RuntimeError, EOFError, pickle errors, ... for a damaged file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: unreadable trained model ({first}); {rerun}") from None
+    missing = {"arch", "norm", "scale", "overrides", "state_dict"} - set(
+        blob if isinstance(blob, dict) else ()
+    )
     if missing:
-        raise ValueError(f"{path}: not a trained-model file (missing {', '.join(sorted(missing))})")
+        raise ValueError(
+            f"{path}: not a trained-model file (missing {', '.join(sorted(missing))}); {rerun}"
+        )
     if STATE_KEYS[weights] not in blob:
         raise ValueError(
-            f"{path}: holds no {weights} weights (written before they were saved: "
-            "rerun the train stage)"
+            f"{path}: holds no {weights} weights (written before they were saved); {rerun}"
         )
     model = build_model(blob["arch"], norm=blob["norm"], scale=blob["scale"], **blob["overrides"])
-    model.load_state_dict(blob[STATE_KEYS[weights]])
+    try:
+        model.load_state_dict(blob[STATE_KEYS[weights]])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"{path}: weights do not fit the recorded model ({first}); {rerun}"
+        ) from None
     recipe = {k: blob[k] for k in ("arch", "norm", "scale", "overrides")}
     return model.to(device).eval(), recipe

@@ -11,7 +11,12 @@ Paired sets (deraining) also carry their degraded inputs, normalised to ``data/h
 
 Checksums: where the publisher (or a well-known loader that pins them) gives one it is listed
 here; otherwise the SHA-256 of the first download is recorded in the checksum file and every
-later download is verified against it.
+later download is verified against it. GitHub source archives are generated on request and
+their bytes are not stable (compression and timestamps may change), so they are pinned by
+content instead: the SHA-256 over the sorted file names and bytes of each set's extracted
+images (``pin="content"``).
+
+``python -m iln.data.catalog`` lists every set with its image count.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Archive:
     checksum_origin: str = ""  # who publishes the checksum listed here
     size: str = ""  # approximate, for the progress message
     howto: str = ""  # how to obtain it by hand
+    pin: Literal["bytes", "content"] = "bytes"  # content: digest of the extracted images
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class SetSpec:
     input_member: str | None = None  # paired sets: folder of the degraded inputs
     count: int | None = None  # images in a complete copy (checked after normalising)
     parts: tuple[str, ...] = ()  # composite sets
+    grey: bool = False  # greyscale images (stored replicated to RGB; scored on the grey image)
 
     @property
     def paired(self) -> bool:
@@ -58,8 +65,9 @@ _GITHUB = "https://github.com/{repo}/archive/{commit}.zip"
 _GDRIVE = "https://drive.usercontent.google.com/download?id={id}&export=download&confirm=t"
 _TORCHSR = "md5 pinned by the torchSR dataset loaders"
 _GDRIVE_HOWTO = (
-    "Google Drive may refuse scripted downloads (quota or a confirmation page); if so, download it in a "
-    "browser and put it in the download folder under this file name, or point data.local at the folder."
+    "Google Drive may refuse scripted downloads (quota or a confirmation page); if so, download "
+    "it in a browser and put it in the download folder under this file name, or point "
+    "data.local at the folder."
 )
 
 ARCHIVES: dict[str, Archive] = {
@@ -94,18 +102,24 @@ ARCHIVES: dict[str, Archive] = {
     "Manga109": Archive(
         "Manga109.zip",
         None,
-        howto="Manga109 is distributed only on request (manga109.org). Put the 109 page images in a folder "
-        "and set data.local.Manga109 to it.",
+        howto="The official Manga109 release (manga109.org, on request) is 109 whole volumes "
+        "of pages, not the SR test set. SR papers (EDSR, RCAN, SwinIR, HAT) test on a derived set "
+        "of 109 images, one per title, named after the title (e.g. AisazuNihaIrarenai.png), "
+        "passed around with those projects' benchmark bundles. Put exactly those 109 images "
+        "(PNG, or any format read_rgb reads) directly in one folder, without sub-folders, and "
+        "set data.local.Manga109 to it.",
     ),
     "IRCNN_testsets": Archive(
         "IRCNN-938f6a7f.zip",
         _GITHUB.format(repo="cszn/IRCNN", commit="938f6a7fc9f12df9188da838fc2cec4bcca06976"),
         size="0.1 GB",
+        pin="content",
     ),
     "FFDNet_testsets": Archive(
         "FFDNet-a68d5445.zip",
         _GITHUB.format(repo="cszn/FFDNet", commit="a68d544599bb9bb2f89da51ab9e18458fa882023"),
         size="0.1 GB",
+        pin="content",
     ),
     "SwinIR_testsets": Archive(
         "SwinIR-33f61662.zip",
@@ -113,22 +127,24 @@ ARCHIVES: dict[str, Archive] = {
             repo="JingyunLiang/SwinIR", commit="33f616625268d08ba600f8db89388eec0328edb1"
         ),
         size="0.05 GB",
+        pin="content",
     ),
     "DnCNN_testsets": Archive(
         "DnCNN-badb6530.zip",
         _GITHUB.format(repo="cszn/DnCNN", commit="badb6530935b23b2f2fcb40885898a2bab80eb73"),
         size="0.05 GB",
+        pin="content",
     ),
     "Rain13K_train": Archive(
         "Rain13K_train.zip",
         _GDRIVE.format(id="14BidJeG4nSNuFNFDf99K-7eErCq4i47t"),
-        size="2 GB",
+        size="1.2 GB",
         howto=_GDRIVE_HOWTO,
     ),
     "Rain13K_test": Archive(
         "Rain13K_test.zip",
         _GDRIVE.format(id="1P_-RAvltEoEhfT-9GrWRdpEi6NSswTs8"),
-        size="0.6 GB",
+        size="1.4 GB",
         howto=_GDRIVE_HOWTO,
     ),
 }
@@ -234,7 +250,8 @@ def _sets() -> dict[str, SetSpec]:
             "Kodak24",
             "archive",
             "test",
-            "colour denoising benchmark",
+            "colour denoising benchmark: the 500x500 crops of the FFDNet archive, not the full "
+            "768x512 Kodak images (numbers are not comparable with full-size results)",
             "FFDNet_testsets",
             "testsets/Kodak24",
             count=24,
@@ -256,6 +273,7 @@ def _sets() -> dict[str, SetSpec]:
             "SwinIR_testsets",
             "testsets/classic5",
             count=5,
+            grey=True,
         ),
         SetSpec(
             "LIVE1",
@@ -274,11 +292,11 @@ def _sets() -> dict[str, SetSpec]:
             "Rain13K_train",
             "Rain13K/target",
             input_member="Rain13K/input",
-            count=13712,
+            count=13711,
         ),
     ]
-    for name in ("Rain100L", "Rain100H", "Test100", "Test1200", "Test2800"):
-        count = int(name[len("Test") :]) if name.startswith("Test") else 100
+    counts = {"Rain100L": 100, "Rain100H": 100, "Test100": 98, "Test1200": 1200, "Test2800": 2800}
+    for name, count in counts.items():
         specs.append(
             SetSpec(
                 name,
@@ -319,7 +337,7 @@ def unknown_name_error(name: str, where: str) -> ValueError:
 
 
 def expand(names: tuple[str, ...] | list[str], where: str = "datasets") -> list[str]:
-    """Resolve groups and composite sets into the concrete sets to fetch, in order, without repeats."""
+    """Resolve groups and composite sets into the concrete sets to fetch, in order, once each."""
     out: list[str] = []
 
     def add(name: str) -> None:
@@ -346,3 +364,38 @@ def parts_of(name: str) -> tuple[str, ...]:
         raise unknown_name_error(name, "set")
     spec = SETS[name]
     return spec.parts if spec.kind == "composite" else (name,)
+
+
+def listing() -> str:
+    """A plain-text table of every set: name, split, image count, source and description."""
+    rows = [("set", "split", "count", "source", "size", "description")]
+    for spec in SETS.values():
+        archive = ARCHIVES.get(spec.archive) if spec.archive else None
+        if spec.kind == "composite":
+            source = " + ".join(spec.parts)
+        elif archive is None:
+            source = "embedded"
+        elif archive.url is None:
+            source = "by hand (data.local)"
+        else:
+            source = archive.filename + (" (pinned by content)" if archive.pin == "content" else "")
+        count = sum(SETS[p].count or 0 for p in spec.parts) if spec.parts else spec.count
+        rows.append(
+            (
+                spec.name + (" (paired)" if spec.paired else "") + (" (grey)" if spec.grey else ""),
+                spec.split,
+                "-" if count is None else str(count),
+                source,
+                archive.size if archive else "",
+                spec.description,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(r[:5], widths)) + "  " + r[5]
+        for r in rows
+    )
+
+
+if __name__ == "__main__":
+    print(listing())

@@ -5,6 +5,15 @@ resumed run, or several data-parallel ranks taking disjoint k, see exactly the s
 uninterrupted single-process run would. Sample k belongs to epoch ``k // n`` (n images);
 the image is position ``k % n`` of that epoch's permutation, drawn from (seed, epoch); crop,
 flips and noise come from a generator seeded with (seed, k).
+
+Where the lq image comes from depends on the task (``training_patches``):
+
+- ``sr_x<s>`` and ``derain``: the degrade stage's stored pairs (bicubic LR; rainy input), matched
+  by file name;
+- ``dn_s<sigma>`` and ``car_q<q>``: made on the fly from the clean patch with the degrade
+  stage's own functions: Gaussian noise on [0, 255] from the sample's generator, clipped and
+  rounded to uint8 exactly as the stored test pairs are; JPEG with the same encoder and chroma
+  subsampling. The clean images are the HR images of the training set (no stored pairs).
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from iln.data.degrade import add_gaussian_noise, jpeg_compress
+from iln.data.catalog import parts_of
+from iln.data.degrade import SUBSAMPLING, add_gaussian_noise, jpeg_compress
 from iln.data.io import image_size, list_images, read_rgb
 from iln.data.params import parse_task
+from iln.layout import Layout
 
 _PERMUTATION_STREAM = (
     0x5045524D  # separates the per-epoch permutation stream from per-sample streams
@@ -43,7 +54,8 @@ class TrainPatches:
 
     gt_dir: folder of HR images (or a list of folders, read as one set).
     lq_dir: folder of LR images with the same names, or None to make lq on the fly from the
-        gt patch with ``degradation`` ("dn_s<sigma>" or "car_q<quality>"; scale must be 1).
+        gt patch with ``degradation`` ("dn_s<sigma>" or "car_q<quality>"; scale must be 1),
+        JPEG with ``jpeg_subsampling`` chroma (the degrade stage's setting).
     Returns {"lq": float32 (3, p, p), "gt": float32 (3, s*p, s*p)} in [0, 1].
     ``len()`` is the number of images (one epoch); any k >= 0 is a valid index.
     ``cache`` keeps decoded images in memory, up to ``cache_bytes`` per process (each data
@@ -60,6 +72,7 @@ class TrainPatches:
         seed: int,
         augment: bool = True,
         degradation: str | None = None,
+        jpeg_subsampling: str = "yuv420",
         cache: bool = True,
         cache_bytes: int = 4 << 30,
     ) -> None:
@@ -81,6 +94,12 @@ class TrainPatches:
                 )
         elif lq_dir is None:
             raise ValueError("lq_dir is required unless a degradation makes lq on the fly")
+        if jpeg_subsampling not in SUBSAMPLING:
+            raise ValueError(
+                f"jpeg_subsampling must be one of {', '.join(SUBSAMPLING)}, "
+                f"got {jpeg_subsampling!r}"
+            )
+        self.jpeg_subsampling = jpeg_subsampling
         dirs = [Path(gt_dir)] if isinstance(gt_dir, (str, Path)) else [Path(d) for d in gt_dir]
         self.gt_files = [p for d in dirs for p in list_images(d)]
         if not self.gt_files:
@@ -97,25 +116,26 @@ class TrainPatches:
     def _check_sizes(self) -> None:
         """From the file headers: every lq fits a patch and matches its gt (gt = s * lq)."""
         p, s = self.lq_patch, self.scale
+        smallest: tuple[int, Path, int, int] | None = None  # (min side, file, h, w)
         for gt in self.gt_files:
             gh, gw = image_size(gt)
-            if self.lq_files is None:
-                if gh < p or gw < p:
+            src, (h, w) = gt, (gh, gw)
+            if self.lq_files is not None:
+                src = self.lq_files[gt.stem]
+                h, w = image_size(src)
+                if (gh, gw) != (h * s, w * s):
                     raise ValueError(
-                        f"{gt}: image {gh}x{gw} is smaller than the training patch {p}x{p}"
+                        f"{src}: lq size {h}x{w} times scale {s} does not match gt {gt} "
+                        f"size {gh}x{gw}"
                     )
-                continue
-            lq = self.lq_files[gt.stem]
-            lh, lw = image_size(lq)
-            if (gh, gw) != (lh * s, lw * s):
-                raise ValueError(
-                    f"{lq}: lq size {lh}x{lw} times scale {s} does not match gt {gt} size {gh}x{gw}"
-                )
-            if lh < p or lw < p:
-                raise ValueError(
-                    f"{lq}: image {lh}x{lw} is smaller than the training patch {p}x{p} "
-                    f"(gt {gt} is {gh}x{gw})"
-                )
+            if smallest is None or min(h, w) < smallest[0]:
+                smallest = (min(h, w), src, h, w)
+        if smallest is not None and smallest[0] < p:
+            _, src, h, w = smallest
+            raise ValueError(
+                f"train.lq_patch: {p} is larger than the smallest training input {src} "
+                f"({h}x{w}), the training patch {p}x{p} does not fit in it"
+            )
 
     def __len__(self) -> int:
         return len(self.gt_files)
@@ -164,7 +184,41 @@ class TrainPatches:
         task = self.degradation
         if task.kind == "dn":
             return add_gaussian_noise(gt_patch, task.sigma, rng)
-        return jpeg_compress(gt_patch, task.quality)
+        return jpeg_compress(gt_patch, task.quality, subsampling=self.jpeg_subsampling)
+
+
+def training_sources(task: str, train_set: str, layout: Layout) -> list[Path]:
+    """The folders a run's training reads: the clean HR images of every part of ``train_set``
+    for DN / CAR (degraded on the fly), else the stored (lq, gt) pairs."""
+    if parse_task(task).kind in ("dn", "car"):
+        return [layout.hr / part for part in parts_of(train_set)]
+    return list(layout.pair_dirs(task, train_set))
+
+
+def training_patches(
+    task: str,
+    train_set: str,
+    *,
+    layout: Layout,
+    lq_patch: int,
+    seed: int,
+    jpeg_subsampling: str = "yuv420",
+) -> TrainPatches:
+    """The training patches of a run: stored pairs for SR and deraining, the clean HR images of
+    ``train_set`` (all parts of a composite set such as DF2K) degraded on the fly for DN / CAR."""
+    spec = parse_task(task)
+    if spec.kind in ("dn", "car"):
+        return TrainPatches(
+            training_sources(task, train_set, layout),
+            None,
+            scale=1,
+            lq_patch=lq_patch,
+            seed=seed,
+            degradation=task,
+            jpeg_subsampling=jpeg_subsampling,
+        )
+    lq_dir, gt_dir = layout.pair_dirs(task, train_set)
+    return TrainPatches(gt_dir, lq_dir, scale=spec.scale, lq_patch=lq_patch, seed=seed)
 
 
 def _augment(img: np.ndarray, flips: np.ndarray) -> np.ndarray:
@@ -184,7 +238,7 @@ def _to_chw(img: np.ndarray) -> np.ndarray:
 
 
 class TestPairs:
-    """Evaluation pairs: a sequence of (name, lq uint8 (h, w, 3), gt uint8 (H, W, 3)), sorted by name."""
+    """Evaluation pairs: (name, lq uint8 (h, w, 3), gt uint8 (H, W, 3)), sorted by name."""
 
     __test__ = False  # not a pytest test class
 

@@ -79,7 +79,8 @@ def noise_rng(seed: int, task: str, name: str) -> np.random.Generator:
 
 
 def add_gaussian_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """img + N(0, sigma^2) per pixel and channel on the [0, 255] scale, clipped and rounded to uint8."""
+    """img + N(0, sigma^2) per pixel and channel on the [0, 255] scale, clipped and rounded to
+    uint8."""
     _check_rgb(img, "add_gaussian_noise")
     noisy = img.astype(np.float64) + rng.normal(0.0, float(sigma), size=img.shape)
     return round_to_uint8(noisy)
@@ -115,7 +116,9 @@ def jpeg_encoder_info(subsampling: str = "yuv420") -> dict[str, str]:
     return {
         "encoder": "Pillow " + PIL.__version__,
         "library": f"libjpeg-turbo {turbo}" if turbo else f"libjpeg {features.version('jpg')}",
-        "colour": "RGB -> YCbCr (JFIF), baseline, standard IJG quantisation tables scaled by quality",
+        "colour": (
+            "RGB -> YCbCr (JFIF), baseline, standard IJG quantisation tables scaled by quality"
+        ),
         "subsampling": subsampling,
     }
 

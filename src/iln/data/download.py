@@ -64,8 +64,16 @@ class ChecksumBook:
         if self.path.exists():
             try:
                 self.entries: dict[str, dict[str, str]] = json.loads(self.path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path}: not valid JSON ({err})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(
+                    f"{self.path}: unreadable checksum file, not valid JSON ({err}); the download "
+                    f"stage writes it: restore it from git, or delete it to record fresh checksums"
+                ) from None
+            if not isinstance(self.entries, dict):
+                raise ValueError(
+                    f"{self.path}: unreadable checksum file (expected a JSON object); the "
+                    f"download stage writes it: restore it from git, or delete it"
+                )
         else:
             self.entries = {}
 
@@ -74,6 +82,14 @@ class ChecksumBook:
 
     def record(self, filename: str, sha256: str, url: str) -> None:
         self.entries[filename] = {"sha256": sha256, "url": url}
+        write_json_atomic(self.path, self.entries)
+
+    def get_content(self, set_name: str) -> str | None:
+        """The content digest recorded for a set (archives pinned by content)."""
+        return self.entries.get(set_name, {}).get("content_sha256")
+
+    def record_content(self, set_name: str, digest: str, url: str) -> None:
+        self.entries[set_name] = {"content_sha256": digest, "url": url}
         write_json_atomic(self.path, self.entries)
 
 
@@ -113,9 +129,10 @@ def fetch(
             attempt += 1
             if attempt > retries:
                 raise DownloadError(
-                    f"{label}: download from {url} failed after {retries + 1} attempts ({err.__cause__ or err}). "
-                    f"Check the network, or use the embedded default set (data.datasets: [default]), or point "
-                    f"data.local.<set> at a folder that already holds the images. The partial file "
+                    f"{label}: download from {url} failed after {retries + 1} attempts "
+                    f"({err.__cause__ or err}). Check the network, or use the embedded default "
+                    f"set (data.datasets: [default]), or point data.local.<set> at a folder that "
+                    f"already holds the images. The partial file "
                     f"{part} is kept and will be resumed."
                 ) from None
             time.sleep(backoff * attempt)
@@ -158,9 +175,9 @@ def _download_to(url: str, part: Path, *, label: str, progress: bool, timeout: f
         ctype = response.headers.get("Content-Type", "")
         if ctype.startswith("text/html"):
             raise DownloadError(
-                f"{label}: {url} returned a web page instead of the file (a login, quota or confirmation page). "
-                f"Download it in a browser into {part.parent} as {part.name[: -len('.part')]}, or point "
-                f"data.local.<set> at a local copy."
+                f"{label}: {url} returned a web page instead of the file (a login, quota or "
+                f"confirmation page). Download it in a browser into {part.parent} as "
+                f"{part.name[: -len('.part')]}, or point data.local.<set> at a local copy."
             )
         if offset and status != 206:  # the server ignored the Range header: start again
             offset = 0

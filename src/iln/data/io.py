@@ -16,12 +16,12 @@ EXIF orientation is not applied: benchmark files are stored upright.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from iln.files import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
 
@@ -139,13 +139,14 @@ def _drop_opaque_alpha(rgba: np.ndarray, path: Path) -> np.ndarray:
     if (alpha != 255).any():
         share = float((alpha != 255).mean())
         raise ImageReadError(
-            f"{path}: image has transparent pixels ({share:.1%} of the image); expected an opaque image"
+            f"{path}: image has transparent pixels ({share:.1%} of the image); "
+            "expected an opaque image"
         )
     return rgba[..., :3]
 
 
 def write_png(path: str | Path, array: np.ndarray, *, compress_level: int = 6) -> None:
-    """Write uint8 (H, W, 3) or (H, W) as PNG via a temp file in the same folder + rename."""
+    """Write uint8 (H, W, 3) or (H, W) as PNG through the atomic writer (``iln.files``)."""
     path = Path(path)
     array = np.asarray(array)
     if array.dtype != np.uint8:
@@ -154,20 +155,10 @@ def write_png(path: str | Path, array: np.ndarray, *, compress_level: int = 6) -
         raise ValueError(f"{path}: write_png expects (H, W) or (H, W, 3), got shape {array.shape}")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666
-        )  # honours the umask, unlike mkstemp
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(np.ascontiguousarray(array)).save(
-                handle, format="PNG", compress_level=compress_level
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(
+            tmp, format="PNG", compress_level=compress_level
+        )
 
 
 def is_plain_rgb_png(path: str | Path) -> bool:

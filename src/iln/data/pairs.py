@@ -126,7 +126,8 @@ def make_pairs(
     manifest = _manifest(params, records, staged)
     write_json_atomic(pairs_root / "manifest.json", manifest)
     log(
-        f"degrade: {len(work)} source images, {len(staged)} pair folders in {time.perf_counter() - start:.1f} s "
+        f"degrade: {len(work)} source images, {len(staged)} pair folders in "
+        f"{time.perf_counter() - start:.1f} s "
         f"({resolve_workers(params.workers)} workers)"
     )
     return manifest
@@ -151,7 +152,8 @@ def _sources(hr_root: Path, set_name: str, *, derain: bool) -> list[tuple[str, P
         for path in list_images(folder):
             if path.stem in seen:
                 raise ValueError(
-                    f"{set_name}: image name {path.stem!r} occurs in both {seen[path.stem]} and {path}"
+                    f"{set_name}: image name {path.stem!r} occurs in both {seen[path.stem]} "
+                    f"and {path}"
                 )
             seen[path.stem] = path
             lq = None
@@ -166,7 +168,17 @@ def _sources(hr_root: Path, set_name: str, *, derain: bool) -> list[tuple[str, P
 
 
 def _process_image(job: ImageJob) -> list[tuple[str, str, dict]]:
-    """All outputs of one source image; returns (task/set, name, record) per output."""
+    """All outputs of one source image; returns (task/set, name, record) per output.
+    A ValueError about the image (too small for the scale, ...) names the source file."""
+    try:
+        return _process_image_named(job)
+    except ValueError as err:
+        if str(job.gt_src) in str(err) or (job.lq_src and str(job.lq_src) in str(err)):
+            raise
+        raise ValueError(f"{job.gt_src}: {err}") from None
+
+
+def _process_image_named(job: ImageJob) -> list[tuple[str, str, dict]]:
     hr = (
         None if all(o.task == "derain" for o in job.outputs) else read_rgb(job.gt_src)
     )  # (H, W, 3) uint8
@@ -264,7 +276,8 @@ def _write_tiles(
 
 
 def _manifest(params: DegradeParams, records: dict[str, dict], staged: dict) -> dict:
-    """Deterministic: the same params and HR images give the same bytes (no timings, no worker count)."""
+    """Deterministic: the same params and HR images give the same bytes (no timings, no
+    worker count)."""
     pairs = {}
     for task, set_name in staged:
         key = f"{task}/{set_name}"
@@ -285,7 +298,8 @@ def _manifest(params: DegradeParams, records: dict[str, dict], staged: dict) -> 
         "bicubic": "MATLAB imresize (bicubic a=-0.5, antialiased, symmetric borders), float64, "
         + ("rounded after each pass" if params.bicubic_rounding == "per_pass" else "rounded once")
         + ", half away from zero",
-        "noise": "N(0, sigma^2) on [0, 255], numpy PCG64 seeded by sha256(seed|task|image), clipped and rounded",
+        "noise": "N(0, sigma^2) on [0, 255], numpy PCG64 seeded by sha256(seed|task|image), "
+        "clipped and rounded",
         "jpeg": jpeg_encoder_info(params.jpeg_subsampling),
         "pairs": pairs,
     }

@@ -33,7 +33,8 @@ def parse_task(name: str, where: str = "task") -> TaskSpec:
     match = TASK_RE.match(name)
     if not match:
         raise ValueError(
-            f"{where}: unknown task {name!r} (sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
+            f"{where}: unknown task {name!r} "
+            "(sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
         )
     if match["scale"] is not None:
         scale = int(match["scale"])
@@ -122,8 +123,8 @@ class SubImages:
         for scale in SR_SCALES:
             if self.size % scale or self.step % scale:
                 raise ValueError(
-                    f"subimages: size {self.size} and step {self.step} must be divisible by every SR scale "
-                    f"{SR_SCALES} so LR tiles stay aligned"
+                    f"subimages: size {self.size} and step {self.step} must be divisible by "
+                    f"every SR scale {SR_SCALES} so LR tiles stay aligned"
                 )
 
 
@@ -177,6 +178,8 @@ class DegradeParams:
                     )
         if self.workers < 0:
             raise ValueError(f"workers: must be >= 0 (0 = all cores), got {self.workers}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level: must be in 0..9, got {self.png_compress_level}")
 

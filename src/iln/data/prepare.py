@@ -9,6 +9,7 @@ partial ``<set>/`` behind.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -68,10 +69,14 @@ def prepare_sets(
                 input_dir = locate(root, spec.input_member, name)
                 if input_dir == clean_dir:
                     raise ValueError(
-                        f"{name}: expected separate folders of rainy inputs and clean targets under "
-                        f"{root} (e.g. input/ and target/)"
+                        f"{name}: expected separate folders of rainy inputs and clean targets "
+                        f"under {root} (e.g. input/ and target/)"
                     )
                 pairs.append((input_dir, hr_root / f"{name}{RAIN_SUFFIX}"))
+            if origin.get("pin") == "content":
+                origin["content_sha256"] = _check_content(
+                    spec, [clean_dir] + [p[0] for p in pairs[1:]], sources, origin["url"]
+                )
             counts = _normalise_set(spec, pairs, workers=workers, progress=progress)
             summary[name] = {"count": counts[0], **origin}
             log(f"{name}: {counts[0]} images -> {hr_root / name}")
@@ -82,7 +87,7 @@ def prepare_sets(
 
 
 def _display(path: Path) -> str:
-    """Relative to the working directory when inside it, so the summary is the same on every clone."""
+    """Relative to the working directory when inside it (the summary is the same on any clone)."""
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -127,7 +132,8 @@ def _source_root(
             f"Or use the embedded default set (data.datasets: [default])."
         )
     book = ChecksumBook(sources.checksum_file)
-    recorded = book.get(archive.filename)
+    by_bytes = archive.pin == "bytes"
+    recorded = book.get(archive.filename) if by_bytes else None
     dest = sources.download_dir / archive.filename
     log(f"{spec.name}: fetching {archive.url} ({archive.size or 'size unknown'})")
     digests = fetch(
@@ -137,9 +143,11 @@ def _source_root(
         label=f"{spec.name} ({archive.filename})",
         progress=progress,
     )
-    if recorded is None and archive.sha256 is None:
+    if by_bytes and recorded is None and archive.sha256 is None:
         book.record(archive.filename, digests["sha256"], archive.url)
     origin = {"origin": "download", "url": archive.url, "sha256": digests["sha256"]}
+    if not by_bytes:
+        origin["pin"] = "content"
     return _extract(
         dest, scratch, extracted, wanted, sources.extract_limits, all_sets_of=spec.archive
     ), origin
@@ -170,6 +178,37 @@ def _extract(
         safe_extract(archive, target, wanted=member_wanted(wanted), limits=limits)
         extracted[key] = target
     return extracted[key]
+
+
+def content_digest(folders: Sequence[Path]) -> str:
+    """SHA-256 over the sorted file names and bytes of the images in ``folders`` (in order).
+
+    Independent of how an archive packed them (compression, timestamps, member order): what
+    pins a GitHub source archive, whose bytes are regenerated on request.
+    """
+    digest = hashlib.sha256()
+    for k, folder in enumerate(folders):
+        for path in list_images(folder):
+            data = path.read_bytes()
+            digest.update(f"{k}/{path.name}\x00{len(data)}\x00".encode())
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def _check_content(spec: SetSpec, folders: list[Path], sources: Sources, url: str) -> str:
+    """Verify (or, the first time, record) the content digest of a set's extracted images."""
+    book = ChecksumBook(sources.checksum_file)
+    digest = content_digest(folders)
+    recorded = book.get_content(spec.name)
+    if recorded is None:
+        book.record_content(spec.name, digest, url)
+    elif recorded != digest:
+        raise DownloadError(
+            f"{spec.name}: the images extracted from {url} differ from the ones recorded in "
+            f"{sources.checksum_file} (content sha256 {digest}, expected {recorded}); the source "
+            f"changed upstream. Delete the entry {spec.name!r} there to accept the new content."
+        )
+    return digest
 
 
 def locate(root: Path, member: str, set_name: str) -> Path:

@@ -31,7 +31,7 @@ __all__ = [
     "to_official_state_dict",
 ]
 
-SCALES = (2, 3, 4)
+SCALES = (1, 2, 3, 4)  # 1: restoration (denoising, JPEG, deraining) with a global residual
 
 _HAT_COMMON: dict[str, Any] = dict(
     family="hat",
@@ -89,7 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 ARCHS: tuple[str, ...] = tuple(PRESETS)
 
 # Overrides every arch accepts (besides its preset's network keys).
-_GENERAL_KEYS = ("stdnorm", "affine_outer", "eps", "attention", "upsampler")
+_GENERAL_KEYS = ("stdnorm", "affine_outer", "eps", "upsampler")
 _UPSAMPLERS = ("pixelshuffle",)
 
 
@@ -120,7 +120,8 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(
-            f"unknown override {', '.join(map(repr, unknown))} for arch {arch!r}; valid overrides: {', '.join(valid)}"
+            f"unknown override {', '.join(map(repr, unknown))} for arch {arch!r}; "
+            f"valid overrides: {', '.join(valid)}"
         )
 
     hp: dict[str, Any] = {"arch": arch, "norm": norm, "scale": int(scale)}
@@ -129,7 +130,6 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
         stdnorm=norm == "iln",
         affine_outer=norm == "iln",
         eps=norms.default_eps(norm),
-        attention="fast",
         upsampler="pixelshuffle",
     )
     hp.update(overrides)
@@ -157,10 +157,6 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
     for key in ("compress_ratio", "squeeze_factor"):
         if key in hp and (not isinstance(hp[key], int) or hp[key] < 1 or embed // hp[key] < 1):
             raise ValueError(f"{key} {hp[key]!r} must be an int in [1, embed_dim={embed}]")
-    if hp["attention"] not in common.ATTENTION_MODES:
-        raise ValueError(
-            f"attention {hp['attention']!r} is not valid; valid: {', '.join(common.ATTENTION_MODES)}"
-        )
     if hp["upsampler"] not in _UPSAMPLERS:
         raise ValueError(
             f"upsampler {hp['upsampler']!r} is not supported; valid: {', '.join(_UPSAMPLERS)}"
@@ -179,24 +175,34 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
 
 
 def build_model(
-    arch: str, *, norm: str, scale: int, generator: torch.Generator | None = None, **overrides: Any
+    arch: str,
+    *,
+    norm: str,
+    scale: int,
+    generator: torch.Generator | None = None,
+    fast: bool = True,
+    **overrides: Any,
 ) -> nn.Module:
-    """Build preset ``arch`` with norm variant ``norm`` for x``scale`` SR.
+    """Build preset ``arch`` with norm variant ``norm`` for x``scale`` SR, or for
+    restoration at input resolution (input + predicted residual) with ``scale=1``.
 
     Overrides use the official hyper-parameter names (``embed_dim``, ``depths``,
     ``num_heads``, ``window_size``, ``compress_ratio``, ``squeeze_factor``, ``mlp_ratio``,
     ``conv_scale``, ``overlap_ratio``, ``drop_path_rate``, ``img_range``) plus
     ``stdnorm``, ``affine_outer`` (default True for ``iln``, False otherwise, as the
-    official configs), ``eps`` (norm eps), ``attention`` ("fast" | "naive") and
-    ``upsampler``. ``generator`` draws the initial weights (global RNG when None).
-    The resolved values are on ``model.hparams``.
+    official configs), ``eps`` (norm eps) and ``upsampler``. ``generator`` draws the
+    initial weights (global RNG when None). The resolved values are on ``model.hparams``.
+
+    ``fast`` (default) runs the fast path of ``fast.py`` (hand-written gradients, fused
+    kernels); ``fast=False`` the plain reference code. Both compute the same function and
+    share parameter names, so weights move freely between them.
     """
     hp = resolve_hparams(arch, norm=norm, scale=scale, **overrides)
-    block_norm = norms.norm_factory(norm, eps=hp["eps"])
+    block_norm = norms.norm_factory(norm, eps=hp["eps"], fast=fast)
     outer_norm = (
         norms.affine_factory()
         if hp["affine_outer"]
-        else norms.norm_factory(norm, eps=hp["eps"], residual=False)
+        else norms.norm_factory(norm, eps=hp["eps"], residual=False, fast=fast)
     )
     shared = dict(
         scale=hp["scale"],
@@ -210,7 +216,7 @@ def build_model(
         img_range=hp["img_range"],
         norm_layer=block_norm,
         outer_norm_layer=outer_norm,
-        attention=hp["attention"],
+        fast=fast,
     )
     with torch.random.fork_rng(devices=[]):  # construction-time draws are replaced below
         if hp["family"] == "hat":

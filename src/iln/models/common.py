@@ -1,6 +1,11 @@
-"""Pieces shared by HAT and SwinIR: residual merge, stochastic depth, MLP, shifted windows,
-relative position indices, window attention (fast and naive), padding, the
-pixel-shuffle head and the one weight initialisation."""
+"""Pieces shared by HAT and SwinIR, written as the reference: residual update, stochastic
+depth, MLP, shifted windows, relative position indices, window attention, padding, the
+input encoding, the pixel-shuffle head and the one weight initialisation.
+
+Functions and modules that take ``fast`` hand the same computation to ``fast.py`` (hand-
+written gradients, fused kernels) when it is True; the plain torch code here defines what
+they compute.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iln.models import fast as fast_ops
 from iln.models import norms
 
 MASK_VALUE = -100.0  # logit added between tokens of different regions in shifted windows
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K training set, RGB in [0, 1]
 RGB_STD = (0.2842, 0.2701, 0.2920)
 NUM_FEAT = 64  # channels of the reconstruction head
-ATTENTION_MODES = ("fast", "naive")
 
 
 @dataclass(frozen=True)
@@ -26,13 +31,13 @@ class ForwardContext:
     """What every block of one forward pass shares, built once at the top of the model.
 
     ``size`` is the (padded) token grid (H, W); ``shift_mask`` the (nW, n, n) additive mask
-    of the shifted windows; ``orders`` maps a shift to the token permutation that does
-    shift + window partition in one gather, and its inverse (both None on the naive
-    path, which rebuilds what it needs); ``generator`` feeds stochastic depth.
+    of the shifted windows; ``orders`` (fast path only) maps a shift to the token
+    permutation that does shift + window partition in one gather, and its inverse;
+    ``generator`` feeds stochastic depth.
     """
 
     size: tuple[int, int]
-    shift_mask: Tensor | None = None
+    shift_mask: Tensor
     orders: Mapping[int, tuple[Tensor, Tensor]] | None = None
     generator: torch.Generator | None = None
 
@@ -47,38 +52,18 @@ def window_context(
     fast: bool,
 ) -> ForwardContext:
     """The shared per-forward geometry of a windowed network on an (H, W) token grid."""
-    if not fast:
-        return ForwardContext(size=size, generator=generator)
     shift = window // 2
     h, w = size
+    mask = shift_window_mask(h, w, window, shift, device=device, dtype=dtype)
+    if not fast:
+        return ForwardContext(size=size, shift_mask=mask, generator=generator)
     positions = torch.arange(h * w, device=device).view(1, h, w, 1)
     orders = {}
     for s in (0, shift):
         grid = torch.roll(positions, shifts=(-s, -s), dims=(1, 2)) if s else positions
         order = window_partition(grid, window).reshape(-1)  # (N,) source token of each window slot
         orders[s] = (order, torch.argsort(order))
-    mask = shift_window_mask(h, w, window, shift, device=device, dtype=dtype)
     return ForwardContext(size=size, shift_mask=mask, orders=orders, generator=generator)
-
-
-class _PermuteTokens(torch.autograd.Function):
-    """x[:, order] for a permutation ``order``; its gradient is the inverse gather
-    (cheaper than the scatter-add of a general index_select)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:  # x (B, N, C)
-        ctx.save_for_backward(inverse)
-        return x.index_select(1, order)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
-
-
-def permute_tokens(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
-    """(B, N, C) -> (B, N, C) with token i taken from ``order[i]``."""
-    return _PermuteTokens.apply(x, order, inverse)
 
 
 def residual_add(
@@ -87,83 +72,20 @@ def residual_add(
     branch: Tensor,
     *others: Tensor,
     drop_factor: Tensor | None = None,
+    fast: bool = False,
 ) -> Tensor:
-    """x + scale * (drop_factor * branch + sum of others).
+    """The residual update x + scale * F, F = drop_factor * branch + sum of ``others``.
 
-    ``drop_factor`` is the stochastic-depth factor of ``branch`` from ``drop_path_factor``
-    (None: nothing dropped); folding it into the same multiply-add saves the separate
-    passes of an explicit ``branch / keep_rate * mask``. A unit scale adds the branches one
-    by one, which is exactly the operation order of the official LN blocks; any other
-    scale multiplies the summed branches, as the official i-LN blocks do.
+    ``scale`` is what the norm in front of the branch returned (1 for LN, the per-image
+    std for i-LN); ``drop_factor`` the stochastic-depth factor of ``branch`` from
+    ``drop_path_factor`` (None: nothing dropped). ``fast``: ``fast.residual_add``.
     """
-    if isinstance(scale, float) and scale == norms.UNIT:
-        x = x + branch if drop_factor is None else _ScaledAdd.apply(x, branch, drop_factor)
-        for other in others:
-            x = x + other
-        return x
-    if others:
-        total = sum(others[1:], others[0])
-        total = branch + total if drop_factor is None else torch.addcmul(total, branch, drop_factor)
-        return _scaled_add(x, total, scale)
-    return _scaled_add(x, branch, scale if drop_factor is None else scale * drop_factor)
-
-
-def _scaled_add(x: Tensor, t: Tensor, scale: norms.Scale) -> Tensor:
-    return _ScaledAdd.apply(x, t, scale) if isinstance(scale, Tensor) else x + t * scale
-
-
-class _ScaledAdd(torch.autograd.Function):
-    """x + t * s (s broadcast to t) with a backward that forms only the needed products.
-
-    For a per-sample s (B, 1, ..., 1) the gradient of s is one dot product per sample,
-    taken on CPU right before that sample's ``grad * s`` so that both read the same
-    cache-warm slice of ``grad``, and no full-size temporary is formed.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
-        ctx.save_for_backward(t, s)
-        return torch.addcmul(x, t, s)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        t, s = ctx.saved_tensors
-        need_t, need_s = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        if need_s and _per_sample(s, t):
-            grad_t, grad_s = _scale_and_dot(grad, t, s, need_t)
-            return grad, grad_t, grad_s
-        grad_t = grad * s if need_t else None
-        grad_s = (grad * t).sum_to_size(s.shape) if need_s else None
-        return grad, grad_t, grad_s
-
-
-def _per_sample(s: Tensor, t: Tensor) -> bool:
-    return s.ndim == t.ndim and s.shape[0] == t.shape[0] and s[0].numel() == 1
-
-
-def _scale_and_dot(
-    grad: Tensor, t: Tensor, s: Tensor, need_scaled: bool
-) -> tuple[Tensor | None, Tensor]:
-    """(grad * s or None, per-sample sums of grad * t shaped like s) for a per-sample s.
-
-    On CPU one ``dot`` and one ``mul`` per sample, so each slice of ``grad`` is read from
-    memory once; a GPU takes the batched ``vecdot``.
-    """
-    b = grad.shape[0]
-    flat_grad, flat_t = grad.reshape(b, -1), t.reshape(b, -1).to(grad.dtype)  # (B, M)
-    if grad.device.type != "cpu":
-        return (grad * s if need_scaled else None), torch.linalg.vecdot(flat_grad, flat_t).view(
-            s.shape
-        )
-    scaled = torch.empty_like(grad, memory_format=torch.contiguous_format) if need_scaled else None
-    flat_scaled = scaled.view(b, -1) if need_scaled else None
-    flat_s = s.reshape(b, 1).to(grad.dtype)
-    sums = []
-    for i in range(b):
-        sums.append(torch.dot(flat_grad[i], flat_t[i]))
-        if need_scaled:
-            torch.mul(flat_grad[i], flat_s[i], out=flat_scaled[i])
-    return scaled, torch.stack(sums).view(s.shape).to(s.dtype)
+    if fast:
+        return fast_ops.residual_add(x, scale, branch, *others, drop_factor=drop_factor)
+    update = branch if drop_factor is None else branch * drop_factor
+    for other in others:
+        update = update + other
+    return x + scale * update
 
 
 def drop_path_factor(
@@ -265,27 +187,15 @@ def relative_position_index_overlap(window: int, overlap: int) -> Tensor:
 
 
 def gather_bias(table: Tensor, index: Tensor) -> Tensor:
-    """Relative position bias (heads, nq, nk) from a (rows, heads) table.
-
-    Negative indices wrap around (as Python indexing does), so the released OCAB index
-    buffer is used as is.
-    """
-    rows = table.shape[0]
-    flat = torch.where(index < 0, index + rows, index).reshape(-1)  # (nq*nk,)
-    return table.t().index_select(1, flat).view(table.shape[1], *index.shape)  # (heads, nq, nk)
+    """Relative position bias (heads, nq, nk) from a (rows, heads) table and an (nq, nk)
+    index; negative indices wrap around (the released OCAB index buffer has some)."""
+    return table[index.view(-1)].view(*index.shape, -1).permute(2, 0, 1)  # (heads, nq, nk)
 
 
-def gather_bias_naive(table: Tensor, index: Tensor) -> Tensor:
-    """``gather_bias`` the way the released code writes it (advanced indexing, permute)."""
-    return (
-        table[index.view(-1)].view(*index.shape, -1).permute(2, 0, 1).contiguous()
-    )  # (heads, nq, nk)
-
-
-def naive_attention(
+def attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None
 ) -> Tensor:
-    """softmax(q k^T * scale + bias [+ mask]) v, spelled out as the released code does.
+    """softmax(q k^T * scale + bias [+ mask]) v, as the released code computes it.
 
     q (..., nq, d), k and v (..., nk, d); bias and mask broadcastable to (..., nq, nk).
     """
@@ -295,78 +205,14 @@ def naive_attention(
     return torch.softmax(logits, dim=-1) @ v
 
 
-class _BiasedAttention(torch.autograd.Function):
-    """The naive computation with a hand-written backward that reuses its buffers.
-
-    Forward adds bias and mask and takes the softmax in place in the logits buffer;
-    backward forms dS = P * (dP - rowsum(dO * O)) in place in the dP buffer, so each pass
-    allocates one attention-sized tensor instead of three. The forward gives the numbers of
-    ``naive_attention`` (up to the rounding of masked logits).
-    """
-
-    @staticmethod
-    def forward(
-        ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float
-    ) -> Tensor:
-        probs = torch.matmul(q * scale, k.transpose(-2, -1))  # (..., nq, nk)
-        # bias + mask is image-independent, so combining first saves a pass over probs;
-        # it changes only masked logits (-100 + bias), whose softmax weight is ~e^-100
-        probs.add_(bias if mask is None else bias + mask)
-        torch.ops.aten._softmax.out(probs, -1, False, out=probs)
-        out = torch.matmul(probs, v)  # (..., nq, d)
-        ctx.save_for_backward(q, k, v, probs, out)
-        ctx.scale = scale
-        ctx.bias_shape = bias.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, probs, out = ctx.saved_tensors
-        grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)  # (..., nk, d)
-        grad_s = torch.matmul(grad_out, v.transpose(-2, -1))  # dP (..., nq, nk)
-        row = (grad_out * out).sum(
-            -1, keepdim=True
-        )  # rowsum(dP * P) = rowsum(dO * O), (..., nq, 1)
-        grad_s.sub_(row).mul_(probs)  # dS, in place
-        grad_bias = grad_s.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None
-        grad_q = torch.matmul(grad_s, k).mul_(ctx.scale)  # (..., nq, d)
-        grad_k = torch.matmul(grad_s.transpose(-2, -1), q * ctx.scale)  # (..., nk, d)
-        return grad_q, grad_k, grad_v, grad_bias, None, None
-
-
-def fast_attention(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None
-) -> Tensor:
-    """Same result as ``naive_attention``, computed faster.
-
-    Without gradients it is torch's fused ``scaled_dot_product_attention`` with bias
-    (+ mask) as the additive mask (a 4-D mask lets the fused CPU kernel run); with
-    gradients (the bias table is trained, which the fused kernels cannot differentiate)
-    it is ``_BiasedAttention``.
-    """
-    needs_grad = torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad
-    )
-    if needs_grad:
-        return _BiasedAttention.apply(q, k, v, bias, mask, scale)
-    full = bias if mask is None else bias + mask
-    if q.ndim == 5 and q.shape[0] == 1:  # one image: (nW, h, n, d) with an (nW, h, n, n) mask
-        return F.scaled_dot_product_attention(
-            q[0], k[0], v[0], attn_mask=full, scale=scale
-        ).unsqueeze(0)
-    while full.ndim < q.ndim:
-        full = full.unsqueeze(0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)
-
-
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside (shifted) w x w windows with a relative position
     bias table ((2w-1)^2, heads).
 
-    ``fast`` selects torch's fused attention with the bias (+ shift mask) passed as the
-    additive mask, the shift mask coming from the forward context. The naive path spells
-    out q k^T * scale + bias + mask, softmax, @ v and rebuilds mask and index on every
-    call, exactly as the released code computes them.
+    Reference: cyclic shift, window partition, softmax(q k^T * scale + bias + mask) v,
+    window reverse, shift back. ``fast``: shift + partition as one token gather with the
+    context's permutations (two copies instead of four), ``fast.gather_bias`` and
+    ``fast.attention``.
     """
 
     def __init__(self, dim: int, window: int, num_heads: int, fast: bool) -> None:
@@ -388,18 +234,14 @@ class WindowAttention(nn.Module):
         """
         b, h, w, c = grid.shape
         n = self.window * self.window
-        if self.fast:  # one gather each way, with the context's permutations and mask
+        mask = ctx.shift_mask if shift else None
+        if self.fast:  # shift + partition (and back) as one token gather each way
             order, inverse = ctx.orders[shift]
-            windows = permute_tokens(grid.reshape(b, h * w, c), order, inverse).view(
-                -1, n, c
-            )  # (B*nW, n, C)
-            out = self._attend(windows, index, ctx.shift_mask if shift else None)  # (B*nW, n, C)
-            return permute_tokens(out.view(b, h * w, c), inverse, order)  # (B, N, C)
-        mask = None
+            windows = grid.reshape(b, h * w, c).index_select(1, order).view(-1, n, c)
+            out = self._attend(windows, index, mask)  # (B*nW, n, C)
+            return out.view(b, h * w, c).index_select(1, inverse)  # (B, N, C)
         if shift:
             grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
-            mask = shift_window_mask(h, w, self.window, shift, device=grid.device, dtype=grid.dtype)
-        index = relative_position_index(self.window).to(grid.device)
         windows = window_partition(grid, self.window)  # (B*nW, n, C)
         out = window_reverse(self._attend(windows, index, mask), self.window, h, w)  # (B, H, W, C)
         if shift:
@@ -416,13 +258,13 @@ class WindowAttention(nn.Module):
         if self.fast:
             qkv = qkv.contiguous()  # one copy instead of one per matmul
         q, k, v = qkv
-        gather = gather_bias if self.fast else gather_bias_naive
+        gather = fast_ops.gather_bias if self.fast else gather_bias
         bias = gather(self.relative_position_bias_table, index)  # (h, n, n)
         if mask is not None:  # one mask per window position, shared by the images
             nw = mask.shape[0]
             q, k, v = (t.view(bw // nw, nw, heads, n, -1) for t in (q, k, v))  # (B, nW, h, n, d)
             mask = mask.unsqueeze(1)  # (nW, 1, n, n)
-        attend = fast_attention if self.fast else naive_attention
+        attend = fast_ops.attention if self.fast else attention
         out = attend(q, k, v, bias, self.scale, mask)  # (..., h, n, d)
         return self.proj(out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c))
 
@@ -500,25 +342,14 @@ def tokens(x: Tensor) -> Tensor:
     return x.flatten(2).transpose(1, 2).contiguous()
 
 
-def image(x: Tensor, size: tuple[int, int]) -> Tensor:
+def image(x: Tensor, size: tuple[int, int], fast: bool = False) -> Tensor:
     """(B, H*W, C) -> (B, C, H, W) as a channels-last view of the same memory.
 
-    The gradient comes back as a contiguous (B, H*W, C) tensor. The CPU convolutions
-    return an NCHW input gradient, whose token view is channel-major; left as is, that
-    layout would travel down the whole residual stream and make every later gradient op
-    either copy or stride across memory.
+    ``fast``: the gradient comes back as contiguous tokens (``fast.image``).
     """
-    return _TokensAsImage.apply(x, size[0], size[1])
-
-
-class _TokensAsImage(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, h: int, w: int) -> Tensor:  # x (B, N, C)
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)  # (B, C, H, W)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # grad (B, C, H, W)
-        return grad.flatten(2).transpose(1, 2).contiguous(), None, None  # (B, N, C)
+    if fast:
+        return fast_ops.image(x, size)
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *size)
 
 
 # ----------------------------------------------------------------------------- init
@@ -537,7 +368,7 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
     None the global generator is used.
     """
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(
                     module.weight, std=LINEAR_STD, a=-2.0, b=2.0, generator=generator
@@ -547,7 +378,7 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
             elif isinstance(module, nn.Conv2d):
                 nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
                 if module.bias is not None:
-                    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+                    fan_in = module.weight[0].numel()  # in_channels / groups * kernel area
                     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
                     module.bias.uniform_(-bound, bound, generator=generator)
             if isinstance(module, norms._Affine):

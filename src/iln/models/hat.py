@@ -3,8 +3,8 @@
 Module names and the computation follow the released implementation, so released
 weights load by name (see ``checkpoint.py``). The norm is passed in as a factory
 ``dim -> module`` whose forward returns ``(y, scale)``; every residual branch is merged
-by ``residual_add(x, scale, ...)``, which gives the plain LN blocks for unit scales and the
-i-LN blocks (``x + s * F(norm(x))``) for the per-image std.
+by ``residual_add``, x + scale * F(norm(x)): the LN blocks for unit scales, the i-LN blocks
+for the per-image std.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from iln.models import common
+from iln.models import fast as fast_ops
 from iln.models.common import ForwardContext, residual_add
 from iln.models.norms import NormFactory
+from iln.models.restorer import WindowedRestorer
 
 
 class ChannelAttention(nn.Module):
@@ -73,6 +75,7 @@ class HAB(nn.Module):
         self.shift = shift
         self.conv_scale = conv_scale
         self.drop_path = drop_path
+        self.fast = fast
         self.norm1 = norm_layer(dim)
         self.attn = common.WindowAttention(dim, window, num_heads, fast)
         self.conv_block = CAB(dim, compress_ratio, squeeze_factor)
@@ -86,16 +89,16 @@ class HAB(nn.Module):
         u, s1 = self.norm1(x)  # (B, N, C)
         grid = u.view(b, h, w, c)  # (B, H, W, C)
 
-        conv_x = common.tokens(self.conv_block(common.image(u, ctx.size)))  # (B, N, C)
+        conv_x = common.tokens(self.conv_block(common.image(u, ctx.size, self.fast)))  # (B, N, C)
 
         attn_x = self.attn(grid, ctx, index, self.shift)  # (B, N, C)
 
         drop = common.drop_path_factor(attn_x, self.drop_path, self.training, ctx.generator)
-        x = residual_add(x, s1, attn_x, conv_x * self.conv_scale, drop_factor=drop)
+        x = residual_add(x, s1, attn_x, conv_x * self.conv_scale, drop_factor=drop, fast=self.fast)
         v, s2 = self.norm2(x)
         mlp_x = self.mlp(v)
         drop = common.drop_path_factor(mlp_x, self.drop_path, self.training, ctx.generator)
-        return residual_add(x, s2, mlp_x, drop_factor=drop)
+        return residual_add(x, s2, mlp_x, drop_factor=drop, fast=self.fast)
 
 
 class OCAB(nn.Module):
@@ -155,19 +158,16 @@ class OCAB(nn.Module):
         kv = kv.reshape(2, -1, heads, ow * ow, d)  # (2, B*nW, h, ow*ow, d)
         k, v = kv[0], kv[1]
 
-        if self.fast:
-            bias = common.gather_bias(self.relative_position_bias_table, index)  # (h, w*w, ow*ow)
-            out = common.fast_attention(q, k, v, bias, self.scale)  # (B*nW, h, w*w, d)
-        else:  # the straightforward path rebuilds its index on every call
-            index = common.relative_position_index_overlap(win, ow).to(x.device)
-            bias = common.gather_bias_naive(self.relative_position_bias_table, index)
-            out = common.naive_attention(q, k, v, bias, self.scale)
+        gather = fast_ops.gather_bias if self.fast else common.gather_bias
+        attend = fast_ops.attention if self.fast else common.attention
+        bias = gather(self.relative_position_bias_table, index)  # (h, w*w, ow*ow)
+        out = attend(q, k, v, bias, self.scale)  # (B*nW, h, w*w, d)
         out = out.transpose(1, 2).reshape(-1, win * win, c)  # (B*nW, w*w, C)
         out = common.window_reverse(out, win, h, w).reshape(b, n_tok, c)  # (B, N, C)
 
-        x = residual_add(x, s1, self.proj(out))
+        x = residual_add(x, s1, self.proj(out), fast=self.fast)
         v_in, s2 = self.norm2(x)
-        return residual_add(x, s2, self.mlp(v_in))
+        return residual_add(x, s2, self.mlp(v_in), fast=self.fast)
 
 
 class AttenBlocks(nn.Module):
@@ -222,32 +222,21 @@ class RHAG(nn.Module):
         super().__init__()
         self.residual_group = AttenBlocks(dim, **blocks_kwargs)
         self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
+        self.fast = blocks_kwargs["fast"]
 
     def forward(
         self, x: Tensor, ctx: ForwardContext, index_sa: Tensor, index_oca: Tensor
     ) -> Tensor:
         y = self.residual_group(x, ctx, index_sa, index_oca)  # (B, N, C)
-        return common.tokens(self.conv(common.image(y, ctx.size))) + x
+        return common.tokens(self.conv(common.image(y, ctx.size, self.fast))) + x
 
 
-class PatchEmbed(nn.Module):
-    """Image to tokens (patch size 1) followed by the patch-embed norm."""
-
-    def __init__(self, dim: int, norm_layer: NormFactory) -> None:
-        super().__init__()
-        self.norm = norm_layer(dim)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, N, C)
-        y, _ = self.norm(common.tokens(x))  # no residual here: the branch scale is unused
-        return y
-
-
-class HAT(nn.Module):
-    """HAT for classical SR with a pixel-shuffle head.
+class HAT(WindowedRestorer):
+    """HAT for classical SR (pixel-shuffle head) or, at ``scale=1``, for restoration.
 
     ``norm_layer`` builds the norms inside residual blocks, ``outer_norm_layer`` the
-    patch-embed and final norms. Any input size: the image is padded (reflect) to a
-    multiple of the window inside ``forward`` and the output cropped back.
+    patch-embed and final norms; ``fast`` selects the fast path (``fast.py``). Any input
+    size (see ``WindowedRestorer``).
     """
 
     def __init__(
@@ -268,14 +257,36 @@ class HAT(nn.Module):
         img_range: float,
         norm_layer: NormFactory,
         outer_norm_layer: NormFactory,
-        attention: str,
+        fast: bool,
     ) -> None:
-        super().__init__()
-        self.scale = scale
-        self.window_size = window_size
-        self.embed_dim = embed_dim
-        self.fast = attention == "fast"
-        self.input_norm = common.InputNorm(stdnorm, img_range)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # grows with depth
+        layers = nn.ModuleList(
+            RHAG(
+                embed_dim,
+                depth=depth,
+                num_heads=heads,
+                window=window_size,
+                compress_ratio=compress_ratio,
+                squeeze_factor=squeeze_factor,
+                conv_scale=conv_scale,
+                overlap_ratio=overlap_ratio,
+                mlp_ratio=mlp_ratio,
+                drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                norm_layer=norm_layer,
+                fast=fast,
+            )
+            for i, (depth, heads) in enumerate(zip(depths, num_heads))
+        )
+        super().__init__(
+            scale=scale,
+            embed_dim=embed_dim,
+            window_size=window_size,
+            stdnorm=stdnorm,
+            img_range=img_range,
+            outer_norm_layer=outer_norm_layer,
+            layers=layers,
+            fast=fast,
+        )
         overlap = common.overlap_window_size(window_size, overlap_ratio)
         self.register_buffer(
             "relative_position_index_SA", common.relative_position_index(window_size)
@@ -285,62 +296,7 @@ class HAT(nn.Module):
             common.relative_position_index_overlap(window_size, overlap),
         )
 
-        self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
-        self.patch_embed = PatchEmbed(embed_dim, outer_norm_layer)
-        rates = torch.linspace(
-            0, drop_path_rate, sum(depths)
-        ).tolist()  # stochastic depth grows with depth
-        self.layers = nn.ModuleList()
-        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
-            self.layers.append(
-                RHAG(
-                    embed_dim,
-                    depth=depth,
-                    num_heads=heads,
-                    window=window_size,
-                    compress_ratio=compress_ratio,
-                    squeeze_factor=squeeze_factor,
-                    conv_scale=conv_scale,
-                    overlap_ratio=overlap_ratio,
-                    mlp_ratio=mlp_ratio,
-                    drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
-                    norm_layer=norm_layer,
-                    fast=self.fast,
-                )
-            )
-        self.norm = outer_norm_layer(embed_dim)
-        self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
-        self.conv_before_upsample = nn.Sequential(
-            nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True)
-        )
-        self.upsample = common.upsample_layers(scale)
-        self.conv_last = nn.Conv2d(common.NUM_FEAT, 3, 3, 1, 1)
-
-    def forward_features(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """(B, C, H, W) with H, W multiples of the window -> (B, C, H, W)."""
-        size = (x.shape[2], x.shape[3])
-        ctx = common.window_context(
-            size,
-            self.window_size,
-            device=x.device,
-            dtype=x.dtype,
-            generator=generator,
-            fast=self.fast,
-        )
-        t = self.patch_embed(x)  # (B, N, C)
+    def forward_layers(self, t: Tensor, ctx: ForwardContext) -> Tensor:
         for layer in self.layers:
             t = layer(t, ctx, self.relative_position_index_SA, self.relative_position_index_OCA)
-        t, _ = self.norm(t)
-        return common.image(t, size)
-
-    def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """x (B, 3, H, W) in [0, 1] -> (B, 3, s*H, s*W), not clamped.
-
-        ``generator`` drives stochastic depth in training (global RNG when None)."""
-        h, w = x.shape[2], x.shape[3]
-        x = self.input_norm.encode(common.pad_to_multiple(x, self.window_size))
-        x = self.conv_first(x)
-        x = self.conv_after_body(self.forward_features(x, generator)) + x
-        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        x = self.input_norm.decode(x)
-        return x[:, :, : h * self.scale, : w * self.scale]
+        return t

@@ -17,12 +17,13 @@ Nothing is cached on a module between calls; eps is a per-instance attribute.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from iln.models import fast as fast_ops
 
 UNIT = 1.0  # branch scale of every norm without rescaling
 
@@ -54,136 +55,28 @@ class LayerNorm(_Affine):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps), UNIT
 
 
-class _StandardizeAffine(torch.autograd.Function):
-    """x -> (xhat * weight + bias, std), xhat = (x - mean) / std, with mean and biased
-    variance over the last ``dims`` dims of each sample and std = sqrt(var + eps).
-
-    Statistics and normalisation come from one fused kernel (the one LayerNorm uses).
-    The hand-written backward includes the gradient through ``std`` (d std / dx = xhat / M
-    for M normalised values), so the rescaling is not detached, and skips the extra
-    full-size products autograd would form for the affine.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float
-    ) -> tuple[Tensor, Tensor]:
-        shape = list(x.shape[-dims:])
-        xhat, mean, rstd = torch.native_layer_norm(
-            x, shape, None, None, eps
-        )  # mean, rstd (B, 1, 1) / (B, N, 1)
-        ctx.save_for_backward(x, xhat, mean, rstd, weight)
-        ctx.shape = shape
-        ctx.set_materialize_grads(False)  # an unused std (LN*) brings no gradient pass
-        return torch.addcmul(bias, xhat, weight), rstd.reciprocal()
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor | None, grad_std: Tensor | None):
-        x, xhat, mean, rstd, weight = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = torch.zeros_like(xhat)
-        grad_w = (grad_y * xhat).sum_to_size(weight.shape) if ctx.needs_input_grad[1] else None
-        grad_b = grad_y.sum_to_size(weight.shape) if ctx.needs_input_grad[2] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.native_layer_norm_backward.default(
-                grad_y * weight, x, ctx.shape, mean, rstd, None, None, [True, False, False]
-            )[0]
-            if grad_std is not None:
-                grad_x.addcmul_(xhat, grad_std, value=1.0 / math.prod(ctx.shape))
-        return grad_x, grad_w, grad_b, None, None
-
-
-class _ImageStandardizeAffine(torch.autograd.Function):
-    """The same map as ``_StandardizeAffine`` over all N*C values of each image, on CPU.
-
-    A contiguous (B, N, C) tensor is, viewed as (B, C, 1, N), a channels-last image whose
-    one group spans every value of a sample, so the CPU GroupNorm kernels give
-    normalisation *and* the per-channel affine in one pass forward, and the input, weight
-    and bias gradients in one pass backward. Only x is kept for backward (no xhat), and
-    the gradient through std is added in place.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        b, n, c = x.shape
-        y, mean, rstd = torch.native_group_norm(
-            _as_image(x), weight, bias, b, c, n, 1, eps
-        )  # mean, rstd (B, 1)
-        ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.set_materialize_grads(False)
-        return y.permute(0, 2, 3, 1).view(b, n, c), rstd.reciprocal().view(b, 1, 1)
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor | None, grad_std: Tensor | None):
-        x, mean, rstd, weight = ctx.saved_tensors
-        b, n, c = x.shape
-        if grad_y is None:
-            grad_y = torch.zeros_like(x)
-        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward.default(
-            _as_image(grad_y.contiguous()),
-            _as_image(x),
-            mean,
-            rstd,
-            weight,
-            b,
-            c,
-            n,
-            1,
-            list(ctx.needs_input_grad[:3]),
-        )
-        if grad_x is not None:
-            grad_x = grad_x.permute(0, 2, 3, 1).reshape(b, n, c)
-            if grad_std is not None:  # + xhat * grad_std / (N*C), xhat = (x - mean) * rstd
-                k = rstd.view(b, 1, 1) * grad_std.view(b, 1, 1) / (n * c)  # (B, 1, 1)
-                shift = mean.view(b, 1, 1) * k
-                for i in range(b):  # one sample at a time: the second pass finds it in cache
-                    grad_x[i].addcmul_(x[i], k[i]).sub_(shift[i])
-        return grad_x, grad_w, grad_b, None
-
-
-def _as_image(t: Tensor) -> Tensor:
-    """Contiguous tokens (B, N, C) -> the same memory as a channels-last (B, C, 1, N) image."""
-    b, n, c = t.shape
-    return t.view(b, 1, n, c).permute(0, 3, 1, 2)
-
-
-def standardize_affine(
-    x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float
-) -> tuple[Tensor, Tensor]:
-    """(xhat * weight + bias, std) over the last ``dims`` dims; differentiable in both.
-
-    Input of another dtype than the parameters (a bf16 / fp16 activation under autocast)
-    is computed in the parameters' dtype, as autocast runs ``layer_norm``.
-    """
-    if x.dtype != weight.dtype:
-        x = x.to(weight.dtype)
-    if dims == 2 and _group_norm_applies(x):
-        return _ImageStandardizeAffine.apply(x, weight, bias, eps)
-    return _StandardizeAffine.apply(x, weight, bias, dims, eps)
-
-
-def _group_norm_applies(x: Tensor) -> bool:
-    """The GroupNorm route needs the CPU kernels (they take channels-last input; the CUDA
-    ones do not) and a contiguous (B, N, C) input."""
-    return x.device.type == "cpu" and x.ndim == 3 and x.is_contiguous()
-
-
 class ImageLayerNorm(_Affine):
     """LN*: one mean and one biased variance per image over all N*C values.
 
     With ``rescale=True`` this is i-LN: the branch scale is the per-image std
     sqrt(var + eps) of the input (B, 1, 1), not detached. Statistics are per sample, so
-    train and eval behave the same and nothing depends on the batch.
+    train and eval behave the same and nothing depends on the batch. ``fast`` computes
+    the same map with fused kernels (``fast.standardize_affine``).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-4, rescale: bool = True) -> None:
+    def __init__(self, dim: int, eps: float = 1e-4, rescale: bool = True, fast: bool = False):
         super().__init__(dim)
         self.eps = eps
         self.rescale = rescale
+        self.fast = fast
 
     def forward(self, x: Tensor) -> tuple[Tensor, Scale]:  # x (B, N, C)
-        y, std = standardize_affine(x, self.weight, self.bias, 2, self.eps)  # (B, N, C), (B, 1, 1)
+        if self.fast:
+            y, std = fast_ops.standardize_affine(x, self.weight, self.bias, 2, self.eps)
+        else:
+            var, mean = torch.var_mean(x, dim=(1, 2), correction=0, keepdim=True)  # (B, 1, 1)
+            std = torch.sqrt(var + self.eps)
+            y = (x - mean) / std * self.weight + self.bias
         return y, (std if self.rescale else UNIT)
 
     def extra_repr(self) -> str:
@@ -193,12 +86,17 @@ class ImageLayerNorm(_Affine):
 class TokenRescaledLayerNorm(_Affine):
     """LN+Rs: per-token LN whose branch is rescaled by the per-token std (B, N, 1)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, eps: float = 1e-5, fast: bool = False) -> None:
         super().__init__(dim)
         self.eps = eps
+        self.fast = fast
 
     def forward(self, x: Tensor) -> tuple[Tensor, Scale]:  # x (B, N, C)
-        return standardize_affine(x, self.weight, self.bias, 1, self.eps)  # (B, N, C), (B, N, 1)
+        if self.fast:
+            return fast_ops.standardize_affine(x, self.weight, self.bias, 1, self.eps)
+        var, mean = torch.var_mean(x, dim=-1, correction=0, keepdim=True)  # (B, N, 1)
+        std = torch.sqrt(var + self.eps)
+        return (x - mean) / std * self.weight + self.bias, std
 
 
 class RMSNorm(_Affine):
@@ -329,20 +227,23 @@ class Affine(_Affine):
         return x * self.weight + self.bias, UNIT
 
 
-# name -> (constructor, default eps). Only ``build_norm`` reads this table.
-_VARIANTS: dict[str, tuple[Callable[..., nn.Module], float]] = {
-    "ln": (LayerNorm, 1e-5),
-    "iln": (lambda dim, eps: ImageLayerNorm(dim, eps, rescale=True), 1e-4),
-    "ln_star": (lambda dim, eps: ImageLayerNorm(dim, eps, rescale=False), 1e-4),
-    "ln_rs": (TokenRescaledLayerNorm, 1e-5),
-    "rmsnorm": (RMSNorm, 1e-5),
-    "layerscale": (LayerScaleNorm, 1e-5),
-    "none": (IdentityNorm, 0.0),
-    "rezero": (ReZeroNorm, 0.0),
-    "batchnorm": (lambda dim, eps: BatchNorm(dim, eps, track_running_stats=True), 1e-5),
-    "batchnorm_train": (lambda dim, eps: BatchNorm(dim, eps, track_running_stats=False), 1e-5),
-    "instancenorm": (InstanceNorm, 1e-5),
-    "dyt": (DynamicTanh, 0.0),
+# name -> (constructor(dim, eps, fast), default eps). Only ``build_norm`` reads this table.
+_VARIANTS: dict[str, tuple[Callable[[int, float, bool], nn.Module], float]] = {
+    "ln": (lambda dim, eps, fast: LayerNorm(dim, eps), 1e-5),
+    "iln": (lambda dim, eps, fast: ImageLayerNorm(dim, eps, rescale=True, fast=fast), 1e-4),
+    "ln_star": (lambda dim, eps, fast: ImageLayerNorm(dim, eps, rescale=False, fast=fast), 1e-4),
+    "ln_rs": (lambda dim, eps, fast: TokenRescaledLayerNorm(dim, eps, fast=fast), 1e-5),
+    "rmsnorm": (lambda dim, eps, fast: RMSNorm(dim, eps), 1e-5),
+    "layerscale": (lambda dim, eps, fast: LayerScaleNorm(dim, eps), 1e-5),
+    "none": (lambda dim, eps, fast: IdentityNorm(dim, eps), 0.0),
+    "rezero": (lambda dim, eps, fast: ReZeroNorm(dim, eps), 0.0),
+    "batchnorm": (lambda dim, eps, fast: BatchNorm(dim, eps, track_running_stats=True), 1e-5),
+    "batchnorm_train": (
+        lambda dim, eps, fast: BatchNorm(dim, eps, track_running_stats=False),
+        1e-5,
+    ),
+    "instancenorm": (lambda dim, eps, fast: InstanceNorm(dim, eps), 1e-5),
+    "dyt": (lambda dim, eps, fast: DynamicTanh(dim, eps), 0.0),
 }
 
 NORMS: tuple[str, ...] = tuple(_VARIANTS)
@@ -363,27 +264,30 @@ def _check_name(name: str) -> None:
 
 
 def build_norm(
-    name: str, dim: int, *, eps: float | None = None, residual: bool = True
+    name: str, dim: int, *, eps: float | None = None, residual: bool = True, fast: bool = False
 ) -> nn.Module:
     """Build norm ``name`` over ``dim`` channels.
 
     ``residual=False`` is for norms with no residual branch around them (patch-embed and
     final norm): variants whose only addition is a learnable branch scale (layerscale,
     rezero) then fall back to their plain normaliser, so no parameter goes unused.
+    ``fast`` selects the fused implementation where a variant has one (LN*, i-LN, LN+Rs).
     """
     _check_name(name)
     if not residual:
         name = _OUTER_VARIANT.get(name, name)
     make, eps_default = _VARIANTS[name]
-    return make(dim, eps_default if eps is None else float(eps))
+    return make(dim, eps_default if eps is None else float(eps), fast)
 
 
-def norm_factory(name: str, *, eps: float | None = None, residual: bool = True) -> NormFactory:
+def norm_factory(
+    name: str, *, eps: float | None = None, residual: bool = True, fast: bool = False
+) -> NormFactory:
     """A ``dim -> norm`` callable to pass down through a network."""
     _check_name(name)
 
     def make(dim: int) -> nn.Module:
-        return build_norm(name, dim, eps=eps, residual=residual)
+        return build_norm(name, dim, eps=eps, residual=residual, fast=fast)
 
     return make
 

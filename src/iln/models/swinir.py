@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from iln.models import common
 from iln.models.common import ForwardContext, residual_add
 from iln.models.norms import NormFactory
+from iln.models.restorer import WindowedRestorer
 
 
 class SwinBlock(nn.Module):
@@ -33,6 +34,7 @@ class SwinBlock(nn.Module):
         super().__init__()
         self.shift = shift
         self.drop_path = drop_path
+        self.fast = fast
         self.norm1 = norm_layer(dim)
         self.attn = common.WindowAttention(dim, window, num_heads, fast)
         self.norm2 = norm_layer(dim)
@@ -47,11 +49,11 @@ class SwinBlock(nn.Module):
         attn_x = self.attn(grid, ctx, index, self.shift)  # (B, N, C)
 
         drop = common.drop_path_factor(attn_x, self.drop_path, self.training, ctx.generator)
-        x = residual_add(x, s1, attn_x, drop_factor=drop)
+        x = residual_add(x, s1, attn_x, drop_factor=drop, fast=self.fast)
         v, s2 = self.norm2(x)
         mlp_x = self.mlp(v)
         drop = common.drop_path_factor(mlp_x, self.drop_path, self.training, ctx.generator)
-        return residual_add(x, s2, mlp_x, drop_factor=drop)
+        return residual_add(x, s2, mlp_x, drop_factor=drop, fast=self.fast)
 
 
 class BasicLayer(nn.Module):
@@ -96,26 +98,16 @@ class RSTB(nn.Module):
         super().__init__()
         self.residual_group = BasicLayer(dim, **layer_kwargs)
         self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
+        self.fast = layer_kwargs["fast"]
 
     def forward(self, x: Tensor, ctx: ForwardContext, index: Tensor) -> Tensor:
         y = self.residual_group(x, ctx, index)  # (B, N, C)
-        return common.tokens(self.conv(common.image(y, ctx.size))) + x
+        return common.tokens(self.conv(common.image(y, ctx.size, self.fast))) + x
 
 
-class PatchEmbed(nn.Module):
-    """Image to tokens (patch size 1) followed by the patch-embed norm."""
-
-    def __init__(self, dim: int, norm_layer: NormFactory) -> None:
-        super().__init__()
-        self.norm = norm_layer(dim)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, N, C)
-        y, _ = self.norm(common.tokens(x))
-        return y
-
-
-class SwinIR(nn.Module):
-    """SwinIR for classical SR (pixel-shuffle head). Any input size, padded to the window."""
+class SwinIR(WindowedRestorer):
+    """SwinIR for classical SR (pixel-shuffle head) or, at ``scale=1``, for restoration
+    (input + predicted residual, as HAT). Any input size (see ``WindowedRestorer``)."""
 
     def __init__(
         self,
@@ -131,22 +123,10 @@ class SwinIR(nn.Module):
         img_range: float,
         norm_layer: NormFactory,
         outer_norm_layer: NormFactory,
-        attention: str,
+        fast: bool,
     ) -> None:
-        super().__init__()
-        self.scale = scale
-        self.window_size = window_size
-        self.embed_dim = embed_dim
-        self.fast = attention == "fast"
-        self.input_norm = common.InputNorm(stdnorm, img_range)
-        self.register_buffer(
-            "relative_position_index", common.relative_position_index(window_size), persistent=False
-        )
-
-        self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
-        self.patch_embed = PatchEmbed(embed_dim, outer_norm_layer)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.layers = nn.ModuleList(
+        layers = nn.ModuleList(
             RSTB(
                 embed_dim,
                 depth=depth,
@@ -155,41 +135,25 @@ class SwinIR(nn.Module):
                 mlp_ratio=mlp_ratio,
                 drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
                 norm_layer=norm_layer,
-                fast=self.fast,
+                fast=fast,
             )
             for i, (depth, heads) in enumerate(zip(depths, num_heads))
         )
-        self.norm = outer_norm_layer(embed_dim)
-        self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
-        self.conv_before_upsample = nn.Sequential(
-            nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True)
+        super().__init__(
+            scale=scale,
+            embed_dim=embed_dim,
+            window_size=window_size,
+            stdnorm=stdnorm,
+            img_range=img_range,
+            outer_norm_layer=outer_norm_layer,
+            layers=layers,
+            fast=fast,
         )
-        self.upsample = common.upsample_layers(scale)
-        self.conv_last = nn.Conv2d(common.NUM_FEAT, 3, 3, 1, 1)
+        self.register_buffer(
+            "relative_position_index", common.relative_position_index(window_size), persistent=False
+        )
 
-    def forward_features(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """(B, C, H, W) with H, W multiples of the window -> (B, C, H, W)."""
-        size = (x.shape[2], x.shape[3])
-        ctx = common.window_context(
-            size,
-            self.window_size,
-            device=x.device,
-            dtype=x.dtype,
-            generator=generator,
-            fast=self.fast,
-        )
-        t = self.patch_embed(x)
+    def forward_layers(self, t: Tensor, ctx: ForwardContext) -> Tensor:
         for layer in self.layers:
             t = layer(t, ctx, self.relative_position_index)
-        t, _ = self.norm(t)
-        return common.image(t, size)
-
-    def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """x (B, 3, H, W) in [0, 1] -> (B, 3, s*H, s*W), not clamped."""
-        h, w = x.shape[2], x.shape[3]
-        x = self.input_norm.encode(common.pad_to_multiple(x, self.window_size))
-        x = self.conv_first(x)
-        x = self.conv_after_body(self.forward_features(x, generator)) + x
-        x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        x = self.input_norm.decode(x)
-        return x[:, :, : h * self.scale, : w * self.scale]
+        return t

@@ -8,10 +8,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from iln.files import write_csv_atomic, write_text_atomic
+from iln.layout import WEIGHTS_EMA, WEIGHTS_RAW, RunFiles
 from iln.report import figures, tables
+from iln.report.crops import comparison_panels
 from iln.report.paper import load_paper_numbers
+from iln.report.released import released_section
 from iln.report.runs import RunResults, load_runs
-from iln.report.tables import TABLE_CSV_COLUMNS, Table
+from iln.report.tables import TABLE_CSV_COLUMNS, Protocol, Table
+from iln.styles import norm_label, norm_rank, norm_style
+
+ABLATION_NORMS: tuple[str, ...] = ("ln", "ln_star", "ln_rs", "iln")
+BASELINE_RUN = "bicubic"
 
 
 def _finite(value: object) -> float | None:
@@ -23,11 +30,17 @@ def _finite(value: object) -> float | None:
 def run_summary(run: RunResults) -> dict[str, object]:
     """Final numbers of one run (finite floats only, so the dict is valid JSON)."""
     out: dict[str, object] = {
-        "deepest_magnitude": _finite(run.final_stat("magnitude")),
-        "deepest_entropy": _finite(run.final_stat("entropy")),
-        "entropy_ceiling": _finite(run.final_stat("entropy_ceiling")),
-        "max_abs": _finite(run.final_max_abs()),
+        "deepest_magnitude_raw": _finite(run.final_stat("magnitude", WEIGHTS_RAW)),
+        "deepest_entropy_raw": _finite(run.final_stat("entropy", WEIGHTS_RAW)),
+        "deepest_magnitude_ema": _finite(run.final_stat("magnitude", WEIGHTS_EMA)),
+        "deepest_entropy_ema": _finite(run.final_stat("entropy", WEIGHTS_EMA)),
+        "entropy_ceiling": _finite(
+            run.final_stat("entropy_ceiling", WEIGHTS_RAW)
+            or run.final_stat("entropy_ceiling", WEIGHTS_EMA)
+        ),
+        "max_abs_raw": _finite(run.final_max_abs(WEIGHTS_RAW)),
         "max_abs_training": _finite(run.training_max_abs()),
+        "last_probe_step": _finite(run.last_probe_step()),
         "psnr": {s: v for s in run.sets() if (v := _finite(run.metric(s, "psnr"))) is not None},
         "ssim": {s: v for s in run.sets() if (v := _finite(run.metric(s, "ssim"))) is not None},
     }
@@ -35,7 +48,7 @@ def run_summary(run: RunResults) -> dict[str, object]:
 
 
 def flatten_summary(summary: Mapping[str, object]) -> dict[str, float]:
-    """{"<run>/deepest_magnitude": .., "<run>/psnr/<set>": ..} for metric loggers."""
+    """{"<run>/deepest_magnitude_raw": .., "<run>/psnr/<set>": ..} for metric loggers."""
     flat: dict[str, float] = {}
     for run, values in (summary.get("runs") or {}).items():
         for key, value in values.items():
@@ -47,6 +60,44 @@ def flatten_summary(summary: Mapping[str, object]) -> dict[str, float]:
     return flat
 
 
+def ablation_runs(results: Mapping[str, RunResults]) -> list[RunResults]:
+    """One representative run each of LN, LN*, LN+Rs and i-LN (those that exist)."""
+    picked = [
+        tables.pick_run(results, n, groups=("table3", "table1"), need=lambda r: bool(r.probes))
+        for n in ABLATION_NORMS
+    ]
+    return sorted((r for r in picked if r is not None), key=lambda r: norm_rank(r.info.norm))
+
+
+def headline(results: Mapping[str, RunResults]) -> list[str]:
+    """LN against i-LN at the last probe, in one sentence (empty without both)."""
+    ln = tables.pick_run(results, "ln", groups=("table3", "table1"), need=lambda r: bool(r.probes))
+    iln = tables.pick_run(
+        results, "iln", groups=("table3", "table1"), need=lambda r: bool(r.probes)
+    )
+    if ln is None or iln is None:
+        return []
+    values = {
+        (run.info.name, stat): run.final_stat(stat, WEIGHTS_RAW)
+        for run in (ln, iln)
+        for stat in ("magnitude", "entropy")
+    }
+    if any(v is None or not math.isfinite(v) for v in values.values()):
+        return []
+    mag = values[(ln.info.name, "magnitude")] / values[(iln.info.name, "magnitude")]
+    ent = values[(ln.info.name, "entropy")] / values[(iln.info.name, "entropy")]
+    return [
+        f"**Headline:** at the last training probe (raw weights, deepest group), LN "
+        f"(`{ln.info.name}`, step {ln.last_probe_step()}) has {mag:.3g}x the feature "
+        f"magnitude of i-LN (`{iln.info.name}`, step {iln.last_probe_step()}): "
+        f"{values[(ln.info.name, 'magnitude')]:.3g} vs {values[(iln.info.name, 'magnitude')]:.3g}"
+        f"; its channel entropy is {ent:.2f}x i-LN's: "
+        f"{values[(ln.info.name, 'entropy')]:.3f} vs {values[(iln.info.name, 'entropy')]:.3f} "
+        "nats.",
+        "",
+    ]
+
+
 def _scale_lines(results: Mapping[str, RunResults], scale_note: str) -> list[str]:
     done = [r for r in results.values() if r.has_results]
 
@@ -55,12 +106,13 @@ def _scale_lines(results: Mapping[str, RunResults], scale_note: str) -> list[str
         return ", ".join(found) if found else "–"
 
     speeds = [s for r in done if (s := r.mean_seconds_per_step()) is not None]
-    lines = [
+    return [
         f"> **Scale of these results: {scale_note}**",
         ">",
         f"> Runs with results: {len(done)} of {len(results)} declared; "
         f"arch {values(lambda r: r.info.arch)}; task {values(lambda r: r.info.task)}; "
-        f"iterations {values(lambda r: r.info.iterations)}; batch {values(lambda r: r.info.batch_size)}"
+        f"iterations {values(lambda r: r.info.iterations)}; "
+        f"batch {values(lambda r: r.info.batch_size)}"
         + (f"; mean {sum(speeds) / len(speeds):.3g} s per training step." if speeds else "."),
         ">",
         "> The paper's numbers come from full-scale GPU training (HAT_1: 300K iterations on DF2K, "
@@ -68,11 +120,89 @@ def _scale_lines(results: Mapping[str, RunResults], scale_note: str) -> list[str
         "comparable in absolute value: compare directions and trends (LN's magnitude growing and "
         "entropy falling in deep groups, i-LN flat near the ceiling), not digits.",
     ]
-    return lines
 
 
 def _rel(path: Path, out_dir: Path) -> str:
     return Path(os.path.relpath(path, out_dir)).as_posix()
+
+
+def _group_reason(results: Mapping[str, RunResults], group: str, need: str) -> str:
+    declared = [r.info.name for r in results.values() if group in r.info.groups]
+    if not declared:
+        return f"no run in group `{group}`"
+    return f"no run in group `{group}` ({', '.join(declared)}) has {need} yet"
+
+
+def _table_section(table: Table, tables_dir: Path) -> list[str]:
+    body = [*table.preamble(), "", table.to_markdown(), ""]
+    body += [f"- {note}" for note in table.notes]
+    write_text_atomic(tables_dir / f"{table.key}.md", "\n".join([f"# {table.title}", "", *body]))
+    write_csv_atomic(tables_dir / f"{table.key}.csv", table.csv_rows(), TABLE_CSV_COLUMNS)
+    return [
+        f"### {table.title}",
+        "",
+        *body,
+        f"- CSV: [tables/{table.key}.csv](tables/{table.key}.csv)",
+        "",
+    ]
+
+
+def _crop_sections(
+    results: Mapping[str, RunResults],
+    runs_dir: Path,
+    figures_dir: Path,
+    out_dir: Path,
+    sets: Sequence[str] | None,
+    pair_dirs: Callable[[str, str], tuple[Path, Path]],
+) -> tuple[list[str], dict[str, str]]:
+    lines = ["## Crops: where LN and i-LN differ most", ""]
+    status: dict[str, str] = {}
+    tasks = sorted({r.info.task for r in results.values() if r.info.scale is not None})
+    for task in tasks:
+        picks = [
+            tables.pick_run(results, n, task=task, need=lambda r: bool(r.metrics))
+            for n in dict.fromkeys([*ABLATION_NORMS, *(r.info.norm for r in results.values())])
+        ]
+        picks = sorted((p for p in picks if p is not None), key=lambda r: norm_rank(r.info.norm))
+        norms = {p.info.norm for p in picks}
+        if not {"ln", "iln"} <= norms:
+            status[task] = "skipped: needs an LN and an i-LN run with evaluation results"
+            lines += [f"- {task}: skipped (needs an LN and an i-LN run evaluated on {task}).", ""]
+            continue
+        scale = picks[0].info.scale
+        for dataset in sets or sorted({s for p in picks for s in p.sets()}):
+            labels = {p.info.norm: f"{norm_label(p.info.norm)} ({p.info.name})" for p in picks}
+            samples = {"Bicubic": RunFiles(runs_dir / BASELINE_RUN).samples(task, dataset)}
+            samples |= {
+                labels[p.info.norm]: RunFiles(p.folder).samples(task, dataset) for p in picks
+            }
+            lq_dir, gt_dir = pair_dirs(task, dataset)
+            written = comparison_panels(
+                lq_dir=lq_dir,
+                gt_dir=gt_dir,
+                scale=scale,
+                samples=samples,
+                out_dir=figures_dir,
+                prefix=f"crops_{task}_{dataset}",
+                contrast=(labels["ln"], labels["iln"]),
+                colors={labels[p.info.norm]: norm_style(p.info.norm).color for p in picks},
+            )
+            key = f"{task}/{dataset}"
+            if not written:
+                missing = [label for label, d in samples.items() if not d.is_dir()]
+                status[key] = f"skipped: no restored samples from {', '.join(missing)}"
+                lines += [f"- {key}: skipped (no restored samples from {', '.join(missing)}).", ""]
+                continue
+            status[key] = "written"
+            lines += [
+                f"### {tables.task_name(task)}, {dataset}",
+                "",
+                "LR input, bicubic upsampling, every norm's restoration (whole-image PSNR in "
+                "each title) and the ground truth, over the region where LN and i-LN differ most.",
+                "",
+            ]
+            lines += [f"![{p.stem}]({_rel(p, out_dir)})" for p in written] + [""]
+    return lines, status
 
 
 def build_report(
@@ -81,39 +211,66 @@ def build_report(
     out_dir: Path | str,
     *,
     scale_note: str,
+    protocol: Protocol | None = None,
     paper: Mapping | None = None,
     sets: Sequence[str] | None = None,
+    released: Mapping[str, object] | None = None,
+    pair_dirs: Callable[[str, str], tuple[Path, Path]] | None = None,
 ) -> dict[str, object]:
     """Write out_dir/report.md, out_dir/tables/<table>.{md,csv} and out_dir/figures/*.png.
 
     runs: run name -> a RunSpec-like object (attributes arch, norm, task, stdnorm,
-      affine_outer, grad_clip, seed, batch_size, iterations, groups), a resolved run
-      (attributes `spec` and `train`: unset spec fields fall back to `train`), or a mapping.
-    runs_dir: folder with one folder per run (train/, eval/, analysis/ per contract).
+      affine_outer, grad_clip, kld_weight, seed, batch_size, iterations, groups), a resolved
+      run (attributes `spec` and `train`: unset spec fields fall back to `train`), or a mapping.
+    runs_dir: folder with one folder per run (layout: iln.layout.RunFiles); a run folder
+      may hold only some of train/, eval/, analysis/.
     scale_note: what scale this ran at (preset, iterations, data, device), shown first.
+    protocol: what our numbers were measured on (probe crops, Table 4 crop, EMA decay).
     paper: the paper numbers (default: the packaged paper_numbers.yaml).
     sets: our test sets to show, in order (default: every set in metrics.json).
+    released: the `released:` entries (the authors' checkpoints), shown in their own section.
+    pair_dirs: (task, set) -> (lq_dir, gt_dir) of the degraded test pairs, for the crop
+      panels (None: no crop panels).
     Returns {"runs": {name: final numbers}, "tables": {key: status}, "figures": {name: status}}.
     """
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
     paper = load_paper_numbers() if paper is None else paper
+    protocol = protocol or Protocol()
     results = load_runs(runs, runs_dir, sets=sets)
 
-    built: list[tuple[Table, str]] = [
-        (tables.table1(results, paper), "table1"),
-        (tables.table2(results, paper), "table1 (any SR run)"),
-        (tables.table3(results, paper), "table3"),
-        (tables.table4(results, paper), "table4"),
-        (tables.table6(results, paper), "any non-SR task"),
-        (tables.table8(results, paper), "table8"),
-        (tables.stdnorm_table(results), "stdnorm"),
-        (tables.runs_table(results, "seeds", "table_s2_seeds", "Table S2 (ours): seeds"), "seeds"),
+    built: list[tuple[Table, str | None]] = [
+        (tables.table1(results, paper, protocol), None),
+        (tables.table2(results, paper, protocol), None),
+        (tables.table3(results, paper, protocol), None),
+        (tables.table4(results, paper, protocol), None),
+        (tables.table6(results, paper, protocol), None),
+        (tables.table8(results, paper, protocol), None),
+        (tables.stdnorm_table(results, protocol), "stdnorm"),
         (
-            tables.runs_table(results, "batch", "table_s3_batch", "Table S3 (ours): batch size"),
+            tables.runs_table(
+                results,
+                protocol,
+                group="seeds",
+                key="table_s2_seeds",
+                title="Table S2: seeds (ours)",
+                caption="The same setting trained from different seeds: how much of a "
+                "difference between norms is noise.",
+            ),
+            "seeds",
+        ),
+        (
+            tables.runs_table(
+                results,
+                protocol,
+                group="batch",
+                key="table_s3_batch",
+                title="Table S3: batch size (ours)",
+                caption="The same setting trained at different batch sizes.",
+            ),
             "batch",
         ),
-        (tables.all_runs_table(results), "any"),
+        (tables.all_runs_table(results, protocol), None),
     ]
     status: dict[str, str] = {}
     md: list[str] = [
@@ -121,90 +278,159 @@ def build_report(
         "",
         *_scale_lines(results, scale_note),
         "",
+        *headline(results),
         "## Tables",
+        "",
+        "Tables 1-8 carry the paper's numbers and titles (the paper's numbering; the paper's "
+        "Tables 5 and 7 are not reproduced); tables S1-S4 are ours. Our cells say `no run` "
+        "where no run of ours fills them; `–` where a run exists but lacks that number.",
         "",
     ]
     for table, group in built:
-        if not table.has_ours() and not table.has_paper():
-            status[table.key] = f"skipped: no results from runs in group {group}"
-            md += [
-                f"### {table.title}",
-                "",
-                f"Skipped: no results from runs in group `{group}` and no paper numbers.",
-                "",
-            ]
+        if group is not None and not table.has_ours():
+            reason = _group_reason(results, group, "results")
+            status[table.key] = f"skipped: {reason}"
+            md += [f"### {table.title}", "", f"Skipped: {reason}.", ""]
             continue
-        body = [table.to_markdown(), ""] + [f"- {note}" for note in table.notes]
-        write_text_atomic(
-            tables_dir / f"{table.key}.md", "\n".join([f"# {table.title}", "", *body, ""])
-        )
-        write_csv_atomic(tables_dir / f"{table.key}.csv", table.csv_rows(), TABLE_CSV_COLUMNS)
-        status[table.key] = "written" if table.has_ours() else "paper only (not run)"
-        md += [
-            f"### {table.title}",
-            "",
-            *body,
-            f"- CSV: [tables/{table.key}.csv](tables/{table.key}.csv)",
-            "",
-        ]
+        md += _table_section(table, tables_dir)
+        status[table.key] = "written" if table.has_ours() else "paper only (no run)"
 
     # ---- figures
     feats = paper.get("features", {})
-    ln = tables.pick_run(results, "ln", groups=("table1",), need=lambda r: bool(r.probes))
-    iln = tables.pick_run(results, "iln", groups=("table1",), need=lambda r: bool(r.probes))
-    plans: dict[str, tuple[Callable[[Path], Path | None], str]] = {
-        "fig1_magnitude_entropy": (
-            lambda p: figures.fig1_magnitude_entropy([("LN", ln), ("i-LN", iln)], p),
-            "Fig. 1 style: magnitude (log) and channel entropy of every group over training, LN vs i-LN."
-            + (
-                f" Paper (HAT_1, x4, 300K iterations): LN reaches {feats['ln_magnitude_low']:g} to "
-                f"{feats['ln_magnitude_high']:g}, i-LN stays near {feats['iln_magnitude_approx']:g}; "
-                f"entropy ceiling ln 96 = {feats['entropy_ceiling_c96']:g}."
-                if {
-                    "ln_magnitude_low",
-                    "ln_magnitude_high",
-                    "iln_magnitude_approx",
-                    "entropy_ceiling_c96",
-                }
-                <= set(feats)
-                else ""
+    main = ablation_runs(results)
+    main_reason = "no LN, LN*, LN+Rs or i-LN run has probes.csv yet"
+    paper_fig1 = (
+        f" Paper (Fig. 1, HAT_1, x4, 300K iterations): LN reaches "
+        f"{feats['ln_magnitude_low']:g} to {feats['ln_magnitude_high']:g}, i-LN stays near "
+        f"{feats['iln_magnitude_approx']:g}; entropy ceiling ln 96 = "
+        f"{feats['entropy_ceiling_c96']:g}."
+        if {"ln_magnitude_low", "ln_magnitude_high", "iln_magnitude_approx", "entropy_ceiling_c96"}
+        <= set(feats)
+        else ""
+    )
+    probe_note = (
+        f" Measured on the raw (trained) weights every probe step, on {protocol.probe_images} "
+        f"central {protocol.probe_crop}x{protocol.probe_crop} LR crops of {protocol.probe_set}."
+    )
+    plans: list[tuple[str, str, Callable[[Path], Path | None], str, str]] = [
+        (
+            "fig1_magnitude_vs_iteration",
+            "Feature magnitude vs iteration (paper Fig. 1, top)",
+            lambda p: figures.stat_vs_iteration(
+                main,
+                p,
+                stat="magnitude",
+                title="Feature magnitude (mean x²) of the residual stream during training",
+                ylabel="magnitude: mean x² (log scale)",
+                log=True,
             ),
+            "Per-token LN lets the residual stream grow; i-LN keeps it at a fixed scale."
+            + paper_fig1
+            + probe_note,
+            main_reason,
         ),
-        "fig4_magnitude_by_norm": (
-            lambda p: figures.deepest_curves(
+        (
+            "fig1_entropy_vs_iteration",
+            "Channel entropy vs iteration (paper Fig. 1, bottom)",
+            lambda p: figures.stat_vs_iteration(
+                main,
+                p,
+                stat="entropy",
+                title="Channel entropy of the residual stream during training",
+                ylabel="channel entropy (nats)",
+                log=False,
+            ),
+            "Entropy of the per-channel energy: at the ceiling ln C every channel carries the "
+            "same energy; LN's deep groups concentrate it in a few channels." + probe_note,
+            main_reason,
+        ),
+        (
+            "fig7_per_group_last_probe",
+            "Every group at the last probe (paper Fig. 7: the ablation)",
+            lambda p: figures.per_group_last_probe(
+                main, p, title="Depth profile at the last training probe (raw weights)"
+            ),
+            "Magnitude and entropy of each group's output at the last probe, for LN, LN*, "
+            "LN+Rs and i-LN: which half of i-LN keeps the statistics in check." + probe_note,
+            main_reason,
+        ),
+        (
+            "fig4_norms_magnitude",
+            "Every normalisation layer (paper Fig. 4)",
+            lambda p: figures.stat_vs_iteration(
                 tables.runs_in_group(results, "table1"),
                 p,
-                title="Deepest group, every normalisation (Table 1 runs)",
+                stat="magnitude",
+                title="Feature magnitude during training, every normalisation (Table 1 runs)",
+                ylabel="magnitude: mean x² (log scale)",
+                log=True,
             ),
-            "Fig. 4 style: deepest-group magnitude (log) and entropy over training for every normalisation.",
+            "Feature magnitude of the Table 1 runs." + probe_note,
+            _group_reason(results, "table1", "probes.csv"),
         ),
-        "fig7_entropy_ablation": (
-            lambda p: figures.fig7_entropy_ablation(tables.runs_in_group(results, "table3"), p),
-            "Fig. 7 style: channel entropy for the LN / LN* / LN+Rs / i-LN ablation.",
+        (
+            "fig8_stabilisers_max_abs",
+            "Other stabilisers: max |x| during training (paper Table 8)",
+            lambda p: figures.stat_vs_iteration(
+                tables.runs_in_group(results, "table8"),
+                p,
+                stat="max_abs",
+                title="Largest |x| of the residual stream during training (Table 8 runs)",
+                ylabel="max |x| (log scale)",
+                log=True,
+            ),
+            "Whether gradient clipping or the KL regulariser stops LN's features from growing "
+            "(dashed: gradient clipping, dotted: KL regulariser)." + probe_note,
+            _group_reason(results, "table8", "probes.csv"),
         ),
-        "figS1_stdnorm": (
-            lambda p: figures.deepest_curves(
+        (
+            "figS1_stdnorm_magnitude",
+            "Input standardisation on and off (ours, Table S1)",
+            lambda p: figures.stat_vs_iteration(
                 tables.runs_in_group(results, "stdnorm"),
                 p,
-                title="Deepest group, stdnorm on/off (ours)",
+                stat="magnitude",
+                title="Feature magnitude with stdnorm on and off",
+                ylabel="magnitude: mean x² (log scale)",
+                log=True,
             ),
-            "Ours: deepest-group magnitude and entropy with input standardisation on and off.",
+            "Feature magnitude with the input standardised (dash-dot: stdnorm switched "
+            "against the official pairing)." + probe_note,
+            _group_reason(results, "stdnorm", "probes.csv"),
         ),
-    }
+        (
+            "figS2_loss_val_psnr",
+            "Training loss and validation PSNR (ours)",
+            lambda p: figures.loss_and_val_psnr(main, p, title="Training loss and validation PSNR"),
+            "L1 loss of the weights being trained, and PSNR of the EMA weights on the "
+            "validation images, per run.",
+            "no LN, LN*, LN+Rs or i-LN run has history.csv yet",
+        ),
+    ]
     fig_status: dict[str, str] = {}
-    md += ["## Figures", ""]
-    for name, (make, caption) in plans.items():
+    md += ["## Figures", "", "Colours are fixed per normalisation in every figure: "]
+    md[-1] += ", ".join(f"{norm_label(n)} {norm_style(n).color}" for n in ABLATION_NORMS) + "."
+    md.append("")
+    for name, heading, make, caption, reason in plans:
         if make(figures_dir / f"{name}.png") is None:
-            fig_status[name] = "skipped: no probes"
-            md += [f"- {name}: skipped (no runs with probes.csv).", ""]
+            fig_status[name] = f"skipped: {reason}"
+            md += [f"- {heading}: skipped ({reason}).", ""]
         else:
             fig_status[name] = "written"
-            md += [f"### {name}", "", caption, "", f"![{name}](figures/{name}.png)", ""]
+            md += [f"### {heading}", "", caption, "", f"![{name}](figures/{name}.png)", ""]
+
+    if pair_dirs is not None:
+        lines, crop_status = _crop_sections(
+            results, runs_dir, figures_dir, out_dir, sets, pair_dirs
+        )
+        md += lines
+        fig_status |= {f"crops {k}": v for k, v in crop_status.items()}
 
     # ---- per-run final analyses (Fig. 8, 9)
     with_figs = [r for r in results.values() if r.figures]
     md += [
-        "## Final-checkpoint analyses (Fig. 8: final-norm bias, Fig. 9: relative position bias)",
+        "## Final-checkpoint analyses (paper Fig. 8: final-norm bias, Fig. 9: relative "
+        "position bias)",
         "",
     ]
     if with_figs:
@@ -219,10 +445,14 @@ def build_report(
     else:
         md += ["Skipped: no run has analysis figures yet.", ""]
 
+    md += released_section(released or {}, runs_dir, out_dir, paper)
     md += ["## Where the paper's numbers come from", "", f"Paper: {paper['paper']}.", ""]
-    md += [f"- {key}: {table['source']}" for key, table in paper["tables"].items()]
+    md += [
+        f"- Table {key[5:]} ({block['title']}): {block['source']}"
+        for key, block in paper["tables"].items()
+    ]
     if "features" in paper:
-        md.append(f"- features: {paper['features']['source']}")
+        md.append(f"- Figures: {paper['features']['source']}")
     md.append("")
     write_text_atomic(out_dir / "report.md", "\n".join(md))
 

@@ -1,4 +1,9 @@
-"""Training-dynamics figures (paper Fig. 1, 4, 7 style) from the runs' probes.csv."""
+"""Training-dynamics figures from the runs' probes.csv and history.csv: one plot per
+phenomenon, every run overlaid in its norm's fixed colour (iln.styles).
+
+Each function returns the written path, or None when none of the given runs has the data
+(the caller says why in the report).
+"""
 
 from __future__ import annotations
 
@@ -6,121 +11,186 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib.ticker import MaxNLocator
 
-from iln.analysis import new_figure, save_figure_atomic
+from iln.analysis import log_axis, new_figure, save_figure_atomic
 from iln.report.runs import RunResults
+from iln.styles import (
+    LINE_GRAD_CLIP,
+    LINE_KLD,
+    LINE_PLAIN,
+    LINE_STDNORM_SWITCHED,
+    norm_style,
+)
+
+SHALLOW_ALPHA = 0.3  # shallower groups: thin, faint lines of the run's colour
 
 
-def _has_probes(run: RunResults | None) -> bool:
-    return run is not None and bool(run.probes)
+def run_color(run: RunResults) -> str:
+    return norm_style(run.info.norm).color
 
 
-def _ceiling(run: RunResults) -> float | None:
-    values = [float(r["entropy_ceiling"]) for r in run.probes or []]
+def run_linestyle(run: RunResults) -> str:
+    if run.info.kld_weight > 0:
+        return LINE_KLD
+    if run.info.grad_clip > 0:
+        return LINE_GRAD_CLIP
+    if run.info.stdnorm_switched:
+        return LINE_STDNORM_SWITCHED
+    return LINE_PLAIN
+
+
+def run_labels(runs: Sequence[RunResults]) -> dict[str, str]:
+    """Legend label per run name: the norm's label and variant, plus the run name where two
+    runs would otherwise read the same."""
+    labels = {r.info.name: r.info.label for r in runs}
+    counts = {label: list(labels.values()).count(label) for label in labels.values()}
+    return {
+        name: label if counts[label] == 1 else f"{label} [{name}]" for name, label in labels.items()
+    }
+
+
+def _with_probes(runs: Sequence[RunResults]) -> list[RunResults]:
+    return [r for r in runs if r.probes and r.group_layers()]
+
+
+def _ceiling(runs: Sequence[RunResults]) -> float | None:
+    values = [float(r["entropy_ceiling"]) for run in runs for r in run.probes or []]
     return max(values) if values else None
 
 
-def _empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def fig1_magnitude_entropy(
-    runs: Sequence[tuple[str, RunResults | None]], path: Path
+def stat_vs_iteration(
+    runs: Sequence[RunResults],
+    path: Path,
+    *,
+    stat: str,
+    title: str,
+    ylabel: str,
+    log: bool,
 ) -> Path | None:
-    """Magnitude (log) and channel entropy vs iteration at every group, one column per run
-    (LN and i-LN). None when no run has probes."""
-    if not any(_has_probes(r) for _, r in runs):
+    """One statistic vs iteration, every run overlaid: its deepest group as a thick line, its
+    shallower groups as thin faint lines of the same colour."""
+    runs = _with_probes(runs)
+    if not runs:
         return None
-    fig = new_figure(5.0 * len(runs), 7.0)
-    # Shared y axes per row: the point of the figure is LN's scale against i-LN's.
-    axes = fig.subplots(2, len(runs), squeeze=False, sharey="row")
-    for col, (title, run) in enumerate(runs):
-        ax_m, ax_e = axes[0, col], axes[1, col]
-        if not _has_probes(run):
-            _empty(ax_m, f"{title}: not run")
-            _empty(ax_e, f"{title}: not run")
-            continue
+    labels = run_labels(runs)
+    fig = new_figure(9.0, 4.6)
+    ax = fig.subplots()
+    values: list[float] = []
+    for run in runs:
         layers = run.group_layers()
-        cmap = colormaps["viridis"]
-        for i, layer in enumerate(layers):
-            color = cmap(i / max(len(layers) - 1, 1))
-            ax_m.plot(*run.curve(layer, "magnitude"), color=color, label=layer)
-            ax_e.plot(*run.curve(layer, "entropy"), color=color, label=layer)
-        ceiling = _ceiling(run)
-        if ceiling is not None:
-            ax_e.axhline(ceiling, color="k", ls="--", lw=0.8, label="ln C")
-        ax_m.set_yscale("log")
-        ax_m.set_title(f"{title} ({run.info.name})")
-        ax_m.set_ylabel("magnitude (mean x²)")
-        ax_e.set_ylabel("channel entropy (nats)")
-        ax_e.set_xlabel("iteration")
-        ax_m.legend(fontsize=7)
-        ax_e.legend(fontsize=7)
+        color, ls = run_color(run), run_linestyle(run)
+        for layer in layers:
+            values += run.curve(layer, stat)[1]
+        for layer in layers[:-1]:
+            ax.plot(*run.curve(layer, stat), color=color, ls=ls, lw=0.8, alpha=SHALLOW_ALPHA)
+        ax.plot(
+            *run.curve(layers[-1], stat),
+            color=color,
+            ls=ls,
+            lw=2.2,
+            marker="o",
+            ms=3,
+            label=f"{labels[run.info.name]}, {layers[-1]}",
+        )
+    if stat == "entropy" and (ceiling := _ceiling(runs)) is not None:
+        ax.axhline(ceiling, color="k", ls="--", lw=0.8, label=f"ceiling ln C = {ceiling:.2f}")
+    if log:
+        log_axis(ax, values)
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="major")
+    ax.legend(
+        fontsize=8,
+        title="thick: deepest group\nthin: shallower groups",
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
     return save_figure_atomic(fig, path)
 
 
-def deepest_curves(
-    runs: Sequence[RunResults], path: Path, *, title: str, log_magnitude: bool = True
-) -> Path | None:
-    """Deepest-group magnitude and entropy vs iteration, one line per run (Fig. 4 style)."""
-    runs = [r for r in runs if _has_probes(r)]
+def per_group_last_probe(runs: Sequence[RunResults], path: Path, *, title: str) -> Path | None:
+    """Magnitude and entropy of every group at each run's last probe (depth profile)."""
+    runs = _with_probes(runs)
     if not runs:
         return None
-    fig = new_figure(11.0, 4.0)
+    labels = run_labels(runs)
+    fig = new_figure(11.0, 4.4)
     ax_m, ax_e = fig.subplots(1, 2)
-    cmap = colormaps["tab10"] if len(runs) <= 10 else colormaps["tab20"]
-    for i, run in enumerate(runs):
-        layer = run.group_layers()[-1] if run.group_layers() else None
-        if layer is None:
-            continue
-        color = cmap(i % cmap.N)
-        label = f"{run.info.label} ({run.info.name})"
-        ax_m.plot(*run.curve(layer, "magnitude"), color=color, label=label)
-        ax_e.plot(*run.curve(layer, "entropy"), color=color, label=label)
-    if log_magnitude:
-        ax_m.set_yscale("log")
-    ax_m.set_ylabel("magnitude (mean x²), deepest group")
-    ax_e.set_ylabel("channel entropy (nats), deepest group")
-    ceiling = max((c for r in runs if (c := _ceiling(r)) is not None), default=None)
-    if ceiling is not None:
-        ax_e.axhline(ceiling, color="k", ls="--", lw=0.8, label="ln C")
+    names: list[str] = []
+    magnitudes: list[float] = []
+    for run in runs:
+        layers = run.group_layers()
+        names = layers if len(layers) > len(names) else names
+        step = run.last_probe_step()
+        rows = {r["layer"]: r for r in run.probes if r["step"] == step}
+        x = np.arange(len(layers))
+        style = {"color": run_color(run), "ls": run_linestyle(run), "marker": "o", "lw": 1.8}
+        label = f"{labels[run.info.name]} (step {step})"
+        magnitude = [float(rows[layer]["magnitude"]) for layer in layers]
+        magnitudes += magnitude
+        ax_m.plot(x, magnitude, label=label, **style)
+        ax_e.plot(x, [float(rows[layer]["entropy"]) for layer in layers], label=label, **style)
+    if (ceiling := _ceiling(runs)) is not None:
+        ax_e.axhline(ceiling, color="k", ls="--", lw=0.8, label=f"ceiling ln C = {ceiling:.2f}")
+    log_axis(ax_m, magnitudes)
+    ax_m.set_ylabel("magnitude: mean x² (log scale)")
+    ax_e.set_ylabel("channel entropy (nats)")
     for ax in (ax_m, ax_e):
-        ax.set_xlabel("iteration")
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_xlabel("group output (input side → output side)")
+        ax.grid(alpha=0.3, which="major")
+    ax_m.set_title("feature magnitude per group", fontsize=10)
+    ax_e.set_title("channel entropy per group", fontsize=10)
+    ax_e.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
     return save_figure_atomic(fig, path)
 
 
-def fig7_entropy_ablation(runs: Sequence[RunResults], path: Path) -> Path | None:
-    """Deepest-group entropy vs iteration, and final entropy per group, for the Table 3
-    variants (LN, LN*, LN+Rs, i-LN)."""
-    runs = [r for r in runs if _has_probes(r)]
+def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> Path | None:
+    """Training loss (log) and validation PSNR vs iteration, every run overlaid."""
+    runs = [r for r in runs if r.history]
     if not runs:
         return None
-    fig = new_figure(11.0, 4.0)
-    ax_t, ax_g = fig.subplots(1, 2)
-    cmap = colormaps["tab10"]
-    for i, run in enumerate(runs):
-        layers = run.group_layers()
-        if not layers:
-            continue
-        color = cmap(i % cmap.N)
-        label = f"{run.info.label} ({run.info.name})"
-        ax_t.plot(*run.curve(layers[-1], "entropy"), color=color, label=label)
-        final = [run.curve(layer, "entropy")[1][-1] for layer in layers]
-        ax_g.plot(np.arange(len(layers)), final, marker="o", color=color, label=label)
-    ceiling = max((c for r in runs if (c := _ceiling(r)) is not None), default=None)
-    for ax in (ax_t, ax_g):
-        if ceiling is not None:
-            ax.axhline(ceiling, color="k", ls="--", lw=0.8, label="ln C")
-        ax.set_ylabel("channel entropy (nats)")
-        ax.legend(fontsize=7)
-    ax_t.set_xlabel("iteration")
-    ax_t.set_title("deepest group over training")
-    ax_g.set_xlabel("group index")
-    ax_g.xaxis.get_major_locator().set_params(integer=True)
-    ax_g.set_title("per group at the last probe")
+    labels = run_labels(runs)
+    fig = new_figure(11.0, 4.2)
+    ax_l, ax_p = fig.subplots(1, 2)
+    any_psnr = False
+    losses: list[float] = []
+    for run in runs:
+        style = {"color": run_color(run), "ls": run_linestyle(run), "label": labels[run.info.name]}
+        steps, loss = run.history_curve("loss")
+        losses += loss
+        ax_l.plot(steps, loss, lw=1.2, **style)
+        steps, psnr = run.history_curve("val_psnr")
+        if steps:
+            any_psnr = True
+            ax_p.plot(steps, psnr, marker="o", ms=3, lw=1.5, **style)
+    log_axis(ax_l, losses)
+    ax_l.set_ylabel("L1 training loss (log scale)")
+    ax_l.set_title("training loss", fontsize=10)
+    ax_p.set_ylabel("validation PSNR (dB, Y), EMA weights")
+    ax_p.set_title("validation PSNR", fontsize=10)
+    if not any_psnr:
+        ax_p.text(
+            0.5,
+            0.5,
+            "no validation PSNR in history.csv",
+            ha="center",
+            va="center",
+            transform=ax_p.transAxes,
+            color="0.4",
+        )
+        ax_p.set_xticks([])
+        ax_p.set_yticks([])
+    else:
+        ax_p.legend(fontsize=8)
+        ax_p.yaxis.set_major_locator(MaxNLocator(nbins=6))
+    for ax in (ax_l, ax_p):
+        ax.set_xlabel("training iteration")
+        ax.grid(alpha=0.3, which="major")
+    ax_l.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
     return save_figure_atomic(fig, path)

@@ -1,4 +1,4 @@
-"""The paper's numbers (src/iln/paper_numbers.yaml): loading and strict validation."""
+"""The paper's numbers (src/iln/paper_numbers.yaml): loading, strict validation, lookup."""
 
 from __future__ import annotations
 
@@ -9,17 +9,43 @@ from pathlib import Path
 import yaml
 
 PAPER_FILE = "paper_numbers.yaml"
+TABLE_KEYS = {"title", "source", "setting", "rows"}
+IDENTITY_KEYS = ("norm", "variant", "task", "set", "arch", "precision")
+METRIC_KEYS = ("psnr", "ssim", "max_abs", "magnitude")
+TEXT_KEYS = ("finding",)
 
 
-def _check_numbers(node: object, where: str) -> None:
-    """Every leaf below a results block must be a real number (not a YAML-1.1 string)."""
-    if isinstance(node, Mapping):
-        for key, value in node.items():
-            if not isinstance(key, str):
-                raise ValueError(f"{where}: keys must be strings, got {key!r}")
-            _check_numbers(value, f"{where}.{key}")
-    elif isinstance(node, bool) or not isinstance(node, (int, float)):
-        raise ValueError(f"{where}: expected a number, got {type(node).__name__} {node!r}")
+class PaperNumber(float):
+    """A number of the paper as the yaml writes it: ``text`` keeps its printed digits
+    (``7.4640``, ``0.9150``), which a float alone would lose."""
+
+    text: str
+
+    def __new__(cls, value: float, text: str) -> PaperNumber:
+        number = super().__new__(cls, value)
+        number.text = text
+        return number
+
+    def __reduce__(self):  # copy / pickle keep the printed text
+        return (PaperNumber, (float(self), self.text))
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML whose floats remember their text (PaperNumber)."""
+
+
+def _float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> PaperNumber:
+    return PaperNumber(loader.construct_yaml_float(node), node.value)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _float)
+
+
+def printed(value: float | str) -> str:
+    """The paper's number as printed (its text in the yaml), or its words."""
+    if isinstance(value, str):
+        return value
+    return getattr(value, "text", None) or format(value, ".6g")
 
 
 def _require(mapping: Mapping, key: str, kind: type | tuple[type, ...], where: str) -> object:
@@ -31,6 +57,34 @@ def _require(mapping: Mapping, key: str, kind: type | tuple[type, ...], where: s
     return value
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_row(row: object, where: str) -> None:
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where}: expected a mapping")
+    unknown = set(row) - {*IDENTITY_KEYS, *METRIC_KEYS, *TEXT_KEYS}
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key(s) {sorted(unknown)}; expected identity keys "
+            f"{list(IDENTITY_KEYS)}, numbers {list(METRIC_KEYS)} or text {list(TEXT_KEYS)}"
+        )
+    for key in (*IDENTITY_KEYS, *TEXT_KEYS):
+        if key in row and not isinstance(row[key], str):
+            raise ValueError(f"{where}.{key}: expected a string, got {row[key]!r}")
+    for key in METRIC_KEYS:
+        if key in row and not _is_number(row[key]):
+            value = row[key]
+            raise ValueError(
+                f"{where}.{key}: expected a number, got {type(value).__name__} {value!r}"
+            )
+    if not any(k in row for k in IDENTITY_KEYS):
+        raise ValueError(f"{where}: no identity key (one of {list(IDENTITY_KEYS)})")
+    if not any(k in row for k in (*METRIC_KEYS, *TEXT_KEYS)):
+        raise ValueError(f"{where}: no number and no finding")
+
+
 def validate_paper_numbers(data: object, origin: str = PAPER_FILE) -> dict:
     """Check the structure; raise ValueError naming the file and key on anything unexpected."""
     if not isinstance(data, Mapping):
@@ -39,36 +93,29 @@ def validate_paper_numbers(data: object, origin: str = PAPER_FILE) -> dict:
     tables = _require(data, "tables", Mapping, origin)
     for name, table in tables.items():
         where = f"{origin}: tables.{name}"
+        if not (isinstance(name, str) and name.startswith("table") and name[5:].isdigit()):
+            raise ValueError(f"{where}: table keys are table<N>, N the paper's table number")
         if not isinstance(table, Mapping):
             raise ValueError(f"{where}: expected a mapping")
-        unknown = set(table) - {"title", "source", "setting", "results", "rows"}
+        unknown = set(table) - TABLE_KEYS
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
         _require(table, "title", str, where)
         _require(table, "source", str, where)
-        if ("results" in table) == ("rows" in table):
-            raise ValueError(f"{where}: needs exactly one of 'results' or 'rows'")
-        if "results" in table:
-            _check_numbers(_require(table, "results", Mapping, where), f"{where}.results")
-        else:
-            rows = _require(table, "rows", list, where)
-            for i, row in enumerate(rows):
-                rw = f"{where}.rows[{i}]"
-                if not isinstance(row, Mapping):
-                    raise ValueError(f"{rw}: expected a mapping")
-                _require(row, "task", str, rw)
-                _require(row, "set", str, rw)
-                for key in ("arch", "note"):
-                    if key in row and not isinstance(row[key], str):
-                        raise ValueError(f"{rw}.{key}: expected a string")
-                norms = {k: v for k, v in row.items() if k not in ("task", "set", "arch", "note")}
-                if not norms:
-                    raise ValueError(f"{rw}: no results (expected e.g. ln: {{psnr: ..}})")
-                _check_numbers(norms, rw)
+        if "setting" in table:
+            setting = _require(table, "setting", Mapping, where)
+            for key, value in setting.items():
+                if not isinstance(value, (str, int)) or isinstance(value, bool):
+                    raise ValueError(f"{where}.setting.{key}: expected a name or an integer")
+        rows = _require(table, "rows", list, where)
+        for i, row in enumerate(rows):
+            _check_row(row, f"{where}.rows[{i}]")
     if "features" in data:
         features = _require(data, "features", Mapping, origin)
         _require(features, "source", str, f"{origin}: features")
-        _check_numbers({k: v for k, v in features.items() if k != "source"}, f"{origin}: features")
+        for key, value in features.items():
+            if key != "source" and not _is_number(value):
+                raise ValueError(f"{origin}: features.{key}: expected a number, got {value!r}")
     return dict(data)
 
 
@@ -81,7 +128,20 @@ def load_paper_numbers(path: Path | str | None = None) -> dict:
         text = Path(path).read_text(encoding="utf-8")
         origin = str(path)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         raise ValueError(f"{origin}: not valid YAML: {err}") from err
     return validate_paper_numbers(data, origin)
+
+
+def paper_rows(paper: Mapping, table: str, **identity: str | None) -> list[Mapping]:
+    """Rows of one paper table whose identity keys equal the given ones (None: key absent)."""
+    rows = (paper["tables"].get(table) or {}).get("rows") or []
+    return [r for r in rows if all(r.get(k) == v for k, v in identity.items())]
+
+
+def table_number(key: str) -> str:
+    """ "table4" -> "4" (the paper's numbering); "table_s1_stdnorm" -> "S1" (ours)."""
+    if key.startswith("table_s"):
+        return "S" + key[len("table_s") :].split("_")[0]
+    return key[len("table") :]

@@ -12,36 +12,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iln.analysis import FINAL_NORM_COLUMNS
-from iln.probes import PROBE_COLUMNS, PROBES_CSV_COLUMNS, read_csv_rows
+from iln.layout import (
+    ANALYSIS_FIGURES,
+    FEATURES_COLUMNS,
+    FEATURES_OPTIONAL,
+    FINAL_NORM_COLUMNS,
+    HISTORY_COLUMNS,
+    HISTORY_OPTIONAL,
+    PROBE_COLUMNS,
+    PROBES_CSV_COLUMNS,
+    WEIGHTS_EMA,
+    WEIGHTS_RAW,
+    RunFiles,
+)
+from iln.probes import read_csv_rows
+from iln.styles import norm_label, norm_rank
 
-HISTORY_COLUMNS: tuple[str, ...] = ("step", "loss", "lr", "seconds_per_step")
-PRECISION_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
-ANALYSIS_FIGURES: tuple[str, ...] = ("final_norm.png", "rpb_first.png", "rpb_last.png")
-
-NORM_LABELS: dict[str, str] = {
-    "ln": "LN",
-    "iln": "i-LN",
-    "ln_star": "LN*",
-    "ln_rs": "LN+Rs",
-    "rmsnorm": "RMSNorm",
-    "layerscale": "LayerScale",
-    "none": "no norm",
-    "rezero": "ReZero",
-    "batchnorm": "BN",
-    "batchnorm_train": "BN (batch stats in eval)",
-    "instancenorm": "InstanceNorm",
-    "dyt": "DyT",
-}
-NORM_ORDER: tuple[str, ...] = tuple(NORM_LABELS)
-
-
-def norm_label(norm: str) -> str:
-    return NORM_LABELS.get(norm, norm)
-
-
-def norm_rank(norm: str) -> int:
-    return NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER)
+PRECISION_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -55,6 +42,7 @@ class RunInfo:
     stdnorm: bool | None = None  # None: the model's default (on for iln only)
     affine_outer: bool | None = None
     grad_clip: float = 0.0
+    kld_weight: float = 0.0
     seed: int | None = None
     batch_size: int | None = None
     iterations: int | None = None
@@ -86,7 +74,6 @@ class RunInfo:
         for key in ("arch", "norm", "task"):
             if not isinstance(get(key, required=True), str):
                 raise ValueError(f"run {name!r}: {key} must be a string")
-        grad_clip = get("grad_clip", 0.0)
         return cls(
             name=name,
             arch=str(get("arch")),
@@ -94,7 +81,8 @@ class RunInfo:
             task=str(get("task")),
             stdnorm=get("stdnorm"),
             affine_outer=get("affine_outer"),
-            grad_clip=float(grad_clip or 0.0),
+            grad_clip=float(get("grad_clip", 0.0) or 0.0),
+            kld_weight=float(get("kld_weight", 0.0) or 0.0),
             seed=get("seed"),
             batch_size=get("batch_size"),
             iterations=get("iterations"),
@@ -106,14 +94,37 @@ class RunInfo:
         return self.stdnorm if self.stdnorm is not None else self.norm == "iln"
 
     @property
+    def stdnorm_switched(self) -> bool:
+        """stdnorm set against the official pairing (on for i-LN, off for the rest)."""
+        return self.stdnorm is not None and self.stdnorm != (self.norm == "iln")
+
+    @property
+    def variant(self) -> str:
+        """The norm plus the stabiliser it was trained with: ln, ln_gradclip, ln_kld, ..."""
+        return (
+            self.norm
+            + ("_gradclip" if self.grad_clip > 0 else "")
+            + ("_kld" if self.kld_weight > 0 else "")
+        )
+
+    @property
     def label(self) -> str:
         """Norm label plus what sets this run apart from the official pairing."""
         parts = [norm_label(self.norm)]
         if self.grad_clip > 0:
             parts.append(f"+ grad clip {self.grad_clip:g}")
-        if self.stdnorm is not None and self.stdnorm != (self.norm == "iln"):
+        if self.kld_weight > 0:
+            parts.append(f"+ KL reg. {self.kld_weight:g}")
+        if self.stdnorm_switched:
             parts.append("stdnorm on" if self.stdnorm else "stdnorm off")
         return " ".join(parts)
+
+    @property
+    def scale(self) -> int | None:
+        """The SR factor of an sr_x<s> task (None for other tasks)."""
+        if self.task.startswith("sr_x") and self.task[4:].isdigit():
+            return int(self.task[4:])
+        return None
 
 
 def _float(text: str, where: str) -> float:
@@ -123,6 +134,10 @@ def _float(text: str, where: str) -> float:
         raise ValueError(f"{where}: expected a number, got {text!r}") from err
 
 
+def _optional_float(text: str | None, where: str) -> float | None:
+    return None if text in (None, "") else _float(text, where)
+
+
 def _read_json(path: Path) -> object | None:
     if not path.exists():
         return None
@@ -130,6 +145,10 @@ def _read_json(path: Path) -> object | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from err
+
+
+def _required(columns: Sequence[str], optional: Sequence[str]) -> list[str]:
+    return [c for c in columns if c not in optional]
 
 
 def read_probes(path: Path) -> list[dict[str, object]] | None:
@@ -147,25 +166,40 @@ def read_probes(path: Path) -> list[dict[str, object]] | None:
 
 
 def read_features(path: Path) -> list[dict[str, object]] | None:
-    """analysis/features.csv rows (probes columns without step)."""
+    """analysis/features.csv rows; ``weights`` is ``ema`` or ``raw`` (``ema`` when the file
+    has no such column: it predates the column, and model.pt holds the EMA weights)."""
     if not path.exists():
         return None
     rows = []
-    for i, raw in enumerate(read_csv_rows(path, PROBE_COLUMNS), start=2):
-        row: dict[str, object] = {"layer": raw["layer"]}
+    for i, raw in enumerate(
+        read_csv_rows(path, _required(FEATURES_COLUMNS, FEATURES_OPTIONAL)), start=2
+    ):
+        where = f"{path}, line {i}"
+        weights = raw.get("weights") or WEIGHTS_EMA
+        if weights not in (WEIGHTS_EMA, WEIGHTS_RAW):
+            raise ValueError(f"{where}: weights must be {WEIGHTS_EMA!r} or {WEIGHTS_RAW!r}")
+        row: dict[str, object] = {"weights": weights, "layer": raw["layer"]}
         for col in PROBE_COLUMNS[1:]:
-            row[col] = _float(raw[col], f"{path}, line {i}")
+            row[col] = _float(raw[col], where)
         rows.append(row)
     return rows
 
 
-def read_history(path: Path) -> list[dict[str, float]] | None:
+def read_history(path: Path) -> list[dict[str, float | None]] | None:
+    """history.csv rows; ``val_psnr`` is None on rows without validation."""
     if not path.exists():
         return None
-    return [
-        {col: _float(raw[col], f"{path}, line {i}") for col in HISTORY_COLUMNS}
-        for i, raw in enumerate(read_csv_rows(path, HISTORY_COLUMNS), start=2)
-    ]
+    rows = []
+    for i, raw in enumerate(
+        read_csv_rows(path, _required(HISTORY_COLUMNS, HISTORY_OPTIONAL)), start=2
+    ):
+        where = f"{path}, line {i}"
+        row: dict[str, float | None] = {
+            c: _float(raw[c], where) for c in HISTORY_COLUMNS if c not in HISTORY_OPTIONAL
+        }
+        row["val_psnr"] = _optional_float(raw.get("val_psnr"), where)
+        rows.append(row)
+    return rows
 
 
 def read_final_norm(path: Path) -> list[dict[str, float]] | None:
@@ -188,12 +222,16 @@ def read_metrics(path: Path) -> dict[str, dict[str, float]] | None:
         )
     out = {}
     for key, value in data.items():
+        if key == "released":  # a released entry's weights record, read by report.released
+            continue
         if "/" not in key or not isinstance(value, Mapping):
             raise ValueError(
                 f"{path}: entry {key!r} must be '<task>/<set>': {{'psnr': .., 'ssim': ..}}"
             )
         out[key] = {}
         for metric, number in value.items():
+            if number is None:  # strict JSON writes a non-finite value as null
+                continue
             if isinstance(number, bool) or not isinstance(number, (int, float)):
                 raise ValueError(f"{path}: {key}.{metric} must be a number, got {number!r}")
             out[key][metric] = float(number)
@@ -240,6 +278,15 @@ def _group_index(layer: str) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class Stats:
+    """Feature statistics of one set of weights at one moment, and where they come from."""
+
+    rows: list[dict[str, object]]
+    weights: str  # ema | raw
+    source: str  # e.g. "final checkpoint" or "probe at step 600"
+
+
 @dataclass
 class RunResults:
     """Everything found on disk for one run; absent files are None."""
@@ -247,7 +294,7 @@ class RunResults:
     info: RunInfo
     folder: Path
     probes: list[dict[str, object]] | None = None
-    history: list[dict[str, float]] | None = None
+    history: list[dict[str, float | None]] | None = None
     metrics: dict[str, dict[str, float]] | None = None
     precision: dict[str, dict[str, dict[str, object]]] | None = None
     features: list[dict[str, object]] | None = None
@@ -257,21 +304,21 @@ class RunResults:
 
     @classmethod
     def load(cls, info: RunInfo, folder: Path, *, sets: Sequence[str] | None = None) -> RunResults:
-        folder = Path(folder)
+        files = RunFiles(Path(folder))
         return cls(
             info=info,
-            folder=folder,
+            folder=files.folder,
             report_sets=None if sets is None else tuple(sets),
-            probes=read_probes(folder / "train" / "probes.csv"),
-            history=read_history(folder / "train" / "history.csv"),
-            metrics=read_metrics(folder / "eval" / "metrics.json"),
-            precision=read_precision(folder / "eval" / "precision.json"),
-            features=read_features(folder / "analysis" / "features.csv"),
-            final_norm=read_final_norm(folder / "analysis" / "final_norm.csv"),
+            probes=read_probes(files.probes),
+            history=read_history(files.history),
+            metrics=read_metrics(files.metrics),
+            precision=read_precision(files.precision),
+            features=read_features(files.features),
+            final_norm=read_final_norm(files.final_norm),
             figures={
-                n: folder / "analysis" / n
+                n: files.analysis_dir / n
                 for n in ANALYSIS_FIGURES
-                if (folder / "analysis" / n).exists()
+                if (files.analysis_dir / n).exists()
             },
         )
 
@@ -305,41 +352,50 @@ class RunResults:
 
     # ---- features
 
-    def final_features(self) -> tuple[list[dict[str, object]], str] | None:
-        """Final-checkpoint features (analysis/features.csv), else the last probes step."""
-        if self.features:
-            return self.features, "final checkpoint"
-        if self.probes:
-            last = max(int(r["step"]) for r in self.probes)
-            return [r for r in self.probes if r["step"] == last], f"probe at step {last}"
+    def stats(self, weights: str) -> Stats | None:
+        """Final statistics of the EMA or the raw (trained) weights.
+
+        EMA: analysis/features.csv rows of the EMA weights. Raw: analysis/features.csv rows
+        of the raw weights, else the last training probe (probes measure the raw weights).
+        """
+        if weights not in (WEIGHTS_EMA, WEIGHTS_RAW):
+            raise ValueError(f"weights must be {WEIGHTS_EMA!r} or {WEIGHTS_RAW!r}, got {weights!r}")
+        rows = [r for r in self.features or [] if r["weights"] == weights]
+        if rows:
+            return Stats(rows, weights, "final checkpoint")
+        if weights == WEIGHTS_RAW and self.probes:
+            last = self.last_probe_step()
+            return Stats(
+                [r for r in self.probes if r["step"] == last], weights, f"probe at step {last}"
+            )
         return None
 
-    def deepest_layer(self) -> str | None:
-        found = self.final_features()
+    def deepest_layer(self, weights: str = WEIGHTS_RAW) -> str | None:
+        found = self.stats(weights)
         if found is None:
             return None
         groups = [
-            (i, r["layer"]) for r in found[0] if (i := _group_index(str(r["layer"]))) is not None
+            (i, r["layer"]) for r in found.rows if (i := _group_index(str(r["layer"]))) is not None
         ]
         return max(groups)[1] if groups else None
 
-    def final_stat(self, stat: str, layer: str | None = None) -> float | None:
-        """A statistic of the final features at `layer` (default: the deepest group)."""
-        found = self.final_features()
-        layer = layer or self.deepest_layer()
+    def final_stat(self, stat: str, weights: str, layer: str | None = None) -> float | None:
+        """A final statistic of the EMA or raw weights at `layer` (default: deepest group)."""
+        found = self.stats(weights)
+        layer = layer or self.deepest_layer(weights)
         if found is None or layer is None:
             return None
-        for row in found[0]:
+        for row in found.rows:
             if row["layer"] == layer:
                 return float(row[stat])
         return None
 
-    def final_max_abs(self) -> float | None:
-        """Largest |x| over every probed layer of the final features."""
-        found = self.final_features()
+    def final_max_abs(self, weights: str) -> float | None:
+        """Largest |x| over every probed layer of the final statistics."""
+        found = self.stats(weights)
         if found is None:
             return None
-        return max(float(r["max_abs"]) for r in found[0])
+        return max(float(r["max_abs"]) for r in found.rows)
 
     def training_max_abs(self) -> float | None:
         """Largest |x| over every probed layer and every probe step during training."""
@@ -347,6 +403,9 @@ class RunResults:
             return None
         values = [float(r["max_abs"]) for r in self.probes if not math.isnan(float(r["max_abs"]))]
         return max(values) if values else None
+
+    def last_probe_step(self) -> int | None:
+        return max((int(r["step"]) for r in self.probes or []), default=None)
 
     def group_layers(self) -> list[str]:
         """Probed group outputs in depth order (group0, group1, ...)."""
@@ -359,6 +418,15 @@ class RunResults:
         points = sorted(
             (int(r["step"]), float(r[stat])) for r in (self.probes or []) if r["layer"] == layer
         )
+        return [p[0] for p in points], [p[1] for p in points]
+
+    def history_curve(self, column: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of a history.csv column, rows without a value left out."""
+        points = [
+            (int(r["step"]), float(r[column]))
+            for r in self.history or []
+            if r.get(column) is not None
+        ]
         return [p[0] for p in points], [p[1] for p in points]
 
     def mean_seconds_per_step(self) -> float | None:
@@ -389,10 +457,9 @@ def load_runs(
 
 
 __all__ = [
-    "NORM_LABELS",
-    "NORM_ORDER",
     "RunInfo",
     "RunResults",
+    "Stats",
     "load_runs",
     "norm_label",
     "norm_rank",

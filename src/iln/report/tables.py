@@ -1,8 +1,11 @@
-"""Paper tables rebuilt from our runs, the paper's numbers beside ours.
+"""The paper's tables, numbered and titled as in the paper, rebuilt from our runs with the
+paper's numbers beside ours; plus our own tables, numbered S1, S2, ...
 
 A Table is rows x columns of cells; each cell may hold the paper's value and ours. It
-renders as markdown (a "(paper)" and an "(ours)" column wherever the paper has a number)
-and as long-format CSV (row, column, paper, ours, run, status) for machines.
+renders as markdown (a "(paper)" and an "(ours)" column wherever both exist) and as
+long-format CSV (row, column, paper, ours, run, status) for machines. Every table carries one
+sentence on what it shows and what our numbers were measured on (image set, crop, weights,
+scale); the paper's numbers are always shown, our cells say "no run" where there is none.
 """
 
 from __future__ import annotations
@@ -11,11 +14,35 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from iln.report.runs import PRECISION_MODES, RunResults, norm_label, norm_rank
+from iln.layout import WEIGHTS_EMA, WEIGHTS_RAW
+from iln.report.paper import paper_rows, printed
+from iln.report.runs import PRECISION_MODES, RunResults
+from iln.styles import norm_label, norm_rank
 
 TABLE_CSV_COLUMNS: tuple[str, ...] = ("row", "column", "paper", "ours", "run", "status")
-NOT_RUN = "not run"
+NO_RUN = "no run"
 MISSING = "–"
+
+# The paper's Table 1 rows, in its order.
+TABLE1_NORMS: tuple[str, ...] = (
+    "ln",
+    "rmsnorm",
+    "layerscale",
+    "none",
+    "rezero",
+    "batchnorm",
+    "batchnorm_train",
+    "instancenorm",
+    "iln",
+)
+TABLE3_NORMS: tuple[str, ...] = ("ln", "ln_star", "ln_rs", "iln")
+TABLE8_VARIANTS: dict[str, str] = {
+    "ln": "LN",
+    "ln_gradclip": "LN + gradient clipping",
+    "ln_kld": "LN + KL-divergence regulariser",
+    "iln": "i-LN",
+}
+TASK_NAMES: dict[str, str] = {"derain": "deraining"}
 
 _FORMATS: dict[str, Callable[[float], str]] = {
     "psnr": lambda v: f"{v:.2f}",
@@ -24,6 +51,20 @@ _FORMATS: dict[str, Callable[[float], str]] = {
     "entropy": lambda v: f"{v:.3f}",
     "int": lambda v: f"{int(v)}",
 }
+
+
+def task_name(task: str) -> str:
+    """sr_x4 -> "SR x4", dn_s15 -> "colour denoising σ=15", car_q10 -> "JPEG CAR q=10"."""
+    if task in TASK_NAMES:
+        return TASK_NAMES[task]
+    for prefix, name in (
+        ("sr_x", "SR x"),
+        ("dn_s", "colour denoising σ="),
+        ("car_q", "JPEG CAR q="),
+    ):
+        if task.startswith(prefix) and task[len(prefix) :].isdigit():
+            return name + task[len(prefix) :]
+    return task
 
 
 def _escape(text: str) -> str:
@@ -35,24 +76,28 @@ def _escape(text: str) -> str:
 class Column:
     key: str
     label: str
-    fmt: str = "sci"  # psnr | ssim | sci | entropy | int | bool
+    fmt: str = "sci"  # psnr | ssim | sci | entropy | int | bool | text
+    always_ours: bool = False  # show our sub-column even where no run fills it ("no run")
 
 
 @dataclass
 class Cell:
-    paper: float | None = None
+    paper: float | str | None = None
     ours: float | bool | None = None
     run: str | None = None
 
 
 @dataclass
 class Table:
-    key: str  # file stem, e.g. "table2"
-    title: str
+    key: str  # file stem, e.g. "table2" (the paper's Table 2) or "table_s1_stdnorm" (ours)
+    title: str  # "Table 2: LN vs i-LN across tasks and models"
+    caption: str  # one sentence: what the table shows
     row_header: str
+    measured: list[str] = field(default_factory=list)  # what our numbers were measured on
+    paper_source: str | None = None
     columns: list[Column] = field(default_factory=list)
     rows: list[str] = field(default_factory=list)
-    row_runs: dict[str, list[str]] = field(default_factory=dict)  # row -> our runs ([] = not run)
+    row_runs: dict[str, list[str]] = field(default_factory=dict)  # row -> our runs ([] = none)
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -71,20 +116,37 @@ class Table:
     def cell(self, row: str, column: str) -> Cell:
         return self.cells.setdefault((row, column), Cell())
 
+    def set_ours(self, row: str, column: Column, value: float | bool | None, run: str) -> None:
+        self.add_column(column)
+        cell = self.cell(row, column.key)
+        cell.ours, cell.run = value, run
+
+    def set_paper(self, row: str, column: Column, value: float | str) -> None:
+        self.add_column(column)
+        self.cell(row, column.key).paper = value
+
     def has_paper(self, column: str | None = None) -> bool:
         return any(
             c.paper is not None for (_, k), c in self.cells.items() if column is None or k == column
         )
 
-    def has_ours(self) -> bool:
-        return any(c.ours is not None for c in self.cells.values())
+    def has_ours(self, column: str | None = None) -> bool:
+        return any(
+            c.ours is not None for (_, k), c in self.cells.items() if column is None or k == column
+        )
 
     # ---- rendering
+
+    def _show(self, col: Column) -> tuple[bool, bool]:
+        """(show the paper's sub-column, show ours): ours is left out only where the paper
+        has numbers and no run of ours has any."""
+        paper = self.has_paper(col.key)
+        return paper, col.always_ours or self.has_ours(col.key) or not paper
 
     def _ours_text(self, row: str, col: Column) -> str:
         value = self.cells.get((row, col.key), Cell()).ours
         if value is None:
-            return MISSING if self.row_runs.get(row) else NOT_RUN
+            return MISSING if self.row_runs.get(row) else NO_RUN
         if col.fmt == "bool" or isinstance(value, bool):
             return "yes" if value else "no"
         if isinstance(value, float) and math.isnan(value):
@@ -95,24 +157,32 @@ class Table:
 
     def _paper_text(self, row: str, col: Column) -> str:
         value = self.cells.get((row, col.key), Cell()).paper
-        return MISSING if value is None else f"{value:g}"
+        return MISSING if value is None else printed(value)
 
     def to_markdown(self) -> str:
         header = [self.row_header, "our run(s)"]
         for col in self.columns:
-            if self.has_paper(col.key):
-                header += [f"{col.label} (paper)", f"{col.label} (ours)"]
-            else:
-                header.append(f"{col.label} (ours)")
+            paper, ours = self._show(col)
+            header += [f"{col.label} (paper)"] if paper else []
+            header += [f"{col.label} (ours)"] if ours else []
         lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
         for row in self.rows:
-            cells = [row, ", ".join(self.row_runs.get(row) or []) or NOT_RUN]
+            cells = [row, ", ".join(self.row_runs.get(row) or []) or NO_RUN]
             for col in self.columns:
-                if self.has_paper(col.key):
-                    cells.append(self._paper_text(row, col))
-                cells.append(self._ours_text(row, col))
+                paper, ours = self._show(col)
+                cells += [self._paper_text(row, col)] if paper else []
+                cells += [self._ours_text(row, col)] if ours else []
             lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
         return "\n".join(lines)
+
+    def preamble(self) -> list[str]:
+        """The lines above the markdown table: what it shows, what it was measured on."""
+        lines = [f"*What it shows:* {self.caption}"]
+        if self.measured:
+            lines += ["", "*Ours measured on:* " + " ".join(self.measured)]
+        if self.paper_source:
+            lines += ["", f"*Paper:* {self.paper_source}"]
+        return lines
 
     def csv_rows(self) -> list[dict[str, object]]:
         out = []
@@ -122,14 +192,14 @@ class Table:
                 if cell.ours is not None:
                     status = "ok"
                 elif not self.row_runs.get(row):
-                    status = NOT_RUN
+                    status = NO_RUN
                 else:
                     status = "missing"
                 out.append(
                     {
                         "row": row,
                         "column": col.label,
-                        "paper": cell.paper,
+                        "paper": None if cell.paper is None else printed(cell.paper),
                         "ours": cell.ours,
                         "run": cell.run or ", ".join(self.row_runs.get(row) or []),
                         "status": status,
@@ -139,40 +209,104 @@ class Table:
 
 
 # --------------------------------------------------------------------------------------
+# How our numbers were measured
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What the report says our numbers were measured on (from params.yaml)."""
+
+    probe_set: str = "the first test set"  # the probe batch: crops of its first images
+    probe_images: int = 2
+    probe_crop: int = 64  # LR side of the probe crops
+    precision_crop: int = 0  # LR side of Table 4's central crops, 0 = whole images
+    ema_decay: float | None = None
+
+
+def _joined(values: Sequence[object]) -> str:
+    found = sorted({str(v) for v in values if v is not None})
+    return ", ".join(found) if found else "–"
+
+
+def measured_eval(
+    runs: Sequence[RunResults],
+    protocol: Protocol,
+    *,
+    crop: int = 0,
+    sets: Sequence[str] | None = None,
+) -> str:
+    """One sentence: images, crop, weights and scale of our PSNR/SSIM (sets: default, every
+    set the runs were evaluated on)."""
+    if not runs:
+        return "PSNR/SSIM: no run of ours in this table yet."
+    sets = _joined(sets if sets is not None else [s for r in runs for s in r.sets()])
+    scales = sorted({s for r in runs if (s := r.info.scale) is not None})
+    images = (
+        f"central {crop}x{crop}-pixel LR crops of {sets}"
+        + (f" (HR {', '.join(str(crop * s) for s in scales)} pixels)" if scales else "")
+        if crop
+        else f"{sets}, whole images"
+    )
+    decay = f", decay {protocol.ema_decay:g}" if protocol.ema_decay is not None else ""
+    return (
+        f"PSNR/SSIM on {images}, Y channel with the scale cropped at every border; EMA "
+        f"weights{decay}; task {_joined([task_name(r.info.task) for r in runs])}, "
+        f"arch {_joined([r.info.arch for r in runs])}, "
+        f"{_joined([r.info.iterations for r in runs])} iterations."
+    )
+
+
+def measured_features(runs: Sequence[RunResults], protocol: Protocol) -> str:
+    """One sentence: where the feature statistics come from, raw and EMA weights."""
+    raw = _joined([s.source for r in runs if (s := r.stats(WEIGHTS_RAW)) is not None])
+    ema = _joined([s.source for r in runs if (s := r.stats(WEIGHTS_EMA)) is not None])
+    decay = f" (decay {protocol.ema_decay:g})" if protocol.ema_decay is not None else ""
+    return (
+        f"Feature statistics: output of the deepest group on {protocol.probe_images} central "
+        f"{protocol.probe_crop}x{protocol.probe_crop}-pixel LR crops of {protocol.probe_set}; "
+        f"'raw' = the weights being trained ({raw}), 'EMA' = their moving average{decay}, "
+        f"the weights PSNR is measured with ({ema}). Early in training the EMA still holds "
+        "much of the initial weights, so its statistics lag behind the raw ones."
+    )
+
+
+# --------------------------------------------------------------------------------------
 # Selecting runs
 
 
 def runs_in_group(results: Mapping[str, RunResults], group: str) -> list[RunResults]:
     """Runs declared in `group` that have any results, ordered by norm then name."""
     found = [r for r in results.values() if group in r.info.groups and r.has_results]
-    return sorted(found, key=lambda r: (norm_rank(r.info.norm), r.info.grad_clip, r.info.name))
+    return sorted(
+        found,
+        key=lambda r: (norm_rank(r.info.norm), r.info.grad_clip, r.info.kld_weight, r.info.name),
+    )
 
 
 def pick_run(
     results: Mapping[str, RunResults],
-    norm: str,
+    variant: str,
     *,
     groups: Sequence[str] = (),
     task: str | None = None,
     need: Callable[[RunResults], bool] = lambda r: r.has_results,
 ) -> RunResults | None:
-    """The most representative run of a norm: in a preferred group, no grad clipping, the
-    official stdnorm pairing, lowest seed, then by name."""
+    """The most representative run of a variant (norm plus stabiliser, e.g. ln, ln_gradclip):
+    in a preferred group, an SR task, the official stdnorm pairing, lowest seed, then name."""
     candidates = [
         r
         for r in results.values()
-        if r.info.norm == norm and need(r) and (task is None or r.info.task == task)
+        if r.info.variant == variant and need(r) and (task is None or r.info.task == task)
     ]
     if not candidates:
         return None
 
     def rank(r: RunResults) -> tuple:
         in_group = min((i for i, g in enumerate(groups) if g in r.info.groups), default=len(groups))
-        default_std = r.info.stdnorm is None or r.info.stdnorm == (norm == "iln")
         return (
             in_group,
-            r.info.grad_clip > 0,
-            not default_std,
+            r.info.scale is None,
+            r.info.stdnorm_switched,
             r.info.seed if r.info.seed is not None else 0,
             r.info.name,
         )
@@ -181,32 +315,32 @@ def pick_run(
 
 
 # --------------------------------------------------------------------------------------
-# Builders
+# Columns shared by several tables
 
-
-def _feature_columns(table: Table) -> None:
-    table.add_column(Column("mag_deepest", "magnitude, deepest group", "sci"))
-    table.add_column(Column("max_abs", "max |x|", "sci"))
-    table.add_column(Column("entropy_deepest", "entropy, deepest group", "entropy"))
-    table.add_column(Column("entropy_ceiling", "ceiling ln C", "entropy"))
+FEATURE_COLUMNS: tuple[Column, ...] = (
+    Column("mag_raw", "deepest magnitude, raw", "sci"),
+    Column("ent_raw", "deepest entropy, raw", "entropy"),
+    Column("mag_ema", "deepest magnitude, EMA", "sci"),
+    Column("ent_ema", "deepest entropy, EMA", "entropy"),
+    Column("ceiling", "entropy ceiling ln C", "entropy"),
+)
 
 
 def _fill_features(table: Table, row: str, run: RunResults) -> None:
-    name = run.info.name
-    table.cell(row, "mag_deepest").ours = run.final_stat("magnitude")
-    table.cell(row, "max_abs").ours = run.final_max_abs()
-    table.cell(row, "entropy_deepest").ours = run.final_stat("entropy")
-    table.cell(row, "entropy_ceiling").ours = run.final_stat("entropy_ceiling")
-    for key in ("mag_deepest", "max_abs", "entropy_deepest", "entropy_ceiling"):
-        table.cell(row, key).run = name
+    values = {
+        "mag_raw": run.final_stat("magnitude", WEIGHTS_RAW),
+        "ent_raw": run.final_stat("entropy", WEIGHTS_RAW),
+        "mag_ema": run.final_stat("magnitude", WEIGHTS_EMA),
+        "ent_ema": run.final_stat("entropy", WEIGHTS_EMA),
+        "ceiling": run.final_stat("entropy_ceiling", WEIGHTS_RAW)
+        or run.final_stat("entropy_ceiling", WEIGHTS_EMA),
+    }
+    for col in FEATURE_COLUMNS:
+        table.set_ours(row, col, values[col.key], run.info.name)
 
 
-def _set_columns(
-    table: Table, sets: Sequence[str], metrics: Sequence[str] = ("psnr", "ssim")
-) -> None:
-    for s in sets:
-        for m in metrics:
-            table.add_column(Column(f"{s}:{m}", f"{s} {m.upper()}", m))
+def _metric_column(set_name: str, metric: str) -> Column:
+    return Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric)
 
 
 def _fill_sets(
@@ -214,340 +348,411 @@ def _fill_sets(
 ) -> None:
     for s in run.sets():
         for m in metrics:
-            table.add_column(Column(f"{s}:{m}", f"{s} {m.upper()}", m))
-            cell = table.cell(row, f"{s}:{m}")
-            cell.ours = run.metric(s, m)
-            cell.run = run.info.name
+            table.set_ours(row, _metric_column(s, m), run.metric(s, m), run.info.name)
 
 
-def _paper_sets(results_block: Mapping) -> list[str]:
-    sets: list[str] = []
-    for per_norm in results_block.values():
-        for s in per_norm:
-            if s not in sets:
-                sets.append(s)
-    return sets
+def _paper_sets(table: Table, rows: Sequence[Mapping], row_of: Callable[[Mapping], str]) -> None:
+    """Put the paper's per-set numbers (psnr/ssim) into their rows."""
+    for prow in rows:
+        row = row_of(prow)
+        if "set" in prow:
+            for m in ("psnr", "ssim"):
+                if m in prow:
+                    table.set_paper(row, _metric_column(prow["set"], m), prow[m])
 
 
-def _paper_note(table: Table, paper_table: Mapping | None) -> None:
-    if paper_table is None:
-        table.notes.append(
-            "Paper numbers: none recorded for this table (cells left empty, not invented)."
-        )
-        return
-    setting = paper_table.get("setting") or {}
-    where = ", ".join(f"{k} {v}" for k, v in setting.items())
-    table.notes.append(
-        f"Paper numbers: {paper_table['source']}" + (f" ({where})." if where else ".")
-    )
+def _paper_findings(table: Table, rows: Sequence[Mapping], row_of: Callable[[Mapping], str]):
+    for prow in rows:
+        if "finding" in prow:
+            table.set_paper(row_of(prow), Column("finding", "finding", "text"), prow["finding"])
 
 
-def _task_note(table: Table, runs: Sequence[RunResults], paper_table: Mapping | None) -> None:
-    task = ((paper_table or {}).get("setting") or {}).get("task")
-    ours = sorted({r.info.task for r in runs})
-    archs = sorted({r.info.arch for r in runs})
-    if ours:
-        table.notes.append(f"Our runs: task {', '.join(ours)}, arch {', '.join(archs)}.")
-    if task and ours and ours != [task]:
-        table.notes.append(
-            f"Our task differs from the paper's ({task}): compare the direction of the differences, not the values."
-        )
+def _paper_table(paper: Mapping, key: str) -> Mapping:
+    found = paper["tables"].get(key)
+    if found is None:
+        raise ValueError(f"paper numbers: no tables.{key} (title and source are needed)")
+    return found
 
 
-def norm_comparison_table(
+def _paper_source(block: Mapping) -> str:
+    setting = block.get("setting") or {}
+    where = "; ".join(f"{k} {v}" for k, v in setting.items())
+    return block["source"][:1].upper() + block["source"][1:] + (f" ({where})." if where else ".")
+
+
+# --------------------------------------------------------------------------------------
+# The paper's tables
+
+
+def _norm_rows_table(
     key: str,
-    title: str,
-    variants: Sequence[tuple[str, RunResults | None]],
-    paper_table: Mapping | None,
-    *,
-    features: bool,
+    paper: Mapping,
+    caption: str,
+    norms: Sequence[str],
+    group: str,
+    results: Mapping[str, RunResults],
+    protocol: Protocol,
 ) -> Table:
-    """Rows = norm variants, columns = test-set PSNR/SSIM (paper beside ours) and optionally
-    the final feature statistics. variants: (norm key, our run or None)."""
-    table = Table(key=key, title=title, row_header="norm")
-    block = (paper_table or {}).get("results") or {}
-    _set_columns(table, _paper_sets(block))
-    labels = [run.info.label if run is not None else norm_label(norm) for norm, run in variants]
-    row_names = []
-    for (norm, run), label in zip(variants, labels, strict=True):
-        row = label if labels.count(label) == 1 else f"{label} [{run.info.name if run else norm}]"
-        row_names.append(row)
-        table.add_row(row, [run.info.name] if run is not None else [])
-        for set_name, per_metric in (block.get(norm) or {}).items():
-            for metric, value in per_metric.items():
-                table.add_column(
-                    Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric)
-                )
-                table.cell(row, f"{set_name}:{metric}").paper = float(value)
-        if run is not None:
-            _fill_sets(table, row, run)
-    if features:
-        _feature_columns(table)
-        for (_, run), row in zip(variants, row_names, strict=True):
-            if run is not None:
-                _fill_features(table, row, run)
-    _paper_note(table, paper_table)
-    _task_note(table, [r for _, r in variants if r is not None], paper_table)
-    return table
-
-
-def table1(results: Mapping[str, RunResults], paper: Mapping) -> Table:
-    """Every normalisation on the same preset and task (paper Table 1)."""
-    paper_table = paper["tables"].get("table1")
-    runs = runs_in_group(results, "table1")
-    variants: list[tuple[str, RunResults | None]] = [(r.info.norm, r) for r in runs]
-    for norm in (paper_table or {}).get("results", {}):
-        if all(n != norm for n, _ in variants):
-            variants.append((norm, None))
-    return norm_comparison_table(
-        "table1",
-        "Table 1: normalisation layers compared (final PSNR/SSIM and feature statistics)",
-        variants,
-        paper_table,
-        features=True,
-    )
-
-
-def table2(results: Mapping[str, RunResults], paper: Mapping) -> Table:
-    """LN vs InstanceNorm vs i-LN on the SR benchmarks (paper Table 2)."""
-    paper_table = paper["tables"].get("table2")
-
-    def sr(r: RunResults) -> bool:
-        return r.has_results and r.info.task.startswith("sr_")
-
-    variants = [
-        (n, pick_run(results, n, groups=("table1",), need=sr))
-        for n in ("ln", "instancenorm", "iln")
-    ]
-    return norm_comparison_table(
-        "table2", "Table 2: LN vs InstanceNorm vs i-LN", variants, paper_table, features=False
-    )
-
-
-def table3(results: Mapping[str, RunResults], paper: Mapping) -> Table:
-    """Ablation LN, LN*, LN+Rs, i-LN (paper Table 3)."""
-    paper_table = paper["tables"].get("table3")
-    variants = [
-        (
-            n,
-            pick_run(
-                results,
-                n,
-                groups=("table3",),
-                need=lambda r: "table3" in r.info.groups and r.has_results,
-            ),
-        )
-        for n in ("ln", "ln_star", "ln_rs", "iln")
-    ]
-    return norm_comparison_table(
-        "table3",
-        "Table 3: holistic normalisation (LN*) and input-adaptive rescaling (Rs) ablated",
-        variants,
-        paper_table,
-        features=True,
-    )
-
-
-def table4(results: Mapping[str, RunResults], paper: Mapping) -> Table:
-    """PSNR and overflow per inference precision, LN vs i-LN (paper Table 4)."""
-    paper_table = paper["tables"].get("table4")
-    block = (paper_table or {}).get("results") or {}
+    """Rows = norms; the paper's per-set numbers and findings, our per-set numbers and final
+    feature statistics (raw and EMA). Our run of a norm: one in `group` if any, else the
+    most representative run of that norm (named in the "our run(s)" column)."""
+    block = _paper_table(paper, key)
     table = Table(
-        key="table4",
-        title="Table 4: inference precision (PSNR, overflow)",
-        row_header="norm / precision",
+        key=key,
+        title=f"Table {key[5:]}: {block['title']}",
+        caption=caption,
+        row_header="normalisation",
+        paper_source=_paper_source(block),
     )
-    runs = [r for r in runs_in_group(results, "table4") if r.precision]
-    seen_norms = set()
-    for run in runs:
-        seen_norms.add(run.info.norm)
-        modes = sorted(
-            run.precision, key=lambda m: PRECISION_MODES.index(m) if m in PRECISION_MODES else 99
+    extra = [r.info.norm for r in runs_in_group(results, group) if r.info.norm not in norms]
+    picked: list[RunResults] = []
+    for norm in [*norms, *dict.fromkeys(extra)]:
+        run = pick_run(results, norm, groups=(group,))
+        table.add_row(norm_label(norm), [run.info.name] if run else [])
+        if run is not None:
+            picked.append(run)
+    rows = paper_rows(paper, key)
+    _paper_sets(table, rows, lambda p: norm_label(p["norm"]))
+    for run in picked:
+        _fill_sets(table, norm_label(run.info.norm), run)
+    for run in picked:
+        _fill_features(table, norm_label(run.info.norm), run)
+    _paper_findings(table, rows, lambda p: norm_label(p["norm"]))
+    table.measured = [measured_eval(picked, protocol), measured_features(picked, protocol)]
+    borrowed = [r.info.name for r in picked if group not in r.info.groups]
+    if borrowed:
+        table.notes.append(
+            f"No run of group `{group}` for some norms: their rows show the most representative "
+            f"run of that norm from the rest of the grid ({', '.join(borrowed)})."
         )
-        for mode in modes:
-            row = f"{run.info.label} / {mode}"
-            table.add_row(row, [run.info.name])
-            for set_name, entry in run.precision[mode].items():
-                table.add_column(Column(f"{set_name}:psnr", f"{set_name} PSNR", "psnr"))
-                table.add_column(Column(f"{set_name}:overflow", f"{set_name} overflow", "bool"))
-                table.cell(row, f"{set_name}:psnr").ours = entry["psnr"]
-                table.cell(row, f"{set_name}:overflow").ours = entry["overflow"]
-                table.cell(row, f"{set_name}:psnr").run = run.info.name
-            for set_name, per_metric in (block.get(run.info.norm, {}).get(mode) or {}).items():
-                for metric, value in per_metric.items():
-                    table.add_column(
-                        Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric)
-                    )
-                    table.cell(row, f"{set_name}:{metric}").paper = float(value)
-    for norm, per_mode in block.items():
-        if norm in seen_norms:
-            continue
-        for mode, per_set in per_mode.items():
-            row = f"{norm_label(norm)} / {mode}"
-            table.add_row(row)
-            for set_name, per_metric in per_set.items():
-                for metric, value in per_metric.items():
-                    table.add_column(
-                        Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric)
-                    )
-                    table.cell(row, f"{set_name}:{metric}").paper = float(value)
-    _paper_note(table, paper_table)
-    table.notes.append(
-        "The paper reports i-LN unchanged under fp16; it gives no separate number for it here."
-    )
-    table.notes.append(
-        "Overflow: any non-finite value in the low-precision forward pass (as reported by the evaluation)."
-    )
     return table
+
+
+def table1(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
+    """Every normalisation layer on the same model and task (the paper's Table 1)."""
+    return _norm_rows_table(
+        "table1",
+        paper,
+        "Each normalisation layer in the same Transformer: restoration quality and the "
+        "deepest group's feature magnitude and channel entropy, which per-token LN drives up "
+        "and down respectively.",
+        TABLE1_NORMS,
+        "table1",
+        results,
+        protocol,
+    )
+
+
+def table3(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
+    """The LN / LN* / LN+Rs / i-LN ablation (the paper's Table 3)."""
+    return _norm_rows_table(
+        "table3",
+        paper,
+        "Which half of i-LN does what: LN* normalises each image as a whole, LN+Rs rescales "
+        "each residual branch by the input's std, i-LN does both.",
+        TABLE3_NORMS,
+        "table3",
+        results,
+        protocol,
+    )
+
+
+def _pair_columns(table: Table) -> dict[str, Column]:
+    cols = {
+        "ln:psnr": Column("ln:psnr", "LN PSNR", "psnr", always_ours=True),
+        "ln:ssim": Column("ln:ssim", "LN SSIM", "ssim", always_ours=True),
+        "iln:psnr": Column("iln:psnr", "i-LN PSNR", "psnr", always_ours=True),
+        "iln:ssim": Column("iln:ssim", "i-LN SSIM", "ssim", always_ours=True),
+        "gain": Column("gain", "i-LN − LN PSNR (dB)", "psnr", always_ours=True),
+    }
+    for col in cols.values():
+        table.add_column(col)
+    return cols
+
+
+def _fill_pair(
+    table: Table,
+    cols: Mapping[str, Column],
+    row: str,
+    set_name: str,
+    runs: Mapping[str, RunResults | None],
+) -> None:
+    """Our LN and i-LN numbers on one set, and the gain, into one row."""
+    table.add_row(row, [r.info.name for r in runs.values() if r is not None])
+    for norm, run in runs.items():
+        if run is not None:
+            for m in ("psnr", "ssim"):
+                table.set_ours(row, cols[f"{norm}:{m}"], run.metric(set_name, m), run.info.name)
+    a, b = table.cell(row, "ln:psnr").ours, table.cell(row, "iln:psnr").ours
+    if a is not None and b is not None:
+        table.cell(row, "gain").ours = b - a
+
+
+def _paper_pair(table: Table, cols: Mapping[str, Column], row: str, prows: Sequence) -> None:
+    for prow in prows:
+        for m in ("psnr", "ssim"):
+            if m in prow:
+                table.set_paper(row, cols[f"{prow['norm']}:{m}"], prow[m])
+    by_norm = {p["norm"]: p for p in prows if "psnr" in p}
+    if {"ln", "iln"} <= set(by_norm):
+        table.cell(row, "gain").paper = round(by_norm["iln"]["psnr"] - by_norm["ln"]["psnr"], 6)
+
+
+def _unique(runs: Sequence[RunResults]) -> list[RunResults]:
+    """Runs without repeats, in first-seen order."""
+    return list({r.info.name: r for r in runs}.values())
 
 
 def _family(arch: str) -> str:
     return "swinir" if arch.startswith("swinir") else "hat"
 
 
-def table6(results: Mapping[str, RunResults], paper: Mapping) -> Table:
-    """LN vs i-LN on other tasks and models (the paper's rows beyond x4 SR with HAT_1)."""
-    paper_table = paper["tables"].get("table6")
-    table = Table(
-        key="table6",
-        title="Table 6: other tasks and models, LN vs i-LN (PSNR)",
-        row_header="task / set",
-    )
-    for col in (
-        Column("ln", "LN PSNR", "psnr"),
-        Column("iln", "i-LN PSNR", "psnr"),
-        Column("gain", "i-LN − LN (dB)", "psnr"),
-    ):
-        table.add_column(col)
+def _groups_of(rows: Sequence[Mapping], keys: Sequence[str]) -> list[tuple]:
+    """Distinct identity tuples of the paper's rows, in file order."""
+    return list(dict.fromkeys(tuple(r.get(k) for k in keys) for r in rows))
 
-    def ours_for(task: str, set_name: str, arch: str | None, norm: str) -> RunResults | None:
+
+def table2(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
+    """LN vs i-LN on every task and model (the paper's Table 2), plus every task we ran."""
+    block = _paper_table(paper, "table2")
+    table = Table(
+        key="table2",
+        title=f"Table 2: {block['title']}",
+        caption="The same model trained with LN and with i-LN on each restoration task; "
+        "the last column is what switching to i-LN gains.",
+        row_header="task / test set / model",
+        paper_source=_paper_source(block),
+    )
+    cols = _pair_columns(table)
+
+    def ours(task: str, set_name: str, norm: str, arch: str | None) -> RunResults | None:
         cands = [
             r
             for r in results.values()
-            if r.info.norm == norm
+            if r.info.variant == norm
             and r.info.task == task
             and r.metric(set_name, "psnr") is not None
             and (arch is None or _family(r.info.arch) == _family(arch))
         ]
-        return (
-            min(cands, key=lambda r: (r.info.arch != arch, r.info.grad_clip > 0, r.info.name))
-            if cands
-            else None
-        )
+        return min(cands, key=lambda r: (r.info.arch != arch, r.info.name), default=None)
 
-    def fill(row: str, task: str, set_name: str, arch: str | None) -> None:
-        runs = {n: ours_for(task, set_name, arch, n) for n in ("ln", "iln")}
-        table.add_row(row, [r.info.name for r in runs.values() if r is not None])
-        for norm, run in runs.items():
-            if run is not None:
-                table.cell(row, norm).ours = run.metric(set_name, "psnr")
-                table.cell(row, norm).run = run.info.name
-        a, b = table.cell(row, "ln").ours, table.cell(row, "iln").ours
-        if a is not None and b is not None:
-            table.cell(row, "gain").ours = b - a
-
+    used: list[RunResults] = []
     covered = set()
-    for prow in (paper_table or {}).get("rows", []):
-        label = f"{prow['task']} / {prow['set']}" + (
-            f" ({prow['arch']})" if prow.get("arch") else ""
-        )
-        if prow.get("note"):
-            label += f" [{prow['note']}]"
-        fill(label, prow["task"], prow["set"], prow.get("arch"))
-        for norm in ("ln", "iln"):
-            if norm in prow and "psnr" in prow[norm]:
-                table.cell(label, norm).paper = float(prow[norm]["psnr"])
-        if "ln" in prow and "iln" in prow:
-            table.cell(label, "gain").paper = round(
-                float(prow["iln"]["psnr"]) - float(prow["ln"]["psnr"]), 6
-            )
-        covered.add((prow["task"], prow["set"]))
-    for run in sorted(results.values(), key=lambda r: r.info.name):
-        if run.info.task.startswith("sr_") or run.info.norm not in ("ln", "iln"):
-            continue
+    prows = paper_rows(paper, "table2")
+    for task, set_name, arch in _groups_of(prows, ("task", "set", "arch")):
+        row = f"{task_name(task)} / {set_name} / {arch}"
+        runs = {n: ours(task, set_name, n, arch) for n in ("ln", "iln")}
+        _fill_pair(table, cols, row, set_name, runs)
+        same = [p for p in prows if (p["task"], p["set"], p.get("arch")) == (task, set_name, arch)]
+        _paper_pair(table, cols, row, same)
+        used += [r for r in runs.values() if r is not None]
+        covered |= {(task, set_name, r.info.arch) for r in runs.values() if r is not None}
+    ours_only = sorted(
+        (r for r in results.values() if r.info.variant in ("ln", "iln")),
+        key=lambda r: (r.info.task, r.info.arch, r.info.name),
+    )
+    for run in ours_only:
         for set_name in run.sets():
-            if (run.info.task, set_name) not in covered:
-                covered.add((run.info.task, set_name))
-                fill(f"{run.info.task} / {set_name}", run.info.task, set_name, None)
-    _paper_note(table, paper_table)
+            if (run.info.task, set_name, run.info.arch) in covered:  # one row per model
+                continue
+            covered.add((run.info.task, set_name, run.info.arch))
+            runs = {n: ours(run.info.task, set_name, n, run.info.arch) for n in ("ln", "iln")}
+            row = f"{task_name(run.info.task)} / {set_name} / {run.info.arch}"
+            _fill_pair(table, cols, row, set_name, runs)
+            used += [r for r in runs.values() if r is not None]
+    table.measured = [measured_eval(_unique(used), protocol)]
     table.notes.append(
-        "Ours: any run with the row's task and norm (same model family when the paper names one)."
+        "A paper row's model names the paper's; ours is the run's preset of the same family "
+        "(HAT or SwinIR), named in 'our run(s)'. Rows below the paper's are tasks only we ran."
     )
     return table
 
 
-def table8(results: Mapping[str, RunResults], paper: Mapping) -> Table:
-    """Max |x| for LN, LN with gradient clipping, and i-LN (paper Table 8)."""
-    paper_table = paper["tables"].get("table8")
-    block = (paper_table or {}).get("results") or {}
+def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
+    """PSNR and overflow per inference precision, LN vs i-LN (the paper's Table 4)."""
+    block = _paper_table(paper, "table4")
+    table = Table(
+        key="table4",
+        title=f"Table 4: {block['title']}",
+        caption="The trained model run in lower precision: LN's large features overflow "
+        "fp16 and lose int8/int4 resolution, i-LN's stay in range.",
+        row_header="normalisation / precision",
+        paper_source=_paper_source(block),
+    )
+    prows = paper_rows(paper, "table4")
+    group = [r.info.norm for r in runs_in_group(results, "table4") if r.precision]
+    norms = list(dict.fromkeys(["ln", "iln", *group]))
+    picked = []
+    for norm in norms:
+        run = pick_run(results, norm, groups=("table4",), need=lambda r: bool(r.precision))
+        modes = set((run.precision or {}) if run else ()) | {
+            p["precision"] for p in prows if p["norm"] == norm
+        }
+        order = sorted(
+            modes, key=lambda m: PRECISION_MODES.index(m) if m in PRECISION_MODES else 99
+        )
+        if run is not None:
+            picked.append(run)
+        for mode in order or PRECISION_MODES[:1]:
+            row = f"{norm_label(norm)} / {mode}"
+            table.add_row(row, [run.info.name] if run else [])
+            for p in prows:
+                if p["norm"] == norm and p["precision"] == mode:
+                    table.set_paper(row, _metric_column(p["set"], "psnr"), p["psnr"])
+            for set_name, entry in ((run.precision or {}).get(mode) or {}).items() if run else ():
+                table.set_ours(row, _metric_column(set_name, "psnr"), entry["psnr"], run.info.name)
+                table.set_ours(
+                    row,
+                    Column(f"{set_name}:overflow", f"{set_name} overflow", "bool"),
+                    entry["overflow"],
+                    run.info.name,
+                )
+    sets = [s for r in picked for per_set in r.precision.values() for s in per_set]
+    table.measured = [measured_eval(picked, protocol, crop=protocol.precision_crop, sets=sets)]
+    if protocol.precision_crop:
+        table.notes.append(
+            f"Measured on {protocol.precision_crop}-pixel LR crops, so the fp32 row differs "
+            "from the whole-image PSNR of the other tables."
+        )
+    table.notes.append(
+        "fp16 / bf16: every weight, activation and residual addition in that format; int8 / "
+        "int4: weights and activations fake-quantised. Overflow: a non-finite value anywhere "
+        "in the forward pass."
+    )
+    return table
+
+
+def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
+    """The full-size HAT (HAT†) with LN and i-LN (the paper's Table 6)."""
+    block = _paper_table(paper, "table6")
+    table = Table(
+        key="table6",
+        title=f"Table 6: {block['title']}",
+        caption="Whether i-LN's gain holds for the full-size HAT, not only the small HAT_1.",
+        row_header="task / test set",
+        paper_source=_paper_source(block),
+    )
+    cols = _pair_columns(table)
+    arch = (block.get("setting") or {}).get("arch", "hat")
+
+    def ours(task: str, set_name: str, norm: str) -> RunResults | None:
+        cands = [
+            r
+            for r in results.values()
+            if r.info.arch == arch
+            and r.info.variant == norm
+            and r.info.task == task
+            and r.metric(set_name, "psnr") is not None
+        ]
+        return min(cands, key=lambda r: r.info.name, default=None)
+
+    used = []
+    prows = paper_rows(paper, "table6")
+    rows = _groups_of(prows, ("task", "set"))
+    for run in results.values():
+        if run.info.arch == arch and run.info.variant in ("ln", "iln"):
+            rows += [(run.info.task, s) for s in run.sets() if (run.info.task, s) not in rows]
+    for task, set_name in rows:
+        row = f"{task_name(task)} / {set_name}"
+        runs = {n: ours(task, set_name, n) for n in ("ln", "iln")}
+        _fill_pair(table, cols, row, set_name, runs)
+        _paper_pair(
+            table, cols, row, [p for p in prows if (p["task"], p["set"]) == (task, set_name)]
+        )
+        used += [r for r in runs.values() if r is not None]
+    table.measured = [measured_eval(_unique(used), protocol)]
+    table.notes.append(f"Ours: runs with the full preset `{arch}` only.")
+    return table
+
+
+def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
+    """Other stabilisers against i-LN (the paper's Table 8)."""
+    block = _paper_table(paper, "table8")
     table = Table(
         key="table8",
-        title="Table 8: gradient clipping vs feature divergence (max |x|)",
-        row_header="variant",
+        title=f"Table 8: {block['title']}",
+        caption="Whether clipping the gradients or regularising the feature statistics stops "
+        "LN's feature divergence, and at what cost in PSNR, against i-LN.",
+        row_header="training",
+        paper_source=_paper_source(block),
     )
-    table.add_column(Column("max_abs", "max |x| (final)", "sci"))
-    table.add_column(Column("max_abs_training", "max |x| (during training)", "sci"))
-    table.add_column(Column("mag_deepest", "magnitude, deepest group", "sci"))
-    table.add_column(Column("entropy_deepest", "entropy, deepest group", "entropy"))
+    group = [r.info.variant for r in runs_in_group(results, "table8")]
+    variants = list(dict.fromkeys([*TABLE8_VARIANTS, *group]))
 
-    def paper_key(norm: str, clip: float) -> str:
-        return f"{norm}_gradclip" if clip > 0 else norm
+    def label(variant: str) -> str:
+        return TABLE8_VARIANTS.get(variant) or variant
 
-    runs = runs_in_group(results, "table8")
-    seen = set()
-    for run in runs:
-        row = (
-            run.info.label
-            if sum(r.info.label == run.info.label for r in runs) == 1
-            else f"{run.info.label} [{run.info.name}]"
-        )
-        table.add_row(row, [run.info.name])
-        key = paper_key(run.info.norm, run.info.grad_clip)
-        seen.add(key)
-        if "max_abs" in block.get(key, {}):
-            table.cell(row, "max_abs").paper = float(block[key]["max_abs"])
-        table.cell(row, "max_abs").ours = run.final_max_abs()
-        table.cell(row, "max_abs_training").ours = run.training_max_abs()
-        table.cell(row, "mag_deepest").ours = run.final_stat("magnitude")
-        table.cell(row, "entropy_deepest").ours = run.final_stat("entropy")
-    for key, values in block.items():
-        if key in seen:
+    picked = []
+    max_abs = Column("max_abs", "max |x|, raw", "sci", always_ours=True)
+    for variant in variants:
+        run = pick_run(results, variant, groups=("table8",))
+        row = label(variant)
+        table.add_row(row, [run.info.name] if run else [])
+        for p in paper_rows(paper, "table8", variant=variant):
+            if "max_abs" in p:
+                table.set_paper(row, max_abs, p["max_abs"])
+        table.add_column(max_abs)
+        if run is None:
             continue
-        norm = key.removesuffix("_gradclip")
-        row = norm_label(norm) + (" + grad clip" if key.endswith("_gradclip") else "")
-        table.add_row(row)
-        if "max_abs" in values:
-            table.cell(row, "max_abs").paper = float(values["max_abs"])
-    _paper_note(table, paper_table)
+        picked.append(run)
+        name = run.info.name
+        table.set_ours(row, max_abs, run.final_max_abs(WEIGHTS_RAW), name)
+        table.set_ours(
+            row,
+            Column("max_abs_training", "max |x| during training", "sci"),
+            run.training_max_abs(),
+            name,
+        )
+        table.set_ours(row, FEATURE_COLUMNS[0], run.final_stat("magnitude", WEIGHTS_RAW), name)
+        table.set_ours(row, FEATURE_COLUMNS[1], run.final_stat("entropy", WEIGHTS_RAW), name)
+        _fill_sets(table, row, run, metrics=("psnr",))
+    _paper_findings(table, paper_rows(paper, "table8"), lambda p: label(p["variant"]))
+    table.measured = [measured_eval(picked, protocol), measured_features(picked, protocol)]
+    table.notes.append(
+        "max |x|: the largest absolute value of the residual stream over every probed layer; "
+        "'during training' is the largest over every probe step."
+    )
     return table
 
 
-def stdnorm_table(results: Mapping[str, RunResults]) -> Table:
+# --------------------------------------------------------------------------------------
+# Our own tables (S1, S2, ...)
+
+
+def stdnorm_table(results: Mapping[str, RunResults], protocol: Protocol) -> Table:
     """Ours: the input-standardisation confound (LN / i-LN x stdnorm on / off)."""
     table = Table(
         key="table_s1_stdnorm",
-        title="Table S1 (ours, not in the paper): input standardisation (stdnorm) on/off, LN and i-LN",
-        row_header="norm / stdnorm",
+        title="Table S1: input standardisation (stdnorm) on and off (ours, not in the paper)",
+        caption="The official i-LN models standardise the input and the official LN baselines "
+        "do not; this separates that switch from the normalisation itself.",
+        row_header="normalisation / stdnorm",
     )
-    for run in runs_in_group(results, "stdnorm"):
+    runs = runs_in_group(results, "stdnorm")
+    for run in runs:
         row = f"{norm_label(run.info.norm)} / stdnorm {'on' if run.info.stdnorm_on else 'off'}"
         if row in table.rows:
             row = f"{row} [{run.info.name}]"
         table.add_row(row, [run.info.name])
         _fill_sets(table, row, run)
-        _feature_columns(table)
         _fill_features(table, row, run)
-    table.notes.append(
-        "The official i-LN configs standardise the input (stdnorm) and the official LN baselines do not; "
-        "this table separates that switch from the normalisation itself."
-    )
+    table.measured = [measured_eval(runs, protocol), measured_features(runs, protocol)]
     return table
 
 
-def runs_table(results: Mapping[str, RunResults], group: str, key: str, title: str) -> Table:
+def runs_table(
+    results: Mapping[str, RunResults],
+    protocol: Protocol,
+    *,
+    group: str,
+    key: str,
+    title: str,
+    caption: str,
+) -> Table:
     """Ours: one row per run of a group (seeds, batch size), PSNR/SSIM and features."""
-    table = Table(key=key, title=title, row_header="run")
-    for run in runs_in_group(results, group):
+    table = Table(key=key, title=title, caption=caption, row_header="run")
+    runs = runs_in_group(results, group)
+    for run in runs:
         extra = []
         if run.info.seed is not None:
             extra.append(f"seed {run.info.seed}")
@@ -558,31 +763,40 @@ def runs_table(results: Mapping[str, RunResults], group: str, key: str, title: s
             row = f"{row} [{run.info.name}]"
         table.add_row(row, [run.info.name])
         _fill_sets(table, row, run)
-        _feature_columns(table)
         _fill_features(table, row, run)
+    table.measured = [measured_eval(runs, protocol), measured_features(runs, protocol)]
     return table
 
 
-def all_runs_table(results: Mapping[str, RunResults]) -> Table:
+def all_runs_table(results: Mapping[str, RunResults], protocol: Protocol) -> Table:
     """Ours: every declared run with its setting, final features and PSNR."""
-    table = Table(key="runs", title="All runs", row_header="run")
-    table.add_column(Column("iterations", "iterations", "int"))
-    table.add_column(Column("last_step", "last probed/logged step", "int"))
-    table.add_column(Column("sec_per_step", "s/step", "sci"))
+    table = Table(
+        key="table_s4_runs",
+        title="Table S4: every run (ours)",
+        caption="Every declared run: how far it trained, how fast, its PSNR and its final "
+        "feature statistics for both the raw and the EMA weights.",
+        row_header="run",
+    )
+    done = [r for r in results.values() if r.has_results]
     for run in results.values():
-        table.add_row(
-            f"{run.info.name}: {run.info.arch} {run.info.label} {run.info.task}",
-            [run.info.name] if run.has_results else [],
-        )
-    for run, row in zip(results.values(), table.rows, strict=True):
+        row = f"{run.info.name}: {run.info.arch} {run.info.label} {run.info.task}"
+        table.add_row(row, [run.info.name] if run.has_results else [])
+        table.add_column(Column("iterations", "iterations", "int"))
+        table.add_column(Column("last_step", "last probed/logged step", "int"))
+        table.add_column(Column("sec_per_step", "s/step", "sci"))
         if not run.has_results:
             continue
-        table.cell(row, "iterations").ours = run.info.iterations
-        table.cell(row, "last_step").ours = run.last_step()
-        table.cell(row, "sec_per_step").ours = run.mean_seconds_per_step()
+        name = run.info.name
+        table.set_ours(row, Column("iterations", "iterations", "int"), run.info.iterations, name)
+        table.set_ours(
+            row, Column("last_step", "last probed/logged step", "int"), run.last_step(), name
+        )
+        table.set_ours(
+            row, Column("sec_per_step", "s/step", "sci"), run.mean_seconds_per_step(), name
+        )
         _fill_sets(table, row, run, metrics=("psnr",))
-    _feature_columns(table)
     for run, row in zip(results.values(), table.rows, strict=True):
         if run.has_results:
             _fill_features(table, row, run)
+    table.measured = [measured_eval(done, protocol), measured_features(done, protocol)]
     return table

@@ -1,30 +1,31 @@
 """Benchmark suite: training-step and inference time, peak memory, FLOP rate, the cost of
-i-LN against LN, fused against straightforward attention, and bicubic degradation speed.
+i-LN against LN, the fast path against the reference code, and bicubic degradation speed.
 
-Everything runs in ONE process so that the ratios (i-LN / LN, naive / fast attention,
+Everything runs in ONE process so that the ratios (i-LN / LN, reference / fast path,
 reference / vectorised bicubic) compare like with like. Variants that are compared are
 timed round-robin (A, B, A, B, ...) rather than one after the other: on a shared machine
 the load drifts over minutes, and interleaving spreads that drift over both arms instead
 of charging it to one of them. Medians are reported because a single preempted sample
 (another process waking up) would move a mean by far more than the effect being measured.
 
-Run ``python -m iln.bench --help``. Absolute times depend on the machine and its load;
-read the ratios, which come from one run.
+Run ``python -m benchmarks.suite --help`` from the repository root. Absolute times depend
+on the machine and its load; read the ratios, which come from one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
+import multiprocessing
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.timing import (
+    Timing,
+    paired_ratio,
+    synchronizer,
+    time_callable,
+    time_interleaved,
+)
 from iln.files import write_json_atomic, write_text_atomic
 from iln.train import adam
 
@@ -43,134 +51,11 @@ ADAM_BETAS = (0.9, 0.99)
 DIV2K_SHAPE = (1356, 2040, 3)  # a typical DIV2K training image, (H, W, C)
 TARGETS = {
     "iln_over_ln_max": 1.03,  # i-LN may cost at most 3% more per training step
-    "attention_speedup_min": 1.25,  # fused path at least 1.25x faster than the naive one
-    "attention_max_abs_diff": 1e-5,  # and the same numbers
+    "fast_path_speedup_min": 1.25,  # fast path at least 1.25x faster than the reference code
+    "fast_path_max_abs_diff": 1e-5,  # and the same numbers
     "bicubic_speedup_min": 10.0,  # vectorised resize at least 10x faster than the reference
 }
 TARGET_PRESETS = ("hat_1", "swinir_1")  # presets the i-LN cost target applies to
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Wall-clock seconds of repeated calls; ``median_s`` is the figure to quote.
-
-    ``cpu_samples_s`` is the process CPU time of each call (all threads). With one
-    thread on a CPU shared with other jobs it excludes the time the process waited for
-    a core, which is most of the noise there; with a GPU it only measures the host side.
-    """
-
-    median_s: float
-    min_s: float
-    max_s: float
-    iqr_s: float  # spread of the middle half: large when the machine was busy
-    repeats: int
-    warmup: int
-    samples_s: tuple[float, ...]
-    cpu_median_s: float | None = None
-    cpu_samples_s: tuple[float, ...] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def summarize(
-    samples: Sequence[float], *, warmup: int, cpu_samples: Sequence[float] | None = None
-) -> Timing:
-    """Timing of raw wall-clock samples (seconds), with the CPU-time samples if given."""
-    if not samples:
-        raise ValueError("summarize needs at least one sample")
-    if cpu_samples is not None and len(cpu_samples) != len(samples):
-        raise ValueError(
-            f"got {len(cpu_samples)} CPU-time samples for {len(samples)} wall-clock samples"
-        )
-    ordered = sorted(samples)
-    if len(ordered) >= 2:
-        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        q1 = q3 = ordered[0]
-    return Timing(
-        median_s=statistics.median(ordered),
-        min_s=ordered[0],
-        max_s=ordered[-1],
-        iqr_s=q3 - q1,
-        repeats=len(samples),
-        warmup=warmup,
-        samples_s=tuple(samples),
-        cpu_median_s=None if cpu_samples is None else statistics.median(cpu_samples),
-        cpu_samples_s=None if cpu_samples is None else tuple(cpu_samples),
-    )
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """A function that waits for queued device work.
-
-    CUDA kernels run asynchronously: without a synchronize before reading the clock, the
-    time of the launch, not of the work, would be measured.
-    """
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    if device.type == "mps":
-        return torch.mps.synchronize
-    return lambda: None
-
-
-def time_interleaved(
-    fns: Mapping[str, Callable[[], object]],
-    *,
-    repeats: int,
-    warmup: int,
-    sync: Callable[[], None] = lambda: None,
-) -> dict[str, Timing]:
-    """Median time of every function, calls interleaved round-robin.
-
-    The warm-up calls (allocator growth, lazy init, one-time caches) are not timed. The
-    starting function rotates every round so that none always runs right after the
-    same neighbour. The garbage collector runs before each round and is paused during it
-    (as ``timeit`` does) so that a collection triggered by one arm is not charged to another.
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(
-            f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}"
-        )
-    if not fns:
-        raise ValueError("time_interleaved needs at least one function")
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    sync()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    cpu_samples: dict[str, list[float]] = {name: [] for name in names}
-    enabled = gc.isenabled()
-    for r in range(repeats):
-        shift = r % len(names)
-        gc.collect()
-        gc.disable()
-        try:
-            for name in names[shift:] + names[:shift]:
-                sync()
-                start, cpu_start = time.perf_counter(), time.process_time()
-                fns[name]()
-                sync()
-                samples[name].append(time.perf_counter() - start)
-                cpu_samples[name].append(time.process_time() - cpu_start)
-        finally:
-            if enabled:
-                gc.enable()
-    return {
-        name: summarize(samples[name], warmup=warmup, cpu_samples=cpu_samples[name])
-        for name in names
-    }
-
-
-def time_callable(
-    fn: Callable[[], object], *, repeats: int, warmup: int, sync: Callable[[], None] = lambda: None
-) -> Timing:
-    """Median time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
-    return time_interleaved({"fn": fn}, repeats=repeats, warmup=warmup, sync=sync)["fn"]
 
 
 # ----------------------------------------------------------------------------- model work
@@ -335,61 +220,31 @@ def top_ops(fn: Callable[[], object], *, device: torch.device, limit: int = 15) 
 # ----------------------------------------------------------------------------- memory
 
 
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False when not possible."""
+def _peak_rss_growth_in_child(fn: Callable[[], object], conn) -> None:
+    """In a forked child: the growth of the process's peak RSS while it runs ``fn()``."""
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_peak() -> int | None:
-    """VmHWM of /proc/self/status in bytes (peak RSS since start or the last reset)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def tensor_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of tensor memory that ``fn()`` allocated and had not yet freed.
-
-    torch keeps no allocator statistics for the CPU (and tracemalloc does not see its
-    buffers), but its profiler records every allocation and free with its size: the peak
-    of their running sum is the call's working memory (activations, gradients,
-    temporaries). Memory alive before the call is not counted, and neither is its release
-    (e.g. the previous step's gradients dropped by ``zero_grad``): the profiler does not
-    know the size of blocks allocated before it started.
-    """
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
+        gc.collect()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    running = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        running += event.nbytes()
-        peak = max(peak, running)
-    return int(peak)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+        conn.send((after - before, after))
+    except BaseException as err:  # report, do not hang the parent
+        conn.send(err)
+    finally:
+        conn.close()
 
 
 def measure_peak_memory(fn: Callable[[], object], *, device: torch.device) -> dict[str, Any]:
     """Peak memory of one call of ``fn()``, with the method that measured it.
 
-    ``step_peak_bytes``: the call's working memory, the peak of the tensor memory it
-    allocated (CUDA: ``max_memory_allocated`` minus the allocation before the call, which
-    also nets out what the call frees; CPU: the profiler's allocation records, see
-    ``tensor_peak_bytes``, which do not).
-    On the CPU ``rss_peak_bytes`` adds the process RSS high-water mark during the call
-    (Linux: the mark is reset first; elsewhere ``ru_maxrss``, the peak of the whole
-    process so far). RSS counts everything alive in the process and memory the C
-    allocator kept from earlier work, so it is an upper bound, not a per-model figure.
+    CUDA: ``step_peak_bytes`` is ``max_memory_allocated`` during the call minus the
+    allocation before it (the tensors the call allocated). CPU, where torch keeps no
+    allocator statistics: the call runs in a forked child process (the same model and
+    tensors, copy-on-write), and ``step_peak_bytes`` is how much that child's peak RSS
+    (``resource.getrusage``) grew during the call; ``rss_peak_bytes`` is the child's peak
+    RSS itself. RSS counts pages, so memory the C allocator reuses from earlier work in
+    the parent is not counted as growth: read it as the step's fresh working memory.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -405,24 +260,22 @@ def measure_peak_memory(fn: Callable[[], object], *, device: torch.device) -> di
             "rss_method": None,
             "rss_peak_bytes": None,
         }
-    gc.collect()
-    step_peak = tensor_peak_bytes(fn)
-    if _reset_rss_peak() and _rss_peak() is not None:
-        fn()
-        rss_peak, rss_method = _rss_peak(), "rss_high_water_mark_of_call"
-    else:
-        fn()
-        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        rss_peak, rss_method = (
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit,
-            "process_peak_rss",
-        )
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_peak_rss_growth_in_child, args=(fn, send))
+    child.start()
+    send.close()
+    answer = receive.recv()
+    child.join()
+    if isinstance(answer, BaseException):
+        raise RuntimeError(f"memory measurement failed in the child process: {answer!r}")
+    growth, peak = answer
     return {
-        "method": "profiler_tensor_allocations",
-        "step_peak_bytes": step_peak,
+        "method": "child_process_peak_rss_growth",
+        "step_peak_bytes": int(growth),
         "allocated_peak_bytes": None,
-        "rss_method": rss_method,
-        "rss_peak_bytes": rss_peak,
+        "rss_method": "child_process_peak_rss",
+        "rss_peak_bytes": int(peak),
     }
 
 
@@ -431,17 +284,16 @@ def measure_peak_memory(fn: Callable[[], object], *, device: torch.device) -> di
 
 @dataclass(frozen=True)
 class Variant:
-    """One model configuration to benchmark: preset x norm x attention path."""
+    """One model configuration to benchmark: preset x norm x code path
+    (``fast``: the default fast path, ``reference``: ``build_model(..., fast=False)``)."""
 
     preset: str
     norm: str
-    attention: str = "fast"
+    path: str = "fast"
 
     @property
     def label(self) -> str:
-        return f"{self.preset}/{self.norm}" + (
-            "" if self.attention == "fast" else f"/{self.attention}"
-        )
+        return f"{self.preset}/{self.norm}" + ("" if self.path == "fast" else f"/{self.path}")
 
 
 def build_variants(
@@ -449,7 +301,7 @@ def build_variants(
 ) -> dict[Variant, nn.Module]:
     """Models of every variant, on ``device``.
 
-    Variants that differ only in the attention path share the weights of the first one
+    Variants that differ only in the code path share the weights of the first one
     built (state dict copied), so their outputs can be compared number for number.
     """
     from iln.models import build_model  # heavy import kept out of the timing helpers
@@ -460,7 +312,7 @@ def build_variants(
             v.preset,
             norm=v.norm,
             scale=scale,
-            attention=v.attention,
+            fast=v.path == "fast",
             generator=torch.Generator().manual_seed(seed),
         )
         twin = next(
@@ -478,8 +330,8 @@ def output_difference(
     """Largest absolute differences of outputs (and parameter gradients when
     ``with_grad``) between two models with the same weights, in eval mode.
 
-    With gradients, the fast attention takes its autograd path (custom backward); without,
-    torch's fused kernel: both must match the naive computation.
+    With gradients, the fast path takes its hand-written backwards; without,
+    torch's fused kernel: both must match the reference computation.
     """
     reference.eval()
     other.eval()
@@ -558,7 +410,7 @@ def benchmark_group(
             {
                 "preset": v.preset,
                 "norm": v.norm,
-                "attention": v.attention,
+                "path": v.path,
                 "label": v.label,
                 "params": sum(p.numel() for p in model.parameters()),
                 "hparams": {
@@ -579,17 +431,18 @@ def benchmark_group(
     return rows
 
 
-def attention_agreement(
+def fast_path_agreement(
     preset: str, norm: str, *, scale: int, size: int, device: torch.device, seed: int
 ) -> dict[str, float]:
-    """Max |fast - naive| of outputs (inference and autograd paths) and gradients on one image."""
-    fast_v, naive_v = Variant(preset, norm, "fast"), Variant(preset, norm, "naive")
-    models = build_variants([fast_v, naive_v], scale=scale, device=device, seed=seed)
+    """Max |fast - reference| of outputs (inference and autograd paths) and gradients on
+    one image."""
+    fast_v, reference_v = Variant(preset, norm, "fast"), Variant(preset, norm, "reference")
+    models = build_variants([fast_v, reference_v], scale=scale, device=device, seed=seed)
     lq = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1)).to(
         device
     )  # (1, 3, H, W)
-    infer = output_difference(models[fast_v], models[naive_v], lq, with_grad=False)
-    train = output_difference(models[fast_v], models[naive_v], lq, with_grad=True)
+    infer = output_difference(models[fast_v], models[reference_v], lq, with_grad=False)
+    train = output_difference(models[fast_v], models[reference_v], lq, with_grad=True)
     return {
         "inference_output": infer["output"],
         "train_output": train["output"],
@@ -631,7 +484,8 @@ def profile_train_steps(
 
 
 def random_image(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """uint8 (H, W, C) noise: resizing costs the same for any content, so noise stands in for a photo."""
+    """uint8 (H, W, C) noise: resizing costs the same for any content, so noise stands in
+    for a photo."""
     return rng.integers(0, 256, size=shape, dtype=np.uint8)
 
 
@@ -659,16 +513,18 @@ def benchmark_bicubic(
         "scales": {},
     }
     for s in scales:
-        full = time_callable(lambda: bicubic_downsample(image, s), repeats=repeats, warmup=warmup)
+        full = time_callable(
+            functools.partial(bicubic_downsample, image, s), repeats=repeats, warmup=warmup
+        )
         fast_crop = time_callable(
-            lambda: bicubic_downsample(patch, s), repeats=repeats, warmup=warmup
+            functools.partial(bicubic_downsample, patch, s), repeats=repeats, warmup=warmup
         )
         results: list[np.ndarray] = []
-        ref_crop = time_callable(
-            lambda: results.append(round_to_uint8(imresize_reference(patch, 1.0 / s))),
-            repeats=reference_repeats,
-            warmup=0,
-        )
+
+        def reference(s: int = s, results: list[np.ndarray] = results) -> None:
+            results.append(round_to_uint8(imresize_reference(patch, 1.0 / s)))
+
+        ref_crop = time_callable(reference, repeats=reference_repeats, warmup=0)
         fast_out = bicubic_downsample(patch, s)
         out["scales"][str(s)] = {
             "timing": full.to_dict(),
@@ -714,29 +570,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def paired_ratio(
-    numerator: Mapping[str, Any], denominator: Mapping[str, Any], *, key: str = "samples_s"
-) -> float | None:
-    """Median over rounds of (numerator sample / denominator sample).
-
-    Interleaved timing puts the two samples of a round next to each other in time, so
-    their ratio cancels most of the machine's load drift; the median drops the rounds a
-    neighbour process disturbed. ``key="cpu_samples_s"`` gives the CPU-time ratio (None
-    when CPU times were not recorded).
-    """
-    if numerator.get(key) is None or denominator.get(key) is None:
-        return None
-    pairs = zip(numerator[key], denominator[key], strict=True)
-    return statistics.median(a / b for a, b in pairs)
-
-
 def iln_ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """i-LN / LN training-step time per preset (fast attention rows only).
+    """i-LN / LN training-step time per preset (fast-path rows only).
 
     The target is judged on the paired ratio; the ratio of medians and of minima are
     kept as cross-checks (on a quiet machine all three agree).
     """
-    by_key = {(r["preset"], r["norm"]): r for r in rows if r["attention"] == "fast"}
+    by_key = {(r["preset"], r["norm"]): r for r in rows if r["path"] == "fast"}
     ratios = {}
     for (preset, norm), row in by_key.items():
         ln = by_key.get((preset, "ln"))
@@ -760,38 +600,40 @@ def iln_ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     return ratios
 
 
-def attention_summary(
+def fast_path_summary(
     rows: Sequence[Mapping[str, Any]], agreement: Mapping[str, float] | None
 ) -> dict[str, Any] | None:
-    """Naive / fast training-step time of the attention-comparison preset."""
-    naive = next((r for r in rows if r["attention"] == "naive"), None)
-    if naive is None:
+    """Reference / fast training-step time of the path-comparison preset."""
+    reference = next((r for r in rows if r["path"] == "reference"), None)
+    if reference is None:
         return None
     fast = next(
         r
         for r in rows
-        if (r["preset"], r["norm"], r["attention"]) == (naive["preset"], naive["norm"], "fast")
+        if (r["preset"], r["norm"], r["path"]) == (reference["preset"], reference["norm"], "fast")
     )
-    speedup = paired_ratio(naive["train_step"], fast["train_step"])
+    speedup = paired_ratio(reference["train_step"], fast["train_step"])
     out: dict[str, Any] = {
-        "preset": naive["preset"],
-        "norm": naive["norm"],
-        "train_speedup_fast_over_naive": speedup,
-        "train_speedup_of_medians": naive["train_step"]["median_s"]
+        "preset": reference["preset"],
+        "norm": reference["norm"],
+        "train_speedup_fast_over_reference": speedup,
+        "train_speedup_of_medians": reference["train_step"]["median_s"]
         / fast["train_step"]["median_s"],
         "train_speedup_cpu_time": paired_ratio(
-            naive["train_step"], fast["train_step"], key="cpu_samples_s"
+            reference["train_step"], fast["train_step"], key="cpu_samples_s"
         ),
-        "inference_speedup_fast_over_naive": paired_ratio(naive["inference"], fast["inference"]),
-        "target_speedup_min": TARGETS["attention_speedup_min"],
-        "meets_speed_target": speedup >= TARGETS["attention_speedup_min"],
+        "inference_speedup_fast_over_reference": paired_ratio(
+            reference["inference"], fast["inference"]
+        ),
+        "target_speedup_min": TARGETS["fast_path_speedup_min"],
+        "meets_speed_target": speedup >= TARGETS["fast_path_speedup_min"],
         "max_abs_diff": dict(agreement) if agreement is not None else None,
-        "tolerance": TARGETS["attention_max_abs_diff"],
+        "tolerance": TARGETS["fast_path_max_abs_diff"],
     }
     if agreement is not None:
         out["outputs_agree"] = (
             max(agreement["inference_output"], agreement["train_output"])
-            <= TARGETS["attention_max_abs_diff"]
+            <= TARGETS["fast_path_max_abs_diff"]
         )
     return out
 
@@ -811,39 +653,48 @@ def _mib(value: int | None) -> str:
 def markdown_report(result: Mapping[str, Any]) -> str:
     """The JSON result as markdown tables (what the README shows)."""
     m, s = result["machine"], result["settings"]
+    cpu = m["cpu_model"] or m.get("cuda_device", "?")
+    load = _fmt((m["load_average"] or [None])[0], ".2f")
     lines = [
-        f"Device `{m['device']}` ({m['cpu_model'] or m.get('cuda_device', '?')}), torch {m['torch']}, "
-        f"{m['torch_threads']} thread(s), load average at start {_fmt((m['load_average'] or [None])[0], '.2f')}; "
+        f"Device `{m['device']}` ({cpu}), torch {m['torch']}, "
+        f"{m['torch_threads']} thread(s), load average at start {load}; "
         f"x{s['scale']}, batch {s['batch']}, LR patch {s['lr_patch']}, inference on one "
-        f"{s['infer_size']}x{s['infer_size']} LR image; median of {s['repeats']} after {s['warmup']} warm-up.",
+        f"{s['infer_size']}x{s['infer_size']} LR image; "
+        f"median of {s['repeats']} after {s['warmup']} warm-up.",
         "",
     ]
     peak = result.get("matmul_peak")
     if peak:
         lines += [
-            f"fp32 matmul peak ({peak['n']}x{peak['n']}), measured before each preset's group (the % column uses "
-            f"that measurement): {peak['gflops_min']:.1f} to {peak['gflops_max']:.1f} GFLOP/s.",
+            f"fp32 matmul peak ({peak['n']}x{peak['n']}), measured before each preset's group "
+            f"(the % column uses that measurement): "
+            f"{peak['gflops_min']:.1f} to {peak['gflops_max']:.1f} GFLOP/s.",
             "",
         ]
     lines += [
-        "| model | params | train step (s) | inference (s) | step peak memory (MiB) | process RSS peak (MiB) "
-        "| GFLOP/step | GFLOP/s | % of matmul peak |",
+        "| model | params | train step (s) | inference (s) | step peak memory (MiB) "
+        "| process RSS peak (MiB) | GFLOP/step | GFLOP/s | % of matmul peak |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["models"]:
-        f = r["flops_per_step"]
-        lines.append(
-            f"| {r['label']} | {r['params']:,} | {_fmt(r['train_step']['median_s'], '.3f')} | "
-            f"{_fmt(r['inference']['median_s'], '.3f')} | {_mib(r['memory_train_step']['step_peak_bytes'])} | "
-            f"{_mib(r['memory_train_step']['rss_peak_bytes'])} | "
-            f"{_fmt(None if f is None else f / 1e9, '.2f')} | {_fmt(r['achieved_gflops'], '.1f')} | "
-            f"{_fmt(r['pct_of_matmul_peak'], '.0f')} |"
-        )
+        f, mem = r["flops_per_step"], r["memory_train_step"]
+        cells = [
+            r["label"],
+            f"{r['params']:,}",
+            _fmt(r["train_step"]["median_s"], ".3f"),
+            _fmt(r["inference"]["median_s"], ".3f"),
+            _mib(mem["step_peak_bytes"]),
+            _mib(mem["rss_peak_bytes"]),
+            _fmt(None if f is None else f / 1e9, ".2f"),
+            _fmt(r["achieved_gflops"], ".1f"),
+            _fmt(r["pct_of_matmul_peak"], ".0f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     if result["ratios"]:
         lines += [
             "",
-            "i-LN / LN time, median over rounds of the paired ratio (ratio of medians, of minima in brackets; "
-            "CPU time: the same paired ratio of process CPU time):",
+            "i-LN / LN time, median over rounds of the paired ratio (ratio of medians, of "
+            "minima in brackets; CPU time: the same paired ratio of process CPU time):",
             "",
             "| preset | train step | train step, CPU time | inference | target (train step) |",
             "|---|---:|---:|---:|---|",
@@ -854,22 +705,29 @@ def markdown_report(result: Mapping[str, Any]) -> str:
                 if r["target_max"] is None
                 else f"<= {r['target_max']:.2f} " + ("met" if r["meets_target"] else "MISSED")
             )
-            lines.append(
-                f"| {preset} | {r['iln_over_ln_train_step']:.3f} ({r['iln_over_ln_train_step_of_medians']:.3f}, "
-                f"{r['iln_over_ln_train_step_of_minima']:.3f}) | {_fmt(r['iln_over_ln_train_step_cpu_time'], '.3f')} | "
-                f"{r['iln_over_ln_inference']:.3f} | {target} |"
+            step = (
+                f"{r['iln_over_ln_train_step']:.3f} "
+                f"({r['iln_over_ln_train_step_of_medians']:.3f}, "
+                f"{r['iln_over_ln_train_step_of_minima']:.3f})"
             )
-    a = result.get("attention")
+            cpu_time = _fmt(r["iln_over_ln_train_step_cpu_time"], ".3f")
+            lines.append(
+                f"| {preset} | {step} | {cpu_time} | {r['iln_over_ln_inference']:.3f} | {target} |"
+            )
+    a = result.get("fast_path")
     if a:
         diff = a["max_abs_diff"] or {}
+        verdict = "met" if a["meets_speed_target"] else "MISSED"
         lines += [
             "",
-            f"Attention on {a['preset']}/{a['norm']}: fused path {a['train_speedup_fast_over_naive']:.2f}x faster "
-            f"per training step than the straightforward one (target >= {a['target_speedup_min']:.2f}: "
-            f"{'met' if a['meets_speed_target'] else 'MISSED'}; CPU time {_fmt(a['train_speedup_cpu_time'], '.2f')}x), "
-            f"{a['inference_speedup_fast_over_naive']:.2f}x "
-            f"at inference; max |fast - naive|: output {_fmt(diff.get('train_output'), '.1e')} (autograd path), "
-            f"{_fmt(diff.get('inference_output'), '.1e')} (inference), gradients {_fmt(diff.get('train_grad'), '.1e')}.",
+            f"Fast path on {a['preset']}/{a['norm']}: "
+            f"{a['train_speedup_fast_over_reference']:.2f}x faster per training step than the "
+            f"reference code (target >= {a['target_speedup_min']:.2f}: {verdict}; "
+            f"CPU time {_fmt(a['train_speedup_cpu_time'], '.2f')}x), "
+            f"{a['inference_speedup_fast_over_reference']:.2f}x at inference; "
+            f"max |fast - reference|: output {_fmt(diff.get('train_output'), '.1e')} "
+            f"(autograd path), {_fmt(diff.get('inference_output'), '.1e')} (inference), "
+            f"gradients {_fmt(diff.get('train_grad'), '.1e')}.",
         ]
     b = result.get("bicubic")
     if b:
@@ -877,13 +735,14 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         ch, cw = b["crop"][:2]
         lines += [
             "",
-            f"| bicubic x | images/s ({w}x{h}) | MPix/s | speedup vs reference ({cw}x{ch} crop) | identical uint8 |",
+            f"| bicubic x | images/s ({w}x{h}) | MPix/s | "
+            f"speedup vs reference ({cw}x{ch} crop) | identical uint8 |",
             "|---|---:|---:|---:|---|",
         ]
         for sc, r in b["scales"].items():
             lines.append(
-                f"| {sc} | {r['images_per_s']:.2f} | {r['megapixels_per_s']:.1f} | {r['speedup_vs_reference']:.0f}x | "
-                f"{'yes' if r['identical_uint8'] else 'NO'} |"
+                f"| {sc} | {r['images_per_s']:.2f} | {r['megapixels_per_s']:.1f} | "
+                f"{r['speedup_vs_reference']:.0f}x | {'yes' if r['identical_uint8'] else 'NO'} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -925,7 +784,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             "seed": args.seed,
             "presets": list(args.presets),
             "norms": list(args.norms),
-            "attention_preset": args.attention_preset,
+            "reference_preset": args.reference_preset,
             "quick": args.quick,
         },
         "targets": dict(TARGETS),
@@ -935,16 +794,16 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
     peaks: list[dict[str, Any]] = []
     presets = list(dict.fromkeys(args.presets))
-    attention_preset = None if "attention" in args.skip else args.attention_preset
-    if attention_preset is not None and attention_preset not in presets:
-        presets.append(attention_preset)
+    reference_preset = None if "reference" in args.skip else args.reference_preset
+    if reference_preset is not None and reference_preset not in presets:
+        presets.append(reference_preset)
     rows: list[dict[str, Any]] = []
     for preset in presets:
         variants = [Variant(preset, norm) for norm in args.norms] if preset in args.presets else []
-        if preset == attention_preset:
+        if preset == reference_preset:
             if Variant(preset, args.norms[0]) not in variants:
                 variants.insert(0, Variant(preset, args.norms[0]))
-            variants.append(Variant(preset, args.norms[0], "naive"))
+            variants.append(Variant(preset, args.norms[0], "reference"))
         matmul_gflops = None
         if (
             "flops" not in args.skip
@@ -990,23 +849,23 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         }
 
     agreement = None
-    if attention_preset is not None:
-        log(f"{attention_preset}: fast vs naive attention outputs ...")
-        agreement = attention_agreement(
-            attention_preset,
+    if reference_preset is not None:
+        log(f"{reference_preset}: fast path vs reference outputs ...")
+        agreement = fast_path_agreement(
+            reference_preset,
             args.norms[0],
             scale=args.scale,
             size=args.lr_patch,
             device=device,
             seed=args.seed,
         )
-    result["attention"] = attention_summary(rows, agreement)
+    result["fast_path"] = fast_path_summary(rows, agreement)
 
     if args.profile:
         log("profiling one training step per variant ...")
         variants = [Variant(p, n) for p in args.presets for n in args.norms]
-        if attention_preset is not None:
-            variants.append(Variant(attention_preset, args.norms[0], "naive"))
+        if reference_preset is not None:
+            variants.append(Variant(reference_preset, args.norms[0], "reference"))
         result["profile"] = profile_train_steps(
             variants,
             scale=args.scale,
@@ -1041,9 +900,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m iln.bench",
-        description="Time training steps, inference, memory and FLOP rate of the model presets for each norm, "
-        "fast vs naive attention, and the bicubic degradation; write JSON and markdown.",
+        prog="python -m benchmarks.suite",
+        description="Time training steps, inference, memory and FLOP rate of the model presets "
+        "for each norm, fast path vs reference code, and the bicubic degradation; write JSON "
+        "and markdown.",
     )
     p.add_argument(
         "--presets",
@@ -1055,12 +915,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--norms",
         nargs="+",
         default=["ln", "iln"],
-        help="norm variants; the first is used for the attention comparison (default ln iln)",
+        help="norm variants; the first is used for the fast/reference comparison (default ln iln)",
     )
     p.add_argument(
-        "--attention-preset",
+        "--reference-preset",
         default=None,
-        help="preset timed with fast and naive attention (default hat_1; --quick: hat_tiny)",
+        help="preset timed with the fast path and the reference code "
+        "(default hat_1; --quick: hat_tiny)",
     )
     p.add_argument(
         "--quick", action="store_true", help="tiny presets, small sizes, few repeats (tests, CI)"
@@ -1101,7 +962,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         default=None,
         metavar=("H", "W"),
-        help=f"image for the bicubic throughput (default {DIV2K_SHAPE[0]} {DIV2K_SHAPE[1]}; --quick 96 128)",
+        help="image for the bicubic throughput "
+        f"(default {DIV2K_SHAPE[0]} {DIV2K_SHAPE[1]}; --quick 96 128)",
     )
     p.add_argument("--bicubic-scales", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument(
@@ -1120,7 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip",
         nargs="+",
         default=[],
-        choices=("attention", "bicubic", "flops"),
+        choices=("reference", "bicubic", "flops"),
         help="sections to skip",
     )
     p.add_argument(
@@ -1139,7 +1001,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     quick = args.quick
     defaults = dict(
         presets=["hat_tiny", "swinir_tiny"] if quick else ["hat_tiny", "hat_1", "swinir_1"],
-        attention_preset="hat_tiny" if quick else "hat_1",
+        reference_preset="hat_tiny" if quick else "hat_1",
         batch=1 if quick else 2,
         lr_patch=16 if quick else 64,
         infer_size=16 if quick else 64,
@@ -1155,7 +1017,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     from iln.models import ARCHS, NORMS
 
-    for name in list(args.presets) + [args.attention_preset]:
+    for name in list(args.presets) + [args.reference_preset]:
         if name not in ARCHS:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(ARCHS)}")
     for norm in args.norms:

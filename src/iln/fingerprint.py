@@ -1,0 +1,185 @@
+"""What a resumable checkpoint must match: everything that shapes the training trajectory.
+
+A checkpoint is resumed only into a run with the same fingerprint, a hash of
+  - the run's trajectory settings: the model (arch, norm, task, stdnorm, affine_outer, model
+    overrides) and every training setting that changes the weights (batch, patch, optimiser,
+    schedule, EMA, clipping, seed, precision, training set);
+  - a digest of the training pairs (names and bytes of every file), so that an added, removed
+    or changed image starts training afresh;
+  - a digest of the code the train stage runs (the stage script and every ``iln`` module it
+    imports, directly or not), so that a change to the loss, the model or the data pipeline
+    does too.
+Settings that only say how fast, where, or how often to record (``OBSERVER_KEYS``) are left
+out: changing the probe or log interval, the device, the threads or the report groups keeps a
+resumable checkpoint. ``iterations`` is left out as well: a run is a prefix of any longer run
+with the same settings, so a longer run resumes from a shorter one's checkpoint and a shorter
+one from any checkpoint at or before its last step (``iln.resume``). Every field of
+``TrainParams`` and ``RunSpec`` is either in ``TRAJECTORY_KEYS`` or in ``OBSERVER_KEYS``
+(a test checks it); a field in neither still counts as trajectory, the safe side.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from iln.config import ResolvedRun
+
+TRAJECTORY_KEYS = {
+    "run": ("arch", "norm", "task", "stdnorm", "affine_outer", "model"),
+    "train": (
+        "batch_size",
+        "lq_patch",
+        "lr",
+        "betas",
+        "milestones",
+        "lr_gamma",
+        "ema_decay",
+        "grad_clip",
+        "seed",
+        "train_set",
+        "amp",
+    ),
+}
+OBSERVER_KEYS = {
+    # the run's overrides of train keys are judged as train keys (ResolvedRun.train)
+    "run": (
+        "groups",
+        "iterations",
+        "batch_size",
+        "lr",
+        "milestones",
+        "grad_clip",
+        "seed",
+        "train_set",
+    ),
+    "train": (
+        "iterations",
+        "checkpoint_every",
+        "log_every",
+        "probe_every",
+        "probe_images",
+        "probe_per_block",
+        "compile",
+        "device",
+        "num_workers",
+        "threads",
+    ),
+}
+
+# Modules that write nothing the weights or a DVC output depend on: the stage's error lines
+# and the MLflow records. Left out of the code digest (and of dvc.yaml deps), so editing them
+# keeps a resumable checkpoint.
+OBSERVER_MODULES = ("cli.py", "tracking.py")
+
+
+def training_fingerprint(run: ResolvedRun, *, data_digest: str, code_digest: str) -> str:
+    """16 hex digits naming the trajectory of ``run`` on these training pairs with this code."""
+    spec = dataclasses.asdict(run.spec)
+    train = dataclasses.asdict(run.train)
+    payload = {
+        "run": {k: v for k, v in spec.items() if k not in OBSERVER_KEYS["run"]},
+        "train": {k: v for k, v in train.items() if k not in OBSERVER_KEYS["train"]},
+        "data": data_digest,
+        "code": code_digest,
+    }
+    if run.jpeg_subsampling is not None:  # car_q runs encode their inputs on the fly
+        payload["jpeg_subsampling"] = run.jpeg_subsampling
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def tree_digest(folders: Iterable[Path]) -> str:
+    """Digest of every file under ``folders``: relative names, sizes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        folder = Path(folder)
+        digest.update(f"folder {folder.name}\n".encode())
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            with open(path, "rb") as handle:
+                content = hashlib.file_digest(handle, "blake2b").hexdigest()
+            name = path.relative_to(folder).as_posix()
+            digest.update(f"{name} {path.stat().st_size} {content}\n".encode())
+    return digest.hexdigest()
+
+
+def code_digest(script: Path, package_dir: Path) -> str:
+    """Digest of ``script`` and every module of the package at ``package_dir`` it imports."""
+    digest = hashlib.sha256()
+    root = package_dir.parent
+    observers = {package_dir / name for name in OBSERVER_MODULES}
+    for path in [Path(script), *imported_modules(script, package_dir)]:
+        if path in observers:
+            continue
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        digest.update(f"{name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def imported_modules(script: Path, package_dir: Path) -> list[Path]:
+    """Source files of the package at ``package_dir`` (e.g. src/iln) that ``script`` imports,
+    directly or through other modules, including the packages' ``__init__.py`` files.
+
+    Read from the source (every import statement, also those inside functions), not from a
+    running interpreter, so it is the same whatever ran before.
+    """
+    package = package_dir.name
+    seen: set[Path] = set()
+    todo = [(Path(script), None)]
+    while todo:
+        path, module = todo.pop()
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            for name in _imported_names(node, module, is_package=path.name == "__init__.py"):
+                if name != package and not name.startswith(package + "."):
+                    continue
+                for found in _module_files(name, package_dir):
+                    if found not in seen:
+                        seen.add(found)
+                        todo.append((found, _module_name(found, package_dir)))
+    return sorted(seen)
+
+
+def _imported_names(node: ast.AST, module: str | None, *, is_package: bool) -> list[str]:
+    """Dotted module names an import statement may load (``from a import b`` may load a.b)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:  # relative import
+        if module is None:
+            return []
+        parts = module.split(".")
+        anchor = parts if is_package else parts[:-1]
+        anchor = anchor[: len(anchor) - (node.level - 1)]
+        base = ".".join([*anchor, *([base] if base else [])])
+    return [base, *(f"{base}.{alias.name}" for alias in node.names)]
+
+
+def _module_files(name: str, package_dir: Path) -> list[Path]:
+    """The file of module ``name`` and the ``__init__.py`` of every package on its way."""
+    parts = name.split(".")[1:]
+    files = [package_dir / "__init__.py"]
+    folder = package_dir
+    for i, part in enumerate(parts):
+        if (folder / part).is_dir() and (folder / part / "__init__.py").exists():
+            folder = folder / part
+            files.append(folder / "__init__.py")
+        elif i == len(parts) - 1 and (folder / f"{part}.py").exists():
+            files.append(folder / f"{part}.py")
+        else:
+            return []  # not a module (a name imported from a module), or not ours
+    return [f for f in files if f.exists()]
+
+
+def _module_name(path: Path, package_dir: Path) -> str:
+    rel = path.relative_to(package_dir.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)

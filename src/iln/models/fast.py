@@ -1,0 +1,322 @@
+"""The fast path: the same maps as the reference code in ``norms.py`` and ``common.py``,
+computed with hand-written gradients and fused (some undocumented) torch kernels.
+
+Selected by ``build_model(..., fast=True)`` (the default, which training uses); with
+``fast=False`` a model runs the plain reference code only. Each piece below states what
+it replaces and why it is faster; ``tests/test_fast.py`` binds every piece to its
+reference in values and gradients (float64 gradcheck on small shapes). This is the only
+module of the package that calls private torch functions.
+
+Pieces and their share of a ``hat_1`` training step on the CPU (batch 4, LR patch 32, x2,
+one thread) are listed in the README ("Models and norms").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- residual
+
+
+def residual_add(
+    x: Tensor,
+    scale: Tensor | float,
+    branch: Tensor,
+    *others: Tensor,
+    drop_factor: Tensor | None = None,
+) -> Tensor:
+    """``common.residual_add``: x + scale * (drop_factor * branch + sum of others).
+
+    Folds stochastic depth into the same multiply-add (no separate ``branch * mask``
+    pass) and, for a per-sample scale, forms the scale's gradient without a full-size
+    temporary. A unit scale adds the branches one by one, the operation order of the
+    official LN blocks; any other scale multiplies the summed branches, as the official
+    i-LN blocks do.
+    """
+    if isinstance(scale, float) and scale == 1.0:
+        x = x + branch if drop_factor is None else _ScaledAdd.apply(x, branch, drop_factor)
+        for other in others:
+            x = x + other
+        return x
+    if others:
+        total = sum(others[1:], others[0])
+        total = branch + total if drop_factor is None else torch.addcmul(total, branch, drop_factor)
+        return _scaled_add(x, total, scale)
+    return _scaled_add(x, branch, scale if drop_factor is None else scale * drop_factor)
+
+
+def _scaled_add(x: Tensor, t: Tensor, scale: Tensor | float) -> Tensor:
+    return _ScaledAdd.apply(x, t, scale) if isinstance(scale, Tensor) else x + t * scale
+
+
+class _ScaledAdd(torch.autograd.Function):
+    """x + t * s (s broadcast to t) with a backward that forms only the needed products.
+
+    For a per-sample s (B, 1, ..., 1) the gradient of s is one dot product per sample,
+    taken on CPU right before that sample's ``grad * s`` so that both read the same
+    cache-warm slice of ``grad``, and no full-size temporary is formed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        ctx.save_for_backward(t, s)
+        return torch.addcmul(x, t, s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        t, s = ctx.saved_tensors
+        need_t, need_s = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if need_s and _per_sample(s, t):
+            grad_t, grad_s = _scale_and_dot(grad, t, s, need_t)
+            return grad, grad_t, grad_s
+        grad_t = grad * s if need_t else None
+        grad_s = (grad * t).sum_to_size(s.shape) if need_s else None
+        return grad, grad_t, grad_s
+
+
+def _per_sample(s: Tensor, t: Tensor) -> bool:
+    return s.ndim == t.ndim and s.shape[0] == t.shape[0] and s[0].numel() == 1
+
+
+def _scale_and_dot(
+    grad: Tensor, t: Tensor, s: Tensor, need_scaled: bool
+) -> tuple[Tensor | None, Tensor]:
+    """(grad * s or None, per-sample sums of grad * t shaped like s) for a per-sample s.
+
+    On CPU one ``dot`` and one ``mul`` per sample, so each slice of ``grad`` is read from
+    memory once; a GPU takes the batched ``vecdot``.
+    """
+    b = grad.shape[0]
+    flat_grad, flat_t = grad.reshape(b, -1), t.reshape(b, -1).to(grad.dtype)  # (B, M)
+    if grad.device.type != "cpu":
+        sums = torch.linalg.vecdot(flat_grad, flat_t).view(s.shape)
+        return (grad * s if need_scaled else None), sums
+    scaled = torch.empty_like(grad, memory_format=torch.contiguous_format) if need_scaled else None
+    flat_scaled = scaled.view(b, -1) if need_scaled else None
+    flat_s = s.reshape(b, 1).to(grad.dtype)
+    sums = []
+    for i in range(b):
+        sums.append(torch.dot(flat_grad[i], flat_t[i]))
+        if need_scaled:
+            torch.mul(flat_grad[i], flat_s[i], out=flat_scaled[i])
+    return scaled, torch.stack(sums).view(s.shape).to(s.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def gather_bias(table: Tensor, index: Tensor) -> Tensor:
+    """``common.gather_bias`` as one ``index_select`` on the transposed table, whose
+    gradient is a single index_add instead of the scatter of advanced indexing + permute.
+    Negative indices wrap around as Python indexing does."""
+    rows = table.shape[0]
+    flat = torch.where(index < 0, index + rows, index).reshape(-1)  # (nq*nk,)
+    return table.t().index_select(1, flat).view(table.shape[1], *index.shape)  # (heads, nq, nk)
+
+
+class _BiasedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias + mask) v with a hand-written backward that reuses its
+    buffers.
+
+    Forward adds bias and mask and takes the softmax in place in the logits buffer;
+    backward forms dS = P * (dP - rowsum(dO * O)) in place in the dP buffer, so each pass
+    allocates one attention-sized tensor instead of three. The forward gives the numbers of
+    ``common.attention`` up to the rounding of masked logits.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float
+    ) -> Tensor:
+        probs = torch.matmul(q * scale, k.transpose(-2, -1))  # (..., nq, nk)
+        # bias + mask is image-independent, so combining first saves a pass over probs;
+        # it changes only masked logits (-100 + bias), whose softmax weight is ~e^-100
+        probs.add_(bias if mask is None else bias + mask)
+        torch.ops.aten._softmax.out(probs, -1, False, out=probs)
+        out = torch.matmul(probs, v)  # (..., nq, d)
+        ctx.save_for_backward(q, k, v, probs, out)
+        ctx.scale = scale
+        ctx.bias_shape = bias.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, probs, out = ctx.saved_tensors
+        grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)  # (..., nk, d)
+        grad_s = torch.matmul(grad_out, v.transpose(-2, -1))  # dP (..., nq, nk)
+        row = (grad_out * out).sum(-1, keepdim=True)  # rowsum(dP * P) = rowsum(dO * O)
+        grad_s.sub_(row).mul_(probs)  # dS, in place
+        grad_bias = grad_s.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None
+        grad_q = torch.matmul(grad_s, k).mul_(ctx.scale)  # (..., nq, d)
+        grad_k = torch.matmul(grad_s.transpose(-2, -1), q * ctx.scale)  # (..., nk, d)
+        return grad_q, grad_k, grad_v, grad_bias, None, None
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None
+) -> Tensor:
+    """``common.attention``, computed faster.
+
+    Without gradients it is torch's fused ``scaled_dot_product_attention`` with bias
+    (+ mask) as the additive mask (a 4-D mask lets the fused CPU kernel run); with
+    gradients (the bias table is trained, which the fused kernels cannot differentiate)
+    it is ``_BiasedAttention``.
+    """
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad
+    )
+    if needs_grad:
+        return _BiasedAttention.apply(q, k, v, bias, mask, scale)
+    full = bias if mask is None else bias + mask
+    if q.ndim == 5 and q.shape[0] == 1:  # one image: (nW, h, n, d) with an (nW, h, n, n) mask
+        return F.scaled_dot_product_attention(
+            q[0], k[0], v[0], attn_mask=full, scale=scale
+        ).unsqueeze(0)
+    while full.ndim < q.ndim:
+        full = full.unsqueeze(0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+class _TokensAsImage(torch.autograd.Function):
+    """``common.image`` whose gradient comes back as contiguous (B, N, C) tokens.
+
+    The CPU convolutions return an NCHW input gradient, whose token view is
+    channel-major; left as is, that layout would travel down the whole residual stream
+    and make every later gradient op either copy or stride across memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, h: int, w: int) -> Tensor:  # x (B, N, C)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)  # (B, C, H, W)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad (B, C, H, W)
+        return grad.flatten(2).transpose(1, 2).contiguous(), None, None  # (B, N, C)
+
+
+def image(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, H*W, C) -> (B, C, H, W) channels-last view; contiguous token gradient."""
+    return _TokensAsImage.apply(x, size[0], size[1])
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def standardize_affine(
+    x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(xhat * weight + bias, std) over the last ``dims`` dims of each sample,
+    xhat = (x - mean) / std, std = sqrt(biased var + eps); differentiable in both outputs.
+
+    The reference is ``norms.ImageLayerNorm`` (dims 2) / ``norms.TokenRescaledLayerNorm``
+    (dims 1). Input of another dtype than the parameters (a bf16 / fp16 activation under
+    autocast) is computed in the parameters' dtype, as autocast runs ``layer_norm``.
+    """
+    if x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    if dims == 2 and group_norm_applies(x):
+        return _ImageStandardizeAffine.apply(x, weight, bias, eps)
+    return _StandardizeAffine.apply(x, weight, bias, dims, eps)
+
+
+def group_norm_applies(x: Tensor) -> bool:
+    """The GroupNorm route needs the CPU kernels (they take channels-last input; the CUDA
+    ones do not) and a contiguous (B, N, C) input."""
+    return x.device.type == "cpu" and x.ndim == 3 and x.is_contiguous()
+
+
+class _StandardizeAffine(torch.autograd.Function):
+    """Statistics and normalisation from one fused kernel (the one LayerNorm uses).
+
+    The hand-written backward includes the gradient through ``std`` (d std / dx = xhat / M
+    for M normalised values), so the rescaling is not detached, and skips the extra
+    full-size products autograd would form for the affine.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        shape = list(x.shape[-dims:])
+        xhat, mean, rstd = torch.native_layer_norm(x, shape, None, None, eps)  # (B, 1, 1)
+        ctx.save_for_backward(x, xhat, mean, rstd, weight)
+        ctx.shape = shape
+        ctx.set_materialize_grads(False)  # an unused std (LN*) brings no gradient pass
+        return torch.addcmul(bias, xhat, weight), rstd.reciprocal()
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor | None, grad_std: Tensor | None):
+        x, xhat, mean, rstd, weight = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(xhat)
+        grad_w = (grad_y * xhat).sum_to_size(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_b = grad_y.sum_to_size(weight.shape) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_layer_norm_backward.default(
+                grad_y * weight, x, ctx.shape, mean, rstd, None, None, [True, False, False]
+            )[0]
+            if grad_std is not None:
+                grad_x.addcmul_(xhat, grad_std, value=1.0 / math.prod(ctx.shape))
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _ImageStandardizeAffine(torch.autograd.Function):
+    """The same map over all N*C values of each image, on CPU.
+
+    A contiguous (B, N, C) tensor is, viewed as (B, C, 1, N), a channels-last image whose
+    one group spans every value of a sample, so the CPU GroupNorm kernels give
+    normalisation *and* the per-channel affine in one pass forward, and the input, weight
+    and bias gradients in one pass backward. Only x is kept for backward (no xhat), and
+    the gradient through std is added in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        b, n, c = x.shape
+        y, mean, rstd = torch.native_group_norm(
+            _as_image(x), weight, bias, b, c, n, 1, eps
+        )  # mean, rstd (B, 1)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.set_materialize_grads(False)
+        return y.permute(0, 2, 3, 1).view(b, n, c), rstd.reciprocal().view(b, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor | None, grad_std: Tensor | None):
+        x, mean, rstd, weight = ctx.saved_tensors
+        b, n, c = x.shape
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward.default(
+            _as_image(grad_y.contiguous()),
+            _as_image(x),
+            mean,
+            rstd,
+            weight,
+            b,
+            c,
+            n,
+            1,
+            list(ctx.needs_input_grad[:3]),
+        )
+        if grad_x is not None:
+            grad_x = grad_x.permute(0, 2, 3, 1).reshape(b, n, c)
+            if grad_std is not None:  # + xhat * grad_std / (N*C), xhat = (x - mean) * rstd
+                k = rstd.view(b, 1, 1) * grad_std.view(b, 1, 1) / (n * c)  # (B, 1, 1)
+                shift = mean.view(b, 1, 1) * k
+                for i in range(b):  # one sample at a time: the second pass finds it in cache
+                    grad_x[i].addcmul_(x[i], k[i]).sub_(shift[i])
+        return grad_x, grad_w, grad_b, None
+
+
+def _as_image(t: Tensor) -> Tensor:
+    """Contiguous tokens (B, N, C) -> the same memory as a channels-last (B, C, 1, N) image."""
+    b, n, c = t.shape
+    return t.view(b, 1, n, c).permute(0, 3, 1, 2)

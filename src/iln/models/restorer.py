@@ -1,0 +1,102 @@
+"""The frame HAT and SwinIR share: input encoding and padding, shallow convolution, patch
+embedding, the residual groups (given by the network), final norm, long skip and the
+reconstruction head (pixel shuffle for SR, a residual image at scale 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from iln.models import common
+from iln.models.common import ForwardContext
+from iln.models.norms import NormFactory
+
+
+class PatchEmbed(nn.Module):
+    """Image to tokens (patch size 1) followed by the patch-embed norm."""
+
+    def __init__(self, dim: int, norm_layer: NormFactory) -> None:
+        super().__init__()
+        self.norm = norm_layer(dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, N, C)
+        y, _ = self.norm(common.tokens(x))  # no residual here: the branch scale is unused
+        return y
+
+
+class WindowedRestorer(nn.Module):
+    """conv_first -> patch embed -> groups -> final norm -> conv_after_body + long skip ->
+    head, on an image padded (reflect) to a multiple of the window and cropped back.
+
+    Heads: for ``scale`` 2, 3, 4 conv -> LeakyReLU -> pixel shuffle -> ``conv_last``; for
+    ``scale`` 1 (restoration, SwinIR's denoising/JPEG design) ``conv_last`` maps the
+    features to a 3-channel residual added to the encoded input. The encoding
+    (``InputNorm``) is affine, so the output is the input plus a residual in image space.
+    Subclasses pass their groups as ``layers`` and run them in ``forward_layers``.
+    """
+
+    def __init__(
+        self,
+        *,
+        scale: int,
+        embed_dim: int,
+        window_size: int,
+        stdnorm: bool,
+        img_range: float,
+        outer_norm_layer: NormFactory,
+        layers: nn.ModuleList,
+        fast: bool,
+    ) -> None:
+        super().__init__()
+        self.scale = scale
+        self.window_size = window_size
+        self.embed_dim = embed_dim
+        self.fast = fast
+        self.input_norm = common.InputNorm(stdnorm, img_range)
+        self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
+        self.patch_embed = PatchEmbed(embed_dim, outer_norm_layer)
+        self.layers = layers
+        self.norm = outer_norm_layer(embed_dim)
+        self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
+        if scale == 1:  # restoration head: features -> residual image
+            self.conv_last = nn.Conv2d(embed_dim, 3, 3, 1, 1)
+        else:  # super-resolution head: features -> pixel shuffle -> image
+            self.conv_before_upsample = nn.Sequential(
+                nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True)
+            )
+            self.upsample = common.upsample_layers(scale)
+            self.conv_last = nn.Conv2d(common.NUM_FEAT, 3, 3, 1, 1)
+
+    def forward_layers(self, t: Tensor, ctx: ForwardContext) -> Tensor:
+        """Tokens (B, N, C) through every group."""
+        raise NotImplementedError
+
+    def forward_features(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, C, H, W) with H, W multiples of the window -> (B, C, H, W)."""
+        size = (x.shape[2], x.shape[3])
+        ctx = common.window_context(
+            size,
+            self.window_size,
+            device=x.device,
+            dtype=x.dtype,
+            generator=generator,
+            fast=self.fast,
+        )
+        t = self.forward_layers(self.patch_embed(x), ctx)  # (B, N, C)
+        t, _ = self.norm(t)
+        return common.image(t, size, self.fast)
+
+    def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """x (B, 3, H, W) in [0, 1] -> (B, 3, s*H, s*W) (s = 1: input + residual), not clamped.
+
+        ``generator`` drives stochastic depth in training (global RNG when None)."""
+        h, w = x.shape[2], x.shape[3]
+        x = self.input_norm.encode(common.pad_to_multiple(x, self.window_size))
+        f = self.conv_first(x)
+        f = self.conv_after_body(self.forward_features(f, generator)) + f
+        if self.scale == 1:  # global residual in the encoded space: decode(x + r) = x + r'
+            x = x + self.conv_last(f)
+        else:
+            x = self.conv_last(self.upsample(self.conv_before_upsample(f)))
+        x = self.input_norm.decode(x)
+        return x[:, :, : h * self.scale, : w * self.scale]

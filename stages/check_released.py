@@ -1,0 +1,55 @@
+"""DVC stage `check_released@NAME`: the weights file of a `released:` entry exists, fits the
+declared model, and has its SHA-256 recorded; writes runs/NAME/weights.json.
+
+    python stages/check_released.py NAME [--params params.yaml]
+
+It runs before the entry's evaluate/analyze stages so that a missing file is reported with
+where to get it (DVC itself would only say that a dependency is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from iln.cli import project_root, run_stage
+from iln.config import ParamsError, load_params
+from iln.files import write_json_atomic
+from iln.layout import Layout
+from iln.released import CATALOGUE, open_released
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", help="entry under `released:` in the params file")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    if args.name not in params.released:
+        declared = ", ".join(params.released) or "none"
+        raise ParamsError(f"released.{args.name}: no such entry (declared: {declared})")
+    spec = params.released[args.name]
+    layout = Layout(project_root())
+    model, record = open_released(
+        spec, args.name, root=layout.root, book=layout.weights_book, device="cpu"
+    )
+    entry = CATALOGUE.get(Path(record.file).name)
+    write_json_atomic(
+        layout.released_record(args.name),
+        {
+            **record.as_dict(),
+            "model": model.hparams,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "release": entry.member if entry else None,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(run_stage("check_released", main))

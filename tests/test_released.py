@@ -1,0 +1,325 @@
+"""Released checkpoints through the real pipeline: `dvc repro` with a `released:` section
+evaluates, analyses and reports BasicSR-format checkpoints without training anything, and
+its PSNR equals a direct computation of the authors' test protocol."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from iln import tracking
+from iln.config import ParamsError, load_params
+from iln.models import build_model, load_official_checkpoint, to_official_state_dict
+from iln.released import (
+    CATALOGUE,
+    DRIVE_FOLDER,
+    ReleasedWeightsError,
+    load_released,
+    verify_weights,
+)
+from tests.helpers import write_params
+from tests.test_pipeline import COPIED, ROOT, _run
+
+ENTRIES = {  # name: (arch, norm, key the pipeline loads); one entry keeps the test fast
+    "tiny_ln": ("hat_tiny", "ln", "params_ema"),
+}
+
+
+def _model(arch: str, norm: str, seed: int) -> torch.nn.Module:
+    return build_model(arch, norm=norm, scale=2, generator=torch.Generator().manual_seed(seed))
+
+
+def _write_basicsr(path: Path, params: torch.nn.Module, ema: torch.nn.Module) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"params": to_official_state_dict(params), "params_ema": to_official_state_dict(ema)},
+        path,
+    )
+
+
+def _protocol_psnr(model: torch.nn.Module, lq_dir: Path, gt_dir: Path, scale: int) -> float:
+    """The authors' test protocol in a few lines: reflect-pad the whole LR image at the
+    bottom/right to a multiple of the window, forward, crop, clamp, round to uint8, Y
+    (BT.601), crop `scale` pixels per border, PSNR; mean over the set."""
+    window = model.window_size
+    values = []
+    model.eval()
+    for gt_path in sorted(gt_dir.glob("*.png")):
+        lq = np.asarray(Image.open(lq_dir / gt_path.name).convert("RGB"))
+        gt = np.asarray(Image.open(gt_path).convert("RGB")).astype(np.float64)
+        x = torch.from_numpy(lq.copy()).permute(2, 0, 1)[None].float() / 255.0
+        h, w = x.shape[2:]
+        x = F.pad(x, (0, -w % window, 0, -h % window), mode="reflect")
+        with torch.no_grad():
+            y = model(x)[:, :, : h * scale, : w * scale]
+        out = (y[0].clamp(0, 1) * 255.0).round().permute(1, 2, 0).numpy().astype(np.uint8)
+
+        def luma(img: np.ndarray) -> np.ndarray:
+            img = img.astype(np.float64)
+            return (
+                16.0 + (65.481 * img[..., 0] + 128.553 * img[..., 1] + 24.966 * img[..., 2]) / 255
+            )
+
+        diff = (luma(out) - luma(gt))[scale:-scale, scale:-scale]
+        values.append(10 * np.log10(255.0**2 / np.mean(diff**2)))
+    return float(np.mean(values))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A copy of the project whose params declare two released entries and no run."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("released")
+    for name in COPIED:
+        source, target = ROOT / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(
+                source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
+        else:
+            shutil.copy2(source, target)
+    models = {}
+    for i, (name, (arch, norm, key)) in enumerate(ENTRIES.items()):
+        plain, ema = _model(arch, norm, 10 + i), _model(arch, norm, 20 + i)
+        _write_basicsr(root / "weights" / "released" / f"{name}.pth", plain, ema)
+        models[name] = ema if key == "params_ema" else plain
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["runs"] = {}
+    params["released"] = {
+        name: {
+            "arch": arch,
+            "norm": norm,
+            "task": "sr_x2",
+            "weights": f"weights/released/{name}.pth",
+        }
+        | ({} if key == "params_ema" else {"key": key})
+        for name, (arch, norm, key) in ENTRIES.items()
+    }
+    params["train"].update(probe_images=1, lq_patch=16)
+    params["evaluate"].update(samples=1, precision_modes=["fp32", "fp16"], precision_crop=16)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], root)
+    _run(["dvc", "repro"], root)
+    return root, models
+
+
+def test_repro_evaluates_and_analyses_released_entries_without_training(project):
+    root, _ = project
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert not [s for s in lock if s.startswith("train")]
+    assert not list((root / "runs").glob("*/train"))
+    for name in ENTRIES:
+        for stage in ("check_released", "evaluate_released", "analyze_released"):
+            assert f"{stage}@{name}" in lock
+        analysis = root / "runs" / name / "analysis"
+        for f in ("features.csv", "final_norm.csv", "final_norm.png", "rpb_first.png"):
+            assert (analysis / f).exists(), f
+        precision = json.loads((root / "runs" / name / "eval" / "precision.json").read_text())
+        assert set(precision) == {"fp32", "fp16"}
+        assert (root / "runs" / name / "eval" / "samples" / "sr_x2" / "default_test").is_dir()
+    assert "Running stage" not in _run(["dvc", "repro"], root).stdout
+
+
+def test_metrics_equal_the_authors_protocol_and_name_the_weights(project):
+    root, models = project
+    pairs = root / "data" / "pairs" / "sr_x2" / "default_test"
+    book = json.loads((root / "weights" / "checksums.json").read_text())
+    for name, (_, _, key) in ENTRIES.items():
+        metrics = json.loads((root / "runs" / name / "eval" / "metrics.json").read_text())
+        expected = _protocol_psnr(models[name], pairs / "lq", pairs / "gt", scale=2)
+        assert abs(metrics["sr_x2/default_test"]["psnr"] - expected) < 1e-6
+        weights = f"weights/released/{name}.pth"
+        sha = hashlib.sha256((root / weights).read_bytes()).hexdigest()
+        assert metrics["released"] == {
+            "file": weights,
+            "sha256": sha,
+            "bytes": (root / weights).stat().st_size,
+            "key": key,
+            "tile": 0,
+            "tile_overlap": 16,
+            "precision_crop": 16,
+        }
+        assert book[weights]["sha256"] == sha
+
+
+def test_report_and_mlflow_show_the_released_entries(project):
+    root, _ = project
+    table = (root / "reports" / "tables" / "released.md").read_text()
+    report = (root / "reports" / "report.md").read_text()
+    assert "## Released checkpoints" in report and "rpb_first.png" in report
+    for name in ENTRIES:
+        sha = json.loads((root / "runs" / name / "eval" / "metrics.json").read_text())
+        assert f"| {name} | {name}.pth | {sha['released']['sha256'][:12]} |" in table
+    assert "whole image" in table and "mean x^2" in table
+    rows = tracking.find_stage_runs(root, experiment="iln")
+    stages = {(r["run"], r["stage"]): r for r in rows}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(root))
+    for name in ENTRIES:
+        for stage in ("evaluate", "analyze"):
+            run = stages[(name, stage)]
+            assert run["status"] == "FINISHED"
+            assert client.get_run(run["run_id"]).data.tags["iln.released"] == "true"
+    assert not [r for r in rows if r["stage"] == "train"]
+
+
+def test_a_missing_weights_file_stops_with_where_to_get_it(project):
+    root, _ = project
+    params_path = root / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["released"]["tiny_ln"]["weights"] = "weights/released/SRx4_HAT-mini_baseline.pth"
+    try:
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        result = _run(["dvc", "repro"], root, check=False)
+    finally:
+        params_path.write_text(original)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "check_released: error: released.tiny_ln.weights:" in out
+    assert "SRx4_HAT-mini_baseline.pth does not exist" in out and DRIVE_FOLDER in out
+
+
+# ---------------------------------------------------------------------------- library
+
+
+@pytest.mark.parametrize(("arch", "norm"), [("hat_tiny", "iln"), ("swinir_tiny", "ln")])
+def test_official_export_round_trips_through_the_loader(arch, norm):
+    source, target = _model(arch, norm, 1), _model(arch, norm, 2)
+    load_official_checkpoint(target, {"params_ema": to_official_state_dict(source)})
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, target.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("key", ["params", "params_ema"])
+def test_key_picks_the_weights_that_are_loaded(tmp_path, key):
+    plain, ema = _model("swinir_tiny", "iln", 1), _model("swinir_tiny", "iln", 2)
+    _write_basicsr(tmp_path / "w.pth", plain, ema)
+    loaded = load_released(tmp_path / "w.pth", arch="swinir_tiny", norm="iln", scale=2, key=key)
+    expected = (plain if key == "params" else ema).state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_a_checkpoint_of_another_model_says_which_keys_differ(tmp_path):
+    path = tmp_path / "ln.pth"
+    _write_basicsr(path, _model("hat_tiny", "ln", 1), _model("hat_tiny", "ln", 2))
+    with pytest.raises(ReleasedWeightsError) as err:
+        load_released(path, arch="hat_tiny", norm="iln", scale=2)
+    text = str(err.value)
+    assert "missing" in text and "unexpected" in text and "norm1.gamma" in text
+    with pytest.raises(
+        ReleasedWeightsError, match=r"x4: checkpoint does not fit(.|\n)*upsample\.2"
+    ):
+        load_released(path, arch="hat_tiny", norm="ln", scale=4)
+
+
+def test_the_key_must_be_in_the_file(tmp_path):
+    path = tmp_path / "only_params.pth"
+    torch.save({"params": to_official_state_dict(_model("hat_tiny", "ln", 1))}, path)
+    with pytest.raises(ReleasedWeightsError, match="has no 'params_ema'.*set `key: params`"):
+        load_released(path, arch="hat_tiny", norm="ln", scale=2)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ReleasedWeightsError, match="junk.pth: cannot be read"):
+        load_released(tmp_path / "junk.pth", arch="hat_tiny", norm="ln", scale=2)
+
+
+def test_sha256_is_recorded_on_first_use_and_checked_after(tmp_path):
+    (tmp_path / "w.pth").write_bytes(b"first")
+    book = tmp_path / "weights" / "checksums.json"
+    _, record = verify_weights("w.pth", "params_ema", root=tmp_path, book=book, where="x")
+    assert record.sha256 == hashlib.sha256(b"first").hexdigest()
+    assert json.loads(book.read_text())["w.pth"]["sha256"] == record.sha256
+    verify_weights("w.pth", "params_ema", root=tmp_path, book=book, where="x")
+    (tmp_path / "w.pth").write_bytes(b"second")
+    with pytest.raises(ReleasedWeightsError, match="was recorded for it on first use"):
+        verify_weights("w.pth", "params_ema", root=tmp_path, book=book, where="x")
+    with pytest.raises(FileNotFoundError, match=r"released.a.weights: .*gone.pth does not exist"):
+        verify_weights("gone.pth", "params", root=tmp_path, book=book, where="released.a.weights")
+
+
+def test_catalogue_lists_the_six_released_files():
+    assert sorted(c.member for c in CATALOGUE.values()) == sorted(
+        [
+            "HAT-mini/SRx2_HAT-mini_baseline.pth",
+            "HAT-mini/SRx4_HAT-mini_baseline.pth",
+            "HAT-mini/SRx2_HAT-mini_iLN.pth",
+            "HAT-mini/SRx4_HAT-mini_iLN.pth",
+            "HAT-dagger/SRx2_HAT-dagger_iLN.pth",
+            "HAT-dagger/SRx4_HAT-dagger_iLN.pth",
+        ]
+    )
+    assert all(c.stdnorm == (c.norm == "iln") for c in CATALOGUE.values())
+
+
+def test_released_params_are_checked_strictly(tmp_path):
+    entry = {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2", "weights": "w.pth"}
+    cases = [
+        ({"ln": entry}, "released.ln: the name is taken by runs.ln"),
+        ({"a": entry | {"norm": "layernorm"}}, "released.a.norm: unknown norm"),
+        ({"a": entry | {"task": "dn_s15"}}, "released.a.task: expected sr_x2"),
+        ({"a": entry | {"task": "sr_x4"}}, "released.a.task: 'sr_x4' is not produced"),
+        ({"a": entry | {"key": "ema"}}, "released.a.key: expected one of"),
+        ({"a": entry | {"model": {"embed_dm": 8}}}, "released.a.model: unknown override"),
+        ({"a": entry | {"epochs": 1}}, "released.a.epochs: unknown key"),
+    ]
+    for released, message in cases:
+        path = write_params(tmp_path / "params.yaml")
+        raw = yaml.safe_load(path.read_text())
+        raw["released"] = released
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            load_params(path)
+    raw["runs"], raw["released"] = {}, {"a": entry}
+    path.write_text(yaml.safe_dump(raw))
+    assert load_params(path).released["a"].key == "params_ema"
+
+
+def test_report_handles_runs_without_a_train_folder(tmp_path):
+    """A released entry has eval/ and analysis/ but no train/: the report's other tables and
+    figures read it like any run, and its section puts the paper's number beside ours."""
+    from iln.analysis import run_final_analysis
+    from iln.files import write_json_atomic
+    from iln.report import build_report
+    from iln.report.paper import load_paper_numbers, paper_rows
+
+    runs_dir, out = tmp_path / "runs", tmp_path / "reports"
+    write_json_atomic(
+        runs_dir / "hat1_ln_x4" / "eval" / "metrics.json",
+        {
+            "sr_x4/Set14": {"psnr": 28.8, "ssim": 0.79},
+            "released": {"file": "w.pth", "sha256": "ab" * 32, "key": "params_ema", "tile": 64},
+        },
+    )
+    write_json_atomic(
+        runs_dir / "hat1_ln_x4" / "eval" / "precision.json",
+        {"fp16": {"Set14": {"psnr": None, "overflow": True}}},
+    )
+    run_final_analysis(
+        _model("hat_tiny", "ln", 0), torch.rand(1, 3, 16, 16), runs_dir / "hat1_ln_x4" / "analysis"
+    )
+    entry = {"arch": "hat_1", "norm": "ln", "task": "sr_x4", "stdnorm": False, "weights": "w.pth"}
+    from iln.config import ReleasedSpec
+
+    released = {"hat1_ln_x4": ReleasedSpec(**entry)}
+    build_report(released, runs_dir, out, scale_note="test", released=released)
+    report = (out / "report.md").read_text()
+    table = (out / "tables" / "released.md").read_text()
+    (paper,) = paper_rows(load_paper_numbers(), "table1", norm="ln", set="Set14")
+    assert f"| Set14 | {paper['psnr']:g} | 28.80 | {paper['ssim']:g} | 0.7900 |" in table
+    assert "tiled (64 px LR tiles" in table and "(overflow)" in table
+    assert "hat1_ln_x4: hat_1 LN sr_x4" in report  # the all-runs table read it too
+    assert "../runs/hat1_ln_x4/analysis/final_norm.png" in report

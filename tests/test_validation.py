@@ -1,0 +1,130 @@
+"""Bad input is refused before any work, in one line naming the dotted params key or the file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from iln.cli import run_stage
+from iln.config import ParamsError, load_params
+from iln.data.io import write_png
+from iln.data.pairs import make_pairs
+from iln.data.params import DegradeParams
+from iln.data.prepare import Sources, prepare_sets
+from iln.runtime import resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params(tmp_path, key: str, value) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.seed", -1, "train.seed: must be >= 0, got -1"),
+        ("runs.ln.seed", -2, "runs.ln.seed: must be >= 0, got -2"),
+        ("degrade.seed", -1, "degrade: seed: must be >= 0"),
+        ("train.threads", -1, "train.threads: must be >= 0"),
+        ("train.num_workers", -1, "train.num_workers: must be >= 0"),
+        ("train.betas", [1.0, 0.99], r"train.betas[0]: must be in [0, 1), got 1.0"),
+        ("train.betas", [0.9, -0.1], r"train.betas[1]: must be in [0, 1), got -0.1"),
+        ("train.lr_gamma", -0.5, "train.lr_gamma: must be > 0"),
+        ("train.lr_gamma", 0.0, "train.lr_gamma: must be > 0"),
+        ("tracking.experiment", "", "tracking.experiment: must be a non-empty name"),
+        (
+            "train.train_set",
+            "Set5",
+            "train.train_set: sr_x2 trains on the degrade stage's pairs of 'Set5'",
+        ),
+        ("evaluate.sets", ["B100"], "evaluate.sets: 'B100' is not a set the degrade stage"),
+        ("report.sets", ["Urban100"], "report.sets: 'Urban100' is not evaluated"),
+        ("runs.ln.task", KeyError, "runs.ln.task: missing required key"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, key, value, message):
+    with pytest.raises(ParamsError) as info:
+        load_params(_params(tmp_path, key, value))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cuda_without_a_gpu_names_the_key():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match=r"^evaluate.device: 'cuda' but no CUDA device"):
+        resolve_device("cuda", key="evaluate.device")
+
+
+@pytest.mark.parametrize("error", [ValueError("a\nb"), RuntimeError("c"), OSError(28, "full")])
+def test_library_errors_end_in_one_line_not_a_traceback(capsys, monkeypatch, error):
+    monkeypatch.delenv("ILN_TRACEBACK", raising=False)
+
+    def main():
+        raise error
+
+    assert run_stage("train", main) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("train: error: ") and err.count("\n") == 1
+
+
+def test_bad_params_through_a_stage_process_are_one_line(tmp_path):
+    params = _params(tmp_path, "train.seed", -1)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages/train.py"), "ln", "--params", str(params)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"train: error: {params}: train.seed: must be >= 0, got -1"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()  # failed before any work
+
+
+def test_a_1x1_image_is_named(tmp_path):
+    hr = tmp_path / "hr"
+    write_png(hr / "default_train" / "ok.png", np.zeros((16, 16, 3), np.uint8))
+    write_png(hr / "default_train" / "dot.png", np.zeros((1, 1, 3), np.uint8))
+    params = DegradeParams(tasks=("sr_x2",), sets=("default_train",), workers=1)
+    with pytest.raises(ValueError, match=r"default_train/dot\.png: image of size 1x1"):
+        make_pairs(params, hr, tmp_path / "pairs", progress=False, log=lambda _: None)
+
+
+def test_an_image_beside_its_namesake_is_named_with_both(tmp_path):
+    local = tmp_path / "mine"
+    local.mkdir()
+    for name in ("x.png", "x.jpg", "y.png", "z.png", "w.png", "v.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(local / name)
+    sources = Sources(
+        embedded_dir=tmp_path / "default",
+        download_dir=tmp_path / "downloads",
+        checksum_file=tmp_path / "checksums.json",
+        local={"Set5": local},
+    )
+    with pytest.raises(ValueError, match=r"Set5: x\.jpg and x\.png in .*mine would both"):
+        prepare_sets(
+            ["Set5"], tmp_path / "hr", sources, workers=1, progress=False, log=lambda _: None
+        )
