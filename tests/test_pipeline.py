@@ -30,6 +30,7 @@ COPIED = (
     "src",
     "data/default",
     ".dvc/config",
+    "plots",
 )
 
 
