@@ -770,7 +770,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     )
     result: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
-        "command": ["python", "-m", "iln.bench", *argv],
+        "command": ["python", "-m", "benchmarks.suite", *argv],
         "machine": machine_info(device),
         "settings": {
             "device": str(device),

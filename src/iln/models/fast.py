@@ -7,8 +7,11 @@ it replaces and why it is faster; ``tests/test_fast.py`` binds every piece to it
 reference in values and gradients (float64 gradcheck on small shapes). This is the only
 module of the package that calls private torch functions.
 
-Pieces and their share of a ``hat_1`` training step on the CPU (batch 4, LR patch 32, x2,
-one thread) are listed in the README ("Models and norms").
+What each piece saves on a ``hat_1`` i-LN training step (CPU, one thread, batch 4, LR patch
+32, x2; CPU time of the step with that piece replaced by its reference, 5 interleaved
+rounds; see the README): ``attention`` 21%, ``gather_bias`` 8%, ``standardize_affine`` 7%,
+``image`` 3%, ``residual_add`` 1%. Pieces that did not earn their place were dropped (a
+hand-written backward of the window permutation, a private foreach EMA update).
 """
 
 from __future__ import annotations
