@@ -17,7 +17,6 @@ from iln.layout import Layout
 from iln.report import build_report, flatten_summary
 from iln.report.tables import Protocol
 
-
 PAPER_LR = 2.0e-4  # the official HAT_1 recipe
 PAPER_EMA_DECAY = 0.999
 
