@@ -346,21 +346,23 @@ class ResolvedRun:
         return overrides
 
 
+# The `train:` keys a run may override for itself (RunSpec fields of the same name).
+RUN_TRAIN_OVERRIDES: tuple[str, ...] = (
+    "iterations",
+    "batch_size",
+    "lr",
+    "milestones",
+    "grad_clip",
+    "kld_weight",
+    "seed",
+    "train_set",
+)
+
+
 def resolve_run(params: Params, name: str) -> ResolvedRun:
     spec = params.run(name)
     overrides = {
-        key: getattr(spec, key)
-        for key in (
-            "iterations",
-            "batch_size",
-            "lr",
-            "milestones",
-            "grad_clip",
-            "kld_weight",
-            "seed",
-            "train_set",
-        )
-        if getattr(spec, key) is not None
+        key: getattr(spec, key) for key in RUN_TRAIN_OVERRIDES if getattr(spec, key) is not None
     }
     try:
         train = dataclasses.replace(params.train, **overrides)

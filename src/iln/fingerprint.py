@@ -27,7 +27,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from iln.config import ResolvedRun
+from iln.config import RUN_TRAIN_OVERRIDES, ResolvedRun
 
 TRAJECTORY_KEYS = {
     "run": ("arch", "norm", "task", "stdnorm", "affine_outer", "model"),
@@ -48,17 +48,7 @@ TRAJECTORY_KEYS = {
 }
 OBSERVER_KEYS = {
     # the run's overrides of train keys are judged as train keys (ResolvedRun.train)
-    "run": (
-        "groups",
-        "iterations",
-        "batch_size",
-        "lr",
-        "milestones",
-        "grad_clip",
-        "kld_weight",
-        "seed",
-        "train_set",
-    ),
+    "run": ("groups", *RUN_TRAIN_OVERRIDES),
     "train": (
         "iterations",
         "checkpoint_every",
