@@ -378,7 +378,8 @@ def benchmark_group(
     Training steps of all variants are timed interleaved, then their inferences; memory
     and FLOPs are measured on one extra step each.
     """
-    models = build_variants(variants, scale=scale, device=device, seed=seed)
+    geometry = dict(scale=scale, device=device, seed=seed)
+    models = build_variants(variants, **geometry)
     gen = torch.Generator().manual_seed(seed)
     train_batch = random_batch(batch, lr_patch, scale, device=device, generator=gen)
     infer_lq = torch.rand(1, 3, infer_size, infer_size, generator=gen).to(device)  # (1, 3, H, W)
@@ -392,9 +393,12 @@ def benchmark_group(
     train_times = time_interleaved(steps, repeats=repeats, warmup=warmup, sync=sync)
     memory = {label: measure_peak_memory(step, device=device) for label, step in steps.items()}
 
-    flops: dict[str, int | None] = {}
-    for v, model in models.items():
-        flops[v.label] = train_step_flops(model, train_batch) if count_model_flops else None
+    # model FLOPs are those of the reference computation: the fast path's attention
+    # backward recomputes the logits, work the architecture does not ask for
+    flops: dict[str, int | None] = {v.label: None for v in models}
+    for v in models if count_model_flops else ():
+        (reference,) = build_variants([Variant(v.preset, v.norm, "reference")], **geometry).values()
+        flops[v.label] = train_step_flops(reference, train_batch)
 
     for model in models.values():
         model.eval()
