@@ -226,7 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k, t in time_interleaved(steps, repeats=args.rounds, warmup=args.warmup).items()
     }
     for name, t in timings.items():
-        print(f"  {name:12s} median {t['median_s']:.3f} s  (CPU {t['cpu_median_s']:.3f} s)")
+        rounds = " ".join(f"{x:.2f}" for x in t["samples_s"])
+        print(
+            f"  {name:12s} median {t['median_s']:.3f} s  (CPU {t['cpu_median_s']:.3f} s)"
+            f"  rounds: {rounds}"
+        )
     for norm in args.norms:
         mine, other = timings[f"ours/{norm}"], timings[f"theirs/{norm}"]
         print(

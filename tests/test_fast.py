@@ -151,6 +151,29 @@ def test_attention_equals_the_reference_and_passes_gradcheck(masked, strided):
             )
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_packed_attention_equals_the_reference_and_passes_gradcheck(masked):
+    g = _gen(4)
+    b, nw, n, h, d = 2, 2, 5, 2, 3
+    qkv = _leaf(b * nw, n, 3, h, d, g=g)  # the qkv projection of B*nW windows
+    bias = _leaf(h, n, n, g=g, scale=0.1)
+    mask = None
+    if masked:
+        mask = torch.where(torch.rand(nw, 1, n, n, generator=g) < 0.3, -100.0, 0.0).to(F64)
+
+    def reference(qkv, bias):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B*nW, h, n, d)
+        if mask is not None:
+            q, k, v = (t.reshape(b, nw, h, n, d) for t in (q, k, v))
+        return common.attention(q, k, v, bias, 0.5, mask).reshape(b * nw, h, n, d)
+
+    def packed(qkv, bias):
+        return fast.packed_attention(qkv, bias, 0.5, mask)
+
+    _same_values_and_grads(packed, reference, (qkv, bias))
+    assert torch.autograd.gradcheck(packed, (qkv, bias))
+
+
 def test_gather_bias_equals_the_reference_with_wrapping_indices():
     table = _leaf(39 * 39, 3, g=_gen(3))
     index = common.relative_position_index_overlap(16, 24)  # has negative entries

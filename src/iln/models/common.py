@@ -212,7 +212,7 @@ class WindowAttention(nn.Module):
     Reference: cyclic shift, window partition, softmax(q k^T * scale + bias + mask) v,
     window reverse, shift back. ``fast``: shift + partition as one token gather with the
     context's permutations (two copies instead of four), ``fast.gather_bias`` and
-    ``fast.attention``.
+    ``fast.packed_attention`` on the qkv projection as it is.
     """
 
     def __init__(self, dim: int, window: int, num_heads: int, fast: bool) -> None:
@@ -252,20 +252,18 @@ class WindowAttention(nn.Module):
         """windows (B*nW, n, C), index (n, n), mask (nW, n, n) or None -> (B*nW, n, C)."""
         bw, n, c = windows.shape
         heads = self.num_heads
-        qkv = (
-            self.qkv(windows).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        )  # (3, B*nW, h, n, d)
-        if self.fast:
-            qkv = qkv.contiguous()  # one copy instead of one per matmul
-        q, k, v = qkv
+        qkv = self.qkv(windows).view(bw, n, 3, heads, c // heads)  # (B*nW, n, 3, h, d)
         gather = fast_ops.gather_bias if self.fast else gather_bias
         bias = gather(self.relative_position_bias_table, index)  # (h, n, n)
-        if mask is not None:  # one mask per window position, shared by the images
-            nw = mask.shape[0]
-            q, k, v = (t.view(bw // nw, nw, heads, n, -1) for t in (q, k, v))  # (B, nW, h, n, d)
-            mask = mask.unsqueeze(1)  # (nW, 1, n, n)
-        attend = fast_ops.attention if self.fast else attention
-        out = attend(q, k, v, bias, self.scale, mask)  # (..., h, n, d)
+        if mask is not None:
+            mask = mask.unsqueeze(1)  # (nW, 1, n, n): one per window position, for all images
+        if self.fast:
+            out = fast_ops.packed_attention(qkv, bias, self.scale, mask)  # (B*nW, h, n, d)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B*nW, h, n, d) each
+            if mask is not None:
+                q, k, v = (t.reshape(-1, mask.shape[0], heads, n, c // heads) for t in (q, k, v))
+            out = attention(q, k, v, bias, self.scale, mask)  # (B*nW or (B, nW), h, n, d)
         return self.proj(out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c))
 
 

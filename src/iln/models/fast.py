@@ -121,77 +121,126 @@ def gather_bias(table: Tensor, index: Tensor) -> Tensor:
     return table.t().index_select(1, flat).view(table.shape[1], *index.shape)  # (heads, nq, nk)
 
 
+# On CPU, window attention never forms an attention-sized tensor. Forward is torch's fused
+# (flash) CPU kernel with bias (+ mask) as its additive mask. Backward recomputes the
+# probabilities P one window (all heads) at a time into two reused buffers that stay in
+# cache and forms dS = P * (dP - rowsum(dO * O)) there, summing it over windows for the
+# bias gradient. A batched backward writes and re-reads attention-sized tensors (25 MB per
+# hat_1 block at batch 4, 56 MB for OCAB), and allocating those afresh every step costs
+# as much as the arithmetic.
+
+
+def _windows(t: Tensor) -> Tensor:
+    """(..., h, n, d) -> (G, h, n, d) with a unit last stride: the fused kernel reads any
+    other layout wrongly, without an error."""
+    t = t.reshape(-1, *t.shape[-3:])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _full_bias(bias: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """bias (h, nq, nk) [+ mask (nW, 1, nq, nk)] -> (1 or nW, h, nq, nk); window g of the
+    batch takes row g % nW (windows are numbered image by image)."""
+    return (bias.unsqueeze(0) if mask is None else bias + mask).to(dtype)
+
+
+def _fused_forward(q: Tensor, k: Tensor, v: Tensor, full: Tensor, scale: float) -> Tensor:
+    """q (G, h, nq, d), k and v (G, h, nk, d) -> (G, h, nq, d), one kernel call per image
+    when the bias has one row per window position (it cannot broadcast over B * nW)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    nw = full.shape[0]
+    if nw == 1:
+        return flash(q, k, v, attn_mask=full, scale=scale)[0]
+    parts = (slice(i, i + nw) for i in range(0, q.shape[0], nw))
+    return torch.cat([flash(q[i], k[i], v[i], attn_mask=full, scale=scale)[0] for i in parts])
+
+
+def _windowed_backward(
+    saved: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    grad_out: Tensor,
+    scale: float,
+    grads: tuple[Tensor, Tensor, Tensor],
+    need_bias: bool,
+) -> Tensor | None:
+    """Writes the q, k, v gradients (G, h, n, d) into ``grads``; returns the bias gradient.
+
+    ``saved`` is (q, k, v, full bias, output) of the forward, all (G, h, ...)."""
+    q, k, v, full, out = saved
+    grad_q, grad_k, grad_v = grads
+    h, nq, nk = full.shape[1:]
+    rows = torch.linalg.vecdot(grad_out, out).unsqueeze(-1)  # rowsum(dP * P) = rowsum(dO * O)
+    grad_bias = torch.zeros(h, nq, nk, dtype=q.dtype) if need_bias else None
+    probs = torch.empty(h, nq, nk, dtype=q.dtype)  # the two buffers every window reuses
+    dlogits = torch.empty_like(probs)
+    for g in range(q.shape[0]):
+        torch.baddbmm(full[g % len(full)], q[g], k[g].transpose(1, 2), alpha=scale, out=probs)
+        # softmax again rather than exp(logits - lse): its kernel is a third faster than
+        # exp_ and, unlike exp_, not slowed down by the masked logits' subnormal weights
+        torch.ops.aten._softmax.out(probs, -1, False, out=probs)  # P (h, nq, nk)
+        torch.bmm(probs.transpose(1, 2), grad_out[g], out=grad_v[g])
+        torch.bmm(grad_out[g], v[g].transpose(1, 2), out=dlogits)  # dP
+        dlogits.sub_(rows[g]).mul_(probs)  # dS
+        if grad_bias is not None:
+            grad_bias.add_(dlogits)
+        # dS k * scale and dS^T q * scale (beta=0: the first argument is not read)
+        torch.baddbmm(grad_q[g], dlogits, k[g], beta=0.0, alpha=scale, out=grad_q[g])
+        torch.baddbmm(
+            grad_k[g], dlogits.transpose(1, 2), q[g], beta=0.0, alpha=scale, out=grad_k[g]
+        )
+    return grad_bias
+
+
 class _WindowAttentionCPU(torch.autograd.Function):
-    """softmax(q k^T * scale + bias [+ mask]) v on CPU without an attention-sized tensor.
-
-    Forward is torch's fused (flash) CPU attention kernel with bias (+ mask) as its additive
-    mask. Backward recomputes the probabilities P one window (all heads) at a time into two
-    reused buffers that stay in cache, and forms dS = P * (dP - rowsum(dO * O)) there,
-    summing it over windows for the bias gradient. A batched version of the same backward writes and
-    re-reads attention-sized tensors (25 MB per hat_1 block at batch 4, 56 MB for OCAB),
-    and allocating those afresh each step costs as much as the arithmetic.
-
-    Layouts: q (G, h, nq, d), k and v (G, h, nk, d), bias (h, nq, nk), no mask; or
-    q (B, nW, h, nq, d) with a mask (nW, 1, nq, nk) shared by the B images.
-    """
+    """``common.attention`` on CPU: q (..., h, nq, d), k and v (..., h, nk, d), bias
+    (h, nq, nk); with a mask (nW, 1, nq, nk), q is (B, nW, h, nq, d)."""
 
     @staticmethod
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, scale: float
     ) -> Tensor:
-        h, nq, d = q.shape[-3:]
-        # the fused kernel silently misreads inputs whose last dim is strided (OCAB's k, v)
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        full = (bias if mask is None else bias + mask).to(q.dtype)  # (h|nW, ..., nq, nk)
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        if mask is None:
-            q4, k4, v4 = (t.reshape(-1, h, t.shape[-2], d) for t in (q, k, v))
-            out = flash(q4, k4, v4, attn_mask=full.unsqueeze(0), scale=scale)[0]
-        else:  # one call per image: the (nW, h, nq, nk) mask cannot broadcast over B*nW
-            if q.ndim != 5:
-                raise ValueError(f"a shift mask needs q as (B, nW, h, nq, d), got {tuple(q.shape)}")
-            parts = [flash(q[i], k[i], v[i], attn_mask=full, scale=scale) for i in range(len(q))]
-            out = torch.cat([o for o, _ in parts])  # (B*nW, h, nq, d)
-        ctx.save_for_backward(q, k, v, full, out)
+        if mask is not None and q.ndim != 5:
+            raise ValueError(f"a shift mask needs q as (B, nW, h, nq, d), got {tuple(q.shape)}")
+        q3, k3, v3 = _windows(q), _windows(k), _windows(v)
+        full = _full_bias(bias, mask, q.dtype)
+        out = _fused_forward(q3, k3, v3, full, scale)
+        ctx.save_for_backward(q3, k3, v3, full, out)
         ctx.scale = scale
+        ctx.shapes = q.shape, k.shape, v.shape
         return out.view(q.shape)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, full, out = ctx.saved_tensors
-        scale = ctx.scale
-        h, nq, d = q.shape[-3:]
-        nk = k.shape[-2]
-        q3, k3, v3 = (t.reshape(-1, h, t.shape[-2], d) for t in (q, k, v))  # (G, h, n, d)
-        dout = grad_out.reshape(-1, h, nq, d)
-        per_window = full if full.ndim == 4 else full.unsqueeze(0)  # (nW or 1, h, nq, nk)
-        grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (q3, k3, v3))
-        grad_bias = torch.zeros(h, nq, nk, dtype=q.dtype)
-        probs = torch.empty(h, nq, nk, dtype=q.dtype)  # the two buffers every window reuses
-        dlogits = torch.empty_like(probs)
-        for g in range(q3.shape[0]):
-            qs = q3[g] * scale
-            torch.baddbmm(per_window[g % len(per_window)], qs, k3[g].transpose(1, 2), out=probs)
-            # softmax again rather than exp(logits - lse): its kernel is a third faster
-            # than exp_ and, unlike exp_, not slowed down by the masked logits' subnormals
-            torch.ops.aten._softmax.out(probs, -1, False, out=probs)  # P (h, nq, nk)
-            torch.bmm(probs.transpose(1, 2), dout[g], out=grad_v[g])
-            torch.bmm(dout[g], v3[g].transpose(1, 2), out=dlogits)  # dP
-            row = (dout[g] * out[g]).sum(-1, keepdim=True)  # rowsum(dP * P) = rowsum(dO * O)
-            dlogits.sub_(row).mul_(probs)  # dS
-            if ctx.needs_input_grad[3]:
-                grad_bias.add_(dlogits)
-            torch.bmm(dlogits, k3[g], out=grad_q[g]).mul_(scale)
-            torch.bmm(dlogits.transpose(1, 2), qs, out=grad_k[g])
-        grad_bias = grad_bias if ctx.needs_input_grad[3] else None
-        return (
-            grad_q.view(q.shape),
-            grad_k.view(k.shape),
-            grad_v.view(v.shape),
-            grad_bias,
-            None,
-            None,
+        saved = ctx.saved_tensors
+        grads = tuple(torch.empty(t.shape, dtype=t.dtype) for t in saved[:3])
+        grad_bias = _windowed_backward(
+            saved, grad_out.reshape(saved[4].shape), ctx.scale, grads, ctx.needs_input_grad[3]
         )
+        grad_q, grad_k, grad_v = (g.view(shape) for g, shape in zip(grads, ctx.shapes))
+        return grad_q, grad_k, grad_v, grad_bias, None, None
+
+
+class _PackedWindowAttentionCPU(torch.autograd.Function):
+    """The same from the qkv projection (G, n, 3, h, d) as it is, with its gradient
+    written in that layout: no copy splits q, k, v or joins their gradients."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (G, h, n, d), strided
+        full = _full_bias(bias, mask, qkv.dtype)
+        out = _fused_forward(q, k, v, full, scale)  # (G, h, n, d)
+        ctx.save_for_backward(qkv, full, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        qkv, full, out = ctx.saved_tensors
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype)
+        grads = tuple(t.transpose(1, 2) for t in grad_qkv.unbind(2))
+        grad_bias = _windowed_backward(
+            (q, k, v, full, out), grad_out, ctx.scale, grads, ctx.needs_input_grad[1]
+        )
+        return grad_qkv, grad_bias, None, None
 
 
 class _MaterializedAttention(torch.autograd.Function):
@@ -255,6 +304,39 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)
 
 
+def packed_attention(qkv: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+    """``attention`` of the windows' qkv projection (B*nW, n, 3, h, d) -> (B*nW, h, n, d).
+
+    ``mask`` (nW, 1, n, n) is shared by the B images. Equals ``attention(q, k, v, ...)``
+    with q, k, v = ``qkv.permute(2, 0, 3, 1, 4)``.
+    """
+    if qkv.device.type == "cpu" and qkv.stride(-1) == 1:
+        return _PackedWindowAttentionCPU.apply(qkv, bias, mask, scale)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # (B*nW, h, n, d) each
+    if mask is None:
+        return attention(q, k, v, bias, scale)
+    nw = mask.shape[0]
+    q, k, v = (t.view(-1, nw, *t.shape[1:]) for t in (q, k, v))  # (B, nW, h, n, d)
+    return attention(q, k, v, bias, scale, mask).flatten(0, 1)
+
+
+def overlapping_windows(grid: Tensor, size: int, stride: int, heads: int) -> tuple[Tensor, Tensor]:
+    """OCAB's keys and values: ``size`` x ``size`` windows every ``stride`` tokens of a
+    (B, H', W', 2C) grid of [k | v] channels -> k, v (B*nW, h, size*size, d).
+
+    The reference unfolds, reshapes and permutes (two full copies, and two unfold
+    backwards); here the windows are one ``index_select`` of tokens (gradient: one
+    index_add) and k, v strided views of it.
+    """
+    b, hp, wp, c2 = grid.shape
+    positions = torch.arange(hp * wp, device=grid.device).view(hp, wp)
+    order = positions.unfold(0, size, stride).unfold(1, size, stride)  # (nWh, nWw, size, size)
+    kv = grid.reshape(b, hp * wp, c2).index_select(1, order.reshape(-1))  # (B, nW*size^2, 2C)
+    kv = kv.view(-1, size * size, 2, heads, c2 // (2 * heads))  # (B*nW, size^2, 2, h, d)
+    k, v = kv.unbind(2)  # (its gradient is one stack, where indexing's is two zero-fills)
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -278,6 +360,13 @@ class _TokensAsImage(torch.autograd.Function):
 def image(x: Tensor, size: tuple[int, int]) -> Tensor:
     """(B, H*W, C) -> (B, C, H, W) channels-last view; contiguous token gradient."""
     return _TokensAsImage.apply(x, size[0], size[1])
+
+
+def spatial_mean(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, C, 1, 1) mean, as HAT's channel attention pools
+    (``AdaptiveAvgPool2d(1)``): a sum and a scale, whose backward on the channels-last
+    CAB activations is about 3x faster than the mean's (equal up to rounding)."""
+    return x.sum((2, 3), keepdim=True) * (1.0 / (x.shape[2] * x.shape[3]))
 
 
 # ----------------------------------------------------------------------------- norms

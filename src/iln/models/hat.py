@@ -22,10 +22,13 @@ from iln.models.restorer import WindowedRestorer
 
 
 class ChannelAttention(nn.Module):
-    """RCAN channel attention: global pool, squeeze, excite, sigmoid gate."""
+    """RCAN channel attention: global pool, squeeze, excite, sigmoid gate.
 
-    def __init__(self, dim: int, squeeze_factor: int) -> None:
+    ``fast``: the pool is ``fast.spatial_mean``."""
+
+    def __init__(self, dim: int, squeeze_factor: int, fast: bool) -> None:
         super().__init__()
+        self.fast = fast
         self.attention = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(dim, dim // squeeze_factor, 1, padding=0),
@@ -35,19 +38,21 @@ class ChannelAttention(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
+        if self.fast:
+            return x * self.attention[1:](fast_ops.spatial_mean(x))  # (B, C, 1, 1) gate
         return x * self.attention(x)
 
 
 class CAB(nn.Module):
     """Channel attention block, the convolutional branch of a HAB."""
 
-    def __init__(self, dim: int, compress_ratio: int, squeeze_factor: int) -> None:
+    def __init__(self, dim: int, compress_ratio: int, squeeze_factor: int, fast: bool) -> None:
         super().__init__()
         self.cab = nn.Sequential(
             nn.Conv2d(dim, dim // compress_ratio, 3, 1, 1),
             nn.GELU(),
             nn.Conv2d(dim // compress_ratio, dim, 3, 1, 1),
-            ChannelAttention(dim, squeeze_factor),
+            ChannelAttention(dim, squeeze_factor, fast),
         )
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
@@ -78,7 +83,7 @@ class HAB(nn.Module):
         self.fast = fast
         self.norm1 = norm_layer(dim)
         self.attn = common.WindowAttention(dim, window, num_heads, fast)
-        self.conv_block = CAB(dim, compress_ratio, squeeze_factor)
+        self.conv_block = CAB(dim, compress_ratio, squeeze_factor, fast)
         self.norm2 = norm_layer(dim)
         self.mlp = common.Mlp(dim, int(dim * mlp_ratio))
 
@@ -151,12 +156,15 @@ class OCAB(nn.Module):
         kv = nn.functional.pad(
             qkv[..., c:], (0, 0, border, border, border, border)
         )  # (B, H+2p, W+2p, 2C)
-        kv = kv.unfold(1, ow, win).unfold(2, ow, win)  # (B, nWh, nWw, 2C, ow, ow)
-        kv = kv.reshape(b, -1, 2, heads, d, ow * ow).permute(
-            2, 0, 1, 3, 5, 4
-        )  # (2, B, nW, h, ow*ow, d)
-        kv = kv.reshape(2, -1, heads, ow * ow, d)  # (2, B*nW, h, ow*ow, d)
-        k, v = kv[0], kv[1]
+        if self.fast:
+            k, v = fast_ops.overlapping_windows(kv, ow, win, heads)  # (B*nW, h, ow*ow, d) each
+        else:
+            kv = kv.unfold(1, ow, win).unfold(2, ow, win)  # (B, nWh, nWw, 2C, ow, ow)
+            kv = kv.reshape(b, -1, 2, heads, d, ow * ow).permute(
+                2, 0, 1, 3, 5, 4
+            )  # (2, B, nW, h, ow*ow, d)
+            kv = kv.reshape(2, -1, heads, ow * ow, d)  # (2, B*nW, h, ow*ow, d)
+            k, v = kv[0], kv[1]
 
         gather = fast_ops.gather_bias if self.fast else common.gather_bias
         attend = fast_ops.attention if self.fast else common.attention
