@@ -122,9 +122,16 @@ def test_groupnorm_route_of_the_image_norm_equals_the_layernorm_route(dtype):
 # ----------------------------------------------------------------------------- attention
 
 
+@pytest.fixture(params=["windowed", "materialized"])
+def route(request, monkeypatch):
+    """Both CPU attention routes: windowed backward (large windows), batched (small)."""
+    monkeypatch.setattr(fast, "WINDOWED_MIN_LOGITS", 0 if request.param == "windowed" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("strided", [False, True])
-def test_attention_equals_the_reference_and_passes_gradcheck(masked, strided):
+def test_attention_equals_the_reference_and_passes_gradcheck(masked, strided, route):
     g = _gen(2)
     b, nw, h, nq, nk, d = 2, 2, 2, 4, 6, 3
     q, k, v = _leaf(b, nw, h, nq, d, g=g), _leaf(b, nw, h, nk, d, g=g), _leaf(b, nw, h, nk, d, g=g)
@@ -152,7 +159,7 @@ def test_attention_equals_the_reference_and_passes_gradcheck(masked, strided):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_packed_attention_equals_the_reference_and_passes_gradcheck(masked):
+def test_packed_attention_equals_the_reference_and_passes_gradcheck(masked, route):
     g = _gen(4)
     b, nw, n, h, d = 2, 2, 5, 2, 3
     qkv = _leaf(b * nw, n, 3, h, d, g=g)  # the qkv projection of B*nW windows
@@ -196,7 +203,7 @@ def test_tokens_as_image_is_a_view_and_hands_back_a_contiguous_token_gradient():
 
 @pytest.mark.parametrize("arch", TINY)
 @pytest.mark.parametrize("norm", ["ln", "iln", "ln_star", "ln_rs"])
-def test_fast_models_equal_the_reference_in_outputs_and_gradients(arch, norm):
+def test_fast_models_equal_the_reference_in_outputs_and_gradients(arch, norm, route):
     quick = build_model(arch, norm=norm, scale=2, drop_path_rate=0.0, fast=True)
     ref = build_model(arch, norm=norm, scale=2, drop_path_rate=0.0, fast=False)
     ref.load_state_dict(quick.state_dict())
@@ -215,7 +222,7 @@ def test_fast_models_equal_the_reference_in_outputs_and_gradients(arch, norm):
 
 
 @pytest.mark.parametrize("arch", TINY)
-def test_a_small_fast_model_passes_float64_gradcheck(arch):
+def test_a_small_fast_model_passes_float64_gradcheck(arch, route):
     small = dict(embed_dim=4, depths=[1], num_heads=[2], window_size=4, drop_path_rate=0.0)
     if arch.startswith("hat"):
         small.update(compress_ratio=2, squeeze_factor=2)

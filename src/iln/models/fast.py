@@ -244,8 +244,8 @@ class _PackedWindowAttentionCPU(torch.autograd.Function):
 
 
 class _MaterializedAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias + mask) v off the CPU, with a hand-written backward that
-    reuses its buffers.
+    """softmax(q k^T * scale + bias + mask) v for small windows or off the CPU, with a
+    hand-written backward that reuses its buffers.
 
     Forward adds bias and mask and takes the softmax in place in the logits buffer;
     backward forms dS = P * (dP - rowsum(dO * O)) in place in the dP buffer, so each pass
@@ -281,17 +281,27 @@ class _MaterializedAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None
 
 
+# Logits per head and window (nq * nk) from which the CPU path recomputes probabilities
+# window by window; below it (hat_tiny's 8 x 8 windows: 4,096) the per-window loop costs
+# more in calls than it saves, and the whole batch of logits is small enough to allocate.
+WINDOWED_MIN_LOGITS = 128 * 128
+
+
+def _windowed(t: Tensor, logits: int) -> bool:
+    return t.device.type == "cpu" and logits >= WINDOWED_MIN_LOGITS
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None
 ) -> Tensor:
     """``common.attention``, computed faster.
 
-    On CPU ``_WindowAttentionCPU`` (fused forward, windowed backward). Elsewhere, with
-    gradients, ``_MaterializedAttention`` (the bias table is trained, which torch's fused
-    kernels cannot differentiate); without, torch's ``scaled_dot_product_attention`` with
-    bias (+ mask) as the additive mask.
+    On CPU, for windows of at least ``WINDOWED_MIN_LOGITS`` logits, ``_WindowAttentionCPU``
+    (fused forward, windowed backward). Otherwise, with gradients, ``_MaterializedAttention``
+    (the bias table is trained, which torch's fused kernels cannot differentiate); without,
+    torch's ``scaled_dot_product_attention`` with bias (+ mask) as the additive mask.
     """
-    if q.device.type == "cpu":
+    if _windowed(q, q.shape[-2] * k.shape[-2]):
         return _WindowAttentionCPU.apply(q, k, v, bias, mask, scale)
     needs_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad
@@ -310,7 +320,7 @@ def packed_attention(qkv: Tensor, bias: Tensor, scale: float, mask: Tensor | Non
     ``mask`` (nW, 1, n, n) is shared by the B images. Equals ``attention(q, k, v, ...)``
     with q, k, v = ``qkv.permute(2, 0, 3, 1, 4)``.
     """
-    if qkv.device.type == "cpu" and qkv.stride(-1) == 1:
+    if _windowed(qkv, qkv.shape[1] ** 2) and qkv.stride(-1) == 1:
         return _PackedWindowAttentionCPU.apply(qkv, bias, mask, scale)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # (B*nW, h, n, d) each
     if mask is None:
