@@ -43,10 +43,6 @@ def _reference_standardize_affine(x: Tensor, weight: Tensor, bias: Tensor, dims:
     return (x - mean) / std * weight + bias, std
 
 
-def _reference_residual_add(x, scale, branch, *others, drop_factor=None):
-    return common.residual_add(x, scale, branch, *others, drop_factor=drop_factor, fast=False)
-
-
 def _reference_overlapping_windows(grid: Tensor, size: int, stride: int, heads: int):
     b, c2 = grid.shape[0], grid.shape[-1]
     kv = grid.unfold(1, size, stride).unfold(2, size, stride)  # (B, nWh, nWw, 2C, size, size)
@@ -64,7 +60,6 @@ PIECES: dict[str, dict[str, Callable]] = {
     "gather_bias": {"gather_bias": common.gather_bias},
     "standardize_affine": {"standardize_affine": _reference_standardize_affine},
     "image": {"image": lambda x, size: common.image(x, size, fast=False)},
-    "residual_add": {"residual_add": _reference_residual_add},
     "overlapping_windows": {"overlapping_windows": _reference_overlapping_windows},
     "spatial_mean": {"spatial_mean": lambda x: x.mean((2, 3), keepdim=True)},
 }

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from iln.models import build_model, common, fast
-from iln.models.norms import UNIT, build_norm
+from iln.models.norms import build_norm
 
 TINY = ("hat_tiny", "swinir_tiny")
 F64 = torch.float64
@@ -35,34 +35,6 @@ def _same_values_and_grads(f_fast, f_ref, inputs, *, tol: float = 1e-12) -> None
     grads_ref = torch.autograd.grad(outs_ref, wrt, cotangents)
     for i, (a, b) in enumerate(zip(grads_fast, grads_ref, strict=True)):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, i=i: f"input {i}: {m}")
-
-
-# ----------------------------------------------------------------------------- residual
-
-
-@pytest.mark.parametrize("scale_kind", ["unit", "per_sample", "per_token", "per_channel"])
-@pytest.mark.parametrize("with_drop", [False, True])
-@pytest.mark.parametrize("n_others", [0, 1, 2])
-def test_residual_add_equals_the_reference_in_values_and_gradients(scale_kind, with_drop, n_others):
-    g = _gen()
-    b, n, c = 3, 10, 6
-    shapes = {"unit": None, "per_sample": (b, 1, 1), "per_token": (b, n, 1), "per_channel": (c,)}
-    x, branch = _leaf(b, n, c, g=g), _leaf(b, n, c, g=g)
-    others = [_leaf(b, n, c, g=g) for _ in range(n_others)]
-    scale = UNIT if shapes[scale_kind] is None else _leaf(*shapes[scale_kind], g=g)
-    drop = torch.tensor([2.0, 0.0, 2.0], dtype=F64).view(b, 1, 1) if with_drop else None
-
-    def run(use_fast):
-        def f(x, branch, *rest):
-            s = UNIT if isinstance(scale, float) else rest[-1]
-            o = rest[: len(others)]
-            return common.residual_add(x, s, branch, *o, drop_factor=drop, fast=use_fast)
-
-        return f
-
-    inputs = [x, branch, *others] + ([] if isinstance(scale, float) else [scale])
-    _same_values_and_grads(run(True), run(False), inputs, tol=1e-13)
-    assert torch.autograd.gradcheck(run(True), inputs)
 
 
 # ----------------------------------------------------------------------------- norms

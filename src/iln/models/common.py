@@ -72,20 +72,21 @@ def residual_add(
     branch: Tensor,
     *others: Tensor,
     drop_factor: Tensor | None = None,
-    fast: bool = False,
 ) -> Tensor:
     """The residual update x + scale * F, F = drop_factor * branch + sum of ``others``.
 
     ``scale`` is what the norm in front of the branch returned (1 for LN, the per-image
     std for i-LN); ``drop_factor`` the stochastic-depth factor of ``branch`` from
-    ``drop_path_factor`` (None: nothing dropped). ``fast``: ``fast.residual_add``.
+    ``drop_path_factor`` (None: nothing dropped). A unit scale adds the terms one by one,
+    in the order of the released LN blocks.
     """
-    if fast:
-        return fast_ops.residual_add(x, scale, branch, *others, drop_factor=drop_factor)
-    update = branch if drop_factor is None else branch * drop_factor
-    for other in others:
-        update = update + other
-    return x + scale * update
+    if drop_factor is not None:
+        branch = branch * drop_factor
+    if isinstance(scale, float) and scale == norms.UNIT:
+        for term in (branch, *others):
+            x = x + term
+        return x
+    return x + scale * sum(others, branch)
 
 
 def drop_path_factor(

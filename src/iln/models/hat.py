@@ -99,11 +99,11 @@ class HAB(nn.Module):
         attn_x = self.attn(grid, ctx, index, self.shift)  # (B, N, C)
 
         drop = common.drop_path_factor(attn_x, self.drop_path, self.training, ctx.generator)
-        x = residual_add(x, s1, attn_x, conv_x * self.conv_scale, drop_factor=drop, fast=self.fast)
+        x = residual_add(x, s1, attn_x, conv_x * self.conv_scale, drop_factor=drop)
         v, s2 = self.norm2(x)
         mlp_x = self.mlp(v)
         drop = common.drop_path_factor(mlp_x, self.drop_path, self.training, ctx.generator)
-        return residual_add(x, s2, mlp_x, drop_factor=drop, fast=self.fast)
+        return residual_add(x, s2, mlp_x, drop_factor=drop)
 
 
 class OCAB(nn.Module):
@@ -173,9 +173,9 @@ class OCAB(nn.Module):
         out = out.transpose(1, 2).reshape(-1, win * win, c)  # (B*nW, w*w, C)
         out = common.window_reverse(out, win, h, w).reshape(b, n_tok, c)  # (B, N, C)
 
-        x = residual_add(x, s1, self.proj(out), fast=self.fast)
+        x = residual_add(x, s1, self.proj(out))
         v_in, s2 = self.norm2(x)
-        return residual_add(x, s2, self.mlp(v_in), fast=self.fast)
+        return residual_add(x, s2, self.mlp(v_in))
 
 
 class AttenBlocks(nn.Module):

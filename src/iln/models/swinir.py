@@ -49,11 +49,11 @@ class SwinBlock(nn.Module):
         attn_x = self.attn(grid, ctx, index, self.shift)  # (B, N, C)
 
         drop = common.drop_path_factor(attn_x, self.drop_path, self.training, ctx.generator)
-        x = residual_add(x, s1, attn_x, drop_factor=drop, fast=self.fast)
+        x = residual_add(x, s1, attn_x, drop_factor=drop)
         v, s2 = self.norm2(x)
         mlp_x = self.mlp(v)
         drop = common.drop_path_factor(mlp_x, self.drop_path, self.training, ctx.generator)
-        return residual_add(x, s2, mlp_x, drop_factor=drop, fast=self.fast)
+        return residual_add(x, s2, mlp_x, drop_factor=drop)
 
 
 class BasicLayer(nn.Module):
