@@ -181,6 +181,63 @@ def train_step(model: nn.Module, lq: Tensor, gt: Tensor, lr: float = 2.0e-4):
     return step
 
 
+# operator -> the part of a step it belongs to, for ``--profile``; anything else is "other"
+OP_CLASSES = {
+    "attention: matmuls, softmax, fused kernel": (
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::addmm_",  # baddbmm with beta=0 runs per matrix
+        "aten::_softmax",
+        "aten::_softmax_backward_data",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+    ),
+    "linear layers (qkv, proj, MLP)": ("aten::mm", "aten::addmm"),
+    "convolutions": ("aten::mkldnn_convolution", "aten::convolution_backward"),
+    "copies and gathers": (
+        "aten::copy_",
+        "aten::index_select",
+        "aten::index_add_",
+        "aten::cat",
+        "aten::stack",
+        "aten::unfold_backward",
+        "aten::roll",
+        "aten::constant_pad_nd",
+    ),
+    "norms": (
+        "aten::native_layer_norm",
+        "aten::native_layer_norm_backward",
+        "aten::native_group_norm",
+        "aten::native_group_norm_backward",
+    ),
+    "GELU": ("aten::gelu", "aten::gelu_backward"),
+}
+
+
+def profile_by_class(step) -> dict[str, float]:
+    """Self CPU seconds of one call of ``step`` per class of ``OP_CLASSES`` (+ other, total)."""
+    step()  # warm-up outside the profile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    owner = {op: name for name, ops in OP_CLASSES.items() for op in ops}
+    seconds = dict.fromkeys([*OP_CLASSES, "other"], 0.0)
+    for event in prof.key_averages():
+        seconds[owner.get(event.key, "other")] += event.self_cpu_time_total / 1e6
+    seconds["total"] = sum(seconds.values())
+    return seconds
+
+
+def print_profiles(profiles: dict[str, dict[str, float]]) -> None:
+    names = list(profiles)
+    print("| part of the step (self CPU s) | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for part in profiles[names[0]]:
+        cells = [
+            f"{profiles[n][part]:.2f} ({profiles[n][part] / profiles[n]['total']:.0%})"
+            for n in names
+        ]
+        print(f"| {part} | " + " | ".join(cells) + " |")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkout", type=Path, help="clone of github.com/2minkyulee/i-LN")
@@ -192,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--norms", nargs="+", default=["ln", "iln"], choices=["ln", "iln"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="then profile one step of each norm: ours, our reference path (fast=False), theirs",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -242,6 +304,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"ours i-LN / LN = {paired_ratio(a, b):.3f} "
             f"(CPU time {paired_ratio(a, b, key='cpu_samples_s'):.3f})"
+        )
+    for norm in args.norms if args.profile else ():
+        ours, theirs = build_pair(classes, norm, args.scale, args.seed)
+        reference = build_model(
+            "hat_1",
+            norm=norm,
+            scale=args.scale,
+            fast=False,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        print(f"\n{norm}: one profiled training step each")
+        print_profiles(
+            {
+                "ours": profile_by_class(train_step(ours, lq, gt)),
+                "ours, reference path": profile_by_class(train_step(reference, lq, gt)),
+                "theirs": profile_by_class(train_step(theirs, lq, gt)),
+            }
         )
     return 0
 

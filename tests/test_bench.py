@@ -250,3 +250,22 @@ def test_authors_comparison_names_a_path_that_is_not_their_checkout(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="hat_arch.py"):
         vs_official.official_classes(tmp_path)
+
+
+def test_every_fast_piece_swapped_for_its_reference_computes_the_same_model():
+    """benchmarks.fast_pieces times the fast path against itself with one piece swapped:
+    that is only a fair comparison if the swapped-in reference computes the same thing."""
+    from benchmarks import fast_pieces
+
+    from iln.models import build_model
+    from iln.models import fast as fast_ops
+
+    model = build_model("hat_tiny", norm="iln", scale=2, drop_path_rate=0.0)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = model(x)
+    originals = {name: getattr(fast_ops, name) for p in fast_pieces.PIECES.values() for name in p}
+    for piece in fast_pieces.PIECES:
+        with fast_pieces.swapped(piece):
+            assert all(getattr(fast_ops, n) is not originals[n] for n in fast_pieces.PIECES[piece])
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5, msg=piece)
+    assert all(getattr(fast_ops, name) is f for name, f in originals.items())
