@@ -224,10 +224,18 @@ def attention(
     )
     if needs_grad:
         return _MaterializedAttention.apply(q, k, v, bias, mask, scale)
-    full = bias if mask is None else bias + mask
-    while full.ndim < q.ndim:
-        full = full.unsqueeze(0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)
+    # torch's fused kernels take 4-D (G, h, n, d); a 5-D call would fall back to plain math
+    if mask is None:
+        q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias.unsqueeze(0), scale=scale)
+        return out.view(*q.shape[:-1], v.shape[-1])
+    full = bias + mask  # (nW, h, nq, nk): one call per image (q is (B, nW, h, nq, d))
+    return torch.stack(
+        [
+            F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=full, scale=scale)
+            for i in range(len(q))
+        ]
+    )
 
 
 def packed_attention(qkv: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
