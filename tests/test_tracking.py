@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from iln import tracking
@@ -27,3 +28,32 @@ def test_norm_runs_get_the_norms_colour_and_the_experiment_its_kind(tmp_path, mo
     assert tracking.experiment_url("http://127.0.0.1:5000/", "3") == (
         "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
     )
+
+
+def test_an_experiment_tag_set_meanwhile_by_another_process_is_not_an_error(tmp_path):
+    """Two stages against one tracking server both find the experiment untagged and both
+    tag it; the server refuses the second insert (UNIQUE constraint failed), which must not
+    fail the stage. Any other refusal still does."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real = MlflowClient(tracking_uri=uri)
+    real.create_experiment("e")
+
+    class RacingClient:  # the other process tags the experiment just before we do
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def set_experiment_tag(self, experiment_id, key, value):
+            real.set_experiment_tag(experiment_id, key, value)
+            raise RuntimeError("UNIQUE constraint failed: experiment_tags.key")
+
+    experiment_id = tracking._experiment_id(RacingClient(), "e", tmp_path, uri)
+    tags = real.get_experiment(experiment_id).tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+
+    class RefusingClient(RacingClient):  # refuses and nobody else set the tag
+        def set_experiment_tag(self, experiment_id, key, value):
+            raise RuntimeError("permission denied")
+
+    real.create_experiment("f")
+    with pytest.raises(RuntimeError, match="permission denied"):
+        tracking._experiment_id(RefusingClient(), "f", tmp_path, uri)

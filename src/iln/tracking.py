@@ -153,7 +153,11 @@ def _experiment_id(client: Any, name: str, root: Path, uri: str) -> str:
     wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, EXPERIMENT_NOTE_TAG: EXPERIMENT_NOTE}
     for key, value in wanted.items():
         if key not in tags:  # never overwrite what a user set in the UI
-            _retry(client.set_experiment_tag, experiment_id, key, value)
+            try:
+                _retry(client.set_experiment_tag, experiment_id, key, value)
+            except Exception:  # set meanwhile by another process: a server refuses a 2nd insert
+                if key not in _retry(client.get_experiment, experiment_id).tags:
+                    raise
     return experiment_id
 
 
