@@ -37,7 +37,8 @@ def gather_bias(table: Tensor, index: Tensor) -> Tensor:
     return table.t().index_select(1, flat).view(table.shape[1], *index.shape)  # (heads, nq, nk)
 
 
-# On CPU, window attention never forms an attention-sized tensor. Forward is torch's fused
+# On CPU, attention over large windows (``WINDOWED_MIN_LOGITS`` below) never forms an
+# attention-sized tensor. Forward is torch's fused
 # (flash) CPU kernel with bias (+ mask) as its additive mask. Backward recomputes the
 # probabilities P one window (all heads) at a time into two reused buffers that stay in
 # cache and forms dS = P * (dP - rowsum(dO * O)) there, summing it over windows for the
