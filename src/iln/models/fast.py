@@ -38,8 +38,8 @@ def gather_bias(table: Tensor, index: Tensor) -> Tensor:
 
 
 # On CPU, attention over large windows (``WINDOWED_MIN_LOGITS`` below) never forms an
-# attention-sized tensor. Forward is torch's fused
-# (flash) CPU kernel with bias (+ mask) as its additive mask. Backward recomputes the
+# attention-sized tensor. Forward is torch's fused (flash) CPU kernel with bias (+ mask)
+# as its additive mask. Backward recomputes the
 # probabilities P one window (all heads) at a time into two reused buffers that stay in
 # cache and forms dS = P * (dP - rowsum(dO * O)) there, summing it over windows for the
 # bias gradient. A batched backward writes and re-reads attention-sized tensors (25 MB per
