@@ -384,9 +384,20 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
 # --------------------------------------------------------------------------- checks
 
 
-def _check_runs(params: Params) -> None:
+def _check_arch_and_norm(spec: RunSpec | ReleasedSpec, where: str) -> None:
     from iln.models import ARCHS, NORMS  # torch-heavy import only when params are loaded
 
+    if spec.arch not in ARCHS:
+        raise ParamsError(
+            f"{where}.arch: unknown arch {spec.arch!r} (choose from {', '.join(ARCHS)})"
+        )
+    if spec.norm not in NORMS:
+        raise ParamsError(
+            f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})"
+        )
+
+
+def _check_runs(params: Params) -> None:
     if not params.runs and not params.released:
         raise ParamsError("runs: declare at least one run (or a `released:` entry)")
     made = {s for task in params.degrade.tasks for s in params.degrade.sets_for(task)}
@@ -402,14 +413,7 @@ def _check_runs(params: Params) -> None:
             raise ParamsError(f"{where}: run names may use letters, digits, '_', '-' and '.' only")
         if name == "bicubic":
             raise ParamsError(f"{where}: 'bicubic' is reserved for the interpolation baseline")
-        if spec.arch not in ARCHS:
-            raise ParamsError(
-                f"{where}.arch: unknown arch {spec.arch!r} (choose from {', '.join(ARCHS)})"
-            )
-        if spec.norm not in NORMS:
-            raise ParamsError(
-                f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})"
-            )
+        _check_arch_and_norm(spec, where)
         try:
             task = parse_task(spec.task, f"{where}.task")
         except ValueError as err:
@@ -468,7 +472,7 @@ def _check_run_data(params: Params, where: str, spec: RunSpec, kind: str) -> Non
 
 
 def _check_released(params: Params) -> None:
-    from iln.models import ARCHS, NORMS, resolve_hparams
+    from iln.models import resolve_hparams
 
     for name, spec in params.released.items():
         where = f"released.{name}"
@@ -480,14 +484,7 @@ def _check_released(params: Params) -> None:
                 + ("the interpolation baseline" if name == "bicubic" else f"runs.{name}")
                 + " (released entries share the runs/<name>/ folders)"
             )
-        if spec.arch not in ARCHS:
-            raise ParamsError(
-                f"{where}.arch: unknown arch {spec.arch!r} (choose from {', '.join(ARCHS)})"
-            )
-        if spec.norm not in NORMS:
-            raise ParamsError(
-                f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})"
-            )
+        _check_arch_and_norm(spec, where)
         if not re.match(r"^sr_x[234]$", spec.task):
             raise ParamsError(
                 f"{where}.task: expected sr_x2, sr_x3 or sr_x4 (the released checkpoints are SR "
