@@ -34,6 +34,19 @@ COPIED = (
 )
 
 
+def copy_project_files(root: Path) -> None:
+    """The files of ``COPIED`` from this checkout into ``root``, as a fresh clone has them."""
+    for name in COPIED:
+        source, target = ROOT / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(
+                source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
+        else:
+            shutil.copy2(source, target)
+
+
 def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -51,15 +64,7 @@ def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.Completed
 def project(tmp_path_factory) -> Path:
     """A fresh clone-like copy of the project, reproduced once with tiny params."""
     root = tmp_path_factory.mktemp("project")
-    for name in COPIED:
-        source, target = ROOT / name, root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(
-                source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-            )
-        else:
-            shutil.copy2(source, target)
+    copy_project_files(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"].update(
         iterations=4,

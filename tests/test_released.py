@@ -26,7 +26,7 @@ from iln.released import (
     verify_weights,
 )
 from tests.helpers import write_params
-from tests.test_pipeline import COPIED, ROOT, _run
+from tests.test_pipeline import _run, copy_project_files
 
 ENTRIES = {  # name: (arch, norm, key the pipeline loads); one entry keeps the test fast
     "tiny_ln": ("hat_tiny", "ln", "params_ema"),
@@ -76,18 +76,8 @@ def _protocol_psnr(model: torch.nn.Module, lq_dir: Path, gt_dir: Path, scale: in
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A copy of the project whose params declare two released entries and no run."""
-    import shutil
-
     root = tmp_path_factory.mktemp("released")
-    for name in COPIED:
-        source, target = ROOT / name, root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(
-                source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-            )
-        else:
-            shutil.copy2(source, target)
+    copy_project_files(root)
     models = {}
     for i, (name, (arch, norm, key)) in enumerate(ENTRIES.items()):
         plain, ema = _model(arch, norm, 10 + i), _model(arch, norm, 20 + i)
