@@ -20,21 +20,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.timing import paired_ratio, time_interleaved
+from benchmarks.vs_official import train_step
 from iln.models import build_model, common
 from iln.models import fast as fast_ops
-from iln.train import adam
-
-
-def _reference_packed_attention(qkv: Tensor, bias: Tensor, scale: float, mask=None) -> Tensor:
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B*nW, h, n, d)
-    if mask is None:
-        return common.attention(q, k, v, bias, scale)
-    q, k, v = (t.reshape(-1, mask.shape[0], *t.shape[1:]) for t in (q, k, v))
-    return common.attention(q, k, v, bias, scale, mask).flatten(0, 1)
 
 
 def _reference_standardize_affine(x: Tensor, weight: Tensor, bias: Tensor, dims: int, eps: float):
@@ -55,7 +46,7 @@ def _reference_overlapping_windows(grid: Tensor, size: int, stride: int, heads: 
 PIECES: dict[str, dict[str, Callable]] = {
     "attention": {
         "attention": common.attention,
-        "packed_attention": _reference_packed_attention,
+        "packed_attention": common.qkv_attention,
     },
     "gather_bias": {"gather_bias": common.gather_bias},
     "standardize_affine": {"standardize_affine": _reference_standardize_affine},
@@ -105,16 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             fast=fast,
             generator=torch.Generator().manual_seed(0),
         )
-        optimizer = adam(list(model.parameters()), lr=2e-4, betas=(0.9, 0.99))
-        model.train()
+        step = train_step(model, lq, gt)
 
-        def step() -> None:
+        def swapped_step() -> None:
             with swapped(piece):
-                optimizer.zero_grad(set_to_none=True)
-                F.l1_loss(model(lq), gt).backward()
-                optimizer.step()
+                step()
 
-        return step
+        return swapped_step
 
     steps = {"fast path": step_of(None)}
     steps.update({f"without {piece}": step_of(piece) for piece in args.pieces})

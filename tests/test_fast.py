@@ -141,10 +141,7 @@ def test_packed_attention_equals_the_reference_and_passes_gradcheck(masked, rout
         mask = torch.where(torch.rand(nw, 1, n, n, generator=g) < 0.3, -100.0, 0.0).to(F64)
 
     def reference(qkv, bias):
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B*nW, h, n, d)
-        if mask is not None:
-            q, k, v = (t.reshape(b, nw, h, n, d) for t in (q, k, v))
-        return common.attention(q, k, v, bias, 0.5, mask).reshape(b * nw, h, n, d)
+        return common.qkv_attention(qkv, bias, 0.5, mask)
 
     def packed(qkv, bias):
         return fast.packed_attention(qkv, bias, 0.5, mask)

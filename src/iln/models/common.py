@@ -206,6 +206,16 @@ def attention(
     return torch.softmax(logits, dim=-1) @ v
 
 
+def qkv_attention(qkv: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+    """``attention`` of the windows' qkv projection (B*nW, n, 3, h, d) -> (B*nW, h, n, d);
+    ``mask`` (nW, 1, n, n) is shared by the B images (``fast.packed_attention`` on the fast
+    path)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B*nW, h, n, d) each
+    if mask is not None:  # (B, nW, h, n, d): one mask per window position
+        q, k, v = (t.reshape(-1, mask.shape[0], *t.shape[1:]) for t in (q, k, v))
+    return attention(q, k, v, bias, scale, mask).flatten(0, -4)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside (shifted) w x w windows with a relative position
     bias table ((2w-1)^2, heads).
@@ -261,10 +271,7 @@ class WindowAttention(nn.Module):
         if self.fast:
             out = fast_ops.packed_attention(qkv, bias, self.scale, mask)  # (B*nW, h, n, d)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B*nW, h, n, d) each
-            if mask is not None:
-                q, k, v = (t.reshape(-1, mask.shape[0], heads, n, c // heads) for t in (q, k, v))
-            out = attention(q, k, v, bias, self.scale, mask)  # (B*nW or (B, nW), h, n, d)
+            out = qkv_attention(qkv, bias, self.scale, mask)  # (B*nW, h, n, d)
         return self.proj(out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c))
 
 

@@ -240,11 +240,8 @@ def attention(
 
 
 def packed_attention(qkv: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
-    """``attention`` of the windows' qkv projection (B*nW, n, 3, h, d) -> (B*nW, h, n, d).
-
-    ``mask`` (nW, 1, n, n) is shared by the B images. Equals ``attention(q, k, v, ...)``
-    with q, k, v = ``qkv.permute(2, 0, 3, 1, 4)``.
-    """
+    """``common.qkv_attention``: the attention of the windows' qkv projection
+    (B*nW, n, 3, h, d) -> (B*nW, h, n, d), ``mask`` (nW, 1, n, n) shared by the B images."""
     if _windowed(qkv, qkv.shape[1] ** 2) and qkv.stride(-1) == 1:
         return _PackedWindowAttentionCPU.apply(qkv, bias, mask, scale)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # (B*nW, h, n, d) each
