@@ -77,23 +77,34 @@ def make_adam(model: nn.Module) -> torch.optim.Optimizer:
     return adam(list(model.parameters()), lr=ADAM_LR, betas=ADAM_BETAS)
 
 
+def fixed_drop_noise(
+    model: nn.Module, batch: int, *, seed: int, device: torch.device
+) -> Tensor | None:
+    """Stochastic-depth draws (batch, model.drop_sites) for a timed step, from ``seed``;
+    None for a model without drop sites."""
+    sites = getattr(model, "drop_sites", 0)
+    if not sites:
+        return None
+    return torch.rand(batch, sites, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 def make_train_step(
     model: nn.Module,
     batch: tuple[Tensor, Tensor],
     optimizer: torch.optim.Optimizer,
     *,
-    generator: torch.Generator | None = None,
+    drop_noise: Tensor | None = None,
 ) -> Callable[[], Tensor]:
     """One training iteration as a closure: forward, L1 loss, backward, Adam step.
 
-    ``generator`` (on the model's device) drives stochastic depth, so that timing runs do
-    not consume the global RNG.
+    ``drop_noise`` (B, model.drop_sites) decides stochastic depth (``fixed_drop_noise``), so
+    that timing runs do not consume the global RNG.
     """
     lq, gt = batch
 
     def step() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.l1_loss(model(lq, generator=generator), gt)  # output (B, 3, s*p, s*p)
+        loss = F.l1_loss(model(lq, drop_noise=drop_noise), gt)  # output (B, 3, s*p, s*p)
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -118,7 +129,7 @@ def time_train_step(
     device: torch.device,
     repeats: int,
     warmup: int,
-    generator: torch.Generator | None = None,
+    drop_noise: Tensor | None = None,
 ) -> Timing:
     """Median seconds of one training iteration (forward + L1 backward + Adam step).
 
@@ -126,7 +137,7 @@ def time_train_step(
     change (a benchmark does not need them afterwards).
     """
     model.train()
-    step = make_train_step(model, batch, make_adam(model), generator=generator)
+    step = make_train_step(model, batch, make_adam(model), drop_noise=drop_noise)
     return time_callable(step, repeats=repeats, warmup=warmup, sync=synchronizer(device))
 
 
@@ -153,7 +164,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def train_step_flops(
-    model: nn.Module, batch: tuple[Tensor, Tensor], *, generator: torch.Generator | None = None
+    model: nn.Module, batch: tuple[Tensor, Tensor], *, drop_noise: Tensor | None = None
 ) -> int:
     """FLOPs of forward + L1 backward (the Adam update adds only uncounted elementwise work)."""
     lq, gt = batch
@@ -161,7 +172,7 @@ def train_step_flops(
 
     def forward_backward() -> None:
         model.zero_grad(set_to_none=True)
-        F.l1_loss(model(lq, generator=generator), gt).backward()
+        F.l1_loss(model(lq, drop_noise=drop_noise), gt).backward()
 
     flops = count_flops(forward_backward)
     model.zero_grad(set_to_none=True)
@@ -388,8 +399,8 @@ def benchmark_group(
     steps: dict[str, Callable[[], object]] = {}
     for v, model in models.items():
         model.train()
-        drop_gen = torch.Generator(device=device).manual_seed(seed)
-        steps[v.label] = make_train_step(model, train_batch, make_adam(model), generator=drop_gen)
+        noise = fixed_drop_noise(model, batch, seed=seed, device=device)
+        steps[v.label] = make_train_step(model, train_batch, make_adam(model), drop_noise=noise)
     train_times = time_interleaved(steps, repeats=repeats, warmup=warmup, sync=sync)
     memory = {label: measure_peak_memory(step, device=device) for label, step in steps.items()}
 
@@ -477,7 +488,7 @@ def profile_train_steps(
             model,
             data,
             make_adam(model),
-            generator=torch.Generator(device=device).manual_seed(seed),
+            drop_noise=fixed_drop_noise(model, batch, seed=seed, device=device),
         )
         step()  # warm-up outside the profile
         profiles[v.label] = top_ops(step, device=device, limit=limit)

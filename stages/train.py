@@ -2,6 +2,10 @@
 
 python stages/train.py RUN [--params params.yaml]
 torchrun --nproc_per_node N stages/train.py RUN     # one run over N GPUs (DDP)
+
+W processes train exactly what one process trains at the same global batch (iln.train), so
+the process count is not part of the run. Several nodes must see the same project folder;
+only rank 0 reads checkpoints and writes outputs.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import torch
 import iln
 from iln import tracking
 from iln.cli import project_root, run_stage, warn
-from iln.config import flatten, load_params, resolve_run
+from iln.config import ResolvedRun, flatten, load_params, resolve_run
 from iln.data.dataset import TestPairs, training_patches, training_sources
-from iln.distributed import init_distributed, shutdown
+from iln.distributed import agree, init_distributed, shutdown
 from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
 from iln.fingerprint import code_digest, training_fingerprint, tree_digest
 from iln.layout import HISTORY_COLUMNS, PROBES_CSV_COLUMNS, Layout
@@ -27,7 +31,9 @@ from iln.models import build_model
 from iln.monitor import probe_batch, training_monitor
 from iln.protocols import protocol_for
 from iln.resume import remember_tracked_run, tracked_run
+from iln.runtime import use_tf32
 from iln.train import fit
+from iln.warm_start import WarmStart, carry_weights, file_sha256, released_state, trained_state
 from iln.weights import save_trained
 
 
@@ -46,10 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     dist = init_distributed(os.environ, settings.device)
+    tf32 = use_tf32(dist.device, settings.tf32)
 
     torch.manual_seed(settings.seed)
     overrides = run.model_overrides()
     model = build_model(run.spec.arch, norm=run.spec.norm, scale=run.scale, **overrides)
+    warm = warm_start(model, run, layout) if run.spec.init is not None else None
     dataset = training_patches(
         run.spec.task,
         settings.train_set,
@@ -67,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         run,
         data_digest=tree_digest(training_sources(run.spec.task, settings.train_set, layout)),
         code_digest=code_digest(Path(__file__), Path(iln.__file__).parent),
+        init_digest=warm.sha256 if warm is not None else None,
     )
+    agree(dist, fingerprint, "the run's fingerprint")
 
     out = layout.train_dir(run.name)
     store = tracking.tracking_uri(layout.root)
@@ -84,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 "iln.fingerprint": fingerprint,
                 "iln.world_size": dist.world_size,
                 "iln.device": str(dist.device),
+                "iln.tf32": tf32,
             },
             continue_run=tracked_run(checkpoint, fingerprint, store),  # a resumed training
         )
@@ -133,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds_per_step": result.seconds_per_step,
                 "final_loss": result.history[-1]["loss"] if result.history else None,
                 "parameters": sum(p.numel() for p in ema.parameters()),
+                "world_size": dist.world_size,
             }
+            if warm is not None:
+                summary["init"] = warm.summary()
             write_json_atomic(out / "summary.json", summary)
             tracker.set_tags({"iln.resumed_from": result.resumed_from})
             tracker.log_metrics({"seconds_per_step_mean": result.seconds_per_step})
@@ -141,6 +155,26 @@ def main(argv: list[str] | None = None) -> int:
                 tracker.log_artifact(out / name)
     shutdown(dist)
     return 0
+
+
+def warm_start(model: torch.nn.Module, run: ResolvedRun, layout: Layout) -> WarmStart:
+    """Carry ``runs.R.init``'s weights into ``model`` (see ``iln.warm_start``)."""
+    init, key = run.spec.init, f"runs.{run.name}.init"
+    if init.run is not None:
+        path = layout.weights(init.run)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{key}.run: {init.run} has no trained weights yet ({path}); train it first: "
+                f"dvc repro train@{init.run}"
+            )
+        source, name = trained_state(path), f"run {init.run} (EMA weights)"
+    else:
+        path = Path(init.weights)
+        path = path if path.is_absolute() else layout.root / path
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}.weights: no such file {path}")
+        source, name = released_state(path, init.key, model), f"{init.weights} ({init.key})"
+    return carry_weights(model, source, name=name, sha256=file_sha256(path))
 
 
 if __name__ == "__main__":

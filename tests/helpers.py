@@ -48,3 +48,17 @@ def write_params(path: Path, **sections: dict) -> Path:
         raw[section].update(values)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def assert_same_weights(a: dict, b: dict, rel: float = 1e-5) -> None:
+    """Every floating-point tensor of state dict ``a`` within ``rel`` of ``b``'s, relative in
+    the L2 norm (float rounding differs between batch splits; Adam amplifies it a little)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for key, va in a.items():
+        if va.is_floating_point():
+            diff = (va - b[key]).norm() / b[key].norm().clamp_min(1e-12)
+            assert diff <= rel, f"{key}: relative difference {float(diff):.2e} > {rel:.0e}"
+        else:
+            assert torch.equal(va, b[key]), key

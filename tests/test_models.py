@@ -197,7 +197,8 @@ def _block_and_context(arch: str, norm: str, which: str):
         model.window_size,
         device=torch.device("cpu"),
         dtype=torch.float64,
-        generator=None,
+        drop_noise=None,
+        checkpoint=False,
         fast=True,
     )
     return block, ctx, index, model.embed_dim
@@ -255,11 +256,37 @@ def test_generator_makes_initialisation_and_stochastic_depth_reproducible():
     build_model("swinir_tiny", norm="ln", scale=2, generator=torch.Generator().manual_seed(5))
     assert torch.equal(state, torch.get_rng_state())  # the global generator is left alone
 
-    a.train()
+
+@pytest.mark.parametrize("arch", ["hat_tiny", "swinir_tiny"])
+def test_stochastic_depth_of_a_sample_depends_only_on_its_own_noise_row(arch):
+    """What makes W processes, micro-batches and recomputation train one run: sample j of a
+    batch gives the same output alone as beside others, given its row of drop noise."""
+    model = build_model(arch, norm="iln", scale=2, drop_path_rate=0.5).train()
+    x = _image(3, 8, 8)
+    noise = torch.rand(3, model.drop_sites, generator=torch.Generator().manual_seed(1))
+    batch = model(x, drop_noise=noise)
+    alone = model(x[1:2], drop_noise=noise[1:2])
+    torch.testing.assert_close(batch[1:2], alone, rtol=1e-5, atol=1e-6)
+    kept, dropped = torch.zeros_like(noise[:1]), torch.full_like(noise[:1], 0.999)
+    assert not torch.allclose(model(x[:1], drop_noise=kept), model(x[:1], drop_noise=dropped))
+    with pytest.raises(ValueError, match="drop_noise: expected shape"):
+        model(x, drop_noise=noise[:, :-1])
+
+
+@pytest.mark.parametrize("arch", ["hat_tiny", "swinir_tiny"])
+def test_activation_checkpointing_gives_the_same_output_and_gradients(arch):
+    model = build_model(arch, norm="iln", scale=2).train()
     x = _image(2, 8, 8)
-    y1 = a(x, generator=torch.Generator().manual_seed(1))
-    y2 = a(x, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    noise = torch.rand(2, model.drop_sites, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for checkpoint in (False, True):
+        model.zero_grad()
+        out = model(x, drop_noise=noise, checkpoint=checkpoint)
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_initialisation_follows_the_released_recipe():

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from iln.train import StreamBatches, TrainingDiverged, fit, load_checkpoint, update_ema
-from tests.helpers import train_settings
+from tests.helpers import assert_same_weights, train_settings
 
 
 class TinyNet(nn.Module):
@@ -202,3 +202,75 @@ def test_monitor_runs_before_the_first_update_and_validation_joins_the_history(t
     assert [r["step"] for r in result.monitor_rows] == [0, 3, 6]
     assert [r["step"] for r in result.history] == [2, 3, 4, 6]  # every probe step is logged
     assert [r.get("val_psnr") for r in result.history] == [None, 23.0, None, 26.0]
+
+
+def test_drop_noise_of_a_sample_is_a_function_of_seed_and_index_only():
+    from iln.train import drop_noise
+
+    both = drop_noise(1, [8, 9], 6)
+    assert both.shape == (2, 6) and both.dtype == torch.float32
+    torch.testing.assert_close(both[1:], drop_noise(1, [9], 6), rtol=0, atol=0)
+    assert not torch.equal(drop_noise(2, [9], 6), drop_noise(1, [9], 6))
+    assert not torch.equal(both[0], both[1])
+    assert 0.0 <= float(both.min()) and float(both.max()) < 1.0
+
+
+class HatPatches(torch.utils.data.Dataset):
+    """x2 pairs for hat_tiny; sample k a pure function of k."""
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(k)
+        return {"lq": torch.rand(3, 8, 8, generator=g), "gt": torch.rand(3, 16, 16, generator=g)}
+
+
+def _fit_hat(tmp_path, name, **overrides):
+    from iln.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("hat_tiny", norm="iln", scale=2, drop_path_rate=0.3)
+    settings = train_settings(
+        iterations=3, batch_size=4, checkpoint_every=3, log_every=1, lr=1e-3, **overrides
+    )
+    ema, result = fit(
+        model,
+        HatPatches(),
+        settings,
+        device=torch.device("cpu"),
+        checkpoint_path=tmp_path / name / "ckpt.pt",
+        fingerprint=name,
+        progress=False,
+    )
+    return model, ema, result
+
+
+@pytest.mark.parametrize(
+    ("setting", "rel"),
+    [
+        ({"grad_checkpoint": True}, 0.0),  # the same arithmetic, recomputed
+        ({"accumulate": 2}, 1e-5),
+        ({"accumulate": 4}, 5e-5),  # micro-batches of one sample: other summation orders
+    ],
+)
+def test_micro_batches_and_checkpointing_train_the_plain_run(tmp_path, setting, rel):
+    plain, plain_ema, plain_result = _fit_hat(tmp_path, "plain")
+    other, other_ema, other_result = _fit_hat(tmp_path, "other", **setting)
+    for a, b in ((plain, other), (plain_ema, other_ema)):
+        assert_same_weights(a.state_dict(), b.state_dict(), rel)
+    losses = [r["loss"] for r in plain_result.history]
+    assert [r["loss"] for r in other_result.history] == pytest.approx(losses, rel=1e-6)
+
+
+def test_accumulation_that_does_not_split_the_batch_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match="train.accumulate: 3 micro-batches"):
+        _fit_hat(tmp_path, "bad", accumulate=3)
+
+
+def test_every_device_spelling_resolves_per_process_on_a_cpu_machine():
+    from iln.distributed import process_device
+
+    for spec in ("auto", "cpu"):
+        assert process_device(spec, 1, 2, key="train.device") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        for spec in ("cuda", "cuda:0", "cuda:3"):
+            with pytest.raises(RuntimeError, match="train.device: .* no CUDA device"):
+                process_device(spec, 0, 1, key="train.device")

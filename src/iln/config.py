@@ -171,6 +171,9 @@ class TrainParams:
     device: str
     num_workers: int
     threads: int
+    accumulate: int = 1  # micro-batches per process and step (same trajectory as 1)
+    grad_checkpoint: bool = False  # recompute block activations in the backward pass
+    tf32: bool = True  # TF32 matmuls/convolutions in fp32 CUDA training (no effect on CPU)
 
     def __post_init__(self) -> None:
         for name in (
@@ -180,6 +183,7 @@ class TrainParams:
             "checkpoint_every",
             "log_every",
             "probe_images",
+            "accumulate",
         ):
             if getattr(self, name) < 1:
                 raise ParamsError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
@@ -212,6 +216,24 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class InitSpec:
+    """Where a run's initial weights come from, instead of a fresh initialisation: the EMA
+    weights of another run of the grid (``run``; DVC trains it first), or a BasicSR-format
+    file (``weights``, relative to the project root, its tensors under ``key``). Every tensor
+    of the same name and shape is carried over; the others keep their fresh values."""
+
+    run: str | None = None
+    weights: str | None = None
+    key: Literal["params_ema", "params"] = "params_ema"
+
+    def __post_init__(self) -> None:
+        if (self.run is None) == (self.weights is None):
+            raise ParamsError(
+                "init: give exactly one of run (a run name) or weights (a checkpoint file)"
+            )
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One member of the experiment grid. Unset fields take the ``train`` defaults."""
 
@@ -230,6 +252,9 @@ class RunSpec:
     kld_weight: float | None = None
     seed: int | None = None
     train_set: str | None = None  # e.g. Rain13K for derain in a grid whose default is DF2K
+    accumulate: int | None = None
+    grad_checkpoint: bool | None = None
+    init: InitSpec | None = None  # initial weights from another run or a file
 
     @property
     def scale(self) -> int:
@@ -356,6 +381,8 @@ RUN_TRAIN_OVERRIDES: tuple[str, ...] = (
     "kld_weight",
     "seed",
     "train_set",
+    "accumulate",
+    "grad_checkpoint",
 )
 
 
@@ -434,6 +461,8 @@ def _check_runs(params: Params) -> None:
                 raise ParamsError(
                     f"{where}.model.{key}: set it as runs.{name}.{key}, not under model"
                 )
+        if spec.init is not None:
+            _check_init(params, name, spec.init)
         resolve_run(params, name)
     unknown = [s for s in params.report.sets if s not in params.evaluate.sets]
     if unknown:
@@ -441,6 +470,35 @@ def _check_runs(params: Params) -> None:
             f"report.sets: {unknown[0]!r} is not evaluated (evaluate.sets: "
             f"{', '.join(params.evaluate.sets)})"
         )
+
+
+def _check_init(params: Params, name: str, init: InitSpec) -> None:
+    """``runs.NAME.init``: the source run exists, is not the run itself and no chain of
+    inits loops back; a weights file is named."""
+    where = f"runs.{name}.init"
+    if init.weights is not None:
+        if not init.weights.strip():
+            raise ParamsError(f"{where}.weights: give the path of the checkpoint file")
+        return
+    names = list(params.runs)
+    if init.run in params.runs and names.index(init.run) > names.index(name):
+        raise ParamsError(
+            f"{where}.run: declare {init.run} before {name} under runs: (dvc repro trains "
+            "the runs in the order they are declared, and its weights must exist first)"
+        )
+    seen = [name]
+    source = init.run
+    while source is not None:
+        if source not in params.runs:
+            raise ParamsError(
+                f"{where}.run: no such run {source!r} (declared runs: "
+                f"{', '.join(sorted(params.runs))})"
+            )
+        if source in seen:
+            raise ParamsError(f"{where}.run: the inits loop ({' -> '.join([*seen, source])})")
+        seen.append(source)
+        following = params.runs[source].init
+        source = following.run if following is not None else None
 
 
 def _check_run_data(params: Params, where: str, spec: RunSpec, kind: str) -> None:

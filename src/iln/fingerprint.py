@@ -30,7 +30,7 @@ from pathlib import Path
 from iln.config import RUN_TRAIN_OVERRIDES, ResolvedRun
 
 TRAJECTORY_KEYS = {
-    "run": ("arch", "norm", "task", "stdnorm", "affine_outer", "model"),
+    "run": ("arch", "norm", "task", "stdnorm", "affine_outer", "model", "init"),
     "train": (
         "batch_size",
         "lq_patch",
@@ -44,6 +44,7 @@ TRAJECTORY_KEYS = {
         "seed",
         "train_set",
         "amp",
+        "tf32",
     ),
 }
 OBSERVER_KEYS = {
@@ -60,6 +61,10 @@ OBSERVER_KEYS = {
         "device",
         "num_workers",
         "threads",
+        # W processes, K micro-batches and recomputed activations train the same weights
+        # (iln.train's determinism contract), so neither restarts a run
+        "accumulate",
+        "grad_checkpoint",
     ),
 }
 
@@ -69,8 +74,11 @@ OBSERVER_KEYS = {
 OBSERVER_MODULES = ("cli.py", "tracking.py")
 
 
-def training_fingerprint(run: ResolvedRun, *, data_digest: str, code_digest: str) -> str:
-    """16 hex digits naming the trajectory of ``run`` on these training pairs with this code."""
+def training_fingerprint(
+    run: ResolvedRun, *, data_digest: str, code_digest: str, init_digest: str | None = None
+) -> str:
+    """16 hex digits naming the trajectory of ``run`` on these training pairs with this code
+    (and, for a run with ``init``, these initial weights: ``init_digest``)."""
     spec = dataclasses.asdict(run.spec)
     train = dataclasses.asdict(run.train)
     payload = {
@@ -79,6 +87,8 @@ def training_fingerprint(run: ResolvedRun, *, data_digest: str, code_digest: str
         "data": data_digest,
         "code": code_digest,
     }
+    if init_digest is not None:
+        payload["init"] = init_digest
     if run.jpeg_subsampling is not None:  # car_q runs encode their inputs on the fly
         payload["jpeg_subsampling"] = run.jpeg_subsampling
     text = json.dumps(payload, sort_keys=True, default=str)

@@ -32,3 +32,12 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def use_tf32(device: torch.device, enabled: bool) -> bool:
+    """Let fp32 matmuls and convolutions on CUDA run in TF32 (``train.tf32``), process-wide;
+    returns whether TF32 is now on (never on the CPU, where it does not exist)."""
+    on = enabled and device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    return on

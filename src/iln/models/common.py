@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from iln.models import fast as fast_ops
@@ -33,13 +34,20 @@ class ForwardContext:
     ``size`` is the (padded) token grid (H, W); ``shift_mask`` the (nW, n, n) additive mask
     of the shifted windows; ``orders`` (fast path only) maps a shift to the token
     permutation that does shift + window partition in one gather, and its inverse;
-    ``generator`` feeds stochastic depth.
+    ``drop_noise`` (B, sites) holds the uniform draws of stochastic depth, one column per
+    drop site of the network (None: drawn from the global RNG); ``checkpoint`` recomputes
+    every block's activations in the backward pass instead of keeping them.
     """
 
     size: tuple[int, int]
     shift_mask: Tensor
     orders: Mapping[int, tuple[Tensor, Tensor]] | None = None
-    generator: torch.Generator | None = None
+    drop_noise: Tensor | None = None
+    checkpoint: bool = False
+
+    def noise(self, site: int) -> Tensor | None:
+        """The (B,) uniform draws of drop site ``site``, or None (global RNG)."""
+        return None if self.drop_noise is None else self.drop_noise[:, site]
 
 
 def window_context(
@@ -48,22 +56,33 @@ def window_context(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    generator: torch.Generator | None,
+    drop_noise: Tensor | None,
+    checkpoint: bool,
     fast: bool,
 ) -> ForwardContext:
     """The shared per-forward geometry of a windowed network on an (H, W) token grid."""
     shift = window // 2
     h, w = size
     mask = shift_window_mask(h, w, window, shift, device=device, dtype=dtype)
+    shared = dict(size=size, shift_mask=mask, drop_noise=drop_noise, checkpoint=checkpoint)
     if not fast:
-        return ForwardContext(size=size, shift_mask=mask, generator=generator)
+        return ForwardContext(**shared)
     positions = torch.arange(h * w, device=device).view(1, h, w, 1)
     orders = {}
     for s in (0, shift):
         grid = torch.roll(positions, shifts=(-s, -s), dims=(1, 2)) if s else positions
         order = window_partition(grid, window).reshape(-1)  # (N,) source token of each window slot
         orders[s] = (order, torch.argsort(order))
-    return ForwardContext(size=size, shift_mask=mask, orders=orders, generator=generator)
+    return ForwardContext(orders=orders, **shared)
+
+
+def run_block(block: nn.Module, x: Tensor, ctx: ForwardContext, *args: Tensor) -> Tensor:
+    """``block(x, ctx, *args)``; under ``ctx.checkpoint`` (and autograd) its activations are
+    recomputed in the backward pass (``torch.utils.checkpoint``), with the same result and
+    gradients: stochastic depth reads ``ctx.drop_noise`` (or a replayed RNG state)."""
+    if ctx.checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, ctx, *args, use_reentrant=False)
+    return block(x, ctx, *args)
 
 
 def residual_add(
@@ -89,19 +108,18 @@ def residual_add(
     return x + scale * sum(others, branch)
 
 
-def drop_path_factor(
-    x: Tensor, rate: float, training: bool, generator: torch.Generator | None
-) -> Tensor | None:
+def drop_path_factor(x: Tensor, rate: float, training: bool, noise: Tensor | None) -> Tensor | None:
     """Stochastic depth for the branch ``x`` (B, ...) as a per-sample factor (B, 1, ..., 1):
     0 with probability ``rate``, else 1 / (1 - rate). None when nothing is dropped (rate 0,
-    or eval). Pass it to ``residual_add`` as ``drop_factor``."""
+    or eval). ``noise`` (B,) uniform in [0, 1) decides each sample (``ForwardContext.noise``;
+    None: drawn from the global RNG). Pass the factor to ``residual_add`` as ``drop_factor``."""
     if rate == 0.0 or not training:
         return None
     keep_rate = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = (
-        keep_rate + torch.rand(shape, dtype=x.dtype, device=x.device, generator=generator)
-    ).floor_()
+    if noise is None:
+        noise = torch.rand(shape, dtype=x.dtype, device=x.device)
+    mask = (keep_rate + noise.to(device=x.device, dtype=x.dtype).view(shape)).floor_()
     return mask.div_(keep_rate)
 
 

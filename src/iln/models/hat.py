@@ -73,6 +73,7 @@ class HAB(nn.Module):
         conv_scale: float,
         mlp_ratio: float,
         drop_path: float,
+        drop_site: int,
         norm_layer: NormFactory,
         fast: bool,
     ) -> None:
@@ -80,6 +81,7 @@ class HAB(nn.Module):
         self.shift = shift
         self.conv_scale = conv_scale
         self.drop_path = drop_path
+        self.drop_site = drop_site  # columns drop_site, drop_site + 1 of ctx.drop_noise
         self.fast = fast
         self.norm1 = norm_layer(dim)
         self.attn = common.WindowAttention(dim, window, num_heads, fast)
@@ -98,11 +100,13 @@ class HAB(nn.Module):
 
         attn_x = self.attn(grid, ctx, index, self.shift)  # (B, N, C)
 
-        drop = common.drop_path_factor(attn_x, self.drop_path, self.training, ctx.generator)
+        noise = ctx.noise(self.drop_site)
+        drop = common.drop_path_factor(attn_x, self.drop_path, self.training, noise)
         x = residual_add(x, s1, attn_x, conv_x * self.conv_scale, drop_factor=drop)
         v, s2 = self.norm2(x)
         mlp_x = self.mlp(v)
-        drop = common.drop_path_factor(mlp_x, self.drop_path, self.training, ctx.generator)
+        noise = ctx.noise(self.drop_site + 1)
+        drop = common.drop_path_factor(mlp_x, self.drop_path, self.training, noise)
         return residual_add(x, s2, mlp_x, drop_factor=drop)
 
 
@@ -193,6 +197,7 @@ class AttenBlocks(nn.Module):
         overlap_ratio: float,
         mlp_ratio: float,
         drop_path: Sequence[float],
+        first_site: int,
         norm_layer: NormFactory,
         fast: bool,
     ) -> None:
@@ -208,6 +213,7 @@ class AttenBlocks(nn.Module):
                 conv_scale,
                 mlp_ratio,
                 drop_path[i],
+                first_site + 2 * i,
                 norm_layer,
                 fast,
             )
@@ -219,8 +225,8 @@ class AttenBlocks(nn.Module):
         self, x: Tensor, ctx: ForwardContext, index_sa: Tensor, index_oca: Tensor
     ) -> Tensor:
         for block in self.blocks:
-            x = block(x, ctx, index_sa)
-        return self.overlap_attn(x, ctx, index_oca)
+            x = common.run_block(block, x, ctx, index_sa)
+        return common.run_block(self.overlap_attn, x, ctx, index_oca)
 
 
 class RHAG(nn.Module):
@@ -267,7 +273,9 @@ class HAT(WindowedRestorer):
         outer_norm_layer: NormFactory,
         fast: bool,
     ) -> None:
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # grows with depth
+        rates = torch.linspace(
+            0, drop_path_rate, sum(depths), device="cpu"
+        ).tolist()  # grows with depth
         layers = nn.ModuleList(
             RHAG(
                 embed_dim,
@@ -280,6 +288,7 @@ class HAT(WindowedRestorer):
                 overlap_ratio=overlap_ratio,
                 mlp_ratio=mlp_ratio,
                 drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                first_site=2 * sum(depths[:i]),
                 norm_layer=norm_layer,
                 fast=fast,
             )
@@ -295,6 +304,7 @@ class HAT(WindowedRestorer):
             layers=layers,
             fast=fast,
         )
+        self.drop_sites = 2 * sum(depths)  # attention and MLP branch of every HAB
         overlap = common.overlap_window_size(window_size, overlap_ratio)
         self.register_buffer(
             "relative_position_index_SA", common.relative_position_index(window_size)

@@ -4,7 +4,6 @@ reconstruction head (pixel shuffle for SR, a residual image at scale 1)."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from iln.models import common
@@ -32,8 +31,11 @@ class WindowedRestorer(nn.Module):
     ``scale`` 1 (restoration, SwinIR's denoising/JPEG design) ``conv_last`` maps the
     features to a 3-channel residual added to the encoded input. The encoding
     (``InputNorm``) is affine, so the output is the input plus a residual in image space.
-    Subclasses pass their groups as ``layers`` and run them in ``forward_layers``.
+    Subclasses pass their groups as ``layers``, run them in ``forward_layers`` and set
+    ``drop_sites``, the number of stochastic-depth decisions per sample (two per block).
     """
+
+    drop_sites: int
 
     def __init__(
         self,
@@ -71,7 +73,9 @@ class WindowedRestorer(nn.Module):
         """Tokens (B, N, C) through every group."""
         raise NotImplementedError
 
-    def forward_features(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward_features(
+        self, x: Tensor, drop_noise: Tensor | None = None, checkpoint: bool = False
+    ) -> Tensor:
         """(B, C, H, W) with H, W multiples of the window -> (B, C, H, W)."""
         size = (x.shape[2], x.shape[3])
         ctx = common.window_context(
@@ -79,21 +83,31 @@ class WindowedRestorer(nn.Module):
             self.window_size,
             device=x.device,
             dtype=x.dtype,
-            generator=generator,
+            drop_noise=drop_noise,
+            checkpoint=checkpoint,
             fast=self.fast,
         )
         t = self.forward_layers(self.patch_embed(x), ctx)  # (B, N, C)
         t, _ = self.norm(t)
         return common.image(t, size, self.fast)
 
-    def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, *, drop_noise: Tensor | None = None, checkpoint: bool = False
+    ) -> Tensor:
         """x (B, 3, H, W) in [0, 1] -> (B, 3, s*H, s*W) (s = 1: input + residual), not clamped.
 
-        ``generator`` drives stochastic depth in training (global RNG when None)."""
+        ``drop_noise`` (B, ``self.drop_sites``) uniform in [0, 1) decides stochastic depth in
+        training, a column per drop site (None: the global RNG); ``checkpoint`` recomputes
+        each block's activations in the backward pass (less memory, same gradients)."""
         h, w = x.shape[2], x.shape[3]
+        if drop_noise is not None and drop_noise.shape != (x.shape[0], self.drop_sites):
+            raise ValueError(
+                f"drop_noise: expected shape {(x.shape[0], self.drop_sites)}, "
+                f"got {tuple(drop_noise.shape)}"
+            )
         x = self.input_norm.encode(common.pad_to_multiple(x, self.window_size))
         f = self.conv_first(x)
-        f = self.conv_after_body(self.forward_features(f, generator)) + f
+        f = self.conv_after_body(self.forward_features(f, drop_noise, checkpoint)) + f
         if self.scale == 1:  # global residual in the encoded space: decode(x + r) = x + r'
             x = x + self.conv_last(f)
         else:

@@ -28,12 +28,14 @@ class SwinBlock(nn.Module):
         shift: int,
         mlp_ratio: float,
         drop_path: float,
+        drop_site: int,
         norm_layer: NormFactory,
         fast: bool,
     ) -> None:
         super().__init__()
         self.shift = shift
         self.drop_path = drop_path
+        self.drop_site = drop_site  # columns drop_site, drop_site + 1 of ctx.drop_noise
         self.fast = fast
         self.norm1 = norm_layer(dim)
         self.attn = common.WindowAttention(dim, window, num_heads, fast)
@@ -48,11 +50,13 @@ class SwinBlock(nn.Module):
         grid = u.view(b, h, w, c)  # (B, H, W, C)
         attn_x = self.attn(grid, ctx, index, self.shift)  # (B, N, C)
 
-        drop = common.drop_path_factor(attn_x, self.drop_path, self.training, ctx.generator)
+        noise = ctx.noise(self.drop_site)
+        drop = common.drop_path_factor(attn_x, self.drop_path, self.training, noise)
         x = residual_add(x, s1, attn_x, drop_factor=drop)
         v, s2 = self.norm2(x)
         mlp_x = self.mlp(v)
-        drop = common.drop_path_factor(mlp_x, self.drop_path, self.training, ctx.generator)
+        noise = ctx.noise(self.drop_site + 1)
+        drop = common.drop_path_factor(mlp_x, self.drop_path, self.training, noise)
         return residual_add(x, s2, mlp_x, drop_factor=drop)
 
 
@@ -67,6 +71,7 @@ class BasicLayer(nn.Module):
         window: int,
         mlp_ratio: float,
         drop_path: Sequence[float],
+        first_site: int,
         norm_layer: NormFactory,
         fast: bool,
     ) -> None:
@@ -79,6 +84,7 @@ class BasicLayer(nn.Module):
                 0 if i % 2 == 0 else window // 2,
                 mlp_ratio,
                 drop_path[i],
+                first_site + 2 * i,
                 norm_layer,
                 fast,
             )
@@ -87,7 +93,7 @@ class BasicLayer(nn.Module):
 
     def forward(self, x: Tensor, ctx: ForwardContext, index: Tensor) -> Tensor:
         for block in self.blocks:
-            x = block(x, ctx, index)
+            x = common.run_block(block, x, ctx, index)
         return x
 
 
@@ -125,7 +131,7 @@ class SwinIR(WindowedRestorer):
         outer_norm_layer: NormFactory,
         fast: bool,
     ) -> None:
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         layers = nn.ModuleList(
             RSTB(
                 embed_dim,
@@ -134,6 +140,7 @@ class SwinIR(WindowedRestorer):
                 window=window_size,
                 mlp_ratio=mlp_ratio,
                 drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                first_site=2 * sum(depths[:i]),
                 norm_layer=norm_layer,
                 fast=fast,
             )
@@ -149,6 +156,7 @@ class SwinIR(WindowedRestorer):
             layers=layers,
             fast=fast,
         )
+        self.drop_sites = 2 * sum(depths)  # attention and MLP branch of every Swin block
         self.register_buffer(
             "relative_position_index", common.relative_position_index(window_size), persistent=False
         )
