@@ -266,6 +266,7 @@ class HAT(WindowedRestorer):
         norm_layer: NormFactory,
         outer_norm_layer: NormFactory,
         fast: bool,
+        in_chans: int = 3,
     ) -> None:
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # grows with depth
         layers = nn.ModuleList(
@@ -294,6 +295,7 @@ class HAT(WindowedRestorer):
             outer_norm_layer=outer_norm_layer,
             layers=layers,
             fast=fast,
+            in_chans=in_chans,
         )
         overlap = common.overlap_window_size(window_size, overlap_ratio)
         self.register_buffer(
