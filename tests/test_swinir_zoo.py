@@ -273,3 +273,20 @@ def test_grey_sets_get_grey_inputs_and_are_scored_on_the_grey_plane():
     assert one["psnr"] == pytest.approx(
         10 * math.log10(255**2 / np.mean((noisy[..., 0].astype(float) - grey[..., 0]) ** 2))
     )
+
+
+# Parameter counts of the official constructor at full size (SwinIR-M), counted by running it.
+OFFICIAL_COUNTS = [
+    ("swinir_dn", 3, 11_504_163),  # color_dn
+    ("swinir_dn", 1, 11_497_681),  # gray_dn
+    ("swinir_car", 3, 11_492_067),  # color_jpeg_car: window 7, smaller bias tables
+    ("swinir_car", 1, 11_485_585),  # jpeg_car
+]
+
+
+@pytest.mark.parametrize("arch,in_chans,expected", OFFICIAL_COUNTS)
+def test_full_zoo_presets_have_the_official_parameter_counts(arch, in_chans, expected):
+    model = build_model(arch, norm="ln", scale=1, in_chans=in_chans)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    iln = build_model(arch, norm="iln", scale=1, in_chans=in_chans)
+    assert sum(p.numel() for p in iln.parameters()) == expected
