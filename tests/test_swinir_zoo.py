@@ -132,8 +132,10 @@ def test_a_grey_checkpoint_into_an_rgb_model_names_the_channels():
     model = build_model(
         "swinir_dn", norm="ln", scale=1, embed_dim=12, depths=[2], num_heads=[3], img_size=16
     )
-    with pytest.raises(CheckpointMismatchError, match=r"conv_first.weight \(12, 1, 3, 3\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"conv_first.weight \(12, 1, 3, 3\)") as info:
         load_official_checkpoint(model, official)
+    assert "in_chans=3" in str(info.value) and "looks like: SwinIR-like" in str(info.value)
+    assert "in_chans 1" in str(info.value) and "window_size 8" in str(info.value)
 
 
 @pytest.mark.parametrize("norm", ["ln", "iln"])

@@ -434,6 +434,11 @@ def _check_runs(params: Params) -> None:
                 raise ParamsError(
                     f"{where}.model.{key}: set it as runs.{name}.{key}, not under model"
                 )
+        if spec.model.get("in_chans", 3) != 3:
+            raise ParamsError(
+                f"{where}.model.in_chans: grey models are evaluated (released entries, iln "
+                f"restore) but not trained here yet; training takes RGB (in_chans 3)"
+            )
         resolve_run(params, name)
     unknown = [s for s in params.report.sets if s not in params.evaluate.sets]
     if unknown:

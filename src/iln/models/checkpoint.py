@@ -163,6 +163,7 @@ def describe_checkpoint(state: Mapping[str, Tensor]) -> str:
         )
     if "conv_first.weight" in state:
         parts.append(f"embed_dim {state['conv_first.weight'].shape[0]}")
+        parts.append(f"in_chans {state['conv_first.weight'].shape[1]}")
     depth: dict[int, set[int]] = {}
     for k in keys:
         if m := re.match(r"layers\.(\d+)\.residual_group\.blocks\.(\d+)\.", k):
@@ -183,7 +184,16 @@ def _describe_model(model: nn.Module) -> str:
     hp = getattr(model, "hparams", None)
     if not isinstance(hp, Mapping):
         return type(model).__name__
-    fields = ("arch", "norm", "scale", "embed_dim", "depths", "window_size", "affine_outer")
+    fields = (
+        "arch",
+        "norm",
+        "scale",
+        "embed_dim",
+        "depths",
+        "window_size",
+        "in_chans",
+        "affine_outer",
+    )
     return ", ".join(f"{k}={hp[k]}" for k in fields if k in hp)
 
 
