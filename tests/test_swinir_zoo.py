@@ -141,7 +141,14 @@ def test_a_grey_checkpoint_into_an_rgb_model_names_the_channels():
 @pytest.mark.parametrize("norm", ["ln", "iln"])
 @pytest.mark.parametrize(
     "arch,in_chans,scale",
-    [("swinir", 3, 2), ("swinir", 1, 3), ("swinir_dn", 1, 1), ("swinir_car", 3, 1)],
+    [
+        ("swinir", 3, 2),
+        ("swinir", 1, 3),
+        ("swinir_dn", 3, 1),
+        ("swinir_dn", 1, 1),
+        ("swinir_car", 3, 1),
+        ("swinir_car", 1, 1),
+    ],
 )
 def test_zoo_configs_train_on_odd_sizes(arch, in_chans, scale, norm):
     model = build_model(
