@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         : params.train.probe_images
     ]
     lq = probe_batch([lq for _, lq, _ in pairs], size=2 * params.train.lq_patch).to(device)
+    lq = lq[:, : getattr(model, "in_chans", 3)]  # a grey model: the first plane of a grey set
 
     out = layout.analysis_dir(args.run)
     with tracking.stage_run(

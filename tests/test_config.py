@@ -80,6 +80,10 @@ def _first_run(raw):
             lambda r: _first_run(r).update(groups=["table99"]),
             r"runs\.\w+\.groups: unknown group 'table99'",
         ),
+        (
+            lambda r: _first_run(r).update(model={"in_chans": 1}),
+            r"runs\.\w+\.model\.in_chans: grey models are evaluated .* not trained here yet",
+        ),
         (lambda r: r["train"].update(amp="fp8"), r"train\.amp: expected one of"),
         (lambda r: r["train"].update(milestones=[10, 5]), r"train\.milestones: must be increasing"),
     ],

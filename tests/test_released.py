@@ -260,7 +260,11 @@ def test_released_params_are_checked_strictly(tmp_path):
     cases = [
         ({"ln": entry}, "released.ln: the name is taken by runs.ln"),
         ({"a": entry | {"norm": "layernorm"}}, "released.a.norm: unknown norm"),
-        ({"a": entry | {"task": "dn_s15"}}, "released.a.task: expected sr_x2"),
+        ({"a": entry | {"task": "derain"}}, "released.a.task: expected sr_x2"),
+        (
+            {"a": entry | {"model": {"in_chans": 1}}},
+            "released.a.model.in_chans: a grey model is scored on grey sets only",
+        ),
         ({"a": entry | {"task": "sr_x4"}}, "released.a.task: 'sr_x4' is not produced"),
         ({"a": entry | {"key": "ema"}}, "released.a.key: expected one of"),
         ({"a": entry | {"model": {"embed_dm": 8}}}, "released.a.model: unknown override"),

@@ -229,7 +229,9 @@ def test_psnr_b_known_value():
 
 
 def test_psnr_b_equals_psnr_without_blocking():
-    ramp = np.repeat((50 + 3 * np.arange(24))[None, :, None], 20, axis=0)  # equal steps
+    # equal steps on a square whose sides are multiples of 8: boundary and other pairs are
+    # then alike in both directions (elsewhere the pooled counts, as KAIR's, see blocking)
+    ramp = np.repeat((50 + 3 * np.arange(24))[None, :, None], 24, axis=0)
     pred = np.repeat(ramp, 3, axis=-1).astype(np.uint8)
     gt = (pred + np.uint8(5)).astype(np.uint8)
     assert blocking_effect_factor(pred[..., 0].astype(float)) == 0.0

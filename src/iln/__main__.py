@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--scale", type=int, choices=SCALES)
     model.add_argument("--stdnorm", type=_bool, help="true/false (default: on for iln only)")
     model.add_argument("--affine-outer", type=_bool, help="true/false (default: on for iln only)")
+    model.add_argument(
+        "--in-chans", type=int, choices=(1, 3), help="1 for grey models (default: 3, RGB)"
+    )
     model.add_argument("--key", default="params_ema", choices=("params_ema", "params"))
     sub.add_argument("--tile", type=int, default=0, help="LR tile size, 0 = whole image")
     sub.add_argument("--tile-overlap", type=int, default=16)
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     overrides = {
         key: value
-        for key, value in (("stdnorm", args.stdnorm), ("affine_outer", args.affine_outer))
+        for key, value in (
+            ("stdnorm", args.stdnorm),
+            ("affine_outer", args.affine_outer),
+            ("in_chans", args.in_chans),
+        )
         if value is not None
     }
     if args.device.startswith("cuda") and not torch.cuda.is_available():

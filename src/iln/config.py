@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from iln.data.catalog import expand, parts_of
+from iln.data.catalog import SETS, expand, parts_of
 from iln.data.params import DataParams, DegradeParams, parse_task
 
 
@@ -463,6 +463,11 @@ def _check_runs(params: Params) -> None:
                 )
         if spec.init is not None:
             _check_init(params, name, spec.init)
+        if spec.model.get("in_chans", 3) != 3:
+            raise ParamsError(
+                f"{where}.model.in_chans: grey models are evaluated (released entries, iln "
+                f"restore) but not trained here yet; training takes RGB (in_chans 3)"
+            )
         resolve_run(params, name)
     unknown = [s for s in params.report.sets if s not in params.evaluate.sets]
     if unknown:
@@ -543,10 +548,10 @@ def _check_released(params: Params) -> None:
                 + " (released entries share the runs/<name>/ folders)"
             )
         _check_arch_and_norm(spec, where)
-        if not re.match(r"^sr_x[234]$", spec.task):
+        if not re.match(r"^(sr_x[234]|dn_s\d+|car_q\d+)$", spec.task):
             raise ParamsError(
-                f"{where}.task: expected sr_x2, sr_x3 or sr_x4 (the released checkpoints are SR "
-                f"models), got {spec.task!r}"
+                f"{where}.task: expected sr_x2, sr_x3, sr_x4, dn_s<sigma> or car_q<quality> (the "
+                f"released HAT and SwinIR checkpoints), got {spec.task!r}"
             )
         if spec.task not in params.degrade.tasks:
             raise ParamsError(
@@ -561,9 +566,17 @@ def _check_released(params: Params) -> None:
                     f"{where}.model.{key}: set it as released.{name}.{key}, not under model"
                 )
         try:
-            resolve_hparams(spec.arch, norm=spec.norm, scale=spec.scale, **spec.model_overrides())
+            hp = resolve_hparams(
+                spec.arch, norm=spec.norm, scale=spec.scale, **spec.model_overrides()
+            )
         except ValueError as err:
             raise ParamsError(f"{where}.model: {err}") from None
+        colour = [n for n in params.test_sets(spec.task) if n in SETS and not SETS[n].grey]
+        if hp["in_chans"] == 1 and colour:
+            raise ParamsError(
+                f"{where}.model.in_chans: a grey model is scored on grey sets only (Set12, BSD68, "
+                f"Classic5); {', '.join(colour)} are colour (set degrade.task_sets.{spec.task})"
+            )
 
 
 def load_params(path: str | Path) -> Params:

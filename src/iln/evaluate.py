@@ -19,10 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from iln.metrics import psnr, rgb_to_y, ssim
+from iln.metrics import psnr, rgb_to_grey, rgb_to_y, ssim
+from iln.models.common import pad_like_swinir_test
 from iln.protocols import Protocol
 
 RestoreFn = Callable[[np.ndarray], np.ndarray]
+PADS = ("model", "swinir_test")  # the model's reflect pad; the SwinIR test script's flip pad
 
 
 def _check_image(img: np.ndarray, what: str) -> None:
@@ -87,8 +89,17 @@ def restore(
     dtype: torch.dtype = torch.float32,
     tile: int | None = None,
     tile_overlap: int = 16,
+    pad: str = "model",
 ) -> np.ndarray:
     """Restore one uint8 (H, W, 3) image; returns uint8 (s*H, s*W, 3).
+
+    A grey model (``model.in_chans == 1``, the released grey SwinIR) gets the grey image
+    (``metrics.rgb_to_grey``, the identity on a grey set stored replicated to RGB) as its
+    one channel; its output is replicated to RGB.
+
+    ``pad``: "model" leaves the padding to the model (reflect to a multiple of the
+    window); "swinir_test" pads as the released SwinIR test script first
+    (``common.pad_like_swinir_test``) and crops the output, to reproduce its numbers.
 
     The model must already be on ``device`` with parameters in ``dtype``; only the input is
     cast. The model pads and crops to its window itself. It is switched to eval mode for
@@ -105,6 +116,9 @@ def restore(
     """
     _check_image(lq, "lq")
     scale = int(model.scale)
+    if pad not in PADS:
+        raise ValueError(f"pad must be one of {', '.join(PADS)}, got {pad!r}")
+    grey = int(getattr(model, "in_chans", 3)) == 1
     if tile is not None:
         window = int(model.window_size)
         if tile <= 0 or tile % window:
@@ -113,22 +127,28 @@ def restore(
             )
         if not 0 <= tile_overlap < tile:
             raise ValueError(f"tile_overlap must be in [0, tile={tile}), got {tile_overlap}")
-    x = torch.from_numpy(np.array(lq, copy=True)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    image = rgb_to_grey(lq)[..., :1] if grey else lq
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]  # (1, C, H, W)
     x = (x.to(device=device, dtype=torch.float32) / 255.0).to(dtype)
     h, w = lq.shape[:2]
+    if pad == "swinir_test":
+        x = pad_like_swinir_test(x, int(model.window_size))
+    ph, pw = x.shape[2], x.shape[3]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            if tile is None or (h <= tile and w <= tile):
-                y = model(x)  # (1, 3, s*H, s*W)
+            if tile is None or (ph <= tile and pw <= tile):
+                y = model(x)  # (1, C, s*H', s*W')
             else:
                 y = _forward_tiled(model, x, scale, tile, tile_overlap)
     finally:
         model.train(was_training)
-    if tuple(y.shape) != (1, 3, h * scale, w * scale):
-        raise ValueError(f"model returned {tuple(y.shape)} for an input {h}x{w} at scale {scale}")
-    return to_uint8(y)
+    channels = 1 if grey else 3
+    if tuple(y.shape) != (1, channels, ph * scale, pw * scale):
+        raise ValueError(f"model returned {tuple(y.shape)} for an input {ph}x{pw} at scale {scale}")
+    y = y[:, :, : h * scale, : w * scale]
+    return to_uint8(y.expand(-1, 3, -1, -1) if grey else y)
 
 
 def model_restore_fn(
@@ -138,11 +158,14 @@ def model_restore_fn(
     dtype: torch.dtype = torch.float32,
     tile: int | None = None,
     tile_overlap: int = 16,
+    pad: str = "model",
 ) -> RestoreFn:
     """``restore`` with the model and options bound, for ``evaluate_pairs``."""
 
     def fn(lq: np.ndarray) -> np.ndarray:
-        return restore(model, lq, device=device, dtype=dtype, tile=tile, tile_overlap=tile_overlap)
+        return restore(
+            model, lq, device=device, dtype=dtype, tile=tile, tile_overlap=tile_overlap, pad=pad
+        )
 
     return fn
 

@@ -6,7 +6,8 @@ convention:
 - ``sr_x<s>``: PSNR / SSIM on Y (BT.601), ``s`` pixels cropped at every border (the SR
   benchmark convention of BasicSR and the HAT / SwinIR papers).
 - ``dn_s<sigma>``: PSNR / SSIM on RGB at [0, 255], no crop (the SwinIR / KAIR colour
-  denoising convention: MSE over all three channels, SSIM averaged over them).
+  denoising convention: MSE over all three channels, SSIM averaged over them); on the
+  grey image for grey sets (Set12, BSD68: the grey denoising convention).
 - ``car_q<q>``: PSNR / SSIM / PSNR-B on Y for colour sets, on the grey image for grey sets
   (Classic5), no crop (the SwinIR / KAIR JPEG convention).
 - ``derain``: PSNR / SSIM on Y, no crop (the Restormer / MPRNet convention).
@@ -61,6 +62,8 @@ def protocol_for(task: str, *, grey: bool = False) -> Protocol:
             f"PSNR/SSIM on Y (BT.601), {spec.scale} px cropped per border",
         )
     if spec.kind == "dn":
+        if grey:
+            return Protocol("grey", "grey", 0, False, "PSNR/SSIM on the grey image, no crop")
         return Protocol("rgb", "rgb", 0, False, "PSNR/SSIM on RGB at [0, 255], no crop")
     if spec.kind == "car":
         if grey:

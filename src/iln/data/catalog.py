@@ -285,6 +285,26 @@ def _sets() -> dict[str, SetSpec]:
             count=29,
         ),
         SetSpec(
+            "Set12",
+            "archive",
+            "test",
+            "grey denoising benchmark",
+            "DnCNN_testsets",
+            "testsets/Set12",
+            count=12,
+            grey=True,
+        ),
+        SetSpec(
+            "BSD68",
+            "archive",
+            "test",
+            "grey denoising benchmark",
+            "DnCNN_testsets",
+            "testsets/BSD68",
+            count=68,
+            grey=True,
+        ),
+        SetSpec(
             "Rain13K",
             "archive",
             "train",
@@ -321,6 +341,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "sr_benchmarks": ("Set5", "Set14", "B100", "Urban100", "Manga109"),
     "dn_benchmarks": ("CBSD68", "Kodak24", "McMaster", "Urban100"),
     "car_benchmarks": ("Classic5", "LIVE1", "Urban100"),
+    "grey_dn_benchmarks": ("Set12", "BSD68", "Urban100"),
     "rain_test": ("Rain100L", "Rain100H", "Test100", "Test1200", "Test2800"),
 }
 

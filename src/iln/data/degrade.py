@@ -78,17 +78,28 @@ def noise_rng(seed: int, task: str, name: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
-def add_gaussian_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+def add_gaussian_noise(
+    img: np.ndarray, sigma: float, rng: np.random.Generator, *, grey: bool = False
+) -> np.ndarray:
     """img + N(0, sigma^2) per pixel and channel on the [0, 255] scale, clipped and rounded to
-    uint8."""
+    uint8. ``grey``: ``img`` is a grey image replicated to RGB; one noise plane is drawn for
+    its first channel and the result replicated, so the noisy image stays grey."""
     _check_rgb(img, "add_gaussian_noise")
+    if grey:
+        plane = img[..., :1].astype(np.float64)  # (H, W, 1)
+        noisy = plane + rng.normal(0.0, float(sigma), size=plane.shape)
+        return np.repeat(round_to_uint8(noisy), 3, axis=-1)
     noisy = img.astype(np.float64) + rng.normal(0.0, float(sigma), size=img.shape)
     return round_to_uint8(noisy)
 
 
-def jpeg_compress(img: np.ndarray, quality: int, *, subsampling: str = "yuv420") -> np.ndarray:
+def jpeg_compress(
+    img: np.ndarray, quality: int, *, subsampling: str = "yuv420", grey: bool = False
+) -> np.ndarray:
     """Encode as baseline JPEG with Pillow (libjpeg, standard IJG tables scaled by ``quality``,
-    RGB -> YCbCr with ``subsampling``) and decode again."""
+    RGB -> YCbCr with ``subsampling``) and decode again. ``grey``: ``img`` is a grey image
+    replicated to RGB; its first channel is encoded as a one-channel (greyscale) JPEG, as
+    the grey JPEG benchmarks are, and the decoded plane replicated."""
     _check_rgb(img, "jpeg_compress")
     if not 1 <= int(quality) <= 100:
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
@@ -97,7 +108,8 @@ def jpeg_compress(img: np.ndarray, quality: int, *, subsampling: str = "yuv420")
             f"JPEG subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}"
         )
     buffer = io.BytesIO()
-    Image.fromarray(img, "RGB").save(
+    source = Image.fromarray(np.ascontiguousarray(img[..., 0]), "L") if grey else None
+    (source or Image.fromarray(img, "RGB")).save(
         buffer,
         format="JPEG",
         quality=int(quality),

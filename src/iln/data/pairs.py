@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iln.data.catalog import RAIN_SUFFIX, parts_of
+from iln.data.catalog import RAIN_SUFFIX, SETS, parts_of
 from iln.data.degrade import (
     add_gaussian_noise,
     bicubic_downsample,
@@ -167,6 +167,11 @@ def _sources(hr_root: Path, set_name: str, *, derain: bool) -> list[tuple[str, P
     return out
 
 
+def _is_grey_set(name: str) -> bool:
+    """A grey benchmark (Classic5, Set12, BSD68): its noisy / JPEG inputs stay grey."""
+    return name in SETS and SETS[name].grey
+
+
 def _process_image(job: ImageJob) -> list[tuple[str, str, dict]]:
     """All outputs of one source image; returns (task/set, name, record) per output.
     A ValueError about the image (too small for the scale, ...) names the source file."""
@@ -201,11 +206,16 @@ def _process_image_named(job: ImageJob) -> list[tuple[str, str, dict]]:
         elif task.kind == "dn":
             gt = hr
             rng = noise_rng(job.options.seed, task.name, job.name)
-            lq = add_gaussian_noise(gt, task.sigma, rng)
+            lq = add_gaussian_noise(gt, task.sigma, rng, grey=_is_grey_set(out.set_name))
             record["seed"] = f"sha256({job.options.seed}|{task.name}|{job.name})"
         else:
             gt = hr
-            lq = jpeg_compress(gt, task.quality, subsampling=job.options.jpeg_subsampling)
+            lq = jpeg_compress(
+                gt,
+                task.quality,
+                subsampling=job.options.jpeg_subsampling,
+                grey=_is_grey_set(out.set_name),
+            )
         record["gt"], record["lq"] = list(gt.shape[:2]), list(lq.shape[:2])
         if out.tiles is None:
             _write_pair(

@@ -42,12 +42,18 @@ _HAT_COMMON: dict[str, Any] = dict(
     img_range=1.0,
 )
 _SWINIR_COMMON: dict[str, Any] = dict(
-    family="swinir", mlp_ratio=2.0, drop_path_rate=0.1, img_range=1.0
+    family="swinir", mlp_ratio=2.0, drop_path_rate=0.1, img_range=1.0, img_size=64
 )
+# The released SwinIR-M of the restoration tasks (scale 1; grey models: in_chans=1):
+# denoising trained on 128 x 128 patches, JPEG artefact removal with window 7 (JPEG's 8 x 8
+# blocks never align with it) on 126 x 126 patches and img_range 255.
+_SWINIR_M = dict(_SWINIR_COMMON, embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6)
 
 # Network presets. hat_1 is the official "HAT-mini" config the paper calls HAT_1; hat the
-# full HAT; swinir the classical SwinIR; swinir_1 a SwinIR sized like hat_1 (the paper
-# does not publish it); the tiny ones keep a CPU training step well under a second.
+# full HAT; swinir the classical SwinIR; swinir_dn / swinir_car the released denoising and
+# JPEG SwinIR (same network, other window / img_range / training patch); swinir_1 a SwinIR
+# sized like hat_1 (the paper does not publish it); the tiny ones keep a CPU training step
+# well under a second.
 PRESETS: dict[str, dict[str, Any]] = {
     "hat_1": dict(
         _HAT_COMMON,
@@ -76,9 +82,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         compress_ratio=4,
         squeeze_factor=8,
     ),
-    "swinir": dict(
-        _SWINIR_COMMON, embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6, window_size=8
-    ),
+    "swinir": dict(_SWINIR_M, window_size=8),
+    "swinir_dn": dict(_SWINIR_M, window_size=8, img_size=128),
+    "swinir_car": dict(_SWINIR_M, window_size=7, img_size=126, img_range=255.0),
     "swinir_1": dict(
         _SWINIR_COMMON, embed_dim=96, depths=(6,) * 6, num_heads=(6,) * 6, window_size=8
     ),
@@ -89,7 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 ARCHS: tuple[str, ...] = tuple(PRESETS)
 
 # Overrides every arch accepts (besides its preset's network keys).
-_GENERAL_KEYS = ("stdnorm", "affine_outer", "eps", "upsampler")
+_GENERAL_KEYS = ("stdnorm", "affine_outer", "eps", "upsampler", "in_chans")
 _UPSAMPLERS = ("pixelshuffle",)
 
 
@@ -131,6 +137,7 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
         affine_outer=norm == "iln",
         eps=norms.default_eps(norm),
         upsampler="pixelshuffle",
+        in_chans=3,
     )
     hp.update(overrides)
 
@@ -150,10 +157,24 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
         raise ValueError(
             f"embed_dim {embed!r} must be a positive int divisible by every num_heads {heads}"
         )
-    if not isinstance(window, int) or window < 2 or window % 2:
+    if hp["family"] == "hat" and (not isinstance(window, int) or window < 2 or window % 2):
         raise ValueError(
-            f"window_size {window!r} must be an even int >= 2 (the shift is half a window)"
+            f"window_size {window!r} must be an even int >= 2 for HAT (the shift is half a "
+            f"window and OCAB's overlapping windows need an even border)"
         )
+    if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+        raise ValueError(
+            f"window_size {window!r} must be an int >= 2 (shifted blocks move by window // 2)"
+        )
+    if hp["in_chans"] not in (1, 3) or isinstance(hp["in_chans"], bool):
+        raise ValueError(f"in_chans {hp['in_chans']!r} must be 1 (grey) or 3 (RGB)")
+    if "img_size" in hp:
+        size = hp["img_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size <= window or size % window:
+            raise ValueError(
+                f"img_size {size!r} must be a multiple of window_size={window} larger than it "
+                f"(the released constructor's training patch, which sets its attn_mask buffers)"
+            )
     for key in ("compress_ratio", "squeeze_factor"):
         if key in hp and (not isinstance(hp[key], int) or hp[key] < 1 or embed // hp[key] < 1):
             raise ValueError(f"{key} {hp[key]!r} must be an int in [1, embed_dim={embed}]")
@@ -188,7 +209,8 @@ def build_model(
 
     Overrides use the official hyper-parameter names (``embed_dim``, ``depths``,
     ``num_heads``, ``window_size``, ``compress_ratio``, ``squeeze_factor``, ``mlp_ratio``,
-    ``conv_scale``, ``overlap_ratio``, ``drop_path_rate``, ``img_range``) plus
+    ``conv_scale``, ``overlap_ratio``, ``drop_path_rate``, ``img_range``, ``in_chans``,
+    SwinIR's ``img_size``) plus
     ``stdnorm``, ``affine_outer`` (default True for ``iln``, False otherwise, as the
     official configs), ``eps`` (norm eps) and ``upsampler``. ``generator`` draws the
     initial weights (global RNG when None). The resolved values are on ``model.hparams``.
@@ -217,6 +239,7 @@ def build_model(
         norm_layer=block_norm,
         outer_norm_layer=outer_norm,
         fast=fast,
+        in_chans=hp["in_chans"],
     )
     with torch.random.fork_rng(devices=[]):  # construction-time draws are replaced below
         if hp["family"] == "hat":
@@ -228,7 +251,7 @@ def build_model(
                 **shared,
             )
         else:
-            model = SwinIR(**shared)
+            model = SwinIR(img_size=hp["img_size"], **shared)
     common.init_weights(model, generator)
     model.hparams = hp
     return model

@@ -3,9 +3,11 @@
 Our module names follow the released code, with two differences handled here:
 - our norms always call their affine parameters ``weight`` / ``bias``, while the released
   i-LN code names those of its i-LN and Affine norms ``gamma`` / ``beta``;
-- SwinIR's released weights also carry per-block constants (``attn_mask`` and
-  ``attn.relative_position_index``) that our SwinIR computes instead; they are checked
-  for nothing and dropped on load.
+- SwinIR's released weights also carry per-block constants (``attn_mask`` of the shifted
+  blocks, at the training patch size ``img_size``, and ``attn.relative_position_index``)
+  that our SwinIR computes instead; on load the index must equal ours and the masks must
+  have the shape of some training patch, then both are dropped. Exports write them, so
+  that an export loads strictly into the released code.
 HAT's ``relative_position_index_SA`` / ``_OCA`` buffers are kept under their names; a
 checkpoint without them (older releases) keeps the model's own, identical values.
 """
@@ -20,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from iln.models import norms
+from iln.models import common, norms
+from iln.models.swinir import SwinBlock, SwinIR
 
 PARAM_KEYS = ("params_ema", "params")  # BasicSR checkpoint layout
 _GAMMA_BETA = {"weight": "gamma", "bias": "beta"}
@@ -52,18 +55,52 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
 def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's tensors under the released names (the inverse of the loader).
 
-    For SwinIR the per-block ``attn.relative_position_index`` constants are added; the
-    per-block ``attn_mask`` buffers of the released code depend on its training patch
-    size and are not produced.
+    For SwinIR the per-block constants of the released code are added: every block's
+    ``attn.relative_position_index`` and every shifted block's ``attn_mask`` for a
+    ``model.img_size`` square input (the released constructor's training patch; the
+    released code uses that buffer only for inputs of exactly that size and computes the
+    same mask for any other).
     """
     state = model.state_dict()
     out = {theirs: state[ours].detach().clone() for ours, theirs in official_key_map(model).items()}
-    index = getattr(model, "relative_position_index", None)
-    if isinstance(index, Tensor):  # SwinIR: one constant per attention module upstream
-        for name, _ in model.named_modules():
-            if name.endswith(".attn"):
-                out[f"{name}.relative_position_index"] = index.detach().clone()
+    if isinstance(model, SwinIR):
+        index = model.relative_position_index.detach().cpu()
+        size = model.img_size
+        masks: dict[tuple[int, int], Tensor] = {}
+        for name, block in model.named_modules():
+            if not isinstance(block, SwinBlock):
+                continue
+            out[f"{name}.attn.relative_position_index"] = index.clone()
+            if block.shift:
+                geometry = (block.attn.window, block.shift)
+                if geometry not in masks:
+                    masks[geometry] = common.shift_window_mask(
+                        size, size, *geometry, device=torch.device("cpu"), dtype=torch.float32
+                    )
+                out[f"{name}.attn_mask"] = masks[geometry].clone()
     return out
+
+
+def _check_derived(model: nn.Module, state: Mapping[str, Tensor], keys: list[str]) -> list[str]:
+    """Problems with the released SwinIR per-block constants in ``keys`` (empty: fine)."""
+    index = getattr(model, "relative_position_index", None)
+    window = getattr(model, "window_size", None)
+    problems = []
+    for key in keys:
+        value = state[key]
+        if key.endswith(".attn.relative_position_index"):
+            if not isinstance(index, Tensor) or not torch.equal(value.to(index), index):
+                shape = tuple(value.shape)
+                problems.append(f"{key} {shape} differs from the model's relative position index")
+        elif isinstance(window, int):
+            n = window * window
+            grid = round(value.shape[0] ** 0.5) if value.ndim == 3 else 0
+            if value.ndim != 3 or value.shape[1:] != (n, n) or grid * grid != value.shape[0]:
+                problems.append(
+                    f"{key} {tuple(value.shape)} is no shift mask of {window}x{window} windows "
+                    f"(expected (nW, {n}, {n}) with nW a square)"
+                )
+    return problems
 
 
 def read_state_dict(
@@ -126,6 +163,7 @@ def describe_checkpoint(state: Mapping[str, Tensor]) -> str:
         )
     if "conv_first.weight" in state:
         parts.append(f"embed_dim {state['conv_first.weight'].shape[0]}")
+        parts.append(f"in_chans {state['conv_first.weight'].shape[1]}")
     depth: dict[int, set[int]] = {}
     for k in keys:
         if m := re.match(r"layers\.(\d+)\.residual_group\.blocks\.(\d+)\.", k):
@@ -146,7 +184,16 @@ def _describe_model(model: nn.Module) -> str:
     hp = getattr(model, "hparams", None)
     if not isinstance(hp, Mapping):
         return type(model).__name__
-    fields = ("arch", "norm", "scale", "embed_dim", "depths", "window_size", "affine_outer")
+    fields = (
+        "arch",
+        "norm",
+        "scale",
+        "embed_dim",
+        "depths",
+        "window_size",
+        "in_chans",
+        "affine_outer",
+    )
     return ", ".join(f"{k}={hp[k]}" for k in fields if k in hp)
 
 
@@ -176,7 +223,7 @@ def load_official_checkpoint(
         f"{t} {tuple(given[t].shape)} vs model {tuple(expected[ours_of[t]].shape)}"
         for t in ours_of
         if t in given and given[t].shape != expected[ours_of[t]].shape
-    ]
+    ] + _check_derived(model, state, derived)
     if missing or unexpected or mismatched:
         lines = [f"checkpoint does not fit the model ({_describe_model(model)})"]
         if missing:

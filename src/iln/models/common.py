@@ -319,28 +319,50 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     return x
 
 
+def pad_like_swinir_test(x: Tensor, window: int) -> Tensor:
+    """The padding of the released SwinIR test script (``main_test_swinir.py``): the image
+    followed by its mirror image (edge row / column repeated) along H, then W, cut at
+    ``(H // window + 1) * window`` and ``(W // window + 1) * window``, so at least one row
+    and column are always added, even to a multiple of the window.
+
+    Our models pad by reflection (edge not repeated) to the next multiple inside forward;
+    outputs differ near the bottom and right borders (and, for per-image statistics such
+    as i-LN's, slightly everywhere). A pad longer than the image stops at twice its size,
+    as in the script; the model's own padding then completes it.
+    """
+    h, w = x.shape[2], x.shape[3]
+    x = torch.cat([x, torch.flip(x, [2])], 2)[:, :, : (h // window + 1) * window]
+    return torch.cat([x, torch.flip(x, [3])], 3)[:, :, :, : (w // window + 1) * window]
+
+
 class InputNorm(nn.Module):
     """Maps the [0, 1] image into the network range and back.
 
-    Always subtracts the DIV2K RGB mean (as the official models); with ``stdnorm`` it also
-    divides by the DIV2K RGB std (the official i-LN configs). Constants are
-    non-persistent buffers, so they follow ``.to(device)`` but stay out of state dicts.
+    RGB (``in_chans`` 3): always subtracts the DIV2K RGB mean (as the official models); with
+    ``stdnorm`` it also divides by the DIV2K RGB std (the official i-LN configs). Grey
+    (``in_chans`` 1): mean 0 as the official grey SwinIR / HAT models, and std 1 (there are
+    no grey statistics to standardise by). The result is multiplied by ``img_range`` (1 or
+    255 in the official configs). Constants are non-persistent buffers, so they follow
+    ``.to(device)`` but stay out of state dicts.
     """
 
-    def __init__(self, stdnorm: bool, img_range: float) -> None:
+    def __init__(self, stdnorm: bool, img_range: float, in_chans: int = 3) -> None:
         super().__init__()
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 (grey) or 3 (RGB), got {in_chans!r}")
         self.stdnorm = stdnorm
         self.img_range = img_range
-        self.register_buffer("mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(RGB_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = (RGB_MEAN, RGB_STD) if in_chans == 3 else ((0.0,), (1.0,))
+        self.register_buffer("mean", torch.tensor(mean).view(1, in_chans, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, in_chans, 1, 1), persistent=False)
 
-    def encode(self, x: Tensor) -> Tensor:  # (B, 3, H, W)
+    def encode(self, x: Tensor) -> Tensor:  # (B, in_chans, H, W)
         x = x - self.mean.to(x.dtype)
         if self.stdnorm:
             x = x / self.std.to(x.dtype)
         return x * self.img_range
 
-    def decode(self, x: Tensor) -> Tensor:  # (B, 3, H, W)
+    def decode(self, x: Tensor) -> Tensor:  # (B, in_chans, H, W)
         x = x / self.img_range
         if self.stdnorm:
             x = x * self.std.to(x.dtype)

@@ -272,6 +272,7 @@ class HAT(WindowedRestorer):
         norm_layer: NormFactory,
         outer_norm_layer: NormFactory,
         fast: bool,
+        in_chans: int = 3,
     ) -> None:
         rates = torch.linspace(
             0, drop_path_rate, sum(depths), device="cpu"
@@ -303,6 +304,7 @@ class HAT(WindowedRestorer):
             outer_norm_layer=outer_norm_layer,
             layers=layers,
             fast=fast,
+            in_chans=in_chans,
         )
         self.drop_sites = 2 * sum(depths)  # attention and MLP branch of every HAB
         overlap = common.overlap_window_size(window_size, overlap_ratio)

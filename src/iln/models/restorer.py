@@ -29,8 +29,9 @@ class WindowedRestorer(nn.Module):
 
     Heads: for ``scale`` 2, 3, 4 conv -> LeakyReLU -> pixel shuffle -> ``conv_last``; for
     ``scale`` 1 (restoration, SwinIR's denoising/JPEG design) ``conv_last`` maps the
-    features to a 3-channel residual added to the encoded input. The encoding
+    features to an ``in_chans``-channel residual added to the encoded input. The encoding
     (``InputNorm``) is affine, so the output is the input plus a residual in image space.
+    ``in_chans`` is 3 (RGB) or 1 (greyscale: the official grey models, mean 0).
     Subclasses pass their groups as ``layers``, run them in ``forward_layers`` and set
     ``drop_sites``, the number of stochastic-depth decisions per sample (two per block).
     """
@@ -48,26 +49,28 @@ class WindowedRestorer(nn.Module):
         outer_norm_layer: NormFactory,
         layers: nn.ModuleList,
         fast: bool,
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
         self.scale = scale
+        self.in_chans = in_chans
         self.window_size = window_size
         self.embed_dim = embed_dim
         self.fast = fast
-        self.input_norm = common.InputNorm(stdnorm, img_range)
-        self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
+        self.input_norm = common.InputNorm(stdnorm, img_range, in_chans)
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.patch_embed = PatchEmbed(embed_dim, outer_norm_layer)
         self.layers = layers
         self.norm = outer_norm_layer(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
         if scale == 1:  # restoration head: features -> residual image
-            self.conv_last = nn.Conv2d(embed_dim, 3, 3, 1, 1)
+            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
         else:  # super-resolution head: features -> pixel shuffle -> image
             self.conv_before_upsample = nn.Sequential(
                 nn.Conv2d(embed_dim, common.NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True)
             )
             self.upsample = common.upsample_layers(scale)
-            self.conv_last = nn.Conv2d(common.NUM_FEAT, 3, 3, 1, 1)
+            self.conv_last = nn.Conv2d(common.NUM_FEAT, in_chans, 3, 1, 1)
 
     def forward_layers(self, t: Tensor, ctx: ForwardContext) -> Tensor:
         """Tokens (B, N, C) through every group."""
@@ -94,7 +97,8 @@ class WindowedRestorer(nn.Module):
     def forward(
         self, x: Tensor, *, drop_noise: Tensor | None = None, checkpoint: bool = False
     ) -> Tensor:
-        """x (B, 3, H, W) in [0, 1] -> (B, 3, s*H, s*W) (s = 1: input + residual), not clamped.
+        """x (B, in_chans, H, W) in [0, 1] -> (B, in_chans, s*H, s*W) (s = 1: input +
+        residual), not clamped.
 
         ``drop_noise`` (B, ``self.drop_sites``) uniform in [0, 1) decides stochastic depth in
         training, a column per drop site (None: the global RNG); ``checkpoint`` recomputes

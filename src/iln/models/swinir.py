@@ -1,7 +1,10 @@
-"""SwinIR (Liang et al. 2021) for classical SR with an injectable norm.
+"""SwinIR (Liang et al. 2021) for classical SR and restoration with an injectable norm.
 
 Same conventions as ``hat.py``: the norm factory returns ``(y, scale)`` norms and every
 residual branch is merged by ``residual_add``; module names follow the released code.
+Every task of the released SwinIR zoo fits: classical SR (window 8), colour / grey
+denoising (scale 1, window 8), colour / grey JPEG artefact removal (scale 1, window 7,
+``img_range`` 255); grey models take one channel (``in_chans`` 1).
 """
 
 from __future__ import annotations
@@ -113,7 +116,14 @@ class RSTB(nn.Module):
 
 class SwinIR(WindowedRestorer):
     """SwinIR for classical SR (pixel-shuffle head) or, at ``scale=1``, for restoration
-    (input + predicted residual, as HAT). Any input size (see ``WindowedRestorer``)."""
+    (input + predicted residual, as HAT). Any input size (see ``WindowedRestorer``).
+
+    ``window_size`` may be odd (the JPEG models use 7); shifted blocks move by
+    ``window_size // 2`` as the released code. ``img_size`` is the released constructor's
+    training patch size: it changes nothing here (the shift masks are made for the input
+    at hand) and only sets the shape of the per-block ``attn_mask`` buffers that
+    ``checkpoint.to_official_state_dict`` writes for the released code.
+    """
 
     def __init__(
         self,
@@ -130,6 +140,8 @@ class SwinIR(WindowedRestorer):
         norm_layer: NormFactory,
         outer_norm_layer: NormFactory,
         fast: bool,
+        in_chans: int = 3,
+        img_size: int = 64,
     ) -> None:
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         layers = nn.ModuleList(
@@ -155,8 +167,10 @@ class SwinIR(WindowedRestorer):
             outer_norm_layer=outer_norm_layer,
             layers=layers,
             fast=fast,
+            in_chans=in_chans,
         )
         self.drop_sites = 2 * sum(depths)  # attention and MLP branch of every Swin block
+        self.img_size = img_size
         self.register_buffer(
             "relative_position_index", common.relative_position_index(window_size), persistent=False
         )
