@@ -8,6 +8,9 @@ Our module names follow the released code, with two differences handled here:
   for nothing and dropped on load.
 HAT's ``relative_position_index_SA`` / ``_OCA`` buffers are kept under their names; a
 checkpoint without them (older releases) keeps the model's own, identical values.
+DRCT's blocks are ``layers.{g}.residual_group.blocks.{k}`` / ``.adjust.{k}`` here and
+``layers.{g}.swin{k+1}`` / ``layers.{g}.adjust{k+1}`` upstream (``drct.official_key``); its
+released weights carry the same per-block constants as SwinIR's.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from iln.models import norms
+from iln.models import drct, norms
 
 PARAM_KEYS = ("params_ema", "params")  # BasicSR checkpoint layout
 _GAMMA_BETA = {"weight": "gamma", "bias": "beta"}
@@ -46,20 +49,27 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
             prefix = f"{name}." if name else ""
             for ours, theirs in _GAMMA_BETA.items():
                 renamed[prefix + ours] = prefix + theirs
-    return {key: renamed.get(key, key) for key in model.state_dict()}
+    keys = {key: renamed.get(key, key) for key in model.state_dict()}
+    if isinstance(model, drct.DRCT):
+        keys = {ours: drct.official_key(theirs) for ours, theirs in keys.items()}
+    return keys
 
 
-def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def to_official_state_dict(model: nn.Module, *, img_size: int = 64) -> dict[str, Tensor]:
     """The model's tensors under the released names (the inverse of the loader).
 
     For SwinIR the per-block ``attn.relative_position_index`` constants are added; the
     per-block ``attn_mask`` buffers of the released code depend on its training patch
-    size and are not produced.
+    size and are not produced. For DRCT both are added (``drct.official_buffers``), the
+    masks for the released constructor's ``img_size`` (64 in its configs), so the result
+    loads strictly into the released DRCT built with that ``img_size``.
     """
     state = model.state_dict()
     out = {theirs: state[ours].detach().clone() for ours, theirs in official_key_map(model).items()}
     index = getattr(model, "relative_position_index", None)
-    if isinstance(index, Tensor):  # SwinIR: one constant per attention module upstream
+    if isinstance(model, drct.DRCT):
+        out.update(drct.official_buffers(model, img_size))
+    elif isinstance(index, Tensor):  # SwinIR: one constant per attention module upstream
         for name, _ in model.named_modules():
             if name.endswith(".attn"):
                 out[f"{name}.relative_position_index"] = index.detach().clone()
@@ -106,6 +116,8 @@ def describe_checkpoint(state: Mapping[str, Tensor]) -> str:
     parts.append(
         "HAT"
         if any(".overlap_attn." in k for k in keys)
+        else "DRCT"
+        if any(re.match(r"layers\.\d+\.swin1\.", k) for k in keys)
         else "SwinIR-like"
         if any(".blocks." in k for k in keys)
         else "unknown arch"
