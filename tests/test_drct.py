@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from iln.analysis import group_rpb_tables, plot_rpb
 from iln.models import NORMS, build_model, common, drct, norms
 from iln.models.checkpoint import (
     CheckpointMismatchError,
@@ -143,6 +144,14 @@ def test_per_block_probe_points_cover_every_dense_block():
     names = [p.name for p in probe_points(model, per_block=True)]
     assert names[:6] == [f"group0.block{b}" for b in range(5)] + ["group0"]
     assert len(names) == len(model.layers) * 6 + 1
+
+
+def test_bias_tables_of_blocks_with_different_head_counts_plot_in_one_figure(tmp_path):
+    model = build_model("drct_tiny", norm="ln", scale=2, embed_dim=36, gc=8, num_heads=6)
+    tables = group_rpb_tables(model, -1)
+    assert [t.shape[1] for t in tables] == [6, 4, 2, 6, 4]
+    out = plot_rpb(tables, tmp_path / "rpb.png")
+    assert out.read_bytes().startswith(b"\x89PNG")
 
 
 def test_iln_dense_group_is_positively_homogeneous_without_conv_biases_and_ln_is_not():
