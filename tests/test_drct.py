@@ -250,7 +250,10 @@ def test_export_refuses_an_img_size_the_released_blocks_would_reshape():
 def test_loading_another_arch_lists_what_does_not_fit_and_names_drct(official):
     model = build_model("drct_tiny", norm="ln", scale=4)
     state = _official_state(official, 4)
-    assert describe_checkpoint(state).startswith("DRCT, LN-style norms")
+    assert describe_checkpoint(state) == (
+        "DRCT, LN-style norms (parameters named weight/bias), scale x4, embed_dim 24, "
+        "2 dense groups, window_size 4, 6 heads"
+    )
     with pytest.raises(CheckpointMismatchError, match=r"looks like: DRCT") as err:
         load_official_checkpoint(model, state)  # the fixture's widths differ from drct_tiny's
     assert "shape mismatch" in str(err.value)

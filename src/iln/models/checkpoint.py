@@ -144,8 +144,20 @@ def describe_checkpoint(state: Mapping[str, Tensor]) -> str:
             depth.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     if depth:
         parts.append(f"depths {[len(depth[g]) for g in sorted(depth)]}")
+    dense = {m.group(1) for k in keys if (m := re.match(r"layers\.(\d+)\.swin1\.", k))}
+    if dense:
+        parts.append(f"{len(dense)} dense groups")
     table = next(
-        (v for k, v in state.items() if k.endswith("blocks.0.attn.relative_position_bias_table")),
+        (
+            v
+            for k, v in state.items()
+            if k.endswith(
+                (
+                    "blocks.0.attn.relative_position_bias_table",
+                    "swin1.attn.relative_position_bias_table",
+                )
+            )
+        ),
         None,
     )
     if table is not None:
