@@ -35,7 +35,6 @@ DENSE_BLOCKS = 5  # Swin blocks per group, fixed by the released architecture
 NARROW_MLP_FROM = 3  # blocks 3 and 4 (0-based) use mlp ratio 1, as released
 GROWTH_SLOPE = 0.2  # LeakyReLU slope after the growth convolutions
 GROUP_RESIDUAL_SCALE = 0.2  # the group returns 0.2 * x5 + x
-_MIN_IMG_SIZE_MARGIN = 1  # the released blocks keep their window only if img_size > window
 
 
 def dense_widths(embed_dim: int, gc: int) -> list[int]:
@@ -221,7 +220,7 @@ def official_buffers(model: DRCT, img_size: int) -> dict[str, Tensor]:
     the shifted windows on the ``img_size`` x ``img_size`` training patch (the released
     constructor argument ``img_size``, 64 in its configs)."""
     window = model.window_size
-    if not isinstance(img_size, int) or img_size < window + _MIN_IMG_SIZE_MARGIN:
+    if not isinstance(img_size, int) or img_size <= window:  # the released blocks reshape
         raise ValueError(
             f"img_size {img_size!r} must be an int larger than window_size {window}: at or "
             "below it the released blocks shrink their window and drop the shift"
