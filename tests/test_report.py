@@ -378,6 +378,26 @@ def test_table2_shows_every_task_we_ran_beside_the_papers(built):
     )
 
 
+def test_table2_pairs_drct_runs_with_drct_runs_only(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "hat_ln", norm="ln", psnr=30.0, sets=("default_test",))
+    make_run(root, "hat_iln", norm="iln", psnr=30.5, sets=("default_test",))
+    make_run(root, "drct_ln", norm="ln", psnr=31.0, sets=("default_test",))
+    declared = {
+        "hat_ln": {**BASE, "norm": "ln"},
+        "hat_iln": {**BASE, "norm": "iln"},
+        "drct_ln": {**BASE, "arch": "drct_tiny", "norm": "ln"},
+    }
+    out = tmp_path / "report"
+    build_report(declared, root, out, scale_note="tiny", protocol=PROTOCOL)
+    rows = read_table(out, "table2")
+    drct = "SR x2 / default_test / drct_tiny"
+    assert float(cell(rows, drct, "LN PSNR")["ours"]) == 31.0
+    missing = cell(rows, drct, "i-LN PSNR")  # not filled from the HAT i-LN run
+    assert missing["status"] == "missing" and missing["ours"] == ""
+    assert float(cell(rows, "SR x2 / default_test / hat_tiny", "LN PSNR")["ours"]) == 30.0
+
+
 def test_table3_marks_a_declared_but_missing_run_no_run(built):
     _, out, _ = built
     header, cells = md_row(out, "table3", "LN*")

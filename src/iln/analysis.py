@@ -248,7 +248,7 @@ def plot_rpb(
     images = [
         gather_rpb(t) if gathered else rpb_table_images(t) for t in tables
     ]  # each (heads, h, w)
-    heads = images[0].shape[0]
+    heads = max(img.shape[0] for img in images)  # DRCT's dense blocks differ in heads
     reach = (images[0].shape[-1] - 1) // 2  # w - 1: the largest offset
     extent = None if gathered else (-reach - 0.5, reach + 0.5, reach + 0.5, -reach - 0.5)
     width = max(1.9 * heads + 1.6, 5.5)
@@ -262,6 +262,9 @@ def plot_rpb(
         mappable = None
         for h in range(heads):
             ax = axes[b, h]
+            if h >= img.shape[0]:  # this block has fewer heads
+                ax.axis("off")
+                continue
             mappable = ax.imshow(
                 img[h].numpy(),
                 cmap="RdBu_r",

@@ -1,4 +1,4 @@
-"""Model library: HAT and SwinIR with every normalisation variant of the study.
+"""Model library: HAT, SwinIR and DRCT with every normalisation variant of the study.
 
 ``build_model(arch, norm=..., scale=..., **overrides)`` resolves a preset (one small
 entry of ``PRESETS``), applies overrides named as in the official configs, builds the
@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from iln.models import common, norms
+from iln.models import common, drct, norms
 from iln.models.checkpoint import load_official_checkpoint, to_official_state_dict
+from iln.models.drct import DRCT
 from iln.models.hat import HAT
 from iln.models.norms import NORMS, build_norm
 from iln.models.swinir import SwinIR
@@ -49,11 +50,14 @@ _SWINIR_COMMON: dict[str, Any] = dict(
 # blocks never align with it) on 126 x 126 patches and img_range 255.
 _SWINIR_M = dict(_SWINIR_COMMON, embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6)
 
+_DRCT_COMMON: dict[str, Any] = dict(family="drct", mlp_ratio=2.0, drop_path_rate=0.1, img_range=1.0)
+
 # Network presets. hat_1 is the official "HAT-mini" config the paper calls HAT_1; hat the
 # full HAT; swinir the classical SwinIR; swinir_dn / swinir_car the released denoising and
 # JPEG SwinIR (same network, other window / img_range / training patch); swinir_1 a SwinIR
-# sized like hat_1 (the paper does not publish it); the tiny ones keep a CPU training step
-# well under a second.
+# sized like hat_1 (the paper does not publish it); drct the official DRCT (five dense
+# Swin blocks per group, growth gc; depths only sets its stochastic-depth schedule, as
+# released); the tiny ones keep a CPU training step well under a second.
 PRESETS: dict[str, dict[str, Any]] = {
     "hat_1": dict(
         _HAT_COMMON,
@@ -90,6 +94,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "swinir_tiny": dict(
         _SWINIR_COMMON, embed_dim=32, depths=(2,) * 4, num_heads=(2,) * 4, window_size=8
+    ),
+    "drct": dict(
+        _DRCT_COMMON, embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6, window_size=16, gc=32
+    ),
+    "drct_tiny": dict(
+        _DRCT_COMMON, embed_dim=32, depths=(5,) * 2, num_heads=(2,) * 2, window_size=8, gc=8
     ),
 }
 ARCHS: tuple[str, ...] = tuple(PRESETS)
@@ -175,6 +185,10 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
                 f"img_size {size!r} must be a multiple of window_size={window} larger than it "
                 f"(the released constructor's training patch, which sets its attn_mask buffers)"
             )
+    if "gc" in hp:
+        if not isinstance(hp["gc"], int) or isinstance(hp["gc"], bool) or hp["gc"] < 1:
+            raise ValueError(f"gc {hp['gc']!r} must be a positive int (DRCT's growth channels)")
+        drct.check_dense_heads(embed, hp["gc"], heads)
     for key in ("compress_ratio", "squeeze_factor"):
         if key in hp and (not isinstance(hp[key], int) or hp[key] < 1 or embed // hp[key] < 1):
             raise ValueError(f"{key} {hp[key]!r} must be an int in [1, embed_dim={embed}]")
@@ -210,7 +224,7 @@ def build_model(
     Overrides use the official hyper-parameter names (``embed_dim``, ``depths``,
     ``num_heads``, ``window_size``, ``compress_ratio``, ``squeeze_factor``, ``mlp_ratio``,
     ``conv_scale``, ``overlap_ratio``, ``drop_path_rate``, ``img_range``, ``in_chans``,
-    SwinIR's ``img_size``) plus
+    SwinIR's ``img_size``, DRCT's ``gc``) plus
     ``stdnorm``, ``affine_outer`` (default True for ``iln``, False otherwise, as the
     official configs), ``eps`` (norm eps) and ``upsampler``. ``generator`` draws the
     initial weights (global RNG when None). The resolved values are on ``model.hparams``.
@@ -250,6 +264,8 @@ def build_model(
                 overlap_ratio=hp["overlap_ratio"],
                 **shared,
             )
+        elif hp["family"] == "drct":
+            model = DRCT(gc=hp["gc"], **shared)
         else:
             model = SwinIR(img_size=hp["img_size"], **shared)
     common.init_weights(model, generator)

@@ -10,6 +10,9 @@ Our module names follow the released code, with two differences handled here:
   that an export loads strictly into the released code.
 HAT's ``relative_position_index_SA`` / ``_OCA`` buffers are kept under their names; a
 checkpoint without them (older releases) keeps the model's own, identical values.
+DRCT's blocks are ``layers.{g}.residual_group.blocks.{k}`` / ``.adjust.{k}`` here and
+``layers.{g}.swin{k+1}`` / ``layers.{g}.adjust{k+1}`` upstream (``drct.official_key``); its
+released weights carry the same per-block constants as SwinIR's.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from iln.models import common, norms
+from iln.models import common, drct, norms
 from iln.models.swinir import SwinBlock, SwinIR
 
 PARAM_KEYS = ("params_ema", "params")  # BasicSR checkpoint layout
@@ -49,13 +52,17 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
             prefix = f"{name}." if name else ""
             for ours, theirs in _GAMMA_BETA.items():
                 renamed[prefix + ours] = prefix + theirs
-    return {key: renamed.get(key, key) for key in model.state_dict()}
+    keys = {key: renamed.get(key, key) for key in model.state_dict()}
+    if isinstance(model, drct.DRCT):
+        keys = {ours: drct.official_key(theirs) for ours, theirs in keys.items()}
+    return keys
 
 
-def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def to_official_state_dict(model: nn.Module, *, img_size: int = 64) -> dict[str, Tensor]:
     """The model's tensors under the released names (the inverse of the loader).
 
-    For SwinIR the per-block constants of the released code are added: every block's
+    For DRCT the released per-block buffers are added (``drct.official_buffers``), the masks
+    for the released constructor's ``img_size`` (64 in its configs). For SwinIR the per-block constants of the released code are added: every block's
     ``attn.relative_position_index`` and every shifted block's ``attn_mask`` for a
     ``model.img_size`` square input (the released constructor's training patch; the
     released code uses that buffer only for inputs of exactly that size and computes the
@@ -63,7 +70,9 @@ def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """
     state = model.state_dict()
     out = {theirs: state[ours].detach().clone() for ours, theirs in official_key_map(model).items()}
-    if isinstance(model, SwinIR):
+    if isinstance(model, drct.DRCT):
+        out.update(drct.official_buffers(model, img_size))
+    elif isinstance(model, SwinIR):
         index = model.relative_position_index.detach().cpu()
         size = model.img_size
         masks: dict[tuple[int, int], Tensor] = {}
@@ -143,6 +152,8 @@ def describe_checkpoint(state: Mapping[str, Tensor]) -> str:
     parts.append(
         "HAT"
         if any(".overlap_attn." in k for k in keys)
+        else "DRCT"
+        if any(re.match(r"layers\.\d+\.swin1\.", k) for k in keys)
         else "SwinIR-like"
         if any(".blocks." in k for k in keys)
         else "unknown arch"
@@ -170,8 +181,20 @@ def describe_checkpoint(state: Mapping[str, Tensor]) -> str:
             depth.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     if depth:
         parts.append(f"depths {[len(depth[g]) for g in sorted(depth)]}")
+    dense = {m.group(1) for k in keys if (m := re.match(r"layers\.(\d+)\.swin1\.", k))}
+    if dense:
+        parts.append(f"{len(dense)} dense groups")
     table = next(
-        (v for k, v in state.items() if k.endswith("blocks.0.attn.relative_position_bias_table")),
+        (
+            v
+            for k, v in state.items()
+            if k.endswith(
+                (
+                    "blocks.0.attn.relative_position_bias_table",
+                    "swin1.attn.relative_position_bias_table",
+                )
+            )
+        ),
         None,
     )
     if table is not None:

@@ -504,7 +504,9 @@ def _unique(runs: Sequence[RunResults]) -> list[RunResults]:
 
 
 def _family(arch: str) -> str:
-    return "swinir" if arch.startswith("swinir") else "hat"
+    """The backbone a preset belongs to (HAT, SwinIR or DRCT): LN and i-LN runs are paired
+    within one family, never across."""
+    return next((f for f in ("swinir", "drct") if arch.startswith(f)), "hat")
 
 
 def _groups_of(rows: Sequence[Mapping], keys: Sequence[str]) -> list[tuple]:
@@ -563,7 +565,8 @@ def table2(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
     table.measured = [measured_eval(_unique(used), protocol)]
     table.notes.append(
         "A paper row's model names the paper's; ours is the run's preset of the same family "
-        "(HAT or SwinIR), named in 'our run(s)'. Rows below the paper's are tasks only we ran."
+        "(HAT, SwinIR or DRCT), named in 'our run(s)'. Rows below the paper's are tasks only "
+        "we ran."
     )
     return table
 
