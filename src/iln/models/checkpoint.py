@@ -62,7 +62,8 @@ def to_official_state_dict(model: nn.Module, *, img_size: int = 64) -> dict[str,
     """The model's tensors under the released names (the inverse of the loader).
 
     For DRCT the released per-block buffers are added (``drct.official_buffers``), the masks
-    for the released constructor's ``img_size`` (64 in its configs). For SwinIR the per-block constants of the released code are added: every block's
+    for the released constructor's ``img_size`` (64 in its configs). For SwinIR the
+    per-block constants of the released code are added: every block's
     ``attn.relative_position_index`` and every shifted block's ``attn_mask`` for a
     ``model.img_size`` square input (the released constructor's training patch; the
     released code uses that buffer only for inputs of exactly that size and computes the
