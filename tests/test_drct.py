@@ -258,7 +258,7 @@ def test_loading_another_arch_lists_what_does_not_fit_and_names_drct(official):
     state = _official_state(official, 4)
     assert describe_checkpoint(state) == (
         "DRCT, LN-style norms (parameters named weight/bias), scale x4, embed_dim 24, "
-        "2 dense groups, window_size 4, 6 heads"
+        "in_chans 3, 2 dense groups, window_size 4, 6 heads"
     )
     with pytest.raises(CheckpointMismatchError, match=r"looks like: DRCT") as err:
         load_official_checkpoint(model, state)  # the fixture's widths differ from drct_tiny's
