@@ -16,7 +16,12 @@ import torch
 
 from iln import files
 from iln.files import DiskFullError, atomic_path, remove_stale_temps, write_json_atomic
-from iln.train import save_atomic
+
+
+def save_atomic(obj, path):
+    """torch.save through the atomic writer, as the model and checkpoint writers do."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _leftovers(folder):

@@ -26,6 +26,7 @@ from iln.released import (
     verify_weights,
 )
 from tests.helpers import write_params
+from tests.stage_project import stage_runs
 from tests.test_pipeline import _run, copy_project_files
 
 ENTRIES = {  # name: (arch, norm, key the pipeline loads); one entry keeps the test fast
@@ -153,7 +154,7 @@ def test_report_and_mlflow_show_the_released_entries(project):
         sha = json.loads((root / "runs" / name / "eval" / "metrics.json").read_text())
         assert f"| {name} | {name}.pth | {sha['released']['sha256'][:12]} |" in table
     assert "whole image" in table and "mean x^2" in table
-    rows = tracking.find_stage_runs(root, experiment="iln")
+    rows = stage_runs(root)
     stages = {(r["run"], r["stage"]): r for r in rows}
     from mlflow.tracking import MlflowClient
 
