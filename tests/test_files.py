@@ -131,6 +131,7 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
     assert all(path.exists() for path in kept)
 
 
+@pytest.mark.integration
 def test_dvc_never_counts_temp_files_in_an_output():
     root = Path(__file__).resolve().parents[1]
     temps = [

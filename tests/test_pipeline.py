@@ -21,6 +21,8 @@ import yaml
 from iln import layout
 from tests.stage_project import metric_steps, stage_runs
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = (
     "dvc.yaml",

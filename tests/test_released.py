@@ -106,6 +106,7 @@ def project(tmp_path_factory):
     return root, models
 
 
+@pytest.mark.integration
 def test_repro_evaluates_and_analyses_released_entries_without_training(project):
     root, _ = project
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
@@ -123,6 +124,7 @@ def test_repro_evaluates_and_analyses_released_entries_without_training(project)
     assert "Running stage" not in _run(["dvc", "repro"], root).stdout
 
 
+@pytest.mark.integration
 def test_metrics_equal_the_authors_protocol_and_name_the_weights(project):
     root, models = project
     pairs = root / "data" / "pairs" / "sr_x2" / "default_test"
@@ -145,6 +147,7 @@ def test_metrics_equal_the_authors_protocol_and_name_the_weights(project):
         assert book[weights]["sha256"] == sha
 
 
+@pytest.mark.integration
 def test_report_and_mlflow_show_the_released_entries(project):
     root, _ = project
     table = (root / "reports" / "tables" / "released.md").read_text()
@@ -167,6 +170,7 @@ def test_report_and_mlflow_show_the_released_entries(project):
     assert not [r for r in rows if r["stage"] == "train"]
 
 
+@pytest.mark.integration
 def test_a_missing_weights_file_stops_with_where_to_get_it(project):
     root, _ = project
     params_path = root / "params.yaml"

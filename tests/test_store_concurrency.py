@@ -41,6 +41,7 @@ def _two_runs(tmp_path, degraded_project):
     return root
 
 
+@pytest.mark.integration
 def test_two_train_processes_at_once_on_a_fresh_store(tmp_path, degraded_project):
     root = _two_runs(tmp_path, degraded_project)
     assert not (root / "mlflow.db").exists()
@@ -60,6 +61,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_two_train_processes_against_a_local_tracking_server(tmp_path, degraded_project):
     root = _two_runs(tmp_path, degraded_project)
     port = _free_port()
@@ -110,6 +112,7 @@ def test_two_train_processes_against_a_local_tracking_server(tmp_path, degraded_
     assert not (root / "mlflow.db").exists()  # everything went to the server
 
 
+@pytest.mark.integration
 def test_a_killed_run_is_closed_when_its_stage_next_runs(tmp_path, degraded_project):
     root = copy_project(degraded_project, tmp_path / "project")
     params = read_params(root)
