@@ -160,7 +160,8 @@ class _WithoutNoOps(ast.NodeTransformer):
 def imported_modules(script: Path, package_dir: Path, *, stop: Iterable[str] = ()) -> list[Path]:
     """Source files of the package at ``package_dir`` (e.g. src/iln) that ``script`` imports,
     directly or through other modules, including the packages' ``__init__.py`` files.
-    Modules named in ``stop`` (dotted names) are neither listed nor followed.
+    Modules named in ``stop`` (dotted names; a package stops its modules too) are neither
+    listed nor followed.
 
     Read from the source (every import statement, also those inside functions), not from a
     running interpreter, so it is the same whatever ran before.
@@ -178,7 +179,7 @@ def imported_modules(script: Path, package_dir: Path, *, stop: Iterable[str] = (
                     continue
                 for found in _module_files(name, package_dir):
                     found_name = _module_name(found, package_dir)
-                    if found not in seen and found_name not in stop:
+                    if found not in seen and not _within(found_name, stop):
                         seen.add(found)
                         todo.append((found, found_name))
     return sorted(seen)
@@ -215,6 +216,11 @@ def _module_files(name: str, package_dir: Path) -> list[Path]:
         else:
             return []  # not a module (a name imported from a module), or not ours
     return [f for f in files if f.exists()]
+
+
+def _within(module: str, names: set[str]) -> bool:
+    """Whether ``module`` is one of ``names`` or inside one of them (a package)."""
+    return any(module == name or module.startswith(name + ".") for name in names)
 
 
 def _module_name(path: Path, package_dir: Path) -> str:
