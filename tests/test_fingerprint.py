@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from tests.stage_project import (
     metric_steps,
     read_params,
     run_stage,
+    stage_env,
     stage_runs,
     summary,
     write_params,
@@ -285,3 +288,29 @@ def test_train_stage_retrains_on_new_data_and_resumes_past_observer_changes(
     assert summary(root, "ln")["resumed_from"] == 0
     runs = stage_runs(root, "ln")
     assert len(runs) == 2  # new data, new training, new tracked run
+
+
+@pytest.mark.integration
+def test_train_stage_resumes_past_comments_and_colours_and_retrains_on_a_changed_constant(
+    tmp_path, degraded_project
+):
+    """The independent check on a copy of the code: a colour, comments in tracking.py and in
+    the HAT module resume the finished run; LAYERSCALE_INIT doubled trains afresh."""
+    root = copy_project(degraded_project, tmp_path / "project")
+    package, script, _ = _code_copy(tmp_path / "code")
+    env = {**stage_env(), "PYTHONPATH": str(package.parent)}
+
+    def train() -> int:
+        done = subprocess.run(
+            [sys.executable, str(script), "ln"], cwd=root, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return summary(root, "ln")["resumed_from"]
+
+    assert train() == 0
+    _edit(package / "styles.py", '"#1f77b4"', '"#0000ff"')
+    for name in ("tracking.py", "models/hat.py"):
+        (package / name).write_text("# a comment line\n" + (package / name).read_text())
+    assert train() == read_params(root)["train"]["iterations"] == 4
+    _edit(package / "models" / "norms.py", "LAYERSCALE_INIT = 1e-4", "LAYERSCALE_INIT = 2e-4")
+    assert train() == 0
