@@ -20,7 +20,8 @@ directly or not (also imports inside functions, read from the source), except th
 ``RECORDING_MODULES`` and what is imported only through them. Those only record, track,
 validate, colour or write what training produced (the probes, the validation PSNR, MLflow,
 the error lines, the final model file, this fingerprint); a test checks that each of them
-is imported by the train stage, so the list stays exact. Everything else the stage reaches
+is imported by the train stage and that no module on the training path imports one, so the
+list stays exact. Everything else the stage reaches
 (the models, the data pipeline and the params that feed it, the loss, the optimiser, the
 loop, the checkpoints, the distributed setup) is on the training path, and so is any module
 added to it later until it is declared recording: the safe side again.
@@ -87,7 +88,7 @@ RECORDING_MODULES = (
     "iln.metrics",
     "iln.protocols",
     "iln.weights",  # the model file written from the trained weights
-    "iln.fingerprint",  # what names a checkpoint; its own changes change the fingerprint anyway
+    "iln.fingerprint",  # what names a checkpoint, not what trains it
 )
 
 
