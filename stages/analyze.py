@@ -22,6 +22,7 @@ from iln.layout import Layout
 from iln.monitor import probe_batch
 from iln.released import open_released
 from iln.runtime import resolve_device
+from iln.styles import norm_style
 from iln.weights import load_trained
 
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         stage="analyze",
         run_name=args.run,
         norm=spec.norm,
+        color=norm_style(spec.norm).color,
         params={f"model.{k}": v for k, v in recipe.items()},
         tags=tags,
     ) as tracker:

@@ -35,6 +35,7 @@ from iln.precision import evaluate_precisions
 from iln.protocols import protocol_for
 from iln.released import open_released
 from iln.runtime import resolve_device
+from iln.styles import norm_style
 from iln.weights import load_trained
 
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         stage="evaluate",
         run_name=args.run,
         norm=None if args.run == "bicubic" else spec.norm,
+        color=None if args.run == "bicubic" else norm_style(spec.norm).color,
         params=run_params,
         tags=tags,
     ) as tracker:

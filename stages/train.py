@@ -32,6 +32,7 @@ from iln.monitor import probe_batch, training_monitor
 from iln.protocols import protocol_for
 from iln.resume import remember_tracked_run, tracked_run
 from iln.runtime import use_tf32
+from iln.styles import norm_style
 from iln.train import fit
 from iln.warm_start import WarmStart, carry_weights, file_sha256, released_state, trained_state
 from iln.weights import save_trained
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             stage="train",
             run_name=run.name,
             norm=run.spec.norm,
+            color=norm_style(run.spec.norm).color,
             params={**flatten(run.spec, "run"), **flatten(settings, "train")},
             tags={
                 "iln.fingerprint": fingerprint,

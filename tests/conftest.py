@@ -19,11 +19,10 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def degraded_project(tmp_path_factory):
     """A tiny project after its download and degrade stages (copy it with copy_project)."""
-    from iln import tracking
-    from tests.stage_project import make_project, run_stage
+    from tests.stage_project import make_project, run_stage, stage_runs
 
     root = make_project(tmp_path_factory.mktemp("degraded") / "project")
     for stage in ("download", "degrade"):
         run_stage(root, stage, "--no-progress")
-    tracking.find_stage_runs(root, experiment="iln")  # creates the store once (~5 s)
+    stage_runs(root)  # creates the store once (~5 s)
     return root

@@ -97,3 +97,42 @@ def run_stage(root: Path, stage: str, *args: str, timeout: float = 300, **env: s
 
 def summary(root: Path, run: str) -> dict:
     return json.loads((root / "runs" / run / "train" / "summary.json").read_text())
+
+
+def stage_runs(root: Path, run_name: str | None = None) -> list[dict]:
+    """Summaries of the stage runs in the project's MLflow store (``$MLFLOW_TRACKING_URI`` or
+    its mlflow.db, which this creates when missing), optionally of one grid member."""
+    from mlflow.tracking import MlflowClient
+
+    from iln import tracking
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(root))
+    experiment = client.get_experiment_by_name("iln")
+    if experiment is None:
+        return []
+    query = f"tags.`{tracking.KIND_TAG}` = 'stage'"
+    if run_name is not None:
+        query += f" and tags.`{tracking.RUN_TAG}` = '{run_name}'"
+    found = client.search_runs([experiment.experiment_id], filter_string=query, max_results=1000)
+    return [
+        {
+            "run_id": run.info.run_id,
+            "run": run.data.tags.get(tracking.RUN_TAG),
+            "stage": run.data.tags.get(tracking.STAGE_TAG),
+            "status": run.info.status,
+            "parent": run.data.tags.get("mlflow.parentRunId"),
+            "metrics": dict(run.data.metrics),
+            "artifacts": [a.path for a in client.list_artifacts(run.info.run_id)],
+        }
+        for run in found
+    ]
+
+
+def metric_steps(root: Path, run_id: str, key: str) -> list[int]:
+    """The steps at which run ``run_id`` logged metric ``key``."""
+    from mlflow.tracking import MlflowClient
+
+    from iln import tracking
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(root))
+    return [m.step for m in client.get_metric_history(run_id, key)]

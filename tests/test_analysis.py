@@ -23,19 +23,11 @@ from iln.analysis import (
     run_final_analysis,
 )
 from iln.layout import FEATURES_COLUMNS
+from iln.models import build_model
 from iln.probes import measure_features
 from iln.weights import load_trained, save_trained
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class FakeBlock(nn.Module):
@@ -251,10 +243,7 @@ def test_model_file_keeps_both_weight_sets(tmp_path):
 
 @pytest.mark.parametrize(("arch", "norm"), [("hat_tiny", "ln"), ("swinir_tiny", "iln")])
 def test_run_final_analysis_on_real_models(tmp_path, arch, norm):
-    models = pytest.importorskip("iln.models")
-    if not hasattr(models, "build_model"):
-        pytest.skip("iln.models.build_model not available yet")
     torch.manual_seed(0)
-    model = models.build_model(arch, norm=norm, scale=2)
+    model = build_model(arch, norm=norm, scale=2)
     run_final_analysis(model, lq(batch=1, size=8), tmp_path)
     _check_outputs(tmp_path, n_layers=len(model.layers) + 1)

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmarks import suite as bench
+from benchmarks import timing
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the benchmarks live beside the package, not in it
-
-from benchmarks import suite as bench  # noqa: E402
-from benchmarks import timing  # noqa: E402
 
 
 def test_summarize_known_samples():
@@ -150,6 +148,7 @@ def test_ratios_and_fast_path_summary_from_rows():
     assert summary["outputs_agree"] is False  # 2e-5 > 1e-5
 
 
+@pytest.mark.integration
 def test_quick_run_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench" / "results.json"
     cmd = [

@@ -179,6 +179,7 @@ def test_degrade_params_validation():
         DegradeParams(tasks=("car_q0",), sets=("default_train",))
 
 
+@pytest.mark.integration
 def test_degrade_stage_cli(tmp_path):
     _hr_tree(tmp_path / "data")
     write_params(

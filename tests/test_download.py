@@ -481,6 +481,7 @@ def test_data_params_validation():
     assert catalog.expand(["DF2K", "DIV2K"]) == ["DIV2K_train", "Flickr2K", "DIV2K_valid"]
 
 
+@pytest.mark.integration
 def test_download_stage_cli_default(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "default").symlink_to(ROOT / "data" / "default")

@@ -1,4 +1,4 @@
-"""restore (whole and tiled), evaluate_pairs, summarise, bicubic baseline, crop panels."""
+"""restore (whole and tiled), evaluate_pairs, summarise, bicubic baseline."""
 
 from __future__ import annotations
 
@@ -11,12 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from iln.evaluate import (
-    centre_box,
     evaluate_pairs,
-    largest_difference_box,
     model_restore_fn,
     restore,
-    side_by_side_crops,
     summarise,
 )
 from iln.metrics import psnr
@@ -209,7 +206,7 @@ def test_evaluate_pairs_names_bad_image():
 
 
 def test_bicubic_baseline():
-    degrade = pytest.importorskip("iln.data.degrade")
+    from iln.data import degrade
     from iln.evaluate import bicubic_restore
 
     flat = np.full((10, 12, 3), 77, dtype=np.uint8)
@@ -246,35 +243,3 @@ def test_restore_with_hat_tiny():
     assert whole.shape == tiled.shape == (40, 54, 3)
     # i-LN statistics are per tile, so tiling changes the output a little, not a lot.
     assert psnr(tiled, whole, crop_border=0) > 25
-
-
-def test_side_by_side_crops_panel():
-    s = 2
-    hr = _image(40, 48, seed=5)
-    lr = hr[::s, ::s].copy()
-    a = hr.copy()
-    b = hr.copy()
-    b[20:28, 30:38] = 0  # the planted difference
-    box = largest_difference_box(a, b, size=8, scale=s)
-    assert box == (20, 30, 8, 8)
-    panel = side_by_side_crops({"LR": lr, "A": a, "B": b, "HR": hr}, scale=s, box=box, gap=3)
-    assert panel.shape == (8, 4 * 8 + 3 * 3, 3) and panel.dtype == np.uint8
-    assert np.array_equal(panel[:, :8], _nearest(lr[10:14, 15:19], s))
-    assert np.array_equal(panel[:, 11:19], a[20:28, 30:38])
-    assert (panel[:, 8:11] == 255).all()
-    assert np.array_equal(panel[:, 22:30], b[20:28, 30:38])
-    small = side_by_side_crops({"LR": lr, "HR": hr}, scale=s, box=box, upscale_lr=False, gap=0)
-    assert np.array_equal(small[:4, :4], lr[10:14, 15:19]) and (small[4:, :8] == 255).all()
-    with pytest.raises(ValueError, match="aligned"):
-        side_by_side_crops({"LR": lr, "HR": hr}, scale=s, box=(1, 0, 8, 8))
-    with pytest.raises(ValueError, match="does not fit"):
-        side_by_side_crops({"HR": hr}, scale=s, box=(36, 0, 8, 8))
-    with pytest.raises(ValueError, match="'odd'"):
-        side_by_side_crops({"odd": hr[:30], "HR": hr}, scale=s, box=box)
-
-
-def test_centre_box():
-    assert centre_box((41, 50, 3), 10, scale=4) == (12, 20, 10, 10)
-    assert centre_box((10, 10, 3), 10) == (0, 0, 10, 10)
-    with pytest.raises(ValueError, match="exceeds"):
-        centre_box((8, 50, 3), 10)

@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iln import layout, tracking
+from iln import layout
+from tests.stage_project import metric_steps, stage_runs
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = (
@@ -129,7 +132,7 @@ def test_stages_write_the_layouts_schemas(project):
 
 
 def test_mlflow_has_a_finished_run_per_stage_grouped_by_grid_member(project):
-    rows = tracking.find_stage_runs(project, experiment="iln")
+    rows = stage_runs(project)
     by_key = {(r["run"], r["stage"]): r for r in rows}
     for run in ("ln", "iln"):
         train, evaluate, analyze = (
@@ -137,7 +140,7 @@ def test_mlflow_has_a_finished_run_per_stage_grouped_by_grid_member(project):
         )
         assert {train["status"], evaluate["status"], analyze["status"]} == {"FINISHED"}
         assert train["parent"] == evaluate["parent"] == analyze["parent"]
-        assert len(tracking.metric_history(project, train["run_id"], "loss")) == 4
+        assert len(metric_steps(project, train["run_id"], "loss")) == 4
         assert "features/group0/magnitude" in train["metrics"] and "val/psnr" in train["metrics"]
         assert "sr_x2/default_test/psnr" in evaluate["metrics"]
         assert "samples" in evaluate["artifacts"] and "metrics.json" in evaluate["artifacts"]

@@ -46,6 +46,7 @@ def test_top_level_plots_overlay_every_default_run():
         assert (ROOT / definition["template"]).is_file()
 
 
+@pytest.mark.integration
 def test_plots_page_is_offline(tmp_path):
     """Run `dvc plots show` on synthetic CSVs in a scratch repository with this project's
     plot definitions, template and vendored scripts."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from iln.models import build_model
 from iln.probes import (
     FINAL_NORM_INPUT,
     PROBE_COLUMNS,
@@ -21,18 +22,7 @@ from iln.probes import (
     measure_features,
     probe_points,
     token_std_spread,
-    with_step,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------ a model following the contract
 
@@ -265,11 +255,6 @@ def test_missing_probe_points_are_named():
         measure_features(NoNorm(), lq())
 
 
-def test_with_step_prefixes_rows(model):
-    rows = with_step(measure_features(model, lq()), 300)
-    assert all(r["step"] == 300 and list(r)[0] == "step" for r in rows)
-
-
 # ------------------------------------------------------------------ overhead
 
 
@@ -305,11 +290,8 @@ def test_probe_overhead_is_small_at_k_100():
 
 
 def test_probe_overhead_on_the_tiny_hat_preset():
-    models = pytest.importorskip("iln.models")
-    if not hasattr(models, "build_model"):
-        pytest.skip("iln.models.build_model not available yet")
     torch.manual_seed(0)
-    hat = models.build_model("hat_tiny", norm="ln", scale=2)
+    hat = build_model("hat_tiny", norm="ln", scale=2)
     rows = measure_features(hat, lq(batch=1, size=16))
     assert rows[-1]["layer"] == FINAL_NORM_INPUT and len(rows) == len(hat.layers) + 1
     step, probe_t = _overhead(hat, lq(batch=2, size=16), lq(batch=2, size=16), repeats=2)

@@ -26,6 +26,7 @@ from iln.released import (
     verify_weights,
 )
 from tests.helpers import write_params
+from tests.stage_project import stage_runs
 from tests.test_pipeline import _run, copy_project_files
 
 ENTRIES = {  # name: (arch, norm, key the pipeline loads); one entry keeps the test fast
@@ -105,6 +106,7 @@ def project(tmp_path_factory):
     return root, models
 
 
+@pytest.mark.integration
 def test_repro_evaluates_and_analyses_released_entries_without_training(project):
     root, _ = project
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
@@ -122,6 +124,7 @@ def test_repro_evaluates_and_analyses_released_entries_without_training(project)
     assert "Running stage" not in _run(["dvc", "repro"], root).stdout
 
 
+@pytest.mark.integration
 def test_metrics_equal_the_authors_protocol_and_name_the_weights(project):
     root, models = project
     pairs = root / "data" / "pairs" / "sr_x2" / "default_test"
@@ -144,6 +147,7 @@ def test_metrics_equal_the_authors_protocol_and_name_the_weights(project):
         assert book[weights]["sha256"] == sha
 
 
+@pytest.mark.integration
 def test_report_and_mlflow_show_the_released_entries(project):
     root, _ = project
     table = (root / "reports" / "tables" / "released.md").read_text()
@@ -153,7 +157,7 @@ def test_report_and_mlflow_show_the_released_entries(project):
         sha = json.loads((root / "runs" / name / "eval" / "metrics.json").read_text())
         assert f"| {name} | {name}.pth | {sha['released']['sha256'][:12]} |" in table
     assert "whole image" in table and "mean x^2" in table
-    rows = tracking.find_stage_runs(root, experiment="iln")
+    rows = stage_runs(root)
     stages = {(r["run"], r["stage"]): r for r in rows}
     from mlflow.tracking import MlflowClient
 
@@ -166,6 +170,7 @@ def test_report_and_mlflow_show_the_released_entries(project):
     assert not [r for r in rows if r["stage"] == "train"]
 
 
+@pytest.mark.integration
 def test_a_missing_weights_file_stops_with_where_to_get_it(project):
     root, _ = project
     params_path = root / "params.yaml"

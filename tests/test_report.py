@@ -22,6 +22,7 @@ from iln.report import (
     load_runs,
     validate_paper_numbers,
 )
+from iln.report.crops import largest_difference_box
 from iln.report.paper import printed
 from iln.report.tables import Protocol
 from iln.styles import NORM_STYLES
@@ -596,3 +597,17 @@ def test_every_norm_has_its_own_colour():
     colours = [s.color for s in NORM_STYLES.values()]
     assert len(set(colours)) == len(colours)
     assert len({s.label for s in NORM_STYLES.values()}) == len(NORM_STYLES)
+
+
+def test_the_crop_box_is_where_two_restorations_differ_most():
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    b = a.copy()
+    b[20:28, 30:38] = 0  # the planted difference
+    assert largest_difference_box(a, b, size=8, scale=2) == (20, 30, 8, 8)
+    assert largest_difference_box(a, a, size=8, scale=2) == (0, 0, 8, 8)  # ties: top-left
+    assert largest_difference_box(a, b, size=8, scale=4)[:2] == (20, 28)  # corners on x4
+    with pytest.raises(ValueError, match="exceeds"):
+        largest_difference_box(a, b, size=41)
+    with pytest.raises(ValueError, match="one shape"):
+        largest_difference_box(a, b[:30], size=8)

@@ -45,6 +45,7 @@ def _env() -> dict[str, str]:
     }
 
 
+@pytest.mark.integration
 def test_restore_gives_the_evaluate_stage_samples_pixel_for_pixel(tmp_path):
     pairs = tmp_path / "data" / "pairs" / "sr_x2" / "default_test"
     lq = _images(pairs / "lq", [(21, 19), (16, 24)])

@@ -16,9 +16,11 @@ from iln import tracking
 from tests.stage_project import (
     copy_project,
     finish,
+    metric_steps,
     read_params,
     run_stage,
     stage_env,
+    stage_runs,
     start_stage,
     write_params,
 )
@@ -39,17 +41,18 @@ def _two_runs(tmp_path, degraded_project):
     return root
 
 
+@pytest.mark.integration
 def test_two_train_processes_at_once_on_a_fresh_store(tmp_path, degraded_project):
     root = _two_runs(tmp_path, degraded_project)
     assert not (root / "mlflow.db").exists()
     _both_train(root)
-    rows = tracking.find_stage_runs(root, experiment="iln")
+    rows = stage_runs(root)
     assert sorted((r["run"], r["status"]) for r in rows) == [
         ("iln", "FINISHED"),
         ("ln", "FINISHED"),
     ]
     for row in rows:
-        assert len(tracking.metric_history(root, row["run_id"], "loss")) == 4
+        assert len(metric_steps(root, row["run_id"], "loss")) == 4
 
 
 def _free_port() -> int:
@@ -58,6 +61,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_two_train_processes_against_a_local_tracking_server(tmp_path, degraded_project):
     root = _two_runs(tmp_path, degraded_project)
     port = _free_port()
@@ -90,7 +94,7 @@ def test_two_train_processes_against_a_local_tracking_server(tmp_path, degraded_
         _both_train(root, MLFLOW_TRACKING_URI=uri)
         os.environ["MLFLOW_TRACKING_URI"] = uri
         try:
-            rows = tracking.find_stage_runs(root, experiment="iln")
+            rows = stage_runs(root)
         finally:
             del os.environ["MLFLOW_TRACKING_URI"]
     finally:
@@ -108,6 +112,7 @@ def test_two_train_processes_against_a_local_tracking_server(tmp_path, degraded_
     assert not (root / "mlflow.db").exists()  # everything went to the server
 
 
+@pytest.mark.integration
 def test_a_killed_run_is_closed_when_its_stage_next_runs(tmp_path, degraded_project):
     root = copy_project(degraded_project, tmp_path / "project")
     params = read_params(root)
@@ -115,21 +120,18 @@ def test_a_killed_run_is_closed_when_its_stage_next_runs(tmp_path, degraded_proj
     write_params(root, params)
     process = start_stage(root, "train", "ln")
     deadline = time.monotonic() + 120
-    while not tracking.find_stage_runs(root, experiment="iln", run_name="ln"):
+    while not stage_runs(root, "ln"):
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.5)
     process.send_signal(signal.SIGKILL)  # no handler runs: the run stays RUNNING
     finish(process)
-    (killed,) = tracking.find_stage_runs(root, experiment="iln", run_name="ln")
+    (killed,) = stage_runs(root, "ln")
     assert killed["status"] == "RUNNING"
 
     params["train"].update(iterations=2, checkpoint_every=2)
     write_params(root, params)
     run_stage(root, "train", "ln")
-    statuses = {
-        r["run_id"]: r["status"]
-        for r in tracking.find_stage_runs(root, experiment="iln", run_name="ln")
-    }
+    statuses = {r["run_id"]: r["status"] for r in stage_runs(root, "ln")}
     assert statuses.pop(killed["run_id"]) == "KILLED"
     assert list(statuses.values()) == ["FINISHED"]
 

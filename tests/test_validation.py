@@ -86,6 +86,7 @@ def test_library_errors_end_in_one_line_not_a_traceback(capsys, monkeypatch, err
     assert err.startswith("train: error: ") and err.count("\n") == 1
 
 
+@pytest.mark.integration
 def test_bad_params_through_a_stage_process_are_one_line(tmp_path):
     params = _params(tmp_path, "train.seed", -1)
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src")}

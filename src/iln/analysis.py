@@ -10,7 +10,6 @@ Works for any model that follows the residual-stream contract (HAT and SwinIR al
 
 from __future__ import annotations
 
-import io
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -18,38 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from torch import nn
 
-from iln.files import write_bytes_atomic, write_csv_atomic, write_json_atomic
+from iln.files import write_csv_atomic, write_json_atomic
 from iln.layout import FEATURES_COLUMNS, FINAL_NORM_COLUMNS
 from iln.models.common import BIAS_TABLE_STD
+from iln.plotting import log_axis_if_wide, new_figure, save_figure_atomic
 from iln.probes import evaluation_mode, measure_features
 from iln.runtime import unwrap
 
 SUMMARY_STATS: tuple[str, ...] = ("magnitude", "entropy", "max_abs")
-
-# --------------------------------------------------------------------------------------
-# Figures, saved atomically
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A matplotlib Figure on the Agg canvas (no pyplot state, safe without a display)."""
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure_atomic(fig: Figure, path: Path | str, *, dpi: int = 110) -> Path:
-    """Render fig as PNG in memory, then write it atomically (temp file + os.replace)."""
-    path = Path(path)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    write_bytes_atomic(path, buffer.getvalue())
-    return path
-
 
 # --------------------------------------------------------------------------------------
 # Fig. 8: final-norm bias against the per-channel magnitude of its input
@@ -110,29 +87,6 @@ def final_norm_bias(
     ]
 
 
-def log_axis(ax, values: Sequence[float], axis: str = "y") -> None:
-    """Log scale labelled in plain numbers (0.1, 1, 10): decades always, and 2 and 5 within
-    each decade when the data spans less than two decades (else too few labels to read)."""
-    getattr(ax, f"set_{axis}scale")("log")
-    target = ax.yaxis if axis == "y" else ax.xaxis
-    positive = [v for v in values if v > 0 and math.isfinite(v)]
-    narrow = bool(positive) and max(positive) / min(positive) < 100
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    target.set_major_locator(LogLocator(base=10.0, numticks=10))
-    target.set_major_formatter(plain)
-    target.set_minor_locator(LogLocator(base=10.0, subs=(2.0, 5.0) if narrow else (1.0,)))
-    target.set_minor_formatter(plain if narrow else NullFormatter())
-
-
-def _log_axis_if_wide(ax, values: np.ndarray, axis: str) -> None:
-    """log_axis when the values span more than a decade, a linear axis otherwise."""
-    positive = values[values > 0]
-    if positive.size and positive.max() / positive.min() > 10:
-        log_axis(ax, [float(v) for v in values], axis)
-    else:
-        (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(nbins=5))
-
-
 def plot_final_norm(
     rows: Sequence[Mapping[str, object]], path: Path | str, *, title: str = ""
 ) -> Path:
@@ -147,7 +101,7 @@ def plot_final_norm(
     fig = new_figure(12, 3.8)
     axes = fig.subplots(1, 3)
     axes[0].bar(x, np.maximum(mean_abs[order], 1e-12), width=1.0, color="tab:blue")
-    _log_axis_if_wide(axes[0], mean_abs, "y")
+    log_axis_if_wide(axes[0], mean_abs, "y")
     axes[0].set_xlabel("channel, sorted by input mean |x|")
     axes[0].set_ylabel("input mean |x|")
     axes[0].set_title("input of the final norm", fontsize=9)
@@ -159,7 +113,7 @@ def plot_final_norm(
         axes[1].axhline(0.0, color="k", lw=0.5)
         axes[2].scatter(np.maximum(mean_abs, 1e-12), bias, s=10, color="tab:purple")
         axes[2].axhline(0.0, color="k", lw=0.5)
-        _log_axis_if_wide(axes[2], mean_abs, "x")
+        log_axis_if_wide(axes[2], mean_abs, "x")
     axes[1].set_xlabel("channel, same order")
     axes[1].set_ylabel("final-norm bias β")
     axes[1].set_title("bias per channel", fontsize=9)

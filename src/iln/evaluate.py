@@ -4,8 +4,7 @@
 benchmark protocol expects (clamp to [0, 1], scale to 255, round). ``evaluate_pairs``
 applies any such function to a set of (name, lq, gt) pairs and returns one row per image;
 ``summarise`` reduces the rows to the per-set means that papers report. The bicubic
-baseline and the side-by-side crop panels live here too because they share the same
-uint8-in, uint8-out convention.
+baseline lives here too because it shares the same uint8-in, uint8-out convention.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from iln.metrics import psnr, rgb_to_grey, rgb_to_y, ssim
+from iln.metrics import psnr, rgb_to_grey, ssim
 from iln.models.common import pad_like_swinir_test
 from iln.protocols import Protocol
 
@@ -266,104 +265,6 @@ def degraded_input(lq: np.ndarray) -> np.ndarray:
     so a set's score says how far the test pairs start from their targets."""
     _check_image(lq, "lq")
     return lq.copy()
-
-
-Box = tuple[int, int, int, int]  # (top, left, height, width) in HR pixels
-
-
-def centre_box(hr_shape: tuple[int, ...], size: int, *, scale: int = 1) -> Box:
-    """A ``size`` x ``size`` box in the middle of an HR image, corners aligned to ``scale``."""
-    h, w = hr_shape[:2]
-    if size > h or size > w:
-        raise ValueError(f"crop size {size} exceeds the image size {h}x{w}")
-    top = (h - size) // 2 // scale * scale
-    left = (w - size) // 2 // scale * scale
-    return top, left, size, size
-
-
-def largest_difference_box(a: np.ndarray, b: np.ndarray, *, size: int, scale: int = 1) -> Box:
-    """The ``size`` x ``size`` box where two restorations differ most (sum of |dY|).
-
-    Corners are aligned to ``scale`` so the matching LR crop is exact; ties go to the
-    top-most, then left-most box, so the choice is deterministic.
-    """
-    _check_image(a, "a")
-    _check_image(b, "b")
-    if a.shape != b.shape:
-        raise ValueError(f"a and b shapes differ: {a.shape} vs {b.shape}")
-    h, w = a.shape[:2]
-    if size > h or size > w:
-        raise ValueError(f"crop size {size} exceeds the image size {h}x{w}")
-    diff = np.abs(rgb_to_y(a) - rgb_to_y(b))  # (H, W)
-    integral = np.zeros((h + 1, w + 1), dtype=np.float64)
-    integral[1:, 1:] = diff.cumsum(0).cumsum(1)
-    tops = np.arange(0, h - size + 1, scale)
-    lefts = np.arange(0, w - size + 1, scale)
-    t, c = tops[:, None], lefts[None, :]
-    sums = (
-        integral[t + size, c + size]
-        - integral[t, c + size]
-        - integral[t + size, c]
-        + integral[t, c]
-    )
-    i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
-    return int(tops[i]), int(lefts[j]), size, size
-
-
-def side_by_side_crops(
-    images: Mapping[str, np.ndarray],
-    *,
-    scale: int,
-    box: Box,
-    upscale_lr: bool = True,
-    gap: int = 4,
-) -> np.ndarray:
-    """One uint8 panel with the same region of every image, left to right in dict order.
-
-    ``images`` maps a label (e.g. "LR", "Bicubic", "LN", "i-LN", "HR") to a uint8
-    (H, W, 3) array, either HR-sized or LR-sized (HR / scale). ``box`` is
-    (top, left, height, width) in HR pixels. LR images are cropped at box / scale and,
-    with ``upscale_lr``, enlarged by pixel repetition (nearest) to the HR crop size;
-    otherwise their small crop sits at the top-left of a white tile. Crops are separated
-    by ``gap`` white columns. Labels are not drawn: the order is the dict order.
-    """
-    if not images:
-        raise ValueError("side_by_side_crops needs at least one image")
-    for label, img in images.items():
-        _check_image(img, f"image {label!r}")
-    hr_shape = max((img.shape for img in images.values()), key=lambda s: s[0] * s[1])
-    hr_h, hr_w = hr_shape[:2]
-    top, left, bh, bw = box
-    if bh <= 0 or bw <= 0 or top < 0 or left < 0 or top + bh > hr_h or left + bw > hr_w:
-        raise ValueError(f"box {box} does not fit in the HR image {hr_h}x{hr_w}")
-    tiles = []
-    for label, img in images.items():
-        if img.shape == hr_shape:
-            tiles.append(img[top : top + bh, left : left + bw])
-            continue
-        if img.shape[:2] != (hr_h // scale, hr_w // scale):
-            raise ValueError(
-                f"image {label!r} has shape {img.shape}: "
-                f"expected HR {hr_shape} or LR of scale {scale}"
-            )
-        if top % scale or left % scale or bh % scale or bw % scale:
-            raise ValueError(
-                f"box {box} must be aligned to scale {scale} to crop the LR image {label!r}"
-            )
-        crop = img[top // scale : (top + bh) // scale, left // scale : (left + bw) // scale]
-        if upscale_lr:
-            tiles.append(np.repeat(np.repeat(crop, scale, axis=0), scale, axis=1))
-        else:
-            canvas = np.full((bh, bw, 3), 255, dtype=np.uint8)
-            canvas[: crop.shape[0], : crop.shape[1]] = crop
-            tiles.append(canvas)
-    spacer = np.full((bh, gap, 3), 255, dtype=np.uint8)
-    parts: list[np.ndarray] = []
-    for k, t in enumerate(tiles):
-        if k:
-            parts.append(spacer)
-        parts.append(t)
-    return np.concatenate(parts, axis=1)
 
 
 def central_crop_pairs(

@@ -145,3 +145,19 @@ def write_csv_atomic(path: Path, rows: Iterable[Mapping[str, Any]], columns: Seq
     for row in rows:
         writer.writerow(row)
     write_text_atomic(path, buffer.getvalue())
+
+
+def read_csv_rows(path: Path | str, required: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a CSV (as ``write_csv_atomic`` writes them) as string dicts; raises naming the
+    file if a required column is absent."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        missing = [c for c in required if c not in fields]
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {missing}; "
+                f"expected at least {list(required)}, found {fields}"
+            )
+        return list(reader)

@@ -6,9 +6,7 @@ A checkpoint is resumed only into a run with the same fingerprint, a hash of
     schedule, EMA, clipping, seed, precision, training set);
   - a digest of the training pairs (names and bytes of every file), so that an added, removed
     or changed image starts training afresh;
-  - a digest of the code the train stage runs (the stage script and every ``iln`` module it
-    imports, directly or not), so that a change to the loss, the model or the data pipeline
-    does too.
+  - a digest of the code on the training path, by its meaning (``code_digest``).
 Settings that only say how fast, where, or how often to record (``OBSERVER_KEYS``) are left
 out: changing the probe or log interval, the device, the threads or the report groups keeps a
 resumable checkpoint. ``iterations`` is left out as well: a run is a prefix of any longer run
@@ -16,6 +14,21 @@ with the same settings, so a longer run resumes from a shorter one's checkpoint 
 one from any checkpoint at or before its last step (``iln.resume``). Every field of
 ``TrainParams`` and ``RunSpec`` is either in ``TRAJECTORY_KEYS`` or in ``OBSERVER_KEYS``
 (a test checks it); a field in neither still counts as trajectory, the safe side.
+
+The training path, the rule: the train stage script and every ``iln`` module it imports,
+directly or not (also imports inside functions, read from the source), except those in
+``RECORDING_MODULES`` and what is imported only through them. Those only record, track,
+validate, colour or write what training produced (the probes, the validation PSNR, MLflow,
+the error lines, the final model file, this fingerprint); a test checks that each of them
+is imported by the train stage and that no module on the training path imports one, so the
+list stays exact. Everything else the stage reaches
+(the models, the data pipeline and the params that feed it, the loss, the optimiser, the
+loop, the checkpoints, the distributed setup) is on the training path, and so is any module
+added to it later until it is declared recording: the safe side again.
+
+By meaning: each module counts as its syntax tree (``ast.dump``) without docstrings, other
+bare string statements and ``pass``, so comments, docstrings and formatting do not count,
+while any changed name, constant or expression does.
 """
 
 from __future__ import annotations
@@ -68,10 +81,20 @@ OBSERVER_KEYS = {
     ),
 }
 
-# Modules that write nothing the weights or a DVC output depend on: the stage's error lines
-# and the MLflow records. Left out of the code digest (and of dvc.yaml deps), so editing them
-# keeps a resumable checkpoint.
-OBSERVER_MODULES = ("cli.py", "tracking.py")
+# Modules of the train stage that only record, track, validate, colour or write what training
+# produced: left out of the code digest with what only they import (see the module docstring).
+RECORDING_MODULES = (
+    "iln.cli",  # the stage's error lines
+    "iln.tracking",  # MLflow
+    "iln.styles",  # the MLflow run colour
+    "iln.monitor",  # the probes and the validation PSNR during training
+    "iln.probes",
+    "iln.evaluate",
+    "iln.metrics",
+    "iln.protocols",
+    "iln.weights",  # the model file written from the trained weights
+    "iln.fingerprint",  # what names a checkpoint, not what trains it
+)
 
 
 def training_fingerprint(
@@ -110,26 +133,52 @@ def tree_digest(folders: Iterable[Path]) -> str:
 
 
 def code_digest(script: Path, package_dir: Path) -> str:
-    """Digest of ``script`` and every module of the package at ``package_dir`` it imports."""
+    """Digest of the meaning of ``script`` and of the modules of the package at
+    ``package_dir`` on its training path (``training_modules``)."""
     digest = hashlib.sha256()
     root = package_dir.parent
-    observers = {package_dir / name for name in OBSERVER_MODULES}
-    for path in [Path(script), *imported_modules(script, package_dir)]:
-        if path in observers:
-            continue
+    for path in [Path(script), *training_modules(script, package_dir)]:
         name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
-        digest.update(f"{name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+        meaning = hashlib.sha256(code_meaning(path.read_text(), path).encode()).hexdigest()
+        digest.update(f"{name} {meaning}\n".encode())
     return digest.hexdigest()
 
 
-def imported_modules(script: Path, package_dir: Path) -> list[Path]:
+def training_modules(script: Path, package_dir: Path) -> list[Path]:
+    """Source files of the package that ``script`` imports, not through ``RECORDING_MODULES``."""
+    return imported_modules(script, package_dir, stop=RECORDING_MODULES)
+
+
+def code_meaning(source: str, filename: str | Path = "<source>") -> str:
+    """The syntax tree of ``source`` as text, without docstrings, other bare string statements
+    and ``pass``: equal for two sources that differ only in comments, docstrings or layout."""
+    tree = _WithoutNoOps().visit(ast.parse(source, filename=str(filename)))
+    return ast.dump(tree, annotate_fields=False)
+
+
+class _WithoutNoOps(ast.NodeTransformer):
+    """Drops statements that do nothing: ``pass`` and a bare string (a docstring)."""
+
+    def visit_Pass(self, node: ast.Pass) -> None:
+        return None
+
+    def visit_Expr(self, node: ast.Expr) -> ast.Expr | None:
+        if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            return None
+        return self.generic_visit(node)
+
+
+def imported_modules(script: Path, package_dir: Path, *, stop: Iterable[str] = ()) -> list[Path]:
     """Source files of the package at ``package_dir`` (e.g. src/iln) that ``script`` imports,
     directly or through other modules, including the packages' ``__init__.py`` files.
+    Modules named in ``stop`` (dotted names; a package stops its modules too) are neither
+    listed nor followed.
 
     Read from the source (every import statement, also those inside functions), not from a
     running interpreter, so it is the same whatever ran before.
     """
     package = package_dir.name
+    stop = set(stop)
     seen: set[Path] = set()
     todo = [(Path(script), None)]
     while todo:
@@ -140,9 +189,10 @@ def imported_modules(script: Path, package_dir: Path) -> list[Path]:
                 if name != package and not name.startswith(package + "."):
                     continue
                 for found in _module_files(name, package_dir):
-                    if found not in seen:
+                    found_name = _module_name(found, package_dir)
+                    if found not in seen and not _within(found_name, stop):
                         seen.add(found)
-                        todo.append((found, _module_name(found, package_dir)))
+                        todo.append((found, found_name))
     return sorted(seen)
 
 
@@ -177,6 +227,11 @@ def _module_files(name: str, package_dir: Path) -> list[Path]:
         else:
             return []  # not a module (a name imported from a module), or not ours
     return [f for f in files if f.exists()]
+
+
+def _within(module: str, names: set[str]) -> bool:
+    """Whether ``module`` is one of ``names`` or inside one of them (a package)."""
+    return any(module == name or module.startswith(name + ".") for name in names)
 
 
 def _module_name(path: Path, package_dir: Path) -> str:

@@ -45,10 +45,9 @@ class FeatureKL(contextlib.AbstractContextManager):
     """Forward hooks on every ``model.layers[g]`` while open; ``penalty()`` is the mean
     Gaussian KL of the group outputs recorded since the last ``penalty()`` call.
 
-    Usage: ``with FeatureKL(model) as kl:`` around the training loop, ``kl.reset()`` before
-    each training forward pass (drops what other passes, e.g. probes, recorded), then
-    ``loss = l1 + w * kl.penalty()``. Gradients flow into the recorded outputs. The hooks
-    stay registered for the whole block, so a compiled model is not re-traced every step.
+    Usage: ``with FeatureKL(model) as kl:`` around one training forward pass, then
+    ``loss = l1 + w * kl.penalty()``; a probe pass outside the block records nothing.
+    Gradients flow into the recorded outputs.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -75,10 +74,6 @@ class FeatureKL(contextlib.AbstractContextManager):
     def __exit__(self, *exc_info: object) -> None:
         while self._handles:
             self._handles.pop().remove()
-        self._values = []
-
-    def reset(self) -> None:
-        """Forget every output recorded so far."""
         self._values = []
 
     def penalty(self) -> torch.Tensor:

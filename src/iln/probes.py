@@ -24,11 +24,9 @@ The paper does not publish its formulas; these are ours.
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -290,27 +288,3 @@ def measure_features(
         for chunk in chunks:
             model(chunk)
         return probe.rows()
-
-
-def with_step(rows: Iterable[Mapping[str, object]], step: int) -> list[dict[str, object]]:
-    """Rows of measure_features prefixed with the training step (PROBES_CSV_COLUMNS)."""
-    return [{"step": int(step), **row} for row in rows]
-
-
-# --------------------------------------------------------------------------------------
-# Reading CSV files back (writing: iln.files.write_csv_atomic)
-
-
-def read_csv_rows(path: Path | str, required: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a CSV as string dicts; raises naming the file if a required column is absent."""
-    path = Path(path)
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        missing = [c for c in required if c not in fields]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {missing}; "
-                f"expected at least {list(required)}, found {fields}"
-            )
-        return list(reader)

@@ -11,11 +11,12 @@ and parent runs are found or made, under an exclusive file lock beside it
 no metric is lost. A stage run left RUNNING by a killed process of this machine is closed
 as KILLED when its stage next starts; a resumed training continues its own MLflow run.
 
-Every run of a grid member carries its norm (tag ``iln.norm``) and the norm's fixed colour
-(``mlflow.runColor``, iln.styles), so LN is red and i-LN blue in every MLflow chart. The
-experiment is tagged as model training (``mlflow.experimentKind``); MLflow 3.17's UI still
-opens on its GenAI view unless the URL carries ``?workflowType=machine_learning`` (see
-``experiment_url``) or the sidebar's "Model training" switch is set (the browser keeps it).
+Every run of a grid member carries its norm (tag ``iln.norm``) and the colour its caller
+gives it (``mlflow.runColor``; the stages pass the norm's fixed colour from iln.styles), so LN
+is red and i-LN blue in every MLflow chart. The experiment is tagged as model training
+(``mlflow.experimentKind``); MLflow 3.17's UI still opens on its GenAI view unless the URL
+carries ``?workflowType=machine_learning`` (``<server>/#/experiments/<id>?workflowType=
+machine_learning``) or the sidebar's "Model training" switch is set (the browser keeps it).
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-from iln.styles import norm_style
 
 RUN_TAG = "iln.run"
 STAGE_TAG = "iln.stage"
@@ -161,16 +160,10 @@ def _experiment_id(client: Any, name: str, root: Path, uri: str) -> str:
     return experiment_id
 
 
-def experiment_url(server: str, experiment_id: str) -> str:
-    """The UI address of an experiment, opened on the model-training (runs and charts) view."""
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
-
-
-def norm_tags(norm: str | None) -> dict[str, str]:
-    """Tags naming a run's norm and giving it the norm's fixed colour in the MLflow UI."""
-    if norm is None:
-        return {}
-    return {NORM_TAG: norm, RUN_COLOR_TAG: norm_style(norm).color}
+def norm_tags(norm: str | None, color: str | None) -> dict[str, str]:
+    """Tags naming a run's norm and the colour the MLflow UI draws it in."""
+    tags = {NORM_TAG: norm} if norm is not None else {}
+    return {**tags, RUN_COLOR_TAG: color} if color is not None else tags
 
 
 def _parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
@@ -207,11 +200,13 @@ def stage_run(
     tags: Mapping[str, Any] | None = None,
     continue_run: str | None = None,
     norm: str | None = None,
+    color: str | None = None,
 ) -> Iterator[StageRun]:
     """Open one tracked run for a stage invocation of grid member ``run_name``.
 
-    norm: the member's normalisation (tags ``iln.norm`` and its colour); None for runs that
-    have none (the bicubic baseline, the report).
+    norm, color: the member's normalisation (tag ``iln.norm``) and the colour the MLflow UI
+    draws its runs in (hex RGB); None for runs that have none (the bicubic baseline, the
+    report).
 
     Runs of the same (run_name, stage) left RUNNING by a killed process of this machine
     are first closed as KILLED. ``continue_run``: the id of an earlier run of this stage to
@@ -219,7 +214,7 @@ def stage_run(
     The run ends FINISHED on success, FAILED on an exception, KILLED on Ctrl-C.
     """
     uri = tracking_uri(root)
-    common = {"iln.git_commit": git_commit(root), **norm_tags(norm)}
+    common = {"iln.git_commit": git_commit(root), **norm_tags(norm, color)}
     run_tags = {
         **common,
         **{k: str(v) for k, v in (tags or {}).items()},
@@ -264,39 +259,6 @@ def stage_run(
         raise
     finally:
         _retry(client.set_terminated, handle.run_id, status)
-
-
-def find_stage_runs(
-    root: Path, *, experiment: str, run_name: str | None = None
-) -> list[dict[str, Any]]:
-    """Summaries of the stage runs in the store, for checking a store from Python."""
-    client, _ = _client(root)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    query = f"tags.`{KIND_TAG}` = 'stage'"
-    if run_name is not None:
-        query += f" and tags.`{RUN_TAG}` = '{run_name}'"
-    rows = []
-    for run in client.search_runs([found.experiment_id], filter_string=query, max_results=1000):
-        rows.append(
-            {
-                "run_id": run.info.run_id,
-                "run": run.data.tags.get(RUN_TAG),
-                "stage": run.data.tags.get(STAGE_TAG),
-                "status": run.info.status,
-                "parent": run.data.tags.get("mlflow.parentRunId"),
-                "metrics": dict(run.data.metrics),
-                "params": dict(run.data.params),
-                "artifacts": [a.path for a in client.list_artifacts(run.info.run_id)],
-            }
-        )
-    return rows
-
-
-def metric_history(root: Path, run_id: str, key: str) -> list[tuple[int, float]]:
-    client, _ = _client(root)
-    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
 # --------------------------------------------------------------------------- concurrency

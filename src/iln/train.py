@@ -33,7 +33,6 @@ from torch import nn
 from tqdm import tqdm
 
 from iln.config import TrainParams
-from iln.files import atomic_path
 from iln.kld import FeatureKL
 from iln.resume import CHECKPOINT_VERSION, load_resume_state, save_resume_state
 from iln.runtime import unwrap
@@ -128,12 +127,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         update(ema_params, [p.detach() for p in model.parameters()], None)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save through the project's atomic writer (``iln.files.atomic_path``)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:

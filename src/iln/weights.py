@@ -16,8 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from iln.files import atomic_path
 from iln.models import build_model
-from iln.train import save_atomic
 
 Weights = Literal["ema", "raw"]
 STATE_KEYS: dict[str, str] = {"ema": "state_dict", "raw": "raw_state_dict"}
@@ -43,7 +43,8 @@ def save_trained(
     }
     if raw is not None:
         blob["raw_state_dict"] = raw.state_dict()
-    save_atomic(blob, Path(path))
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
 
 
 def load_trained(

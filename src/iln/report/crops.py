@@ -8,10 +8,40 @@ from pathlib import Path
 
 import numpy as np
 
-from iln.analysis import new_figure, save_figure_atomic
 from iln.data.io import read_rgb
-from iln.evaluate import largest_difference_box
-from iln.metrics import psnr
+from iln.metrics import psnr, rgb_to_y
+from iln.plotting import new_figure, save_figure_atomic
+
+Box = tuple[int, int, int, int]  # (top, left, height, width) in HR pixels
+
+
+def largest_difference_box(a: np.ndarray, b: np.ndarray, *, size: int, scale: int = 1) -> Box:
+    """The ``size`` x ``size`` box where two restorations differ most (sum of |dY|).
+
+    Corners are aligned to ``scale`` so the matching LR crop is exact; ties go to the
+    top-most, then left-most box, so the choice is deterministic.
+    """
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(
+            f"a and b must be two (H, W, 3) images of one shape: {a.shape} vs {b.shape}"
+        )
+    h, w = a.shape[:2]
+    if size > h or size > w:
+        raise ValueError(f"crop size {size} exceeds the image size {h}x{w}")
+    diff = np.abs(rgb_to_y(a) - rgb_to_y(b))  # (H, W)
+    integral = np.zeros((h + 1, w + 1), dtype=np.float64)
+    integral[1:, 1:] = diff.cumsum(0).cumsum(1)
+    tops = np.arange(0, h - size + 1, scale)
+    lefts = np.arange(0, w - size + 1, scale)
+    t, c = tops[:, None], lefts[None, :]
+    sums = (
+        integral[t + size, c + size]
+        - integral[t, c + size]
+        - integral[t + size, c]
+        + integral[t, c]
+    )
+    i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(tops[i]), int(lefts[j]), size, size
 
 
 def crop_panel(
@@ -20,7 +50,7 @@ def crop_panel(
     gt: np.ndarray,
     restored: Mapping[str, np.ndarray],
     scale: int,
-    box: tuple[int, int, int, int],
+    box: Box,
     path: Path,
     title: str,
     colors: Mapping[str, str] | None = None,

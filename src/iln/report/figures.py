@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from iln.analysis import log_axis, new_figure, save_figure_atomic
+from iln.plotting import log_axis, new_figure, save_figure_atomic
 from iln.report.runs import RunResults
 from iln.styles import (
     LINE_GRAD_CLIP,

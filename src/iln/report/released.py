@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from iln.files import write_csv_atomic, write_text_atomic
-from iln.probes import PROBE_COLUMNS, read_csv_rows
+from iln.files import read_csv_rows, write_csv_atomic, write_text_atomic
+from iln.layout import PROBE_COLUMNS
 
 CSV_COLUMNS = ("entry", "set", "metric", "paper", "ours", "paper_table", "file", "sha256", "tile")
 FIGURES = ("final_norm.png", "rpb_first.png", "rpb_last.png")

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iln.files import read_csv_rows
 from iln.layout import (
     ANALYSIS_FIGURES,
     FEATURES_COLUMNS,
@@ -25,7 +26,6 @@ from iln.layout import (
     WEIGHTS_RAW,
     RunFiles,
 )
-from iln.probes import read_csv_rows
 from iln.styles import norm_label, norm_rank
 
 PRECISION_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
