@@ -273,6 +273,14 @@ def test_stochastic_depth_of_a_sample_depends_only_on_its_own_noise_row(arch):
         model(x, drop_noise=noise[:, :-1])
 
 
+def test_activation_checkpointing_keeps_less_for_the_backward_pass():
+    from benchmarks.grad_checkpoint import saved_bytes
+
+    model = build_model("hat_tiny", norm="iln", scale=2).train()
+    x, noise = _image(2, 16, 16), torch.rand(2, model.drop_sites)
+    assert saved_bytes(model, x, noise, True) < 0.3 * saved_bytes(model, x, noise, False)
+
+
 @pytest.mark.parametrize("arch", ["hat_tiny", "swinir_tiny"])
 def test_activation_checkpointing_gives_the_same_output_and_gradients(arch):
     model = build_model(arch, norm="iln", scale=2).train()

@@ -1,0 +1,143 @@
+"""What ``train.grad_checkpoint`` saves and costs: activation memory kept for the backward pass
+and the time of a training step, with and without recomputing each block.
+
+    PYTHONPATH=src python -m benchmarks.grad_checkpoint [--arch hat --batch 2 --lr-patch 64]
+
+Memory is counted exactly, not sampled: the bytes of every distinct tensor storage autograd
+keeps for the backward pass during one forward (``torch.autograd.graph.saved_tensors_hooks``),
+so the figure does not depend on the allocator or the machine's load. Peak resident memory of
+a full step is also reported (one fresh process per mode; it includes the model, Adam and the
+recomputation's transient tensors). Time: the median of interleaved rounds of one full step
+(forward, L1 backward, Adam) per mode, in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from iln.models import build_model
+
+
+def _batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    p, s = args.lr_patch, args.scale
+    lq = torch.rand(args.batch, 3, p, p, generator=g)  # (B, 3, p, p)
+    gt = torch.rand(args.batch, 3, s * p, s * p, generator=g)  # (B, 3, s*p, s*p)
+    return lq, gt, g
+
+
+def _model(args: argparse.Namespace) -> torch.nn.Module:
+    return build_model(
+        args.arch, norm=args.norm, scale=args.scale, generator=torch.Generator().manual_seed(0)
+    ).train()
+
+
+def saved_bytes(model: torch.nn.Module, lq: torch.Tensor, noise: torch.Tensor, ckpt: bool) -> int:
+    """Bytes of the distinct storages autograd keeps from one forward pass."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(lq, drop_noise=noise, checkpoint=ckpt)
+    del out
+    return sum(seen.values())
+
+
+def step_fn(model, lq, gt, noise, ckpt):
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.l1_loss(model(lq, drop_noise=noise, checkpoint=ckpt), gt).backward()
+        optimizer.step()
+
+    return step
+
+
+def peak_rss_of_a_step(args: argparse.Namespace, ckpt: bool) -> int:
+    """Peak resident bytes of a fresh process that builds the model and runs one step."""
+    code = (
+        "import sys, json, resource; sys.argv = json.loads(sys.argv[1]);"
+        "from benchmarks.grad_checkpoint import _child; _child()"
+    )
+    argv = ["child", *sys.argv[1:], "--child-mode", "ckpt" if ckpt else "plain"]
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _child() -> None:
+    args = parse_args(sys.argv[1:])
+    model = _model(args)
+    lq, gt, g = _batch(args)
+    noise = torch.rand(args.batch, model.drop_sites, generator=g)
+    step_fn(model, lq, gt, noise, args.child_mode == "ckpt")()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="hat")
+    parser.add_argument("--norm", default="iln")
+    parser.add_argument("--scale", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lr-patch", type=int, default=64, help="LR patch side, pixels")
+    parser.add_argument("--rounds", type=int, default=2, help="timed steps per mode")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads, 0 = default")
+    parser.add_argument("--child-mode", choices=("plain", "ckpt"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _model(args)
+    lq, gt, g = _batch(args)
+    noise = torch.rand(args.batch, model.drop_sites, generator=g)
+    saved = {ckpt: saved_bytes(model, lq, noise, ckpt) for ckpt in (False, True)}
+    steps = {ckpt: step_fn(model, lq, gt, noise, ckpt) for ckpt in (False, True)}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for ckpt in (False, True):
+        steps[ckpt]()  # warm-up
+    for _ in range(args.rounds):
+        for ckpt in (False, True):
+            start = time.perf_counter()
+            steps[ckpt]()
+            times[ckpt].append(time.perf_counter() - start)
+    rss = {ckpt: peak_rss_of_a_step(args, ckpt) for ckpt in (False, True)}
+    result = {
+        "setting": f"{args.arch} {args.norm} x{args.scale}, batch {args.batch}, LR patch "
+        f"{args.lr_patch}, {torch.get_num_threads()} threads",
+        "saved_activation_bytes": {"plain": saved[False], "grad_checkpoint": saved[True]},
+        "peak_rss_bytes": {"plain": rss[False], "grad_checkpoint": rss[True]},
+        "seconds_per_step": {
+            "plain": statistics.median(times[False]),
+            "grad_checkpoint": statistics.median(times[True]),
+        },
+        "rounds": {"plain": times[False], "grad_checkpoint": times[True]},
+    }
+    result["saved_fraction"] = saved[True] / saved[False]
+    result["time_ratio"] = (
+        result["seconds_per_step"]["grad_checkpoint"] / result["seconds_per_step"]["plain"]
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
