@@ -13,9 +13,14 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do options+=("$1"); shift; done
 # "RUN SOURCE" lines, sources first (SOURCE is - for a run trained from scratch)
 plan="$("$python" - "$@" <<'PY'
 import sys
-from iln.config import load_params
+from iln.config import ParamsError, load_params
 
-params = load_params("params.yaml")
+try:
+    params = load_params("params.yaml")
+    for name in sys.argv[1:]:
+        params.run(name)
+except ParamsError as err:
+    sys.exit(f"error: {err}")
 wanted = sys.argv[1:] or list(params.runs)
 order, seen = [], set()
 

@@ -45,12 +45,12 @@ def _project(tmp_path: Path, runs: dict) -> tuple[Path, dict[str, str]]:
 
 def test_the_grid_is_submitted_sources_first_with_job_dependencies(tmp_path):
     runs = {
-        "x4": {"arch": "hat_tiny", "norm": "iln", "task": "sr_x4", "init": {"run": "x2"}},
         "x2": {"arch": "hat_tiny", "norm": "iln", "task": "sr_x2"},
+        "x4": {"arch": "hat_tiny", "norm": "iln", "task": "sr_x4", "init": {"run": "x2"}},
     }
     root, env = _project(tmp_path, runs)
     out = subprocess.run(
-        ["bash", "slurm/submit_grid.sh", "--nodes", "2", "--"],
+        ["bash", "slurm/submit_grid.sh", "--nodes", "2", "--", "x4"],  # x2 comes with it
         cwd=root,
         env=env,
         capture_output=True,
@@ -89,3 +89,12 @@ def test_the_job_starts_one_torchrun_per_node_on_the_first_node_as_rendezvous(tm
         "stages/train.py a",
     ):
         assert part in call
+
+
+def test_a_bad_params_file_is_one_line(tmp_path):
+    root, env = _project(tmp_path, {"a": {"arch": "nope", "norm": "ln", "task": "sr_x2"}})
+    out = subprocess.run(
+        ["bash", "slurm/submit_grid.sh"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "runs.a.arch" in out.stderr
