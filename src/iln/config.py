@@ -142,7 +142,18 @@ def _join(where: str, name: str) -> str:
 
 # --------------------------------------------------------------------------- schema
 
-GROUPS = ("table1", "table2", "table3", "table4", "table6", "table8", "stdnorm", "seeds", "batch")
+GROUPS = (
+    "table1",
+    "table2",
+    "table3",
+    "table4",
+    "table6",
+    "table8",
+    "stdnorm",
+    "seeds",
+    "batch",
+    "fig2",  # the depth / width grid (paper Fig. 2)
+)
 
 
 @dataclass(frozen=True)
