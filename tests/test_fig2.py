@@ -12,6 +12,7 @@ from PIL import Image
 
 from iln.config import load_params
 from iln.layout import PROBES_CSV_COLUMNS
+from iln.models import resolve_hparams
 from iln.report import figures
 from iln.report.runs import RunInfo, RunResults
 from iln.styles import norm_style
@@ -95,20 +96,17 @@ def test_size_points_read_the_deepest_group_at_the_last_probe_and_the_run_size(t
 def test_the_shipped_depth_width_grid_sweeps_depth_and_width_for_ln_and_iln():
     params = load_params(ROOT / "configs/cpu_depth_width.yaml")
     fig2 = {n: r for n, r in params.runs.items() if "fig2" in r.groups}
-    assert {r.norm for r in fig2.values()} == {"ln", "iln"}
-    points = [
-        figures.SizePoint(
-            n,
-            r.norm,
-            len(d := r.model.get("depths", [2] * 3)),
-            max(d),
-            r.model.get("embed_dim", 32),
-            1.0,
-            1.0,
+    points = []
+    for name, run in fig2.items():
+        hp = resolve_hparams(run.arch, norm=run.norm, scale=run.scale, **run.model)
+        depths = hp["depths"]
+        assert len(set(depths)) == 1, name  # every group of a run has the same depth
+        points.append(
+            figures.SizePoint(name, run.norm, len(depths), depths[0], hp["embed_dim"], 1.0, 1.0)
         )
-        for n, r in fig2.items()
-    ]
-    for along, attr in (("depth", "depth"), ("width", "width")):
-        sweep = figures._sweep(points, along)
-        for norm in ("ln", "iln"):
-            assert len({getattr(p, attr) for p in sweep if p.norm == norm}) >= 3, (along, norm)
+    depth, width = figures._sweep(points, "depth"), figures._sweep(points, "width")
+    for norm in ("ln", "iln"):
+        shapes = sorted((p.groups, p.blocks) for p in depth if p.norm == norm)
+        assert shapes == [(2, 2), (3, 2), (4, 3), (6, 4)], norm
+        assert sorted(p.width for p in width if p.norm == norm) == [16, 32, 48, 64], norm
+    assert len(points) == 14
