@@ -307,7 +307,7 @@ def depth_width(points: Sequence[SizePoint], path: Path, *, title: str) -> Path 
             ax_m.set_title(f"against width (depth {shape} blocks)", fontsize=10)
         ax_m.set_ylabel("deepest group: mean x² (log scale)")
         ax_e.set_ylabel("deepest group: channel entropy (nats)")
-    ax_mw.legend(fontsize=8)
-    ax_ew.legend(fontsize=8)
+    for ax in (ax_mw, ax_ed, ax_ew):
+        ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return save_figure_atomic(fig, path)
