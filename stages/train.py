@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         lq_patch=settings.lq_patch,
         seed=settings.seed,
         jpeg_subsampling=params.degrade.jpeg_subsampling,
+        realsr=run.realsr,
     )
     first_test_set = params.test_sets(run.spec.task)[0]
     val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, first_test_set)))[

@@ -98,6 +98,7 @@ def test_norm_twins_have_the_same_parameter_count_unless_the_variant_adds_some()
     base = counts["ln"]
     for name in (
         "iln",
+        "iln_clamp",
         "ln_star",
         "ln_rs",
         "rmsnorm",

@@ -221,3 +221,93 @@ def test_default_eps_per_variant():
 def test_unknown_norm_names_the_valid_choices():
     with pytest.raises(ValueError, match=r"unknown norm 'groupnorm'.*iln.*batchnorm_train"):
         build_norm("groupnorm", 8)
+
+
+# ---- iln_clamp: traiNNer-redux's i-LN (branch scale clamped to twice a running std)
+
+
+def _images_with_std(amplitudes, n: int = 12, c: int = 4) -> torch.Tensor:
+    """(B, N, C) float64 tokens whose image b has mean 0 and biased variance amplitudes[b]^2
+    exactly (a fixed pattern, standardised, times the amplitude)."""
+    z = torch.linspace(-1.0, 1.0, n * c, dtype=torch.float64).reshape(n, c) ** 3
+    z = (z - z.mean()) / z.var(unbiased=False).sqrt()
+    return torch.stack([a * z for a in amplitudes])
+
+
+def _std(amplitude: float, eps: float = 1e-4) -> float:
+    return (amplitude**2 + eps) ** 0.5
+
+
+def _clamp_norm() -> norms.ClampedImageLayerNorm:
+    norm = build_norm("iln_clamp", 4).double()
+    assert isinstance(norm, norms.ClampedImageLayerNorm) and norm.eps == 1e-4
+    return norm.train()
+
+
+def test_iln_clamp_normalises_as_ln_star_and_its_first_training_call_copies_the_batch_std():
+    norm = _clamp_norm()
+    x = _images_with_std([1.0, 1.0, 10.0])
+    star = build_norm("ln_star", 4).double()
+    _randomise_affine(norm, seed=5)
+    star.load_state_dict(norm.state_dict())
+    y, scale = norm(x)
+    torch.testing.assert_close(y, star(x)[0], rtol=0, atol=1e-12)  # input / raw std, no clamp
+    first = (2 * _std(1.0) + _std(10.0)) / 3  # batch mean of the per-image std: ~4.0
+    assert norm.std_ema.item() == pytest.approx(first, rel=1e-12)
+    # the branch scale is min(std, 2 * std_ema): the third image (std ~10) is clamped to ~8
+    expected = torch.tensor([_std(1.0), _std(1.0), 2 * first], dtype=torch.float64)
+    torch.testing.assert_close(scale.flatten(), expected, rtol=1e-12, atol=0)
+
+
+def test_iln_clamp_running_std_moves_by_alpha_and_skips_batches_twice_its_value():
+    norm = _clamp_norm()
+    norm(_images_with_std([2.0, 2.0]))
+    ema = _std(2.0)
+    norm(_images_with_std([3.0, 1.0]))  # batch mean ~2 < 2 * ema: an EMA step of 1e-3
+    ema += 1e-3 * ((_std(3.0) + _std(1.0)) / 2 - ema)
+    assert norm.std_ema.item() == pytest.approx(ema, rel=1e-12)
+    _, scale = norm(_images_with_std([4.5, 5.0]))  # batch mean ~4.75 >= 2 * ema: skipped
+    assert norm.std_ema.item() == pytest.approx(ema, rel=1e-12)
+    torch.testing.assert_close(
+        scale.flatten(), torch.tensor([2 * ema, 2 * ema], dtype=torch.float64), rtol=1e-12, atol=0
+    )
+
+
+def test_iln_clamp_changes_nothing_in_eval_mode_and_is_plain_i_ln_before_any_training():
+    fresh = build_norm("iln_clamp", 4).double().eval()
+    x = _images_with_std([1.0, 30.0])
+    _, scale = fresh(x)  # never trained: the raw std, as i-LN
+    torch.testing.assert_close(scale, build_norm("iln", 4).double()(x)[1], rtol=0, atol=0)
+    assert fresh.std_ema.item() == 0.0
+    trained = _clamp_norm()
+    trained(_images_with_std([1.0, 1.0]))
+    trained.eval()
+    _, scale = trained(x)
+    assert trained.std_ema.item() == pytest.approx(_std(1.0), rel=1e-12)  # not updated in eval
+    torch.testing.assert_close(
+        scale.flatten(), torch.tensor([_std(1.0), 2 * _std(1.0)], dtype=torch.float64)
+    )
+
+
+def test_iln_clamp_running_std_is_not_saved_and_the_state_dict_matches_i_ln():
+    from iln.models import build_model
+
+    norm = _clamp_norm()
+    norm(_images_with_std([1.0]))
+    assert "std_ema" in dict(norm.named_buffers())
+    assert set(norm.state_dict()) == {"weight", "bias"}
+    clamp = build_model("hat_tiny", norm="iln_clamp", scale=2)
+    iln = build_model("hat_tiny", norm="iln", scale=2)
+    assert set(clamp.state_dict()) == set(iln.state_dict())
+    clamp.load_state_dict(iln.state_dict(), strict=True)
+    assert clamp.hparams["affine_outer"] is True and clamp.hparams["stdnorm"] is False
+
+
+def test_iln_clamp_gradient_flows_through_the_unclamped_scale_only():
+    norm = _clamp_norm()
+    norm(_images_with_std([1.0, 1.0]))
+    x = _images_with_std([1.0, 5.0]).requires_grad_(True)
+    _, scale = norm(x)
+    grad = torch.autograd.grad(scale.sum(), x)[0]
+    assert grad[0].abs().sum() > 0  # std of image 0 is below 2 * std_ema
+    assert grad[1].abs().sum() == 0  # image 1 is clamped to the constant 2 * std_ema

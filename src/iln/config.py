@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from iln.data.catalog import SETS, expand, parts_of
-from iln.data.params import DataParams, DegradeParams, parse_task
+from iln.data.params import DataParams, DegradeParams, RealSRParams, parse_task
 
 
 class ParamsError(ValueError):
@@ -142,7 +142,18 @@ def _join(where: str, name: str) -> str:
 
 # --------------------------------------------------------------------------- schema
 
-GROUPS = ("table1", "table2", "table3", "table4", "table6", "table8", "stdnorm", "seeds", "batch")
+GROUPS = (
+    "table1",
+    "table2",
+    "table3",
+    "table4",
+    "table6",
+    "table8",
+    "stdnorm",
+    "seeds",
+    "batch",
+    "fig2",  # the depth / width grid (paper Fig. 2)
+)
 
 
 @dataclass(frozen=True)
@@ -356,7 +367,8 @@ class ResolvedRun:
     name: str
     spec: RunSpec
     train: TrainParams
-    jpeg_subsampling: str | None = None  # car_q runs: chroma of the on-the-fly JPEG encoding
+    jpeg_subsampling: str | None = None  # car_q / realsr runs: chroma of the on-the-fly JPEG
+    realsr: RealSRParams | None = None  # realsr runs: the on-the-fly real-world degradation
 
     @property
     def scale(self) -> int:
@@ -399,12 +411,13 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
             if message.startswith(f"train.{key}"):
                 raise ParamsError(f"runs.{name}.{key}{message[len(f'train.{key}') :]}") from None
         raise ParamsError(f"runs.{name}: {message}") from None
-    car = parse_task(spec.task).kind == "car"
+    kind = parse_task(spec.task).kind
     return ResolvedRun(
         name=name,
         spec=spec,
         train=train,
-        jpeg_subsampling=params.degrade.jpeg_subsampling if car else None,
+        jpeg_subsampling=params.degrade.jpeg_subsampling if kind in ("car", "realsr") else None,
+        realsr=params.degrade.realsr if kind == "realsr" else None,
     )
 
 
@@ -510,7 +523,7 @@ def _check_run_data(params: Params, where: str, spec: RunSpec, kind: str) -> Non
     """The run's training images and test pairs are produced by the download / degrade stages."""
     train_set = spec.train_set or params.train.train_set
     key = f"{where}.train_set" if spec.train_set else "train.train_set"
-    if kind in ("dn", "car"):  # clean images, degraded on the fly
+    if kind in ("dn", "car", "realsr"):  # clean images, degraded on the fly
         try:
             missing = [p for p in parts_of(train_set) if p not in expand(params.data.datasets)]
         except ValueError as err:

@@ -114,6 +114,8 @@ def training_fingerprint(
         payload["init"] = init_digest
     if run.jpeg_subsampling is not None:  # car_q runs encode their inputs on the fly
         payload["jpeg_subsampling"] = run.jpeg_subsampling
+    if run.realsr is not None:  # realsr runs degrade their inputs on the fly
+        payload["realsr"] = dataclasses.asdict(run.realsr)
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

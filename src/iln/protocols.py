@@ -4,7 +4,8 @@ The literature scores each task its own way, and numbers are only comparable wit
 convention:
 
 - ``sr_x<s>``: PSNR / SSIM on Y (BT.601), ``s`` pixels cropped at every border (the SR
-  benchmark convention of BasicSR and the HAT / SwinIR papers).
+  benchmark convention of BasicSR and the HAT / SwinIR papers); ``realsr_x<s>`` (synthetic
+  real-world pairs) the same.
 - ``dn_s<sigma>``: PSNR / SSIM on RGB at [0, 255], no crop (the SwinIR / KAIR colour
   denoising convention: MSE over all three channels, SSIM averaged over them); on the
   grey image for grey sets (Set12, BSD68: the grey denoising convention).
@@ -53,7 +54,7 @@ class Protocol:
 def protocol_for(task: str, *, grey: bool = False) -> Protocol:
     """The protocol of ``task`` (a task name such as ``dn_s25``); ``grey``: a greyscale set."""
     spec = parse_task(task)
-    if spec.kind == "sr":
+    if spec.kind in ("sr", "realsr"):
         return Protocol(
             f"y_crop{spec.scale}",
             "y",

@@ -20,6 +20,7 @@ class NormStyle:
 NORM_STYLES: dict[str, NormStyle] = {
     "ln": NormStyle("LN", "#d62728"),
     "iln": NormStyle("i-LN", "#1f77b4"),
+    "iln_clamp": NormStyle("i-LN (clamped)", "#00bfc4"),
     "ln_star": NormStyle("LN*", "#ff7f0e"),
     "ln_rs": NormStyle("LN+Rs", "#9467bd"),
     "instancenorm": NormStyle("InstanceNorm", "#2ca02c"),

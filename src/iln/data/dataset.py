@@ -14,6 +14,9 @@ Where the lq image comes from depends on the task (``training_patches``):
   stage's own functions: Gaussian noise on [0, 255] from the sample's generator, clipped and
   rounded to uint8 exactly as the stored test pairs are; JPEG with the same encoder and chroma
   subsampling. The clean images are the HR images of the training set (no stored pairs).
+- ``realsr_x<s>``: the HR patch (s * lq_patch square) degraded on the fly by the real-world
+  pipeline (``iln.data.realsr``), every draw from the sample's generator, so sample k's
+  kernels, noise and JPEG qualities are a pure function of (seed, k).
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ import numpy as np
 from iln.data.catalog import parts_of
 from iln.data.degrade import SUBSAMPLING, add_gaussian_noise, jpeg_compress
 from iln.data.io import image_size, list_images, read_rgb
-from iln.data.params import parse_task
+from iln.data.params import RealSRParams, parse_task
+from iln.data.realsr import degrade_realsr
 from iln.layout import Layout
+
+ON_THE_FLY = ("dn", "car", "realsr")  # task kinds whose lq is made from the clean patch
 
 _PERMUTATION_STREAM = (
     0x5045524D  # separates the per-epoch permutation stream from per-sample streams
@@ -54,8 +60,9 @@ class TrainPatches:
 
     gt_dir: folder of HR images (or a list of folders, read as one set).
     lq_dir: folder of LR images with the same names, or None to make lq on the fly from the
-        gt patch with ``degradation`` ("dn_s<sigma>" or "car_q<quality>"; scale must be 1),
-        JPEG with ``jpeg_subsampling`` chroma (the degrade stage's setting).
+        gt patch with ``degradation`` ("dn_s<sigma>" or "car_q<quality>" with scale 1;
+        "realsr_x<s>" with scale s and ``realsr`` its parameters), JPEG with
+        ``jpeg_subsampling`` chroma (the degrade stage's setting).
     Returns {"lq": float32 (3, p, p), "gt": float32 (3, s*p, s*p)} in [0, 1].
     ``len()`` is the number of images (one epoch); any k >= 0 is a valid index.
     ``cache`` keeps decoded images in memory, up to ``cache_bytes`` per process (each data
@@ -73,6 +80,7 @@ class TrainPatches:
         augment: bool = True,
         degradation: str | None = None,
         jpeg_subsampling: str = "yuv420",
+        realsr: RealSRParams | None = None,
         cache: bool = True,
         cache_bytes: int = 4 << 30,
     ) -> None:
@@ -84,13 +92,19 @@ class TrainPatches:
             parse_task(degradation, "degradation") if degradation is not None else None
         )
         if self.degradation is not None:
-            if self.degradation.kind not in ("dn", "car"):
+            if self.degradation.kind not in ("dn", "car", "realsr"):
                 raise ValueError(
-                    f"degradation must be dn_s<sigma> or car_q<quality>, got {degradation!r}"
+                    "degradation must be dn_s<sigma>, car_q<quality> or realsr_x<scale>, "
+                    f"got {degradation!r}"
                 )
-            if lq_dir is not None or scale != 1:
+            if lq_dir is not None or scale != self.degradation.scale:
                 raise ValueError(
-                    f"on-the-fly degradation {degradation!r} needs lq_dir=None and scale=1"
+                    f"on-the-fly degradation {degradation!r} needs lq_dir=None and "
+                    f"scale={self.degradation.scale}"
+                )
+            if (self.degradation.kind == "realsr") != (realsr is not None):
+                raise ValueError(
+                    "realsr parameters are given exactly when the degradation is realsr_x<s>"
                 )
         elif lq_dir is None:
             raise ValueError("lq_dir is required unless a degradation makes lq on the fly")
@@ -100,6 +114,7 @@ class TrainPatches:
                 f"got {jpeg_subsampling!r}"
             )
         self.jpeg_subsampling = jpeg_subsampling
+        self.realsr = realsr
         dirs = [Path(gt_dir)] if isinstance(gt_dir, (str, Path)) else [Path(d) for d in gt_dir]
         self.gt_files = [p for d in dirs for p in list_images(d)]
         if not self.gt_files:
@@ -119,7 +134,7 @@ class TrainPatches:
         smallest: tuple[int, Path, int, int] | None = None  # (min side, file, h, w)
         for gt in self.gt_files:
             gh, gw = image_size(gt)
-            src, (h, w) = gt, (gh, gw)
+            src, (h, w) = gt, (gh // s, gw // s)  # lq made on the fly: the LR grid of gt
             if self.lq_files is not None:
                 src = self.lq_files[gt.stem]
                 h, w = image_size(src)
@@ -167,9 +182,10 @@ class TrainPatches:
         gt, lq = self._load(self.image_index(k))
         rng = np.random.default_rng([self.seed, k])
         p, s = self.lq_patch, self.scale
-        src = gt if lq is None else lq
-        top = int(rng.integers(0, src.shape[0] - p + 1))
-        left = int(rng.integers(0, src.shape[1] - p + 1))
+        # the patch's position on the LR grid (an lq made on the fly: gt's size / s)
+        rows, cols = (gt.shape[0] // s, gt.shape[1] // s) if lq is None else lq.shape[:2]
+        top = int(rng.integers(0, rows - p + 1))
+        left = int(rng.integers(0, cols - p + 1))
         gt_patch = gt[top * s : (top + p) * s, left * s : (left + p) * s]  # (s*p, s*p, 3)
         lq_patch = None if lq is None else lq[top : top + p, left : left + p]  # (p, p, 3)
         flips = rng.random(3) < 0.5 if self.augment else np.zeros(3, dtype=bool)
@@ -182,6 +198,10 @@ class TrainPatches:
 
     def _degrade(self, gt_patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         task = self.degradation
+        if task.kind == "realsr":
+            return degrade_realsr(
+                gt_patch, task.scale, self.realsr, rng, jpeg_subsampling=self.jpeg_subsampling
+            )
         if task.kind == "dn":
             return add_gaussian_noise(gt_patch, task.sigma, rng)
         return jpeg_compress(gt_patch, task.quality, subsampling=self.jpeg_subsampling)
@@ -189,8 +209,8 @@ class TrainPatches:
 
 def training_sources(task: str, train_set: str, layout: Layout) -> list[Path]:
     """The folders a run's training reads: the clean HR images of every part of ``train_set``
-    for DN / CAR (degraded on the fly), else the stored (lq, gt) pairs."""
-    if parse_task(task).kind in ("dn", "car"):
+    for DN / CAR / real-world SR (degraded on the fly), else the stored (lq, gt) pairs."""
+    if parse_task(task).kind in ON_THE_FLY:
         return [layout.hr / part for part in parts_of(train_set)]
     return list(layout.pair_dirs(task, train_set))
 
@@ -203,19 +223,24 @@ def training_patches(
     lq_patch: int,
     seed: int,
     jpeg_subsampling: str = "yuv420",
+    realsr: RealSRParams | None = None,
 ) -> TrainPatches:
     """The training patches of a run: stored pairs for SR and deraining, the clean HR images of
-    ``train_set`` (all parts of a composite set such as DF2K) degraded on the fly for DN / CAR."""
+    ``train_set`` (all parts of a composite set such as DF2K) degraded on the fly for DN / CAR
+    and real-world SR (``realsr``: its parameters, required for realsr_x<s>)."""
     spec = parse_task(task)
-    if spec.kind in ("dn", "car"):
+    if spec.kind in ON_THE_FLY:
+        if spec.kind == "realsr" and realsr is None:
+            raise ValueError(f"{task}: training needs the degrade.realsr parameters")
         return TrainPatches(
             training_sources(task, train_set, layout),
             None,
-            scale=1,
+            scale=spec.scale,
             lq_patch=lq_patch,
             seed=seed,
             degradation=task,
             jpeg_subsampling=jpeg_subsampling,
+            realsr=realsr if spec.kind == "realsr" else None,
         )
     lq_dir, gt_dir = layout.pair_dirs(task, train_set)
     return TrainPatches(gt_dir, lq_dir, scale=spec.scale, lq_patch=lq_patch, seed=seed)

@@ -29,8 +29,9 @@ from iln.data.degrade import (
 )
 from iln.data.io import is_plain_rgb_png, list_images, read_rgb, write_png
 from iln.data.parallel import resolve_workers, run_jobs
-from iln.data.params import DegradeParams, parse_task
+from iln.data.params import DegradeParams, RealSRParams, parse_task
 from iln.data.prepare import replace_dir
+from iln.data.realsr import degrade_realsr
 from iln.files import write_json_atomic
 
 STAGING_PREFIX = ".staging-"
@@ -53,6 +54,7 @@ class Options:
     round_each_pass: bool
     jpeg_subsampling: str
     compress_level: int
+    realsr: RealSRParams
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ def make_pairs(
         params.bicubic_rounding == "per_pass",
         params.jpeg_subsampling,
         params.png_compress_level,
+        params.realsr,
     )
     start = time.perf_counter()
     staged: dict[tuple[str, str], Path] = {}
@@ -203,6 +206,17 @@ def _process_image_named(job: ImageJob) -> list[tuple[str, str, dict]]:
         elif task.kind == "sr":
             gt = modcrop(hr, task.scale)
             lq = bicubic_downsample(gt, task.scale, round_each_pass=job.options.round_each_pass)
+        elif task.kind == "realsr":
+            gt = modcrop(hr, task.scale)
+            rng = noise_rng(job.options.seed, task.name, job.name)
+            lq = degrade_realsr(
+                gt,
+                task.scale,
+                job.options.realsr,
+                rng,
+                jpeg_subsampling=job.options.jpeg_subsampling,
+            )
+            record["seed"] = f"sha256({job.options.seed}|{task.name}|{job.name})"
         elif task.kind == "dn":
             gt = hr
             rng = noise_rng(job.options.seed, task.name, job.name)
@@ -302,14 +316,28 @@ def _manifest(params: DegradeParams, records: dict[str, dict], staged: dict) -> 
             "subimages": tiled,
             "per_image": dict(sorted(images.items())),
         }
+    realsr = any(parse_task(t).kind == "realsr" for t in params.tasks)
+    manifest_params = {
+        k: v
+        for k, v in asdict(params).items()
+        if k != "workers" and (k != "realsr" or realsr)  # realsr: only where a task uses it
+    }
     return {
         "format": 1,
-        "params": {k: v for k, v in asdict(params).items() if k != "workers"},
+        "params": manifest_params,
         "bicubic": "MATLAB imresize (bicubic a=-0.5, antialiased, symmetric borders), float64, "
         + ("rounded after each pass" if params.bicubic_rounding == "per_pass" else "rounded once")
         + ", half away from zero",
         "noise": "N(0, sigma^2) on [0, 255], numpy PCG64 seeded by sha256(seed|task|image), "
         "clipped and rounded",
         "jpeg": jpeg_encoder_info(params.jpeg_subsampling),
+        **(
+            {
+                "realsr": "Real-ESRGAN second-order degradation (iln.data.realsr), every draw "
+                "from numpy PCG64 seeded by sha256(seed|task|image); JPEG as above"
+            }
+            if realsr
+            else {}
+        ),
         "pairs": pairs,
     }

@@ -14,16 +14,21 @@ from typing import Literal
 from iln.data.archive import ExtractLimits
 from iln.data.catalog import SETS, expand, unknown_name_error
 
-TASK_RE = re.compile(r"^(?:sr_x(?P<scale>\d+)|dn_s(?P<sigma>\d+)|car_q(?P<quality>\d+)|derain)$")
+TASK_RE = re.compile(
+    r"^(?:sr_x(?P<scale>\d+)|realsr_x(?P<real_scale>\d+)|dn_s(?P<sigma>\d+)"
+    r"|car_q(?P<quality>\d+)|derain)$"
+)
 SR_SCALES = (2, 3, 4)
+REALSR_SCALES = (4,)  # Real-ESRGAN's x4 recipe (train_realesrnet_x4plus.yml)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A parsed task name: ``sr_x4`` -> kind "sr", scale 4."""
+    """A parsed task name: ``sr_x4`` -> kind "sr", scale 4; ``realsr_x4`` -> kind "realsr"
+    (real-world SR: the second-order degradation of ``iln.data.realsr``), scale 4."""
 
     name: str
-    kind: Literal["sr", "dn", "car", "derain"]
+    kind: Literal["sr", "realsr", "dn", "car", "derain"]
     scale: int = 1
     sigma: int = 0
     quality: int = 0
@@ -34,8 +39,15 @@ def parse_task(name: str, where: str = "task") -> TaskSpec:
     if not match:
         raise ValueError(
             f"{where}: unknown task {name!r} "
-            "(sr_x2, sr_x3, sr_x4, dn_s<sigma>, car_q<quality>, derain)"
+            "(sr_x2, sr_x3, sr_x4, realsr_x4, dn_s<sigma>, car_q<quality>, derain)"
         )
+    if match["real_scale"] is not None:
+        scale = int(match["real_scale"])
+        if scale not in REALSR_SCALES:
+            raise ValueError(
+                f"{where}: real-world SR scale must be one of {REALSR_SCALES}, got {name!r}"
+            )
+        return TaskSpec(name, "realsr", scale=scale)
     if match["scale"] is not None:
         scale = int(match["scale"])
         if scale not in SR_SCALES:
@@ -128,6 +140,112 @@ class SubImages:
                 )
 
 
+KERNEL_TYPES = (
+    "iso",
+    "aniso",
+    "generalized_iso",
+    "generalized_aniso",
+    "plateau_iso",
+    "plateau_aniso",
+)
+
+
+def _check_range(where: str, values: tuple[float, float], low: float, high: float) -> None:
+    if not low <= values[0] <= values[1] <= high:
+        raise ValueError(f"{where}: expected {low} <= min <= max <= {high}, got {list(values)}")
+
+
+def _check_probs(where: str, probs: tuple[float, ...], count: int) -> None:
+    if len(probs) != count or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+        raise ValueError(f"{where}: expected {count} probabilities >= 0 summing to 1, got {probs}")
+
+
+@dataclass(frozen=True)
+class RealSROrder:
+    """One order of the real-world degradation: blur, random resize, noise, JPEG.
+
+    Defaults are Real-ESRGAN's first order (train_realesrnet_x4plus.yml); ``RealSRParams``
+    sets the second order's. Kernel sizes are drawn from the odd sizes 7..``kernel_size``;
+    ``sinc_prob`` replaces the blur kernel by a 2-D sinc (ringing) kernel. ``resize_prob``:
+    probabilities of up, down and keep; ``resize_range``: the factor's range (relative to
+    the size before this order for the first, to the LR size for the second). Noise: Gaussian
+    with ``gaussian_noise_prob`` (sigma on [0, 255] in ``noise_range``), else Poisson (scale
+    in ``poisson_scale_range``), grey (the same in every channel) with ``gray_noise_prob``.
+    JPEG quality in ``jpeg_range`` (the second order's JPEG is the final step's).
+    """
+
+    blur_prob: float = 1.0
+    kernel_size: int = 21
+    kernel_list: tuple[str, ...] = KERNEL_TYPES
+    kernel_prob: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    sinc_prob: float = 0.1
+    blur_sigma: tuple[float, float] = (0.2, 3.0)
+    betag_range: tuple[float, float] = (0.5, 4.0)
+    betap_range: tuple[float, float] = (1.0, 2.0)
+    resize_prob: tuple[float, float, float] = (0.2, 0.7, 0.1)
+    resize_range: tuple[float, float] = (0.15, 1.5)
+    gaussian_noise_prob: float = 0.5
+    noise_range: tuple[float, float] = (1.0, 30.0)
+    poisson_scale_range: tuple[float, float] = (0.05, 3.0)
+    gray_noise_prob: float = 0.4
+    jpeg_range: tuple[float, float] = (30.0, 95.0)
+
+    def __post_init__(self) -> None:
+        for key in ("blur_prob", "sinc_prob", "gaussian_noise_prob", "gray_noise_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key}: must be in [0, 1], got {getattr(self, key)}")
+        if self.kernel_size < 7 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size: must be an odd integer >= 7, got {self.kernel_size}")
+        for name in self.kernel_list:
+            if name not in KERNEL_TYPES:
+                raise ValueError(
+                    f"kernel_list: unknown kernel {name!r} (choose from {', '.join(KERNEL_TYPES)})"
+                )
+        if not self.kernel_list:
+            raise ValueError("kernel_list: list at least one kernel type")
+        _check_probs("kernel_prob", self.kernel_prob, len(self.kernel_list))
+        _check_probs("resize_prob", self.resize_prob, 3)
+        _check_range("blur_sigma", self.blur_sigma, 1e-3, 1e3)
+        _check_range("betag_range", self.betag_range, 1e-3, 1e3)
+        _check_range("betap_range", self.betap_range, 1e-3, 1e3)
+        _check_range("resize_range", self.resize_range, 1e-3, 1e3)
+        if not self.resize_range[0] <= 1.0 <= self.resize_range[1]:
+            raise ValueError(
+                f"resize_range: must contain 1 (down below it, up above it), "
+                f"got {list(self.resize_range)}"
+            )
+        _check_range("noise_range", self.noise_range, 0.0, 255.0)
+        _check_range("poisson_scale_range", self.poisson_scale_range, 0.0, 1e3)
+        _check_range("jpeg_range", self.jpeg_range, 1.0, 100.0)
+
+
+def _second_order() -> RealSROrder:
+    """Real-ESRGAN's second order (the ``*2`` keys of train_realesrnet_x4plus.yml)."""
+    return RealSROrder(
+        blur_prob=0.8,
+        blur_sigma=(0.2, 1.5),
+        resize_prob=(0.3, 0.4, 0.3),
+        resize_range=(0.3, 1.2),
+        noise_range=(1.0, 25.0),
+        poisson_scale_range=(0.05, 2.5),
+    )
+
+
+@dataclass(frozen=True)
+class RealSRParams:
+    """The real-world (Real-ESRGAN) degradation of ``realsr_x<s>`` tasks: two orders, then
+    the final resize to the LR size, a sinc filter with ``final_sinc_prob`` and JPEG, in a
+    random order (``iln.data.realsr``)."""
+
+    first: RealSROrder = field(default_factory=RealSROrder)
+    second: RealSROrder = field(default_factory=_second_order)
+    final_sinc_prob: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.final_sinc_prob <= 1.0:
+            raise ValueError(f"final_sinc_prob: must be in [0, 1], got {self.final_sinc_prob}")
+
+
 @dataclass(frozen=True)
 class DegradeParams:
     """Which (lq, gt) pairs the degrade stage writes: every task x every set."""
@@ -147,6 +265,7 @@ class DegradeParams:
         1  # zlib level of written pairs: 1 is ~3x faster to write than 6, ~10% larger
     )
     subimages: SubImages = field(default_factory=SubImages)
+    realsr: RealSRParams = field(default_factory=RealSRParams)  # realsr_x<s> tasks
 
     def __post_init__(self) -> None:
         if not self.tasks:

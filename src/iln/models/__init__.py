@@ -144,7 +144,7 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
     hp.update(preset)
     hp.update(
         stdnorm=norm == "iln",
-        affine_outer=norm == "iln",
+        affine_outer=norm in ("iln", "iln_clamp"),  # the official i-LN and traiNNer-redux's
         eps=norms.default_eps(norm),
         upsampler="pixelshuffle",
         in_chans=3,
@@ -225,9 +225,10 @@ def build_model(
     ``num_heads``, ``window_size``, ``compress_ratio``, ``squeeze_factor``, ``mlp_ratio``,
     ``conv_scale``, ``overlap_ratio``, ``drop_path_rate``, ``img_range``, ``in_chans``,
     SwinIR's ``img_size``, DRCT's ``gc``) plus
-    ``stdnorm``, ``affine_outer`` (default True for ``iln``, False otherwise, as the
-    official configs), ``eps`` (norm eps) and ``upsampler``. ``generator`` draws the
-    initial weights (global RNG when None). The resolved values are on ``model.hparams``.
+    ``stdnorm``, ``affine_outer`` (``stdnorm`` default True for ``iln`` only, as the official
+    configs; ``affine_outer`` True for ``iln`` and ``iln_clamp``, False otherwise), ``eps``
+    (norm eps) and ``upsampler``. ``generator`` draws the initial weights (global RNG when
+    None). The resolved values are on ``model.hparams``.
 
     ``fast`` (default) runs the fast path of ``fast.py`` (hand-written gradients, fused
     kernels); ``fast=False`` the plain reference code. Both compute the same function and

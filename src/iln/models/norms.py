@@ -8,11 +8,14 @@ multiplies that branch by before adding it back (``x <- x + scale * F(y)``).
   python float 1.0), which the block treats as "no multiply";
 - i-LN returns the per-image std sqrt(var + eps) of its input, shape (B, 1, 1), which is
   the input-adaptive rescaling of the paper (gradients flow through it);
+- i-LN (clamped), traiNNer-redux's variant, returns that std clamped to twice a running
+  average of it (the one norm that keeps state between calls, see ``ClampedImageLayerNorm``);
 - LN+Rs returns the per-token std, shape (B, N, 1);
 - LayerScale and ReZero return their learnable branch scale, (C,) resp. (), so that the
   block code is the same for every variant.
 
-Nothing is cached on a module between calls; eps is a per-instance attribute.
+Nothing is cached on a module between calls (except the running std that defines
+``iln_clamp``); eps is a per-instance attribute.
 """
 
 from __future__ import annotations
@@ -81,6 +84,53 @@ class ImageLayerNorm(_Affine):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, rescale={self.rescale}"
+
+
+CLAMP_EMA_ALPHA = 1e-3  # iln_clamp: weight of each new batch in the running std
+CLAMP_FACTOR = 2.0  # iln_clamp: branch scale <= CLAMP_FACTOR * running std; larger batches skipped
+
+
+class ClampedImageLayerNorm(_Affine):
+    """i-LN as traiNNer-redux implements it (its ``iLN``): the branch scale is clamped.
+
+    The input is normalised exactly as by LN* (per-image mean and std over all N*C values,
+    std = sqrt(var + eps)); the branch scale is ``min(std, 2 * std_ema)`` per image, where
+    ``std_ema`` is a running average of the batch-mean std, updated in training mode only,
+    without gradients:
+
+    - the first training call (``std_ema`` still below eps) copies the batch mean;
+    - later calls move it by alpha = 1e-3 towards the batch mean, unless the batch mean is
+      at least twice ``std_ema``: such a spike is skipped;
+    - while ``std_ema`` is below eps (never trained since built or loaded) the scale is the
+      raw std, as plain i-LN.
+
+    This is state kept on the module and changed by ``forward``: a non-persistent buffer
+    (not in the state dict, so a loaded model starts again from "not initialised"). That
+    is the variant's definition upstream, not a cache; the EMA weights of training copy it
+    with the other buffers. There is no fast path: ``fast`` is accepted and ignored.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-4, fast: bool = False) -> None:
+        super().__init__(dim)
+        self.eps = eps
+        self.register_buffer("std_ema", torch.zeros(()), persistent=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Scale]:  # x (B, N, C)
+        var, mean = torch.var_mean(x, dim=(1, 2), correction=0, keepdim=True)  # (B, 1, 1)
+        std = torch.sqrt(var + self.eps)
+        if self.training:  # tensor ops only: no host sync, the same on every device
+            with torch.no_grad():
+                ema = self.std_ema
+                batch = std.mean().to(ema.dtype)
+                fresh = ema < self.eps
+                target = torch.where(fresh | (batch < CLAMP_FACTOR * ema), batch, ema)
+                ema.lerp_(target, torch.where(fresh, 1.0, CLAMP_EMA_ALPHA).to(ema.dtype))
+        ema = self.std_ema.to(std.dtype)
+        scale = torch.where(ema < self.eps, std, torch.minimum(std, CLAMP_FACTOR * ema))
+        return (x - mean) / std * self.weight + self.bias, scale
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, alpha={CLAMP_EMA_ALPHA}, clamp={CLAMP_FACTOR} x std_ema"
 
 
 class TokenRescaledLayerNorm(_Affine):
@@ -231,6 +281,7 @@ class Affine(_Affine):
 _VARIANTS: dict[str, tuple[Callable[[int, float, bool], nn.Module], float]] = {
     "ln": (lambda dim, eps, fast: LayerNorm(dim, eps), 1e-5),
     "iln": (lambda dim, eps, fast: ImageLayerNorm(dim, eps, rescale=True, fast=fast), 1e-4),
+    "iln_clamp": (lambda dim, eps, fast: ClampedImageLayerNorm(dim, eps, fast=fast), 1e-4),
     "ln_star": (lambda dim, eps, fast: ImageLayerNorm(dim, eps, rescale=False, fast=fast), 1e-4),
     "ln_rs": (lambda dim, eps, fast: TokenRescaledLayerNorm(dim, eps, fast=fast), 1e-5),
     "rmsnorm": (lambda dim, eps, fast: RMSNorm(dim, eps), 1e-5),

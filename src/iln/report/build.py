@@ -384,6 +384,21 @@ def build_report(
             _group_reason(results, "table8", "probes.csv"),
         ),
         (
+            "fig2_depth_width",
+            "Depth and width (paper Fig. 2)",
+            lambda p: figures.depth_width(
+                figures.size_points(tables.runs_in_group(results, "fig2")),
+                p,
+                title="Deepest group at the last training probe, against network size",
+            ),
+            "The deepest group's feature magnitude and channel entropy at each run's last "
+            "training probe, against depth (Transformer blocks, at the grid's shared width) and "
+            "against width (embedding dimension, at its shared depth); the dashed line is the "
+            "entropy ceiling ln C. The paper's Fig. 2: LN's growth and entropy loss get worse as "
+            "the network grows." + probe_note,
+            _group_reason(results, "fig2", "probes.csv of two sizes"),
+        ),
+        (
             "figS1_stdnorm_magnitude",
             "Input standardisation on and off (ours, Table S1)",
             lambda p: figures.stat_vs_iteration(

@@ -7,12 +7,15 @@ Each function returns the written path, or None when none of the given runs has 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from iln.models import resolve_hparams
 from iln.plotting import log_axis, new_figure, save_figure_atomic
 from iln.report.runs import RunResults
 from iln.styles import (
@@ -20,6 +23,8 @@ from iln.styles import (
     LINE_KLD,
     LINE_PLAIN,
     LINE_STDNORM_SWITCHED,
+    norm_label,
+    norm_rank,
     norm_style,
 )
 
@@ -192,5 +197,117 @@ def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> 
         ax.set_xlabel("training iteration")
         ax.grid(alpha=0.3, which="major")
     ax_l.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return save_figure_atomic(fig, path)
+
+
+# --------------------------------------------------------------------------- Fig. 2
+
+
+@dataclass(frozen=True)
+class SizePoint:
+    """One run of the depth / width grid at its last training probe (deepest group)."""
+
+    run: str
+    norm: str
+    groups: int  # residual groups
+    blocks: int  # Transformer blocks per group
+    width: int  # embed dim C
+    magnitude: float  # mean x^2 of the deepest group's output
+    entropy: float  # channel entropy (nats); its ceiling is ln(width)
+
+    @property
+    def depth(self) -> int:
+        return self.groups * self.blocks
+
+
+def size_points(runs: Sequence[RunResults]) -> list[SizePoint]:
+    """The deepest group's magnitude and entropy at each run's last training probe, with the
+    run's network size (its preset and model overrides, resolved as the model builds them)."""
+    points = []
+    for run in _with_probes(runs):
+        hp = resolve_hparams(
+            run.info.arch, norm=run.info.norm, scale=run.info.scale or 1, **run.info.model
+        )
+        step, deepest = run.last_probe_step(), run.group_layers()[-1]
+        row = next(r for r in run.probes if r["step"] == step and r["layer"] == deepest)
+        depths = hp["depths"]
+        points.append(
+            SizePoint(
+                run=run.info.name,
+                norm=run.info.norm,
+                groups=len(depths),
+                blocks=max(depths),
+                width=int(hp["embed_dim"]),
+                magnitude=float(row["magnitude"]),
+                entropy=float(row["entropy"]),
+            )
+        )
+    return points
+
+
+def _sweep(points: Sequence[SizePoint], along: str) -> list[SizePoint]:
+    """The points of one sweep: along "depth", those at the width with the most distinct
+    depths; along "width", those at the (groups, blocks) shape with the most distinct widths."""
+    if along == "depth":
+        fixed, varied = (lambda p: p.width), (lambda p: p.depth)
+    else:
+        fixed, varied = (lambda p: (p.groups, p.blocks)), (lambda p: p.width)
+    by_fixed: dict[object, list[SizePoint]] = {}
+    for point in points:
+        by_fixed.setdefault(fixed(point), []).append(point)
+    if not by_fixed:
+        return []
+    best = max(sorted(by_fixed), key=lambda v: len({varied(p) for p in by_fixed[v]}))
+    return by_fixed[best]
+
+
+def depth_width(points: Sequence[SizePoint], path: Path, *, title: str) -> Path | None:
+    """Paper Fig. 2: the deepest group's magnitude (log) and channel entropy against depth
+    (groups x blocks, at the most common width) and against width (at the most common
+    depth), one line per norm in its colour. None when no sweep has two sizes."""
+    by_depth, by_width = _sweep(points, "depth"), _sweep(points, "width")
+    if len({p.depth for p in by_depth}) < 2 and len({p.width for p in by_width}) < 2:
+        return None
+    fig = new_figure(11.0, 7.0)
+    (ax_md, ax_mw), (ax_ed, ax_ew) = fig.subplots(2, 2)
+    norms = sorted({p.norm for p in points}, key=norm_rank)
+    magnitudes = [p.magnitude for p in points]
+    for series, ax_m, ax_e, x_of in (
+        (by_depth, ax_md, ax_ed, lambda p: p.depth),
+        (by_width, ax_mw, ax_ew, lambda p: p.width),
+    ):
+        for norm in norms:
+            line = sorted((p for p in series if p.norm == norm), key=x_of)
+            if not line:
+                continue
+            style = {"color": norm_style(norm).color, "marker": "o", "lw": 1.8, "ms": 5}
+            xs = [x_of(p) for p in line]
+            ax_m.plot(xs, [p.magnitude for p in line], label=norm_label(norm), **style)
+            ax_e.plot(xs, [p.entropy for p in line], label=norm_label(norm), **style)
+        sizes = sorted({x_of(p) for p in series})
+        ceilings = sorted({(x_of(p), math.log(p.width)) for p in series})
+        if ceilings:
+            ax_e.plot(*zip(*ceilings), color="k", ls="--", lw=0.8, label="ceiling ln C")
+        log_axis(ax_m, magnitudes)
+        for ax in (ax_m, ax_e):
+            ax.set_xticks(sizes)
+            ax.grid(alpha=0.3, which="major")
+        if series is by_depth:
+            shapes = {p.depth: f"{p.groups}×{p.blocks}" for p in series}
+            for ax in (ax_m, ax_e):
+                ax.set_xticklabels([f"{d}\n({shapes[d]})" for d in sizes])
+                ax.set_xlabel("depth: Transformer blocks (groups × blocks per group)")
+            width = series[0].width if series else None
+            ax_m.set_title(f"against depth (width C = {width})", fontsize=10)
+        else:
+            for ax in (ax_m, ax_e):
+                ax.set_xlabel("width: embedding dimension C")
+            shape = f"{series[0].groups}×{series[0].blocks}" if series else "-"
+            ax_m.set_title(f"against width (depth {shape} blocks)", fontsize=10)
+        ax_m.set_ylabel("deepest group: mean x² (log scale)")
+        ax_e.set_ylabel("deepest group: channel entropy (nats)")
+    for ax in (ax_mw, ax_ed, ax_ew):
+        ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return save_figure_atomic(fig, path)

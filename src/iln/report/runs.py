@@ -47,6 +47,7 @@ class RunInfo:
     batch_size: int | None = None
     iterations: int | None = None
     groups: tuple[str, ...] = ()
+    model: Mapping[str, object] = field(default_factory=dict)  # the run's model overrides
 
     @classmethod
     def from_spec(cls, name: str, spec: object) -> RunInfo:
@@ -74,6 +75,9 @@ class RunInfo:
         for key in ("arch", "norm", "task"):
             if not isinstance(get(key, required=True), str):
                 raise ValueError(f"run {name!r}: {key} must be a string")
+        model = get("model", {}) or {}
+        if not isinstance(model, Mapping):
+            raise ValueError(f"run {name!r}: model must be a mapping of overrides, got {model!r}")
         return cls(
             name=name,
             arch=str(get("arch")),
@@ -87,6 +91,7 @@ class RunInfo:
             batch_size=get("batch_size"),
             iterations=get("iterations"),
             groups=tuple(groups),
+            model=dict(model),
         )
 
     @property

@@ -54,11 +54,13 @@ _FORMATS: dict[str, Callable[[float], str]] = {
 
 
 def task_name(task: str) -> str:
-    """sr_x4 -> "SR x4", dn_s15 -> "colour denoising σ=15", car_q10 -> "JPEG CAR q=10"."""
+    """sr_x4 -> "SR x4", realsr_x4 -> "real-world SR x4", dn_s15 -> "colour denoising σ=15",
+    car_q10 -> "JPEG CAR q=10"."""
     if task in TASK_NAMES:
         return TASK_NAMES[task]
     for prefix, name in (
         ("sr_x", "SR x"),
+        ("realsr_x", "real-world SR x"),
         ("dn_s", "colour denoising σ="),
         ("car_q", "JPEG CAR q="),
     ):
