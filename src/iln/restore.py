@@ -11,6 +11,7 @@ the i-LN statistics, can differ in the last bit across thread counts).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -195,9 +196,11 @@ def plan_outputs(
             continue
         original = next((p for p in inputs if os.path.samefile(p, out)), None)
         if original is not None:
+            whose = "that input itself" if original == image else f"the input image {original}"
             raise RestoreError(
-                f"{out}: is the input image {original}, which the output of {image} would "
-                f"replace; choose an OUTPUT other than the inputs' folder (nothing was written)"
+                f"{out}: the output of {image} would replace {whose}; inputs are never "
+                f"overwritten: choose an OUTPUT other than the inputs' folder (nothing was "
+                f"written)"
             )
         if not overwrite:
             raise RestoreError(
@@ -329,7 +332,7 @@ def _tile_progress(bar: tqdm, label: str, start: float, pixels: int) -> Callable
 
     def on_tile(done: int, total: int) -> None:
         bar.set_postfix_str(f"{label}, tile {done}/{total}")
-        bar.update(start + pixels * done / total - bar.n)
+        bar.update(start + pixels * done // total - bar.n)
 
     return on_tile
 
@@ -348,16 +351,18 @@ def _first_line(err: BaseException) -> str:
 
 def _memory_hint(err: BaseException, image: Path, tile: int | None) -> str | None:
     """The message for an image too large for memory (CPU or GPU), with what to do."""
-    text = str(err).lower()
+    text = str(err)
     if not (isinstance(err, MemoryError) or "allocate" in text or "out of memory" in text):
         return None
+    asked = re.search(r"allocate ([0-9.]+) ?(bytes|[KMGT]i?B)", text)
+    more = f"; {asked.group(1)} {asked.group(2)} more were requested" if asked else ""
     size = "x".join(map(str, _size_or_none(image) or ()))
     advice = (
         f"use a smaller --tile than {tile}"
         if tile
         else "use --tile 256 (or smaller) to restore it in tiles"
     )
-    return f"{image}: not enough memory to restore this {size} image ({_first_line(err)}); {advice}"
+    return f"{image}: not enough memory to restore this {size} image{more}; {advice}"
 
 
 def _size_or_none(image: Path) -> tuple[int, int] | None:
