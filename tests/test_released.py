@@ -21,12 +21,12 @@ from PIL import Image
 
 from iln import tracking
 from iln.config import ParamsError, ReleasedSpec, load_params
+from iln.layout import check_run_name
 from iln.models import build_model, load_official_checkpoint, to_official_state_dict
 from iln.released import (
     CATALOGUE,
     DRIVE_FOLDER,
     ReleasedWeightsError,
-    check_entry_name,
     load_released,
     open_released,
     pin_weights,
@@ -324,12 +324,12 @@ def test_a_folder_or_a_device_as_weights_is_one_line(tmp_path):
 @pytest.mark.parametrize("name", ["..", ".", "-h", "--params", ".hidden", "a/b", "x" * 101])
 def test_entry_names_that_are_not_plain_folder_names_are_refused(name):
     with pytest.raises(ValueError, match=f"released.{re.escape(name)}: .* cannot be used"):
-        check_entry_name(name, f"released.{name}")
+        check_run_name(name, f"released.{name}")
 
 
 def test_plain_entry_names_are_accepted():
     for name in ("hat1_ln_x4", "HAT-mini.iLN", "_x", "9"):
-        check_entry_name(name, f"released.{name}")
+        check_run_name(name, f"released.{name}")
 
 
 @pytest.mark.integration

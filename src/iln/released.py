@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,12 @@ import torch
 from torch import nn
 
 from iln.data.download import ChecksumBook
+from iln.layout import check_run_name
 from iln.models import build_model, load_official_checkpoint
-from iln.weights import check_finite
 
 DRIVE_FOLDER = "https://drive.google.com/drive/folders/1vAv1qw_jYsk0TIJhegjrJkYG3Rycey8c"
 BASICSR_KEYS = ("params_ema", "params")
 _CHUNK = 1 << 20
-# A name that is a plain folder name under runs/ and never read as an option or a parent.
-_ENTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -163,17 +160,6 @@ def require_weights(path: Path, where: str) -> None:
         raise ReleasedWeightsError(f"{where}: {path} is {kind}; expected a checkpoint file")
 
 
-def check_entry_name(name: str, where: str) -> None:
-    """ValueError unless ``name`` can name a folder under runs/ and be passed on a command
-    line: letters, digits, '_', '-' and '.', not starting with '.' or '-' (so neither ``..``
-    nor an option such as ``-h``)."""
-    if not _ENTRY_NAME.fullmatch(name):
-        raise ValueError(
-            f"{where}: {name!r} cannot be used as a name (letters, digits, '_', '-' and '.' "
-            f"only, starting with a letter, digit or '_'; at most 100 characters)"
-        )
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -239,6 +225,19 @@ def _weights_book(book: Path) -> ChecksumBook:
         return ChecksumBook(book, writer="the check_released stage (dvc repro check_released@NAME)")
     except ValueError as err:
         raise ReleasedWeightsError(str(err)) from None
+
+
+def check_finite(model: nn.Module, source: str | Path) -> None:
+    """ValueError naming ``source`` if any weight of ``model`` is NaN or infinite: such a model
+    turns every image into NaN, which would be written as black."""
+    bad = [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]
+    if bad:
+        total = len(model.state_dict())
+        raise ValueError(
+            f"{source}: {len(bad)} of {total} weight tensors hold NaN or infinite values "
+            f"(first: {bad[0]}); these weights cannot restore anything (a diverged or damaged "
+            f"file)"
+        )
 
 
 def read_basicsr(path: Path, key: str) -> Mapping[str, torch.Tensor]:
@@ -307,7 +306,7 @@ def open_released(
     """The model of ``released.<name>`` (a ``ReleasedSpec``): the name checked, the file
     verified, loaded, and then pinned in ``book``."""
     try:
-        check_entry_name(name, f"released.{name}")
+        check_run_name(name, f"released.{name}")
     except ValueError as err:
         raise ReleasedWeightsError(str(err)) from None
     path, record = verify_weights(

@@ -32,8 +32,8 @@ from iln.data.io import (
     write_image,
 )
 from iln.evaluate import NonFiniteOutputError, restore
-from iln.released import BASICSR_KEYS, ReleasedWeightsError, load_released
-from iln.weights import check_finite, load_trained
+from iln.released import BASICSR_KEYS, ReleasedWeightsError, check_finite, load_released
+from iln.weights import load_trained
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Norms that normalise each token on its own: the paper finds their features grow to

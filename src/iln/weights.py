@@ -103,16 +103,3 @@ def load_trained(
         ) from None
     recipe = {k: blob[k] for k in ("arch", "norm", "scale", "overrides")}
     return model.to(device).eval(), recipe
-
-
-def check_finite(model: nn.Module, source: str | Path) -> None:
-    """ValueError naming ``source`` if any weight of ``model`` is NaN or infinite: such a model
-    turns every image into NaN, which would be written as black."""
-    bad = [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]
-    if bad:
-        total = len(model.state_dict())
-        raise ValueError(
-            f"{source}: {len(bad)} of {total} weight tensors hold NaN or infinite values "
-            f"(first: {bad[0]}); these weights cannot restore anything (a diverged or damaged "
-            f"file)"
-        )
