@@ -405,3 +405,31 @@ def test_tiled_progress_counts_tiles_and_the_last_line_names_the_outputs(tmp_pat
     )
     assert main([*args, "--overwrite", "--tile", "8", "--tile-overlap", "8"]) == 2
     _one_error_line(capsys.readouterr().err, "--tile-overlap must be less than --tile (8)")
+
+
+@pytest.mark.integration
+def test_a_folder_that_takes_no_more_bytes_is_refused_first_and_a_failed_write_stops(tmp_path):
+    """Writes refused by the kernel for real (RLIMIT_FSIZE: a file may not grow past the
+    limit, as on a full disk): 16 KiB refuses the probe before any work; 100 KiB lets the
+    small first output through and stops at the second, keeping the first, leaving no temp."""
+    weights = _saved(tmp_path, _model("iln"))
+    _images(tmp_path / "in", [(8, 8), (128, 128), (8, 8)])  # noise: ~190 KB as a 256x256 PNG
+    script = (
+        "import resource, sys\n"
+        "from iln.__main__ import main\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, resource.RLIM_INFINITY))\n"
+        f"assert main(['restore', {str(weights)!r}, 'in', 'out']) == 2\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100 << 10, resource.RLIM_INFINITY))\n"
+        f"sys.exit(main(['restore', {str(weights)!r}, 'in', 'out']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    first, second = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert "out: cannot write in the output folder (File too large); nothing was restored" in first
+    assert second.endswith(
+        "out/img1.png: File too large; stopped: 1 of 3 images written to out/"
+    ), second
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["img0.png"]

@@ -309,7 +309,8 @@ def restore_files(
                 try:
                     write_image(out, restored)
                 except OSError as err:  # DiskFullError, permission, ...: the rest would fail too
-                    outcome.stopped = f"{out}: {err.strerror or err}" if err.filename else str(err)
+                    text = err.strerror or str(err)  # DiskFullError's names the file already
+                    outcome.stopped = text if text.startswith(str(out)) else f"{out}: {text}"
                     break
                 outcome.written.append(out)
             else:
