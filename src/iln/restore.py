@@ -6,6 +6,10 @@ the architecture). Every image goes through ``iln.evaluate.restore``, the functi
 evaluate stage uses, so the same weights and input give the same pixels as the stage's
 samples (on the same device and number of CPU threads: torch's parallel reductions, such as
 the i-LN statistics, can differ in the last bit across thread counts).
+
+Nothing of the user's is lost: ``plan_outputs`` checks every output against every input and
+every existing file, and ``check_writable`` the output folder, before any image is computed;
+weights or outputs that are NaN or infinite are refused rather than written as black images.
 """
 
 from __future__ import annotations
