@@ -184,6 +184,7 @@ def plan_outputs(
             p: output / (f"{p.name}.png" if stems[p.stem.casefold()] > 1 else f"{p.stem}.png")
             for p in inputs
         }
+    files_of_inputs = {_file_id(p): p for p in inputs}  # the same file under any name or link
     claimed: dict[str, Path] = {}
     for image, out in targets.items():
         # casefolded: two names that differ only in case are one file on macOS and Windows
@@ -198,7 +199,7 @@ def plan_outputs(
             raise RestoreError(f"{out}: the output of {image} is an existing folder")
         if not out.exists():
             continue
-        original = next((p for p in inputs if os.path.samefile(p, out)), None)
+        original = files_of_inputs.get(_file_id(out))
         if original is not None:
             whose = "that input itself" if original == image else f"the input image {original}"
             raise RestoreError(
@@ -212,6 +213,11 @@ def plan_outputs(
                 f"replace it, or choose another OUTPUT (nothing was written)"
             )
     return targets
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
 
 
 def check_writable(folder: Path) -> None:
