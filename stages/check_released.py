@@ -1,7 +1,9 @@
-"""DVC stage `check_released@NAME`: the weights file of a `released:` entry exists, fits the
-declared model, and has its SHA-256 recorded; writes runs/NAME/weights.json.
+"""DVC stage `check_released@NAME`: checks and records the weights file of a `released:` entry.
 
-    python stages/check_released.py NAME [--params params.yaml]
+The file must exist inside the project and fit the declared model; its SHA-256 is recorded in
+the weights book once it has loaded, and runs/NAME/weights.json is written.
+
+    python stages/check_released.py [--params params.yaml] -- NAME
 
 It runs before the entry's evaluate/analyze stages so that a missing file is reported with
 where to get it (DVC itself would only say that a dependency is missing).

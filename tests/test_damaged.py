@@ -77,7 +77,7 @@ def test_a_cut_model_file_names_the_file_and_the_stage_that_writes_it(tmp_path):
     assert "train stage writes it" in message
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"DIV2K.zip": "deadbeef"}'])
 def test_a_damaged_checksum_file_names_the_file_and_the_stage_that_writes_it(tmp_path, text):
     book = tmp_path / "checksums.json"
     book.write_text(text)

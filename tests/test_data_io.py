@@ -8,9 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from iln.data.io import ImageReadError, is_plain_rgb_png, list_images, read_rgb, write_png
+from iln.data.io import (
+    WRITE_FORMATS,
+    ImageReadError,
+    is_plain_rgb_png,
+    list_images,
+    read_rgb,
+    write_image,
+    write_png,
+)
 
 
 def _png16(path: Path, values: np.ndarray) -> None:
@@ -120,3 +128,30 @@ def test_list_images_sorted_and_filtered(tmp_path):
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
     with pytest.raises(FileNotFoundError, match="missing"):
         list_images(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_upright_turns_pixels_as_image_viewers_do(tmp_path, orientation):
+    stored = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "photo.png", exif=exif)
+    with Image.open(tmp_path / "photo.png") as opened:  # Pillow's viewer-equivalent turn
+        shown = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    assert np.array_equal(read_rgb(tmp_path / "photo.png", upright=True), shown)
+    assert np.array_equal(read_rgb(tmp_path / "photo.png"), stored)  # datasets: as stored
+    if orientation in (5, 6, 7, 8):
+        assert shown.shape == (7, 5, 3)
+
+
+def test_write_image_writes_the_format_of_the_suffix(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 4, 3), dtype=np.uint8)
+    for suffix, (fmt, _) in WRITE_FORMATS.items():
+        write_image(tmp_path / f"x{suffix}", pixels)
+        with Image.open(tmp_path / f"x{suffix}") as img:
+            assert img.format == fmt and img.size == (4, 6)
+        if fmt != "JPEG":  # the others are lossless
+            assert np.array_equal(read_rgb(tmp_path / f"x{suffix}"), pixels), suffix
+    with pytest.raises(ValueError, match=r"x\.gif: cannot write images as \.gif"):
+        write_image(tmp_path / "x.gif", pixels)

@@ -148,3 +148,13 @@ def test_dvc_never_counts_temp_files_in_an_output():
         timeout=120,
     )
     assert result.stdout.split() == temps
+
+
+@pytest.mark.parametrize("name", ["x" * 251 + ".png", "é" * 125 + ".png"])
+def test_the_temp_file_of_a_name_near_the_limit_stays_within_255_bytes(tmp_path, name):
+    target = tmp_path / name  # 255 bytes: the longest name a file system takes
+    with atomic_path(target) as tmp:
+        assert len(tmp.name.encode()) <= 255 and tmp.name.endswith(files.TEMP_SUFFIX)
+        tmp.write_bytes(b"done")
+    assert target.read_bytes() == b"done"
+    assert _leftovers(tmp_path) == []

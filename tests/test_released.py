@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +20,19 @@ import yaml
 from PIL import Image
 
 from iln import tracking
-from iln.config import ParamsError, load_params
+from iln.config import ParamsError, ReleasedSpec, load_params
+from iln.layout import check_run_name
 from iln.models import build_model, load_official_checkpoint, to_official_state_dict
 from iln.released import (
     CATALOGUE,
     DRIVE_FOLDER,
     ReleasedWeightsError,
     load_released,
+    open_released,
+    pin_weights,
     verify_weights,
 )
-from tests.helpers import write_params
+from tests.helpers import ROOT, write_params
 from tests.stage_project import stage_runs
 from tests.test_pipeline import _run, copy_project_files
 
@@ -237,6 +244,8 @@ def test_sha256_is_recorded_on_first_use_and_checked_after(tmp_path):
     book = tmp_path / "weights" / "checksums.json"
     _, record = verify_weights("w.pth", "params_ema", root=tmp_path, book=book, where="x")
     assert record.sha256 == hashlib.sha256(b"first").hexdigest()
+    assert not book.exists()  # checking records nothing: a file is pinned once it has loaded
+    pin_weights(record, book=book)
     assert json.loads(book.read_text())["w.pth"]["sha256"] == record.sha256
     verify_weights("w.pth", "params_ema", root=tmp_path, book=book, where="x")
     (tmp_path / "w.pth").write_bytes(b"second")
@@ -244,6 +253,119 @@ def test_sha256_is_recorded_on_first_use_and_checked_after(tmp_path):
         verify_weights("w.pth", "params_ema", root=tmp_path, book=book, where="x")
     with pytest.raises(FileNotFoundError, match=r"released.a.weights: .*gone.pth does not exist"):
         verify_weights("gone.pth", "params", root=tmp_path, book=book, where="released.a.weights")
+
+
+def _spec(weights: str) -> ReleasedSpec:
+    return ReleasedSpec(arch="hat_tiny", norm="ln", task="sr_x2", weights=weights)
+
+
+def test_a_file_refused_as_cut_short_is_not_pinned_and_the_complete_one_then_loads(tmp_path):
+    path = tmp_path / "weights" / "released" / "w.pth"
+    _write_basicsr(path, _model("hat_tiny", "ln", 1), _model("hat_tiny", "ln", 2))
+    complete = path.read_bytes()
+    path.write_bytes(complete[: len(complete) // 2])  # an interrupted copy
+    book = tmp_path / "weights" / "checksums.json"
+    open_args = dict(root=tmp_path, book=book, device="cpu")
+    with pytest.raises(ReleasedWeightsError, match="w.pth: cannot be read as a torch checkpoint"):
+        open_released(_spec("weights/released/w.pth"), "a", **open_args)
+    assert not book.exists()
+    path.write_bytes(complete)  # the copy finished: accepted, not "replaced"
+    _, record = open_released(_spec("weights/released/w.pth"), "a", **open_args)
+    sha = hashlib.sha256(complete).hexdigest()
+    assert record.sha256 == sha
+    assert json.loads(book.read_text())["weights/released/w.pth"]["sha256"] == sha
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"w.pth": "deadbeef"}', '{"w.pth": {"sha256": 5}}', '{"w.pth": {"sha256": "ab", "u'],
+)
+def test_a_damaged_weights_book_names_the_book_and_the_check_released_stage(tmp_path, text):
+    (tmp_path / "w.pth").write_bytes(b"weights")
+    book = tmp_path / "weights" / "checksums.json"
+    book.parent.mkdir()
+    book.write_text(text)
+    with pytest.raises(ReleasedWeightsError) as info:
+        verify_weights("w.pth", "params_ema", root=tmp_path, book=book, where="x")
+    message = str(info.value)
+    assert message.startswith(f"{book}: unreadable checksum file") and "\n" not in message
+    assert "the check_released stage" in message and "download" not in message
+    assert book.read_text() == text  # left for the user to restore
+
+
+def test_weights_outside_the_project_are_refused_naming_the_key(tmp_path):
+    project = tmp_path / "project"
+    (project / "weights").mkdir(parents=True)
+    (tmp_path / "elsewhere.pth").write_bytes(b"not ours")
+    book = project / "weights" / "checksums.json"
+    for weights in ("../../../../etc/passwd", "../elsewhere.pth", str(tmp_path / "elsewhere.pth")):
+        with pytest.raises(ReleasedWeightsError) as info:
+            verify_weights(weights, "params", root=project, book=book, where="released.a.weights")
+        assert str(info.value).startswith(f"released.a.weights: {weights!r} lies outside")
+    assert not book.exists()
+    (project / "weights" / "linked.pth").symlink_to(tmp_path / "elsewhere.pth")  # deliberate
+    path, _ = verify_weights(
+        "weights/linked.pth", "params", root=project, book=book, where="released.a.weights"
+    )
+    assert path.read_bytes() == b"not ours"
+    absolute_inside = str(project / "weights" / "linked.pth")
+    verify_weights(absolute_inside, "params", root=project, book=book, where="released.a.weights")
+
+
+def test_a_folder_or_a_device_as_weights_is_one_line(tmp_path):
+    (tmp_path / "weights" / "folder.pth").mkdir(parents=True)
+    book = tmp_path / "weights" / "checksums.json"
+    with pytest.raises(
+        ReleasedWeightsError, match=r"released\.a\.weights: .*folder\.pth is a folder"
+    ):
+        verify_weights(
+            "weights/folder.pth", "p", root=tmp_path, book=book, where="released.a.weights"
+        )
+    (tmp_path / "weights" / "zero.pth").symlink_to("/dev/zero")
+    with pytest.raises(ReleasedWeightsError, match="zero.pth is not a regular file"):
+        verify_weights("weights/zero.pth", "params", root=tmp_path, book=book, where="x")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "-h", "--params", ".hidden", "a/b", "x" * 101])
+def test_entry_names_that_are_not_plain_folder_names_are_refused(name):
+    with pytest.raises(ValueError, match=f"released.{re.escape(name)}: .* cannot be used"):
+        check_run_name(name, f"released.{name}")
+
+
+def test_plain_entry_names_are_accepted():
+    for name in ("hat1_ln_x4", "HAT-mini.iLN", "_x", "9"):
+        check_run_name(name, f"released.{name}")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["..", "-h"])
+def test_the_check_stage_refuses_names_that_would_escape_or_be_options(tmp_path, name):
+    """`..` used to write weights.json at the project root; `-h` printed the help, exit 0."""
+    path = write_params(tmp_path / "params.yaml")
+    raw = yaml.safe_load(path.read_text())
+    raw["released"] = {name: {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2", "weights": "w"}}
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "check_released.py"), "--", name],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.strip() == (
+        f"check_released: error: released.{name}: {name!r} cannot be used as a name (letters, "
+        f"digits, '_', '-' and '.' only, starting with a letter, digit or '_'; at most 100 "
+        f"characters)"
+    )
+    assert "usage" not in done.stdout
+    assert not list(tmp_path.rglob("weights.json"))
+
+
+def test_released_stage_commands_end_options_before_the_name():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage in ("check_released", "evaluate_released", "analyze_released"):
+        assert stages[stage]["do"]["cmd"].endswith(" -- ${key}"), stage
 
 
 def test_catalogue_lists_the_six_released_files():

@@ -1,4 +1,5 @@
-"""The ``iln`` command (also ``python -m iln``).
+"""The ``iln`` command (also ``python -m iln``): restore your own images with an image
+restoration Transformer trained by this pipeline or released by the i-LN paper's authors.
 
     iln restore WEIGHTS INPUT OUTPUT [--arch A --norm N --scale S] [--tile T] [--precision P]
 
@@ -9,23 +10,52 @@ BasicSR checkpoint (the authors' released weights), no ground truth needed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from iln.data.io import ImageReadError
+from iln.data.io import WRITE_FORMATS, ImageReadError
 from iln.models import ARCHS, NORMS, SCALES
 from iln.restore import (
     PRECISIONS,
     RestoreError,
+    check_writable,
     fp16_warning,
     input_images,
     load_model,
-    output_paths,
+    plan_outputs,
     restore_files,
 )
 from iln.runtime import resolve_device
+
+DESCRIPTION = (
+    "Restore images (super-resolution, denoising, ...) with an image restoration Transformer "
+    "(HAT, SwinIR, ...) trained by this pipeline or released by the i-LN paper's authors."
+)
+RESTORE_DESCRIPTION = """\
+Restore INPUT (an image, or every image directly in a folder) with WEIGHTS and write the
+results to OUTPUT, without ground truth.
+
+OUTPUT is a folder of PNGs named after the inputs (a.jpg -> a.png; inputs sharing a name,
+such as a.jpg and a.png, keep their suffix: a.jpg.png, a.png.png), or, for a single input,
+an image file whose suffix picks the format:
+  %(formats)s
+Nothing is computed if any planned output is one of the input images (refused whatever
+the options), an existing folder, the output of two inputs, or an existing file (refused
+unless --overwrite), or if OUTPUT's folder cannot be written. Each file is written
+atomically; Ctrl-C stops with no partial file. Photos are turned upright as their EXIF
+orientation says, as image viewers show them. The last line names where the outputs are.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in one line (the usage is in --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _bool(text: str) -> bool:
@@ -36,38 +66,127 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _threads(text: str) -> int:
+    cores = os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {text!r}") from None
+    if not 1 <= value <= 4 * cores:
+        raise argparse.ArgumentTypeError(
+            f"expected 1 to {4 * cores} CPU threads (4 x the {cores} cores here), got {value}"
+        )
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iln", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="iln", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub = commands.add_parser(
         "restore",
-        help="restore an image or a folder of images",
-        description="Restore INPUT (an image or a folder of images) into OUTPUT (a folder; "
-        "PNGs named after the inputs), or into OUTPUT.png for a single image.",
+        help="restore an image or a folder of images into OUTPUT (iln restore --help)",
+        description=RESTORE_DESCRIPTION % {"formats": ", ".join(WRITE_FORMATS)},
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub.add_argument("weights", help="model.pt of the train stage, or a BasicSR checkpoint")
-    sub.add_argument("input", help="an image file or a folder of images")
-    sub.add_argument("output", help="output folder (or a .png file for a single input)")
-    model = sub.add_argument_group("BasicSR checkpoints (a model.pt records these itself)")
-    model.add_argument("--arch", choices=ARCHS)
-    model.add_argument("--norm", choices=NORMS)
-    model.add_argument("--scale", type=int, choices=SCALES)
-    model.add_argument("--stdnorm", type=_bool, help="true/false (default: on for iln only)")
-    model.add_argument("--affine-outer", type=_bool, help="true/false (default: on for iln only)")
+    sub.add_argument(
+        "weights",
+        metavar="WEIGHTS",
+        help="model.pt written by the train stage, or a BasicSR checkpoint (.pth)",
+    )
+    sub.add_argument(
+        "input", metavar="INPUT", help="an image file, or a folder whose images are all restored"
+    )
+    sub.add_argument(
+        "output",
+        metavar="OUTPUT",
+        help="output folder (created if needed), or an image file for a single input",
+    )
+    sub.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output files (never an input image)",
+    )
+    model = sub.add_argument_group(
+        "BasicSR checkpoints", "what the file does not record (a model.pt records all of it)"
+    )
+    model.add_argument("--arch", choices=ARCHS, help="network preset")
+    model.add_argument("--norm", choices=NORMS, help="normalisation the network was trained with")
+    model.add_argument("--scale", type=int, choices=SCALES, help="upscaling factor")
+    model.add_argument(
+        "--stdnorm", type=_bool, metavar="BOOL", help="true/false (default: on for iln only)"
+    )
+    model.add_argument(
+        "--affine-outer", type=_bool, metavar="BOOL", help="true/false (default: on for iln only)"
+    )
     model.add_argument(
         "--in-chans", type=int, choices=(1, 3), help="1 for grey models (default: 3, RGB)"
     )
-    model.add_argument("--key", default="params_ema", choices=("params_ema", "params"))
-    sub.add_argument("--tile", type=int, default=0, help="LR tile size, 0 = whole image")
-    sub.add_argument("--tile-overlap", type=int, default=16)
-    sub.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    sub.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS))
-    sub.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = default")
+    model.add_argument(
+        "--key",
+        choices=("params_ema", "params"),
+        help="which weights of the file to load: the EMA ones (default) or the trained ones",
+    )
+    run = sub.add_argument_group("how the images are computed")
+    run.add_argument(
+        "--tile",
+        type=_count,
+        default=0,
+        metavar="PX",
+        help="tile size in input (LR) pixels, a multiple of the model's attention window, "
+        "for images too large for memory; 0 (default) = the whole image at once",
+    )
+    run.add_argument(
+        "--tile-overlap",
+        type=_count,
+        default=16,
+        metavar="PX",
+        help="overlap of neighbouring tiles in input (LR) pixels, averaged in the output; "
+        "less than --tile (default 16)",
+    )
+    run.add_argument(
+        "--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N"
+    )
+    run.add_argument(
+        "--precision",
+        default="fp32",
+        choices=tuple(PRECISIONS),
+        help="number format of the forward pass (default fp32; per-token LN models can "
+        "overflow in fp16)",
+    )
+    run.add_argument(
+        "--threads",
+        type=_threads,
+        metavar="N",
+        help=f"CPU threads of torch, 1 to {4 * (os.cpu_count() or 1)} (default: torch's choice)",
+    )
     return parser
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"iln restore: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _restore(args)
+    except KeyboardInterrupt:
+        print("iln restore: interrupted; no image was written", file=sys.stderr)
+        return 130
+
+
+def _restore(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {
@@ -80,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None
     }
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"iln restore: error: --device {args.device}: no CUDA device here", file=sys.stderr)
-        return 2
+        return _error(f"--device {args.device}: no CUDA device here")
     try:
+        targets = plan_outputs(input_images(args.input), args.output, overwrite=args.overwrite)
         device = resolve_device(args.device)
         model = load_model(
             args.weights,
@@ -93,22 +212,28 @@ def main(argv: list[str] | None = None) -> int:
             overrides=overrides,
             key=args.key,
         )
-        targets = output_paths(input_images(args.input), args.output)
     except (RestoreError, FileNotFoundError, ImageReadError, ValueError, RuntimeError) as err:
-        print(f"iln restore: error: {err}", file=sys.stderr)
-        return 2
-    if args.tile and (args.tile < 0 or args.tile % model.window_size):
-        print(
-            f"iln restore: error: --tile must be a multiple of the model's window "
-            f"({model.window_size}), got {args.tile}",
-            file=sys.stderr,
+        return _error(str(err))
+    if args.tile and args.tile % model.window_size:
+        return _error(
+            f"--tile must be a multiple of the model's window ({model.window_size}), "
+            f"got {args.tile}"
         )
-        return 2
+    if args.tile and args.tile_overlap >= args.tile:
+        return _error(
+            f"--tile-overlap must be less than --tile ({args.tile}), got {args.tile_overlap}"
+        )
+    output = Path(args.output)
+    single = len(targets) == 1 and next(iter(targets.values())) == output
+    try:
+        check_writable(output.parent if single else output)
+    except RestoreError as err:
+        return _error(str(err))
     warning = fp16_warning(model, args.precision)
     if warning:
         print(f"iln restore: {warning}", file=sys.stderr)
     try:
-        failures = restore_files(
+        outcome = restore_files(
             model,
             targets,
             device=device,
@@ -118,14 +243,22 @@ def main(argv: list[str] | None = None) -> int:
             on_failure=lambda f: tqdm.write(f"iln restore: skipped {f.message}", file=sys.stderr),
         )
     except RestoreError as err:
-        print(f"iln restore: error: {err}", file=sys.stderr)
-        return 2
-    if failures:
+        return _error(str(err))
+    written = f"{len(outcome.written)} of {len(targets)} images written"
+    where = output if single else f"{output}{os.sep}"
+    if outcome.interrupted:
+        print(f"iln restore: interrupted; {written} to {where}, no partial file", file=sys.stderr)
+        return 130
+    if outcome.stopped:
+        return _error(f"{outcome.stopped}; stopped: {written} to {where}", code=1)
+    if outcome.failures:
         print(
-            f"iln restore: {len(failures)} of {len(targets)} images failed (listed above)",
+            f"iln restore: {len(outcome.failures)} of {len(targets)} images failed (listed "
+            f"above); {written} to {where}",
             file=sys.stderr,
         )
         return 1
+    print(f"iln restore: {written} to {where}" if not single else f"iln restore: wrote {where}")
     return 0
 
 

@@ -20,6 +20,7 @@ import yaml
 
 from iln.data.catalog import SETS, expand, parts_of
 from iln.data.params import DataParams, DegradeParams, RealSRParams, parse_task
+from iln.layout import check_run_name
 
 
 class ParamsError(ValueError):
@@ -278,7 +279,8 @@ class ReleasedSpec:
     """A released checkpoint evaluated and analysed like a trained run, never trained.
 
     ``weights``: a BasicSR-format file (a dict with ``params`` and/or ``params_ema``),
-    relative to the project root or absolute; ``key``: which of the two to load.
+    inside the project (a path relative to its root, or an absolute one within it);
+    ``key``: which of the two to load.
     """
 
     arch: str
@@ -424,6 +426,14 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
 # --------------------------------------------------------------------------- checks
 
 
+def _check_name(name: str, where: str) -> None:
+    """A run or released entry names folders and stage arguments (``iln.layout``)."""
+    try:
+        check_run_name(name, where)
+    except ValueError as err:
+        raise ParamsError(str(err)) from None
+
+
 def _check_arch_and_norm(spec: RunSpec | ReleasedSpec, where: str) -> None:
     from iln.models import ARCHS, NORMS  # torch-heavy import only when params are loaded
 
@@ -449,8 +459,7 @@ def _check_runs(params: Params) -> None:
             )
     for name, spec in params.runs.items():
         where = f"runs.{name}"
-        if not re.match(r"^[A-Za-z0-9_.-]+$", name):
-            raise ParamsError(f"{where}: run names may use letters, digits, '_', '-' and '.' only")
+        _check_name(name, where)
         if name == "bicubic":
             raise ParamsError(f"{where}: 'bicubic' is reserved for the interpolation baseline")
         _check_arch_and_norm(spec, where)
@@ -552,8 +561,7 @@ def _check_released(params: Params) -> None:
 
     for name, spec in params.released.items():
         where = f"released.{name}"
-        if not re.match(r"^[A-Za-z0-9_.-]+$", name):
-            raise ParamsError(f"{where}: names may use letters, digits, '_', '-' and '.' only")
+        _check_name(name, where)
         if name == "bicubic" or name in params.runs:
             raise ParamsError(
                 f"{where}: the name is taken by "

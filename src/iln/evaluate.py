@@ -57,7 +57,12 @@ def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
 
 
 def _forward_tiled(
-    model: nn.Module, x: torch.Tensor, scale: int, tile: int, overlap: int
+    model: nn.Module,
+    x: torch.Tensor,
+    scale: int,
+    tile: int,
+    overlap: int,
+    on_tile: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Run ``model`` on overlapping LR tiles and average the overlapping outputs."""
     _, c, h, w = x.shape  # (1, 3, H, W)
@@ -65,18 +70,20 @@ def _forward_tiled(
     stride = tile - overlap
     acc = torch.zeros(1, c, h * scale, w * scale, dtype=torch.float32, device=x.device)
     weight = torch.zeros(1, 1, h * scale, w * scale, dtype=torch.float32, device=x.device)
-    for top in _tile_starts(h, th, stride):
-        for left in _tile_starts(w, tw, stride):
-            patch = x[:, :, top : top + th, left : left + tw]  # (1, 3, th, tw)
-            out = model(patch).float()  # (1, 3, s*th, s*tw)
-            if out.shape[-2:] != (th * scale, tw * scale):
-                raise ValueError(
-                    f"model returned {tuple(out.shape)} for a tile {th}x{tw} at scale {scale}"
-                )
-            rows = slice(top * scale, (top + th) * scale)
-            cols = slice(left * scale, (left + tw) * scale)
-            acc[:, :, rows, cols] += out
-            weight[:, :, rows, cols] += 1.0
+    corners = [(t, lf) for t in _tile_starts(h, th, stride) for lf in _tile_starts(w, tw, stride)]
+    for done, (top, left) in enumerate(corners, start=1):
+        patch = x[:, :, top : top + th, left : left + tw]  # (1, 3, th, tw)
+        out = model(patch).float()  # (1, 3, s*th, s*tw)
+        if out.shape[-2:] != (th * scale, tw * scale):
+            raise ValueError(
+                f"model returned {tuple(out.shape)} for a tile {th}x{tw} at scale {scale}"
+            )
+        rows = slice(top * scale, (top + th) * scale)
+        cols = slice(left * scale, (left + tw) * scale)
+        acc[:, :, rows, cols] += out
+        weight[:, :, rows, cols] += 1.0
+        if on_tile is not None:
+            on_tile(done, len(corners))
     return acc / weight
 
 
@@ -89,6 +96,8 @@ def restore(
     tile: int | None = None,
     tile_overlap: int = 16,
     pad: str = "model",
+    refuse_nonfinite: bool = False,
+    on_tile: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Restore one uint8 (H, W, 3) image; returns uint8 (s*H, s*W, 3).
 
@@ -111,7 +120,11 @@ def restore(
     whole-image result only near seams; models with per-image statistics (i-LN, LN*,
     InstanceNorm, channel attention's global pooling in HAT) compute those statistics per
     tile, so tiling changes their output slightly everywhere. Benchmarks should be run
-    without tiling when memory allows.
+    without tiling when memory allows. ``on_tile(done, total)`` is called after each tile.
+
+    A NaN or infinite output value becomes 0 or is clamped (``to_uint8``), so a broken
+    forward pass can still be scored; ``refuse_nonfinite=True`` raises
+    ``NonFiniteOutputError`` instead (for outputs a user keeps).
     """
     _check_image(lq, "lq")
     scale = int(model.scale)
@@ -140,14 +153,25 @@ def restore(
             if tile is None or (ph <= tile and pw <= tile):
                 y = model(x)  # (1, C, s*H', s*W')
             else:
-                y = _forward_tiled(model, x, scale, tile, tile_overlap)
+                y = _forward_tiled(model, x, scale, tile, tile_overlap, on_tile)
     finally:
         model.train(was_training)
     channels = 1 if grey else 3
     if tuple(y.shape) != (1, channels, ph * scale, pw * scale):
         raise ValueError(f"model returned {tuple(y.shape)} for an input {ph}x{pw} at scale {scale}")
     y = y[:, :, : h * scale, : w * scale]
+    if refuse_nonfinite:
+        bad = int((~torch.isfinite(y)).sum())
+        if bad:
+            raise NonFiniteOutputError(
+                f"the model's output has {bad} NaN or infinite values of {y.numel()} "
+                f"(not written: it would be a black or blank image)"
+            )
     return to_uint8(y.expand(-1, 3, -1, -1) if grey else y)
+
+
+class NonFiniteOutputError(ValueError):
+    """The model's output holds NaN or infinite values (a broken model or an overflow)."""
 
 
 def model_restore_fn(

@@ -1,7 +1,8 @@
 """Atomic file writers: a reader (or a crash) never sees half a file.
 
 Every output of the project is written through ``atomic_path``: the bytes go to a temp file
-in the destination folder, named ``.<name>.<pid>.<random>.iln.tmp``, which is renamed over
+in the destination folder, named ``.<name>.<pid>.<random>.iln.tmp`` (``<name>`` cut short if the
+temp name would pass the 255-byte file-name limit), which is renamed over
 the destination only when complete. On any failure the temp file is removed; a full disk
 is reported as one ``DiskFullError`` line naming the file. Temp files are created with the
 permissions of a normal file (0666 minus the umask). A temp file left by a killed process
@@ -28,6 +29,7 @@ from typing import Any
 TEMP_SUFFIX = ".iln.tmp"
 # Temp files of this project: ours, and those of the torch.save writer used before (".x.tmp<pid>").
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.iln\.tmp$|^\..+\.tmp(\d+)$")
+_NAME_MAX_BYTES = 255  # longest file name on Linux, macOS and Windows file systems
 _FULL_DISK_BYTES = 1 << 20  # a write that failed with less than this free: the disk was full
 
 
@@ -55,7 +57,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    tmp = path.with_name(_temp_name(path.name))
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # honours the umask
         yield tmp
@@ -74,6 +76,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 f"partial file); free some space and rerun",
             ) from None
         raise
+
+
+def _temp_name(name: str) -> str:
+    """``.<name>.<pid>.<random>.iln.tmp``, with ``name`` shortened (whole UTF-8 characters)
+    so that the temp name fits the 255-byte limit of file names wherever ``name`` does."""
+    tail = f".{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    room = _NAME_MAX_BYTES - 1 - len(tail.encode())
+    head = name.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return f".{head}{tail}"
 
 
 def remove_stale_temps(folder: str | Path, *, recursive: bool = False) -> list[Path]:

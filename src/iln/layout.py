@@ -21,8 +21,27 @@ Per run ``R`` (one entry of ``runs:`` in params.yaml)::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+# ---- names
+
+# A run or released entry name: a plain folder name under runs/ that a command line never
+# reads as an option (``-h``) and that never leaves runs/ (``..``).
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
+def check_run_name(name: str, where: str) -> None:
+    """ValueError naming ``where`` (the params key) unless ``name`` can name a run folder:
+    letters, digits, '_', '-' and '.', starting with a letter, digit or '_', at most 100
+    characters."""
+    if not _RUN_NAME.fullmatch(name):
+        raise ValueError(
+            f"{where}: {name!r} cannot be used as a name (letters, digits, '_', '-' and '.' "
+            f"only, starting with a letter, digit or '_'; at most 100 characters)"
+        )
+
 
 # ---- column schemas and JSON keys
 

@@ -5,8 +5,9 @@ The paper's authors published their trained HAT_1 ("HAT-mini", LN and i-LN) and 
 ``params_ema``) in one Google Drive folder. Drive folders cannot be downloaded by a script,
 so a copy is made by hand; ``CATALOGUE`` says what each file is and how to get it.
 
-A local file is named by a ``released:`` entry of params.yaml. Its SHA-256 is recorded in a
-checksum book on first use and every later use is checked against it, so a replaced or
+A local file, inside the project, is named by a ``released:`` entry of params.yaml. Its
+SHA-256 is recorded in a checksum book the first time it loads (a file that is refused, e.g.
+cut short, is not recorded) and every later use is checked against it, so a replaced or
 damaged file is noticed instead of silently changing the numbers.
 """
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from iln.data.download import ChecksumBook
+from iln.layout import check_run_name
 from iln.models import build_model, load_official_checkpoint
 
 DRIVE_FOLDER = "https://drive.google.com/drive/folders/1vAv1qw_jYsk0TIJhegjrJkYG3Rycey8c"
@@ -128,16 +130,34 @@ def where_to_get(path: str | os.PathLike[str]) -> str:
     )
 
 
-def resolve_weights(weights: str, root: Path) -> Path:
-    """The file a ``released.<name>.weights`` value names (relative paths: to ``root``)."""
+def resolve_weights(weights: str, root: Path, where: str) -> Path:
+    """The file a ``released.<name>.weights`` value names (relative paths: to ``root``).
+
+    The path must lie inside the project (``root``), as written or once symlinks are
+    resolved: a file elsewhere is linked or copied into ``weights/released/`` first, so that
+    params.yaml never makes a stage read and record an arbitrary file of the machine.
+    """
     path = Path(weights)
-    return path if path.is_absolute() else Path(root) / path
+    path = path if path.is_absolute() else Path(root) / path
+    lexical = Path(os.path.normpath(os.path.abspath(path)))
+    inside = lexical.is_relative_to(os.path.normpath(os.path.abspath(root)))
+    if not inside and not path.resolve().is_relative_to(Path(root).resolve()):
+        raise ReleasedWeightsError(
+            f"{where}: {weights!r} lies outside the project ({Path(root).resolve()}); put the "
+            f"file (or a link to it) under weights/released/ and name it relative to the project"
+        )
+    return path
 
 
 def require_weights(path: Path, where: str) -> None:
-    """FileNotFoundError in one line naming the file, the params key and where to get it."""
-    if not Path(path).is_file():
+    """FileNotFoundError (missing) or ReleasedWeightsError (a folder, a device, ...) in one
+    line naming the file, the params key and where to get it."""
+    path = Path(path)
+    if not path.exists():
         raise FileNotFoundError(f"{where}: {path} does not exist; to get it, {where_to_get(path)}")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise ReleasedWeightsError(f"{where}: {path} is {kind}; expected a checkpoint file")
 
 
 def sha256_of(path: Path) -> str:
@@ -169,29 +189,55 @@ class WeightsRecord:
 def verify_weights(
     weights: str, key: str, *, root: Path, book: Path, where: str
 ) -> tuple[Path, WeightsRecord]:
-    """Check that the file exists and matches its recorded SHA-256 (recorded now if new).
+    """Check that the file exists, lies in the project and matches the SHA-256 recorded for
+    it in ``book``, if any; returns its path and record (nothing is recorded here: a file is
+    pinned by ``pin_weights`` only once it has loaded).
 
     ``book`` is a checksum file like the datasets' (``ChecksumBook``), keyed by ``weights``
     as written in params.yaml; commit it to pin the files. A mismatch raises
     ``ReleasedWeightsError`` saying how to accept a deliberately replaced file.
     """
-    path = resolve_weights(weights, root)
+    path = resolve_weights(weights, root, where)
     require_weights(path, where)
     digest = sha256_of(path)
-    try:
-        checksums = ChecksumBook(book)
-    except ValueError as err:
-        raise ReleasedWeightsError(str(err)) from None
-    known = checksums.get(weights)
+    known = _weights_book(book).get(weights)
     if known is not None and known != digest:
         raise ReleasedWeightsError(
             f"{where}: {path} has SHA-256 {digest}, but {known} was recorded for it on first "
             f"use in {book}; if you replaced the file on purpose, delete its entry there"
         )
-    if known is None:  # written atomically; an entry lost to a concurrent writer is re-recorded
-        entry = CATALOGUE.get(path.name)
-        checksums.record(weights, digest, f"{DRIVE_FOLDER} {entry.member}" if entry else "")
     return path, WeightsRecord(file=weights, sha256=digest, bytes=path.stat().st_size, key=key)
+
+
+def pin_weights(record: WeightsRecord, *, book: Path) -> None:
+    """Record the SHA-256 of a file that loaded, if its entry is new (written atomically; an
+    entry lost to a concurrent writer is recorded again on the next use)."""
+    checksums = _weights_book(book)
+    if checksums.get(record.file) is None:
+        entry = CATALOGUE.get(Path(record.file).name)
+        checksums.record(
+            record.file, record.sha256, f"{DRIVE_FOLDER} {entry.member}" if entry else ""
+        )
+
+
+def _weights_book(book: Path) -> ChecksumBook:
+    try:
+        return ChecksumBook(book, writer="the check_released stage (dvc repro check_released@NAME)")
+    except ValueError as err:
+        raise ReleasedWeightsError(str(err)) from None
+
+
+def check_finite(model: nn.Module, source: str | Path) -> None:
+    """ValueError naming ``source`` if any weight of ``model`` is NaN or infinite: such a model
+    turns every image into NaN, which would be written as black."""
+    bad = [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]
+    if bad:
+        total = len(model.state_dict())
+        raise ValueError(
+            f"{source}: {len(bad)} of {total} weight tensors hold NaN or infinite values "
+            f"(first: {bad[0]}); these weights cannot restore anything (a diverged or damaged "
+            f"file)"
+        )
 
 
 def read_basicsr(path: Path, key: str) -> Mapping[str, torch.Tensor]:
@@ -211,7 +257,19 @@ def read_basicsr(path: Path, key: str) -> Mapping[str, torch.Tensor]:
     if key not in blob:
         other = next(k for k in BASICSR_KEYS if k in blob)
         raise ReleasedWeightsError(f"{path}: has no {key!r} (it has {other!r}); set `key: {other}`")
-    return blob[key]
+    state = blob[key]
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        what = (
+            "holds entries that are not named tensors"
+            if isinstance(state, Mapping)
+            else f"is {type(state).__name__}"
+        )
+        raise ReleasedWeightsError(
+            f"{path}: {key!r} {what}; a BasicSR checkpoint maps parameter names to tensors"
+        )
+    return state
 
 
 def load_released(
@@ -235,13 +293,22 @@ def load_released(
         load_official_checkpoint(model, state)
     except ValueError as err:  # CheckpointMismatchError, or entries that are not tensors
         raise ReleasedWeightsError(f"{path} ({key}) as {arch}/{norm} x{scale}: {err}") from None
+    try:
+        check_finite(model, f"{path} ({key})")
+    except ValueError as err:
+        raise ReleasedWeightsError(str(err)) from None
     return model.to(device).eval()
 
 
 def open_released(
     spec: Any, name: str, *, root: Path, book: Path, device: torch.device | str
 ) -> tuple[nn.Module, WeightsRecord]:
-    """The model of ``released.<name>`` (a ``ReleasedSpec``), its file verified and recorded."""
+    """The model of ``released.<name>`` (a ``ReleasedSpec``): the name checked, the file
+    verified, loaded, and then pinned in ``book``."""
+    try:
+        check_run_name(name, f"released.{name}")
+    except ValueError as err:
+        raise ReleasedWeightsError(str(err)) from None
     path, record = verify_weights(
         spec.weights, spec.key, root=root, book=book, where=f"released.{name}.weights"
     )
@@ -254,4 +321,5 @@ def open_released(
         overrides=spec.model_overrides(),
         device=device,
     )
+    pin_weights(record, book=book)
     return model, record

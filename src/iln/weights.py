@@ -73,9 +73,30 @@ def load_trained(
         raise ValueError(
             f"{path}: holds no {weights} weights (written before they were saved); {rerun}"
         )
-    model = build_model(blob["arch"], norm=blob["norm"], scale=blob["scale"], **blob["overrides"])
+    state = blob[STATE_KEYS[weights]]
+    wrong = [
+        f"{key} is {type(blob[key]).__name__}, expected {expected}"
+        for key, ok, expected in (
+            ("arch", isinstance(blob["arch"], str), "a name"),
+            ("norm", isinstance(blob["norm"], str), "a name"),
+            ("scale", type(blob["scale"]) is int, "an integer"),
+            ("overrides", isinstance(blob["overrides"], dict), "a dict"),
+            (STATE_KEYS[weights], isinstance(state, dict), "a dict of tensors"),
+        )
+        if not ok
+    ]
+    if not wrong and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        wrong = [f"{STATE_KEYS[weights]} holds values that are not tensors"]
+    if wrong:
+        raise ValueError(f"{path}: not a trained-model file ({'; '.join(wrong)}); {rerun}")
     try:
-        model.load_state_dict(blob[STATE_KEYS[weights]])
+        model = build_model(
+            blob["arch"], norm=blob["norm"], scale=blob["scale"], **blob["overrides"]
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the recorded model cannot be built ({err}); {rerun}") from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise ValueError(

@@ -57,23 +57,36 @@ def mismatch(digests: dict[str, str], expected: Expected) -> str | None:
 
 
 class ChecksumBook:
-    """SHA-256 recorded at first download, keyed by file name (commit the file to pin data)."""
+    """SHA-256 recorded at first download, keyed by file name (commit the file to pin data).
 
-    def __init__(self, path: str | Path) -> None:
+    ``writer`` names the stage that records entries, for the message when the file is damaged
+    (the data sets' book is written by the download stage, the released weights' book by the
+    check_released stage).
+    """
+
+    def __init__(self, path: str | Path, *, writer: str = "the download stage") -> None:
         self.path = Path(path)
+        fix = f"{writer} writes it: restore it from git, or delete it to record fresh checksums"
         if self.path.exists():
             try:
                 self.entries: dict[str, dict[str, str]] = json.loads(self.path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise ValueError(
-                    f"{self.path}: unreadable checksum file, not valid JSON ({err}); the download "
-                    f"stage writes it: restore it from git, or delete it to record fresh checksums"
+                    f"{self.path}: unreadable checksum file, not valid JSON ({err}); {fix}"
                 ) from None
             if not isinstance(self.entries, dict):
                 raise ValueError(
-                    f"{self.path}: unreadable checksum file (expected a JSON object); the "
-                    f"download stage writes it: restore it from git, or delete it"
+                    f"{self.path}: unreadable checksum file (expected a JSON object); {fix}"
                 )
+            for name, entry in self.entries.items():
+                if not isinstance(entry, dict) or not all(
+                    isinstance(v, str) for v in entry.values()
+                ):
+                    raise ValueError(
+                        f"{self.path}: unreadable checksum file (entry {name!r} is "
+                        f"{json.dumps(entry)[:60]}, expected an object of strings such as "
+                        f'{{"sha256": ..., "url": ...}}); {fix}'
+                    )
         else:
             self.entries = {}
 

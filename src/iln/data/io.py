@@ -11,7 +11,9 @@ Conversions done by ``read_rgb`` (everything else is rejected with the file name
   meaningful colour under transparency;
 - CMYK / YCbCr JPEGs -> RGB by Pillow's conversion.
 
-EXIF orientation is not applied: benchmark files are stored upright.
+EXIF orientation is applied only when asked (``upright=True``, as ``iln restore`` does for
+photos): benchmark files are stored upright, and the dataset pipeline reads their pixels as
+stored.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ from iln.files import atomic_path
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
 
 _16BIT_PNG_RAWMODES = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+_EXIF_ORIENTATION = 0x0112
+# What ``write_image`` writes for each file suffix: the Pillow format and its settings
+# (lossless where the format allows; JPEG at quality 95 without chroma subsampling).
+WRITE_FORMATS: dict[str, tuple[str, dict[str, object]]] = {
+    ".png": ("PNG", {"compress_level": 6}),
+    ".jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    ".jpeg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    ".bmp": ("BMP", {}),
+    ".tif": ("TIFF", {"compression": "tiff_lzw"}),
+    ".tiff": ("TIFF", {"compression": "tiff_lzw"}),
+    ".ppm": ("PPM", {}),
+    ".webp": ("WEBP", {"lossless": True}),
+}
 
 
 class ImageReadError(ValueError):
@@ -54,11 +69,16 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 (H, W, 3) RGB, converting as the module doc says."""
+def read_rgb(path: str | Path, *, upright: bool = False) -> np.ndarray:
+    """Decode an image file to uint8 (H, W, 3) RGB, converting as the module doc says.
+
+    ``upright``: turn the pixels as the file's EXIF orientation tag says (what image viewers
+    show); an absent or invalid tag leaves them as stored.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if upright else 1
             if _is_16bit_png_header(img):  # tiles are only known before decoding
                 rgba = _read_16bit_png(path)
                 array = _drop_opaque_alpha(rgba, path) if rgba.shape[-1] == 4 else rgba
@@ -75,7 +95,31 @@ def read_rgb(path: str | Path) -> np.ndarray:
         ValueError,
     ) as err:
         raise ImageReadError(f"{path}: cannot decode image ({err})") from None
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(_orient(array, orientation))
+
+
+def _orient(array: np.ndarray, orientation: object) -> np.ndarray:
+    """(H, W, C) pixels as stored -> as shown for EXIF orientation 1-8 (others: unchanged).
+
+    2 mirrored, 3 turned 180 degrees, 4 flipped, 5 mirrored and turned 90 degrees
+    anticlockwise (the transpose), 6 turned 90 degrees clockwise, 7 the transverse, 8 turned
+    90 degrees anticlockwise: what Pillow's ``ImageOps.exif_transpose`` does.
+    """
+    if orientation == 2:
+        return array[:, ::-1]
+    if orientation == 3:
+        return array[::-1, ::-1]
+    if orientation == 4:
+        return array[::-1]
+    if orientation == 5:
+        return array.transpose(1, 0, 2)
+    if orientation == 6:
+        return np.rot90(array, -1)
+    if orientation == 7:
+        return np.rot90(array, 2).transpose(1, 0, 2)
+    if orientation == 8:
+        return np.rot90(array, 1)
+    return array
 
 
 def _to_rgb(img: Image.Image, path: Path) -> np.ndarray:
@@ -159,6 +203,26 @@ def write_png(path: str | Path, array: np.ndarray, *, compress_level: int = 6) -
         Image.fromarray(np.ascontiguousarray(array)).save(
             tmp, format="PNG", compress_level=compress_level
         )
+
+
+def write_image(path: str | Path, array: np.ndarray) -> None:
+    """Write uint8 (H, W, 3) pixels in the format of the file's suffix (``WRITE_FORMATS``),
+    through the atomic writer."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in WRITE_FORMATS:
+        raise ValueError(
+            f"{path}: cannot write images as {suffix or 'a file without a suffix'} "
+            f"(writable: {', '.join(WRITE_FORMATS)})"
+        )
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(
+            f"{path}: expected uint8 (H, W, 3) pixels, got {array.dtype} {array.shape}"
+        )
+    fmt, options = WRITE_FORMATS[suffix]
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format=fmt, **options)
 
 
 def is_plain_rgb_png(path: str | Path) -> bool:
