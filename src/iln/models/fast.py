@@ -313,6 +313,9 @@ def standardize_affine(
     The reference is ``norms.ImageLayerNorm`` (dims 2) / ``norms.TokenRescaledLayerNorm``
     (dims 1). Input of another dtype than the parameters (a bf16 / fp16 activation under
     autocast) is computed in the parameters' dtype, as autocast runs ``layer_norm``.
+    ``std`` has the dtype of the (cast) input: CUDA's kernels return fp32 statistics for
+    fp16 / bf16 input, which as a branch scale would promote a half-precision residual
+    stream to fp32 (and the next half-precision convolution would refuse it).
     """
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
@@ -344,7 +347,7 @@ class _StandardizeAffine(torch.autograd.Function):
         ctx.save_for_backward(x, xhat, mean, rstd, weight)
         ctx.shape = shape
         ctx.set_materialize_grads(False)  # an unused std (LN*) brings no gradient pass
-        return torch.addcmul(bias, xhat, weight), rstd.reciprocal()
+        return torch.addcmul(bias, xhat, weight), rstd.reciprocal().to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, grad_std: Tensor | None):
@@ -381,7 +384,7 @@ class _ImageStandardizeAffine(torch.autograd.Function):
         )  # mean, rstd (B, 1)
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.set_materialize_grads(False)
-        return y.permute(0, 2, 3, 1).view(b, n, c), rstd.reciprocal().view(b, 1, 1)
+        return y.permute(0, 2, 3, 1).view(b, n, c), rstd.reciprocal().view(b, 1, 1).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, grad_std: Tensor | None):
