@@ -75,6 +75,7 @@ class HAB(nn.Module):
         drop_path: float,
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.shift = shift
@@ -82,7 +83,7 @@ class HAB(nn.Module):
         self.drop_path = drop_path
         self.fast = fast
         self.norm1 = norm_layer(dim)
-        self.attn = common.WindowAttention(dim, window, num_heads, fast)
+        self.attn = common.WindowAttention(dim, window, num_heads, fast, attention)
         self.conv_block = CAB(dim, compress_ratio, squeeze_factor, fast)
         self.norm2 = norm_layer(dim)
         self.mlp = common.Mlp(dim, int(dim * mlp_ratio))
@@ -119,8 +120,10 @@ class OCAB(nn.Module):
         mlp_ratio: float,
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
+        fast_ops.check_attention_impl(attention)
         self.window = window
         self.overlap = common.overlap_window_size(window, overlap_ratio)
         if (self.overlap - window) % 2:
@@ -131,6 +134,7 @@ class OCAB(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.fast = fast
+        self.attention = attention
         self.norm1 = norm_layer(dim)
         self.qkv = nn.Linear(dim, dim * 3)
         self.relative_position_bias_table = nn.Parameter(
@@ -167,9 +171,11 @@ class OCAB(nn.Module):
             k, v = kv[0], kv[1]
 
         gather = fast_ops.gather_bias if self.fast else common.gather_bias
-        attend = fast_ops.attention if self.fast else common.attention
         bias = gather(self.relative_position_bias_table, index)  # (h, w*w, ow*ow)
-        out = attend(q, k, v, bias, self.scale)  # (B*nW, h, w*w, d)
+        if self.fast:
+            out = fast_ops.attention(q, k, v, bias, self.scale, impl=self.attention)
+        else:
+            out = common.attention(q, k, v, bias, self.scale)  # (B*nW, h, w*w, d)
         out = out.transpose(1, 2).reshape(-1, win * win, c)  # (B*nW, w*w, C)
         out = common.window_reverse(out, win, h, w).reshape(b, n_tok, c)  # (B, N, C)
 
@@ -195,6 +201,7 @@ class AttenBlocks(nn.Module):
         drop_path: Sequence[float],
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -210,10 +217,13 @@ class AttenBlocks(nn.Module):
                 drop_path[i],
                 norm_layer,
                 fast,
+                attention,
             )
             for i in range(depth)
         )
-        self.overlap_attn = OCAB(dim, window, overlap_ratio, num_heads, mlp_ratio, norm_layer, fast)
+        self.overlap_attn = OCAB(
+            dim, window, overlap_ratio, num_heads, mlp_ratio, norm_layer, fast, attention
+        )
 
     def forward(
         self, x: Tensor, ctx: ForwardContext, index_sa: Tensor, index_oca: Tensor
@@ -243,8 +253,9 @@ class HAT(WindowedRestorer):
     """HAT for classical SR (pixel-shuffle head) or, at ``scale=1``, for restoration.
 
     ``norm_layer`` builds the norms inside residual blocks, ``outer_norm_layer`` the
-    patch-embed and final norms; ``fast`` selects the fast path (``fast.py``). Any input
-    size (see ``WindowedRestorer``).
+    patch-embed and final norms; ``fast`` selects the fast path (``fast.py``) and
+    ``attention`` its attention kernels (``fast.ATTENTION_IMPLS``). Any input size (see
+    ``WindowedRestorer``).
     """
 
     def __init__(
@@ -266,6 +277,7 @@ class HAT(WindowedRestorer):
         norm_layer: NormFactory,
         outer_norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # grows with depth
         layers = nn.ModuleList(
@@ -282,6 +294,7 @@ class HAT(WindowedRestorer):
                 drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
                 norm_layer=norm_layer,
                 fast=fast,
+                attention=attention,
             )
             for i, (depth, heads) in enumerate(zip(depths, num_heads))
         )

@@ -30,13 +30,14 @@ class SwinBlock(nn.Module):
         drop_path: float,
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.shift = shift
         self.drop_path = drop_path
         self.fast = fast
         self.norm1 = norm_layer(dim)
-        self.attn = common.WindowAttention(dim, window, num_heads, fast)
+        self.attn = common.WindowAttention(dim, window, num_heads, fast, attention)
         self.norm2 = norm_layer(dim)
         self.mlp = common.Mlp(dim, int(dim * mlp_ratio))
 
@@ -69,6 +70,7 @@ class BasicLayer(nn.Module):
         drop_path: Sequence[float],
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -81,6 +83,7 @@ class BasicLayer(nn.Module):
                 drop_path[i],
                 norm_layer,
                 fast,
+                attention,
             )
             for i in range(depth)
         )
@@ -107,7 +110,8 @@ class RSTB(nn.Module):
 
 class SwinIR(WindowedRestorer):
     """SwinIR for classical SR (pixel-shuffle head) or, at ``scale=1``, for restoration
-    (input + predicted residual, as HAT). Any input size (see ``WindowedRestorer``)."""
+    (input + predicted residual, as HAT); ``fast`` and ``attention`` as for ``HAT``. Any
+    input size (see ``WindowedRestorer``)."""
 
     def __init__(
         self,
@@ -124,6 +128,7 @@ class SwinIR(WindowedRestorer):
         norm_layer: NormFactory,
         outer_norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         layers = nn.ModuleList(
@@ -136,6 +141,7 @@ class SwinIR(WindowedRestorer):
                 drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
                 norm_layer=norm_layer,
                 fast=fast,
+                attention=attention,
             )
             for i, (depth, heads) in enumerate(zip(depths, num_heads))
         )
