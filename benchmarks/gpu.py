@@ -22,7 +22,7 @@ Writes ``DIR/gpu.json`` and ``DIR/gpu.md`` (the same rows as markdown tables). S
 - ``loader``: training-loader batches per second (SR pairs, DN degraded on the fly) against
   the step time;
 - ``fp16_overflow``: the largest residual-stream feature of an LN (and i-LN) model whose
-  patch embedding is scaled up, in fp32, and whether fp16 inference overflows;
+  patch-embed norm's affine is scaled up, in fp32, and whether fp16 inference overflows;
 - ``official``: with ``--official``, the authors' HAT training step beside ours.
 
 Every section has a time budget; a row that is not run says why (device, budget, error).
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gc
 import math
@@ -67,13 +68,17 @@ class Plan:
     """Sizes and budgets of one run (``FULL`` on a GPU, ``SMOKE`` on the CPU)."""
 
     train_arch: str
+    train_precision: str  # of the rows that vary something else
     train_batch: int
     train_patch: int
     big_archs: tuple[str, ...]  # other archs with one train row each
     big_batch: int
     step_repeats: int
     infer_archs: tuple[str, ...]
+    infer_precisions: tuple[str, ...]  # the others are listed with the reason
     infer_size: int
+    repeats: int  # timed calls of the inference, attention, SDPA and norm rows
+    compiled_overrides: dict[str, Any]  # network overrides of the compiled train rows
     attn_shape: tuple[int, int, int, int]  # (batch, window positions, heads, window side)
     attn_head_dims: tuple[int, ...]
     norm_shape: tuple[int, int, int]  # (B, N, C)
@@ -82,6 +87,7 @@ class Plan:
     loader_patch: int
     loader_workers: tuple[int, ...]
     loader_batches: int
+    overflow_arch: str
     overflow_size: int
     compile_backend: str
     budgets_s: dict[str, float]
@@ -90,13 +96,17 @@ class Plan:
 
 FULL = Plan(
     train_arch="hat_1",
+    train_precision="tf32",
     train_batch=16,
     train_patch=64,
     big_archs=("hat", "swinir_1"),
     big_batch=8,
     step_repeats=5,
     infer_archs=("hat_1", "hat", "swinir_1"),
+    infer_precisions=("fp32", "bf16", "fp16"),
     infer_size=256,
+    repeats=3,
+    compiled_overrides={},
     attn_shape=(16, 16, 6, 16),
     attn_head_dims=(16, 30, 32),
     norm_shape=(16, 4096, 96),
@@ -105,6 +115,7 @@ FULL = Plan(
     loader_patch=64,
     loader_workers=(0, 4, 8),
     loader_batches=8,
+    overflow_arch="hat_1",
     overflow_size=64,
     compile_backend="inductor",
     budgets_s=dict(
@@ -121,13 +132,17 @@ FULL = Plan(
 )
 SMOKE = Plan(
     train_arch="hat_tiny",
+    train_precision="fp32",
     train_batch=1,
     train_patch=8,
     big_archs=("swinir_tiny",),
     big_batch=2,
     step_repeats=2,
     infer_archs=("hat_1", "hat", "swinir_1"),
+    infer_precisions=("fp32",),
     infer_size=16,
+    repeats=1,
+    compiled_overrides={"depths": [2]},  # one group: tracing every block costs a minute
     attn_shape=(2, 4, 2, 4),
     attn_head_dims=(16, 30),
     norm_shape=(2, 256, 32),
@@ -136,6 +151,7 @@ SMOKE = Plan(
     loader_patch=16,
     loader_workers=(0, 2),
     loader_batches=3,
+    overflow_arch="hat_tiny",
     overflow_size=16,
     compile_backend="aot_eager",
     budgets_s=dict.fromkeys(FULL.budgets_s, math.inf),  # every row runs; the test times the run
@@ -145,6 +161,7 @@ SMOKE = Plan(
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLEX_CPU = "flex_attention has no backward on the CPU"
 COMPILED_MIN_LEFT_S = 60  # a compiled row starts only with this much of its budget left
 
 
@@ -277,7 +294,7 @@ def train_step_specs(plan: Plan) -> list[dict[str, Any]]:
     base = dict(
         arch=plan.train_arch,
         norm="iln",
-        precision="tf32",
+        precision=plan.train_precision,
         attention="auto",
         path="fast",
         mode="eager",
@@ -288,13 +305,18 @@ def train_step_specs(plan: Plan) -> list[dict[str, Any]]:
     specs += [dict(base, attention=a) for a in ("sdpa", "materialized", "flex")]
     specs.append(dict(base, path="reference"))
     specs += [dict(base, arch=a, precision="bf16", batch=plan.big_batch) for a in plan.big_archs]
-    specs += [dict(base, precision="bf16", attention=a, mode="compiled") for a in ("auto", "flex")]
+    compiled = dict(base, precision="bf16", mode="compiled")
+    if plan.compiled_overrides:
+        compiled["overrides"] = plan.compiled_overrides
+    specs += [dict(compiled, attention=a) for a in ("auto", "flex")]
     return specs
 
 
 def _train_step(spec: dict[str, Any], plan: Plan, device: torch.device) -> dict[str, Any]:
     if spec["precision"] == "tf32" and device.type != "cuda":
         raise NotImplementedError(f"tf32 is a CUDA matmul mode; {device.type} has none")
+    if spec["attention"] == "flex" and device.type == "cpu":
+        raise NotImplementedError(FLEX_CPU)
     model = build_model(
         spec["arch"],
         norm=spec["norm"],
@@ -302,6 +324,7 @@ def _train_step(spec: dict[str, Any], plan: Plan, device: torch.device) -> dict[
         fast=spec["path"] == "fast",
         attention=spec["attention"],
         generator=_gen(0),
+        **spec.get("overrides", {}),
     ).to(device)
     model.train()
     optimizer = adam(list(model.parameters()), lr=2.0e-4, betas=(0.9, 0.99))
@@ -354,10 +377,11 @@ def run_train_steps(plan: Plan, device: torch.device, budget: Budget) -> list[di
 # ----------------------------------------------------------------------------- inference
 
 
-def _inference(arch: str, dtype_name: str, plan: Plan, device: torch.device) -> dict[str, Any]:
-    model = build_model(arch, norm="iln", scale=SCALE, generator=_gen(0))
+def _inference(
+    base: nn.Module, dtype_name: str, plan: Plan, device: torch.device
+) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
-    model = model.to(device=device, dtype=dtype).eval()
+    model = copy.deepcopy(base).to(device=device, dtype=dtype).eval()
     s = plan.infer_size
     x = torch.rand(1, 3, s, s, generator=_gen(2)).to(device=device, dtype=dtype)
     memory = _Memory(device)
@@ -371,17 +395,22 @@ def _inference(arch: str, dtype_name: str, plan: Plan, device: torch.device) -> 
     with _tf32(False):
         forward()
         memory.reset()
-        timing = time_callable(forward, repeats=3, warmup=0, sync=synchronizer(device))
+        timing = time_callable(forward, repeats=plan.repeats, warmup=0, sync=synchronizer(device))
     return {"seconds": timing.median_s, "peak_memory_bytes": memory.peak()}
 
 
 def run_inference(plan: Plan, device: torch.device, budget: Budget) -> list[dict[str, Any]]:
     rows = []
     for arch in plan.infer_archs:
+        base = build_model(arch, norm="iln", scale=SCALE, generator=_gen(0))
         for dtype_name in DTYPES:
             row = dict(arch=arch, norm="iln", precision=dtype_name, lr_size=plan.infer_size)
+            if dtype_name not in plan.infer_precisions:
+                reason = "not run: half precision on the CPU takes minutes (dtypes: meta tests)"
+                rows.append({**row, "status": "not_run", "reason": reason})
+                continue
             rows.append(
-                _guarded(row, budget, lambda a=arch, d=dtype_name: _inference(a, d, plan, device))
+                _guarded(row, budget, lambda m=base, d=dtype_name: _inference(m, d, plan, device))
             )
     return rows
 
@@ -401,6 +430,8 @@ def _attention_operands(plan: Plan, d: int, dtype: torch.dtype, device: torch.de
 
 
 def _attention_check(impl: str, compiled: bool, plan: Plan, device: torch.device):
+    if impl == "flex" and device.type == "cpu":
+        raise NotImplementedError(FLEX_CPU)
     d = plan.attn_head_dims[0]
     (q, k, v, bias), mask = _attention_operands(plan, d, torch.float64, device)
     scale = d**-0.5
@@ -472,10 +503,10 @@ def _sdpa_backend(d: int, dtype: torch.dtype, backend: str, plan: Plan, device: 
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             call()
         ran = sorted({SDPA_OPS[e.key] for e in prof.key_averages() if e.key in SDPA_OPS})
-        timing = time_callable(call, repeats=3, warmup=1, sync=synchronizer(device))
+        timing = time_callable(call, repeats=plan.repeats, warmup=1, sync=synchronizer(device))
         return {"ran": ", ".join(ran) or "none of the fused ops", "seconds": timing.median_s}
     with sdpa_kernel(getattr(SDPBackend, backend)):
-        timing = time_callable(call, repeats=3, warmup=1, sync=synchronizer(device))
+        timing = time_callable(call, repeats=plan.repeats, warmup=1, sync=synchronizer(device))
     return {"ran": backend.lower(), "seconds": timing.median_s}
 
 
@@ -516,7 +547,7 @@ def _norm_kernel(kind: str, dtype: torch.dtype, plan: Plan, device: torch.device
             y, std = norm(x)
             (y.sum() + std.sum()).backward()
 
-    timing = time_callable(run, repeats=5, warmup=1, sync=synchronizer(device))
+    timing = time_callable(run, repeats=plan.repeats + 2, warmup=1, sync=synchronizer(device))
     return {"seconds": timing.median_s}
 
 
@@ -610,11 +641,11 @@ def run_loader(
 # ----------------------------------------------------------------------------- fp16
 
 
-def _overflow(norm: str, gain: float, plan: Plan, device: torch.device) -> dict[str, Any]:
-    model = build_model("hat_1", norm=norm, scale=SCALE, generator=_gen(0)).eval()
-    with torch.no_grad():
-        model.conv_first.weight.mul_(gain)
-        model.conv_first.bias.mul_(gain)
+def _overflow(base: nn.Module, gain: float, plan: Plan, device: torch.device) -> dict[str, Any]:
+    model = copy.deepcopy(base).eval()
+    with torch.no_grad():  # the stream starts at the patch-embed norm's output (LN or Affine)
+        model.patch_embed.norm.weight.mul_(gain)
+        model.patch_embed.norm.bias.mul_(gain)
     x = torch.rand(1, 3, plan.overflow_size, plan.overflow_size, generator=_gen(6))
     row: dict[str, Any] = {}
     for mode in ("fp32", "fp16"):
@@ -635,9 +666,12 @@ def _overflow(norm: str, gain: float, plan: Plan, device: torch.device) -> dict[
 def run_overflow(plan: Plan, device: torch.device, budget: Budget) -> list[dict[str, Any]]:
     rows = []
     for norm in ("ln", "iln"):
+        base = build_model(plan.overflow_arch, norm=norm, scale=SCALE, generator=_gen(0))
         for gain in (1.0, 1.0e3, 1.0e5):
-            row = dict(arch="hat_1", norm=norm, embedding_gain=gain, lr_size=plan.overflow_size)
-            rows.append(_guarded(row, budget, lambda n=norm, g=gain: _overflow(n, g, plan, device)))
+            row = dict(
+                arch=plan.overflow_arch, norm=norm, embedding_gain=gain, lr_size=plan.overflow_size
+            )
+            rows.append(_guarded(row, budget, lambda m=base, g=gain: _overflow(m, g, plan, device)))
     return rows
 
 
