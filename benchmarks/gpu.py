@@ -162,7 +162,9 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLEX_CPU = "flex_attention has no backward on the CPU"
-COMPILED_MIN_LEFT_S = 60  # a compiled row starts only with this much of its budget left
+# A compiled row starts only with this much of its budget left: a first inductor compile of
+# hat_1, forward and backward, cannot be stopped once begun.
+COMPILED_MIN_LEFT_S = 120
 
 
 class Budget:
