@@ -27,8 +27,8 @@ Writes ``DIR/gpu.json`` and ``DIR/gpu.md`` (the same rows as markdown tables). S
 
 Every section has a time budget; a row that is not run says why (device, budget, error).
 ``--smoke`` runs a tiny version of every row on the CPU (tiny shapes, ``torch.compile`` with
-the ``aot_eager`` backend) in about a minute on two cores; it is part of the test suite. The script
-imports neither mlflow nor dvc (the GPU machines have neither).
+the ``aot_eager`` backend) in about a minute on two cores; it is part of the test suite.
+The script imports neither mlflow nor dvc (the GPU machines have neither).
 """
 
 from __future__ import annotations
