@@ -325,8 +325,10 @@ def test_build_errors_name_the_bad_value_and_the_choices():
         build_model("hat_tiny", norm="gn", scale=2)
     with pytest.raises(ValueError, match=r"scale 8 is not supported; valid scales: 1, 2, 3, 4"):
         build_model("hat_tiny", norm="ln", scale=8)
-    with pytest.raises(ValueError, match=r"unknown override 'attention'"):
+    with pytest.raises(ValueError, match=r"unknown attention implementation 'naive'; valid:"):
         build_model("hat_tiny", norm="ln", scale=2, attention="naive")
+    with pytest.raises(ValueError, match=r"unknown override 'attn'"):
+        build_model("hat_tiny", norm="ln", scale=2, attn="sdpa")
     with pytest.raises(ValueError, match=r"embed_dim 31 .*divisible"):
         build_model("hat_tiny", norm="ln", scale=2, embed_dim=31)
     with pytest.raises(ValueError, match=r"window_size 7"):

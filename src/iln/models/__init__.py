@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from iln.models import common, drct, norms
+from iln.models import fast as fast_ops
 from iln.models.checkpoint import load_official_checkpoint, to_official_state_dict
 from iln.models.drct import DRCT
 from iln.models.hat import HAT
@@ -216,6 +217,7 @@ def build_model(
     scale: int,
     generator: torch.Generator | None = None,
     fast: bool = True,
+    attention: str = "auto",
     **overrides: Any,
 ) -> nn.Module:
     """Build preset ``arch`` with norm variant ``norm`` for x``scale`` SR, or for
@@ -232,8 +234,16 @@ def build_model(
 
     ``fast`` (default) runs the fast path of ``fast.py`` (hand-written gradients, fused
     kernels); ``fast=False`` the plain reference code. Both compute the same function and
-    share parameter names, so weights move freely between them.
+    share parameter names, so weights move freely between them. ``attention`` picks the
+    fast path's attention kernels (``fast.ATTENTION_IMPLS``; "auto": the CPU kernels on the
+    CPU, ``scaled_dot_product_attention`` elsewhere); the reference path has only its own.
     """
+    fast_ops.check_attention_impl(attention)
+    if not fast and attention != "auto":
+        raise ValueError(
+            f"attention={attention!r} selects a fast-path kernel; with fast=False the model "
+            "runs the reference attention only"
+        )
     hp = resolve_hparams(arch, norm=norm, scale=scale, **overrides)
     block_norm = norms.norm_factory(norm, eps=hp["eps"], fast=fast)
     outer_norm = (
@@ -255,6 +265,7 @@ def build_model(
         outer_norm_layer=outer_norm,
         fast=fast,
         in_chans=hp["in_chans"],
+        attention=attention,
     )
     with torch.random.fork_rng(devices=[]):  # construction-time draws are replaced below
         if hp["family"] == "hat":

@@ -241,15 +241,20 @@ class WindowAttention(nn.Module):
     Reference: cyclic shift, window partition, softmax(q k^T * scale + bias + mask) v,
     window reverse, shift back. ``fast``: shift + partition as one token gather with the
     context's permutations (two copies instead of four), ``fast.gather_bias`` and
-    ``fast.packed_attention`` on the qkv projection as it is.
+    ``fast.packed_attention`` on the qkv projection as it is, computed by ``attention`` (one
+    of ``fast.ATTENTION_IMPLS``).
     """
 
-    def __init__(self, dim: int, window: int, num_heads: int, fast: bool) -> None:
+    def __init__(
+        self, dim: int, window: int, num_heads: int, fast: bool, attention: str = "auto"
+    ) -> None:
         super().__init__()
+        fast_ops.check_attention_impl(attention)
         self.num_heads = num_heads
         self.window = window
         self.scale = (dim // num_heads) ** -0.5
         self.fast = fast
+        self.attention = attention
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window - 1) ** 2, num_heads)
         )
@@ -287,7 +292,7 @@ class WindowAttention(nn.Module):
         if mask is not None:
             mask = mask.unsqueeze(1)  # (nW, 1, n, n): one per window position, for all images
         if self.fast:
-            out = fast_ops.packed_attention(qkv, bias, self.scale, mask)  # (B*nW, h, n, d)
+            out = fast_ops.packed_attention(qkv, bias, self.scale, mask, self.attention)
         else:
             out = qkv_attention(qkv, bias, self.scale, mask)  # (B*nW, h, n, d)
         return self.proj(out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c))

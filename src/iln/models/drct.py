@@ -91,6 +91,7 @@ class DenseBlocks(nn.Module):
         first_site: int,
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         widths = dense_widths(dim, gc)
@@ -105,6 +106,7 @@ class DenseBlocks(nn.Module):
                 first_site + 2 * k,
                 norm_layer,
                 fast,
+                attention,
             )
             for k, width in enumerate(widths)
         )
@@ -165,6 +167,7 @@ class DRCT(WindowedRestorer):
         outer_norm_layer: NormFactory,
         fast: bool,
         in_chans: int = 3,
+        attention: str = "auto",
     ) -> None:
         check_dense_heads(embed_dim, gc, num_heads)
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -179,6 +182,7 @@ class DRCT(WindowedRestorer):
                 first_site=2 * DENSE_BLOCKS * i,
                 norm_layer=norm_layer,
                 fast=fast,
+                attention=attention,
             )
             for i, heads in enumerate(num_heads)
         )

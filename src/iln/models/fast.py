@@ -161,8 +161,8 @@ class _PackedWindowAttentionCPU(torch.autograd.Function):
 
 
 class _MaterializedAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias + mask) v for small windows or off the CPU, with a
-    hand-written backward that reuses its buffers.
+    """softmax(q k^T * scale + bias + mask) v for small windows on the CPU (and for impl
+    "materialized"), with a hand-written backward that reuses its buffers.
 
     Forward adds bias and mask and takes the softmax in place in the logits buffer;
     backward forms dS = P * (dP - rowsum(dO * O)) in place in the dP buffer, so each pass
@@ -208,16 +208,61 @@ def _windowed(t: Tensor, logits: int) -> bool:
     return t.device.type == "cpu" and logits >= WINDOWED_MIN_LOGITS
 
 
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None
-) -> Tensor:
-    """``common.attention``, computed faster.
+# How ``attention`` / ``packed_attention`` compute off the reference path (``build_model(...,
+# attention=...)``). "auto": on the CPU the kernels above (unchanged), elsewhere "sdpa".
+# "sdpa": torch's ``scaled_dot_product_attention`` with bias (+ shift mask) as an additive
+# float mask, with and without gradients (CUDA's memory-efficient kernel takes it and
+# returns its gradient, so no attention-sized tensor is kept for backward). "flex":
+# ``torch.nn.attention.flex_attention`` adding the bias in a score_mod; fused only under
+# ``torch.compile`` (eager it materialises the scores; no backward on the CPU).
+# "materialized": ``_MaterializedAttention`` on every device (the former off-CPU path).
+ATTENTION_IMPLS = ("auto", "sdpa", "flex", "materialized")
 
-    On CPU, for windows of at least ``WINDOWED_MIN_LOGITS`` logits, ``_WindowAttentionCPU``
-    (fused forward, windowed backward). Otherwise, with gradients, ``_MaterializedAttention``
-    (the bias table is trained, which torch's fused kernels cannot differentiate); without,
-    torch's ``scaled_dot_product_attention`` with bias (+ mask) as the additive mask.
+# Head dims are zero-padded to these multiples before a fused kernel: CUDA's memory-efficient
+# kernel takes only multiples of 8 (fp16 / bf16; 4 for fp32), flex_attention's of 16. Zero
+# columns in q and k leave every logit as it is; those of v give output columns cut off.
+SDPA_HEAD_MULTIPLE = 8
+FLEX_HEAD_MULTIPLE = 16
+
+
+def check_attention_impl(impl: str) -> None:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"unknown attention implementation {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}"
+        )
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor,
+    scale: float,
+    mask: Tensor | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """``common.attention``, computed faster; ``impl`` one of ``ATTENTION_IMPLS``.
+
+    q (..., h, nq, d), k and v (..., h, nk, d), bias (h, nq, nk); with a shift ``mask``
+    (nW, 1, nq, nk), q is (B, nW, h, nq, d).
     """
+    check_attention_impl(impl)
+    if impl == "auto" and q.device.type == "cpu":
+        return _cpu_attention(q, k, v, bias, scale, mask)
+    if impl == "materialized":
+        return _MaterializedAttention.apply(q, k, v, bias, mask, scale)
+    if impl == "flex":
+        return _flex_attention(q, k, v, bias, scale, mask)
+    return _sdpa_attention(q, k, v, bias, scale, mask)
+
+
+def _cpu_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None
+) -> Tensor:
+    """The CPU route of "auto": for windows of at least ``WINDOWED_MIN_LOGITS`` logits,
+    ``_WindowAttentionCPU`` (fused forward, windowed backward). Otherwise, with gradients,
+    ``_MaterializedAttention`` (the CPU's fused kernel cannot differentiate the bias); without,
+    torch's ``scaled_dot_product_attention`` with bias (+ mask) as the additive mask."""
     if _windowed(q, q.shape[-2] * k.shape[-2]):
         return _WindowAttentionCPU.apply(q, k, v, bias, mask, scale)
     needs_grad = torch.is_grad_enabled() and (
@@ -239,17 +284,64 @@ def attention(
     )
 
 
-def packed_attention(qkv: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+def _as_heads(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """4-D operands for one fused call over the whole batch: (G, h, n, d) and bias (h, nq, nk)
+    without a mask; with one, each window position's heads become heads of their own,
+    q (B, nW*h, nq, d) against bias + mask (nW*h, nq, nk), shared by the B images."""
+    if mask is None:
+        return (*(t.reshape(-1, *t.shape[-3:]) for t in (q, k, v)), bias)
+    q4, k4, v4 = (t.reshape(t.shape[0], -1, *t.shape[-2:]) for t in (q, k, v))
+    return q4, k4, v4, (bias + mask).flatten(0, 1)  # (nW*h, nq, nk)
+
+
+def _pad_head_dim(t: Tensor, multiple: int) -> Tensor:
+    pad = -t.shape[-1] % multiple
+    return F.pad(t, (0, pad)) if pad else t
+
+
+def _sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None
+) -> Tensor:
+    q4, k4, v4, table = _as_heads(q, k, v, bias, mask)
+    q4, k4, v4 = (_pad_head_dim(t, SDPA_HEAD_MULTIPLE) for t in (q4, k4, v4))
+    out = F.scaled_dot_product_attention(
+        q4, k4, v4, attn_mask=table.unsqueeze(0).to(q.dtype), scale=scale
+    )
+    return out[..., : v.shape[-1]].reshape(*q.shape[:-1], v.shape[-1])
+
+
+def _flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None
+) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q4, k4, v4, table = _as_heads(q, k, v, bias, mask)
+    q4, k4, v4 = (_pad_head_dim(t, FLEX_HEAD_MULTIPLE) for t in (q4, k4, v4))
+
+    def add_bias(score: Tensor, b: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score + table[head, q_idx, kv_idx]
+
+    out = flex_attention(q4, k4, v4, score_mod=add_bias, scale=scale)
+    return out[..., : v.shape[-1]].reshape(*q.shape[:-1], v.shape[-1])
+
+
+def packed_attention(
+    qkv: Tensor, bias: Tensor, scale: float, mask: Tensor | None = None, impl: str = "auto"
+) -> Tensor:
     """``common.qkv_attention``: the attention of the windows' qkv projection
-    (B*nW, n, 3, h, d) -> (B*nW, h, n, d), ``mask`` (nW, 1, n, n) shared by the B images."""
-    if _windowed(qkv, qkv.shape[1] ** 2) and qkv.stride(-1) == 1:
+    (B*nW, n, 3, h, d) -> (B*nW, h, n, d), ``mask`` (nW, 1, n, n) shared by the B images;
+    ``impl`` as for ``attention``."""
+    check_attention_impl(impl)
+    if impl == "auto" and _windowed(qkv, qkv.shape[1] ** 2) and qkv.stride(-1) == 1:
         return _PackedWindowAttentionCPU.apply(qkv, bias, mask, scale)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # (B*nW, h, n, d) each
     if mask is None:
-        return attention(q, k, v, bias, scale)
+        return attention(q, k, v, bias, scale, impl=impl)
     nw = mask.shape[0]
     q, k, v = (t.view(-1, nw, *t.shape[1:]) for t in (q, k, v))  # (B, nW, h, n, d)
-    return attention(q, k, v, bias, scale, mask).flatten(0, 1)
+    return attention(q, k, v, bias, scale, mask, impl=impl).flatten(0, 1)
 
 
 def overlapping_windows(grid: Tensor, size: int, stride: int, heads: int) -> tuple[Tensor, Tensor]:
@@ -313,6 +405,9 @@ def standardize_affine(
     The reference is ``norms.ImageLayerNorm`` (dims 2) / ``norms.TokenRescaledLayerNorm``
     (dims 1). Input of another dtype than the parameters (a bf16 / fp16 activation under
     autocast) is computed in the parameters' dtype, as autocast runs ``layer_norm``.
+    ``std`` has the dtype of the (cast) input: CUDA's kernels return fp32 statistics for
+    fp16 / bf16 input, which as a branch scale would promote a half-precision residual
+    stream to fp32 (and the next half-precision convolution would refuse it).
     """
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
@@ -344,7 +439,7 @@ class _StandardizeAffine(torch.autograd.Function):
         ctx.save_for_backward(x, xhat, mean, rstd, weight)
         ctx.shape = shape
         ctx.set_materialize_grads(False)  # an unused std (LN*) brings no gradient pass
-        return torch.addcmul(bias, xhat, weight), rstd.reciprocal()
+        return torch.addcmul(bias, xhat, weight), rstd.reciprocal().to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, grad_std: Tensor | None):
@@ -381,7 +476,7 @@ class _ImageStandardizeAffine(torch.autograd.Function):
         )  # mean, rstd (B, 1)
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.set_materialize_grads(False)
-        return y.permute(0, 2, 3, 1).view(b, n, c), rstd.reciprocal().view(b, 1, 1)
+        return y.permute(0, 2, 3, 1).view(b, n, c), rstd.reciprocal().view(b, 1, 1).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, grad_std: Tensor | None):

@@ -76,6 +76,7 @@ class HAB(nn.Module):
         drop_site: int,
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.shift = shift
@@ -84,7 +85,7 @@ class HAB(nn.Module):
         self.drop_site = drop_site  # columns drop_site, drop_site + 1 of ctx.drop_noise
         self.fast = fast
         self.norm1 = norm_layer(dim)
-        self.attn = common.WindowAttention(dim, window, num_heads, fast)
+        self.attn = common.WindowAttention(dim, window, num_heads, fast, attention)
         self.conv_block = CAB(dim, compress_ratio, squeeze_factor, fast)
         self.norm2 = norm_layer(dim)
         self.mlp = common.Mlp(dim, int(dim * mlp_ratio))
@@ -123,8 +124,10 @@ class OCAB(nn.Module):
         mlp_ratio: float,
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
+        fast_ops.check_attention_impl(attention)
         self.window = window
         self.overlap = common.overlap_window_size(window, overlap_ratio)
         if (self.overlap - window) % 2:
@@ -135,6 +138,7 @@ class OCAB(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.fast = fast
+        self.attention = attention
         self.norm1 = norm_layer(dim)
         self.qkv = nn.Linear(dim, dim * 3)
         self.relative_position_bias_table = nn.Parameter(
@@ -171,9 +175,11 @@ class OCAB(nn.Module):
             k, v = kv[0], kv[1]
 
         gather = fast_ops.gather_bias if self.fast else common.gather_bias
-        attend = fast_ops.attention if self.fast else common.attention
         bias = gather(self.relative_position_bias_table, index)  # (h, w*w, ow*ow)
-        out = attend(q, k, v, bias, self.scale)  # (B*nW, h, w*w, d)
+        if self.fast:
+            out = fast_ops.attention(q, k, v, bias, self.scale, impl=self.attention)
+        else:
+            out = common.attention(q, k, v, bias, self.scale)  # (B*nW, h, w*w, d)
         out = out.transpose(1, 2).reshape(-1, win * win, c)  # (B*nW, w*w, C)
         out = common.window_reverse(out, win, h, w).reshape(b, n_tok, c)  # (B, N, C)
 
@@ -200,6 +206,7 @@ class AttenBlocks(nn.Module):
         first_site: int,
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -216,10 +223,13 @@ class AttenBlocks(nn.Module):
                 first_site + 2 * i,
                 norm_layer,
                 fast,
+                attention,
             )
             for i in range(depth)
         )
-        self.overlap_attn = OCAB(dim, window, overlap_ratio, num_heads, mlp_ratio, norm_layer, fast)
+        self.overlap_attn = OCAB(
+            dim, window, overlap_ratio, num_heads, mlp_ratio, norm_layer, fast, attention
+        )
 
     def forward(
         self, x: Tensor, ctx: ForwardContext, index_sa: Tensor, index_oca: Tensor
@@ -249,8 +259,9 @@ class HAT(WindowedRestorer):
     """HAT for classical SR (pixel-shuffle head) or, at ``scale=1``, for restoration.
 
     ``norm_layer`` builds the norms inside residual blocks, ``outer_norm_layer`` the
-    patch-embed and final norms; ``fast`` selects the fast path (``fast.py``). Any input
-    size (see ``WindowedRestorer``).
+    patch-embed and final norms; ``fast`` selects the fast path (``fast.py``) and
+    ``attention`` its attention kernels (``fast.ATTENTION_IMPLS``). Any input size (see
+    ``WindowedRestorer``).
     """
 
     def __init__(
@@ -273,6 +284,7 @@ class HAT(WindowedRestorer):
         outer_norm_layer: NormFactory,
         fast: bool,
         in_chans: int = 3,
+        attention: str = "auto",
     ) -> None:
         rates = torch.linspace(
             0, drop_path_rate, sum(depths), device="cpu"
@@ -292,6 +304,7 @@ class HAT(WindowedRestorer):
                 first_site=2 * sum(depths[:i]),
                 norm_layer=norm_layer,
                 fast=fast,
+                attention=attention,
             )
             for i, (depth, heads) in enumerate(zip(depths, num_heads))
         )

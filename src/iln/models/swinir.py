@@ -34,6 +34,7 @@ class SwinBlock(nn.Module):
         drop_site: int,
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.shift = shift
@@ -41,7 +42,7 @@ class SwinBlock(nn.Module):
         self.drop_site = drop_site  # columns drop_site, drop_site + 1 of ctx.drop_noise
         self.fast = fast
         self.norm1 = norm_layer(dim)
-        self.attn = common.WindowAttention(dim, window, num_heads, fast)
+        self.attn = common.WindowAttention(dim, window, num_heads, fast, attention)
         self.norm2 = norm_layer(dim)
         self.mlp = common.Mlp(dim, int(dim * mlp_ratio))
 
@@ -77,6 +78,7 @@ class BasicLayer(nn.Module):
         first_site: int,
         norm_layer: NormFactory,
         fast: bool,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -90,6 +92,7 @@ class BasicLayer(nn.Module):
                 first_site + 2 * i,
                 norm_layer,
                 fast,
+                attention,
             )
             for i in range(depth)
         )
@@ -116,7 +119,8 @@ class RSTB(nn.Module):
 
 class SwinIR(WindowedRestorer):
     """SwinIR for classical SR (pixel-shuffle head) or, at ``scale=1``, for restoration
-    (input + predicted residual, as HAT). Any input size (see ``WindowedRestorer``).
+    (input + predicted residual, as HAT); ``fast`` and ``attention`` as for ``HAT``. Any
+    input size (see ``WindowedRestorer``).
 
     ``window_size`` may be odd (the JPEG models use 7); shifted blocks move by
     ``window_size // 2`` as the released code. ``img_size`` is the released constructor's
@@ -142,6 +146,7 @@ class SwinIR(WindowedRestorer):
         fast: bool,
         in_chans: int = 3,
         img_size: int = 64,
+        attention: str = "auto",
     ) -> None:
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         layers = nn.ModuleList(
@@ -155,6 +160,7 @@ class SwinIR(WindowedRestorer):
                 first_site=2 * sum(depths[:i]),
                 norm_layer=norm_layer,
                 fast=fast,
+                attention=attention,
             )
             for i, (depth, heads) in enumerate(zip(depths, num_heads))
         )
