@@ -44,9 +44,13 @@ def _reference_overlapping_windows(grid: Tensor, size: int, stride: int, heads: 
 
 # piece -> the functions of ``iln.models.fast`` it consists of, and their reference versions
 PIECES: dict[str, dict[str, Callable]] = {
-    "attention": {
-        "attention": common.attention,
-        "packed_attention": common.qkv_attention,
+    "attention": {  # the fast functions also take the kernel choice, which the reference ignores
+        "attention": lambda q, k, v, bias, scale, mask=None, impl="auto": common.attention(
+            q, k, v, bias, scale, mask
+        ),
+        "packed_attention": lambda qkv, bias, scale, mask=None, impl="auto": (
+            common.qkv_attention(qkv, bias, scale, mask)
+        ),
     },
     "gather_bias": {"gather_bias": common.gather_bias},
     "standardize_affine": {"standardize_affine": _reference_standardize_affine},
