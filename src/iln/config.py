@@ -276,11 +276,13 @@ class EvaluateParams:
     precision_modes: tuple[Literal["fp32", "fp16", "bf16", "int8", "int4"], ...]
     precision_crop: int  # LR size of the central crop used for the precision table, 0 = whole image
     device: str
+    workers: int = 0  # processes sharing the images (iln.pool), 0 = one per core
+    self_ensemble: bool = False  # also score the x8 self-ensemble (psnr_x8, ssim_x8, ...)
 
     def __post_init__(self) -> None:
         if not self.sets:
             raise ParamsError("evaluate.sets: list at least one test set")
-        for name in ("tile", "tile_overlap", "samples", "precision_crop"):
+        for name in ("tile", "tile_overlap", "samples", "precision_crop", "workers"):
             if getattr(self, name) < 0:
                 raise ParamsError(f"evaluate.{name}: must be >= 0, got {getattr(self, name)}")
 
