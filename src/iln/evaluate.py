@@ -295,14 +295,14 @@ class ImageJob:
     ensemble: bool = False
 
     def __call__(self, restorers: Mapping[str, RestoreFn]) -> tuple[dict, np.ndarray | None]:
-        lq, gt = read_rgb(self.lq), read_rgb(self.gt)
         restore_fn = restorers[self.task]
+        if self.ensemble and not isinstance(restore_fn, ModelRestorer):
+            raise ValueError(f"the self-ensemble needs a model to restore {self.task} with")
+        lq, gt = read_rgb(self.lq), read_rgb(self.gt)
         _check_image(lq, f"lq of {self.name!r}")
         pred = restore_fn(lq)
         row = _score(self.name, pred, gt, None, self.protocol)
         if self.ensemble:
-            if not isinstance(restore_fn, ModelRestorer):
-                raise ValueError(f"the self-ensemble needs a model to restore {self.task} with")
             x8 = dataclasses.replace(restore_fn, ensemble=True)(lq)
             scores = _score(self.name, x8, gt, None, self.protocol)
             row.update({k + ENSEMBLE_SUFFIX: v for k, v in scores.items() if k != "image"})
