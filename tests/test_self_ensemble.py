@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -139,3 +140,22 @@ def test_image_job_ensemble_needs_a_model(tmp_path):
     )
     with pytest.raises(ValueError, match="self-ensemble needs a model"):
         job({"derain": lambda lq: lq.copy()})
+
+
+def test_report_shows_the_ensemble_beside_each_metric(tmp_path):
+    from iln.report import build_report
+    from tests.test_report import BASE, PROTOCOL, make_run, md_row
+
+    runs = {n: {**BASE, "norm": n, "groups": ["table3"]} for n in ("ln", "iln")}
+    for norm, psnr in (("ln", 30.0), ("iln", 30.5)):
+        make_run(tmp_path / "runs", norm, norm=norm, psnr=psnr, sets=("default_test",))
+    metrics = tmp_path / "runs" / "iln" / "eval" / "metrics.json"
+    values = json.loads(metrics.read_text())
+    values["sr_x2/default_test"].update(psnr_x8=30.75, ssim_x8=0.8123)
+    metrics.write_text(json.dumps(values))
+    build_report(runs, tmp_path / "runs", tmp_path / "out", scale_note="test", protocol=PROTOCOL)
+    header, cells = md_row(tmp_path / "out", "table3", "i-LN")
+    assert cells[header.index("default_test PSNR x8 (ours)")] == "30.75"
+    assert cells[header.index("default_test SSIM x8 (ours)")] == "0.8123"
+    header, cells = md_row(tmp_path / "out", "table3", "LN")  # evaluated without it
+    assert cells[header.index("default_test PSNR x8 (ours)")] == "–"

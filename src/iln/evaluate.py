@@ -23,12 +23,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from iln.data.io import read_rgb
+from iln.layout import ENSEMBLE_SUFFIX, METRICS_ENSEMBLE
 from iln.metrics import psnr, rgb_to_y, ssim
 from iln.protocols import Protocol
 
 RestoreFn = Callable[[np.ndarray], np.ndarray]
-ENSEMBLE_SUFFIX = "_x8"  # metric names of the x8 self-ensemble: psnr_x8, ssim_x8, psnr_b_x8
-ENSEMBLE_KEYS = ("psnr_x8", "ssim_x8", "psnr_b_x8")
 
 
 def _check_image(img: np.ndarray, what: str) -> None:
@@ -336,7 +335,7 @@ def summarise(rows: list[Mapping[str, Any]]) -> dict[str, float | int]:
         "count": len(rows),
         "psnr_infinite": sum(1 for v in values if not math.isfinite(v)),
     }
-    for key in ("psnr_b", *ENSEMBLE_KEYS):
+    for key in ("psnr_b", *METRICS_ENSEMBLE):
         if all(key in r for r in rows):
             column = [float(r[key]) for r in rows]
             if key.startswith("ssim"):
