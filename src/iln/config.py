@@ -171,6 +171,7 @@ class TrainParams:
     device: str
     num_workers: int
     threads: int
+    cache_gib: float = 8.0  # host memory for decoded training images, per training process
 
     def __post_init__(self) -> None:
         for name in (
@@ -187,6 +188,8 @@ class TrainParams:
             raise ParamsError(f"train.probe_every: must be >= 0 (0 = off), got {self.probe_every}")
         if self.lr <= 0:
             raise ParamsError(f"train.lr: must be > 0, got {self.lr}")
+        if self.cache_gib < 0:
+            raise ParamsError(f"train.cache_gib: must be >= 0 (0 = no cache), got {self.cache_gib}")
         for name in ("seed", "num_workers", "threads"):
             if getattr(self, name) < 0:
                 raise ParamsError(f"train.{name}: must be >= 0, got {getattr(self, name)}")

@@ -60,6 +60,7 @@ OBSERVER_KEYS = {
         "device",
         "num_workers",
         "threads",
+        "cache_gib",
     ),
 }
 
