@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in modes
             ]
     image_jobs = [job for jobs in image_sets.values() for job in jobs]
-    processes, threads = plan(settings.workers, len(precision_jobs) + len(image_jobs))
+    workers = settings.workers or (0 if device.type == "cpu" else 1)  # one process per GPU
+    processes, threads = plan(workers, len(precision_jobs) + len(image_jobs))
     print(
         f"evaluate: {len(image_jobs)} images, {len(precision_jobs)} precision formats; "
         f"{processes} processes x {threads} threads"
