@@ -145,6 +145,7 @@ def _run_spread(shared: Any, jobs: list[Job], processes: int, threads: int, bar:
                 worker.terminate()
         for worker in workers:
             worker.join()
+        inbox.cancel_join_thread()  # after a failure, jobs nobody will read must not block exit
         inbox.close()
         outbox.close()
 
