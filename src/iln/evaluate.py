@@ -3,9 +3,12 @@
 ``restore`` turns one uint8 LR image into one uint8 restored image exactly as the
 benchmark protocol expects (clamp to [0, 1], scale to 255, round). ``evaluate_pairs``
 applies any such function to a set of (name, lq, gt) pairs and returns one row per image;
-``summarise`` reduces the rows to the per-set means that papers report. The bicubic
-baseline and the side-by-side crop panels live here too because they share the same
-uint8-in, uint8-out convention.
+``summarise`` reduces the rows to the per-set means that papers report. ``self_ensemble``
+is the x8 flip / transpose test-time ensemble (``restore(..., ensemble=True)``), and
+``ImageJob`` restores and scores one test image file as a job of ``iln.pool`` (the evaluate
+stage spreads its images over processes with it). The bicubic baseline and the
+side-by-side crop panels live here too because they share the same uint8-in, uint8-out
+convention.
 """
 
 from __future__ import annotations
@@ -232,30 +235,13 @@ def evaluate_pairs(
     if (crop_border is None) == (protocol is None):
         raise ValueError("evaluate_pairs needs exactly one of crop_border and protocol")
     total = len(pairs) if hasattr(pairs, "__len__") else None
-    return [
-        score_pair(restore_fn, name, lq, gt, crop_border=crop_border, protocol=protocol)
-        for name, lq, gt in tqdm(
-            pairs, total=total, disable=not progress, desc="evaluate", leave=False
-        )
-    ]
-
-
-def score_pair(
-    restore_fn: RestoreFn,
-    name: str,
-    lq: np.ndarray,
-    gt: np.ndarray,
-    *,
-    crop_border: int | None = None,
-    protocol: Protocol | None = None,
-) -> dict[str, Any]:
-    """One row of ``evaluate_pairs``: ``restore_fn(lq)`` scored against ``gt``."""
-    return _score(name, restore_fn(_checked(lq, f"lq of {name!r}")), gt, crop_border, protocol)
-
-
-def _checked(img: np.ndarray, what: str) -> np.ndarray:
-    _check_image(img, what)
-    return img
+    rows = []
+    for name, lq, gt in tqdm(
+        pairs, total=total, disable=not progress, desc="evaluate", leave=False
+    ):
+        _check_image(lq, f"lq of {name!r}")
+        rows.append(_score(name, restore_fn(lq), gt, crop_border, protocol))
+    return rows
 
 
 def _score(
