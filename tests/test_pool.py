@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from iln.data.io import write_png
-from iln.evaluate import ImageJob, model_restore_fn
+from iln.evaluate import ImageJob, central_crop_pairs, model_restore_fn
 from iln.models import build_model
 from iln.pool import plan, run_jobs, usable_cores
+from iln.precision import PrecisionJob, evaluate_precisions
 from iln.protocols import protocol_for
 
 
@@ -100,3 +101,32 @@ def test_per_image_metrics_are_the_same_with_one_and_two_workers(tmp_path):
     assert [row for row, _ in one] == [row for row, _ in two]
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(one, two))
     assert "psnr_x8" in one[0][0] and "psnr_x8" not in one[1][0]
+
+
+def test_precision_jobs_one_format_each_equal_the_whole_table(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("hat_tiny", norm="ln", scale=2).eval()
+    rng = np.random.default_rng(1)
+    files, pairs = [], []
+    for k in range(2):
+        lq = rng.integers(0, 256, (20, 22, 3), dtype=np.uint8)
+        gt = rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)
+        write_png(tmp_path / f"lq{k}.png", lq)
+        write_png(tmp_path / f"gt{k}.png", gt)
+        files.append((f"img{k}", tmp_path / f"lq{k}.png", tmp_path / f"gt{k}.png"))
+        pairs.append((f"img{k}", lq, gt))
+    modes = ("fp32", "int8")
+    whole = evaluate_precisions(
+        model,
+        central_crop_pairs(pairs, lq_size=16, scale=2),
+        scale=2,
+        device="cpu",
+        modes=modes,
+        crop_border=2,
+        progress=False,
+    )
+    restorers = {"sr_x2": model_restore_fn(model, device="cpu")}
+    jobs = [PrecisionJob("sr_x2", "s", tuple(files), mode, 16, 2) for mode in modes]
+    assert run_jobs(restorers, jobs, processes=1, threads=1, progress=False) == [
+        whole[m] for m in modes
+    ]
