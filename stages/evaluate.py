@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -21,17 +20,11 @@ from iln.data.catalog import SETS
 from iln.data.dataset import TestPairs
 from iln.data.io import write_png
 from iln.data.params import parse_task
-from iln.evaluate import (
-    bicubic_restore,
-    central_crop_pairs,
-    degraded_input,
-    evaluate_pairs,
-    model_restore_fn,
-    summarise,
-)
+from iln.evaluate import ImageJob, bicubic_restore, degraded_input, model_restore_fn, summarise
 from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
-from iln.layout import METRICS_KEYS, METRICS_OPTIONAL, PER_IMAGE_COLUMNS, Layout
-from iln.precision import evaluate_precisions
+from iln.layout import METRICS_ALL, PER_IMAGE_COLUMNS, PER_IMAGE_ENSEMBLE_COLUMNS, Layout
+from iln.pool import plan, run_jobs
+from iln.precision import PrecisionJob
 from iln.protocols import protocol_for
 from iln.released import open_released
 from iln.runtime import resolve_device
@@ -92,9 +85,35 @@ def main(argv: list[str] | None = None) -> int:
         precision_table = "table4" in spec.groups and bool(settings.precision_modes)
 
     out = layout.eval_dir(args.run)
+    modes = settings.precision_modes if precision_table else ()
+    ensemble = settings.self_ensemble and model is not None
+    image_sets: dict[tuple[str, str], list[ImageJob]] = {}  # (task, dataset) -> one job per image
+    precision_jobs: list[PrecisionJob] = []  # (dataset, mode) in order
+    for task in restorers:
+        for dataset in params.test_sets(task):
+            protocol = protocol_for(task, grey=SETS[dataset].grey)
+            pairs = TestPairs(*layout.pair_dirs(task, dataset))
+            files = tuple((p.stem, pairs.lq_files[p.stem], p) for p in pairs.gt_files)
+            image_sets[task, dataset] = [
+                ImageJob(task, name, lq, gt, protocol, i < settings.samples, ensemble)
+                for i, (name, lq, gt) in enumerate(files)
+            ]
+            precision_jobs += [
+                PrecisionJob(
+                    task, dataset, files, mode, settings.precision_crop, protocol.crop_border
+                )
+                for mode in modes
+            ]
+    image_jobs = [job for jobs in image_sets.values() for job in jobs]
+    workers = settings.workers or (0 if device.type == "cpu" else 1)  # one process per GPU
+    processes, threads = plan(workers, len(precision_jobs) + len(image_jobs))
+    print(
+        f"evaluate: {len(image_jobs)} images, {len(precision_jobs)} precision formats; "
+        f"{processes} processes x {threads} threads"
+    )
+
     metrics: dict[str, dict[str, float]] = {}
     per_image: list[dict[str, object]] = []
-    precision: dict[str, dict[str, object]] = {}
     with tracking.stage_run(
         layout.root,
         experiment=params.tracking.experiment,
@@ -105,56 +124,33 @@ def main(argv: list[str] | None = None) -> int:
         params=run_params,
         tags=tags,
     ) as tracker:
-        for task, restore_fn in restorers.items():
-            for dataset in params.test_sets(task):
-                protocol = protocol_for(task, grey=SETS[dataset].grey)
-                crop_border = protocol.crop_border
-                pairs = TestPairs(*layout.pair_dirs(task, dataset))
-                kept: list = []  # the first `samples` restorations, saved below
-
-                def restore_and_keep(lq, restore_fn=restore_fn, kept=kept):
-                    restored = restore_fn(lq)
-                    if len(kept) < settings.samples:
-                        kept.append(restored)
-                    return restored
-
-                rows = evaluate_pairs(restore_and_keep, pairs, protocol=protocol)
-                key = f"{task}/{dataset}"
-                summary = summarise(rows)
-                metrics[key] = {
-                    m: summary[m] for m in (*METRICS_KEYS, *METRICS_OPTIONAL) if m in summary
-                }
-                per_image += [
-                    {"set": key, "task": task, "protocol": protocol.name, **row} for row in rows
-                ]
-                for row, restored in zip(rows, kept):
-                    write_png(
-                        out / "samples" / task / dataset / f"{Path(row['image']).stem}.png",
-                        restored,
-                    )
-                if precision_table:
-                    subset = (
-                        central_crop_pairs(
-                            pairs, lq_size=settings.precision_crop, scale=model.scale
-                        )
-                        if settings.precision_crop
-                        else pairs
-                    )
-                    precision[dataset] = evaluate_precisions(
-                        model,
-                        subset,
-                        scale=model.scale,
-                        device=device,
-                        modes=settings.precision_modes,
-                        crop_border=crop_border,
-                    )
+        # the slow formats (fp16, bf16 on CPUs) first, so no worker is left with one at the end
+        results = run_jobs(
+            restorers,
+            [*precision_jobs, *image_jobs],
+            processes=processes,
+            threads=threads,
+            desc="evaluate",
+        )
+        precision: dict[str, dict[str, object]] = {}
+        for job, result in zip(precision_jobs, results):
+            precision.setdefault(job.dataset, {})[job.mode] = result
+        scored = iter(results[len(precision_jobs) :])
+        for (task, dataset), jobs in image_sets.items():
+            key = f"{task}/{dataset}"
+            done = [next(scored) for _ in jobs]
+            summary = summarise([row for row, _ in done])
+            metrics[key] = {m: summary[m] for m in METRICS_ALL if m in summary}
+            for job, (row, restored) in zip(jobs, done):
+                per_image.append({"set": key, "task": task, "protocol": job.protocol.name, **row})
+                if restored is not None:
+                    write_png(out / "samples" / task / dataset / f"{job.name}.png", restored)
         write_json_atomic(
             out / "metrics.json", metrics if released is None else {**metrics, "released": released}
         )
-        write_csv_atomic(out / "per_image.csv", per_image, PER_IMAGE_COLUMNS)
-        by_mode = {
-            mode: {ds: precision[ds][mode] for ds in precision} for mode in settings.precision_modes
-        }
+        columns = PER_IMAGE_COLUMNS + (PER_IMAGE_ENSEMBLE_COLUMNS if ensemble else ())
+        write_csv_atomic(out / "per_image.csv", per_image, columns)
+        by_mode = {mode: {ds: precision[ds][mode] for ds in precision} for mode in modes}
         write_json_atomic(
             out / "precision.json", by_mode if precision_table else {}
         )  # {}: not in table4

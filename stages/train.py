@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=settings.seed,
         jpeg_subsampling=params.degrade.jpeg_subsampling,
         realsr=run.realsr,
+        cache_bytes=int(settings.cache_gib * 2**30),
     )
     first_test_set = params.test_sets(run.spec.task)[0]
     val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, first_test_set)))[

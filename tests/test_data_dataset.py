@@ -33,7 +33,7 @@ def _locate(big: np.ndarray, patch: np.ndarray) -> list[tuple[int, int]]:
 def test_samples_are_a_function_of_seed_and_k(tmp_path):
     gt_dir, lq_dir = _write_sr_pairs(tmp_path)
     a = TrainPatches(gt_dir, lq_dir, scale=2, lq_patch=8, seed=3)
-    b = TrainPatches(gt_dir, lq_dir, scale=2, lq_patch=8, seed=3, cache=False)
+    b = TrainPatches(gt_dir, lq_dir, scale=2, lq_patch=8, seed=3, cache_bytes=0)
     order = [7, 2, 11, 0, 5]
     first = {k: a[k] for k in order}
     for k in reversed(order):  # another instance, another order

@@ -186,6 +186,7 @@ class TrainParams:
     accumulate: int = 1  # micro-batches per process and step (same trajectory as 1)
     grad_checkpoint: bool = False  # recompute block activations in the backward pass
     tf32: bool = True  # TF32 matmuls/convolutions in fp32 CUDA training (no effect on CPU)
+    cache_gib: float = 8.0  # host memory for decoded training images, per training process
 
     def __post_init__(self) -> None:
         for name in (
@@ -203,6 +204,8 @@ class TrainParams:
             raise ParamsError(f"train.probe_every: must be >= 0 (0 = off), got {self.probe_every}")
         if self.lr <= 0:
             raise ParamsError(f"train.lr: must be > 0, got {self.lr}")
+        if self.cache_gib < 0:
+            raise ParamsError(f"train.cache_gib: must be >= 0 (0 = no cache), got {self.cache_gib}")
         for name in ("seed", "num_workers", "threads"):
             if getattr(self, name) < 0:
                 raise ParamsError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
@@ -314,11 +317,13 @@ class EvaluateParams:
     precision_modes: tuple[Literal["fp32", "fp16", "bf16", "int8", "int4"], ...]
     precision_crop: int  # LR size of the central crop used for the precision table, 0 = whole image
     device: str
+    workers: int = 0  # processes sharing the images (iln.pool), 0 = one per core
+    self_ensemble: bool = False  # also score the x8 self-ensemble (psnr_x8, ssim_x8, ...)
 
     def __post_init__(self) -> None:
         if not self.sets:
             raise ParamsError("evaluate.sets: list at least one test set")
-        for name in ("tile", "tile_overlap", "samples", "precision_crop"):
+        for name in ("tile", "tile_overlap", "samples", "precision_crop", "workers"):
             if getattr(self, name) < 0:
                 raise ParamsError(f"evaluate.{name}: must be >= 0, got {getattr(self, name)}")
 

@@ -3,14 +3,21 @@
 ``restore`` turns one uint8 LR image into one uint8 restored image exactly as the
 benchmark protocol expects (clamp to [0, 1], scale to 255, round). ``evaluate_pairs``
 applies any such function to a set of (name, lq, gt) pairs and returns one row per image;
-``summarise`` reduces the rows to the per-set means that papers report. The bicubic
-baseline lives here too because it shares the same uint8-in, uint8-out convention.
+``summarise`` reduces the rows to the per-set means that papers report. ``self_ensemble``
+is the x8 flip / transpose test-time ensemble (``restore(..., ensemble=True)``), and
+``ImageJob`` restores and scores one test image file as a job of ``iln.pool`` (the evaluate
+stage spreads its images over processes with it). The bicubic baseline and the
+side-by-side crop panels live here too because they share the same uint8-in, uint8-out
+convention.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from iln.data.io import read_rgb
+from iln.layout import ENSEMBLE_SUFFIX, METRICS_ENSEMBLE
 from iln.metrics import psnr, rgb_to_grey, ssim
 from iln.models.common import pad_like_swinir_test
 from iln.protocols import Protocol
@@ -87,6 +96,40 @@ def _forward_tiled(
     return acc / weight
 
 
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Transform ``k`` in 0..7 of (B, C, H, W): bit 0 flips W, bit 1 flips H, bit 2
+    transposes H and W (applied in that order)."""
+    if k & 1:
+        x = x.flip(-1)
+    if k & 2:
+        x = x.flip(-2)
+    if k & 4:
+        x = x.transpose(-2, -1)
+    return x
+
+
+def _dihedral_inverse(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Undo ``_dihedral(., k)`` (the same steps in reverse order; each is its own inverse)."""
+    if k & 4:
+        y = y.transpose(-2, -1)
+    if k & 2:
+        y = y.flip(-2)
+    if k & 1:
+        y = y.flip(-1)
+    return y
+
+
+def self_ensemble(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The x8 self-ensemble: ``forward`` on the 8 flips / transposes of ``x`` (B, C, H, W),
+    each output transformed back, averaged in fp32 before any rounding (as BasicSR's and
+    KAIR's test scripts do). The first of the 8 is ``forward(x)`` itself."""
+    total = None
+    for k in range(8):
+        y = _dihedral_inverse(forward(_dihedral(x, k)), k).float()  # (B, C, sH, sW)
+        total = y if total is None else total + y
+    return total / 8.0
+
+
 def restore(
     model: nn.Module,
     lq: np.ndarray,
@@ -98,6 +141,7 @@ def restore(
     pad: str = "model",
     refuse_nonfinite: bool = False,
     on_tile: Callable[[int, int], None] | None = None,
+    ensemble: bool = False,
 ) -> np.ndarray:
     """Restore one uint8 (H, W, 3) image; returns uint8 (s*H, s*W, 3).
 
@@ -121,6 +165,9 @@ def restore(
     InstanceNorm, channel attention's global pooling in HAT) compute those statistics per
     tile, so tiling changes their output slightly everywhere. Benchmarks should be run
     without tiling when memory allows. ``on_tile(done, total)`` is called after each tile.
+
+    ``ensemble``: the x8 self-ensemble (``self_ensemble``) of that forward pass, 8x the
+    cost; each transformed image is tiled the same way.
 
     A NaN or infinite output value becomes 0 or is clamped (``to_uint8``), so a broken
     forward pass can still be scored; ``refuse_nonfinite=True`` raises
@@ -146,14 +193,17 @@ def restore(
     if pad == "swinir_test":
         x = pad_like_swinir_test(x, int(model.window_size))
     ph, pw = x.shape[2], x.shape[3]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # (1, C, h', w') -> (1, C, s*h', s*w')
+        if tile is None or (x.shape[-2] <= tile and x.shape[-1] <= tile):
+            return model(x)
+        return _forward_tiled(model, x, scale, tile, tile_overlap, on_tile)
+
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            if tile is None or (ph <= tile and pw <= tile):
-                y = model(x)  # (1, C, s*H', s*W')
-            else:
-                y = _forward_tiled(model, x, scale, tile, tile_overlap, on_tile)
+            y = self_ensemble(forward, x) if ensemble else forward(x)  # (1, C, s*H', s*W')
     finally:
         model.train(was_training)
     channels = 1 if grey else 3
@@ -174,6 +224,32 @@ class NonFiniteOutputError(ValueError):
     """The model's output holds NaN or infinite values (a broken model or an overflow)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelRestorer:
+    """``restore`` with the model and its options bound: a picklable ``RestoreFn`` (it can
+    be sent to evaluation worker processes)."""
+
+    model: nn.Module
+    device: torch.device | str
+    dtype: torch.dtype = torch.float32
+    tile: int | None = None
+    tile_overlap: int = 16
+    pad: str = "model"
+    ensemble: bool = False
+
+    def __call__(self, lq: np.ndarray) -> np.ndarray:
+        return restore(
+            self.model,
+            lq,
+            device=self.device,
+            dtype=self.dtype,
+            tile=self.tile,
+            tile_overlap=self.tile_overlap,
+            pad=self.pad,
+            ensemble=self.ensemble,
+        )
+
+
 def model_restore_fn(
     model: nn.Module,
     *,
@@ -182,15 +258,10 @@ def model_restore_fn(
     tile: int | None = None,
     tile_overlap: int = 16,
     pad: str = "model",
-) -> RestoreFn:
+    ensemble: bool = False,
+) -> ModelRestorer:
     """``restore`` with the model and options bound, for ``evaluate_pairs``."""
-
-    def fn(lq: np.ndarray) -> np.ndarray:
-        return restore(
-            model, lq, device=device, dtype=dtype, tile=tile, tile_overlap=tile_overlap, pad=pad
-        )
-
-    return fn
+    return ModelRestorer(model, device, dtype, tile, tile_overlap, pad, ensemble)
 
 
 def evaluate_pairs(
@@ -211,27 +282,63 @@ def evaluate_pairs(
     if (crop_border is None) == (protocol is None):
         raise ValueError("evaluate_pairs needs exactly one of crop_border and protocol")
     total = len(pairs) if hasattr(pairs, "__len__") else None
-    rows: list[dict[str, Any]] = []
+    rows = []
     for name, lq, gt in tqdm(
         pairs, total=total, disable=not progress, desc="evaluate", leave=False
     ):
         _check_image(lq, f"lq of {name!r}")
-        _check_image(gt, f"gt of {name!r}")
-        pred = restore_fn(lq)
-        _check_image(pred, f"restored {name!r}")
-        if pred.shape != gt.shape:
-            raise ValueError(f"restored {name!r} has shape {pred.shape} but its gt has {gt.shape}")
-        if protocol is not None:
-            rows.append({"image": name, **protocol.score(pred, gt)})
-            continue
-        rows.append(
-            {
-                "image": name,
-                "psnr": psnr(pred, gt, crop_border=crop_border),
-                "ssim": ssim(pred, gt, crop_border=crop_border),
-            }
-        )
+        rows.append(_score(name, restore_fn(lq), gt, crop_border, protocol))
     return rows
+
+
+def _score(
+    name: str, pred: np.ndarray, gt: np.ndarray, crop_border: int | None, protocol: Protocol | None
+) -> dict[str, Any]:
+    _check_image(gt, f"gt of {name!r}")
+    _check_image(pred, f"restored {name!r}")
+    if pred.shape != gt.shape:
+        raise ValueError(f"restored {name!r} has shape {pred.shape} but its gt has {gt.shape}")
+    if protocol is not None:
+        return {"image": name, **protocol.score(pred, gt)}
+    return {
+        "image": name,
+        "psnr": psnr(pred, gt, crop_border=crop_border),
+        "ssim": ssim(pred, gt, crop_border=crop_border),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageJob:
+    """Restore and score one test image (a job for ``iln.pool.run_jobs``).
+
+    Called with the restorers by task (what the pool shares with its workers); returns
+    ``(row, restored)``: the per-image row of ``evaluate_pairs`` and, with ``keep``, the
+    restored uint8 image (else None). With ``ensemble`` (the task's restorer must then be a
+    ``ModelRestorer``) the row also has the x8 self-ensemble's scores under the same names
+    with ``ENSEMBLE_SUFFIX`` (``psnr_x8``, ``ssim_x8``, ``psnr_b_x8``).
+    """
+
+    task: str
+    name: str
+    lq: Path
+    gt: Path
+    protocol: Protocol
+    keep: bool = False
+    ensemble: bool = False
+
+    def __call__(self, restorers: Mapping[str, RestoreFn]) -> tuple[dict, np.ndarray | None]:
+        restore_fn = restorers[self.task]
+        if self.ensemble and not isinstance(restore_fn, ModelRestorer):
+            raise ValueError(f"the self-ensemble needs a model to restore {self.task} with")
+        lq, gt = read_rgb(self.lq), read_rgb(self.gt)
+        _check_image(lq, f"lq of {self.name!r}")
+        pred = restore_fn(lq)
+        row = _score(self.name, pred, gt, None, self.protocol)
+        if self.ensemble:
+            x8 = dataclasses.replace(restore_fn, ensemble=True)(lq)
+            scores = _score(self.name, x8, gt, None, self.protocol)
+            row.update({k + ENSEMBLE_SUFFIX: v for k, v in scores.items() if k != "image"})
+        return row, pred if self.keep else None
 
 
 def _finite_mean(values: list[float], what: str) -> float:
@@ -243,7 +350,8 @@ def _finite_mean(values: list[float], what: str) -> float:
 
 
 def summarise(rows: list[Mapping[str, Any]]) -> dict[str, float | int]:
-    """Per-set means: ``{"psnr", "ssim", "count", "psnr_infinite"}`` (+ ``"psnr_b"``).
+    """Per-set means: ``{"psnr", "ssim", "count", "psnr_infinite"}`` (+ ``"psnr_b"``, and
+    ``"psnr_x8"``, ``"ssim_x8"``, ``"psnr_b_x8"`` when the rows have the self-ensemble's).
 
     An image restored perfectly has PSNR = inf, which would make the plain mean inf and
     hide every other image. The PSNR mean is therefore taken over the finite values and
@@ -260,8 +368,13 @@ def summarise(rows: list[Mapping[str, Any]]) -> dict[str, float | int]:
         "count": len(rows),
         "psnr_infinite": sum(1 for v in values if not math.isfinite(v)),
     }
-    if all("psnr_b" in r for r in rows):
-        out["psnr_b"] = _finite_mean([float(r["psnr_b"]) for r in rows], "PSNR-B")
+    for key in ("psnr_b", *METRICS_ENSEMBLE):
+        if all(key in r for r in rows):
+            column = [float(r[key]) for r in rows]
+            if key.startswith("ssim"):
+                out[key] = float(np.mean(column))
+            else:
+                out[key] = _finite_mean(column, "PSNR-B" if key == "psnr_b" else key)
     return out
 
 
@@ -272,16 +385,15 @@ def bicubic_restore(scale: int, *, round_each_pass: bool = False) -> RestoreFn:
     0..255 after each axis as MATLAB does on a uint8 array; on natural images the two
     differ by about one grey level, more where the first pass overshoots [0, 255].
     """
+    return functools.partial(_bicubic, scale=scale, round_each_pass=round_each_pass)
+
+
+def _bicubic(lq: np.ndarray, *, scale: int, round_each_pass: bool) -> np.ndarray:
     from iln.data.degrade import imresize, round_to_uint8
 
-    def fn(lq: np.ndarray) -> np.ndarray:
-        _check_image(lq, "lq")
-        up = imresize(
-            lq.astype(np.float64), scale, round_each_pass=round_each_pass
-        )  # (s*H, s*W, 3)
-        return round_to_uint8(up)  # half away from zero, as MATLAB
-
-    return fn
+    _check_image(lq, "lq")
+    up = imresize(lq.astype(np.float64), scale, round_each_pass=round_each_pass)  # (s*H, s*W, 3)
+    return round_to_uint8(up)  # half away from zero, as MATLAB
 
 
 def degraded_input(lq: np.ndarray) -> np.ndarray:

@@ -78,6 +78,7 @@ OBSERVER_KEYS = {
         # (iln.train's determinism contract), so neither restarts a run
         "accumulate",
         "grad_checkpoint",
+        "cache_gib",
     ),
 }
 

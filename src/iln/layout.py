@@ -73,6 +73,11 @@ PER_IMAGE_COLUMNS: tuple[str, ...] = ("set", "image", "psnr", "ssim", "psnr_b", 
 """per_image.csv; ``psnr_b`` only for JPEG artefact removal (empty elsewhere)."""
 METRICS_KEYS: tuple[str, ...] = ("psnr", "ssim")
 METRICS_OPTIONAL: tuple[str, ...] = ("psnr_b",)  # JPEG artefact removal only
+ENSEMBLE_SUFFIX = "_x8"  # a metric of the x8 self-ensemble (evaluate.self_ensemble): psnr_x8
+METRICS_ENSEMBLE: tuple[str, ...] = tuple(m + ENSEMBLE_SUFFIX for m in (*METRICS_KEYS, "psnr_b"))
+METRICS_ALL: tuple[str, ...] = (*METRICS_KEYS, *METRICS_OPTIONAL, *METRICS_ENSEMBLE)
+PER_IMAGE_ENSEMBLE_COLUMNS: tuple[str, ...] = METRICS_ENSEMBLE
+"""per_image.csv's extra columns with evaluate.self_ensemble (``psnr_b_x8`` JPEG only)."""
 PRECISION_KEYS: tuple[str, ...] = ("psnr", "overflow")  # what the report reads; there are more
 TRAIN_SUMMARY_KEYS: tuple[str, ...] = (
     "steps",

@@ -29,8 +29,10 @@ Formats (each on its own deep copy of the model; the caller's model is never tou
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +40,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from iln.evaluate import restore, summarise
+from iln.data.io import read_rgb
+from iln.evaluate import ModelRestorer, central_crop_pairs, restore, summarise
 from iln.metrics import psnr, ssim
 
 MODES = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -241,3 +244,38 @@ def evaluate_precisions(
             entry.update(summarise(rows[mode]))
         result[mode] = entry
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionJob:
+    """One format of the precision table on one test set (a job for ``iln.pool.run_jobs``).
+
+    Called with the restorers by task (the pool's shared state; the task's restorer must be a
+    ``ModelRestorer``); returns ``evaluate_precisions(...)[mode]`` for the (name, lq file,
+    gt file) ``pairs``, each cut to its central ``crop`` LR pixels (0 = whole images).
+    """
+
+    task: str
+    dataset: str  # which set the pairs are (for the caller's bookkeeping)
+    pairs: tuple[tuple[str, Path, Path], ...]
+    mode: str
+    crop: int
+    crop_border: int
+
+    def __call__(self, restorers: Mapping[str, Any]) -> dict[str, Any]:
+        restorer = restorers[self.task]
+        if not isinstance(restorer, ModelRestorer):
+            raise ValueError(f"the precision table needs a model to restore {self.task} with")
+        model = restorer.model
+        pairs = [(name, read_rgb(lq), read_rgb(gt)) for name, lq, gt in self.pairs]
+        if self.crop:
+            pairs = central_crop_pairs(pairs, lq_size=self.crop, scale=model.scale)
+        return evaluate_precisions(
+            model,
+            pairs,
+            scale=model.scale,
+            device=restorer.device,
+            modes=(self.mode,),
+            crop_border=self.crop_border,
+            progress=False,
+        )[self.mode]

@@ -21,7 +21,10 @@ Where the lq image comes from depends on the task (``training_patches``):
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,7 @@ from iln.data.realsr import degrade_realsr
 from iln.layout import Layout
 
 ON_THE_FLY = ("dn", "car", "realsr")  # task kinds whose lq is made from the clean patch
-
+DEFAULT_CACHE_BYTES = 8 << 30  # train.cache_gib's default, 8 GiB
 _PERMUTATION_STREAM = (
     0x5045524D  # separates the per-epoch permutation stream from per-sample streams
 )
@@ -65,8 +68,15 @@ class TrainPatches:
         ``jpeg_subsampling`` chroma (the degrade stage's setting).
     Returns {"lq": float32 (3, p, p), "gt": float32 (3, s*p, s*p)} in [0, 1].
     ``len()`` is the number of images (one epoch); any k >= 0 is a valid index.
-    ``cache`` keeps decoded images in memory, up to ``cache_bytes`` per process (each data
-    loader worker has its own cache); images beyond the budget are decoded on every use.
+
+    Decoding is kept off the training step: the constructor decodes the images once, on
+    ``decode_threads`` threads (0 = every core; the PNG decoder runs outside the GIL), up to
+    ``cache_bytes`` of decoded pixels in all (``train.cache_gib``; 0 = no cache). Data loader
+    workers started by fork (Linux's default) share these pages with the training process
+    (they are only read, so copy-on-write never copies them); workers started by spawn
+    (macOS, Windows) each receive a copy. Images beyond the budget (first fit in file
+    order) are decoded at every use, and a warning names the key and the size that would
+    hold them all. The cache changes no sample.
     """
 
     def __init__(
@@ -81,13 +91,17 @@ class TrainPatches:
         degradation: str | None = None,
         jpeg_subsampling: str = "yuv420",
         realsr: RealSRParams | None = None,
-        cache: bool = True,
-        cache_bytes: int = 4 << 30,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        decode_threads: int = 0,
     ) -> None:
         if scale < 1 or lq_patch < 1:
             raise ValueError(f"scale and lq_patch must be >= 1, got {scale}, {lq_patch}")
+        if cache_bytes < 0:
+            raise ValueError(
+                f"train.cache_gib: must be >= 0 (0 = no cache), got {cache_bytes} bytes"
+            )
         self.scale, self.lq_patch, self.seed, self.augment = scale, lq_patch, seed, augment
-        self.cache, self.cache_bytes, self._cached_bytes = cache, cache_bytes, 0
+        self.cache_bytes = cache_bytes
         self.degradation = (
             parse_task(degradation, "degradation") if degradation is not None else None
         )
@@ -124,14 +138,16 @@ class TrainPatches:
             dup = next(s for s in stems if stems.count(s) > 1)
             raise ValueError(f"image name {dup!r} occurs twice in {', '.join(map(str, dirs))}")
         self.lq_files = None if lq_dir is None else _match(self.gt_files, Path(lq_dir))
-        self._check_sizes()
-        self._images: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.decoded_bytes = self._check_sizes()  # per image: gt + lq pixels, from the headers
         self._perm: tuple[int, np.ndarray] | None = None
+        self._images = self._decode_cached(decode_threads)
 
-    def _check_sizes(self) -> None:
-        """From the file headers: every lq fits a patch and matches its gt (gt = s * lq)."""
+    def _check_sizes(self) -> list[int]:
+        """From the file headers: every lq fits a patch and matches its gt (gt = s * lq).
+        Returns each image's decoded size in bytes (gt + lq)."""
         p, s = self.lq_patch, self.scale
         smallest: tuple[int, Path, int, int] | None = None  # (min side, file, h, w)
+        sizes = []
         for gt in self.gt_files:
             gh, gw = image_size(gt)
             src, (h, w) = gt, (gh // s, gw // s)  # lq made on the fly: the LR grid of gt
@@ -143,6 +159,7 @@ class TrainPatches:
                         f"{src}: lq size {h}x{w} times scale {s} does not match gt {gt} "
                         f"size {gh}x{gw}"
                     )
+            sizes.append(3 * gh * gw + (3 * h * w if self.lq_files is not None else 0))
             if smallest is None or min(h, w) < smallest[0]:
                 smallest = (min(h, w), src, h, w)
         if smallest is not None and smallest[0] < p:
@@ -151,6 +168,35 @@ class TrainPatches:
                 f"train.lq_patch: {p} is larger than the smallest training input {src} "
                 f"({h}x{w}), the training patch {p}x{p} does not fit in it"
             )
+        return sizes
+
+    def _decode_cached(self, threads: int) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+        """Decode the images that fit ``cache_bytes`` (first fit in file order)."""
+        chosen, total = [], 0
+        for i, size in enumerate(self.decoded_bytes):
+            if total + size <= self.cache_bytes:
+                chosen.append(i)
+                total += size
+        if 0 < self.cache_bytes and len(chosen) < len(self.gt_files):
+            need = sum(self.decoded_bytes) / 2**30
+            warnings.warn(
+                f"train.cache_gib: the decoded training images need {need:.2f} GiB, the "
+                f"cache holds {self.cache_bytes / 2**30:.2f} GiB: "
+                f"{len(self.gt_files) - len(chosen)} of {len(self.gt_files)} images are "
+                "decoded at every use (slower steps); raise train.cache_gib to hold them all",
+                stacklevel=3,
+            )
+        if not chosen:
+            return {}
+
+        workers = threads or os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=min(workers, len(chosen))) as pool:
+            images = dict(zip(chosen, pool.map(self._read, chosen)))
+        for pair in images.values():  # shared by the loader workers: never written
+            for img in pair:
+                if img is not None:
+                    img.setflags(write=False)
+        return images
 
     def __len__(self) -> int:
         return len(self.gt_files)
@@ -164,16 +210,18 @@ class TrainPatches:
             self._perm = (epoch, rng.permutation(n))
         return int(self._perm[1][position])
 
-    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        if i in self._images:
-            return self._images[i]
+    @property
+    def cached_bytes(self) -> int:
+        """Decoded pixels held in the shared cache (at most ``cache_bytes``)."""
+        return sum(self.decoded_bytes[i] for i in self._images)
+
+    def _read(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         gt = read_rgb(self.gt_files[i])
         lq = None if self.lq_files is None else read_rgb(self.lq_files[self.gt_files[i].stem])
-        size = gt.nbytes + (0 if lq is None else lq.nbytes)
-        if self.cache and self._cached_bytes + size <= self.cache_bytes:
-            self._images[i] = (gt, lq)
-            self._cached_bytes += size
         return gt, lq
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._images[i] if i in self._images else self._read(i)
 
     def __getitem__(self, k: int) -> dict[str, np.ndarray]:
         k = int(k)
@@ -224,10 +272,12 @@ def training_patches(
     seed: int,
     jpeg_subsampling: str = "yuv420",
     realsr: RealSRParams | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> TrainPatches:
     """The training patches of a run: stored pairs for SR and deraining, the clean HR images of
     ``train_set`` (all parts of a composite set such as DF2K) degraded on the fly for DN / CAR
-    and real-world SR (``realsr``: its parameters, required for realsr_x<s>)."""
+    and real-world SR (``realsr``: its parameters, required for realsr_x<s>). ``cache_bytes``:
+    host memory for decoded images (``train.cache_gib``, see TrainPatches)."""
     spec = parse_task(task)
     if spec.kind in ON_THE_FLY:
         if spec.kind == "realsr" and realsr is None:
@@ -241,9 +291,12 @@ def training_patches(
             degradation=task,
             jpeg_subsampling=jpeg_subsampling,
             realsr=realsr if spec.kind == "realsr" else None,
+            cache_bytes=cache_bytes,
         )
     lq_dir, gt_dir = layout.pair_dirs(task, train_set)
-    return TrainPatches(gt_dir, lq_dir, scale=spec.scale, lq_patch=lq_patch, seed=seed)
+    return TrainPatches(
+        gt_dir, lq_dir, scale=spec.scale, lq_patch=lq_patch, seed=seed, cache_bytes=cache_bytes
+    )
 
 
 def _augment(img: np.ndarray, flips: np.ndarray) -> np.ndarray:

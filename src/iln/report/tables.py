@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from iln.layout import WEIGHTS_EMA, WEIGHTS_RAW
+from iln.layout import ENSEMBLE_SUFFIX, WEIGHTS_EMA, WEIGHTS_RAW
 from iln.report.paper import paper_rows, printed
 from iln.report.runs import PRECISION_MODES, RunResults
 from iln.styles import norm_label, norm_rank
@@ -348,9 +348,15 @@ def _metric_column(set_name: str, metric: str) -> Column:
 def _fill_sets(
     table: Table, row: str, run: RunResults, metrics: Sequence[str] = ("psnr", "ssim")
 ) -> None:
+    """Our per-set numbers; a run evaluated with ``evaluate.self_ensemble`` also fills a
+    column of the x8 self-ensemble's number beside each metric."""
     for s in run.sets():
         for m in metrics:
             table.set_ours(row, _metric_column(s, m), run.metric(s, m), run.info.name)
+            x8 = run.metric(s, m + ENSEMBLE_SUFFIX)
+            if x8 is not None:
+                column = Column(f"{s}:{m}{ENSEMBLE_SUFFIX}", f"{s} {m.upper()} x8", m)
+                table.set_ours(row, column, x8, run.info.name)
 
 
 def _paper_sets(table: Table, rows: Sequence[Mapping], row_of: Callable[[Mapping], str]) -> None:
