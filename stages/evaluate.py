@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from iln import tracking
-from iln.cli import project_root, run_stage
+from iln.cli import project_root, run_stage, store_root
 from iln.config import flatten, load_params
 from iln.data.catalog import SETS
 from iln.data.dataset import TestPairs
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     per_image: list[dict[str, object]] = []
     precision: dict[str, dict[str, object]] = {}
     with tracking.stage_run(
-        layout.root,
+        store_root(),
         experiment=params.tracking.experiment,
         stage="evaluate",
         run_name=args.run,

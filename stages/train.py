@@ -16,7 +16,7 @@ import torch
 
 import iln
 from iln import tracking
-from iln.cli import project_root, run_stage, warn
+from iln.cli import project_root, run_stage, store_root, warn
 from iln.config import flatten, load_params, resolve_run
 from iln.data.dataset import TestPairs, training_patches, training_sources
 from iln.distributed import init_distributed, shutdown
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     out = layout.train_dir(run.name)
-    store = tracking.tracking_uri(layout.root)
+    store = tracking.tracking_uri(store_root())
     checkpoint = layout.checkpoint(run.name)
     tracked = (
         tracking.stage_run(
-            layout.root,
+            store_root(),
             experiment=params.tracking.experiment,
             stage="train",
             run_name=run.name,

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import random
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from iln import tracking
 from iln.styles import NORM_STYLES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_norm_runs_get_the_norms_colour_and_the_experiment_its_kind(tmp_path, monkeypatch):
@@ -57,3 +69,163 @@ def test_an_experiment_tag_set_meanwhile_by_another_process_is_not_an_error(tmp_
     real.create_experiment("f")
     with pytest.raises(RuntimeError, match="permission denied"):
         tracking._experiment_id(RefusingClient(), "f", tmp_path, uri)
+
+
+# --------------------------------------------------------------------------- store faults
+
+
+def _open(root, **kwargs):
+    """Open and close one stage run of the report against the store of ``root``."""
+    with tracking.stage_run(
+        root, experiment="e", stage="report", run_name="report", **kwargs
+    ) as run:
+        run.log_metrics({"x": 1.0})
+    return run
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A real store with one finished run: ``mlflow.db`` of a project folder."""
+    root = tmp_path_factory.mktemp("store")
+    _open(root)
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def default_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _damage(store, root, how):
+    data = store.read_bytes()
+    db = root / "mlflow.db"
+    if how == "cut in half":
+        db.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        db.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(len(data))))
+    elif how == "0 bytes":
+        db.write_bytes(b"")
+    else:  # pages overwritten in the middle, the header and size intact
+        damaged = bytearray(data)
+        noise = random.Random(1)
+        for start in range(8192, len(data) - 4096, 4096):
+            damaged[start + 100 : start + 3000] = bytes(noise.randrange(256) for _ in range(2900))
+        db.write_bytes(bytes(damaged))
+    return db
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("cut in half", r"is cut short \(\d+ of \d+ bytes\): move it aside \(mv "),
+        ("garbage", r"is not an sqlite database: move it aside"),
+        ("0 bytes", r"is empty \(0 bytes\), not a database: move it aside"),
+        ("pages overwritten", r"is damaged \(database disk image is malformed\): move it aside"),
+    ],
+)
+def test_a_damaged_store_is_one_line_and_is_left_as_it_was(
+    tmp_path, store, default_store, how, message
+):
+    db = _damage(store, tmp_path, how)
+    before = db.read_bytes()
+    with pytest.raises(tracking.TrackingError, match=f"^MLflow store {db} {message}") as info:
+        _open(tmp_path)
+    assert "\n" not in str(info.value)
+    assert db.read_bytes() == before  # never replaced by a new store, never "repaired"
+
+
+def test_a_report_stage_on_a_store_cut_in_half_exits_1_in_one_line(tmp_path, store):
+    _damage(store, tmp_path, "cut in half")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "report.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        timeout=300,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith(f"report: error: MLflow store {tmp_path / 'mlflow.db'} is cut short")
+
+
+def test_a_closed_port_fails_within_seconds_naming_the_server(tmp_path, monkeypatch):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError) as info:
+        _open(tmp_path)
+    assert time.monotonic() - start < tracking.SERVER_TIMEOUT + 5
+    assert str(info.value).startswith(
+        f"no MLflow tracking server answers at http://127.0.0.1:{port} (MLFLOW_TRACKING_URI)"
+    )
+
+
+def test_a_server_that_never_answers_times_out(tmp_path, monkeypatch):
+    with socket.socket() as sock:  # accepts connections, never answers
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        monkeypatch.setattr(tracking, "SERVER_TIMEOUT", 1.0)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{sock.getsockname()[1]}")
+        start = time.monotonic()
+        with pytest.raises(tracking.TrackingError, match=r"within 1 s \(timed out\)"):
+            _open(tmp_path)
+        assert time.monotonic() - start < 10
+
+
+def _hold_exclusive_lock(db, seconds):
+    con = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    con.execute("BEGIN EXCLUSIVE")
+    timer = threading.Timer(seconds, lambda: (con.execute("COMMIT"), con.close()))
+    timer.start()
+    return timer
+
+
+def test_an_exclusive_lock_while_the_store_opens_is_waited_out(tmp_path, store, default_store):
+    shutil.copy(store, tmp_path / "mlflow.db")
+    timer = _hold_exclusive_lock(tmp_path / "mlflow.db", 2.0)
+    _open(tmp_path)
+    timer.join()
+    assert [r["status"] for r in tracking.find_stage_runs(tmp_path, experiment="e")] == [
+        "FINISHED",
+        "FINISHED",
+    ]
+
+
+@pytest.mark.integration  # waits out sqlite's busy timeout several times (~30 s)
+def test_a_lock_held_past_the_retry_limit_is_one_line(tmp_path, store, default_store, monkeypatch):
+    shutil.copy(store, tmp_path / "mlflow.db")
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 1.0)
+    timer = _hold_exclusive_lock(tmp_path / "mlflow.db", 120.0)
+    try:
+        with pytest.raises(tracking.TrackingError, match=r"stayed locked by another process"):
+            _open(tmp_path)
+    finally:
+        timer.cancel()
+        timer.function()
+
+
+def test_the_project_moved_with_its_store_keeps_its_artifacts(tmp_path, default_store):
+    old = tmp_path / "old"
+    with tracking.stage_run(old, experiment="e", stage="report", run_name="report") as run:
+        (tmp_path / "a.txt").write_text("a")
+        run.log_artifact(tmp_path / "a.txt")
+    new = tmp_path / "new"
+    old.rename(new)
+    with tracking.stage_run(new, experiment="e", stage="report", run_name="report") as run:
+        run.log_artifact(tmp_path / "a.txt")
+    assert not old.exists()  # never re-created
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(new))
+    experiment = client.get_experiment_by_name("e")
+    assert experiment.artifact_location == (new / "mlartifacts").resolve().as_uri()
+    rows = tracking.find_stage_runs(new, experiment="e")
+    assert [r["artifacts"] for r in rows] == [["a.txt"], ["a.txt"]]  # the old run's too
+    for row in rows:
+        assert client.get_run(row["run_id"]).info.artifact_uri.startswith(
+            (new / "mlartifacts").resolve().as_uri() + "/"
+        )
