@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import socket
 import sqlite3
@@ -229,3 +230,93 @@ def test_the_project_moved_with_its_store_keeps_its_artifacts(tmp_path, default_
         assert client.get_run(row["run_id"]).info.artifact_uri.startswith(
             (new / "mlartifacts").resolve().as_uri() + "/"
         )
+
+
+_FULL_DISK_STAGE = """
+import sys
+from pathlib import Path
+from iln import tracking
+from iln.cli import run_stage
+from iln.files import write_json_atomic
+
+root, when = Path(sys.argv[1]), sys.argv[2]
+
+
+def fill():  # take every free byte of the disk
+    try:
+        with open(root / "filler", "ab") as handle:
+            while True:
+                handle.write(bytes(65536))
+                handle.flush()
+    except OSError:
+        pass
+
+
+def main():
+    if when == "open":
+        fill()
+    with tracking.stage_run(root, experiment="e", stage=sys.argv[3], run_name="ln") as run:
+        run.log_metrics({"x": 1.0})
+        fill()
+        write_json_atomic(root / "out.json", {"values": list(range(100000))})
+    return 0
+
+
+sys.exit(run_stage(sys.argv[3], main))
+"""
+
+
+def _on_a_small_disk(tmp_path, store, commands):
+    """Run shell ``commands`` with ``$DISK`` a 4 MB tmpfs holding a copy of ``store``, in a
+    mount namespace of their own (no root needed where user namespaces are allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "stage.py"
+    script.write_text(_FULL_DISK_STAGE)
+    shell = (
+        f"mount -t tmpfs -o size=4m tmpfs {disk} || exit 97; cp {store} {disk}/mlflow.db; "
+        f"DISK={disk}; STAGE='{sys.executable} {script}'; {commands}"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell],
+            capture_output=True,
+            text=True,
+            env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            timeout=300,
+        )
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) on this machine: cannot make a small disk without root")
+    if result.returncode == 97 or "unshare failed" in result.stderr:
+        pytest.skip(f"this machine refuses a private tmpfs: {result.stderr.strip()[:200]}")
+    return result
+
+
+@pytest.mark.integration
+def test_a_full_disk_under_the_store_is_one_line_and_the_run_is_closed_later(tmp_path, store):
+    result = _on_a_small_disk(
+        tmp_path,
+        store,
+        '$STAGE $DISK run train; echo "rc=$?" >&2; rm $DISK/filler; '
+        '$STAGE $DISK open evaluate; echo "rc=$?" >&2; rm $DISK/filler; '
+        f"cp $DISK/mlflow.db {tmp_path}",
+    )
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in lines if not line.startswith("20")]  # MLflow's INFO lines
+    assert len(lines) == 4, result.stderr[-3000:]
+    train_error, train_rc, open_error, open_rc = lines
+    assert train_rc == open_rc == "rc=1"
+    # the output's own error first, then what became of the MLflow run
+    assert train_error.startswith("train: error: ") and "out.json: no space left" in train_error
+    assert re.search(r"MLflow run \w+ could not be marked FAILED: .*the disk is full", train_error)
+    assert train_error.endswith("the next stage marks it KILLED)")
+    assert open_error.startswith(f"evaluate: error: MLflow store {tmp_path / 'disk'}/mlflow.db")
+    assert "the disk is full (database or disk is full): free space on the disk of" in open_error
+
+    _open(tmp_path, norm=None)  # any later stage, here the report, closes the lost train run
+    statuses = {
+        (r["stage"], r["status"]) for r in tracking.find_stage_runs(tmp_path, experiment="e")
+    }
+    assert ("train", "KILLED") in statuses and ("train", "RUNNING") not in statuses

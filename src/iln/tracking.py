@@ -30,6 +30,7 @@ opens on its GenAI view unless the URL carries ``?workflowType=machine_learning`
 from __future__ import annotations
 
 import fcntl
+import logging
 import math
 import os
 import random
@@ -137,13 +138,14 @@ def _check_server(uri: str) -> None:
 
 def store_error(uri: str, err: BaseException) -> TrackingError:
     """One line for an error of the store at ``uri``: what went wrong and what to do."""
+    chain: list[BaseException] = []
     cause: BaseException | None = err
-    text = ""
-    while cause is not None:  # the sqlite message, without SQLAlchemy's SQL and links
-        if isinstance(cause, sqlite3.Error) or "sqlite3." in str(cause):
-            text = str(cause.args[0]) if cause.args else str(cause)
-            break
+    while cause is not None and cause not in chain:  # down to sqlite's own message
+        chain.append(cause)
         cause = cause.__cause__ or cause.__context__
+    found = [c for c in chain if isinstance(c, sqlite3.Error)]
+    found = found or [c for c in chain if "sqlite3." in str(c)]
+    text = (str(found[0].args[0]) if found[0].args else str(found[0])) if found else ""
     text = " ".join((text or str(err) or type(err).__name__).split())
     text = text.split("[SQL:")[0].split("(Background on this error")[0].strip()
     text = re.sub(r"^\(sqlite3\.\w+\)\s*", "", text)  # SQLAlchemy's prefix
@@ -397,7 +399,7 @@ def stage_run(
                 handle.set_tags({"iln.params_changed_on_resume": ", ".join(changed)})
     except Exception as err:
         if run_id is not None:  # made, but not ready: never leave it RUNNING
-            _close_quietly(client, run_id, "FAILED", err)
+            _close_quietly(client, run_id, "FAILED", err, uri)
         if isinstance(err, TrackingError):
             raise
         raise store_error(uri, err) from err
@@ -409,25 +411,27 @@ def stage_run(
         status = "KILLED"
         raise
     except Exception as err:
-        _close_quietly(client, run_id, status, err)
+        _close_quietly(client, run_id, status, err, uri)
         raise
     else:
         _retry(client.set_terminated, run_id, status, store=uri)
     finally:
         if status == "KILLED":
-            _close_quietly(client, run_id, status, None)
+            _close_quietly(client, run_id, status, None, uri)
 
 
-def _close_quietly(client: Any, run_id: str, status: str, failure: BaseException | None) -> None:
+def _close_quietly(
+    client: Any, run_id: str, status: str, failure: BaseException | None, uri: str
+) -> None:
     """End run ``run_id`` while another error is on its way: a store that refuses (full,
     damaged) must not hide that error; a note on it says the run's fate instead."""
     try:
-        _retry(client.set_terminated, run_id, status)
+        _retry(client.set_terminated, run_id, status, store=uri)
     except Exception as err:
         if failure is not None:
             failure.add_note(
-                f"MLflow run {run_id} could not be marked {status} "
-                f"({' '.join(str(err).split())[:200]}); the next stage marks it KILLED"
+                f"and MLflow run {run_id} could not be marked {status}: {err}; the next "
+                f"stage marks it KILLED"
             )
 
 
@@ -477,7 +481,8 @@ def _retry(call: Callable[..., Any], *args: Any, store: str | None = None, **kwa
     delay, waited = 0.05, 0.0
     while True:
         try:
-            return call(*args, **kwargs)
+            with _unlogged_store_errors():
+                return call(*args, **kwargs)
         except TrackingError:
             raise
         except Exception as err:
@@ -489,6 +494,19 @@ def _retry(call: Callable[..., Any], *args: Any, store: str | None = None, **kwa
         time.sleep(pause)
         waited += pause
         delay = min(delay * 2, 2.0)
+
+
+@contextmanager
+def _unlogged_store_errors() -> Iterator[None]:
+    """MLflow logs every sqlite error with its traceback (~100 lines) before raising it; the
+    error is raised to us anyway and ends in one line (or is retried), so mute that log."""
+    logger = logging.getLogger("mlflow.store.db.utils")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 @contextmanager
