@@ -320,3 +320,75 @@ def test_a_full_disk_under_the_store_is_one_line_and_the_run_is_closed_later(tmp
         (r["stage"], r["status"]) for r in tracking.find_stage_runs(tmp_path, experiment="e")
     }
     assert ("train", "KILLED") in statuses and ("train", "RUNNING") not in statuses
+
+
+_HOLDING_STAGE = """
+import os, signal, sys, time
+from pathlib import Path
+from iln import tracking
+
+with tracking.stage_run(Path(sys.argv[1]), experiment="e", stage=sys.argv[2], run_name="ln"):
+    print("open", flush=True)
+    if sys.argv[3] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no handler runs, the run stays RUNNING
+    time.sleep(120)
+"""
+
+
+def _holding_stage(root, stage, then):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _HOLDING_STAGE, str(root), stage, then],
+        cwd=root,
+        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline() == "open\n"
+    return process
+
+
+@pytest.mark.integration
+def test_a_run_lost_to_kill_9_is_closed_by_any_later_stage(tmp_path, store, default_store):
+    """DVC may restore a killed stage from its run cache and never run it again: the report
+    (another stage, another member) must close the lost analyze run."""
+    shutil.copy(store, tmp_path / "mlflow.db")
+    process = _holding_stage(tmp_path, "analyze", "die")
+    assert process.wait(timeout=60) == -9
+    (lost,) = [r for r in tracking.find_stage_runs(tmp_path, experiment="e") if r["run"] == "ln"]
+    assert lost["status"] == "RUNNING"
+    _open(tmp_path)
+    statuses = {
+        r["run_id"]: r["status"] for r in tracking.find_stage_runs(tmp_path, experiment="e")
+    }
+    assert statuses[lost["run_id"]] == "KILLED"
+
+
+@pytest.mark.integration
+def test_a_stage_still_running_in_this_folder_is_not_started_twice(
+    tmp_path, store, default_store, monkeypatch
+):
+    """kill -9 of dvc repro leaves its evaluate running: the next repro must not start a
+    second one writing the same outputs. A copy of the project elsewhere (a queued
+    experiment) is not refused."""
+    shutil.copy(store, tmp_path / "mlflow.db")
+    process = _holding_stage(tmp_path, "evaluate", "hold")
+    try:
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(tracking.TrackingError) as info:
+            with tracking.stage_run(tmp_path, experiment="e", stage="evaluate", run_name="ln"):
+                pass
+        assert str(info.value).startswith(
+            f"ln/evaluate is already running in process {process.pid} of this project"
+        )
+        assert f"stop it (kill {process.pid}), then rerun" in str(info.value)
+        elsewhere = tmp_path / "copy"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        with tracking.stage_run(tmp_path, experiment="e", stage="evaluate", run_name="ln"):
+            pass
+    finally:
+        process.kill()
+        process.wait()
+    statuses = sorted(r["status"] for r in tracking.find_stage_runs(tmp_path, experiment="e"))
+    assert statuses == ["FINISHED", "FINISHED", "RUNNING"]  # nothing made for the refused one
