@@ -382,7 +382,8 @@ def stage_run(
                     tags={**run_tags, "mlflow.parentRunId": parent_id},
                 ).info.run_id
                 logged: dict[str, str] = {}
-            else:
+            else:  # ours from now on, before another stage could take it for a lost run
+                _retry(client.set_tag, run_id, PROCESS_TAG, run_tags[PROCESS_TAG])
                 logged = dict(_retry(client.get_run, run_id).data.params)
         handle = StageRun(client, run_id, uri)
         if logged:
