@@ -346,10 +346,13 @@ def stage_run(
     norm: the member's normalisation (tags ``iln.norm`` and its colour); None for runs that
     have none (the bicubic baseline, the report).
 
-    Runs of the same (run_name, stage) left RUNNING by a killed process of this machine
-    are first closed as KILLED. ``continue_run``: the id of an earlier run of this stage to
-    continue (a resumed training), when the store still has it; else a new run is made.
-    The run ends FINISHED on success, FAILED on an exception, KILLED on Ctrl-C.
+    Stage runs of the experiment left RUNNING by a killed process of this machine are first
+    closed as KILLED; a (run_name, stage) still running in a live process of this machine in
+    the same working folder raises ``TrackingError``. ``continue_run``: the id of an earlier
+    run of this stage to continue (a resumed training), when the store still has it; else a
+    new run is made. The run ends FINISHED on success, FAILED on an exception (a store that
+    refuses to record that adds a note to the exception instead of hiding it), KILLED on
+    Ctrl-C. Any failure of the store is a ``TrackingError`` naming it.
     """
     uri = tracking_uri(root)
     workdir = str(Path.cwd().resolve())
