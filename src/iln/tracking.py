@@ -194,7 +194,7 @@ class StageRun:
     """Handle on one MLflow run: params, step metrics, tags and artifacts. A write the store
     refuses raises ``TrackingError`` naming ``store``."""
 
-    def __init__(self, client: Any, run_id: str, store: str = "the MLflow store") -> None:
+    def __init__(self, client: Any, run_id: str, store: str | None = None) -> None:
         self._client = client
         self.run_id = run_id
         self.store = store
