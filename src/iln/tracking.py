@@ -96,9 +96,7 @@ def check_store(uri: str) -> None:
 
 def _check_sqlite_file(db: Path) -> None:
     try:
-        size = db.stat().st_size
-        with open(db, "rb") as handle:
-            header = handle.read(100)
+        size, header = _size_and_header(db)
     except FileNotFoundError:
         return  # a fresh store: MLflow creates it
     except OSError as err:
@@ -110,15 +108,40 @@ def _check_sqlite_file(db: Path) -> None:
         raise TrackingError(f"MLflow store {db} is empty (0 bytes), not a database: {aside}")
     if not header.startswith(_SQLITE_HEADER):
         raise TrackingError(f"MLflow store {db} is not an sqlite database: {aside}")
-    if len(header) == 100 and not Path(f"{db}-wal").exists():
-        page = int.from_bytes(header[16:18], "big")
-        page = 65536 if page == 1 else page
-        pages = int.from_bytes(header[28:32], "big")
-        valid = header[24:28] == header[92:96]  # the page count is current (sqlite >= 3.7)
-        if valid and pages and size < pages * page:
+    expected = _expected_size(header)
+    if expected and size < expected and not Path(f"{db}-wal").exists():
+        # Another process may be committing right now (sqlite writes page 1, with the new
+        # page count, before the pages that extend the file): look again holding a read
+        # lock, which waits for any commit to end.
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=RETRY_SECONDS)
+            try:
+                con.execute("BEGIN")
+                con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+                size, header = _size_and_header(db)
+                expected = _expected_size(header)
+            finally:
+                con.close()
+        except sqlite3.Error:
+            pass  # unreadable as it is: cut short, as its header says
+        if expected and size < expected:
             raise TrackingError(
-                f"MLflow store {db} is cut short ({size} of {pages * page} bytes): {aside}"
+                f"MLflow store {db} is cut short ({size} of {expected} bytes): {aside}"
             )
+
+
+def _size_and_header(db: Path) -> tuple[int, bytes]:
+    with open(db, "rb") as handle:
+        return os.fstat(handle.fileno()).st_size, handle.read(100)
+
+
+def _expected_size(header: bytes) -> int:
+    """The database size an sqlite header records (0 when it records none)."""
+    if len(header) < 100 or header[24:28] != header[92:96]:
+        return 0  # the page count is stale (written by sqlite < 3.7)
+    page = int.from_bytes(header[16:18], "big")
+    page = 65536 if page == 1 else page
+    return page * int.from_bytes(header[28:32], "big")
 
 
 def _check_server(uri: str) -> None:
