@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iln import tracking
 from tests.test_pipeline import _run, copy_project_files
+from tests.test_tracking import stage_runs
 
 pytestmark = pytest.mark.integration
 
@@ -63,10 +63,7 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _stage_runs(root: Path) -> list[tuple[str, str, str]]:
-    return sorted(
-        (r["run"], r["stage"], r["status"])
-        for r in tracking.find_stage_runs(root, experiment="iln")
-    )
+    return sorted((r["run"], r["stage"], r["status"]) for r in stage_runs(root, "iln"))
 
 
 def test_the_readme_queue_recipe_runs_two_variants_in_their_own_copies(workspace):
@@ -104,7 +101,7 @@ def test_the_readme_queue_recipe_runs_two_variants_in_their_own_copies(workspace
     assert new.count(("report", "report", "FINISHED")) == 2
     trained = [
         (r["run"], r["params"].get("run.lr"))
-        for r in tracking.find_stage_runs(workspace, experiment="iln")
+        for r in stage_runs(workspace, "iln")
         if r["stage"] == "train"
     ]
     assert ("ln", "0.001") in trained and ("iln", "0.001") in trained
@@ -118,7 +115,7 @@ def test_a_temp_experiment_writes_into_its_copy(workspace):
     assert _digests(workspace) == before
     trained = [
         r["params"].get("run.iterations")
-        for r in tracking.find_stage_runs(workspace, experiment="iln")
+        for r in stage_runs(workspace, "iln")
         if r["stage"] == "train" and r["run"] == "ln"
     ]
     assert "3" in trained

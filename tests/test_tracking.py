@@ -75,6 +75,27 @@ def test_an_experiment_tag_set_meanwhile_by_another_process_is_not_an_error(tmp_
 # --------------------------------------------------------------------------- store faults
 
 
+def stage_runs(root, experiment="e"):
+    """(run_id, member, stage, status, params) of the stage runs in the store of ``root``."""
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(root))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return [
+        {
+            "run_id": run.info.run_id,
+            "run": run.data.tags.get(tracking.RUN_TAG),
+            "stage": run.data.tags.get(tracking.STAGE_TAG),
+            "status": run.info.status,
+            "params": dict(run.data.params),
+            "artifacts": [a.path for a in client.list_artifacts(run.info.run_id)],
+        }
+        for run in client.search_runs(
+            [found.experiment_id], f"tags.`{tracking.KIND_TAG}` = 'stage'", max_results=1000
+        )
+    ]
+
+
 def _open(root, **kwargs):
     """Open and close one stage run of the report against the store of ``root``."""
     with tracking.stage_run(
@@ -192,7 +213,7 @@ def test_an_exclusive_lock_while_the_store_opens_is_waited_out(tmp_path, store, 
     timer = _hold_exclusive_lock(tmp_path / "mlflow.db", 2.0)
     _open(tmp_path)
     timer.join()
-    assert [r["status"] for r in tracking.find_stage_runs(tmp_path, experiment="e")] == [
+    assert [r["status"] for r in stage_runs(tmp_path)] == [
         "FINISHED",
         "FINISHED",
     ]
@@ -224,7 +245,7 @@ def test_the_project_moved_with_its_store_keeps_its_artifacts(tmp_path, default_
     client = MlflowClient(tracking_uri=tracking.tracking_uri(new))
     experiment = client.get_experiment_by_name("e")
     assert experiment.artifact_location == (new / "mlartifacts").resolve().as_uri()
-    rows = tracking.find_stage_runs(new, experiment="e")
+    rows = stage_runs(new)
     assert [r["artifacts"] for r in rows] == [["a.txt"], ["a.txt"]]  # the old run's too
     for row in rows:
         assert client.get_run(row["run_id"]).info.artifact_uri.startswith(
@@ -316,9 +337,7 @@ def test_a_full_disk_under_the_store_is_one_line_and_the_run_is_closed_later(tmp
     assert "the disk is full (database or disk is full): free space on the disk of" in open_error
 
     _open(tmp_path, norm=None)  # any later stage, here the report, closes the lost train run
-    statuses = {
-        (r["stage"], r["status"]) for r in tracking.find_stage_runs(tmp_path, experiment="e")
-    }
+    statuses = {(r["stage"], r["status"]) for r in stage_runs(tmp_path)}
     assert ("train", "KILLED") in statuses and ("train", "RUNNING") not in statuses
 
 
@@ -355,12 +374,10 @@ def test_a_run_lost_to_kill_9_is_closed_by_any_later_stage(tmp_path, store, defa
     shutil.copy(store, tmp_path / "mlflow.db")
     process = _holding_stage(tmp_path, "analyze", "die")
     assert process.wait(timeout=60) == -9
-    (lost,) = [r for r in tracking.find_stage_runs(tmp_path, experiment="e") if r["run"] == "ln"]
+    (lost,) = [r for r in stage_runs(tmp_path) if r["run"] == "ln"]
     assert lost["status"] == "RUNNING"
     _open(tmp_path)
-    statuses = {
-        r["run_id"]: r["status"] for r in tracking.find_stage_runs(tmp_path, experiment="e")
-    }
+    statuses = {r["run_id"]: r["status"] for r in stage_runs(tmp_path)}
     assert statuses[lost["run_id"]] == "KILLED"
 
 
@@ -390,5 +407,5 @@ def test_a_stage_still_running_in_this_folder_is_not_started_twice(
     finally:
         process.kill()
         process.wait()
-    statuses = sorted(r["status"] for r in tracking.find_stage_runs(tmp_path, experiment="e"))
+    statuses = sorted(r["status"] for r in stage_runs(tmp_path))
     assert statuses == ["FINISHED", "FINISHED", "RUNNING"]  # nothing made for the refused one
