@@ -14,7 +14,7 @@ import torch
 
 from iln import tracking
 from iln.analysis import run_final_analysis
-from iln.cli import project_root, run_stage
+from iln.cli import project_root, run_stage, store_root
 from iln.config import load_params
 from iln.data.dataset import TestPairs
 from iln.files import remove_stale_temps
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = layout.analysis_dir(args.run)
     with tracking.stage_run(
-        layout.root,
+        store_root(),
         experiment=params.tracking.experiment,
         stage="analyze",
         run_name=args.run,

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from iln import tracking
-from iln.cli import project_root, run_stage
+from iln.cli import project_root, run_stage, store_root
 from iln.config import flatten, load_params
 from iln.data.catalog import SETS
 from iln.data.dataset import TestPairs
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, dict[str, float]] = {}
     per_image: list[dict[str, object]] = []
     with tracking.stage_run(
-        layout.root,
+        store_root(),
         experiment=params.tracking.experiment,
         stage="evaluate",
         run_name=args.run,

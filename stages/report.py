@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from iln import tracking
-from iln.cli import project_root, run_stage
+from iln.cli import project_root, run_stage, store_root
 from iln.config import load_params, resolve_run
 from iln.files import remove_stale_temps, write_json_atomic
 from iln.layout import Layout
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         ema_decay=params.train.ema_decay,
     )
     with tracking.stage_run(
-        layout.root, experiment=params.tracking.experiment, stage="report", run_name="report"
+        store_root(), experiment=params.tracking.experiment, stage="report", run_name="report"
     ) as tracker:
         summary = build_report(
             runs,

@@ -20,7 +20,7 @@ import torch
 
 import iln
 from iln import tracking
-from iln.cli import project_root, run_stage, warn
+from iln.cli import project_root, run_stage, store_root, warn
 from iln.config import ResolvedRun, flatten, load_params, resolve_run
 from iln.data.dataset import TestPairs, training_patches, training_sources
 from iln.distributed import agree, init_distributed, shutdown
@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     agree(dist, fingerprint, "the run's fingerprint")
 
     out = layout.train_dir(run.name)
-    store = tracking.tracking_uri(layout.root)
+    store = tracking.tracking_uri(store_root())
     checkpoint = layout.checkpoint(run.name)
     tracked = (
         tracking.stage_run(
-            layout.root,
+            store_root(),
             experiment=params.tracking.experiment,
             stage="train",
             run_name=run.name,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from iln.data.download import ChecksumBook
-from iln.resume import previous_path
+from iln.resume import kept_path, previous_path
 from iln.train import TrainingDiverged, fit
 from iln.weights import load_trained, save_trained
 from tests.helpers import train_settings
@@ -94,3 +94,32 @@ def test_divergence_names_the_last_good_checkpoint_of_this_configuration(tmp_pat
     assert str(path) not in str(info.value)
     with pytest.raises(TrainingDiverged, match=rf"step 8\) is kept at {path}$"):
         _train(path, StreamData(nan_at=9 * 4))
+
+
+def test_a_shorter_run_keeps_the_longer_runs_checkpoints_and_20_resumes_from_20(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    ema_20, first = _train(path, iterations=20)  # checkpoints at 16 and 20
+    assert first.resumed_from == 0
+    _, short = _train(path, iterations=6)  # 4 and 6: must not destroy 16 and 20
+    assert short.resumed_from == 0 and short.steps == 6
+    assert torch.load(path, weights_only=True)["step"] == 6
+    assert torch.load(kept_path(path, 20), weights_only=True)["step"] == 20
+    assert torch.load(kept_path(path, 16), weights_only=True)["step"] == 16
+    warnings: list[str] = []
+    ema, again = _train(path, iterations=20, warnings=warnings)
+    assert again.resumed_from == 20 and _same(ema, ema_20) and not warnings
+    _, middle = _train(path, iterations=18)  # the latest compatible step of 18 is 16
+    assert middle.resumed_from == 16
+    assert not kept_path(path, 16).exists()  # reached again: no longer kept
+    assert kept_path(path, 20).exists()
+    _, longer = _train(path, iterations=24)
+    assert longer.resumed_from == 20 and torch.load(path, weights_only=True)["step"] == 24
+    assert {p.name for p in tmp_path.iterdir()} == {"ckpt.pt", "ckpt.prev.pt"}
+
+
+def test_a_longer_run_of_another_configuration_is_not_kept(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    _train(path, iterations=8, fingerprint="other")
+    _, result = _train(path, iterations=4)
+    assert result.resumed_from == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"ckpt.pt", "ckpt.prev.pt"}

@@ -59,12 +59,105 @@ def _params(tmp_path, key: str, value) -> Path:
         ("evaluate.sets", ["B100"], "evaluate.sets: 'B100' is not a set the degrade stage"),
         ("report.sets", ["Urban100"], "report.sets: 'Urban100' is not evaluated"),
         ("runs.ln.task", KeyError, "runs.ln.task: missing required key"),
+        ("train.grad_clip", float("nan"), "train.grad_clip: expected a finite number, got nan"),
+        ("train.lr_gamma", float("nan"), "train.lr_gamma: expected a finite number, got nan"),
+        ("train.lr", float("inf"), "train.lr: expected a finite number, got inf"),
+        ("runs.ln.lr", float("-inf"), "runs.ln.lr: expected a finite number, got -inf"),
+        ("train.lr", 10**400, "train.lr: expected a finite number"),
+        ("train.seed", 2**70, "train.seed: must be between -2**63 and 2**63 - 1"),
+        ("degrade.seed", 2**63, "degrade.seed: must be between -2**63 and 2**63 - 1"),
+        ("train.threads", 100_000, "train.threads: must be <= 8 (4 x the 2 cores"),
+        ("train.num_workers", 9, "train.num_workers: must be <= 8"),
+        ("degrade.workers", 9, "degrade.workers: must be <= 8"),
+        ("runs.ln.task", "sr_x9", "runs.ln.task: SR scale must be one of (2, 3, 4)"),
+        ("runs.ln.task", "colour", "runs.ln.task: unknown task 'colour'"),
+        ("runs.ln.model", {"embed_dim": -1}, "runs.ln.model: embed_dim -1 must be a positive"),
+        ("runs.ln.model", {"embed_dim": 33}, "runs.ln.model: embed_dim 33 must be a positive"),
+        ("runs.ln.model", {"depth": 2}, "runs.ln.model: unknown override 'depth'"),
+        ("evaluate.tile", 7, "evaluate.tile: must be 0 (whole images) or a multiple of the window"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, key, value, message):
     with pytest.raises(ParamsError) as info:
-        load_params(_params(tmp_path, key, value))
+        load_params(_params(tmp_path, key, value), cores=2)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_tile_overlap_past_the_tile_is_refused_at_load(tmp_path):
+    path = _params(tmp_path, "evaluate.tile", 32)
+    path.write_text(path.read_text().replace("tile_overlap: 16", "tile_overlap: 32"))
+    with pytest.raises(ParamsError, match=r"evaluate.tile_overlap: must be < evaluate.tile=32"):
+        load_params(path)
+    path.write_text(path.read_text().replace("tile_overlap: 32", "tile_overlap: 8"))
+    assert load_params(path).evaluate.tile == 32  # a multiple of hat_tiny's window 8
+
+
+def _duplicated_lr(tmp_path) -> Path:
+    text = (ROOT / "params.yaml").read_text()
+    first = next(line for line in text.splitlines() if line.startswith("  lr: "))
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(first, f"{first}\n  lr: 1", 1))
+    return path
+
+
+def test_a_duplicate_key_names_the_file_the_dotted_key_and_both_lines(tmp_path):
+    path = _duplicated_lr(tmp_path)
+    line = path.read_text().splitlines().index("  lr: 1") + 1
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert str(info.value) == (
+        f"{path}:{line}: train.lr: duplicate key (first given at line {line - 1}); keep one"
+    )
+
+
+def test_a_duplicate_run_and_an_alias_bomb_are_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("runs:\n  ln: {arch: hat_tiny}\n  iln: {}\n  ln: {arch: hat_tiny}\n")
+    with pytest.raises(
+        ParamsError, match=r"params.yaml:4: runs.ln: duplicate key \(first given at"
+    ):
+        load_params(path)
+    rows = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    rows += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 6)]
+    path.write_text("\n".join(rows) + "\n")  # 10**6 values from 60 written
+    with pytest.raises(ParamsError, match=r"more than 100000 values once its aliases"):
+        load_params(path)
+
+
+def test_the_machine_bounds_threads_by_its_cores(tmp_path):
+    path = _params(tmp_path, "train.threads", 64)
+    assert load_params(path, cores=16).train.threads == 64
+    with pytest.raises(ParamsError, match=r"train.threads: must be <= 32 \(4 x the 8 cores"):
+        load_params(path, cores=8)
+
+
+@pytest.mark.parametrize(
+    "stage, edit, message",
+    [
+        ("train", ("train.grad_clip", float("nan")), "train.grad_clip: expected a finite number"),
+        ("train", ("train.lr_gamma", float("nan")), "train.lr_gamma: expected a finite number"),
+        ("download", ("data.extract.max_gib", float("inf")), "data.extract.max_gib: expected a"),
+        ("train", None, "train.lr: duplicate key (first given at line"),
+    ],
+)
+def test_non_finite_numbers_and_duplicate_keys_through_a_stage_process(
+    tmp_path, stage, edit, message
+):
+    params = _params(tmp_path, *edit) if edit else _duplicated_lr(tmp_path)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / f"stages/{stage}.py"), *(["ln"] if stage == "train" else [])],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{stage}: error: {params.name}")
+    assert message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no work done
 
 
 def test_cuda_without_a_gpu_names_the_key():

@@ -23,7 +23,9 @@ def run_stage(name: str, main: Callable[[], int]) -> int:
     except EXPECTED as err:
         if os.environ.get("ILN_TRACEBACK"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__  # one line
+        notes = getattr(err, "__notes__", [])  # what else happened meanwhile (add_note)
+        message = " ".join([str(err), *(f"({note})" for note in notes)]).split()
+        message = " ".join(message) or type(err).__name__  # one line
         print(f"{name}: error: {message}", file=sys.stderr)
         return 1
 
@@ -34,6 +36,15 @@ def warn(name: str, message: str) -> None:
 
 
 def project_root() -> Path:
-    """The folder a stage reads and writes under: ``DVC_ROOT`` when DVC runs the stage,
-    else the working directory."""
-    return Path(os.environ.get("DVC_ROOT", Path.cwd()))
+    """The folder a stage reads and writes under: the working directory, where DVC runs
+    every stage of this project (``dvc.yaml`` is at the root). For ``dvc exp run --temp``
+    and queued experiments that is the experiment's own copy of the project, never the
+    workspace (which ``DVC_ROOT`` names then)."""
+    return Path.cwd()
+
+
+def store_root() -> Path:
+    """The folder whose ``mlflow.db`` is the default MLflow store: the repository DVC runs
+    the experiment for (``DVC_ROOT``: the workspace, also for an experiment run in a copy
+    of it, so that every experiment lands in one store), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd())

@@ -8,6 +8,8 @@ key it concerns (``runs.ln_x2.norm``), and nothing is coerced silently: YAML 1.1
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -28,6 +30,8 @@ class ParamsError(ValueError):
 
 
 # --------------------------------------------------------------------------- parsing
+
+INT_LIMIT = 2**63  # every integer must fit a signed 64-bit int (seeds, counts)
 
 _FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -116,6 +120,8 @@ def _parse_value(tp: Any, value: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamsError(f"{where}: expected an integer, got {_describe(value)}")
+        if not -INT_LIMIT <= value < INT_LIMIT:  # torch and numpy take 64-bit integers
+            raise ParamsError(f"{where}: must be between -2**63 and 2**63 - 1, got {value}")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
@@ -125,7 +131,13 @@ def _parse_value(tp: Any, value: Any, where: str) -> Any:
             )
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{where}: expected a number, got {_describe(value)}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past the float range
+            number = math.inf
+        if not math.isfinite(number):  # NaN passes every `<` check: refuse it here, once
+            raise ParamsError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ParamsError(f"{where}: expected a string, got {_describe(value)}")
@@ -605,19 +617,121 @@ def _check_released(params: Params) -> None:
             )
 
 
-def load_params(path: str | Path) -> Params:
-    """Read and validate a params file; every error names the file and the key."""
-    path = Path(path)
+# Keys whose value is a number of threads or processes: at most this many per core.
+PER_CORE_KEYS = ("train.threads", "train.num_workers", "data.workers", "degrade.workers")
+PER_CORE_LIMIT = 4
+YAML_NODE_LIMIT = 100_000  # values after expanding aliases: far above any real params file
+
+
+def _check_per_core(params: Params, cores: int) -> None:
+    """Thread and process counts within ``PER_CORE_LIMIT`` x the machine's cores (torch
+    crashes on a thread count far past them)."""
+    limit = PER_CORE_LIMIT * cores
+    for key in PER_CORE_KEYS:
+        value: Any = params
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value > limit:
+            raise ParamsError(
+                f"{key}: must be <= {limit} ({PER_CORE_LIMIT} x the {cores} cores of this "
+                f"machine), got {value}"
+            )
+
+
+def _check_models(params: Params) -> None:
+    """Every run's model overrides build (``iln.models.resolve_hparams``), and the
+    evaluation tile fits every model's window."""
+    from iln.models import resolve_hparams
+
+    for name, spec in params.runs.items():
+        try:
+            hp = resolve_hparams(
+                spec.arch,
+                norm=spec.norm,
+                scale=spec.scale,
+                **resolve_run(params, name).model_overrides(),
+            )
+        except ValueError as err:
+            raise ParamsError(f"runs.{name}.model: {err}") from None
+        _check_tile(params.evaluate, hp["window_size"], f"runs.{name}")
+    for name, spec in params.released.items():
+        hp = resolve_hparams(spec.arch, norm=spec.norm, scale=spec.scale, **spec.model_overrides())
+        _check_tile(params.evaluate, hp["window_size"], f"released.{name}")
+
+
+def _check_tile(settings: EvaluateParams, window: int, where: str) -> None:
+    if settings.tile and settings.tile % window:
+        raise ParamsError(
+            f"evaluate.tile: must be 0 (whole images) or a multiple of the window size "
+            f"{window} of {where}, got {settings.tile}"
+        )
+    if settings.tile and settings.tile_overlap >= settings.tile:
+        raise ParamsError(
+            f"evaluate.tile_overlap: must be < evaluate.tile={settings.tile}, "
+            f"got {settings.tile_overlap}"
+        )
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file, refusing what ``yaml.safe_load`` would accept silently: a key given
+    twice in one mapping (the last value would win) and aliases expanding past
+    ``YAML_NODE_LIMIT`` values. Errors name the file, the dotted key and the line."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: unreadable ({err})") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            return None
+        _check_nodes(root, path)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def _check_nodes(root: yaml.Node, path: Path) -> None:
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    seen = 0
+    while stack:
+        node, where = stack.pop()
+        seen += 1
+        if seen > YAML_NODE_LIMIT:
+            raise ParamsError(
+                f"{path}: more than {YAML_NODE_LIMIT} values once its aliases (&name / *name) "
+                f"are expanded; write the values out"
+            )
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                line = key_node.start_mark.line + 1
+                if isinstance(key_node, yaml.ScalarNode) and key in first:
+                    raise ParamsError(
+                        f"{path}:{line}: {_join(where, key)}: duplicate key (first given at "
+                        f"line {first[key]}); keep one"
+                    )
+                first[key] = line
+                stack.append((value_node, _join(where, key)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(node.value))
+
+
+def load_params(path: str | Path, *, cores: int | None = None) -> Params:
+    """Read and validate a params file; every error names the file and the key.
+
+    cores: the machine's CPU cores, which bound thread and process counts (default: this
+    machine's, ``os.cpu_count()``)."""
+    path = Path(path)
+    raw = read_yaml(path)
     try:
         params = parse(Params, raw, "")
         _check_runs(params)
         _check_released(params)
+        _check_models(params)
+        _check_per_core(params, cores or os.cpu_count() or 1)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
     return params

@@ -5,12 +5,20 @@ as ``checkpoint.prev.pt``. A checkpoint that cannot be read (a damaged disk, a f
 short by hand) is skipped with one warning line, and training resumes from the previous
 one, or restarts from step 0 when neither is usable. Only a checkpoint of the same
 configuration (``iln.fingerprint``) is ever resumed.
+
+A shorter run of the same configuration (``iterations`` lowered) never destroys what a
+longer one reached: before it writes over a checkpoint of its own configuration at a later
+step, that file is moved aside to ``checkpoint.step<N>.pt``. A run resumes from the latest
+step it may (at most its ``iterations``) among all these files, so 20 -> 5 -> 20 iterations
+resumes the last run at step 20. A kept file is removed once the same configuration writes
+a checkpoint at its step or later.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,14 +35,55 @@ def previous_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
+def kept_path(path: Path, step: int) -> Path:
+    """Where a checkpoint of a longer run is kept: ``checkpoint.pt`` -> ``checkpoint.step20.pt``."""
+    return path.with_name(f"{path.stem}.step{step}{path.suffix}")
+
+
+def _kept(path: Path) -> list[tuple[int, Path]]:
+    """The kept checkpoints beside ``path``, latest step first."""
+    pattern = re.compile(rf"^{re.escape(path.stem)}\.step(\d+){re.escape(path.suffix)}$")
+    found = []
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            match = pattern.match(entry.name)
+            if match:
+                found.append((int(match[1]), entry))
+    return sorted(found, reverse=True)
+
+
+def _peek(path: Path) -> tuple[str | None, int] | None:
+    """(fingerprint, step) of a checkpoint file, without reading its tensors; None when it
+    is missing or unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        return None
+    try:
+        return state.get("fingerprint"), int(state.get("step", -1))
+    except (TypeError, ValueError):
+        return None
+
+
 def save_resume_state(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` atomically to ``path``; the checkpoint it replaces becomes the
-    previous one."""
+    previous one. Checkpoints of the same configuration at a later step (a longer run's)
+    are moved aside first (``kept_path``), and kept ones this step reaches are removed."""
     path = Path(path)
+    fingerprint, step = state.get("fingerprint"), int(state["step"])
+    for candidate in (path, previous_path(path)):
+        seen = _peek(candidate) if candidate.exists() else None
+        if seen is not None and seen[0] == fingerprint and seen[1] > step:
+            os.replace(candidate, kept_path(path, seen[1]))
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
         if path.exists():
             os.replace(path, previous_path(path))
+    for kept_step, kept in _kept(path):
+        if kept_step <= step and _peek(kept) is not None and _peek(kept)[0] == fingerprint:
+            kept.unlink(missing_ok=True)
 
 
 def load_resume_state(
@@ -44,33 +93,43 @@ def load_resume_state(
     max_step: int,
     warn: Callable[[str], None],
 ) -> dict[str, Any] | None:
-    """The newest readable checkpoint of configuration ``fingerprint`` at a step <= ``max_step``
-    (``path``, else its previous one), or None: start from step 0.
+    """The readable checkpoint of configuration ``fingerprint`` at the latest step <=
+    ``max_step`` (``path``, its previous one, or one kept from a longer run), or None:
+    start from step 0.
 
     Unreadable files produce one ``warn`` line that says what happens instead. A checkpoint
     of another configuration is not an error: it is ignored (and later overwritten).
     """
     path = Path(path)
     problems: list[str] = []
-    for candidate in (path, previous_path(path)):
+    best: tuple[int, Path] | None = None
+    candidates = [path, previous_path(path), *(kept for _, kept in _kept(path))]
+    for candidate in candidates:
         if not candidate.exists():
             continue
         try:
-            state = torch.load(candidate, map_location="cpu", weights_only=True)
+            state = torch.load(candidate, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors, ...
             problems.append(f"{candidate} is unreadable ({_first_line(err)})")
             continue
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
             problems.append(f"{candidate} is not a checkpoint of this version")
             continue
-        if state.get("fingerprint") != fingerprint or int(state.get("step", -1)) > max_step:
+        step = int(state.get("step", -1))
+        if state.get("fingerprint") != fingerprint or step > max_step:
             continue  # another configuration, or a longer run: not ours to resume
+        if best is None or step > best[0]:
+            best = (step, candidate)
+    if best is None:
         if problems:
-            warn(f"{'; '.join(problems)}: resuming from {candidate} (step {state['step']})")
-        return {**state, "loaded_from": str(candidate)}
+            restart = "no usable checkpoint of this run, training starts at step 0"
+            warn(f"{'; '.join(problems)}: {restart}")
+        return None
+    step, chosen = best
+    state = torch.load(chosen, map_location="cpu", weights_only=True)
     if problems:
-        warn(f"{'; '.join(problems)}: no usable checkpoint of this run, training starts at step 0")
-    return None
+        warn(f"{'; '.join(problems)}: resuming from {chosen} (step {step})")
+    return {**state, "loaded_from": str(chosen)}
 
 
 def _first_line(err: BaseException) -> str:

@@ -9,7 +9,16 @@ Several stage processes may start at once: the sqlite store is created, and expe
 and parent runs are found or made, under an exclusive file lock beside it
 (``mlflow.db.lock``); a write that meets "database is locked" is retried with backoff, so
 no metric is lost. A stage run left RUNNING by a killed process of this machine is closed
-as KILLED when its stage next starts; a resumed training continues its own MLflow run.
+as KILLED when any stage next starts (DVC may restore the killed stage from its run cache
+and never run it again); a stage whose (member, stage) is still running in a live process
+of the same project folder (an orphan of a killed ``dvc repro``) is refused. A resumed
+training continues its own MLflow run.
+
+A store that cannot be used (a damaged, empty, locked or full sqlite file, a tracking
+server that does not answer) is a ``TrackingError``: one line naming the store and what to
+do, within seconds for a server (``SERVER_TIMEOUT``). The default sqlite store keeps its
+artifacts beside it (``mlartifacts/``); when the project folder was moved or copied, the
+artifact locations recorded in it are re-pointed at the new folder before any run starts.
 
 Every run of a grid member carries its norm (tag ``iln.norm``) and the colour its caller
 gives it (``mlflow.runColor``; the stages pass the norm's fixed colour from iln.styles), so LN
@@ -22,12 +31,17 @@ machine_learning``) or the sidebar's "Model training" switch is set (the browser
 from __future__ import annotations
 
 import fcntl
+import logging
 import math
 import os
 import random
+import re
 import socket
+import sqlite3
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +51,7 @@ RUN_TAG = "iln.run"
 STAGE_TAG = "iln.stage"
 KIND_TAG = "iln.kind"
 PROCESS_TAG = "iln.process"  # host:pid:start of the process that owns a RUNNING stage run
+WORKDIR_TAG = "iln.workdir"  # the project folder a stage run works in
 NORM_TAG = "iln.norm"
 RUN_COLOR_TAG = "mlflow.runColor"  # the colour the MLflow UI draws a run in
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -52,7 +67,131 @@ BATCH_LIMIT = 100
 
 def tracking_uri(root: Path) -> str:
     """The store every stage writes to: ``$MLFLOW_TRACKING_URI`` or ``<root>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri_default(root)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; the message names the store and what to do."""
+
+
+SERVER_TIMEOUT = 5.0  # seconds a tracking server has to answer before a stage gives up
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def check_store(uri: str) -> None:
+    """Refuse, in one line, a store MLflow would fail on with a traceback, hang on, or
+    silently replace: a sqlite file that is empty, not a database, or cut short; a tracking
+    server that does not answer within ``SERVER_TIMEOUT`` seconds."""
+    db = _sqlite_file(uri)
+    if db is not None:
+        _check_sqlite_file(db)
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri)
+
+
+def _check_sqlite_file(db: Path) -> None:
+    try:
+        size, header = _size_and_header(db)
+    except FileNotFoundError:
+        return  # a fresh store: MLflow creates it
+    except OSError as err:
+        raise TrackingError(f"MLflow store {db}: unreadable ({err.strerror or err})") from None
+    aside = (
+        f"move it aside (mv {db} {db}.damaged) to start a new store, or restore it from a backup"
+    )
+    if size == 0:
+        raise TrackingError(f"MLflow store {db} is empty (0 bytes), not a database: {aside}")
+    if not header.startswith(_SQLITE_HEADER):
+        raise TrackingError(f"MLflow store {db} is not an sqlite database: {aside}")
+    expected = _expected_size(header)
+    if expected and size < expected and not Path(f"{db}-wal").exists():
+        # Another process may be committing right now (sqlite writes page 1, with the new
+        # page count, before the pages that extend the file): look again holding a read
+        # lock, which waits for any commit to end.
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=RETRY_SECONDS)
+            try:
+                con.execute("BEGIN")
+                con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+                size, header = _size_and_header(db)
+                expected = _expected_size(header)
+            finally:
+                con.close()
+        except sqlite3.Error:
+            pass  # unreadable as it is: cut short, as its header says
+        if expected and size < expected:
+            raise TrackingError(
+                f"MLflow store {db} is cut short ({size} of {expected} bytes): {aside}"
+            )
+
+
+def _size_and_header(db: Path) -> tuple[int, bytes]:
+    with open(db, "rb") as handle:
+        return os.fstat(handle.fileno()).st_size, handle.read(100)
+
+
+def _expected_size(header: bytes) -> int:
+    """The database size an sqlite header records (0 when it records none)."""
+    if len(header) < 100 or header[24:28] != header[92:96]:
+        return 0  # the page count is stale (written by sqlite < 3.7)
+    page = int.from_bytes(header[16:18], "big")
+    page = 65536 if page == 1 else page
+    return page * int.from_bytes(header[28:32], "big")
+
+
+def _check_server(uri: str) -> None:
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy may not route /health): MLflow's own errors follow
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"no MLflow tracking server answers at {uri} (MLFLOW_TRACKING_URI) within "
+            f"{SERVER_TIMEOUT:g} s ({reason}): start it (mlflow server ...) or unset "
+            f"MLFLOW_TRACKING_URI to use the project's mlflow.db"
+        ) from None
+
+
+def store_error(uri: str, err: BaseException) -> TrackingError:
+    """One line for an error of the store at ``uri``: what went wrong and what to do."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain:  # down to sqlite's own message
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    found = [c for c in chain if isinstance(c, sqlite3.Error)]
+    found = found or [c for c in chain if "sqlite3." in str(c)]
+    text = (str(found[0].args[0]) if found[0].args else str(found[0])) if found else ""
+    text = " ".join((text or str(err) or type(err).__name__).split())
+    text = text.split("[SQL:")[0].split("(Background on this error")[0].strip()
+    text = re.sub(r"^\(sqlite3\.\w+\)\s*", "", text)  # SQLAlchemy's prefix
+    db = _sqlite_file(uri)
+    where = f"MLflow store {db or uri}"
+    lowered = text.lower()
+    if "disk is full" in lowered or "no space left" in lowered:
+        disk = f"the disk of {db}" if db else "the server's disk"
+        return TrackingError(
+            f"{where}: the disk is full ({text}): free space on {disk}, then rerun"
+        )
+    if "not a database" in lowered or "malformed" in lowered:
+        return TrackingError(
+            f"{where} is damaged ({text}): move it aside (mv {db} {db}.damaged) to start a "
+            f"new store, or restore it from a backup"
+        )
+    if "database is locked" in lowered:
+        return TrackingError(
+            f"{where} stayed locked by another process for {RETRY_SECONDS:g} s ({text}): close "
+            f"what holds it (an sqlite shell, a database browser, a stuck stage), then rerun"
+        )
+    if "readonly" in lowered or "read-only" in lowered or "permission denied" in lowered:
+        return TrackingError(f"{where} is not writable ({text}): fix its permissions, then rerun")
+    return TrackingError(f"{where}: {text}")
 
 
 def git_commit(root: Path) -> str:
@@ -74,18 +213,25 @@ def git_commit(root: Path) -> str:
 
 
 class StageRun:
-    """Handle on one MLflow run: params, step metrics, tags and artifacts."""
+    """Handle on one MLflow run: params, step metrics, tags and artifacts. A write the store
+    refuses raises ``TrackingError`` naming ``store``."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, store: str | None = None) -> None:
         self._client = client
         self.run_id = run_id
+        self.store = store
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(str(k), _param_text(v)) for k, v in params.items()]
         for start in range(0, len(items), BATCH_LIMIT):
-            _retry(self._client.log_batch, self.run_id, params=items[start : start + BATCH_LIMIT])
+            _retry(
+                self._client.log_batch,
+                self.run_id,
+                params=items[start : start + BATCH_LIMIT],
+                store=self.store,
+            )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log finite numbers (MLflow stores NaN/inf poorly: they go in as tags instead)."""
@@ -100,20 +246,29 @@ class StageRun:
             else:
                 other[f"nonfinite.{_metric_key(key)}"] = str(value)
         for start in range(0, len(finite), BATCH_LIMIT):
-            _retry(self._client.log_batch, self.run_id, metrics=finite[start : start + BATCH_LIMIT])
+            _retry(
+                self._client.log_batch,
+                self.run_id,
+                metrics=finite[start : start + BATCH_LIMIT],
+                store=self.store,
+            )
         if other:
             self.set_tags(other)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
-            _retry(self._client.set_tag, self.run_id, key, str(value))
+            _retry(self._client.set_tag, self.run_id, key, str(value), store=self.store)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            _retry(self._client.log_artifacts, self.run_id, str(path), artifact_path)
+            _retry(
+                self._client.log_artifacts, self.run_id, str(path), artifact_path, store=self.store
+            )
         elif path.exists():
-            _retry(self._client.log_artifact, self.run_id, str(path), artifact_path)
+            _retry(
+                self._client.log_artifact, self.run_id, str(path), artifact_path, store=self.store
+            )
 
 
 def _param_text(value: Any) -> str:
@@ -130,6 +285,7 @@ def _client(root: Path) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(root)
+    check_store(uri)
     return MlflowClient(tracking_uri=uri), uri
 
 
@@ -208,12 +364,16 @@ def stage_run(
     draws its runs in (hex RGB); None for runs that have none (the bicubic baseline, the
     report).
 
-    Runs of the same (run_name, stage) left RUNNING by a killed process of this machine
-    are first closed as KILLED. ``continue_run``: the id of an earlier run of this stage to
-    continue (a resumed training), when the store still has it; else a new run is made.
-    The run ends FINISHED on success, FAILED on an exception, KILLED on Ctrl-C.
+    Stage runs of the experiment left RUNNING by a killed process of this machine are first
+    closed as KILLED; a (run_name, stage) still running in a live process of this machine in
+    the same working folder raises ``TrackingError``. ``continue_run``: the id of an earlier
+    run of this stage to continue (a resumed training), when the store still has it; else a
+    new run is made. The run ends FINISHED on success, FAILED on an exception (a store that
+    refuses to record that adds a note to the exception instead of hiding it), KILLED on
+    Ctrl-C. Any failure of the store is a ``TrackingError`` naming it.
     """
     uri = tracking_uri(root)
+    workdir = str(Path.cwd().resolve())
     common = {"iln.git_commit": git_commit(root), **norm_tags(norm, color)}
     run_tags = {
         **common,
@@ -222,34 +382,49 @@ def stage_run(
         STAGE_TAG: stage,
         KIND_TAG: "stage",
         PROCESS_TAG: _process_id(),
+        WORKDIR_TAG: workdir,
     }
-    with _store_lock(uri):  # creates the store once, however many processes start at once
-        client, _ = _client(root)
-        experiment_id = _experiment_id(client, experiment, root, uri)
-        parent_id = _parent_run(client, experiment_id, run_name, common)
-        _close_killed_runs(client, experiment_id, run_name, stage)
-        run_id = _reopen(client, continue_run, run_name, stage) if continue_run else None
-        if run_id is None:
-            run_id = _retry(
-                client.create_run,
-                experiment_id,
-                run_name=f"{run_name}/{stage}",
-                tags={**run_tags, "mlflow.parentRunId": parent_id},
-            ).info.run_id
-            logged: dict[str, str] = {}
-        else:
-            logged = dict(_retry(client.get_run, run_id).data.params)
-    handle = StageRun(client, run_id)
-    if logged:
-        handle.set_tags(run_tags)
-    if params:  # a continued run keeps its params (MLflow forbids changing them)
-        new = {k: v for k, v in params.items() if str(k) not in logged}
-        changed = sorted(
-            k for k, v in params.items() if str(k) in logged and logged[str(k)] != _param_text(v)
-        )
-        handle.log_params(new)
-        if changed:
-            handle.set_tags({"iln.params_changed_on_resume": ", ".join(changed)})
+    run_id: str | None = None
+    client: Any = None
+    try:
+        with _store_lock(uri):  # creates the store once, however many processes start at once
+            client, _ = _client(root)  # checks the store first
+            _relocate_artifacts(root, uri)
+            experiment_id = _experiment_id(client, experiment, root, uri)
+            parent_id = _parent_run(client, experiment_id, run_name, common)
+            _close_killed_runs(client, experiment_id)
+            _refuse_live_twin(client, experiment_id, run_name, stage, workdir, uri)
+            run_id = _reopen(client, continue_run, run_name, stage) if continue_run else None
+            if run_id is None:
+                run_id = _retry(
+                    client.create_run,
+                    experiment_id,
+                    run_name=f"{run_name}/{stage}",
+                    tags={**run_tags, "mlflow.parentRunId": parent_id},
+                ).info.run_id
+                logged: dict[str, str] = {}
+            else:  # ours from now on, before another stage could take it for a lost run
+                _retry(client.set_tag, run_id, PROCESS_TAG, run_tags[PROCESS_TAG])
+                logged = dict(_retry(client.get_run, run_id).data.params)
+        handle = StageRun(client, run_id, uri)
+        if logged:
+            handle.set_tags(run_tags)
+        if params:  # a continued run keeps its params (MLflow forbids changing them)
+            new = {k: v for k, v in params.items() if str(k) not in logged}
+            changed = sorted(
+                k
+                for k, v in params.items()
+                if str(k) in logged and logged[str(k)] != _param_text(v)
+            )
+            handle.log_params(new)
+            if changed:
+                handle.set_tags({"iln.params_changed_on_resume": ", ".join(changed)})
+    except Exception as err:
+        if run_id is not None:  # made, but not ready: never leave it RUNNING
+            _close_quietly(client, run_id, "FAILED", err, uri)
+        if isinstance(err, TrackingError):
+            raise
+        raise store_error(uri, err) from err
     status = "FAILED"
     try:
         yield handle
@@ -257,8 +432,29 @@ def stage_run(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as err:
+        _close_quietly(client, run_id, status, err, uri)
+        raise
+    else:
+        _retry(client.set_terminated, run_id, status, store=uri)
     finally:
-        _retry(client.set_terminated, handle.run_id, status)
+        if status == "KILLED":
+            _close_quietly(client, run_id, status, None, uri)
+
+
+def _close_quietly(
+    client: Any, run_id: str, status: str, failure: BaseException | None, uri: str
+) -> None:
+    """End run ``run_id`` while another error is on its way: a store that refuses (full,
+    damaged) must not hide that error; a note on it says the run's fate instead."""
+    try:
+        _retry(client.set_terminated, run_id, status, store=uri)
+    except Exception as err:
+        if failure is not None:
+            failure.add_note(
+                f"and MLflow run {run_id} could not be marked {status}: {err}; the next "
+                f"stage marks it KILLED"
+            )
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -266,20 +462,40 @@ def stage_run(
 RETRY_SECONDS = 120.0  # give up on a store locked for longer than this
 
 
-def _retry(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _retry(call: Callable[..., Any], *args: Any, store: str | None = None, **kwargs: Any) -> Any:
     """``call(*args, **kwargs)``, retried with jittered exponential backoff while the store
-    answers "database is locked" (another process is writing to the sqlite file)."""
+    answers "database is locked" (another process is writing to the sqlite file). With
+    ``store`` (its URI), any other failure, and a lock held past ``RETRY_SECONDS``, raises
+    ``TrackingError`` in one line naming the store."""
     delay, waited = 0.05, 0.0
     while True:
         try:
-            return call(*args, **kwargs)
+            with _unlogged_store_errors():
+                return call(*args, **kwargs)
+        except TrackingError:
+            raise
         except Exception as err:
             if "database is locked" not in str(err) or waited > RETRY_SECONDS:
-                raise
+                if store is None:
+                    raise
+                raise store_error(store, err) from err
         pause = delay * (0.5 + random.random())
         time.sleep(pause)
         waited += pause
         delay = min(delay * 2, 2.0)
+
+
+@contextmanager
+def _unlogged_store_errors() -> Iterator[None]:
+    """MLflow logs every sqlite error with its traceback (~100 lines) before raising it; the
+    error is raised to us anyway and ends in one line (or is retried), so mute that log."""
+    logger = logging.getLogger("mlflow.store.db.utils")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 @contextmanager
@@ -344,8 +560,30 @@ def _reopen(client: Any, run_id: str, run_name: str, stage: str) -> str | None:
     return run_id
 
 
-def _close_killed_runs(client: Any, experiment_id: str, run_name: str, stage: str) -> list[str]:
-    """Mark KILLED the RUNNING runs of (run_name, stage) whose process of this machine died."""
+def _close_killed_runs(client: Any, experiment_id: str) -> list[str]:
+    """Mark KILLED every RUNNING stage run of the experiment whose process of this machine
+    died (whatever stage it was: DVC may restore that stage from its run cache and never
+    run it again)."""
+    found = _retry(
+        client.search_runs,
+        [experiment_id],
+        filter_string=f"tags.`{KIND_TAG}` = 'stage' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    closed = []
+    for run in found:
+        if _owner_gone(run.data.tags.get(PROCESS_TAG)):
+            _retry(client.set_terminated, run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def _refuse_live_twin(
+    client: Any, experiment_id: str, run_name: str, stage: str, workdir: str, uri: str
+) -> None:
+    """Refuse to start (run_name, stage) beside a live process of this machine already running
+    it in the same project folder (the orphan of a killed ``dvc repro``): both would write the
+    same outputs. Queued experiments run in folders of their own and are not twins."""
     found = _retry(
         client.search_runs,
         [experiment_id],
@@ -355,9 +593,55 @@ def _close_killed_runs(client: Any, experiment_id: str, run_name: str, stage: st
         ),
         max_results=100,
     )
-    closed = []
     for run in found:
-        if _owner_gone(run.data.tags.get(PROCESS_TAG)):
-            _retry(client.set_terminated, run.info.run_id, "KILLED")
-            closed.append(run.info.run_id)
-    return closed
+        process = run.data.tags.get(PROCESS_TAG) or ""
+        if run.data.tags.get(WORKDIR_TAG) != workdir or process.count(":") < 2:
+            continue
+        host, pid, _ = process.rsplit(":", 2)
+        mine = host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid()
+        if mine and not _owner_gone(process):
+            raise TrackingError(
+                f"{run_name}/{stage} is already running in process {pid} of this project "
+                f"(MLflow run {run.info.run_id} in {uri}; left by an interrupted dvc repro?): "
+                f"wait for it to end or stop it (kill {pid}), then rerun"
+            )
+
+
+def _relocate_artifacts(root: Path, uri: str) -> None:
+    """Re-point the artifact locations of the default store ``<root>/mlflow.db`` at
+    ``<root>/mlartifacts`` when they name the ``mlartifacts`` folder of another place: the
+    project was moved or copied with its store (an absolute path is all MLflow records)."""
+    db = _sqlite_file(uri)
+    if db is None or uri != tracking_uri_default(root) or not db.exists():
+        return
+    new = (root / "mlartifacts").resolve().as_uri()
+    try:
+        with sqlite3.connect(db, timeout=RETRY_SECONDS) as con:
+            rows = con.execute(
+                "SELECT artifact_location FROM experiments WHERE artifact_location LIKE ?",
+                ("file://%/mlartifacts",),
+            ).fetchall()
+            for (old,) in rows:
+                if old == new:
+                    continue
+                n = len(old)
+                con.execute(
+                    "UPDATE experiments SET artifact_location = ? || substr(artifact_location, ?)"
+                    " WHERE substr(artifact_location, 1, ?) = ?",
+                    (new, n + 1, n, old),
+                )
+                con.execute(
+                    "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?)"
+                    " WHERE substr(artifact_uri, 1, ?) = ?",
+                    (new, n + 1, n + 1, old + "/"),
+                )
+        con.close()
+    except sqlite3.OperationalError as err:
+        if "no such table" in str(err):
+            return  # not initialised yet: MLflow makes the tables
+        raise
+
+
+def tracking_uri_default(root: Path) -> str:
+    """The default store of a project folder: ``<root>/mlflow.db``."""
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
