@@ -353,7 +353,8 @@ def test_overrides_use_official_names_and_land_in_hparams():
 
 def test_drop_path_factor_is_zero_or_the_inverse_keep_rate_and_none_when_off():
     x = torch.zeros(4000, 5, 3)
-    drop = common.drop_path_factor(x, 0.25, True, torch.Generator().manual_seed(0))
+    noise = torch.rand(4000, generator=torch.Generator().manual_seed(0))
+    drop = common.drop_path_factor(x, 0.25, True, noise)
     assert drop.shape == (4000, 1, 1)
     values = set(drop.flatten().tolist())
     assert values == {0.0, torch.tensor(1.0 / 0.75).item()}  # in float32
@@ -367,7 +368,7 @@ def test_drop_path_factor_is_zero_or_the_inverse_keep_rate_and_none_when_off():
 def test_every_norm_trains_under_bf16_autocast(arch, norm):
     model = build_model(arch, norm=norm, scale=2).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(_image(2, 16, 16), generator=torch.Generator().manual_seed(0))
+        out = model(_image(2, 16, 16), drop_noise=torch.rand(2, model.drop_sites))
     out.float().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
