@@ -16,6 +16,7 @@ from iln.files import remove_stale_temps, write_json_atomic
 from iln.layout import Layout
 from iln.report import build_report, flatten_summary
 from iln.report.tables import Protocol
+from iln.styles import BASELINE_COLOR
 
 PAPER_LR = 2.0e-4  # the official HAT_1 recipe
 PAPER_EMA_DECAY = 0.999
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         ema_decay=params.train.ema_decay,
     )
     with tracking.stage_run(
-        layout.root, experiment=params.tracking.experiment, stage="report", run_name="report"
+        layout.root,
+        experiment=params.tracking.experiment,
+        stage="report",
+        run_name="report",
+        color=BASELINE_COLOR,
     ) as tracker:
         summary = build_report(
             runs,
@@ -87,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             released=params.released,
         )
         write_json_atomic(out / "summary.json", summary["runs"])
+        rows_dir = out / "metrics"  # `dvc metrics show`: one row per run, the same few keys
+        rows_dir.mkdir(exist_ok=True)
+        for stale in rows_dir.glob("*.json"):
+            if stale.stem not in summary["metrics"]:
+                stale.unlink()
+        for name, row in summary["metrics"].items():
+            write_json_atomic(rows_dir / f"{name}.json", row)
         tracker.log_metrics(flatten_summary(summary))
         tracker.log_artifact(out)
     return 0

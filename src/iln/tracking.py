@@ -28,7 +28,7 @@ import random
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,54 @@ def norm_tags(norm: str | None, color: str | None) -> dict[str, str]:
     """Tags naming a run's norm and the colour the MLflow UI draws it in."""
     tags = {NORM_TAG: norm} if norm is not None else {}
     return {**tags, RUN_COLOR_TAG: color} if color is not None else tags
+
+
+GROUP_NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
+
+
+def log_to_group(
+    root: Path,
+    *,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    step: int | None = None,
+    curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    note: str | None = None,
+) -> str:
+    """Put what a user compares on the parent run of grid member ``run_name`` (made by
+    ``stage_run``, which must have run first): ``params`` (None values left out), final
+    ``metrics`` at ``step``, step ``curves`` (name -> (step, value) points; steps the parent
+    already holds are not logged again, so a resumed or repeated stage adds no duplicates)
+    and ``note``, its description. A param whose value changed since the parent logged it
+    (MLflow keeps a run's params fixed) is named in the tag ``iln.params_changed``.
+    Returns the parent's run id."""
+    uri = tracking_uri(root)
+    with _store_lock(uri):
+        client, _ = _client(root)
+        experiment_id = _experiment_id(client, experiment, root, uri)
+        parent_id = _parent_run(client, experiment_id, run_name, {})
+    handle = StageRun(client, parent_id)
+    if params:
+        logged = _retry(client.get_run, parent_id).data.params
+        wanted = {str(k): v for k, v in params.items() if v is not None}
+        handle.log_params({k: v for k, v in wanted.items() if k not in logged})
+        changed = sorted(
+            k for k, v in wanted.items() if k in logged and logged[k] != _param_text(v)
+        )
+        if changed:
+            handle.set_tags({"iln.params_changed": ", ".join(changed)})
+    if metrics:
+        handle.log_metrics(metrics, step=step)
+    for key, points in (curves or {}).items():
+        held = {m.step for m in _retry(client.get_metric_history, parent_id, _metric_key(key))}
+        for point_step, value in points:
+            if int(point_step) not in held:
+                handle.log_metrics({key: value}, step=int(point_step))
+    if note is not None:
+        handle.set_tags({GROUP_NOTE_TAG: note})
+    return parent_id
 
 
 def _parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
