@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         precision_crop=params.evaluate.precision_crop,
         ema_decay=params.train.ema_decay,
     )
+    command, ui = tracking.ui_command(layout.root)
     with tracking.stage_run(
         layout.root,
         experiment=params.tracking.experiment,
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             sets=params.report.sets,
             pair_dirs=layout.pair_dirs,
             released=params.released,
+            mlflow=(command, tracking.charts_link(tracker, ui)),
         )
         write_json_atomic(out / "summary.json", summary["runs"])
         rows_dir = out / "metrics"  # `dvc metrics show`: one row per run, the same few keys

@@ -4,6 +4,7 @@ and the top-level plots of dvc.yaml overlay every run."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -102,3 +103,18 @@ def test_vendored_scripts_and_licences_are_recorded():
         assert name in readme
     for package in ("vega", "vega-lite", "vega-embed"):
         assert (ROOT / "plots" / "vendor" / f"LICENSE.{package}").is_file()
+
+
+def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
+    """Every template colours by the run's name (runs/<name>/...) with the norms' fixed
+    colours of iln.styles, so a default run named after its norm is drawn in its colour."""
+    from iln.styles import NORM_STYLES
+
+    for path in sorted((ROOT / "plots" / "templates").glob("*.json")):
+        spec = json.loads(path.read_text())
+        assert spec["transform"][0] == {"calculate": "split(datum.filename, '/')[1]", "as": "run"}
+        color = spec["encoding"]["color"]
+        assert color["field"] == "run", path.name
+        assert dict(zip(color["scale"]["domain"], color["scale"]["range"], strict=True)) == {
+            norm: style.color for norm, style in NORM_STYLES.items()
+        }

@@ -698,3 +698,26 @@ def test_the_crop_box_is_where_two_restorations_differ_most():
         largest_difference_box(a, b, size=41)
     with pytest.raises(ValueError, match="one shape"):
         largest_difference_box(a, b[:30], size=8)
+
+
+def test_report_html_embeds_the_figures_and_ends_with_the_mlflow_link(built, tmp_path):
+    _, out, _ = built
+    page = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    assert md.count("](figures/") == page.count('src="data:image/png;base64,') > 0
+    assert "![" not in page and "<table>" in page and "<h3>Table 1:" in page
+    root = tmp_path / "runs"
+    make_run(root, "ln", norm="ln")
+    link = "http://127.0.0.1:5000/#/experiments/1?compareRunsMode=CHART"
+    build_report(
+        {"ln": {**BASE, "norm": "ln"}},
+        root,
+        tmp_path / "out",
+        scale_note="-",
+        mlflow=("mlflow ui --backend-store-uri sqlite:///mlflow.db", link),
+    )
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert text.rstrip().endswith(f"<{link}>")
+    assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db`" in text
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert f'<a href="{link}">{link}</a>' in page

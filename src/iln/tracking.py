@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 RUN_TAG = "iln.run"
 STAGE_TAG = "iln.stage"
@@ -212,6 +213,35 @@ def log_to_group(
     if note is not None:
         handle.set_tags({GROUP_NOTE_TAG: note})
     return parent_id
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def ui_command(root: Path) -> tuple[str, str]:
+    """(how to open the store in the MLflow UI, the UI's address): ``mlflow ui`` on the
+    project's sqlite store, or the tracking server ``$MLFLOW_TRACKING_URI`` names."""
+    uri = tracking_uri(root)
+    if uri.startswith(("http://", "https://")):
+        return f"a browser (the tracking server {uri})", uri.rstrip("/")
+    if uri == f"sqlite:///{(root / 'mlflow.db').resolve()}":
+        uri = "sqlite:///mlflow.db"
+    return f"mlflow ui --backend-store-uri {uri}", LOCAL_UI
+
+
+def charts_link(handle: StageRun, ui: str, stage: str = "train") -> str:
+    """A link that opens the MLflow UI's chart view on the runs of ``stage`` of the
+    experiment ``handle`` belongs to."""
+    experiment_id = _retry(handle._client.get_run, handle.run_id).info.experiment_id
+    query = urlencode(
+        {
+            "workflowType": "machine_learning",
+            "compareRunsMode": "CHART",
+            "searchFilter": f"tags.`{STAGE_TAG}` = '{stage}'",
+        },
+        quote_via=quote,
+    )
+    return f"{ui}/#/experiments/{experiment_id}?{query}"
 
 
 def _parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:

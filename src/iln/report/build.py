@@ -11,6 +11,7 @@ from iln.files import write_csv_atomic, write_text_atomic
 from iln.layout import WEIGHTS_EMA, WEIGHTS_RAW, RunFiles
 from iln.report import figures, tables
 from iln.report.crops import comparison_panels
+from iln.report.html import markdown_to_html
 from iln.report.paper import load_paper_numbers
 from iln.report.released import released_section
 from iln.report.runs import RunResults, load_runs, read_metrics
@@ -254,6 +255,7 @@ def build_report(
     sets: Sequence[str] | None = None,
     released: Mapping[str, object] | None = None,
     pair_dirs: Callable[[str, str], tuple[Path, Path]] | None = None,
+    mlflow: tuple[str, str] | None = None,
 ) -> dict[str, object]:
     """Write out_dir/report.md, out_dir/tables/<table>.{md,csv} and out_dir/figures/*.png.
 
@@ -269,6 +271,9 @@ def build_report(
     released: the `released:` entries (the authors' checkpoints), shown in their own section.
     pair_dirs: (task, set) -> (lq_dir, gt_dir) of the degraded test pairs, for the crop
       panels (None: no crop panels).
+    mlflow: (the command that starts the MLflow UI, the link to the train runs' chart
+      view in it), for the report's last section (None: no such section).
+    Also writes out_dir/report.html, the same page with its figures embedded.
     Returns {"runs": {name: final numbers}, "metrics": {name: metrics_rows row},
     "tables": {key: status}, "figures": {name: status}}.
     """
@@ -494,7 +499,23 @@ def build_report(
     if "features" in paper:
         md.append(f"- Figures: {paper['features']['source']}")
     md.append("")
-    write_text_atomic(out_dir / "report.md", "\n".join(md))
+    if mlflow is not None:
+        command, link = mlflow
+        md += [
+            "## In MLflow",
+            "",
+            f"Start the UI in the project folder with `{command}` and open "
+            f"[the train runs in the chart view]({link}): one chart per metric, every run in "
+            "its norm's colour; `features/deepest/magnitude` and `features/deepest/entropy` "
+            "compare LN's deepest group with i-LN's. The parent run of each grid member (named "
+            "after it) holds its effective params, final PSNR/SSIM and the same curves.",
+            "",
+            f"<{link}>",
+            "",
+        ]
+    text = "\n".join(md)
+    write_text_atomic(out_dir / "report.md", text)
+    write_text_atomic(out_dir / "report.html", markdown_to_html(text, out_dir))
 
     return {
         "runs": {name: run_summary(run) for name, run in results.items() if run.has_results},
