@@ -708,7 +708,7 @@ def test_report_html_embeds_the_figures_and_ends_with_the_mlflow_link(built, tmp
     assert "![" not in page and "<table>" in page and "<h3>Table 1:" in page
     root = tmp_path / "runs"
     make_run(root, "ln", norm="ln")
-    link = "http://127.0.0.1:5000/#/experiments/1?compareRunsMode=CHART"
+    link = "http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART"
     build_report(
         {"ln": {**BASE, "norm": "ln"}},
         root,

@@ -241,7 +241,7 @@ def charts_link(handle: StageRun, ui: str, stage: str = "train") -> str:
         },
         quote_via=quote,
     )
-    return f"{ui}/#/experiments/{experiment_id}?{query}"
+    return f"{ui}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def _parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
