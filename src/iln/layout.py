@@ -88,7 +88,9 @@ ANALYZE_OUTPUTS: tuple[str, ...] = ("runs/{run}/analysis",)
 REPORT_OUTPUTS: tuple[str, ...] = (
     "reports/tables",
     "reports/report.md",
+    "reports/report.html",
     "reports/summary.json",
+    "reports/metrics",
     "reports/figures",
 )
 
