@@ -488,7 +488,7 @@ def test_fp16_says_whether_lns_overflow_is_reproduced(built):
     }
     assert fp16_remark(small) == (
         "not reproduced at this scale: no overflow, fp16 vs fp32 Set5 27.11 vs 27.12 dB "
-        "(LN's features are still small here)"
+        "(LN's features stay far inside fp16's range here)"
     )
     assert fp16_remark({"fp32": small["fp32"]}) is None
 

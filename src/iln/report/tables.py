@@ -771,7 +771,7 @@ def fp16_remark(precision: Mapping[str, Mapping[str, Mapping[str, object]]] | No
     return (
         "not reproduced at this scale: no overflow, fp16 vs fp32 "
         + "; ".join(found)
-        + " (LN's features are still small here)"
+        + " (LN's features stay far inside fp16's range here)"
     )
 
 
