@@ -109,15 +109,22 @@ def test_vendored_scripts_and_licences_are_recorded():
 
 
 def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
-    """Every template colours by the run's name (runs/<name>/...) with the norms' fixed
-    colours of iln.styles, so a default run named after its norm is drawn in its colour."""
-    from iln.styles import NORM_STYLES
+    """Every template names each line by its run (runs/<name>/...) and draws it in the colour
+    iln.styles gives the norm of that name (black for other names), the legend listing only
+    the runs plotted."""
+    from iln.styles import NORM_STYLES, UNKNOWN_STYLE_COLOR
 
     for path in sorted((ROOT / "plots" / "templates").glob("*.json")):
         spec = json.loads(path.read_text())
         assert spec["transform"][0] == {"calculate": RUN_FROM_FILENAME, "as": "run"}
-        color = spec["encoding"]["color"]
-        assert color["field"] == "run", path.name
-        assert dict(zip(color["scale"]["domain"], color["scale"]["range"], strict=True)) == {
-            norm: style.color for norm, style in NORM_STYLES.items()
+        colour = spec["transform"][1]
+        assert colour["as"] == "run_color", path.name
+        table = dict(re.findall(r"'([a-z_]+)': '(#[0-9a-f]{6})'", colour["calculate"]))
+        assert table == {norm: style.color for norm, style in NORM_STYLES.items()}, path.name
+        assert colour["calculate"].endswith(f"[datum.run] || '{UNKNOWN_STYLE_COLOR}'")
+        assert spec["encoding"]["color"] == {
+            "field": "run",
+            "type": "nominal",
+            "title": "run",
+            "scale": {"range": {"field": "run_color"}},
         }
