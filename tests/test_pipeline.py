@@ -185,7 +185,7 @@ def test_parent_runs_hold_what_a_user_compares_in_their_norms_colour(project):
     for name in ("ln", "iln"):
         parent = parents[name]
         history = client.get_metric_history(parent.info.run_id, "features/deepest/magnitude")
-        assert sorted(m.step for m in history) == [2, 4]  # probe_every 2, 4 iterations
+        assert sorted(m.step for m in history) == [0, 2, 4]  # probe_every 2, 4 iterations
         assert "features/deepest/entropy" in parent.data.metrics
         assert parent.data.metrics["steps"] == 4
         assert 0 < parent.data.metrics["sr_x2/default_test/psnr"] < 100
