@@ -283,8 +283,8 @@ def stage_run(
     """Open one tracked run for a stage invocation of grid member ``run_name``.
 
     norm, color: the member's normalisation (tag ``iln.norm``) and the colour the MLflow UI
-    draws its runs in (hex RGB); None for runs that have none (the bicubic baseline, the
-    report).
+    draws its runs in (hex RGB); the stages give runs without a norm (the bicubic baseline,
+    the report) iln.styles.BASELINE_COLOR, a grey no norm uses.
 
     Runs of the same (run_name, stage) left RUNNING by a killed process of this machine
     are first closed as KILLED. ``continue_run``: the id of an earlier run of this stage to
