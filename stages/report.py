@@ -16,6 +16,7 @@ from iln.files import remove_stale_temps, write_json_atomic
 from iln.layout import Layout
 from iln.report import build_report, flatten_summary
 from iln.report.tables import Protocol
+from iln.styles import BASELINE_COLOR
 
 PAPER_LR = 2.0e-4  # the official HAT_1 recipe
 PAPER_EMA_DECAY = 0.999
@@ -73,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         precision_crop=params.evaluate.precision_crop,
         ema_decay=params.train.ema_decay,
     )
+    command, ui = tracking.ui_command(layout.root)
     with tracking.stage_run(
-        store_root(), experiment=params.tracking.experiment, stage="report", run_name="report"
+        store_root(),
+        experiment=params.tracking.experiment,
+        stage="report",
+        run_name="report",
+        color=BASELINE_COLOR,
     ) as tracker:
         summary = build_report(
             runs,
@@ -85,8 +91,16 @@ def main(argv: list[str] | None = None) -> int:
             sets=params.report.sets,
             pair_dirs=layout.pair_dirs,
             released=params.released,
+            mlflow=(command, tracking.charts_link(tracker, ui)),
         )
         write_json_atomic(out / "summary.json", summary["runs"])
+        rows_dir = out / "metrics"  # `dvc metrics show`: one row per run, the same few keys
+        rows_dir.mkdir(exist_ok=True)
+        for stale in rows_dir.glob("*.json"):
+            if stale.stem not in summary["metrics"]:
+                stale.unlink()
+        for name, row in summary["metrics"].items():
+            write_json_atomic(rows_dir / f"{name}.json", row)
         tracker.log_metrics(flatten_summary(summary))
         tracker.log_artifact(out)
     return 0

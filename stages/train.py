@@ -27,8 +27,8 @@ from iln.distributed import agree, init_distributed, shutdown
 from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
 from iln.fingerprint import code_digest, training_fingerprint, tree_digest
 from iln.layout import HISTORY_COLUMNS, PROBES_CSV_COLUMNS, Layout
-from iln.models import build_model
-from iln.monitor import probe_batch, training_monitor
+from iln.models import build_model, resolve_hparams
+from iln.monitor import deepest_group_curves, probe_batch, training_monitor
 from iln.protocols import protocol_for
 from iln.resume import remember_tracked_run, tracked_run
 from iln.runtime import use_tf32
@@ -157,8 +157,44 @@ def main(argv: list[str] | None = None) -> int:
             tracker.log_metrics({"seconds_per_step_mean": result.seconds_per_step})
             for name in ("history.csv", "probes.csv", "summary.json"):
                 tracker.log_artifact(out / name)
+            tracking.log_to_group(
+                layout.root,
+                experiment=params.tracking.experiment,
+                run_name=run.name,
+                params=member_params(run),
+                metrics={"steps": result.steps},
+                step=result.steps,
+                curves=deepest_group_curves(result.monitor_rows),
+                note=member_note(run),
+            )
     shutdown(dist)
     return 0
+
+
+def member_params(run: ResolvedRun) -> dict[str, object]:
+    """What a user compares on the member's parent run: the model's effective
+    hyper-parameters (``model.*``, e.g. whether stdnorm is on), the task and the training
+    settings in force (``train.*``)."""
+    hparams = resolve_hparams(
+        run.spec.arch, norm=run.spec.norm, scale=run.scale, **run.model_overrides()
+    )
+    return {
+        "task": run.spec.task,
+        **{f"model.{k}": v for k, v in hparams.items()},
+        **flatten(run.train, "train"),
+    }
+
+
+def member_note(run: ResolvedRun) -> str:
+    """The parent run's description in the MLflow UI."""
+    settings = run.train
+    return (
+        f"{norm_style(run.spec.norm).label} on {run.spec.arch}, task {run.spec.task}: "
+        f"{settings.iterations} iterations at batch {settings.batch_size}, lr {settings.lr:g}, "
+        f"EMA decay {settings.ema_decay:g}. Its train, evaluate and analyze stage runs are "
+        "the child runs below; features/deepest/* are the deepest group's feature magnitude "
+        "mean(x^2) and channel entropy (nats) of the weights being trained, per probe step."
+    )
 
 
 def warm_start(model: torch.nn.Module, run: ResolvedRun, layout: Layout) -> WarmStart:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iln import layout
+from iln import layout, tracking
+from iln.styles import BASELINE_COLOR, NORM_STYLES
 from tests.stage_project import metric_steps, stage_runs
 
 pytestmark = pytest.mark.integration
@@ -94,10 +95,20 @@ def project(tmp_path_factory) -> Path:
 def test_repro_writes_metrics_for_every_run_and_the_baseline(project):
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], project).stdout)
     files = next(iter(shown.values()))["data"]
-    for run in ("ln", "iln", "bicubic"):
-        values = files[f"runs/{run}/eval/metrics.json"]["data"]["sr_x2/default_test"]
+    assert set(files) == {f"reports/metrics/{n}.json" for n in ("ln", "iln", "bicubic_sr_x2")}
+    for run in ("ln", "iln", "bicubic_sr_x2"):
+        values = files[f"reports/metrics/{run}.json"]["data"]
         assert 0 < values["psnr"] < 100 and 0 < values["ssim"] <= 1
-    assert files["reports/summary.json"]["data"]["ln"]["entropy_ceiling"] > 0
+    assert set(files["reports/metrics/ln.json"]["data"]) == {
+        "psnr",
+        "ssim",
+        "magnitude",
+        "entropy",
+        "step",
+    }
+    assert files["reports/metrics/iln.json"]["data"]["step"] == 4
+    summary = json.loads((project / "reports/summary.json").read_text())
+    assert summary["ln"]["entropy_ceiling"] > 0
     precision = json.loads((project / "runs/ln/eval/precision.json").read_text())
     assert (
         set(precision) == {"fp32", "int8"}
@@ -145,6 +156,45 @@ def test_mlflow_has_a_finished_run_per_stage_grouped_by_grid_member(project):
         assert "sr_x2/default_test/psnr" in evaluate["metrics"]
         assert "samples" in evaluate["artifacts"] and "metrics.json" in evaluate["artifacts"]
     assert ("bicubic", "evaluate") in by_key and ("report", "report") in by_key
+
+
+def test_metrics_show_fits_160_columns_with_one_row_per_run(project):
+    result = _run(["dvc", "metrics", "show"], project)
+    lines = result.stdout.splitlines()
+    assert lines and max(map(len, lines)) <= 160, result.stdout
+    rows = [line.split()[0] for line in lines[1:] if line.strip()]
+    assert rows == [f"reports/metrics/{n}.json" for n in ("bicubic_sr_x2", "iln", "ln")]
+
+
+def test_parent_runs_hold_what_a_user_compares_in_their_norms_colour(project):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(project))
+    experiment = client.get_experiment_by_name("iln")
+    everything = client.search_runs([experiment.experiment_id], max_results=1000)
+    expected = {"ln": NORM_STYLES["ln"].color, "iln": NORM_STYLES["iln"].color}
+    for run in everything:  # every run we make, parents and stage runs alike
+        name = run.data.tags[tracking.RUN_TAG]
+        assert run.data.tags[tracking.RUN_COLOR_TAG] == expected.get(name, BASELINE_COLOR), name
+    parents = {
+        r.data.tags[tracking.RUN_TAG]: r
+        for r in everything
+        if r.data.tags[tracking.KIND_TAG] == "group"
+    }
+    assert set(parents) == {"ln", "iln", "bicubic", "report"}
+    for name in ("ln", "iln"):
+        parent = parents[name]
+        history = client.get_metric_history(parent.info.run_id, "features/deepest/magnitude")
+        assert sorted(m.step for m in history) == [0, 2, 4]  # probe_every 2, 4 iterations
+        assert "features/deepest/entropy" in parent.data.metrics
+        assert parent.data.metrics["steps"] == 4
+        assert 0 < parent.data.metrics["sr_x2/default_test/psnr"] < 100
+        assert parent.data.params["model.stdnorm"] == str(name == "iln")
+        assert "None" not in parent.data.params.values()
+        assert parent.data.tags["mlflow.note.content"].startswith(NORM_STYLES[name].label)
+    assert "sr_x2/default_test/psnr" in parents["bicubic"].data.metrics
+    report = (project / "reports/report.md").read_text().rstrip()
+    assert report.endswith(">") and "compareRunsMode=CHART" in report.splitlines()[-1]
 
 
 def test_second_repro_is_a_no_op(project):

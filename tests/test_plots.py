@@ -4,6 +4,7 @@ and the top-level plots of dvc.yaml overlay every run."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,9 @@ import yaml
 
 from tests.helpers import ROOT
 
+# DVC gives each file's path without the prefix all plotted files share ("ln/train/probes.csv"
+# for runs/ln/train/probes.csv and runs/iln/...): the run is the folder above train/
+RUN_FROM_FILENAME = "peek(split(replace(datum.filename, /\\/train\\/[^\\/]+$/, ''), '/'))"
 VENDOR = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")
 
 
@@ -102,3 +106,25 @@ def test_vendored_scripts_and_licences_are_recorded():
         assert name in readme
     for package in ("vega", "vega-lite", "vega-embed"):
         assert (ROOT / "plots" / "vendor" / f"LICENSE.{package}").is_file()
+
+
+def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
+    """Every template names each line by its run (runs/<name>/...) and draws it in the colour
+    iln.styles gives the norm of that name (black for other names), the legend listing only
+    the runs plotted."""
+    from iln.styles import NORM_STYLES, UNKNOWN_STYLE_COLOR
+
+    for path in sorted((ROOT / "plots" / "templates").glob("*.json")):
+        spec = json.loads(path.read_text())
+        assert spec["transform"][0] == {"calculate": RUN_FROM_FILENAME, "as": "run"}
+        colour = spec["transform"][1]
+        assert colour["as"] == "run_color", path.name
+        table = dict(re.findall(r"'([a-z_]+)': '(#[0-9a-f]{6})'", colour["calculate"]))
+        assert table == {norm: style.color for norm, style in NORM_STYLES.items()}, path.name
+        assert colour["calculate"].endswith(f"[datum.run] || '{UNKNOWN_STYLE_COLOR}'")
+        assert spec["encoding"]["color"] == {
+            "field": "run",
+            "type": "nominal",
+            "title": "run",
+            "scale": {"range": {"field": "run_color"}},
+        }

@@ -22,9 +22,10 @@ from iln.report import (
     load_runs,
     validate_paper_numbers,
 )
+from iln.report.build import METRICS_ROW_KEYS
 from iln.report.crops import largest_difference_box
 from iln.report.paper import printed
-from iln.report.tables import Protocol
+from iln.report.tables import MAX_VALUE_COLUMNS, Protocol, fp16_remark
 from iln.styles import NORM_STYLES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -179,6 +180,14 @@ def declared_runs() -> dict[str, object]:
     }
 
 
+BASELINE = {  # runs/bicubic/eval/metrics.json: bicubic for SR, the degraded input otherwise
+    "sr_x2/default_test": {"psnr": 29.5, "ssim": 0.85},
+    "sr_x2/Set14": {"psnr": 28.25, "ssim": 0.8},
+    "dn_s15/Urban100": {"psnr": 24.61, "ssim": 0.6},
+    "car_q20/default_test": {"psnr": 31.0, "ssim": 0.9},
+}
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
@@ -200,6 +209,8 @@ def built(tmp_path_factory):
             )
     # released weights: evaluated and analysed, never trained here (no train/ folder)
     make_run(root, "released_iln", norm="iln", psnr=38.6, sets=("Set5",), train=False)
+    (root / "bicubic" / "eval").mkdir(parents=True)
+    (root / "bicubic" / "eval" / "metrics.json").write_text(json.dumps(BASELINE))
     out = tmp_path_factory.mktemp("reports")
     summary = build_report(
         declared_runs(),
@@ -223,14 +234,27 @@ def cell(rows: list[dict[str, str]], row: str, column: str) -> dict[str, str]:
 
 
 def md_table(text: str) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the first markdown table in text; escaped pipes unescaped."""
-    lines = [line for line in text.splitlines() if line.startswith("|")]
+    """(header, rows) of the markdown table in text, its parts (a wide table is split, each
+    part repeating the row name and runs columns) joined by row; escaped pipes unescaped."""
 
     def split(line: str) -> list[str]:
         parts = re.split(r"(?<!\\)\|", line.strip().strip("|"))
         return [c.strip().replace("\\|", "|") for c in parts]
 
-    return split(lines[0]), [split(line) for line in lines[2:]]
+    blocks: list[list[list[str]]] = [[]]
+    for line in text.splitlines():
+        if line.startswith("|"):
+            blocks[-1].append(split(line))
+        elif blocks[-1]:
+            blocks.append([])
+    blocks = [b for b in blocks if b]
+    header, rows = blocks[0][0], [list(r) for r in blocks[0][2:]]
+    for block in blocks[1:]:
+        assert block[0][:2] == header[:2] and [r[0] for r in block[2:]] == [r[0] for r in rows]
+        header += block[0][2:]
+        for row, more in zip(rows, block[2:], strict=True):
+            row += more[2:]
+    return header, rows
 
 
 def md_row(out: Path, key: str, label: str) -> tuple[list[str], list[str]]:
@@ -422,6 +446,69 @@ def test_table4_has_int4_and_says_it_was_measured_on_crops(built):
     assert "EMA weights" in text
 
 
+def test_every_psnr_table_has_the_baseline(built):
+    """Tables 1 and 3: a bicubic row on the same sets; Table 2: the baseline beside each
+    pair, bicubic for SR and the degraded input for denoising."""
+    _, out, _ = built
+    for key in ("table1", "table3"):
+        header, cells = md_row(out, key, "bicubic (baseline)")
+        assert cells[1] == "bicubic"
+        assert cells[header.index("default_test PSNR (ours)")] == "29.50"
+        assert cells[header.index("Set14 SSIM (ours)")] == "0.8000"
+        assert cells[header.index("deepest magnitude, raw (ours)")] == "–"  # no model
+    header, cells = md_row(out, "table2", "SR x2 / default_test / hat_tiny")
+    assert cells[header.index("bicubic / input PSNR (ours)")] == "29.50"
+    header, cells = md_row(out, "table2", "colour denoising σ=15 / Urban100 / hat_1")
+    assert cells[header.index("bicubic / input PSNR (ours)")] == "24.61"
+    assert "the degraded input itself" in (out / "tables" / "table2.md").read_text()
+
+
+def test_wide_tables_are_split_into_parts_that_fit_a_page(built):
+    _, out, _ = built
+    text = (out / "tables" / "table1.md").read_text()
+    assert "*Part 1 of 3.*" in text and "*Part 3 of 3.*" in text
+    widths = {line.count(" | ") + 1 for line in text.splitlines() if line.startswith("| ")}
+    assert max(widths) <= 2 + MAX_VALUE_COLUMNS
+    header, _ = md_table(text)  # every column is in one of the parts
+    assert {"Set14 PSNR (paper)", "finding (paper)", "entropy ceiling ln C (ours)"} <= set(header)
+
+
+def test_the_ema_sentence_gives_the_share_of_the_initial_weights(built):
+    _, out, _ = built
+    assert "0.999^300 = 74%" in (out / "tables" / "table1.md").read_text()
+
+
+def test_fp16_says_whether_lns_overflow_is_reproduced(built):
+    _, out, _ = built
+    rows = read_table(out, "table4")
+    assert cell(rows, "LN / fp16", "at this scale")["ours"].startswith("reproduced")
+    small = {
+        "fp32": {"Set5": {"psnr": 27.12, "overflow": False}},
+        "fp16": {"Set5": {"psnr": 27.11, "overflow": False}},
+    }
+    assert fp16_remark(small) == (
+        "not reproduced at this scale: no overflow, fp16 vs fp32 Set5 27.11 vs 27.12 dB "
+        "(LN's features stay far inside fp16's range here)"
+    )
+    assert fp16_remark({"fp32": small["fp32"]}) is None
+
+
+def test_timings_say_under_what_load_they_were_taken(built):
+    _, out, _ = built
+    assert "no speed comparison between norms" in (out / "tables" / "table_s4_runs.md").read_text()
+
+
+def test_metrics_rows_have_the_same_few_keys_per_run(built):
+    _, _, summary = built
+    rows = summary["metrics"]
+    assert set(rows["ln"]) == set(METRICS_ROW_KEYS)
+    assert rows["ln"]["psnr"] == 30.0 and rows["ln"]["step"] == 300
+    assert rows["bicubic_sr_x2"] == {"psnr": 29.5, "ssim": 0.85}
+    assert rows["bicubic_dn_s15"] == {"psnr": 24.61, "ssim": 0.6}
+    assert set(rows["released_iln"]) == {"psnr", "ssim"}  # never trained here
+    assert all(set(row) <= set(METRICS_ROW_KEYS) for row in rows.values())
+
+
 def test_table8_rows_are_the_papers_stabilisers(built):
     _, out, _ = built
     rows = read_table(out, "table8")
@@ -611,3 +698,26 @@ def test_the_crop_box_is_where_two_restorations_differ_most():
         largest_difference_box(a, b, size=41)
     with pytest.raises(ValueError, match="one shape"):
         largest_difference_box(a, b[:30], size=8)
+
+
+def test_report_html_embeds_the_figures_and_ends_with_the_mlflow_link(built, tmp_path):
+    _, out, _ = built
+    page = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    assert md.count("](figures/") == page.count('src="data:image/png;base64,') > 0
+    assert "![" not in page and "<table>" in page and "<h3>Table 1:" in page
+    root = tmp_path / "runs"
+    make_run(root, "ln", norm="ln")
+    link = "http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART"
+    build_report(
+        {"ln": {**BASE, "norm": "ln"}},
+        root,
+        tmp_path / "out",
+        scale_note="-",
+        mlflow=("mlflow ui --backend-store-uri sqlite:///mlflow.db", link),
+    )
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert text.rstrip().endswith(f"<{link}>")
+    assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db`" in text
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert f'<a href="{link}">{link}</a>' in page

@@ -85,7 +85,8 @@ TRAIN_SUMMARY_KEYS: tuple[str, ...] = (
     "seconds_per_step",
     "final_loss",
     "parameters",
-)
+    "world_size",
+)  # plus "init" for a run initialised from another (iln.warm_start.WarmStart.summary)
 ANALYSIS_FIGURES: tuple[str, ...] = ("final_norm.png", "rpb_first.png", "rpb_last.png")
 
 # ---- the stages' outputs, as dvc.yaml declares them (paths relative to the root)
@@ -112,7 +113,9 @@ ANALYZE_OUTPUTS: tuple[str, ...] = ("runs/{run}/analysis",)
 REPORT_OUTPUTS: tuple[str, ...] = (
     "reports/tables",
     "reports/report.md",
+    "reports/report.html",
     "reports/summary.json",
+    "reports/metrics",
     "reports/figures",
 )
 

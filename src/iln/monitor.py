@@ -4,7 +4,7 @@ validation PSNR of its EMA twin."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,16 +62,39 @@ def training_monitor(
             return rows, val_psnr
         scalars: dict[str, float] = {}
         for row in rows:
-            is_group = (
-                row["layer"].startswith("group") and "." not in row["layer"]
-            )  # not group{g}.block{b}
-            if is_group or row["layer"] == "final_norm_in":
+            if _group_index(row["layer"]) is not None or row["layer"] == "final_norm_in":
                 scalars[f"features/{row['layer']}/magnitude"] = row["magnitude"]
                 scalars[f"features/{row['layer']}/entropy"] = row["entropy"]
                 scalars[f"features/{row['layer']}/max_abs"] = row["max_abs"]
+        for key, points in deepest_group_curves([{"step": step, **r} for r in rows]).items():
+            scalars[key] = points[-1][1]
         if val_psnr is not None:
             scalars["val/psnr"] = val_psnr
         log(step, scalars)
         return rows, val_psnr
 
     return monitor
+
+
+DEEPEST_STATS: tuple[str, ...] = ("magnitude", "entropy")
+
+
+def _group_index(layer: str) -> int | None:
+    """3 for "group3" (a group's output); None for anything else (blocks, norms)."""
+    return int(layer[5:]) if layer.startswith("group") and layer[5:].isdigit() else None
+
+
+def deepest_group_curves(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """The deepest group's magnitude and entropy over training, under names that do not
+    depend on the model's depth: {"features/deepest/magnitude": [(step, value), ...], ...}.
+
+    rows: probe rows with ``step``, ``layer`` and the statistics (probes.csv's schema)."""
+    groups = [i for r in rows if (i := _group_index(str(r["layer"]))) is not None]
+    if not groups:
+        return {}
+    deepest = f"group{max(groups)}"
+    points = sorted((int(r["step"]), r) for r in rows if r["layer"] == deepest)
+    return {
+        f"features/deepest/{stat}": [(step, float(r[stat])) for step, r in points]
+        for stat in DEEPEST_STATS
+    }

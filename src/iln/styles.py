@@ -33,6 +33,7 @@ NORM_STYLES: dict[str, NormStyle] = {
     "dyt": NormStyle("DyT", "#637939"),
 }
 UNKNOWN_STYLE_COLOR = "#000000"
+BASELINE_COLOR = "#b0b0b0"  # runs without a norm (the bicubic baseline, the report): light grey
 
 # line styles of a norm's variants (matplotlib names)
 LINE_PLAIN = "-"

@@ -42,10 +42,11 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 RUN_TAG = "iln.run"
 STAGE_TAG = "iln.stage"
@@ -322,6 +323,83 @@ def norm_tags(norm: str | None, color: str | None) -> dict[str, str]:
     return {**tags, RUN_COLOR_TAG: color} if color is not None else tags
 
 
+GROUP_NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
+
+
+def log_to_group(
+    root: Path,
+    *,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    step: int | None = None,
+    curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    note: str | None = None,
+) -> str:
+    """Put what a user compares on the parent run of grid member ``run_name`` (made by
+    ``stage_run``, which must have run first): ``params`` (None values left out), final
+    ``metrics`` at ``step``, step ``curves`` (name -> (step, value) points; steps the parent
+    already holds are not logged again, so a resumed or repeated stage adds no duplicates)
+    and ``note``, its description. A param whose value changed since the parent logged it
+    (MLflow keeps a run's params fixed) is named in the tag ``iln.params_changed``.
+    Returns the parent's run id."""
+    uri = tracking_uri(root)
+    with _store_lock(uri):
+        client, _ = _client(root)
+        experiment_id = _experiment_id(client, experiment, root, uri)
+        parent_id = _parent_run(client, experiment_id, run_name, {})
+    handle = StageRun(client, parent_id)
+    if params:
+        logged = _retry(client.get_run, parent_id).data.params
+        wanted = {str(k): v for k, v in params.items() if v is not None}
+        handle.log_params({k: v for k, v in wanted.items() if k not in logged})
+        changed = sorted(
+            k for k, v in wanted.items() if k in logged and logged[k] != _param_text(v)
+        )
+        if changed:
+            handle.set_tags({"iln.params_changed": ", ".join(changed)})
+    if metrics:
+        handle.log_metrics(metrics, step=step)
+    for key, points in (curves or {}).items():
+        held = {m.step for m in _retry(client.get_metric_history, parent_id, _metric_key(key))}
+        for point_step, value in points:
+            if int(point_step) not in held:
+                handle.log_metrics({key: value}, step=int(point_step))
+    if note is not None:
+        handle.set_tags({GROUP_NOTE_TAG: note})
+    return parent_id
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def ui_command(root: Path) -> tuple[str, str]:
+    """(how to open the store in the MLflow UI, the UI's address): ``mlflow ui`` on the
+    project's sqlite store, or the tracking server ``$MLFLOW_TRACKING_URI`` names."""
+    uri = tracking_uri(root)
+    if uri.startswith(("http://", "https://")):
+        return f"a browser (the tracking server {uri})", uri.rstrip("/")
+    if uri == f"sqlite:///{(root / 'mlflow.db').resolve()}":
+        uri = "sqlite:///mlflow.db"
+    return f"mlflow ui --backend-store-uri {uri}", LOCAL_UI
+
+
+def charts_link(handle: StageRun, ui: str, stage: str = "train") -> str:
+    """A link that opens the MLflow UI's chart view on the runs of ``stage`` of the
+    experiment ``handle`` belongs to."""
+    experiment_id = _retry(handle._client.get_run, handle.run_id).info.experiment_id
+    query = urlencode(
+        {
+            "workflowType": "machine_learning",
+            "compareRunsMode": "CHART",
+            "searchFilter": f"tags.`{STAGE_TAG}` = '{stage}'",
+        },
+        quote_via=quote,
+    )
+    return f"{ui}/#/experiments/{experiment_id}/runs?{query}"
+
+
 def _parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
     found = _retry(
         client.search_runs,
@@ -361,8 +439,8 @@ def stage_run(
     """Open one tracked run for a stage invocation of grid member ``run_name``.
 
     norm, color: the member's normalisation (tag ``iln.norm``) and the colour the MLflow UI
-    draws its runs in (hex RGB); None for runs that have none (the bicubic baseline, the
-    report).
+    draws its runs in (hex RGB); the stages give runs without a norm (the bicubic baseline,
+    the report) iln.styles.BASELINE_COLOR, a grey no norm uses.
 
     Stage runs of the experiment left RUNNING by a killed process of this machine are first
     closed as KILLED; a (run_name, stage) still running in a live process of this machine in

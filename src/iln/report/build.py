@@ -11,9 +11,10 @@ from iln.files import write_csv_atomic, write_text_atomic
 from iln.layout import WEIGHTS_EMA, WEIGHTS_RAW, RunFiles
 from iln.report import figures, tables
 from iln.report.crops import comparison_panels
+from iln.report.html import markdown_to_html
 from iln.report.paper import load_paper_numbers
 from iln.report.released import released_section
-from iln.report.runs import RunResults, load_runs
+from iln.report.runs import RunResults, load_runs, read_metrics
 from iln.report.tables import TABLE_CSV_COLUMNS, Protocol, Table
 from iln.styles import norm_label, norm_rank, norm_style
 
@@ -45,6 +46,39 @@ def run_summary(run: RunResults) -> dict[str, object]:
         "ssim": {s: v for s in run.sets() if (v := _finite(run.metric(s, "ssim"))) is not None},
     }
     return {k: v for k, v in out.items() if v not in (None, {})}
+
+
+METRICS_ROW_KEYS: tuple[str, ...] = ("psnr", "ssim", "magnitude", "entropy", "step")
+
+
+def metrics_rows(
+    results: Mapping[str, RunResults], baseline: tables.Baseline | None
+) -> dict[str, dict[str, float]]:
+    """One small dict per run for `dvc metrics show` (reports/metrics/<name>.json), all with
+    the keys of METRICS_ROW_KEYS that the run has: PSNR and SSIM on its first report set, the
+    deepest group's final magnitude and entropy (raw weights) and its last step. The
+    baseline has one row per task (``bicubic_<task>``), PSNR and SSIM only."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, run in results.items():
+        if not run.has_results:
+            continue
+        first = next(iter(run.sets()), None)
+        values = {
+            "psnr": run.metric(first, "psnr") if first else None,
+            "ssim": run.metric(first, "ssim") if first else None,
+            "magnitude": run.final_stat("magnitude", WEIGHTS_RAW),
+            "entropy": run.final_stat("entropy", WEIGHTS_RAW),
+            "step": run.last_step(),
+        }
+        rows[name] = {k: f for k, v in values.items() if (f := _finite(v)) is not None}
+    tasks = list(dict.fromkeys(r.info.task for r in results.values() if r.has_results))
+    for task in tasks if baseline else ():
+        first = next((s for r in results.values() if r.info.task == task for s in r.sets()), None)
+        entry = (baseline or {}).get(f"{task}/{first}") or {}
+        found = {m: f for m in ("psnr", "ssim") if (f := _finite(entry.get(m))) is not None}
+        if found:
+            rows[f"{tables.BASELINE_RUN}_{task}"] = found
+    return rows
 
 
 def flatten_summary(summary: Mapping[str, object]) -> dict[str, float]:
@@ -113,7 +147,12 @@ def _scale_lines(results: Mapping[str, RunResults], scale_note: str) -> list[str
         f"arch {values(lambda r: r.info.arch)}; task {values(lambda r: r.info.task)}; "
         f"iterations {values(lambda r: r.info.iterations)}; "
         f"batch {values(lambda r: r.info.batch_size)}"
-        + (f"; mean {sum(speeds) / len(speeds):.3g} s per training step." if speeds else "."),
+        + (
+            f"; mean {sum(speeds) / len(speeds):.3g} s per training step (wall clock under "
+            "whatever load the machine had; Table S4's note)."
+            if speeds
+            else "."
+        ),
         ">",
         "> The paper's numbers come from full-scale GPU training (HAT_1: 300K iterations on DF2K, "
         "x4 SR, batch 16). Numbers from a smaller preset, fewer iterations or other data are not "
@@ -216,6 +255,7 @@ def build_report(
     sets: Sequence[str] | None = None,
     released: Mapping[str, object] | None = None,
     pair_dirs: Callable[[str, str], tuple[Path, Path]] | None = None,
+    mlflow: tuple[str, str] | None = None,
 ) -> dict[str, object]:
     """Write out_dir/report.md, out_dir/tables/<table>.{md,csv} and out_dir/figures/*.png.
 
@@ -231,18 +271,23 @@ def build_report(
     released: the `released:` entries (the authors' checkpoints), shown in their own section.
     pair_dirs: (task, set) -> (lq_dir, gt_dir) of the degraded test pairs, for the crop
       panels (None: no crop panels).
-    Returns {"runs": {name: final numbers}, "tables": {key: status}, "figures": {name: status}}.
+    mlflow: (the command that starts the MLflow UI, the link to the train runs' chart
+      view in it), for the report's last section (None: no such section).
+    Also writes out_dir/report.html, the same page with its figures embedded.
+    Returns {"runs": {name: final numbers}, "metrics": {name: metrics_rows row},
+    "tables": {key: status}, "figures": {name: status}}.
     """
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
     paper = load_paper_numbers() if paper is None else paper
     protocol = protocol or Protocol()
     results = load_runs(runs, runs_dir, sets=sets)
+    baseline = read_metrics(RunFiles(runs_dir / tables.BASELINE_RUN).metrics)
 
     built: list[tuple[Table, str | None]] = [
-        (tables.table1(results, paper, protocol), None),
-        (tables.table2(results, paper, protocol), None),
-        (tables.table3(results, paper, protocol), None),
+        (tables.table1(results, paper, protocol, baseline), None),
+        (tables.table2(results, paper, protocol, baseline), None),
+        (tables.table3(results, paper, protocol, baseline), None),
         (tables.table4(results, paper, protocol), None),
         (tables.table6(results, paper, protocol), None),
         (tables.table8(results, paper, protocol), None),
@@ -469,10 +514,27 @@ def build_report(
     if "features" in paper:
         md.append(f"- Figures: {paper['features']['source']}")
     md.append("")
-    write_text_atomic(out_dir / "report.md", "\n".join(md))
+    if mlflow is not None:
+        command, link = mlflow
+        md += [
+            "## In MLflow",
+            "",
+            f"Start the UI in the project folder with `{command}` and open "
+            f"[the train runs in the chart view]({link}): one chart per metric, every run in "
+            "its norm's colour; `features/deepest/magnitude` and `features/deepest/entropy` "
+            "compare LN's deepest group with i-LN's. The parent run of each grid member (named "
+            "after it) holds its effective params, final PSNR/SSIM and the same curves.",
+            "",
+            f"<{link}>",
+            "",
+        ]
+    text = "\n".join(md)
+    write_text_atomic(out_dir / "report.md", text)
+    write_text_atomic(out_dir / "report.html", markdown_to_html(text, out_dir))
 
     return {
         "runs": {name: run_summary(run) for name, run in results.items() if run.has_results},
+        "metrics": metrics_rows(results, baseline),
         "tables": status,
         "figures": fig_status,
     }

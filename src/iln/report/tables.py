@@ -22,6 +22,8 @@ from iln.styles import norm_label, norm_rank
 TABLE_CSV_COLUMNS: tuple[str, ...] = ("row", "column", "paper", "ours", "run", "status")
 NO_RUN = "no run"
 MISSING = "–"
+MAX_VALUE_COLUMNS = 8  # printed value columns per markdown table part (beside the row names)
+BASELINE_RUN = "bicubic"  # the baseline's folder under runs/ (bicubic SR, degraded input)
 
 # The paper's Table 1 rows, in its order.
 TABLE1_NORMS: tuple[str, ...] = (
@@ -85,7 +87,7 @@ class Column:
 @dataclass
 class Cell:
     paper: float | str | None = None
-    ours: float | bool | None = None
+    ours: float | bool | str | None = None
     run: str | None = None
 
 
@@ -118,7 +120,9 @@ class Table:
     def cell(self, row: str, column: str) -> Cell:
         return self.cells.setdefault((row, column), Cell())
 
-    def set_ours(self, row: str, column: Column, value: float | bool | None, run: str) -> None:
+    def set_ours(
+        self, row: str, column: Column, value: float | bool | str | None, run: str
+    ) -> None:
         self.add_column(column)
         cell = self.cell(row, column.key)
         cell.ours, cell.run = value, run
@@ -149,6 +153,8 @@ class Table:
         value = self.cells.get((row, col.key), Cell()).ours
         if value is None:
             return MISSING if self.row_runs.get(row) else NO_RUN
+        if isinstance(value, str):
+            return value
         if col.fmt == "bool" or isinstance(value, bool):
             return "yes" if value else "no"
         if isinstance(value, float) and math.isnan(value):
@@ -161,16 +167,43 @@ class Table:
         value = self.cells.get((row, col.key), Cell()).paper
         return MISSING if value is None else printed(value)
 
-    def to_markdown(self) -> str:
-        header = [self.row_header, "our run(s)"]
+    def _width(self, col: Column) -> int:
+        return sum(self._show(col))
+
+    def column_parts(self) -> list[list[Column]]:
+        """The columns in consecutive parts of at most MAX_VALUE_COLUMNS printed columns each
+        (a column's paper and ours sub-columns stay together), so each part fits a page."""
+        parts: list[list[Column]] = [[]]
         for col in self.columns:
+            if (
+                parts[-1]
+                and sum(map(self._width, parts[-1])) + self._width(col) > MAX_VALUE_COLUMNS
+            ):
+                parts.append([])
+            parts[-1].append(col)
+        return parts
+
+    def to_markdown(self) -> str:
+        """The table as markdown; a table wider than MAX_VALUE_COLUMNS printed value columns
+        is split into parts (each repeating the row names), so each fits a page."""
+        parts = self.column_parts()
+        if len(parts) == 1:
+            return self._markdown(parts[0])
+        out = []
+        for i, columns in enumerate(parts, 1):
+            out += [f"*Part {i} of {len(parts)}.*", "", self._markdown(columns), ""]
+        return "\n".join(out[:-1])
+
+    def _markdown(self, columns: Sequence[Column]) -> str:
+        header = [self.row_header, "our run(s)"]
+        for col in columns:
             paper, ours = self._show(col)
             header += [f"{col.label} (paper)"] if paper else []
             header += [f"{col.label} (ours)"] if ours else []
         lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
         for row in self.rows:
             cells = [row, ", ".join(self.row_runs.get(row) or []) or NO_RUN]
-            for col in self.columns:
+            for col in columns:
                 paper, ours = self._show(col)
                 cells += [self._paper_text(row, col)] if paper else []
                 cells += [self._ours_text(row, col)] if ours else []
@@ -267,9 +300,25 @@ def measured_features(runs: Sequence[RunResults], protocol: Protocol) -> str:
         f"Feature statistics: output of the deepest group on {protocol.probe_images} central "
         f"{protocol.probe_crop}x{protocol.probe_crop}-pixel LR crops of {protocol.probe_set}; "
         f"'raw' = the weights being trained ({raw}), 'EMA' = their moving average{decay}, "
-        f"the weights PSNR is measured with ({ema}). Early in training the EMA still holds "
-        "much of the initial weights, so its statistics lag behind the raw ones."
+        f"the weights PSNR is measured with ({ema}). {ema_share(runs, protocol.ema_decay)}"
     )
+
+
+def ema_share(runs: Sequence[RunResults], decay: float | None) -> str:
+    """How much of the initial weights the EMA still holds after each run's last step:
+    decay^T (e.g. 0.99^600 = 0.24%, 0.999^600 = 55%)."""
+    steps = sorted({t for r in runs if (t := r.last_step() or r.info.iterations)})
+    if decay is None or not steps:
+        return "The EMA lags behind the raw weights early in training."
+    shares = "; ".join(f"{decay:g}^{t} = {_percent(decay**t)}" for t in steps)
+    return (
+        f"After T steps the EMA still holds decay^T of the initial weights ({shares}), so "
+        "where that share is large its statistics lag behind the raw ones."
+    )
+
+
+def _percent(share: float) -> str:
+    return f"{share * 100:.2g}%" if share >= 1e-4 else f"{share:.1e}"
 
 
 # --------------------------------------------------------------------------------------
@@ -392,6 +441,37 @@ def _paper_source(block: Mapping) -> str:
 # The paper's tables
 
 
+Baseline = Mapping[
+    str, Mapping[str, float]
+]  # the baseline's metrics.json: "<task>/<set>" -> metrics
+
+
+def baseline_label(task: str) -> str:
+    """What the baseline is for a task: bicubic upsampling for SR, else the degraded input."""
+    return "bicubic" if task.startswith("sr_x") else "degraded input"
+
+
+def _baseline_rows(table: Table, runs: Sequence[RunResults], baseline: Baseline | None) -> None:
+    """One row per task of ``runs``: the baseline's PSNR/SSIM on the sets those runs show."""
+    tasks = sorted({r.info.task for r in runs})
+    for task in tasks if baseline else ():
+        sets = list(dict.fromkeys(s for r in runs if r.info.task == task for s in r.sets()))
+        found = {
+            (s, m): v
+            for s in sets
+            for m in ("psnr", "ssim")
+            if (v := (baseline.get(f"{task}/{s}") or {}).get(m)) is not None
+        }
+        if not found:
+            continue
+        row = f"{baseline_label(task)} (baseline" + (
+            f", {task_name(task)})" if len(tasks) > 1 else ")"
+        )
+        table.add_row(row, [BASELINE_RUN])
+        for (s, m), value in found.items():
+            table.set_ours(row, _metric_column(s, m), value, BASELINE_RUN)
+
+
 def _norm_rows_table(
     key: str,
     paper: Mapping,
@@ -400,10 +480,12 @@ def _norm_rows_table(
     group: str,
     results: Mapping[str, RunResults],
     protocol: Protocol,
+    baseline: Baseline | None = None,
 ) -> Table:
     """Rows = norms; the paper's per-set numbers and findings, our per-set numbers and final
     feature statistics (raw and EMA). Our run of a norm: one in `group` if any, else the
-    most representative run of that norm (named in the "our run(s)" column)."""
+    most representative run of that norm (named in the "our run(s)" column). The last row
+    is the baseline (bicubic for SR, the degraded input otherwise) on the same sets."""
     block = _paper_table(paper, key)
     table = Table(
         key=key,
@@ -426,6 +508,7 @@ def _norm_rows_table(
     for run in picked:
         _fill_features(table, norm_label(run.info.norm), run)
     _paper_findings(table, rows, lambda p: norm_label(p["norm"]))
+    _baseline_rows(table, picked, baseline)
     table.measured = [measured_eval(picked, protocol), measured_features(picked, protocol)]
     borrowed = [r.info.name for r in picked if group not in r.info.groups]
     if borrowed:
@@ -436,7 +519,12 @@ def _norm_rows_table(
     return table
 
 
-def table1(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
+def table1(
+    results: Mapping[str, RunResults],
+    paper: Mapping,
+    protocol: Protocol,
+    baseline: Baseline | None = None,
+) -> Table:
     """Every normalisation layer on the same model and task (the paper's Table 1)."""
     return _norm_rows_table(
         "table1",
@@ -448,10 +536,16 @@ def table1(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         "table1",
         results,
         protocol,
+        baseline,
     )
 
 
-def table3(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
+def table3(
+    results: Mapping[str, RunResults],
+    paper: Mapping,
+    protocol: Protocol,
+    baseline: Baseline | None = None,
+) -> Table:
     """The LN / LN* / LN+Rs / i-LN ablation (the paper's Table 3)."""
     return _norm_rows_table(
         "table3",
@@ -462,6 +556,7 @@ def table3(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         "table3",
         results,
         protocol,
+        baseline,
     )
 
 
@@ -522,8 +617,14 @@ def _groups_of(rows: Sequence[Mapping], keys: Sequence[str]) -> list[tuple]:
     return list(dict.fromkeys(tuple(r.get(k) for k in keys) for r in rows))
 
 
-def table2(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
-    """LN vs i-LN on every task and model (the paper's Table 2), plus every task we ran."""
+def table2(
+    results: Mapping[str, RunResults],
+    paper: Mapping,
+    protocol: Protocol,
+    baseline: Baseline | None = None,
+) -> Table:
+    """LN vs i-LN on every task and model (the paper's Table 2), plus every task we ran;
+    the baseline's PSNR (bicubic for SR, the degraded input otherwise) beside each pair."""
     block = _paper_table(paper, "table2")
     table = Table(
         key="table2",
@@ -534,6 +635,12 @@ def table2(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         paper_source=_paper_source(block),
     )
     cols = _pair_columns(table)
+    base_col = Column("baseline:psnr", "bicubic / input PSNR", "psnr", always_ours=True)
+
+    def fill_baseline(row: str, task: str, set_name: str) -> None:
+        value = ((baseline or {}).get(f"{task}/{set_name}") or {}).get("psnr")
+        if value is not None and table.row_runs.get(row):
+            table.set_ours(row, base_col, value, BASELINE_RUN)
 
     def ours(task: str, set_name: str, norm: str, arch: str | None) -> RunResults | None:
         cands = [
@@ -553,6 +660,7 @@ def table2(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         row = f"{task_name(task)} / {set_name} / {arch}"
         runs = {n: ours(task, set_name, n, arch) for n in ("ln", "iln")}
         _fill_pair(table, cols, row, set_name, runs)
+        fill_baseline(row, task, set_name)
         same = [p for p in prows if (p["task"], p["set"], p.get("arch")) == (task, set_name, arch)]
         _paper_pair(table, cols, row, same)
         used += [r for r in runs.values() if r is not None]
@@ -569,6 +677,7 @@ def table2(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
             runs = {n: ours(run.info.task, set_name, n, run.info.arch) for n in ("ln", "iln")}
             row = f"{task_name(run.info.task)} / {set_name} / {run.info.arch}"
             _fill_pair(table, cols, row, set_name, runs)
+            fill_baseline(row, run.info.task, set_name)
             used += [r for r in runs.values() if r is not None]
     table.measured = [measured_eval(_unique(used), protocol)]
     table.notes.append(
@@ -576,6 +685,12 @@ def table2(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         "(HAT, SwinIR or DRCT), named in 'our run(s)'. Rows below the paper's are tasks only "
         "we ran."
     )
+    if table.has_ours(base_col.key):
+        table.notes.append(
+            "bicubic / input PSNR: the baseline on the same images (bicubic upsampling for "
+            "SR, the degraded input itself otherwise): a model below it has not yet learnt "
+            "the task, so its gain over the other norm says little about the norms."
+        )
     return table
 
 
@@ -618,6 +733,16 @@ def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
                     entry["overflow"],
                     run.info.name,
                 )
+    for run in picked:
+        if run.info.norm == "ln":
+            remark = fp16_remark(run.precision)
+            if remark is not None:
+                table.set_ours(
+                    f"{norm_label('ln')} / fp16",
+                    Column("scale", "at this scale", "text"),
+                    remark,
+                    run.info.name,
+                )
     sets = [s for r in picked for per_set in r.precision.values() for s in per_set]
     table.measured = [measured_eval(picked, protocol, crop=protocol.precision_crop, sets=sets)]
     if protocol.precision_crop:
@@ -631,6 +756,31 @@ def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         "in the forward pass."
     )
     return table
+
+
+FP16_COLLAPSE_DB = 1.0  # an fp16 PSNR this far below fp32 counts as LN's collapse
+
+
+def fp16_remark(precision: Mapping[str, Mapping[str, Mapping[str, object]]] | None) -> str | None:
+    """Whether LN's fp16 failure (the paper: overflow, PSNR collapsing from ~27 to ~7 dB)
+    shows in our run: "reproduced" or "not reproduced at this scale", with the numbers."""
+    fp16, fp32 = (precision or {}).get("fp16") or {}, (precision or {}).get("fp32") or {}
+    found = []
+    for set_name, entry in fp16.items():
+        low, full = entry.get("psnr"), (fp32.get(set_name) or {}).get("psnr")
+        if entry.get("overflow") or (
+            low is not None and full is not None and full - low > FP16_COLLAPSE_DB
+        ):
+            return "reproduced: fp16 overflows or collapses"
+        if low is not None and full is not None:
+            found.append(f"{set_name} {low:.2f} vs {full:.2f} dB")
+    if not found:
+        return None
+    return (
+        "not reproduced at this scale: no overflow, fp16 vs fp32 "
+        + "; ".join(found)
+        + " (LN's features stay far inside fp16's range here)"
+    )
 
 
 def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
@@ -810,4 +960,13 @@ def all_runs_table(results: Mapping[str, RunResults], protocol: Protocol) -> Tab
         if run.has_results:
             _fill_features(table, row, run)
     table.measured = [measured_eval(done, protocol), measured_features(done, protocol)]
+    table.notes.append(TIMING_NOTE)
     return table
+
+
+TIMING_NOTE = (
+    "s/step: the mean wall-clock time of a training step as logged, on whatever machine and "
+    "load the run had (`dvc repro` may train several runs at once on shared cores); it is "
+    "no speed comparison between norms. Speeds are measured under controlled load by the "
+    "benchmarks (benchmarks/)."
+)
