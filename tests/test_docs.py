@@ -67,18 +67,15 @@ def test_the_default_run_table_is_generated_from_the_recorded_run():
 
 def test_the_snapshot_keeps_what_the_table_shows():
     summary = {
-        "runs": {
-            "ln": {
-                "deepest_magnitude_raw": 3150.0,
-                "deepest_entropy_raw": 0.651,
-                "entropy_ceiling": 3.4657,
-                "last_probe_step": 600,
-                "psnr": {"sr_x2/default_test": 29.23},
-                "max_abs_raw": 1.0,
-            },
-            "bicubic": {"psnr": {"sr_x2/default_test": 33.57}},
+        "ln": {
+            "deepest_magnitude_raw": 3150.0,
+            "deepest_entropy_raw": 0.651,
+            "entropy_ceiling": 3.4657,
+            "last_probe_step": 600,
+            "psnr": {"default_test": 29.23},
+            "max_abs_raw": 1.0,
         }
     }
-    table = frontpage.render(frontpage.snapshot(summary))
+    table = frontpage.render(frontpage.snapshot(summary, {"psnr": 33.57, "ssim": 0.9}))
     assert "| LN | 3.15e+03 | 0.65 (3.47) | 29.23 |" in table
     assert "| bicubic upsampling | - | - | 33.57 |" in table

@@ -1,11 +1,12 @@
 """The README's default-run table, generated from a finished default run so that it cannot
 drift from what the run measured.
 
-    python -m iln.frontpage [reports/summary.json]
+    python -m iln.frontpage [reports]
 
-copies the numbers the README shows from the report's ``summary.json`` into
-``docs/default-run.json`` and rewrites the table between the README's markers from it; a
-test checks that the README's table is exactly ``render(docs/default-run.json)``.
+copies the numbers the README shows from the report's ``summary.json`` (every run) and
+``metrics/bicubic_<task>.json`` (the baseline) into ``docs/default-run.json`` and rewrites
+the table between the README's markers from it; a test checks that the README's table is
+exactly ``render(docs/default-run.json)``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ RUNS = (("ln", "LN"), ("iln", "i-LN"), ("ln_star", "LN\\*"), ("ln_rs", "LN+Rs"))
 KEYS = ("deepest_magnitude_raw", "deepest_entropy_raw", "entropy_ceiling", "last_probe_step")
 
 
-def snapshot(summary: Mapping) -> dict:
-    """The README's numbers out of a report ``summary.json``."""
-    runs = summary.get("runs") or {}
+def snapshot(summary: Mapping, baseline: Mapping | None = None) -> dict:
+    """The README's numbers: ``summary`` is the report's summary.json (run -> numbers),
+    ``baseline`` a ``reports/metrics/bicubic_<task>.json`` ({"psnr": ..})."""
     out = {}
-    for name, _ in (*RUNS, ("bicubic", "")):
-        if name in runs:
-            values = runs[name]
+    for name, _ in RUNS:
+        if name in summary:
+            values = summary[name]
             out[name] = {k: values[k] for k in (*KEYS, "psnr") if k in values}
+    if baseline is not None and "psnr" in baseline:
+        out["bicubic"] = {"psnr": {"baseline": baseline["psnr"]}}
     return {"runs": out}
 
 
@@ -74,14 +77,15 @@ def readme_table(readme: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    summary_path = Path(args[0] if args else "reports/summary.json")
-    snap = snapshot(json.loads(summary_path.read_text()))
+    reports = Path(args[0] if args else "reports")
+    summary = json.loads((reports / "summary.json").read_text())
+    baselines = sorted((reports / "metrics").glob("bicubic_*.json"))
+    baseline = json.loads(baselines[0].read_text()) if baselines else None
+    snap = snapshot(summary, baseline)
     write_json_atomic(Path("docs/default-run.json"), snap)
     readme = Path("README.md").read_text()
-    old = readme_table(readme)
-    write_text_atomic(
-        Path("README.md"), readme.replace(BEGIN + "\n" + old, BEGIN + "\n" + render(snap))
-    )
+    new = readme.replace(BEGIN + "\n" + readme_table(readme), BEGIN + "\n" + render(snap))
+    write_text_atomic(Path("README.md"), new)
     return 0
 
 
