@@ -90,7 +90,7 @@ def test_the_readme_queue_recipe_runs_two_variants_in_their_own_copies(workspace
                 params = rev["data"]["params"]["params.yaml"]["data"]["runs"]
                 lrs.add((params["ln"].get("lr"), params["iln"].get("lr")))
                 metrics = rev["data"]["metrics"]
-                assert "runs/ln/eval/metrics.json" in metrics, metrics
+                assert "reports/metrics/ln.json" in metrics, metrics  # one file per run
     assert lrs == {(0.001, None), (None, 0.001)}
     new = _stage_runs(workspace)
     for run in runs_before:
