@@ -17,6 +17,7 @@ from iln.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((ROOT / "configs").glob("paper_*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_there_are_paper_grids():
@@ -65,8 +66,8 @@ def _planned(root: Path) -> list[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: p.stem)
-def test_dvc_plans_a_paper_grid_in_dependency_order(config, tmp_path):
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_dvc_plans_every_grid_in_dependency_order(config, tmp_path):
     root = tmp_path / "project"
     root.mkdir()
     for name in ("dvc.yaml", "data.dvc", ".dvcignore", ".dvc/config", "stages", "src", "data"):
