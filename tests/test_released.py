@@ -353,8 +353,9 @@ def test_the_check_stage_refuses_names_that_would_escape_or_be_options(tmp_path,
         text=True,
     )
     assert done.returncode == 1, done.stdout + done.stderr
-    assert done.stderr.strip() == (
-        f"check_released: error: released.{name}: {name!r} cannot be used as a name (letters, "
+    assert done.stderr.strip() == (  # refused when the params file is read, before any work
+        f"check_released: error: params.yaml: released.{name}: {name!r} cannot be used as a "
+        f"name (letters, "
         f"digits, '_', '-' and '.' only, starting with a letter, digit or '_'; at most 100 "
         f"characters)"
     )
