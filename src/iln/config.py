@@ -22,7 +22,7 @@ import yaml
 
 from iln.data.catalog import SETS, expand, parts_of
 from iln.data.params import DataParams, DegradeParams, RealSRParams, parse_task
-from iln.layout import check_run_name
+from iln.layout import PrecisionMode, check_run_name
 
 
 class ParamsError(ValueError):
@@ -326,7 +326,7 @@ class EvaluateParams:
     tile: int
     tile_overlap: int
     samples: int
-    precision_modes: tuple[Literal["fp32", "fp16", "bf16", "int8", "int4"], ...]
+    precision_modes: tuple[PrecisionMode, ...]
     precision_crop: int  # LR size of the central crop used for the precision table, 0 = whole image
     device: str
     workers: int = 0  # processes sharing the images (iln.pool), 0 = one per core

@@ -22,8 +22,16 @@ Per run ``R`` (one entry of ``runs:`` in params.yaml)::
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+# ---- inference precision
+
+# The formats of the inference-precision table (paper Table 4), in the order it shows them:
+# evaluate.precision_modes takes these, iln.precision computes them, the report lists them.
+PrecisionMode = typing.Literal["fp32", "fp16", "bf16", "int8", "int4"]
+PRECISION_MODES: tuple[str, ...] = typing.get_args(PrecisionMode)
 
 # ---- names
 

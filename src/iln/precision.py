@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 
 from iln.data.io import read_rgb
 from iln.evaluate import ModelRestorer, central_crop_pairs, restore, summarise
+from iln.layout import PRECISION_MODES
 from iln.metrics import psnr, ssim
 
-MODES = ("fp32", "fp16", "bf16", "int8", "int4")
 FP16_MAX = 65504.0
 INT8_MAX = 127
 INT4_MAX = 7
@@ -156,8 +156,8 @@ class FeatureMonitor:
 
 def prepare_model(model: nn.Module, mode: str, device: torch.device | str) -> nn.Module:
     """A deep copy of ``model`` on ``device`` in the numeric format ``mode``, in eval mode."""
-    if mode not in MODES:
-        raise ValueError(f"unknown precision mode {mode!r}; expected one of {MODES}")
+    if mode not in PRECISION_MODES:
+        raise ValueError(f"unknown precision mode {mode!r}; expected one of {PRECISION_MODES}")
     m = copy.deepcopy(model).to(device=device, dtype=_DTYPES[mode]).eval()
     if mode in INT_LEVELS:
         quantise_weights_(m, INT_LEVELS[mode])
@@ -171,7 +171,7 @@ def evaluate_precisions(
     *,
     scale: int,
     device: torch.device | str,
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] = PRECISION_MODES,
     crop_border: int | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
@@ -189,8 +189,8 @@ def evaluate_precisions(
     """
     modes = tuple(modes)
     for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"unknown precision mode {mode!r}; expected one of {MODES}")
+        if mode not in PRECISION_MODES:
+            raise ValueError(f"unknown precision mode {mode!r}; expected one of {PRECISION_MODES}")
     if int(getattr(model, "scale", scale)) != scale:
         raise ValueError(f"model.scale={model.scale} but scale={scale} was requested")
     border = scale if crop_border is None else crop_border

@@ -28,8 +28,6 @@ from iln.layout import (
 )
 from iln.styles import norm_label, norm_rank
 
-PRECISION_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
-
 
 @dataclass(frozen=True)
 class RunInfo:

@@ -14,9 +14,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from iln.layout import ENSEMBLE_SUFFIX, WEIGHTS_EMA, WEIGHTS_RAW
+from iln.layout import ENSEMBLE_SUFFIX, PRECISION_MODES, WEIGHTS_EMA, WEIGHTS_RAW
 from iln.report.paper import paper_rows, printed
-from iln.report.runs import PRECISION_MODES, RunResults
+from iln.report.runs import RunResults
 from iln.styles import norm_label, norm_rank
 
 TABLE_CSV_COLUMNS: tuple[str, ...] = ("row", "column", "paper", "ours", "run", "status")
