@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from benchmarks import gpu
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the benchmarks live beside the package, not in it
-
-from benchmarks import gpu  # noqa: E402
 
 WITHOUT_TRACKING = (
     "import runpy, sys\n"
