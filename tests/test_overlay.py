@@ -118,6 +118,7 @@ BAD = [
     ("train:\n  lr: 1.0\n  lr: 2.0\n", "train.lr: duplicate key"),
     ("[train, lr]\n", "expected a mapping of params.yaml sections"),
     ("train: [\n", "not valid YAML"),
+    (None, "no such overlay file"),
 ]
 
 
@@ -128,13 +129,16 @@ def test_a_bad_overlay_is_refused_naming_file_and_key_and_params_stay_byte_ident
     params = tmp_path / "params.yaml"
     params.write_bytes(DEFAULT.read_bytes())
     bad = tmp_path / "bad_overlay.yaml"
-    bad.write_text(overlay)
+    if overlay is not None:
+        bad.write_text(overlay)
     assert main(["config", str(bad), "--params", str(params)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("iln config: error: ") and err.count("\n") == 1, err
     assert "bad_overlay.yaml" in err and message in err, err
     assert params.read_bytes() == DEFAULT.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_overlay.yaml", "params.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {bad.name, "params.yaml"} if overlay is not None else {"params.yaml"}
+    )
 
 
 def test_a_second_overlay_is_refused_unless_stacked(tmp_path, capsys):

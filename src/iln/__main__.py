@@ -47,8 +47,8 @@ Write PARAMS (default params.yaml) = PARAMS + the differences in OVERLAY, a conf
 file: nested sections merge key by key, except the grids runs: and released:, which the
 overlay replaces whole; lists and values replace. The result is validated before PARAMS
 is replaced (atomically): a bad overlay leaves it byte-identical. Its first lines name the
-overlay and how to go back (git checkout params.yaml); the sections the overlay sets are
-rewritten without comments, the others keep theirs. A PARAMS already composed from an
+overlay and how to go back (git checkout params.yaml); the keys the overlay sets are
+rewritten without comments, the rest keeps its own. A PARAMS already composed from an
 overlay is refused (each overlay means the default + its differences) unless --stack.
 Then: dvc repro.
 """
@@ -109,7 +109,6 @@ def _threads(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iln", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _config_parser(commands)
     sub = commands.add_parser(
         "restore",
         help="restore an image or a folder of images into OUTPUT (iln restore --help)",
@@ -187,6 +186,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"CPU threads of torch, 1 to {4 * (os.cpu_count() or 1)} (default: torch's choice)",
     )
+    _config_parser(commands)
     return parser
 
 

@@ -153,7 +153,7 @@ def _reads_as(text: str, value: Any) -> bool:
         return False
 
 
-def leading_comments(text: str) -> str:
+def _leading_comments(text: str) -> str:
     """The comment lines at the top of a YAML file (an overlay's description)."""
     lines = []
     for line in text.splitlines():
@@ -185,6 +185,8 @@ def apply_file(
             f"(git checkout {params_path}) before applying {overlay_path}, or pass --stack to "
             f"add it on top"
         )
+    if not overlay_path.is_file():
+        raise OverlayError(f"{overlay_path}: no such overlay file (the ready ones: configs/*.yaml)")
     overlay = read_yaml(overlay_path)
     if not isinstance(overlay, Mapping) or not overlay:
         raise OverlayError(
@@ -195,7 +197,7 @@ def apply_file(
         base_text,
         overlay,
         names=[*before, overlay_path.as_posix()],
-        notes=leading_comments(overlay_path.read_text()),
+        notes=_leading_comments(overlay_path.read_text()),
         back=params_path.as_posix(),
     )
     with atomic_path(out_path) as tmp:
