@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Submit one slurm/train.sbatch job per run of params.yaml (or of the runs named), each
-# after the job of the run its `init: {run: ...}` names. Extra sbatch options go first:
+# after the job of the run its `init: {run: ...}` names (a ready grid goes into params.yaml
+# first: iln config configs/X.yaml). Extra sbatch options go first:
 #   slurm/submit_grid.sh --nodes 2 --time 3-00:00:00 -- [RUN ...]
 # Then, when every job has finished: dvc commit train@RUN ... and dvc repro for the rest.
 set -euo pipefail

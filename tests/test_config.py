@@ -8,14 +8,23 @@ import pytest
 import yaml
 
 from iln.config import ParamsError, load_params, resolve_run
+from iln.overlay import apply_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 
+def _shipped(path: Path, tmp_path: Path) -> Path:
+    """params.yaml itself, or a configs/ overlay composed onto it (as `iln config` does)."""
+    if path.parent.name != "configs":
+        return path
+    apply_file(path, ROOT / "params.yaml", tmp_path / "composed" / "params.yaml")
+    return tmp_path / "composed" / "params.yaml"
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_shipped_params_files_load(path):
-    params = load_params(path)
+def test_shipped_params_files_load(path, tmp_path):
+    params = load_params(_shipped(path, tmp_path))
     for name in params.runs:
         run = resolve_run(params, name)
         assert run.train.iterations >= 1
@@ -114,8 +123,9 @@ def test_params_survive_a_yaml_1_2_rewrite(tmp_path, path):
     YAML 1.1 (our reader) needs, e.g. around 4:2:0 (base-60 int) or off (boolean)."""
     from ruamel.yaml import YAML
 
+    path = _shipped(path, tmp_path)
     writer = YAML(typ="safe", pure=True)
-    rewritten = tmp_path / path.name
+    rewritten = tmp_path / "rewritten.yaml"
     with rewritten.open("w") as handle:
         writer.dump(writer.load(path), handle)
     assert load_params(rewritten) == load_params(path)

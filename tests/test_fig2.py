@@ -13,6 +13,7 @@ from PIL import Image
 from iln.config import load_params
 from iln.layout import PROBES_CSV_COLUMNS
 from iln.models import resolve_hparams
+from iln.overlay import apply_file
 from iln.report import figures
 from iln.report.runs import RunInfo, RunResults
 from iln.styles import norm_style
@@ -93,8 +94,9 @@ def test_size_points_read_the_deepest_group_at_the_last_probe_and_the_run_size(t
     assert point.magnitude == pytest.approx(1003.0) and point.entropy == pytest.approx(2.3)
 
 
-def test_the_shipped_depth_width_grid_sweeps_depth_and_width_for_ln_and_iln():
-    params = load_params(ROOT / "configs/cpu_depth_width.yaml")
+def test_the_shipped_depth_width_grid_sweeps_depth_and_width_for_ln_and_iln(tmp_path):
+    apply_file(ROOT / "configs/cpu_depth_width.yaml", ROOT / "params.yaml", tmp_path / "p.yaml")
+    params = load_params(tmp_path / "p.yaml")
     fig2 = {n: r for n, r in params.runs.items() if "fig2" in r.groups}
     points = []
     for name, run in fig2.items():

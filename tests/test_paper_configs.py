@@ -14,6 +14,7 @@ import torch
 
 from iln.config import load_params
 from iln.models import build_model
+from iln.overlay import apply_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((ROOT / "configs").glob("paper_*.yaml"))
@@ -26,8 +27,9 @@ def test_there_are_paper_grids():
 
 
 @pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: p.stem)
-def test_every_run_of_a_paper_grid_builds_on_the_meta_device(config):
-    params = load_params(config)
+def test_every_run_of_a_paper_grid_builds_on_the_meta_device(config, tmp_path):
+    apply_file(config, ROOT / "params.yaml", tmp_path / "params.yaml")
+    params = load_params(tmp_path / "params.yaml")
     text = config.read_text()
     assert "GPU-hours" in text or "H200-hours" in text, "state the compute the grid needs"
     for name, spec in params.runs.items():
@@ -77,8 +79,8 @@ def test_dvc_plans_every_grid_in_dependency_order(config, tmp_path):
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
             shutil.copy2(source, target)
-    shutil.copy2(config, root / "params.yaml")
-    params = load_params(config)
+    apply_file(config, ROOT / "params.yaml", root / "params.yaml")  # as `iln config` does
+    params = load_params(root / "params.yaml")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     planned = _planned(root)
     position = {stage: i for i, stage in enumerate(planned)}

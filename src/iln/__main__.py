@@ -5,6 +5,11 @@ restoration Transformer trained by this pipeline or released by the i-LN paper's
 
 restores one image or every image of a folder with a train-stage ``model.pt`` or a
 BasicSR checkpoint (the authors' released weights), no ground truth needed.
+
+    iln config configs/X.yaml [--params params.yaml] [--out PATH] [--stack]
+
+writes params.yaml = the default params.yaml + the differences in an overlay
+(``iln.overlay``), validated before it replaces anything.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from tqdm.auto import tqdm
 
 from iln.data.io import WRITE_FORMATS, ImageReadError
 from iln.models import ARCHS, NORMS, SCALES
+from iln.overlay import apply_file
 from iln.restore import (
     PRECISIONS,
     RestoreError,
@@ -33,8 +39,19 @@ from iln.runtime import resolve_device
 
 DESCRIPTION = (
     "Restore images (super-resolution, denoising, ...) with an image restoration Transformer "
-    "(HAT, SwinIR, ...) trained by this pipeline or released by the i-LN paper's authors."
+    "(HAT, SwinIR, ...) trained by this pipeline or released by the i-LN paper's authors; "
+    "select a ready grid of configs/ for the pipeline."
 )
+CONFIG_DESCRIPTION = """\
+Write PARAMS (default params.yaml) = PARAMS + the differences in OVERLAY, a configs/*.yaml
+file: nested sections merge key by key, except the grids runs: and released:, which the
+overlay replaces whole; lists and values replace. The result is validated before PARAMS
+is replaced (atomically): a bad overlay leaves it byte-identical. Its first lines name the
+overlay and how to go back (git checkout params.yaml); the keys the overlay sets are
+rewritten without comments, the rest keeps its own. A PARAMS already composed from an
+overlay is refused (each overlay means the default + its differences) unless --stack.
+Then: dvc repro.
+"""
 RESTORE_DESCRIPTION = """\
 Restore INPUT (an image, or every image directly in a folder) with WEIGHTS and write the
 results to OUTPUT, without ground truth.
@@ -169,16 +186,51 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"CPU threads of torch, 1 to {4 * (os.cpu_count() or 1)} (default: torch's choice)",
     )
+    _config_parser(commands)
     return parser
 
 
-def _error(message: str, code: int = 2) -> int:
-    print(f"iln restore: error: {' '.join(message.split())}", file=sys.stderr)
+def _config_parser(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "config",
+        help="apply a configs/*.yaml overlay to params.yaml (iln config --help)",
+        description=CONFIG_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("overlay", metavar="OVERLAY", help="a configs/*.yaml file")
+    sub.add_argument(
+        "--params", default="params.yaml", metavar="PATH", help="the base (default params.yaml)"
+    )
+    sub.add_argument("--out", metavar="PATH", help="write the result here instead of over --params")
+    sub.add_argument(
+        "--stack",
+        action="store_true",
+        help="apply onto a params file that is already composed from an overlay",
+    )
+
+
+def _config(args: argparse.Namespace) -> int:
+    out = args.out or args.params
+    try:
+        sections = apply_file(args.overlay, args.params, out, stack=args.stack)
+    except (ValueError, OSError) as err:  # ParamsError, OverlayError, DiskFullError, ...
+        return _error(str(err), command="config")
+    print(
+        f"iln config: wrote {out} = {args.params} + {args.overlay} (sections set: "
+        f"{', '.join(sections)}); back to the default: git checkout {args.params}"
+    )
+    return 0
+
+
+def _error(message: str, code: int = 2, command: str = "restore") -> int:
+    print(f"iln {command}: error: {' '.join(message.split())}", file=sys.stderr)
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "config":
+        return _config(args)
     try:
         return _restore(args)
     except KeyboardInterrupt:
