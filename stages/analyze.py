@@ -20,10 +20,9 @@ from iln.data.dataset import TestPairs
 from iln.files import remove_stale_temps
 from iln.layout import Layout
 from iln.monitor import probe_batch
-from iln.released import open_released
 from iln.runtime import resolve_device
 from iln.styles import norm_style
-from iln.weights import load_trained
+from iln.subject import find_subject, open_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,24 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(project_root())
     remove_stale_temps(layout.analysis_dir(args.run))  # kill -9 leftovers
     device = resolve_device(params.evaluate.device, key="evaluate.device")
-    tags, raw = None, None  # raw: the trained (not averaged) weights, for a trained run
-    if args.run in params.released:  # the authors' weights: analysed, never trained
-        spec = params.released[args.run]
-        model, record = open_released(
-            spec, args.run, root=layout.root, book=layout.weights_book, device=device
-        )
-        recipe = {"arch": spec.arch, "norm": spec.norm, "scale": spec.scale}
-        recipe["overrides"] = spec.model_overrides()
-        tags = {"iln.released": "true", "iln.weights_sha256": record.sha256}
-    else:
-        spec = params.run(args.run)
-        model, recipe = load_trained(layout.weights(args.run), device)
-        raw, _ = load_trained(layout.weights(args.run), device, weights="raw")
+    subject = find_subject(params, args.run)
+    opened = open_model(subject, layout, device)
+    model, spec = opened.model, subject.spec
+    # the trained (not averaged) weights beside the EMA ones; a released entry has one set
+    raw = (
+        open_model(subject, layout, device, weights="raw").model
+        if subject.kind == "trained"
+        else None
+    )
     pairs = list(TestPairs(*layout.pair_dirs(spec.task, params.test_sets(spec.task)[0])))[
         : params.train.probe_images
     ]
     lq = probe_batch([lq for _, lq, _ in pairs], size=2 * params.train.lq_patch).to(device)
-    lq = lq[:, : getattr(model, "in_chans", 3)]  # a grey model: the first plane of a grey set
+    lq = lq[:, : model.in_chans]  # a grey model: the first plane of a grey set
 
     out = layout.analysis_dir(args.run)
     with tracking.stage_run(
@@ -63,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         run_name=args.run,
         norm=spec.norm,
         color=norm_style(spec.norm).color,
-        params={f"model.{k}": v for k, v in recipe.items()},
-        tags=tags,
+        params={f"model.{k}": v for k, v in opened.recipe.items()},
+        tags=opened.tags,
     ) as tracker:
         result = run_final_analysis(
             model, lq, out, raw=raw, per_block=params.train.probe_per_block, label=args.run

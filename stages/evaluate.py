@@ -15,7 +15,7 @@ import torch
 
 from iln import tracking
 from iln.cli import project_root, run_stage, store_root
-from iln.config import flatten, load_params
+from iln.config import BASELINE, flatten, load_params
 from iln.data.catalog import SETS
 from iln.data.dataset import TestPairs
 from iln.data.io import write_png
@@ -26,10 +26,9 @@ from iln.layout import METRICS_ALL, PER_IMAGE_COLUMNS, PER_IMAGE_ENSEMBLE_COLUMN
 from iln.pool import plan, run_jobs
 from iln.precision import PrecisionJob
 from iln.protocols import protocol_for
-from iln.released import open_released
 from iln.runtime import resolve_device
 from iln.styles import BASELINE_COLOR, norm_style
-from iln.weights import load_trained
+from iln.subject import find_subject, open_model
 
 BASELINE_NOTE = (
     "The baseline: bicubic upsampling for SR, the degraded input itself for denoising, JPEG "
@@ -51,43 +50,32 @@ def main(argv: list[str] | None = None) -> int:
     remove_stale_temps(layout.eval_dir(args.run), recursive=True)  # kill -9 leftovers
     settings = params.evaluate
     device = resolve_device(settings.device, key="evaluate.device")
-    released, tags = None, None  # set for a `released:` entry
-    if args.run == "bicubic":
+    subject = find_subject(params, args.run)
+    model, tags, released = None, None, None  # released: a `released:` entry's record
+    if subject.spec is None:  # the baseline: no model
         restorers = {}
         for task in params.degrade.tasks:
             scale = parse_task(task).scale
             restorers[task] = bicubic_restore(scale) if scale > 1 else degraded_input
-        model, run_params, precision_table = None, {"baseline": "bicubic"}, False
-    elif args.run in params.released:  # the authors' weights: evaluated, never trained
-        spec = params.released[args.run]
-        model, record = open_released(
-            spec, args.run, root=layout.root, book=layout.weights_book, device=device
-        )
+        run_params = {"baseline": BASELINE}
+    else:
+        opened = open_model(subject, layout, device)
+        model, tags = opened.model, opened.tags
         restorers = {
-            spec.task: model_restore_fn(
+            subject.spec.task: model_restore_fn(
                 model, device=device, tile=settings.tile or None, tile_overlap=settings.tile_overlap
             )
         }
-        run_params = {**flatten(settings, "evaluate"), **flatten(spec, "released")}
-        precision_table = bool(settings.precision_modes)
-        released = {  # how the numbers were made: tile 0 = whole images
-            **record.as_dict(),
-            "tile": settings.tile,
-            "tile_overlap": settings.tile_overlap,
-            "precision_crop": settings.precision_crop,
-        }
-        tags = {"iln.released": "true", "iln.weights_sha256": record.sha256}
-    else:
-        spec = params.run(args.run)
-        model, _ = load_trained(layout.weights(args.run), device)
-        tile = settings.tile or None
-        restorers = {
-            spec.task: model_restore_fn(
-                model, device=device, tile=tile, tile_overlap=settings.tile_overlap
-            )
-        }
         run_params = flatten(settings, "evaluate")
-        precision_table = "table4" in spec.groups and bool(settings.precision_modes)
+        if opened.weights is not None:  # the authors' weights: evaluated, never trained
+            run_params |= flatten(subject.spec, "released")
+            released = {  # how the numbers were made: tile 0 = whole images
+                **opened.weights.as_dict(),
+                "tile": settings.tile,
+                "tile_overlap": settings.tile_overlap,
+                "precision_crop": settings.precision_crop,
+            }
+    precision_table = subject.precision_table and bool(settings.precision_modes)
 
     out = layout.eval_dir(args.run)
     modes = settings.precision_modes if precision_table else ()
@@ -124,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment=params.tracking.experiment,
         stage="evaluate",
         run_name=args.run,
-        norm=None if args.run == "bicubic" else spec.norm,
-        color=BASELINE_COLOR if args.run == "bicubic" else norm_style(spec.norm).color,
+        norm=None if subject.spec is None else subject.spec.norm,
+        color=BASELINE_COLOR if subject.spec is None else norm_style(subject.spec.norm).color,
         params=run_params,
         tags=tags,
     ) as tracker:
@@ -172,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment=params.tracking.experiment,
         run_name=args.run,
         metrics={f"{key}/{m}": v for key, values in metrics.items() for m, v in values.items()},
-        note=BASELINE_NOTE if args.run == "bicubic" else None,
+        note=BASELINE_NOTE if subject.spec is None else None,
     )
     return 0
 

@@ -24,6 +24,7 @@ from iln.analysis import (
 )
 from iln.layout import FEATURES_COLUMNS
 from iln.models import build_model
+from iln.models.restorer import WindowedRestorer
 from iln.probes import measure_features
 from iln.weights import load_trained, save_trained
 
@@ -60,6 +61,9 @@ class FakeGroup(nn.Module):
 
 class FakeIR(nn.Module):
     """Follows the model contract: layers[g].residual_group.blocks[b].attn.<table>, norm."""
+
+    residual_groups = WindowedRestorer.residual_groups  # the restorer's own accessors
+    group_blocks = WindowedRestorer.group_blocks
 
     def __init__(
         self, dim: int = 6, groups: int = 2, depth: int = 2, window: int = 3, heads: int = 2

@@ -17,6 +17,7 @@ from iln.evaluate import (
     summarise,
 )
 from iln.metrics import psnr
+from iln.models.restorer import WindowedRestorer
 
 
 class _Group(nn.Module):
@@ -36,6 +37,10 @@ class FakeSR(nn.Module):
     ``kernel=1`` makes every output pixel depend on one input pixel only (tiling is exact);
     ``kernel=3`` gives a small local receptive field (tiling differs only near seams).
     """
+
+    in_chans = 3
+    residual_groups = WindowedRestorer.residual_groups  # the restorer's own accessors
+    group_blocks = WindowedRestorer.group_blocks
 
     def __init__(
         self, scale: int = 2, window_size: int = 8, dim: int = 8, kernel: int = 3, seed: int = 0
@@ -64,7 +69,7 @@ class FakeSR(nn.Module):
 class Lambda(nn.Module):
     def __init__(self, fn, scale: int = 1, window_size: int = 4) -> None:
         super().__init__()
-        self.fn, self.scale, self.window_size = fn, scale, window_size
+        self.fn, self.scale, self.window_size, self.in_chans = fn, scale, window_size, 3
         self.layers = nn.ModuleList()
 
     def forward(self, x):

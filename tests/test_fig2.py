@@ -84,10 +84,7 @@ def test_size_points_read_the_deepest_group_at_the_last_probe_and_the_run_size(t
         for g in range(4)
     ]
     _write_probes(tmp_path / "r/train/probes.csv", rows)
-    info = RunInfo.from_spec(
-        "r",
-        {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2", "model": {"depths": [3] * 4}},
-    )
+    info = RunInfo(name="r", arch="hat_tiny", norm="ln", task="sr_x2", model={"depths": [3] * 4})
     run = RunResults.load(info, tmp_path / "r")
     (point,) = figures.size_points([run])
     assert (point.groups, point.blocks, point.width, point.depth) == (4, 3, 32, 12)

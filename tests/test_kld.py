@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iln.kld import FeatureKL, gaussian_kl
+from iln.models.restorer import WindowedRestorer
 from iln.train import fit
 from tests.helpers import train_settings
 
@@ -25,6 +26,9 @@ class Group(nn.Module):
 
 class TinyIR(nn.Module):
     """x2 restorer following the contract: `layers` of (B, N, C) groups, then `norm`."""
+
+    residual_groups = WindowedRestorer.residual_groups  # the restorer's own accessors
+    group_blocks = WindowedRestorer.group_blocks
 
     def __init__(self, dim: int = 4) -> None:
         super().__init__()
@@ -74,7 +78,7 @@ def test_penalty_averages_groups_and_images_and_removes_its_hooks():
     assert all(not layer._forward_hooks for layer in model.layers)
     with pytest.raises(RuntimeError, match="no group output"):
         kl.penalty()
-    with pytest.raises(AttributeError, match="layers"):
+    with pytest.raises(AttributeError, match="residual_groups"):
         FeatureKL(nn.Linear(2, 2))
 
 

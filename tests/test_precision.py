@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iln.evaluate import restore
+from iln.models.restorer import WindowedRestorer
 from iln.precision import (
     FP16_MAX,
     INT4_MAX,
@@ -42,6 +43,10 @@ class FakeNormSR(nn.Module):
     With ``gain`` = 100 and 3 groups the residual stream reaches ~1e6 (an LN-trained
     model's regime): fine in fp32 because the final LayerNorm rescales it, inf in fp16.
     """
+
+    in_chans = 3
+    residual_groups = WindowedRestorer.residual_groups  # the restorer's own accessors
+    group_blocks = WindowedRestorer.group_blocks
 
     def __init__(
         self, gain: float, *, fail_in_half: bool = False, dim: int = 8, seed: int = 0
@@ -136,7 +141,7 @@ def test_bad_arguments():
         )
     with pytest.raises(ValueError, match="model.scale=2"):
         evaluate_precisions(model, _pairs(1), scale=4, device="cpu", progress=False)
-    with pytest.raises(ValueError, match="model.layers"):
+    with pytest.raises(AttributeError, match="residual_groups"):
         FeatureMonitor(nn.Linear(2, 2))
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from iln.models import build_model
+from iln.models.restorer import WindowedRestorer
 from iln.probes import (
     FINAL_NORM_INPUT,
     PROBE_COLUMNS,
@@ -55,6 +56,9 @@ class FakeGroup(nn.Module):
 
 class FakeIR(nn.Module):
     """conv_first -> tokens -> groups -> final norm -> pixel-shuffle head, like HAT/SwinIR."""
+
+    residual_groups = WindowedRestorer.residual_groups  # the restorer's own accessors
+    group_blocks = WindowedRestorer.group_blocks
 
     def __init__(
         self,
@@ -241,7 +245,7 @@ def test_probe_context_manager_removes_hooks(model):
 
 
 def test_missing_probe_points_are_named():
-    with pytest.raises(AttributeError, match="layers"):
+    with pytest.raises(AttributeError, match="residual_groups"):
         measure_features(nn.Conv2d(3, 3, 1), lq())
 
     class NoNorm(FakeIR):

@@ -9,13 +9,14 @@ import json
 import math
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from iln.config import ResolvedRun, RunSpec
 from iln.data.io import write_png
 from iln.report import (
+    RunInfo,
     build_report,
     flatten_summary,
     load_paper_numbers,
@@ -27,6 +28,7 @@ from iln.report.crops import largest_difference_box
 from iln.report.paper import printed
 from iln.report.tables import MAX_VALUE_COLUMNS, Protocol, fp16_remark
 from iln.styles import NORM_STYLES
+from tests.helpers import train_settings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = (0, 100, 200, 300)
@@ -136,48 +138,43 @@ def make_run(
 BASE = {"arch": "hat_tiny", "task": "sr_x2", "seed": 1, "batch_size": 4, "iterations": 300}
 
 
-def declared_runs() -> dict[str, object]:
+def infos(runs: dict[str, dict | RunInfo]) -> dict[str, RunInfo]:
+    """The RunInfo of each run given by its fields (lists as tuples)."""
     return {
-        "ln": {**BASE, "norm": "ln", "groups": ["table3", "table4"]},
-        # a RunSpec-like object with attributes
-        "iln": SimpleNamespace(
-            **BASE,
-            norm="iln",
-            stdnorm=None,
-            affine_outer=None,
-            grad_clip=0.0,
-            groups=("table3", "table4"),
-        ),
-        "inorm": {**BASE, "norm": "instancenorm", "groups": ["table1"]},
-        "ln_star": {**BASE, "norm": "ln_star", "groups": ["table3"]},  # declared, never run
-        "ln_rs": {**BASE, "norm": "ln_rs", "groups": ["table3"]},
-        # a resolved run: unset spec fields come from its train settings
-        "ln_clip": SimpleNamespace(
-            spec=SimpleNamespace(
-                arch="hat_tiny",
-                norm="ln",
-                task="sr_x2",
-                groups=("table8",),
-                stdnorm=None,
-                affine_outer=None,
-                grad_clip=None,
-                seed=None,
-                batch_size=None,
-                iterations=None,
-            ),
-            train=SimpleNamespace(grad_clip=1.0, seed=1, batch_size=4, iterations=300),
-        ),
-        "ln_kld": {**BASE, "norm": "ln", "kld_weight": 0.01, "groups": ["table8"]},
-        "ln_std": {**BASE, "norm": "ln", "stdnorm": True, "groups": ["stdnorm"]},
-        "ln_nostd": {**BASE, "norm": "ln", "groups": ["stdnorm"]},
-        "dn_ln": {**BASE, "norm": "ln", "task": "dn_s15"},
-        "dn_iln": {**BASE, "norm": "iln", "task": "dn_s15"},
-        "sw_car_ln": {**BASE, "arch": "swinir_tiny", "norm": "ln", "task": "car_q20"},
-        "sw_car_iln": {**BASE, "arch": "swinir_tiny", "norm": "iln", "task": "car_q20"},
-        "hat_car_ln": {**BASE, "norm": "ln", "task": "car_q20"},
-        "hat_car_iln": {**BASE, "norm": "iln", "task": "car_q20"},
-        "released_iln": {**BASE, "arch": "hat", "norm": "iln", "task": "sr_x2"},
+        name: f
+        if isinstance(f, RunInfo)
+        else RunInfo(name=name, **{k: tuple(v) if isinstance(v, list) else v for k, v in f.items()})
+        for name, f in runs.items()
     }
+
+
+def declared_runs() -> dict[str, RunInfo]:
+    # a resolved run of the params file: its unset fields come from its train settings
+    clip = ResolvedRun(
+        name="ln_clip",
+        spec=RunSpec(arch="hat_tiny", norm="ln", task="sr_x2", groups=("table8",)),
+        train=train_settings(grad_clip=1.0, seed=1, batch_size=4, iterations=300),
+    )
+    return infos(
+        {
+            "ln": {**BASE, "norm": "ln", "groups": ["table3", "table4"]},
+            "iln": {**BASE, "norm": "iln", "groups": ["table3", "table4"]},
+            "inorm": {**BASE, "norm": "instancenorm", "groups": ["table1"]},
+            "ln_star": {**BASE, "norm": "ln_star", "groups": ["table3"]},  # declared, never run
+            "ln_rs": {**BASE, "norm": "ln_rs", "groups": ["table3"]},
+            "ln_clip": RunInfo.from_spec("ln_clip", clip),
+            "ln_kld": {**BASE, "norm": "ln", "kld_weight": 0.01, "groups": ["table8"]},
+            "ln_std": {**BASE, "norm": "ln", "stdnorm": True, "groups": ["stdnorm"]},
+            "ln_nostd": {**BASE, "norm": "ln", "groups": ["stdnorm"]},
+            "dn_ln": {**BASE, "norm": "ln", "task": "dn_s15"},
+            "dn_iln": {**BASE, "norm": "iln", "task": "dn_s15"},
+            "sw_car_ln": {**BASE, "arch": "swinir_tiny", "norm": "ln", "task": "car_q20"},
+            "sw_car_iln": {**BASE, "arch": "swinir_tiny", "norm": "iln", "task": "car_q20"},
+            "hat_car_ln": {**BASE, "norm": "ln", "task": "car_q20"},
+            "hat_car_iln": {**BASE, "norm": "iln", "task": "car_q20"},
+            "released_iln": {**BASE, "arch": "hat", "norm": "iln", "task": "sr_x2"},
+        }
+    )
 
 
 BASELINE = {  # runs/bicubic/eval/metrics.json: bicubic for SR, the degraded input otherwise
@@ -414,7 +411,7 @@ def test_table2_pairs_drct_runs_with_drct_runs_only(tmp_path):
         "drct_ln": {**BASE, "arch": "drct_tiny", "norm": "ln"},
     }
     out = tmp_path / "report"
-    build_report(declared, root, out, scale_note="tiny", protocol=PROTOCOL)
+    build_report(infos(declared), root, out, scale_note="tiny", protocol=PROTOCOL)
     rows = read_table(out, "table2")
     drct = "SR x2 / default_test / drct_tiny"
     assert float(cell(rows, drct, "LN PSNR")["ours"]) == 31.0
@@ -566,7 +563,7 @@ def test_figures_are_written_and_skipped_with_the_reason(built, tmp_path):
     root = tmp_path / "runs"
     make_run(root, "ln", norm="ln", train=False)
     runs = {"ln": {**BASE, "norm": "ln", "groups": ["table1"]}}
-    summary = build_report(runs, root, tmp_path / "out", scale_note="-")
+    summary = build_report(infos(runs), root, tmp_path / "out", scale_note="-")
     assert summary["figures"]["fig4_norms_magnitude"] == (
         "skipped: no run in group `table1` (ln) has probes.csv yet"
     )
@@ -587,7 +584,11 @@ def test_crop_panels_are_labelled_figures(tmp_path):
     runs = {n: {**BASE, "norm": n, "groups": []} for n in ("ln", "iln")}
     out = tmp_path / "out"
     summary = build_report(
-        runs, root, out, scale_note="-", pair_dirs=lambda task, s: (pairs / "lq", pairs / "gt")
+        infos(runs),
+        root,
+        out,
+        scale_note="-",
+        pair_dirs=lambda task, s: (pairs / "lq", pairs / "gt"),
     )
     assert summary["figures"]["crops sr_x2/default_test"] == "written"
     assert (out / "figures" / "crops_sr_x2_default_test_a.png").read_bytes().startswith(PNG_MAGIC)
@@ -614,7 +615,7 @@ def test_history_val_psnr_is_optional(tmp_path):
     make_run(tmp_path, "a", norm="ln", val_psnr=True)
     make_run(tmp_path, "b", norm="ln")
     runs = {n: {**BASE, "norm": "ln"} for n in ("a", "b")}
-    results = load_runs(runs, tmp_path)
+    results = load_runs(infos(runs), tmp_path)
     assert results["a"].history_curve("val_psnr") == ([200], [32.0])
     assert results["b"].history_curve("val_psnr") == ([], [])
 
@@ -625,7 +626,7 @@ def test_a_null_metric_reads_as_missing(tmp_path):
     (tmp_path / "ln" / "eval" / "metrics.json").write_text(
         '{"sr_x2/default_test": {"psnr": null, "ssim": 1.0}}'
     )
-    run = load_runs({"ln": {**BASE, "norm": "ln"}}, tmp_path)["ln"]
+    run = load_runs(infos({"ln": {**BASE, "norm": "ln"}}), tmp_path)["ln"]
     assert run.metric("default_test", "psnr") is None
     assert run.metric("default_test", "ssim") == 1.0
 
@@ -633,12 +634,12 @@ def test_a_null_metric_reads_as_missing(tmp_path):
 def test_sets_filter_orders_and_limits_our_columns(tmp_path):
     make_run(tmp_path / "runs", "ln", norm="ln", sets=("default_test", "Set14", "B100"))
     runs = {"ln": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2", "groups": ["table1"]}}
-    results = load_runs(runs, tmp_path / "runs", sets=("B100", "default_test"))
+    results = load_runs(infos(runs), tmp_path / "runs", sets=("B100", "default_test"))
     assert results["ln"].sets() == ["B100", "default_test"]
 
 
 def test_malformed_inputs_name_the_file(tmp_path):
-    runs = {"ln": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2"}}
+    runs = infos({"ln": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2"}})
     make_run(tmp_path, "ln", norm="ln")
     (tmp_path / "ln" / "eval" / "metrics.json").write_text('{"sr_x2/Set5": {"psnr": "high"}}')
     with pytest.raises(ValueError, match=r"metrics\.json.*psnr"):
@@ -656,8 +657,8 @@ def test_malformed_inputs_name_the_file(tmp_path):
     features.write_text(features.read_text().replace("raw,", "final,"))
     with pytest.raises(ValueError, match=r"features\.csv, line \d+: weights must be"):
         load_runs(runs, tmp_path / "b")
-    with pytest.raises(ValueError, match="run 'x'.*norm"):
-        load_runs({"x": {"arch": "hat_tiny", "task": "sr_x2"}}, tmp_path)
+    with pytest.raises(TypeError, match="run 'x': expected a resolved run or a released entry"):
+        load_runs({"x": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2"}}, tmp_path)
 
 
 def test_paper_numbers_file_is_valid_and_strict():
@@ -710,7 +711,7 @@ def test_report_html_embeds_the_figures_and_ends_with_the_mlflow_link(built, tmp
     make_run(root, "ln", norm="ln")
     link = "http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART"
     build_report(
-        {"ln": {**BASE, "norm": "ln"}},
+        infos({"ln": {**BASE, "norm": "ln"}}),
         root,
         tmp_path / "out",
         scale_note="-",

@@ -20,7 +20,7 @@ class Pointwise(nn.Module):
     """Every output pixel a function of the input pixel under it (nearest upsampling): the
     model commutes with every flip and transpose."""
 
-    window_size = 4
+    window_size, in_chans = 4, 3
 
     def __init__(self, scale: int = 2) -> None:
         super().__init__()
@@ -34,7 +34,7 @@ class Pointwise(nn.Module):
 
 
 class Identity(nn.Module):
-    scale, window_size = 1, 4
+    scale, window_size, in_chans = 1, 4, 3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -44,7 +44,7 @@ class Skewed(nn.Module):
     """A 3x3 convolution with random (not symmetric) weights and a pixel shuffle: no flip or
     transpose leaves it unchanged."""
 
-    window_size = 4
+    window_size, in_chans = 4, 3
 
     def __init__(self, scale: int = 2) -> None:
         super().__init__()
@@ -144,9 +144,9 @@ def test_image_job_ensemble_needs_a_model(tmp_path):
 
 def test_report_shows_the_ensemble_beside_each_metric(tmp_path):
     from iln.report import build_report
-    from tests.test_report import BASE, PROTOCOL, make_run, md_row
+    from tests.test_report import BASE, PROTOCOL, infos, make_run, md_row
 
-    runs = {n: {**BASE, "norm": n, "groups": ["table3"]} for n in ("ln", "iln")}
+    runs = infos({n: {**BASE, "norm": n, "groups": ["table3"]} for n in ("ln", "iln")})
     for norm, psnr in (("ln", 30.0), ("iln", 30.5)):
         make_run(tmp_path / "runs", norm, norm=norm, psnr=psnr, sets=("default_test",))
     metrics = tmp_path / "runs" / "iln" / "eval" / "metrics.json"

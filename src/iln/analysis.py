@@ -4,8 +4,8 @@ relative-position-bias tables of the first and last groups (paper Fig. 9).
 
 Works for any model that follows the residual-stream contract (HAT and SwinIR alike):
 `model.norm` with a `bias` of shape (C,), and
-`model.layers[g].residual_group.blocks[b].attn.relative_position_bias_table` of shape
-((2w-1)^2, heads).
+`model.group_blocks(g)[b].attn.relative_position_bias_table` of shape ((2w-1)^2, heads)
+(``iln.models.restorer.WindowedRestorer``).
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ def final_norm_bias(
     A final norm without a bias (identity, ReZero) gives bias NaN: there is none to show.
     """
     model = unwrap(model)
-    norm = getattr(model, "norm", None)
-    if not isinstance(norm, nn.Module):
-        raise AttributeError(f"{type(model).__name__} has no module `norm` (the final norm)")
-    bias = getattr(norm, "bias", None)
+    norm = model.norm
+    bias = getattr(norm, "bias", None)  # None: a final norm without one (identity, ReZero)
     if lq_batch.dim() != 4:
         raise ValueError(f"lq_batch must be (B, 3, H, W), got shape {tuple(lq_batch.shape)}")
     sums: list[torch.Tensor] = []  # each (C,) float64
@@ -168,25 +166,10 @@ def gather_rpb(table: torch.Tensor) -> torch.Tensor:
 
 
 def group_rpb_tables(model: nn.Module, group: int) -> list[torch.Tensor]:
-    """The window-attention bias tables of every block of `model.layers[group]`."""
-    model = unwrap(model)
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise AttributeError(f"{type(model).__name__} has no non-empty nn.ModuleList `layers`")
-    g = group % len(layers)
-    blocks = getattr(getattr(layers[g], "residual_group", None), "blocks", None)
-    if blocks is None or len(blocks) == 0:
-        raise AttributeError(f"model.layers[{g}].residual_group.blocks not found")
-    tables = []
-    for b, block in enumerate(blocks):
-        table = getattr(getattr(block, "attn", None), "relative_position_bias_table", None)
-        if not isinstance(table, torch.Tensor):
-            raise AttributeError(
-                f"model.layers[{g}].residual_group.blocks[{b}]"
-                ".attn.relative_position_bias_table not found"
-            )
-        tables.append(table.detach().cpu().to(torch.float32))
-    return tables
+    """The window-attention bias tables of every block of residual group ``group``
+    (negative: from the end)."""
+    blocks = unwrap(model).group_blocks(group)
+    return [b.attn.relative_position_bias_table.detach().cpu().to(torch.float32) for b in blocks]
 
 
 def plot_rpb(

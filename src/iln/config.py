@@ -29,6 +29,9 @@ class ParamsError(ValueError):
     """A params file does not have the expected shape; the message names the key."""
 
 
+BASELINE = "bicubic"  # the interpolation baseline's name, beside the runs and released entries
+
+
 # --------------------------------------------------------------------------- parsing
 
 INT_LIMIT = 2**63  # every integer must fit a signed 64-bit int (seeds, counts)
@@ -260,17 +263,47 @@ class InitSpec:
             )
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """One member of the experiment grid. Unset fields take the ``train`` defaults."""
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The model a run or a released entry declares: the network (``arch``, ``norm``), the
+    task it restores and the model settings it overrides (``stdnorm`` and ``affine_outer``
+    by name, the rest under ``model``; ``iln.models.resolve_hparams`` fills in the others)."""
 
     arch: str
     norm: str
     task: str
-    groups: tuple[str, ...] = ()
     stdnorm: bool | None = None
     affine_outer: bool | None = None
     model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> int:
+        """Upscaling factor implied by the task (1 for same-size restoration)."""
+        return parse_task(self.task).scale
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The keyword arguments of ``iln.models.build_model`` beyond arch, norm and scale."""
+        overrides = dict(self.model)
+        if self.stdnorm is not None:
+            overrides["stdnorm"] = self.stdnorm
+        if self.affine_outer is not None:
+            overrides["affine_outer"] = self.affine_outer
+        return overrides
+
+    def hparams(self) -> dict[str, Any]:
+        """Every hyperparameter of the network (ValueError for overrides it does not take)."""
+        from iln.models import resolve_hparams  # torch-heavy import only when asked
+
+        return resolve_hparams(
+            self.arch, norm=self.norm, scale=self.scale, **self.model_overrides()
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec(ModelSpec):
+    """One member of the experiment grid. Unset fields take the ``train`` defaults."""
+
+    groups: tuple[str, ...] = ()
     iterations: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -283,14 +316,9 @@ class RunSpec:
     grad_checkpoint: bool | None = None
     init: InitSpec | None = None  # initial weights from another run or a file
 
-    @property
-    def scale(self) -> int:
-        """Upscaling factor implied by the task (1 for same-size restoration)."""
-        return parse_task(self.task).scale
 
-
-@dataclass(frozen=True)
-class ReleasedSpec:
+@dataclass(frozen=True, kw_only=True)
+class ReleasedSpec(ModelSpec):
     """A released checkpoint evaluated and analysed like a trained run, never trained.
 
     ``weights``: a BasicSR-format file (a dict with ``params`` and/or ``params_ema``),
@@ -298,26 +326,8 @@ class ReleasedSpec:
     ``key``: which of the two to load.
     """
 
-    arch: str
-    norm: str
-    task: str
     weights: str
     key: Literal["params_ema", "params"] = "params_ema"
-    stdnorm: bool | None = None
-    affine_outer: bool | None = None
-    model: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def scale(self) -> int:
-        return int(self.task[len("sr_x") :]) if self.task.startswith("sr_x") else 1
-
-    def model_overrides(self) -> dict[str, Any]:
-        overrides = dict(self.model)
-        if self.stdnorm is not None:
-            overrides["stdnorm"] = self.stdnorm
-        if self.affine_outer is not None:
-            overrides["affine_outer"] = self.affine_outer
-        return overrides
 
 
 @dataclass(frozen=True)
@@ -394,12 +404,7 @@ class ResolvedRun:
         return self.spec.scale
 
     def model_overrides(self) -> dict[str, Any]:
-        overrides = dict(self.spec.model)
-        if self.spec.stdnorm is not None:
-            overrides["stdnorm"] = self.spec.stdnorm
-        if self.spec.affine_outer is not None:
-            overrides["affine_outer"] = self.spec.affine_outer
-        return overrides
+        return self.spec.model_overrides()
 
 
 # The `train:` keys a run may override for itself (RunSpec fields of the same name).
@@ -451,9 +456,13 @@ def _check_name(name: str, where: str) -> None:
         raise ParamsError(str(err)) from None
 
 
-def _check_arch_and_norm(spec: RunSpec | ReleasedSpec, where: str) -> None:
+def _check_model(params: Params, name: str, spec: ModelSpec, where: str) -> None:
+    """What a run and a released entry share: a valid name, a known arch and norm, a task
+    the degrade stage produces, overrides that build (``ModelSpec.hparams``) with an
+    evaluation tile that fits the window, and a grey model only on grey test sets."""
     from iln.models import ARCHS, NORMS  # torch-heavy import only when params are loaded
 
+    _check_name(name, where)
     if spec.arch not in ARCHS:
         raise ParamsError(
             f"{where}.arch: unknown arch {spec.arch!r} (choose from {', '.join(ARCHS)})"
@@ -462,6 +471,29 @@ def _check_arch_and_norm(spec: RunSpec | ReleasedSpec, where: str) -> None:
         raise ParamsError(
             f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})"
         )
+    try:
+        parse_task(spec.task, f"{where}.task")
+    except ValueError as err:
+        raise ParamsError(str(err)) from None
+    if spec.task not in params.degrade.tasks:
+        raise ParamsError(
+            f"{where}.task: {spec.task!r} is not produced by the degrade stage "
+            f"(degrade.tasks: {', '.join(params.degrade.tasks)})"
+        )
+    for key in ("stdnorm", "affine_outer"):
+        if key in spec.model:
+            raise ParamsError(f"{where}.model.{key}: set it as {where}.{key}, not under model")
+    try:
+        hp = spec.hparams()
+    except ValueError as err:
+        raise ParamsError(f"{where}.model: {err}") from None
+    colour = [n for n in params.test_sets(spec.task) if n in SETS and not SETS[n].grey]
+    if hp["in_chans"] == 1 and colour:
+        raise ParamsError(
+            f"{where}.model.in_chans: a grey model is scored on grey sets only (Set12, BSD68, "
+            f"Classic5); {', '.join(colour)} are colour (set degrade.task_sets.{spec.task})"
+        )
+    _check_tile(params.evaluate, hp["window_size"], where)
 
 
 def _check_runs(params: Params) -> None:
@@ -476,37 +508,22 @@ def _check_runs(params: Params) -> None:
             )
     for name, spec in params.runs.items():
         where = f"runs.{name}"
-        _check_name(name, where)
-        if name == "bicubic":
+        if name == BASELINE:
             raise ParamsError(f"{where}: 'bicubic' is reserved for the interpolation baseline")
-        _check_arch_and_norm(spec, where)
-        try:
-            task = parse_task(spec.task, f"{where}.task")
-        except ValueError as err:
-            raise ParamsError(str(err)) from None
-        if spec.task not in params.degrade.tasks:
-            raise ParamsError(
-                f"{where}.task: {spec.task!r} is not produced by the degrade stage "
-                f"(degrade.tasks: {', '.join(params.degrade.tasks)})"
-            )
-        _check_run_data(params, where, spec, task.kind)
-        for group in spec.groups:
-            if group not in GROUPS:
-                raise ParamsError(
-                    f"{where}.groups: unknown group {group!r} (choose from {', '.join(GROUPS)})"
-                )
-        for key in ("stdnorm", "affine_outer"):
-            if key in spec.model:
-                raise ParamsError(
-                    f"{where}.model.{key}: set it as runs.{name}.{key}, not under model"
-                )
-        if spec.init is not None:
-            _check_init(params, name, spec.init)
         if spec.model.get("in_chans", 3) != 3:
             raise ParamsError(
                 f"{where}.model.in_chans: grey models are evaluated (released entries, iln "
                 f"restore) but not trained here yet; training takes RGB (in_chans 3)"
             )
+        _check_model(params, name, spec, where)
+        _check_run_data(params, where, spec, parse_task(spec.task).kind)
+        for group in spec.groups:
+            if group not in GROUPS:
+                raise ParamsError(
+                    f"{where}.groups: unknown group {group!r} (choose from {', '.join(GROUPS)})"
+                )
+        if spec.init is not None:
+            _check_init(params, name, spec.init)
         resolve_run(params, name)
     unknown = [s for s in params.report.sets if s not in params.evaluate.sets]
     if unknown:
@@ -574,47 +591,22 @@ def _check_run_data(params: Params, where: str, spec: RunSpec, kind: str) -> Non
 
 
 def _check_released(params: Params) -> None:
-    from iln.models import resolve_hparams
-
     for name, spec in params.released.items():
         where = f"released.{name}"
-        _check_name(name, where)
-        if name == "bicubic" or name in params.runs:
+        if name == BASELINE or name in params.runs:
             raise ParamsError(
                 f"{where}: the name is taken by "
-                + ("the interpolation baseline" if name == "bicubic" else f"runs.{name}")
+                + ("the interpolation baseline" if name == BASELINE else f"runs.{name}")
                 + " (released entries share the runs/<name>/ folders)"
             )
-        _check_arch_and_norm(spec, where)
         if not re.match(r"^(sr_x[234]|dn_s\d+|car_q\d+)$", spec.task):
             raise ParamsError(
                 f"{where}.task: expected sr_x2, sr_x3, sr_x4, dn_s<sigma> or car_q<quality> (the "
                 f"released HAT and SwinIR checkpoints), got {spec.task!r}"
             )
-        if spec.task not in params.degrade.tasks:
-            raise ParamsError(
-                f"{where}.task: {spec.task!r} is not produced by the degrade stage "
-                f"(degrade.tasks: {', '.join(params.degrade.tasks)})"
-            )
+        _check_model(params, name, spec, where)
         if not spec.weights.strip():
             raise ParamsError(f"{where}.weights: give the path of the checkpoint file")
-        for key in ("stdnorm", "affine_outer"):
-            if key in spec.model:
-                raise ParamsError(
-                    f"{where}.model.{key}: set it as released.{name}.{key}, not under model"
-                )
-        try:
-            hp = resolve_hparams(
-                spec.arch, norm=spec.norm, scale=spec.scale, **spec.model_overrides()
-            )
-        except ValueError as err:
-            raise ParamsError(f"{where}.model: {err}") from None
-        colour = [n for n in params.test_sets(spec.task) if n in SETS and not SETS[n].grey]
-        if hp["in_chans"] == 1 and colour:
-            raise ParamsError(
-                f"{where}.model.in_chans: a grey model is scored on grey sets only (Set12, BSD68, "
-                f"Classic5); {', '.join(colour)} are colour (set degrade.task_sets.{spec.task})"
-            )
 
 
 # Keys whose value is a number of threads or processes: at most this many per core.
@@ -636,27 +628,6 @@ def _check_per_core(params: Params, cores: int) -> None:
                 f"{key}: must be <= {limit} ({PER_CORE_LIMIT} x the {cores} cores of this "
                 f"machine), got {value}"
             )
-
-
-def _check_models(params: Params) -> None:
-    """Every run's model overrides build (``iln.models.resolve_hparams``), and the
-    evaluation tile fits every model's window."""
-    from iln.models import resolve_hparams
-
-    for name, spec in params.runs.items():
-        try:
-            hp = resolve_hparams(
-                spec.arch,
-                norm=spec.norm,
-                scale=spec.scale,
-                **resolve_run(params, name).model_overrides(),
-            )
-        except ValueError as err:
-            raise ParamsError(f"runs.{name}.model: {err}") from None
-        _check_tile(params.evaluate, hp["window_size"], f"runs.{name}")
-    for name, spec in params.released.items():
-        hp = resolve_hparams(spec.arch, norm=spec.norm, scale=spec.scale, **spec.model_overrides())
-        _check_tile(params.evaluate, hp["window_size"], f"released.{name}")
 
 
 def _check_tile(settings: EvaluateParams, window: int, where: str) -> None:
@@ -730,7 +701,6 @@ def load_params(path: str | Path, *, cores: int | None = None) -> Params:
         params = parse(Params, raw, "")
         _check_runs(params)
         _check_released(params)
-        _check_models(params)
         _check_per_core(params, cores or os.cpu_count() or 1)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None

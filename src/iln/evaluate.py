@@ -177,7 +177,7 @@ def restore(
     scale = int(model.scale)
     if pad not in PADS:
         raise ValueError(f"pad must be one of {', '.join(PADS)}, got {pad!r}")
-    grey = int(getattr(model, "in_chans", 3)) == 1
+    grey = model.in_chans == 1
     if tile is not None:
         window = int(model.window_size)
         if tile <= 0 or tile % window:

@@ -2,7 +2,7 @@
 
 The paper lists "a KL-divergence regulariser on feature statistics" among the stabilisers
 it tried against LN's feature growth (stable, clearly lower PSNR) without giving its form.
-Ours: for every group output x of shape (B, N, C) (``model.layers[g]``, the points the
+Ours: for every group output x of shape (B, N, C) (``model.residual_groups()``, the points the
 probes measure), per image b,
 
     mu_b = mean over (N, C) of x,   var_b = biased variance over (N, C) of x,
@@ -21,9 +21,13 @@ Captured through forward hooks registered from outside the model for the duratio
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from iln.models.restorer import WindowedRestorer
 
 VAR_EPS = 1e-8  # keeps ln(var) finite for an all-constant feature map
 
@@ -42,7 +46,7 @@ def gaussian_kl(x: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureKL(contextlib.AbstractContextManager):
-    """Forward hooks on every ``model.layers[g]`` while open; ``penalty()`` is the mean
+    """Forward hooks on every residual group of the model while open; ``penalty()`` is the mean
     Gaussian KL of the group outputs recorded since the last ``penalty()`` call.
 
     Usage: ``with FeatureKL(model) as kl:`` around one training forward pass, then
@@ -50,14 +54,8 @@ class FeatureKL(contextlib.AbstractContextManager):
     Gradients flow into the recorded outputs.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        layers = getattr(model, "layers", None)
-        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-            raise AttributeError(
-                f"{type(model).__name__} has no non-empty nn.ModuleList `layers` "
-                "(the residual groups the KL regulariser reads)"
-            )
-        self._layers = list(layers)
+    def __init__(self, model: WindowedRestorer) -> None:
+        self._layers = list(model.residual_groups())
         self._values: list[torch.Tensor] = []  # each (B,)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

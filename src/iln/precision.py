@@ -33,7 +33,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from iln.data.io import read_rgb
 from iln.evaluate import ModelRestorer, central_crop_pairs, restore, summarise
 from iln.layout import PRECISION_MODES
 from iln.metrics import psnr, ssim
+
+if TYPE_CHECKING:
+    from iln.models.restorer import WindowedRestorer
 
 FP16_MAX = 65504.0
 INT8_MAX = 127
@@ -117,14 +120,11 @@ def _abs_max(t: torch.Tensor) -> float:
 
 class FeatureMonitor:
     """Forward hooks recording max |x| and non-finite values in every group output
-    (``model.layers[i]``) and in the model's final output; hooks removed on exit."""
+    (``model.residual_groups()``) and in the model's final output; hooks removed on exit."""
 
-    def __init__(self, model: nn.Module) -> None:
-        if not isinstance(getattr(model, "layers", None), nn.ModuleList):
-            raise ValueError(
-                "model must expose its residual groups as the nn.ModuleList `model.layers`"
-            )
+    def __init__(self, model: WindowedRestorer) -> None:
         self.model = model
+        self._groups = list(model.residual_groups())
         self.max_abs_feature = 0.0
         self.feature_nonfinite = False
         self.output_nonfinite = False
@@ -144,7 +144,7 @@ class FeatureMonitor:
         return self.feature_nonfinite or self.output_nonfinite
 
     def __enter__(self) -> FeatureMonitor:
-        self._handles = [layer.register_forward_hook(self._on_group) for layer in self.model.layers]
+        self._handles = [g.register_forward_hook(self._on_group) for g in self._groups]
         self._handles.append(self.model.register_forward_hook(self._on_output))
         return self
 
@@ -191,7 +191,7 @@ def evaluate_precisions(
     for mode in modes:
         if mode not in PRECISION_MODES:
             raise ValueError(f"unknown precision mode {mode!r}; expected one of {PRECISION_MODES}")
-    if int(getattr(model, "scale", scale)) != scale:
+    if model.scale != scale:
         raise ValueError(f"model.scale={model.scale} but scale={scale} was requested")
     border = scale if crop_border is None else crop_border
     copies = {mode: prepare_model(model, mode, device) for mode in modes}

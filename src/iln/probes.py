@@ -1,9 +1,9 @@
 """Feature statistics of the residual stream, measured through hooks attached from outside.
 
 The model is never modified: forward hooks are registered on the contract's probe points
-(`model.layers[i]` outputs, optionally every `model.layers[i].residual_group.blocks[j]`
-output, and the input of `model.norm`) for one pass over a fixed probe batch and removed
-afterwards, also when the pass raises.
+(the outputs of `model.residual_groups()`, optionally of every block of
+`model.group_blocks(g)`, and the input of `model.norm`) for one pass over a fixed probe
+batch and removed afterwards, also when the pass raises.
 
 Statistics (paper Fig. 1/2/4/7, Table 8), on tokens x of shape (B, N, C), in float64
 because LN features reach 1e6-1e7 and their squares would lose precision in float32:
@@ -27,12 +27,16 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from iln.layout import PROBE_COLUMNS as PROBE_COLUMNS  # the row schema, re-exported
 from iln.runtime import unwrap
+
+if TYPE_CHECKING:
+    from iln.models.restorer import WindowedRestorer
 
 FINAL_NORM_INPUT = "final_norm_in"
 
@@ -158,31 +162,18 @@ class ProbePoint:
     reads_input: bool
 
 
-def probe_points(model: nn.Module, *, per_block: bool = False) -> list[ProbePoint]:
+def probe_points(model: WindowedRestorer, *, per_block: bool = False) -> list[ProbePoint]:
     """The contract's probe points in forward order: [group{g}.block{b}...,] group{g}, ...,
     final_norm_in."""
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise AttributeError(
-            f"{type(model).__name__} has no non-empty nn.ModuleList `layers` "
-            "(the residual groups to probe)"
-        )
     points: list[ProbePoint] = []
-    for g, group in enumerate(layers):
+    for g, group in enumerate(model.residual_groups()):
         if per_block:
-            blocks = getattr(getattr(group, "residual_group", None), "blocks", None)
-            if blocks is None:
-                raise AttributeError(
-                    f"model.layers[{g}].residual_group.blocks not found (per_block=True)"
-                )
             points.extend(
-                ProbePoint(f"group{g}.block{b}", blk, False) for b, blk in enumerate(blocks)
+                ProbePoint(f"group{g}.block{b}", blk, False)
+                for b, blk in enumerate(model.group_blocks(g))
             )
         points.append(ProbePoint(f"group{g}", group, False))
-    norm = getattr(model, "norm", None)
-    if not isinstance(norm, nn.Module):
-        raise AttributeError(f"{type(model).__name__} has no module `norm` (the final norm)")
-    points.append(ProbePoint(FINAL_NORM_INPUT, norm, True))
+    points.append(ProbePoint(FINAL_NORM_INPUT, model.norm, True))
     return points
 
 

@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from torch import nn
 from iln.data.download import ChecksumBook
 from iln.layout import check_run_name
 from iln.models import build_model, load_official_checkpoint
+
+if TYPE_CHECKING:
+    from iln.config import ReleasedSpec
 
 DRIVE_FOLDER = "https://drive.google.com/drive/folders/1vAv1qw_jYsk0TIJhegjrJkYG3Rycey8c"
 BASICSR_KEYS = ("params_ema", "params")
@@ -301,9 +304,9 @@ def load_released(
 
 
 def open_released(
-    spec: Any, name: str, *, root: Path, book: Path, device: torch.device | str
+    spec: ReleasedSpec, name: str, *, root: Path, book: Path, device: torch.device | str
 ) -> tuple[nn.Module, WeightsRecord]:
-    """The model of ``released.<name>`` (a ``ReleasedSpec``): the name checked, the file
+    """The model of ``released.<name>``: the name checked, the file
     verified, loaded, and then pinned in ``book``."""
     try:
         check_run_name(name, f"released.{name}")

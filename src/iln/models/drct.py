@@ -12,7 +12,7 @@ by the std of that block's (concatenated) input; the group's own skip has no nor
 and is not rescaled, like the group skips of HAT and SwinIR (see docs/models.md, "DRCT").
 
 Our module names: ``layers.{g}.residual_group.blocks.{k}`` and ``.adjust.{k}`` (so the
-probes and analyses that walk ``residual_group.blocks`` work); the released code names
+restorer's ``group_blocks`` finds them for the probes and analyses); the released code names
 them ``layers.{g}.swin{k+1}`` and ``layers.{g}.adjust{k+1}`` (``official_key``).
 """
 
@@ -242,8 +242,8 @@ def official_buffers(model: DRCT, img_size: int) -> dict[str, Tensor]:
         img_size, img_size, window, window // 2, device=index.device, dtype=torch.float32
     )
     out: dict[str, Tensor] = {}
-    for g, layer in enumerate(model.layers):
-        for k, block in enumerate(layer.residual_group.blocks):
+    for g in range(len(model.residual_groups())):
+        for k, block in enumerate(model.group_blocks(g)):
             prefix = f"layers.{g}.swin{k + 1}"
             out[f"{prefix}.attn.relative_position_index"] = index.clone()
             if block.shift:

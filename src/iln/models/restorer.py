@@ -32,7 +32,9 @@ class WindowedRestorer(nn.Module):
     features to an ``in_chans``-channel residual added to the encoded input. The encoding
     (``InputNorm``) is affine, so the output is the input plus a residual in image space.
     ``in_chans`` is 3 (RGB) or 1 (greyscale: the official grey models, mean 0).
-    Subclasses pass their groups as ``layers``, run them in ``forward_layers`` and set
+    Subclasses pass their groups as ``layers`` (each with its blocks under
+    ``residual_group.blocks``: ``residual_groups`` / ``group_blocks`` expose them), run
+    them in ``forward_layers`` and set
     ``drop_sites``, the number of stochastic-depth decisions per sample (two per block).
     """
 
@@ -71,6 +73,16 @@ class WindowedRestorer(nn.Module):
             )
             self.upsample = common.upsample_layers(scale)
             self.conv_last = nn.Conv2d(common.NUM_FEAT, in_chans, 3, 1, 1)
+
+    def residual_groups(self) -> nn.ModuleList:
+        """The residual groups in forward order (``layers``): each maps tokens (B, N, C) to
+        tokens, the points the probes, the precision monitor and the KL regulariser read."""
+        return self.layers
+
+    def group_blocks(self, group: int) -> nn.ModuleList:
+        """The transformer blocks of residual group ``group`` (negative: from the end), in
+        forward order; every block has ``attn.relative_position_bias_table``."""
+        return self.layers[group].residual_group.blocks
 
     def forward_layers(self, t: Tensor, ctx: ForwardContext) -> Tensor:
         """Tokens (B, N, C) through every group."""

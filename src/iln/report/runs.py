@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iln.config import ReleasedSpec, ResolvedRun
+from iln.data.params import parse_task
 from iln.files import read_csv_rows
 from iln.layout import (
     ANALYSIS_FIGURES,
@@ -31,7 +33,8 @@ from iln.styles import norm_label, norm_rank
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What the report needs from one declared run (a params.yaml `runs:` entry)."""
+    """What the report needs from one declared run (a params.yaml `runs:` entry, or a
+    `released:` one)."""
 
     name: str
     arch: str
@@ -48,48 +51,39 @@ class RunInfo:
     model: Mapping[str, object] = field(default_factory=dict)  # the run's model overrides
 
     @classmethod
-    def from_spec(cls, name: str, spec: object) -> RunInfo:
-        """From a RunSpec-like object (attributes) or a mapping with the same keys."""
-
-        inner = getattr(spec, "spec", None)  # a resolved run: .spec (RunSpec) and .train
-        train = getattr(spec, "train", None) if inner is not None else None
-        source = inner if inner is not None else spec
-
-        def get(key: str, default: object = None, required: bool = False) -> object:
-            value = None
-            if isinstance(source, Mapping):
-                value = source.get(key)
-            elif hasattr(source, key):
-                value = getattr(source, key)
-            if value is None and train is not None:
-                value = getattr(train, key, None)
-            if value is None and required:
-                raise ValueError(f"run {name!r}: missing required field {key!r}")
-            return default if value is None else value
-
-        groups = get("groups", ()) or ()
-        if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
-            raise ValueError(f"run {name!r}: groups must be a list of names, got {groups!r}")
-        for key in ("arch", "norm", "task"):
-            if not isinstance(get(key, required=True), str):
-                raise ValueError(f"run {name!r}: {key} must be a string")
-        model = get("model", {}) or {}
-        if not isinstance(model, Mapping):
-            raise ValueError(f"run {name!r}: model must be a mapping of overrides, got {model!r}")
-        return cls(
-            name=name,
-            arch=str(get("arch")),
-            norm=str(get("norm")),
-            task=str(get("task")),
-            stdnorm=get("stdnorm"),
-            affine_outer=get("affine_outer"),
-            grad_clip=float(get("grad_clip", 0.0) or 0.0),
-            kld_weight=float(get("kld_weight", 0.0) or 0.0),
-            seed=get("seed"),
-            batch_size=get("batch_size"),
-            iterations=get("iterations"),
-            groups=tuple(groups),
-            model=dict(model),
+    def from_spec(cls, name: str, spec: ResolvedRun | ReleasedSpec) -> RunInfo:
+        """From the params file: a run resolved with its train defaults, or a released entry
+        (never trained here: no training settings)."""
+        if isinstance(spec, ResolvedRun):
+            run, train = spec.spec, spec.train
+            return cls(
+                name=name,
+                arch=run.arch,
+                norm=run.norm,
+                task=run.task,
+                stdnorm=run.stdnorm,
+                affine_outer=run.affine_outer,
+                grad_clip=train.grad_clip,
+                kld_weight=train.kld_weight,
+                seed=train.seed,
+                batch_size=train.batch_size,
+                iterations=train.iterations,
+                groups=run.groups,
+                model=dict(run.model),
+            )
+        if isinstance(spec, ReleasedSpec):
+            return cls(
+                name=name,
+                arch=spec.arch,
+                norm=spec.norm,
+                task=spec.task,
+                stdnorm=spec.stdnorm,
+                affine_outer=spec.affine_outer,
+                model=dict(spec.model),
+            )
+        raise TypeError(
+            f"run {name!r}: expected a resolved run or a released entry of the params file, "
+            f"got {type(spec).__name__}"
         )
 
     @property
@@ -124,10 +118,9 @@ class RunInfo:
 
     @property
     def scale(self) -> int | None:
-        """The SR factor of an sr_x<s> task (None for other tasks)."""
-        if self.task.startswith("sr_x") and self.task[4:].isdigit():
-            return int(self.task[4:])
-        return None
+        """The SR factor of an sr_x<s> task (None for other tasks, real-world SR included)."""
+        task = parse_task(self.task, f"run {self.name!r}: task")
+        return task.scale if task.kind == "sr" else None
 
 
 def _float(text: str, where: str) -> float:
@@ -450,7 +443,8 @@ class RunResults:
 def load_runs(
     runs: Mapping[str, object], runs_dir: Path | str, *, sets: Sequence[str] | None = None
 ) -> dict[str, RunResults]:
-    """RunResults for every declared run (RunSpec-like objects or mappings), in order."""
+    """RunResults for every declared run (a RunInfo, a ResolvedRun or a ReleasedSpec), in
+    order."""
     runs_dir = Path(runs_dir)
     out = {}
     for name, spec in runs.items():
