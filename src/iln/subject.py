@@ -1,19 +1,23 @@
 """What the evaluate and analyze stages work on: a trained run (``runs:``), a released
 checkpoint (``released:``) or the interpolation baseline (``bicubic``), found by its name in
-one place, and the model of a trained or released one opened in one place."""
+one place, and the model of a trained or released one opened in one place. The evaluate and
+analyze stages open models; the report reads the subjects' folders, so this module imports no
+torch until a model is opened."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from iln.config import BASELINE, ModelSpec, Params, ParamsError, ReleasedSpec, RunSpec
 from iln.layout import Layout
-from iln.models.restorer import WindowedRestorer
-from iln.released import WeightsRecord, open_released
-from iln.weights import Weights, load_trained
+
+if TYPE_CHECKING:
+    import torch
+
+    from iln.models.restorer import WindowedRestorer
+    from iln.released import WeightsRecord
+    from iln.weights import Weights
 
 Kind = Literal["trained", "released", "baseline"]
 
@@ -51,6 +55,12 @@ def find_subject(params: Params, name: str) -> Subject:
     )
 
 
+def subjects(params: Params) -> list[Subject]:
+    """Every trained run, then every released entry, in the order params.yaml declares them
+    (the baseline, which has no folder of its own to report on, is not one of them)."""
+    return [find_subject(params, name) for name in [*params.runs, *params.released]]
+
+
 @dataclass(frozen=True)
 class OpenedModel:
     """A subject's network on its device in eval mode, with what the tracking records of it:
@@ -75,6 +85,9 @@ def open_model(
     """The model of a trained run (its ``weights``: the EMA or the trained ones, from
     ``layout.weights``) or of a released entry (the file checked against and pinned in
     ``layout.weights_book``; it has only the one set of weights its ``key`` names)."""
+    from iln.released import open_released  # torch: only once a model is opened
+    from iln.weights import load_trained
+
     spec = subject.spec
     if subject.kind == "trained":
         model, recipe = load_trained(layout.weights(subject.name), device, weights=weights)
