@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.test_pipeline import _run, copy_project_files
+from tests.test_pipeline import _run, command_env, copy_project_files
 from tests.test_tracking import stage_runs
 
 pytestmark = pytest.mark.integration
@@ -71,7 +72,17 @@ def test_the_readme_queue_recipe_runs_two_variants_in_their_own_copies(workspace
     assert "runs/ln/train/model.pt" in before and "checkpoints/ln/checkpoint.pt" in before
     for variant in ("++runs.iln.lr=1.0e-3", "++runs.ln.lr=1.0e-3"):
         _run(["dvc", "exp", "run", "--queue", "-S", variant], workspace)
-    _run(["dvc", "queue", "start", "-j", "2"], workspace)
+    # the workers dvc starts outlive the command and keep its output open: a file, not a pipe
+    with open(workspace / "queue-start.log", "w") as log:
+        started = subprocess.run(
+            ["dvc", "queue", "start", "-j", "2"],
+            cwd=workspace,
+            env=command_env(),
+            stdout=log,
+            stderr=log,
+            timeout=300,
+        )
+    assert started.returncode == 0, (workspace / "queue-start.log").read_text()
     deadline = time.monotonic() + 900
     while True:
         status = _run(["dvc", "queue", "status"], workspace).stdout

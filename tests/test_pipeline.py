@@ -51,12 +51,20 @@ def copy_project_files(root: Path) -> None:
             shutil.copy2(source, target)
 
 
-def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def command_env() -> dict[str, str]:
+    """This environment for dvc and the stages: this venv first, no MLflow/DVC settings of
+    the caller's, one thread."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return env
+
+
+def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        args, cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=900
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
