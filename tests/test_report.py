@@ -25,7 +25,8 @@ from iln.report import (
 from iln.report.build import METRICS_ROW_KEYS
 from iln.report.crops import largest_difference_box
 from iln.report.paper import printed
-from iln.report.tables import MAX_VALUE_COLUMNS, Protocol, fp16_remark
+from iln.report.table import MAX_VALUE_COLUMNS
+from iln.report.tables import Protocol, fp16_remark
 from iln.styles import NORM_STYLES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

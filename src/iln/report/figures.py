@@ -1,15 +1,16 @@
 """Training-dynamics figures from the runs' probes.csv and history.csv: one plot per
-phenomenon, every run overlaid in its norm's fixed colour (iln.styles).
+phenomenon, every run overlaid in its norm's fixed colour (iln.styles); FIGURES lists them.
 
 Each function returns the written path, or None when none of the given runs has the data
-(the caller says why in the report).
+(the report says why).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,129 @@ def depth_width(points: Sequence[SizePoint], path: Path, *, title: str) -> Path 
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return save_figure_atomic(fig, path)
+
+
+def fig2(runs: Sequence[RunResults], path: Path, *, title: str) -> Path | None:
+    return depth_width(size_points(runs), path, title=title)
+
+
+# --------------------------------------------------------------------------- the list
+
+MAGNITUDE = "magnitude: mean x² (log scale)"
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure of the report: figures/<name>.png, drawn from the runs of ``group``
+    (None: one LN, LN*, LN+Rs and i-LN run each), which need ``need`` to be drawn."""
+
+    name: str
+    heading: str
+    caption: str
+    group: str | None
+    need: str  # what the runs must have: the skip reason says so
+    draw: Callable[..., Path | None]  # (runs, path) -> the path, or None: nothing to draw
+    probes: bool = True  # the caption ends with how the probes were measured
+    fig1: bool = False  # the caption quotes the paper's Fig. 1 numbers
+
+
+def _curve(stat: str, title: str, ylabel: str, log: bool = True) -> Callable[..., Path | None]:
+    return partial(stat_vs_iteration, stat=stat, title=title, ylabel=ylabel, log=log)
+
+
+FIGURES: tuple[FigureSpec, ...] = (
+    FigureSpec(
+        "fig1_magnitude_vs_iteration",
+        "Feature magnitude vs iteration (paper Fig. 1, top)",
+        "Per-token LN lets the residual stream grow; i-LN keeps it at a fixed scale.",
+        None,
+        "probes.csv",
+        _curve(
+            "magnitude",
+            "Feature magnitude (mean x²) of the residual stream during training",
+            MAGNITUDE,
+        ),
+        fig1=True,
+    ),
+    FigureSpec(
+        "fig1_entropy_vs_iteration",
+        "Channel entropy vs iteration (paper Fig. 1, bottom)",
+        "Entropy of the per-channel energy: at the ceiling ln C every channel carries the "
+        "same energy; LN's deep groups concentrate it in a few channels.",
+        None,
+        "probes.csv",
+        _curve(
+            "entropy",
+            "Channel entropy of the residual stream during training",
+            "channel entropy (nats)",
+            log=False,
+        ),
+    ),
+    FigureSpec(
+        "fig7_per_group_last_probe",
+        "Every group at the last probe (paper Fig. 7: the ablation)",
+        "Magnitude and entropy of each group's output at the last probe, for LN, LN*, "
+        "LN+Rs and i-LN: which half of i-LN keeps the statistics in check.",
+        None,
+        "probes.csv",
+        partial(
+            per_group_last_probe, title="Depth profile at the last training probe (raw weights)"
+        ),
+    ),
+    FigureSpec(
+        "fig4_norms_magnitude",
+        "Every normalisation layer (paper Fig. 4)",
+        "Feature magnitude of the Table 1 runs.",
+        "table1",
+        "probes.csv",
+        _curve(
+            "magnitude",
+            "Feature magnitude during training, every normalisation (Table 1 runs)",
+            MAGNITUDE,
+        ),
+    ),
+    FigureSpec(
+        "fig8_stabilisers_max_abs",
+        "Other stabilisers: max |x| during training (paper Table 8)",
+        "Whether gradient clipping or the KL regulariser stops LN's features from growing "
+        "(dashed: gradient clipping, dotted: KL regulariser).",
+        "table8",
+        "probes.csv",
+        _curve(
+            "max_abs",
+            "Largest |x| of the residual stream during training (Table 8 runs)",
+            "max |x| (log scale)",
+        ),
+    ),
+    FigureSpec(
+        "fig2_depth_width",
+        "Depth and width (paper Fig. 2)",
+        "The deepest group's feature magnitude and channel entropy at each run's last "
+        "training probe, against depth (Transformer blocks, at the grid's shared width) and "
+        "against width (embedding dimension, at its shared depth); the dashed line is the "
+        "entropy ceiling ln C. The paper's Fig. 2: LN's growth and entropy loss get worse as "
+        "the network grows.",
+        "fig2",
+        "probes.csv of two sizes",
+        partial(fig2, title="Deepest group at the last training probe, against network size"),
+    ),
+    FigureSpec(
+        "figS1_stdnorm_magnitude",
+        "Input standardisation on and off (ours, Table S1)",
+        "Feature magnitude with the input standardised (dash-dot: stdnorm switched "
+        "against the official pairing).",
+        "stdnorm",
+        "probes.csv",
+        _curve("magnitude", "Feature magnitude with stdnorm on and off", MAGNITUDE),
+    ),
+    FigureSpec(
+        "figS2_loss_val_psnr",
+        "Training loss and validation PSNR (ours)",
+        "L1 loss of the weights being trained, and PSNR of the EMA weights on the "
+        "validation images, per run.",
+        None,
+        "history.csv",
+        partial(loss_and_val_psnr, title="Training loss and validation PSNR"),
+        probes=False,
+    ),
+)

@@ -26,7 +26,7 @@ from iln.layout import (
     WEIGHTS_RAW,
     RunFiles,
 )
-from iln.styles import norm_label, norm_rank
+from iln.styles import norm_label
 
 
 @dataclass(frozen=True)
@@ -214,18 +214,22 @@ def read_final_norm(path: Path) -> list[dict[str, float]] | None:
     ]
 
 
-def read_metrics(path: Path) -> dict[str, dict[str, float]] | None:
-    """eval/metrics.json: {"<task>/<set>": {"psnr": .., "ssim": ..}}."""
+def read_metrics(path: Path) -> tuple[dict[str, dict[str, float]] | None, dict | None]:
+    """eval/metrics.json: ({"<task>/<set>": {"psnr": .., "ssim": ..}}, the weights record of a
+    released entry under "released": file, sha256, tile, ... (None for a trained run))."""
     data = _read_json(path)
     if data is None:
-        return None
+        return None, None
     if not isinstance(data, Mapping):
         raise ValueError(
             f"{path}: expected an object {{'<task>/<set>': {{'psnr': .., 'ssim': ..}}}}"
         )
+    record = data.get("released")
+    if record is not None and not isinstance(record, Mapping):
+        raise ValueError(f"{path}: 'released' must be an object (file, sha256, tile, ...)")
     out = {}
     for key, value in data.items():
-        if key == "released":  # a released entry's weights record, read by report.released
+        if key == "released":
             continue
         if "/" not in key or not isinstance(value, Mapping):
             raise ValueError(
@@ -238,7 +242,7 @@ def read_metrics(path: Path) -> dict[str, dict[str, float]] | None:
             if isinstance(number, bool) or not isinstance(number, (int, float)):
                 raise ValueError(f"{path}: {key}.{metric} must be a number, got {number!r}")
             out[key][metric] = float(number)
-    return out
+    return out, None if record is None else dict(record)
 
 
 def read_precision(path: Path) -> dict[str, dict[str, dict[str, object]]] | None:
@@ -303,18 +307,21 @@ class RunResults:
     features: list[dict[str, object]] | None = None
     final_norm: list[dict[str, float]] | None = None
     figures: dict[str, Path] = field(default_factory=dict)
+    weights_record: dict | None = None  # a released entry's weights file, SHA-256, tiling
     report_sets: tuple[str, ...] | None = None  # sets to show, in order (None: all)
 
     @classmethod
     def load(cls, info: RunInfo, folder: Path, *, sets: Sequence[str] | None = None) -> RunResults:
         files = RunFiles(Path(folder))
+        metrics, record = read_metrics(files.metrics)
         return cls(
             info=info,
             folder=files.folder,
             report_sets=None if sets is None else tuple(sets),
             probes=read_probes(files.probes),
             history=read_history(files.history),
-            metrics=read_metrics(files.metrics),
+            metrics=metrics,
+            weights_record=record,
             precision=read_precision(files.precision),
             features=read_features(files.features),
             final_norm=read_final_norm(files.final_norm),
@@ -464,6 +471,4 @@ __all__ = [
     "RunResults",
     "Stats",
     "load_runs",
-    "norm_label",
-    "norm_rank",
 ]

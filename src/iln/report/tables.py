@@ -1,28 +1,23 @@
-"""The paper's tables, numbered and titled as in the paper, rebuilt from our runs with the
-paper's numbers beside ours; plus our own tables, numbered S1, S2, ...
+"""Every table of the report, built from the results read once from the run folders: the
+paper's tables, numbered and titled as in the paper, with the paper's numbers beside ours;
+our own tables, numbered S1, S2, ...; the released checkpoints' tables.
 
-A Table is rows x columns of cells; each cell may hold the paper's value and ours. It
-renders as markdown (a "(paper)" and an "(ours)" column wherever both exist) and as
-long-format CSV (row, column, paper, ours, run, status) for machines. Every table carries one
-sentence on what it shows and what our numbers were measured on (image set, crop, weights,
-scale); the paper's numbers are always shown, our cells say "no run" where there is none.
+Every table carries one sentence on what it shows and what our numbers were measured on
+(image set, crop, weights, scale); the paper's numbers are always shown, our cells say
+"no run" where there is none.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from iln.layout import ENSEMBLE_SUFFIX, PRECISION_MODES, WEIGHTS_EMA, WEIGHTS_RAW
-from iln.report.paper import paper_rows, printed
+from iln.report.paper import paper_number, paper_rows
 from iln.report.runs import RunResults
+from iln.report.table import Column, Table
 from iln.styles import norm_label, norm_rank
 
-TABLE_CSV_COLUMNS: tuple[str, ...] = ("row", "column", "paper", "ours", "run", "status")
-NO_RUN = "no run"
-MISSING = "–"
-MAX_VALUE_COLUMNS = 8  # printed value columns per markdown table part (beside the row names)
 BASELINE_RUN = "bicubic"  # the baseline's folder under runs/ (bicubic SR, degraded input)
 
 # The paper's Table 1 rows, in its order.
@@ -46,14 +41,6 @@ TABLE8_VARIANTS: dict[str, str] = {
 }
 TASK_NAMES: dict[str, str] = {"derain": "deraining"}
 
-_FORMATS: dict[str, Callable[[float], str]] = {
-    "psnr": lambda v: f"{v:.2f}",
-    "ssim": lambda v: f"{v:.4f}",
-    "sci": lambda v: f"{v:.3g}",
-    "entropy": lambda v: f"{v:.3f}",
-    "int": lambda v: f"{int(v)}",
-}
-
 
 def task_name(task: str) -> str:
     """sr_x4 -> "SR x4", realsr_x4 -> "real-world SR x4", dn_s15 -> "colour denoising σ=15",
@@ -69,178 +56,6 @@ def task_name(task: str) -> str:
         if task.startswith(prefix) and task[len(prefix) :].isdigit():
             return name + task[len(prefix) :]
     return task
-
-
-def _escape(text: str) -> str:
-    """A pipe inside a markdown table cell must be escaped (e.g. the "|x|" of max |x|)."""
-    return text.replace("|", "\\|")
-
-
-@dataclass(frozen=True)
-class Column:
-    key: str
-    label: str
-    fmt: str = "sci"  # psnr | ssim | sci | entropy | int | bool | text
-    always_ours: bool = False  # show our sub-column even where no run fills it ("no run")
-
-
-@dataclass
-class Cell:
-    paper: float | str | None = None
-    ours: float | bool | str | None = None
-    run: str | None = None
-
-
-@dataclass
-class Table:
-    key: str  # file stem, e.g. "table2" (the paper's Table 2) or "table_s1_stdnorm" (ours)
-    title: str  # "Table 2: LN vs i-LN across tasks and models"
-    caption: str  # one sentence: what the table shows
-    row_header: str
-    measured: list[str] = field(default_factory=list)  # what our numbers were measured on
-    paper_source: str | None = None
-    columns: list[Column] = field(default_factory=list)
-    rows: list[str] = field(default_factory=list)
-    row_runs: dict[str, list[str]] = field(default_factory=dict)  # row -> our runs ([] = none)
-    cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def add_row(self, row: str, runs: Sequence[str] = ()) -> None:
-        if row not in self.rows:
-            self.rows.append(row)
-            self.row_runs[row] = []
-        for r in runs:
-            if r not in self.row_runs[row]:
-                self.row_runs[row].append(r)
-
-    def add_column(self, column: Column) -> None:
-        if all(c.key != column.key for c in self.columns):
-            self.columns.append(column)
-
-    def cell(self, row: str, column: str) -> Cell:
-        return self.cells.setdefault((row, column), Cell())
-
-    def set_ours(
-        self, row: str, column: Column, value: float | bool | str | None, run: str
-    ) -> None:
-        self.add_column(column)
-        cell = self.cell(row, column.key)
-        cell.ours, cell.run = value, run
-
-    def set_paper(self, row: str, column: Column, value: float | str) -> None:
-        self.add_column(column)
-        self.cell(row, column.key).paper = value
-
-    def has_paper(self, column: str | None = None) -> bool:
-        return any(
-            c.paper is not None for (_, k), c in self.cells.items() if column is None or k == column
-        )
-
-    def has_ours(self, column: str | None = None) -> bool:
-        return any(
-            c.ours is not None for (_, k), c in self.cells.items() if column is None or k == column
-        )
-
-    # ---- rendering
-
-    def _show(self, col: Column) -> tuple[bool, bool]:
-        """(show the paper's sub-column, show ours): ours is left out only where the paper
-        has numbers and no run of ours has any."""
-        paper = self.has_paper(col.key)
-        return paper, col.always_ours or self.has_ours(col.key) or not paper
-
-    def _ours_text(self, row: str, col: Column) -> str:
-        value = self.cells.get((row, col.key), Cell()).ours
-        if value is None:
-            return MISSING if self.row_runs.get(row) else NO_RUN
-        if isinstance(value, str):
-            return value
-        if col.fmt == "bool" or isinstance(value, bool):
-            return "yes" if value else "no"
-        if isinstance(value, float) and math.isnan(value):
-            return "nan"
-        if isinstance(value, float) and math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return _FORMATS.get(col.fmt, _FORMATS["sci"])(value)
-
-    def _paper_text(self, row: str, col: Column) -> str:
-        value = self.cells.get((row, col.key), Cell()).paper
-        return MISSING if value is None else printed(value)
-
-    def _width(self, col: Column) -> int:
-        return sum(self._show(col))
-
-    def column_parts(self) -> list[list[Column]]:
-        """The columns in consecutive parts of at most MAX_VALUE_COLUMNS printed columns each
-        (a column's paper and ours sub-columns stay together), so each part fits a page."""
-        parts: list[list[Column]] = [[]]
-        for col in self.columns:
-            if (
-                parts[-1]
-                and sum(map(self._width, parts[-1])) + self._width(col) > MAX_VALUE_COLUMNS
-            ):
-                parts.append([])
-            parts[-1].append(col)
-        return parts
-
-    def to_markdown(self) -> str:
-        """The table as markdown; a table wider than MAX_VALUE_COLUMNS printed value columns
-        is split into parts (each repeating the row names), so each fits a page."""
-        parts = self.column_parts()
-        if len(parts) == 1:
-            return self._markdown(parts[0])
-        out = []
-        for i, columns in enumerate(parts, 1):
-            out += [f"*Part {i} of {len(parts)}.*", "", self._markdown(columns), ""]
-        return "\n".join(out[:-1])
-
-    def _markdown(self, columns: Sequence[Column]) -> str:
-        header = [self.row_header, "our run(s)"]
-        for col in columns:
-            paper, ours = self._show(col)
-            header += [f"{col.label} (paper)"] if paper else []
-            header += [f"{col.label} (ours)"] if ours else []
-        lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
-        for row in self.rows:
-            cells = [row, ", ".join(self.row_runs.get(row) or []) or NO_RUN]
-            for col in columns:
-                paper, ours = self._show(col)
-                cells += [self._paper_text(row, col)] if paper else []
-                cells += [self._ours_text(row, col)] if ours else []
-            lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
-        return "\n".join(lines)
-
-    def preamble(self) -> list[str]:
-        """The lines above the markdown table: what it shows, what it was measured on."""
-        lines = [f"*What it shows:* {self.caption}"]
-        if self.measured:
-            lines += ["", "*Ours measured on:* " + " ".join(self.measured)]
-        if self.paper_source:
-            lines += ["", f"*Paper:* {self.paper_source}"]
-        return lines
-
-    def csv_rows(self) -> list[dict[str, object]]:
-        out = []
-        for row in self.rows:
-            for col in self.columns:
-                cell = self.cells.get((row, col.key), Cell())
-                if cell.ours is not None:
-                    status = "ok"
-                elif not self.row_runs.get(row):
-                    status = NO_RUN
-                else:
-                    status = "missing"
-                out.append(
-                    {
-                        "row": row,
-                        "column": col.label,
-                        "paper": None if cell.paper is None else printed(cell.paper),
-                        "ours": cell.ours,
-                        "run": cell.run or ", ".join(self.row_runs.get(row) or []),
-                        "status": status,
-                    }
-                )
-        return out
 
 
 # --------------------------------------------------------------------------------------
@@ -711,28 +526,18 @@ def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
     picked = []
     for norm in norms:
         run = pick_run(results, norm, groups=("table4",), need=lambda r: bool(r.precision))
-        modes = set((run.precision or {}) if run else ()) | {
-            p["precision"] for p in prows if p["norm"] == norm
-        }
-        order = sorted(
-            modes, key=lambda m: PRECISION_MODES.index(m) if m in PRECISION_MODES else 99
-        )
+        paper_modes = [p["precision"] for p in prows if p["norm"] == norm]
+        modes = _modes([*(run.precision if run else ()), *paper_modes])
         if run is not None:
             picked.append(run)
-        for mode in order or PRECISION_MODES[:1]:
+        for mode in modes or PRECISION_MODES[:1]:
             row = f"{norm_label(norm)} / {mode}"
             table.add_row(row, [run.info.name] if run else [])
             for p in prows:
                 if p["norm"] == norm and p["precision"] == mode:
                     table.set_paper(row, _metric_column(p["set"], "psnr"), p["psnr"])
-            for set_name, entry in ((run.precision or {}).get(mode) or {}).items() if run else ():
-                table.set_ours(row, _metric_column(set_name, "psnr"), entry["psnr"], run.info.name)
-                table.set_ours(
-                    row,
-                    Column(f"{set_name}:overflow", f"{set_name} overflow", "bool"),
-                    entry["overflow"],
-                    run.info.name,
-                )
+            if run is not None:
+                _fill_precision(table, row, run, mode)
     for run in picked:
         if run.info.norm == "ln":
             remark = fp16_remark(run.precision)
@@ -756,6 +561,19 @@ def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         "in the forward pass."
     )
     return table
+
+
+def _modes(modes: Sequence[str]) -> list[str]:
+    """The precision modes present, in iln.layout.PRECISION_MODES order."""
+    return [m for m in PRECISION_MODES if m in modes]
+
+
+def _fill_precision(table: Table, row: str, run: RunResults, mode: str) -> None:
+    """Our PSNR and overflow per set in one precision mode."""
+    for set_name, entry in ((run.precision or {}).get(mode) or {}).items():
+        table.set_ours(row, _metric_column(set_name, "psnr"), entry["psnr"], run.info.name)
+        overflow = Column(f"{set_name}:overflow", f"{set_name} overflow", "bool")
+        table.set_ours(row, overflow, entry["overflow"], run.info.name)
 
 
 FP16_COLLAPSE_DB = 1.0  # an fp16 PSNR this far below fp32 counts as LN's collapse
@@ -880,53 +698,31 @@ def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
 # Our own tables (S1, S2, ...)
 
 
-def stdnorm_table(results: Mapping[str, RunResults], protocol: Protocol) -> Table:
-    """Ours: the input-standardisation confound (LN / i-LN x stdnorm on / off)."""
-    table = Table(
-        key="table_s1_stdnorm",
-        title="Table S1: input standardisation (stdnorm) on and off (ours, not in the paper)",
-        caption="The official i-LN models standardise the input and the official LN baselines "
-        "do not; this separates that switch from the normalisation itself.",
-        row_header="normalisation / stdnorm",
-    )
-    runs = runs_in_group(results, "stdnorm")
-    for run in runs:
-        row = f"{norm_label(run.info.norm)} / stdnorm {'on' if run.info.stdnorm_on else 'off'}"
-        if row in table.rows:
-            row = f"{row} [{run.info.name}]"
-        table.add_row(row, [run.info.name])
-        _fill_sets(table, row, run)
-        _fill_features(table, row, run)
-    table.measured = [measured_eval(runs, protocol), measured_features(runs, protocol)]
-    return table
-
-
-def runs_table(
+def _group_table(
     results: Mapping[str, RunResults],
     protocol: Protocol,
-    *,
+    table: Table,
     group: str,
-    key: str,
-    title: str,
-    caption: str,
+    row_of: Callable[[RunResults], str],
 ) -> Table:
-    """Ours: one row per run of a group (seeds, batch size), PSNR/SSIM and features."""
-    table = Table(key=key, title=title, caption=caption, row_header="run")
+    """Ours: one row per run of a group, PSNR/SSIM and features."""
     runs = runs_in_group(results, group)
     for run in runs:
-        extra = []
-        if run.info.seed is not None:
-            extra.append(f"seed {run.info.seed}")
-        if run.info.batch_size is not None:
-            extra.append(f"batch {run.info.batch_size}")
-        row = f"{run.info.label} ({', '.join(extra)})" if extra else run.info.label
-        if row in table.rows:
-            row = f"{row} [{run.info.name}]"
+        row = row_of(run)
+        row = f"{row} [{run.info.name}]" if row in table.rows else row
         table.add_row(row, [run.info.name])
         _fill_sets(table, row, run)
         _fill_features(table, row, run)
     table.measured = [measured_eval(runs, protocol), measured_features(runs, protocol)]
     return table
+
+
+def _run_row(run: RunResults) -> str:
+    """The run's label with its seed and batch size: "LN + grad clip 1 (seed 1, batch 4)"."""
+    info = run.info
+    extra = [f"seed {info.seed}"] if info.seed is not None else []
+    extra += [f"batch {info.batch_size}"] if info.batch_size is not None else []
+    return f"{info.label} ({', '.join(extra)})" if extra else info.label
 
 
 def all_runs_table(results: Mapping[str, RunResults], protocol: Protocol) -> Table:
@@ -938,24 +734,22 @@ def all_runs_table(results: Mapping[str, RunResults], protocol: Protocol) -> Tab
         "feature statistics for both the raw and the EMA weights.",
         row_header="run",
     )
+    steps = (
+        Column("iterations", "iterations", "int"),
+        Column("last_step", "last probed/logged step", "int"),
+        Column("sec_per_step", "s/step", "sci"),
+    )
     done = [r for r in results.values() if r.has_results]
     for run in results.values():
         row = f"{run.info.name}: {run.info.arch} {run.info.label} {run.info.task}"
         table.add_row(row, [run.info.name] if run.has_results else [])
-        table.add_column(Column("iterations", "iterations", "int"))
-        table.add_column(Column("last_step", "last probed/logged step", "int"))
-        table.add_column(Column("sec_per_step", "s/step", "sci"))
-        if not run.has_results:
-            continue
-        name = run.info.name
-        table.set_ours(row, Column("iterations", "iterations", "int"), run.info.iterations, name)
-        table.set_ours(
-            row, Column("last_step", "last probed/logged step", "int"), run.last_step(), name
-        )
-        table.set_ours(
-            row, Column("sec_per_step", "s/step", "sci"), run.mean_seconds_per_step(), name
-        )
-        _fill_sets(table, row, run, metrics=("psnr",))
+        for col in steps:
+            table.add_column(col)
+        if run.has_results:
+            values = (run.info.iterations, run.last_step(), run.mean_seconds_per_step())
+            for col, value in zip(steps, values, strict=True):
+                table.set_ours(row, col, value, run.info.name)
+            _fill_sets(table, row, run, metrics=("psnr",))
     for run, row in zip(results.values(), table.rows, strict=True):
         if run.has_results:
             _fill_features(table, row, run)
@@ -970,3 +764,197 @@ TIMING_NOTE = (
     "no speed comparison between norms. Speeds are measured under controlled load by the "
     "benchmarks (benchmarks/)."
 )
+
+
+def report_tables(
+    results: Mapping[str, RunResults],
+    paper: Mapping,
+    protocol: Protocol,
+    baseline: Baseline | None,
+) -> list[tuple[Table, str | None]]:
+    """Every table of the report in its order, each with the group whose runs it needs to be
+    shown at all (None: always shown, with the paper's numbers where no run fills it)."""
+    return [
+        (table1(results, paper, protocol, baseline), None),
+        (table2(results, paper, protocol, baseline), None),
+        (table3(results, paper, protocol, baseline), None),
+        (table4(results, paper, protocol), None),
+        (table6(results, paper, protocol), None),
+        (table8(results, paper, protocol), None),
+        (
+            _group_table(
+                results,
+                protocol,
+                Table(
+                    key="table_s1_stdnorm",
+                    title="Table S1: input standardisation (stdnorm) on and off (ours, not in "
+                    "the paper)",
+                    caption="The official i-LN models standardise the input and the official "
+                    "LN baselines do not; this separates that switch from the normalisation "
+                    "itself.",
+                    row_header="normalisation / stdnorm",
+                ),
+                "stdnorm",
+                lambda r: f"{norm_label(r.info.norm)} / stdnorm "
+                + ("on" if r.info.stdnorm_on else "off"),
+            ),
+            "stdnorm",
+        ),
+        (
+            _group_table(
+                results,
+                protocol,
+                Table(
+                    key="table_s2_seeds",
+                    title="Table S2: seeds (ours)",
+                    caption="The same setting trained from different seeds: how much of a "
+                    "difference between norms is noise.",
+                    row_header="run",
+                ),
+                "seeds",
+                _run_row,
+            ),
+            "seeds",
+        ),
+        (
+            _group_table(
+                results,
+                protocol,
+                Table(
+                    key="table_s3_batch",
+                    title="Table S3: batch size (ours)",
+                    caption="The same setting trained at different batch sizes.",
+                    row_header="run",
+                ),
+                "batch",
+                _run_row,
+            ),
+            "batch",
+        ),
+        (all_runs_table(results, protocol), None),
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# The authors' released checkpoints (`released:` in params.yaml)
+
+
+def released_model(run: RunResults) -> str:
+    """ "hat_1 LN x4 no stdnorm": the arch, norm, scale and stdnorm of a released entry."""
+    info = run.info
+    parts = [info.arch, norm_label(info.norm), f"x{info.scale}" if info.scale else info.task]
+    if info.stdnorm is not None:
+        parts.append("stdnorm" if info.stdnorm else "no stdnorm")
+    return " ".join(parts)
+
+
+def _evaluation(record: Mapping) -> str:
+    tile = int(record.get("tile") or 0)
+    if tile:
+        return f"tiled ({tile} px LR tiles, {int(record.get('tile_overlap') or 0)} overlap)"
+    return "whole image"
+
+
+def released_tables(
+    results: Mapping[str, RunResults], weights: Mapping[str, str], paper: Mapping
+) -> list[Table]:
+    """The released entries' PSNR / SSIM beside the paper's number for the same arch, norm,
+    scale and set (with the weights file, its SHA-256 and whether the number was tiled), the
+    final model's feature statistics, and the inference-precision table. ``weights``: entry
+    -> its declared weights file (shown until the entry is evaluated)."""
+    scores = Table(
+        key="released",
+        title="Released checkpoints: PSNR / SSIM beside the paper",
+        caption="The authors' weights evaluated without training, against the paper's "
+        "number for the same arch, norm, scale and set where the paper has one.",
+        row_header="model / set",
+        measured=[
+            "PSNR / SSIM on Y, border = scale, output rounded to uint8; whole image with "
+            "reflect padding at the bottom/right to a multiple of the window (the authors' "
+            "test protocol) unless the evaluation column says tiled."
+        ],
+    )
+    features = Table(
+        key="released_features",
+        title="Released checkpoints: final-model features",
+        caption="Feature statistics of each released model on the probe images (Fig. 1's "
+        "end point; max |x| as in Table 8): where LN's large magnitudes show.",
+        row_header="model",
+    )
+    precision = Table(
+        key="released_precision",
+        title="Released checkpoints: inference precision",
+        caption="PSNR in dB of each released model run in lower precision (Table 4 style).",
+        row_header="model / precision",
+    )
+    sources: set[str] = set()
+    crops: set[int] = set()
+    for name, run in results.items():
+        model, record = released_model(run), run.weights_record or {}
+        rows = {f"{model} / {s}": s for s in run.sets()} or {f"{model} / not evaluated yet": ""}
+        for row, set_name in rows.items():
+            scores.add_row(row, [name])
+            for metric in ("psnr", "ssim") if set_name else ():
+                column = Column(metric, metric.upper(), metric, always_ours=True)
+                found = paper_number(
+                    paper,
+                    arch=run.info.arch,
+                    norm=run.info.norm,
+                    task=run.info.task,
+                    set_name=set_name,
+                    metric=metric,
+                )
+                if found is not None:
+                    scores.set_paper(row, column, found[0])
+                    sources.add(found[1])
+                scores.set_ours(row, column, run.metric(set_name, metric), name)
+                x8 = run.metric(set_name, metric + ENSEMBLE_SUFFIX)
+                if x8 is not None:
+                    column = Column(metric + ENSEMBLE_SUFFIX, f"{metric.upper()} x8", metric)
+                    scores.set_ours(row, column, x8, name)
+        if run.stats(WEIGHTS_EMA) is not None:
+            features.add_row(model, [name])
+            features.set_ours(
+                model,
+                Column("layer", "deepest group", "text"),
+                run.deepest_layer(WEIGHTS_EMA),
+                name,
+            )
+            for key, label, fmt in (
+                ("magnitude", "mean x^2", "sci"),
+                ("max_abs", "max |x|", "sci"),
+                ("entropy", "entropy", "entropy"),
+                ("entropy_ceiling", "entropy ceiling ln C", "entropy"),
+            ):
+                value = run.final_stat(key, WEIGHTS_EMA)
+                features.set_ours(model, Column(key, label, fmt), value, name)
+            any_layer = Column("max_abs_any", "max |x|, any layer", "sci")
+            features.set_ours(model, any_layer, run.final_max_abs(WEIGHTS_EMA), name)
+        for mode in _modes(list(run.precision or {})):
+            precision.add_row(f"{model} / {mode}", [name])
+            _fill_precision(precision, f"{model} / {mode}", run, mode)
+        if record.get("precision_crop"):
+            crops.add(int(record["precision_crop"]))
+    for name, run in results.items():  # the weights after the numbers
+        record = run.weights_record or {}
+        for row in (r for r in scores.rows if scores.row_runs[r] == [name]):
+            evaluation = _evaluation(record) if run.sets() else None
+            scores.set_ours(row, Column("evaluation", "evaluation", "text"), evaluation, name)
+            file = record.get("file") or weights[name]
+            scores.set_ours(row, Column("file", "weights file", "text"), file, name)
+            digest = record.get("sha256")
+            scores.set_ours(row, Column("sha256", "SHA-256", "digest"), digest, name)
+    scores.notes += ["SHA-256: its first 12 hex digits here, all of it in the CSV."]
+    if scores.has_ours("psnr" + ENSEMBLE_SUFFIX) or scores.has_ours("ssim" + ENSEMBLE_SUFFIX):
+        scores.notes.append(
+            "x8: the self-ensemble (evaluate.self_ensemble: the 8 flips / transposes of each "
+            "input, outputs transformed back and averaged before rounding; the paper reports "
+            "none)."
+        )
+    scores.notes += [f"{k}: {paper['tables'][k]['source']}" for k in sorted(sources)]
+    precision.notes += [
+        f"Measured on central {crop} px LR crops of the test images (evaluate.precision_crop), "
+        "not whole images."
+        for crop in sorted(crops)
+    ]
+    return [t for t in (scores, features, precision) if t.rows]
