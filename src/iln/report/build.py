@@ -18,8 +18,7 @@ from iln.report.table import pipe_table, write_table
 from iln.report.tables import Protocol
 from iln.styles import norm_label, norm_rank, norm_style
 
-ABLATION_NORMS: tuple[str, ...] = ("ln", "ln_star", "ln_rs", "iln")
-BASELINE_RUN = "bicubic"
+ABLATION_NORMS: tuple[str, ...] = tables.TABLE3_NORMS  # LN, LN*, LN+Rs, i-LN
 
 
 def _finite(value: object) -> float | None:
@@ -210,7 +209,7 @@ def _crop_sections(
         scale = picks[0].info.scale
         for dataset in sets or sorted({s for p in picks for s in p.sets()}):
             labels = {p.info.norm: f"{norm_label(p.info.norm)} ({p.info.name})" for p in picks}
-            samples = {"Bicubic": RunFiles(runs_dir / BASELINE_RUN).samples(task, dataset)}
+            samples = {"Bicubic": RunFiles(runs_dir / tables.BASELINE_RUN).samples(task, dataset)}
             samples |= {
                 labels[p.info.norm]: RunFiles(p.folder).samples(task, dataset) for p in picks
             }

@@ -33,6 +33,15 @@ TABLE1_NORMS: tuple[str, ...] = (
     "iln",
 )
 TABLE3_NORMS: tuple[str, ...] = ("ln", "ln_star", "ln_rs", "iln")
+TABLE1_CAPTION = (
+    "Each normalisation layer in the same Transformer: restoration quality and the deepest "
+    "group's feature magnitude and channel entropy, which per-token LN drives up and down "
+    "respectively."
+)
+TABLE3_CAPTION = (
+    "Which half of i-LN does what: LN* normalises each image as a whole, LN+Rs rescales each "
+    "residual branch by the input's std, i-LN does both."
+)
 TABLE8_VARIANTS: dict[str, str] = {
     "ln": "LN",
     "ln_gradclip": "LN + gradient clipping",
@@ -289,18 +298,18 @@ def _baseline_rows(table: Table, runs: Sequence[RunResults], baseline: Baseline 
 
 def _norm_rows_table(
     key: str,
-    paper: Mapping,
     caption: str,
     norms: Sequence[str],
-    group: str,
     results: Mapping[str, RunResults],
+    paper: Mapping,
     protocol: Protocol,
-    baseline: Baseline | None = None,
+    baseline: Baseline | None,
 ) -> Table:
-    """Rows = norms; the paper's per-set numbers and findings, our per-set numbers and final
-    feature statistics (raw and EMA). Our run of a norm: one in `group` if any, else the
-    most representative run of that norm (named in the "our run(s)" column). The last row
-    is the baseline (bicubic for SR, the degraded input otherwise) on the same sets."""
+    """Tables 1 and 3: rows = norms; the paper's per-set numbers and findings, our per-set
+    numbers and final feature statistics (raw and EMA). Our run of a norm: one in the group
+    named like the table (`table1`, `table3`) if any, else the most representative run of
+    that norm (named in the "our run(s)" column). The last row is the baseline (bicubic for
+    SR, the degraded input otherwise) on the same sets."""
     block = _paper_table(paper, key)
     table = Table(
         key=key,
@@ -309,6 +318,7 @@ def _norm_rows_table(
         row_header="normalisation",
         paper_source=_paper_source(block),
     )
+    group = key
     extra = [r.info.norm for r in runs_in_group(results, group) if r.info.norm not in norms]
     picked: list[RunResults] = []
     for norm in [*norms, *dict.fromkeys(extra)]:
@@ -332,47 +342,6 @@ def _norm_rows_table(
             f"run of that norm from the rest of the grid ({', '.join(borrowed)})."
         )
     return table
-
-
-def table1(
-    results: Mapping[str, RunResults],
-    paper: Mapping,
-    protocol: Protocol,
-    baseline: Baseline | None = None,
-) -> Table:
-    """Every normalisation layer on the same model and task (the paper's Table 1)."""
-    return _norm_rows_table(
-        "table1",
-        paper,
-        "Each normalisation layer in the same Transformer: restoration quality and the "
-        "deepest group's feature magnitude and channel entropy, which per-token LN drives up "
-        "and down respectively.",
-        TABLE1_NORMS,
-        "table1",
-        results,
-        protocol,
-        baseline,
-    )
-
-
-def table3(
-    results: Mapping[str, RunResults],
-    paper: Mapping,
-    protocol: Protocol,
-    baseline: Baseline | None = None,
-) -> Table:
-    """The LN / LN* / LN+Rs / i-LN ablation (the paper's Table 3)."""
-    return _norm_rows_table(
-        "table3",
-        paper,
-        "Which half of i-LN does what: LN* normalises each image as a whole, LN+Rs rescales "
-        "each residual branch by the input's std, i-LN does both.",
-        TABLE3_NORMS,
-        "table3",
-        results,
-        protocol,
-        baseline,
-    )
 
 
 def _pair_columns(table: Table) -> dict[str, Column]:
@@ -774,10 +743,11 @@ def report_tables(
 ) -> list[tuple[Table, str | None]]:
     """Every table of the report in its order, each with the group whose runs it needs to be
     shown at all (None: always shown, with the paper's numbers where no run fills it)."""
+    common = (results, paper, protocol)
     return [
-        (table1(results, paper, protocol, baseline), None),
+        (_norm_rows_table("table1", TABLE1_CAPTION, TABLE1_NORMS, *common, baseline), None),
         (table2(results, paper, protocol, baseline), None),
-        (table3(results, paper, protocol, baseline), None),
+        (_norm_rows_table("table3", TABLE3_CAPTION, TABLE3_NORMS, *common, baseline), None),
         (table4(results, paper, protocol), None),
         (table6(results, paper, protocol), None),
         (table8(results, paper, protocol), None),
