@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from iln.models import resolve_hparams
 from iln.plotting import log_axis, new_figure, save_figure_atomic
 from iln.report.runs import RunResults
 from iln.styles import (
@@ -224,22 +223,21 @@ class SizePoint:
 
 def size_points(runs: Sequence[RunResults]) -> list[SizePoint]:
     """The deepest group's magnitude and entropy at each run's last training probe, with the
-    run's network size (its preset and model overrides, resolved as the model builds them)."""
+    network size that train/summary.json records (runs without it are left out)."""
     points = []
     for run in _with_probes(runs):
-        hp = resolve_hparams(
-            run.info.arch, norm=run.info.norm, scale=run.info.scale or 1, **run.info.model
-        )
+        if run.model is None:
+            continue
         step, deepest = run.last_probe_step(), run.group_layers()[-1]
         row = next(r for r in run.probes if r["step"] == step and r["layer"] == deepest)
-        depths = hp["depths"]
+        depths = run.model["depths"]
         points.append(
             SizePoint(
                 run=run.info.name,
                 norm=run.info.norm,
                 groups=len(depths),
                 blocks=max(depths),
-                width=int(hp["embed_dim"]),
+                width=run.model["embed_dim"],
                 magnitude=float(row["magnitude"]),
                 entropy=float(row["entropy"]),
             )
