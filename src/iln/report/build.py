@@ -133,8 +133,7 @@ def _scale_lines(results: Mapping[str, RunResults], scale_note: str) -> list[str
     done = [r for r in results.values() if r.has_results]
 
     def values(get: Callable[[RunResults], object]) -> str:
-        found = sorted({str(v) for r in done if (v := get(r)) is not None})
-        return ", ".join(found) if found else "–"
+        return tables.joined([get(r) for r in done])
 
     speeds = [s for r in done if (s := r.mean_seconds_per_step()) is not None]
     return [

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -312,13 +311,10 @@ def depth_width(points: Sequence[SizePoint], path: Path, *, title: str) -> Path 
     return save_figure_atomic(fig, path)
 
 
-def fig2(runs: Sequence[RunResults], path: Path, *, title: str) -> Path | None:
-    return depth_width(size_points(runs), path, title=title)
-
-
 # --------------------------------------------------------------------------- the list
 
 MAGNITUDE = "magnitude: mean x² (log scale)"
+Draw = Callable[[Sequence[RunResults], Path], Path | None]
 
 
 @dataclass(frozen=True)
@@ -329,15 +325,17 @@ class FigureSpec:
     name: str
     heading: str
     caption: str
-    group: str | None
-    need: str  # what the runs must have: the skip reason says so
-    draw: Callable[..., Path | None]  # (runs, path) -> the path, or None: nothing to draw
+    draw: Draw  # (runs, path) -> the path, or None: nothing to draw
+    group: str | None = None
+    need: str = "probes.csv"  # what the runs must have: the skip reason says so
     probes: bool = True  # the caption ends with how the probes were measured
     fig1: bool = False  # the caption quotes the paper's Fig. 1 numbers
 
 
-def _curve(stat: str, title: str, ylabel: str, log: bool = True) -> Callable[..., Path | None]:
-    return partial(stat_vs_iteration, stat=stat, title=title, ylabel=ylabel, log=log)
+def _curve(stat: str, title: str, ylabel: str = MAGNITUDE, log: bool = True) -> Draw:
+    return lambda runs, path: stat_vs_iteration(
+        runs, path, stat=stat, title=title, ylabel=ylabel, log=log
+    )
 
 
 FIGURES: tuple[FigureSpec, ...] = (
@@ -345,13 +343,7 @@ FIGURES: tuple[FigureSpec, ...] = (
         "fig1_magnitude_vs_iteration",
         "Feature magnitude vs iteration (paper Fig. 1, top)",
         "Per-token LN lets the residual stream grow; i-LN keeps it at a fixed scale.",
-        None,
-        "probes.csv",
-        _curve(
-            "magnitude",
-            "Feature magnitude (mean x²) of the residual stream during training",
-            MAGNITUDE,
-        ),
+        _curve("magnitude", "Feature magnitude (mean x²) of the residual stream during training"),
         fig1=True,
     ),
     FigureSpec(
@@ -359,8 +351,6 @@ FIGURES: tuple[FigureSpec, ...] = (
         "Channel entropy vs iteration (paper Fig. 1, bottom)",
         "Entropy of the per-channel energy: at the ceiling ln C every channel carries the "
         "same energy; LN's deep groups concentrate it in a few channels.",
-        None,
-        "probes.csv",
         _curve(
             "entropy",
             "Channel entropy of the residual stream during training",
@@ -373,36 +363,30 @@ FIGURES: tuple[FigureSpec, ...] = (
         "Every group at the last probe (paper Fig. 7: the ablation)",
         "Magnitude and entropy of each group's output at the last probe, for LN, LN*, "
         "LN+Rs and i-LN: which half of i-LN keeps the statistics in check.",
-        None,
-        "probes.csv",
-        partial(
-            per_group_last_probe, title="Depth profile at the last training probe (raw weights)"
+        lambda runs, path: per_group_last_probe(
+            runs, path, title="Depth profile at the last training probe (raw weights)"
         ),
     ),
     FigureSpec(
         "fig4_norms_magnitude",
         "Every normalisation layer (paper Fig. 4)",
         "Feature magnitude of the Table 1 runs.",
-        "table1",
-        "probes.csv",
         _curve(
-            "magnitude",
-            "Feature magnitude during training, every normalisation (Table 1 runs)",
-            MAGNITUDE,
+            "magnitude", "Feature magnitude during training, every normalisation (Table 1 runs)"
         ),
+        group="table1",
     ),
     FigureSpec(
         "fig8_stabilisers_max_abs",
         "Other stabilisers: max |x| during training (paper Table 8)",
         "Whether gradient clipping or the KL regulariser stops LN's features from growing "
         "(dashed: gradient clipping, dotted: KL regulariser).",
-        "table8",
-        "probes.csv",
         _curve(
             "max_abs",
             "Largest |x| of the residual stream during training (Table 8 runs)",
             "max |x| (log scale)",
         ),
+        group="table8",
     ),
     FigureSpec(
         "fig2_depth_width",
@@ -412,27 +396,29 @@ FIGURES: tuple[FigureSpec, ...] = (
         "against width (embedding dimension, at its shared depth); the dashed line is the "
         "entropy ceiling ln C. The paper's Fig. 2: LN's growth and entropy loss get worse as "
         "the network grows.",
-        "fig2",
-        "probes.csv of two sizes",
-        partial(fig2, title="Deepest group at the last training probe, against network size"),
+        lambda runs, path: depth_width(
+            size_points(runs),
+            path,
+            title="Deepest group at the last training probe, against network size",
+        ),
+        group="fig2",
+        need="probes.csv of two sizes",
     ),
     FigureSpec(
         "figS1_stdnorm_magnitude",
         "Input standardisation on and off (ours, Table S1)",
         "Feature magnitude with the input standardised (dash-dot: stdnorm switched "
         "against the official pairing).",
-        "stdnorm",
-        "probes.csv",
-        _curve("magnitude", "Feature magnitude with stdnorm on and off", MAGNITUDE),
+        _curve("magnitude", "Feature magnitude with stdnorm on and off"),
+        group="stdnorm",
     ),
     FigureSpec(
         "figS2_loss_val_psnr",
         "Training loss and validation PSNR (ours)",
         "L1 loss of the weights being trained, and PSNR of the EMA weights on the "
         "validation images, per run.",
-        None,
-        "history.csv",
-        partial(loss_and_val_psnr, title="Training loss and validation PSNR"),
+        lambda runs, path: loss_and_val_psnr(runs, path, title="Training loss and validation PSNR"),
+        need="history.csv",
         probes=False,
     ),
 )

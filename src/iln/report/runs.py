@@ -462,11 +462,3 @@ def load_runs(
         info = spec if isinstance(spec, RunInfo) else RunInfo.from_spec(name, spec)
         out[name] = RunResults.load(info, runs_dir / name, sets=sets)
     return out
-
-
-__all__ = [
-    "RunInfo",
-    "RunResults",
-    "Stats",
-    "load_runs",
-]

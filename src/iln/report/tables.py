@@ -82,7 +82,8 @@ class Protocol:
     ema_decay: float | None = None
 
 
-def _joined(values: Sequence[object]) -> str:
+def joined(values: Sequence[object]) -> str:
+    """The distinct values, sorted, comma-separated ("–" for none)."""
     found = sorted({str(v) for v in values if v is not None})
     return ", ".join(found) if found else "–"
 
@@ -98,7 +99,7 @@ def measured_eval(
     set the runs were evaluated on)."""
     if not runs:
         return "PSNR/SSIM: no run of ours in this table yet."
-    sets = _joined(sets if sets is not None else [s for r in runs for s in r.sets()])
+    sets = joined(sets if sets is not None else [s for r in runs for s in r.sets()])
     scales = sorted({s for r in runs if (s := r.info.scale) is not None})
     images = (
         f"central {crop}x{crop}-pixel LR crops of {sets}"
@@ -109,16 +110,16 @@ def measured_eval(
     decay = f", decay {protocol.ema_decay:g}" if protocol.ema_decay is not None else ""
     return (
         f"PSNR/SSIM on {images}, Y channel with the scale cropped at every border; EMA "
-        f"weights{decay}; task {_joined([task_name(r.info.task) for r in runs])}, "
-        f"arch {_joined([r.info.arch for r in runs])}, "
-        f"{_joined([r.info.iterations for r in runs])} iterations."
+        f"weights{decay}; task {joined([task_name(r.info.task) for r in runs])}, "
+        f"arch {joined([r.info.arch for r in runs])}, "
+        f"{joined([r.info.iterations for r in runs])} iterations."
     )
 
 
 def measured_features(runs: Sequence[RunResults], protocol: Protocol) -> str:
     """One sentence: where the feature statistics come from, raw and EMA weights."""
-    raw = _joined([s.source for r in runs if (s := r.stats(WEIGHTS_RAW)) is not None])
-    ema = _joined([s.source for r in runs if (s := r.stats(WEIGHTS_EMA)) is not None])
+    raw = joined([s.source for r in runs if (s := r.stats(WEIGHTS_RAW)) is not None])
+    ema = joined([s.source for r in runs if (s := r.stats(WEIGHTS_EMA)) is not None])
     decay = f" (decay {protocol.ema_decay:g})" if protocol.ema_decay is not None else ""
     return (
         f"Feature statistics: output of the deepest group on {protocol.probe_images} central "
@@ -248,17 +249,15 @@ def _paper_findings(table: Table, rows: Sequence[Mapping], row_of: Callable[[Map
             table.set_paper(row_of(prow), Column("finding", "finding", "text"), prow["finding"])
 
 
-def _paper_table(paper: Mapping, key: str) -> Mapping:
-    found = paper["tables"].get(key)
-    if found is None:
+def paper_table(paper: Mapping, key: str, caption: str, row_header: str) -> Table:
+    """A table of the paper's (key "table<N>"), with its title and source."""
+    block = paper["tables"].get(key)
+    if block is None:
         raise ValueError(f"paper numbers: no tables.{key} (title and source are needed)")
-    return found
-
-
-def _paper_source(block: Mapping) -> str:
-    setting = block.get("setting") or {}
-    where = "; ".join(f"{k} {v}" for k, v in setting.items())
-    return block["source"][:1].upper() + block["source"][1:] + (f" ({where})." if where else ".")
+    where = "; ".join(f"{k} {v}" for k, v in (block.get("setting") or {}).items())
+    source = block["source"][:1].upper() + block["source"][1:] + (f" ({where})." if where else ".")
+    title = f"Table {key[5:]}: {block['title']}"
+    return Table(key, title, caption, row_header, paper_source=source)
 
 
 # --------------------------------------------------------------------------------------
@@ -310,15 +309,7 @@ def _norm_rows_table(
     named like the table (`table1`, `table3`) if any, else the most representative run of
     that norm (named in the "our run(s)" column). The last row is the baseline (bicubic for
     SR, the degraded input otherwise) on the same sets."""
-    block = _paper_table(paper, key)
-    table = Table(
-        key=key,
-        title=f"Table {key[5:]}: {block['title']}",
-        caption=caption,
-        row_header="normalisation",
-        paper_source=_paper_source(block),
-    )
-    group = key
+    table, group = paper_table(paper, key, caption, "normalisation"), key
     extra = [r.info.norm for r in runs_in_group(results, group) if r.info.norm not in norms]
     picked: list[RunResults] = []
     for norm in [*norms, *dict.fromkeys(extra)]:
@@ -409,14 +400,12 @@ def table2(
 ) -> Table:
     """LN vs i-LN on every task and model (the paper's Table 2), plus every task we ran;
     the baseline's PSNR (bicubic for SR, the degraded input otherwise) beside each pair."""
-    block = _paper_table(paper, "table2")
-    table = Table(
-        key="table2",
-        title=f"Table 2: {block['title']}",
-        caption="The same model trained with LN and with i-LN on each restoration task; "
+    table = paper_table(
+        paper,
+        "table2",
+        "The same model trained with LN and with i-LN on each restoration task; "
         "the last column is what switching to i-LN gains.",
-        row_header="task / test set / model",
-        paper_source=_paper_source(block),
+        "task / test set / model",
     )
     cols = _pair_columns(table)
     base_col = Column("baseline:psnr", "bicubic / input PSNR", "psnr", always_ours=True)
@@ -480,14 +469,12 @@ def table2(
 
 def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
     """PSNR and overflow per inference precision, LN vs i-LN (the paper's Table 4)."""
-    block = _paper_table(paper, "table4")
-    table = Table(
-        key="table4",
-        title=f"Table 4: {block['title']}",
-        caption="The trained model run in lower precision: LN's large features overflow "
+    table = paper_table(
+        paper,
+        "table4",
+        "The trained model run in lower precision: LN's large features overflow "
         "fp16 and lose int8/int4 resolution, i-LN's stay in range.",
-        row_header="normalisation / precision",
-        paper_source=_paper_source(block),
+        "normalisation / precision",
     )
     prows = paper_rows(paper, "table4")
     group = [r.info.norm for r in runs_in_group(results, "table4") if r.precision]
@@ -572,16 +559,14 @@ def fp16_remark(precision: Mapping[str, Mapping[str, Mapping[str, object]]] | No
 
 def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
     """The full-size HAT (HAT†) with LN and i-LN (the paper's Table 6)."""
-    block = _paper_table(paper, "table6")
-    table = Table(
-        key="table6",
-        title=f"Table 6: {block['title']}",
-        caption="Whether i-LN's gain holds for the full-size HAT, not only the small HAT_1.",
-        row_header="task / test set",
-        paper_source=_paper_source(block),
+    table = paper_table(
+        paper,
+        "table6",
+        "Whether i-LN's gain holds for the full-size HAT, not only the small HAT_1.",
+        "task / test set",
     )
     cols = _pair_columns(table)
-    arch = (block.get("setting") or {}).get("arch", "hat")
+    arch = (paper["tables"]["table6"].get("setting") or {}).get("arch", "hat")
 
     def ours(task: str, set_name: str, norm: str) -> RunResults | None:
         cands = [
@@ -615,14 +600,12 @@ def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
 
 def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
     """Other stabilisers against i-LN (the paper's Table 8)."""
-    block = _paper_table(paper, "table8")
-    table = Table(
-        key="table8",
-        title=f"Table 8: {block['title']}",
-        caption="Whether clipping the gradients or regularising the feature statistics stops "
+    table = paper_table(
+        paper,
+        "table8",
+        "Whether clipping the gradients or regularising the feature statistics stops "
         "LN's feature divergence, and at what cost in PSNR, against i-LN.",
-        row_header="training",
-        paper_source=_paper_source(block),
+        "training",
     )
     group = [r.info.variant for r in runs_in_group(results, "table8")]
     variants = list(dict.fromkeys([*TABLE8_VARIANTS, *group]))
@@ -670,11 +653,11 @@ def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
 def _group_table(
     results: Mapping[str, RunResults],
     protocol: Protocol,
-    table: Table,
     group: str,
     row_of: Callable[[RunResults], str],
-) -> Table:
-    """Ours: one row per run of a group, PSNR/SSIM and features."""
+    table: Table,
+) -> tuple[Table, str]:
+    """Ours: one row per run of a group, PSNR/SSIM and features; shown only with results."""
     runs = runs_in_group(results, group)
     for run in runs:
         row = row_of(run)
@@ -683,7 +666,11 @@ def _group_table(
         _fill_sets(table, row, run)
         _fill_features(table, row, run)
     table.measured = [measured_eval(runs, protocol), measured_features(runs, protocol)]
-    return table
+    return table, group
+
+
+def _stdnorm_row(run: RunResults) -> str:
+    return f"{norm_label(run.info.norm)} / stdnorm " + ("on" if run.info.stdnorm_on else "off")
 
 
 def _run_row(run: RunResults) -> str:
@@ -748,58 +735,46 @@ def report_tables(
         (_norm_rows_table("table1", TABLE1_CAPTION, TABLE1_NORMS, *common, baseline), None),
         (table2(results, paper, protocol, baseline), None),
         (_norm_rows_table("table3", TABLE3_CAPTION, TABLE3_NORMS, *common, baseline), None),
-        (table4(results, paper, protocol), None),
-        (table6(results, paper, protocol), None),
-        (table8(results, paper, protocol), None),
-        (
-            _group_table(
-                results,
-                protocol,
-                Table(
-                    key="table_s1_stdnorm",
-                    title="Table S1: input standardisation (stdnorm) on and off (ours, not in "
-                    "the paper)",
-                    caption="The official i-LN models standardise the input and the official "
-                    "LN baselines do not; this separates that switch from the normalisation "
-                    "itself.",
-                    row_header="normalisation / stdnorm",
-                ),
-                "stdnorm",
-                lambda r: f"{norm_label(r.info.norm)} / stdnorm "
-                + ("on" if r.info.stdnorm_on else "off"),
-            ),
+        (table4(*common), None),
+        (table6(*common), None),
+        (table8(*common), None),
+        _group_table(
+            results,
+            protocol,
             "stdnorm",
-        ),
-        (
-            _group_table(
-                results,
-                protocol,
-                Table(
-                    key="table_s2_seeds",
-                    title="Table S2: seeds (ours)",
-                    caption="The same setting trained from different seeds: how much of a "
-                    "difference between norms is noise.",
-                    row_header="run",
-                ),
-                "seeds",
-                _run_row,
+            _stdnorm_row,
+            Table(
+                "table_s1_stdnorm",
+                "Table S1: input standardisation (stdnorm) on and off (ours, not in the paper)",
+                "The official i-LN models standardise the input and the official LN baselines "
+                "do not; this separates that switch from the normalisation itself.",
+                "normalisation / stdnorm",
             ),
+        ),
+        _group_table(
+            results,
+            protocol,
             "seeds",
-        ),
-        (
-            _group_table(
-                results,
-                protocol,
-                Table(
-                    key="table_s3_batch",
-                    title="Table S3: batch size (ours)",
-                    caption="The same setting trained at different batch sizes.",
-                    row_header="run",
-                ),
-                "batch",
-                _run_row,
+            _run_row,
+            Table(
+                "table_s2_seeds",
+                "Table S2: seeds (ours)",
+                "The same setting trained from different seeds: how much of a difference "
+                "between norms is noise.",
+                "run",
             ),
+        ),
+        _group_table(
+            results,
+            protocol,
             "batch",
+            _run_row,
+            Table(
+                "table_s3_batch",
+                "Table S3: batch size (ours)",
+                "The same setting trained at different batch sizes.",
+                "run",
+            ),
         ),
         (all_runs_table(results, protocol), None),
     ]
@@ -884,22 +859,23 @@ def released_tables(
                     scores.set_ours(row, column, x8, name)
         if run.stats(WEIGHTS_EMA) is not None:
             features.add_row(model, [name])
-            features.set_ours(
-                model,
-                Column("layer", "deepest group", "text"),
-                run.deepest_layer(WEIGHTS_EMA),
-                name,
-            )
-            for key, label, fmt in (
-                ("magnitude", "mean x^2", "sci"),
-                ("max_abs", "max |x|", "sci"),
-                ("entropy", "entropy", "entropy"),
-                ("entropy_ceiling", "entropy ceiling ln C", "entropy"),
+            for column, value in (
+                (Column("layer", "deepest group", "text"), run.deepest_layer(WEIGHTS_EMA)),
+                *(
+                    (Column(key, label, fmt), run.final_stat(key, WEIGHTS_EMA))
+                    for key, label, fmt in (
+                        ("magnitude", "mean x^2", "sci"),
+                        ("max_abs", "max |x|", "sci"),
+                        ("entropy", "entropy", "entropy"),
+                        ("entropy_ceiling", "entropy ceiling ln C", "entropy"),
+                    )
+                ),
+                (
+                    Column("max_abs_any", "max |x|, any layer", "sci"),
+                    run.final_max_abs(WEIGHTS_EMA),
+                ),
             ):
-                value = run.final_stat(key, WEIGHTS_EMA)
-                features.set_ours(model, Column(key, label, fmt), value, name)
-            any_layer = Column("max_abs_any", "max |x|, any layer", "sci")
-            features.set_ours(model, any_layer, run.final_max_abs(WEIGHTS_EMA), name)
+                features.set_ours(model, column, value, name)
         for mode in _modes(list(run.precision or {})):
             precision.add_row(f"{model} / {mode}", [name])
             _fill_precision(precision, f"{model} / {mode}", run, mode)
