@@ -348,32 +348,57 @@ def _pair_columns(table: Table) -> dict[str, Column]:
     return cols
 
 
-def _fill_pair(
+def _pair_runs(
+    results: Mapping[str, RunResults],
+    task: str,
+    set_name: str,
+    arch: str | None,
+    same_model: Callable[[str], bool],
+) -> dict[str, RunResults | None]:
+    """Our LN and i-LN run evaluated on task / set whose arch ``same_model`` accepts: one of
+    ``arch`` itself first, then by name."""
+
+    def pick(norm: str) -> RunResults | None:
+        found = [
+            r
+            for r in results.values()
+            if r.info.variant == norm
+            and r.info.task == task
+            and r.metric(set_name, "psnr") is not None
+            and same_model(r.info.arch)
+        ]
+        return min(found, key=lambda r: (r.info.arch != arch, r.info.name), default=None)
+
+    return {norm: pick(norm) for norm in ("ln", "iln")}
+
+
+def _pair_row(
     table: Table,
     cols: Mapping[str, Column],
     row: str,
     set_name: str,
     runs: Mapping[str, RunResults | None],
-) -> None:
-    """Our LN and i-LN numbers on one set, and the gain, into one row."""
-    table.add_row(row, [r.info.name for r in runs.values() if r is not None])
-    for norm, run in runs.items():
-        if run is not None:
-            for m in ("psnr", "ssim"):
-                table.set_ours(row, cols[f"{norm}:{m}"], run.metric(set_name, m), run.info.name)
-    a, b = table.cell(row, "ln:psnr").ours, table.cell(row, "iln:psnr").ours
-    if a is not None and b is not None:
-        table.cell(row, "gain").ours = b - a
-
-
-def _paper_pair(table: Table, cols: Mapping[str, Column], row: str, prows: Sequence) -> None:
+    prows: Sequence[Mapping] = (),
+) -> list[RunResults]:
+    """Our LN and i-LN numbers on one set and the paper's, each with i-LN's gain, into one
+    row; returns our runs."""
+    ours = [r for r in runs.values() if r is not None]
+    table.add_row(row, [r.info.name for r in ours])
+    for run in ours:
+        for m in ("psnr", "ssim"):
+            col = cols[f"{run.info.variant}:{m}"]
+            table.set_ours(row, col, run.metric(set_name, m), run.info.name)
     for prow in prows:
         for m in ("psnr", "ssim"):
             if m in prow:
                 table.set_paper(row, cols[f"{prow['norm']}:{m}"], prow[m])
+    a, b = table.cell(row, "ln:psnr").ours, table.cell(row, "iln:psnr").ours
+    if a is not None and b is not None:
+        table.cell(row, "gain").ours = b - a
     by_norm = {p["norm"]: p for p in prows if "psnr" in p}
     if {"ln", "iln"} <= set(by_norm):
         table.cell(row, "gain").paper = round(by_norm["iln"]["psnr"] - by_norm["ln"]["psnr"], 6)
+    return ours
 
 
 def _unique(runs: Sequence[RunResults]) -> list[RunResults]:
@@ -415,43 +440,33 @@ def table2(
         if value is not None and table.row_runs.get(row):
             table.set_ours(row, base_col, value, BASELINE_RUN)
 
-    def ours(task: str, set_name: str, norm: str, arch: str | None) -> RunResults | None:
-        cands = [
-            r
-            for r in results.values()
-            if r.info.variant == norm
-            and r.info.task == task
-            and r.metric(set_name, "psnr") is not None
-            and (arch is None or _family(r.info.arch) == _family(arch))
-        ]
-        return min(cands, key=lambda r: (r.info.arch != arch, r.info.name), default=None)
+    def pair(task: str, set_name: str, arch: str | None) -> dict[str, RunResults | None]:
+        same = (lambda a: True) if arch is None else (lambda a: _family(a) == _family(arch))
+        return _pair_runs(results, task, set_name, arch, same)
 
     used: list[RunResults] = []
     covered = set()
     prows = paper_rows(paper, "table2")
     for task, set_name, arch in _groups_of(prows, ("task", "set", "arch")):
         row = f"{task_name(task)} / {set_name} / {arch}"
-        runs = {n: ours(task, set_name, n, arch) for n in ("ln", "iln")}
-        _fill_pair(table, cols, row, set_name, runs)
-        fill_baseline(row, task, set_name)
         same = [p for p in prows if (p["task"], p["set"], p.get("arch")) == (task, set_name, arch)]
-        _paper_pair(table, cols, row, same)
-        used += [r for r in runs.values() if r is not None]
-        covered |= {(task, set_name, r.info.arch) for r in runs.values() if r is not None}
+        found = _pair_row(table, cols, row, set_name, pair(task, set_name, arch), same)
+        fill_baseline(row, task, set_name)
+        used += found
+        covered |= {(task, set_name, r.info.arch) for r in found}
     ours_only = sorted(
         (r for r in results.values() if r.info.variant in ("ln", "iln")),
         key=lambda r: (r.info.task, r.info.arch, r.info.name),
     )
     for run in ours_only:
+        task, arch = run.info.task, run.info.arch
         for set_name in run.sets():
-            if (run.info.task, set_name, run.info.arch) in covered:  # one row per model
+            if (task, set_name, arch) in covered:  # one row per model
                 continue
-            covered.add((run.info.task, set_name, run.info.arch))
-            runs = {n: ours(run.info.task, set_name, n, run.info.arch) for n in ("ln", "iln")}
-            row = f"{task_name(run.info.task)} / {set_name} / {run.info.arch}"
-            _fill_pair(table, cols, row, set_name, runs)
-            fill_baseline(row, run.info.task, set_name)
-            used += [r for r in runs.values() if r is not None]
+            covered.add((task, set_name, arch))
+            row = f"{task_name(task)} / {set_name} / {arch}"
+            used += _pair_row(table, cols, row, set_name, pair(task, set_name, arch))
+            fill_baseline(row, task, set_name)
     table.measured = [measured_eval(_unique(used), protocol)]
     table.notes.append(
         "A paper row's model names the paper's; ours is the run's preset of the same family "
@@ -568,17 +583,6 @@ def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
     cols = _pair_columns(table)
     arch = (paper["tables"]["table6"].get("setting") or {}).get("arch", "hat")
 
-    def ours(task: str, set_name: str, norm: str) -> RunResults | None:
-        cands = [
-            r
-            for r in results.values()
-            if r.info.arch == arch
-            and r.info.variant == norm
-            and r.info.task == task
-            and r.metric(set_name, "psnr") is not None
-        ]
-        return min(cands, key=lambda r: r.info.name, default=None)
-
     used = []
     prows = paper_rows(paper, "table6")
     rows = _groups_of(prows, ("task", "set"))
@@ -586,13 +590,9 @@ def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         if run.info.arch == arch and run.info.variant in ("ln", "iln"):
             rows += [(run.info.task, s) for s in run.sets() if (run.info.task, s) not in rows]
     for task, set_name in rows:
-        row = f"{task_name(task)} / {set_name}"
-        runs = {n: ours(task, set_name, n) for n in ("ln", "iln")}
-        _fill_pair(table, cols, row, set_name, runs)
-        _paper_pair(
-            table, cols, row, [p for p in prows if (p["task"], p["set"]) == (task, set_name)]
-        )
-        used += [r for r in runs.values() if r is not None]
+        runs = _pair_runs(results, task, set_name, arch, lambda a: a == arch)
+        same = [p for p in prows if (p["task"], p["set"]) == (task, set_name)]
+        used += _pair_row(table, cols, f"{task_name(task)} / {set_name}", set_name, runs, same)
     table.measured = [measured_eval(_unique(used), protocol)]
     table.notes.append(f"Ours: runs with the full preset `{arch}` only.")
     return table
