@@ -30,18 +30,17 @@ from iln.styles import (
 SHALLOW_ALPHA = 0.3  # shallower groups: thin, faint lines of the run's colour
 
 
-def run_color(run: RunResults) -> str:
-    return norm_style(run.info.norm).color
-
-
-def run_linestyle(run: RunResults) -> str:
-    if run.info.kld_weight > 0:
-        return LINE_KLD
-    if run.info.grad_clip > 0:
-        return LINE_GRAD_CLIP
-    if run.info.stdnorm_switched:
-        return LINE_STDNORM_SWITCHED
-    return LINE_PLAIN
+def run_style(run: RunResults) -> dict[str, str]:
+    """The run's line: its norm's colour, dashed / dotted / dash-dot for a stabiliser or a
+    switched stdnorm."""
+    info = run.info
+    if info.kld_weight > 0:
+        ls = LINE_KLD
+    elif info.grad_clip > 0:
+        ls = LINE_GRAD_CLIP
+    else:
+        ls = LINE_STDNORM_SWITCHED if info.stdnorm_switched else LINE_PLAIN
+    return {"color": norm_style(info.norm).color, "ls": ls}
 
 
 def run_labels(runs: Sequence[RunResults]) -> dict[str, str]:
@@ -58,9 +57,12 @@ def _with_probes(runs: Sequence[RunResults]) -> list[RunResults]:
     return [r for r in runs if r.probes and r.group_layers()]
 
 
-def _ceiling(runs: Sequence[RunResults]) -> float | None:
+def _ceiling_line(ax, runs: Sequence[RunResults]) -> None:
+    """The entropy ceiling ln C of the runs' probes, dashed (nothing without probes)."""
     values = [float(r["entropy_ceiling"]) for run in runs for r in run.probes or []]
-    return max(values) if values else None
+    if values:
+        ceiling = max(values)
+        ax.axhline(ceiling, color="k", ls="--", lw=0.8, label=f"ceiling ln C = {ceiling:.2f}")
 
 
 def stat_vs_iteration(
@@ -83,22 +85,21 @@ def stat_vs_iteration(
     values: list[float] = []
     for run in runs:
         layers = run.group_layers()
-        color, ls = run_color(run), run_linestyle(run)
+        style = run_style(run)
         for layer in layers:
             values += run.curve(layer, stat)[1]
         for layer in layers[:-1]:
-            ax.plot(*run.curve(layer, stat), color=color, ls=ls, lw=0.8, alpha=SHALLOW_ALPHA)
+            ax.plot(*run.curve(layer, stat), **style, lw=0.8, alpha=SHALLOW_ALPHA)
         ax.plot(
             *run.curve(layers[-1], stat),
-            color=color,
-            ls=ls,
+            **style,
             lw=2.2,
             marker="o",
             ms=3,
             label=f"{labels[run.info.name]}, {layers[-1]}",
         )
-    if stat == "entropy" and (ceiling := _ceiling(runs)) is not None:
-        ax.axhline(ceiling, color="k", ls="--", lw=0.8, label=f"ceiling ln C = {ceiling:.2f}")
+    if stat == "entropy":
+        _ceiling_line(ax, runs)
     if log:
         log_axis(ax, values)
     ax.set_xlabel("training iteration")
@@ -131,14 +132,13 @@ def per_group_last_probe(runs: Sequence[RunResults], path: Path, *, title: str) 
         step = run.last_probe_step()
         rows = {r["layer"]: r for r in run.probes if r["step"] == step}
         x = np.arange(len(layers))
-        style = {"color": run_color(run), "ls": run_linestyle(run), "marker": "o", "lw": 1.8}
+        style = {**run_style(run), "marker": "o", "lw": 1.8}
         label = f"{labels[run.info.name]} (step {step})"
         magnitude = [float(rows[layer]["magnitude"]) for layer in layers]
         magnitudes += magnitude
         ax_m.plot(x, magnitude, label=label, **style)
         ax_e.plot(x, [float(rows[layer]["entropy"]) for layer in layers], label=label, **style)
-    if (ceiling := _ceiling(runs)) is not None:
-        ax_e.axhline(ceiling, color="k", ls="--", lw=0.8, label=f"ceiling ln C = {ceiling:.2f}")
+    _ceiling_line(ax_e, runs)
     log_axis(ax_m, magnitudes)
     ax_m.set_ylabel("magnitude: mean x² (log scale)")
     ax_e.set_ylabel("channel entropy (nats)")
@@ -164,7 +164,7 @@ def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> 
     any_psnr = False
     losses: list[float] = []
     for run in runs:
-        style = {"color": run_color(run), "ls": run_linestyle(run), "label": labels[run.info.name]}
+        style = {**run_style(run), "label": labels[run.info.name]}
         steps, loss = run.history_curve("loss")
         losses += loss
         ax_l.plot(steps, loss, lw=1.2, **style)
