@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 "final_loss": result.history[-1]["loss"] if result.history else None,
                 "parameters": sum(p.numel() for p in ema.parameters()),
                 "world_size": dist.world_size,
+                "model": model_hparams(run),
             }
             if warm is not None:
                 summary["init"] = warm.summary()
@@ -171,16 +172,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def model_hparams(run: ResolvedRun) -> dict[str, object]:
+    """The model's resolved hyper-parameters (its preset with the run's overrides), as
+    train/summary.json records them for readers that build no model (the report)."""
+    return resolve_hparams(
+        run.spec.arch, norm=run.spec.norm, scale=run.scale, **run.model_overrides()
+    )
+
+
 def member_params(run: ResolvedRun) -> dict[str, object]:
     """What a user compares on the member's parent run: the model's effective
     hyper-parameters (``model.*``, e.g. whether stdnorm is on), the task and the training
     settings in force (``train.*``)."""
-    hparams = resolve_hparams(
-        run.spec.arch, norm=run.spec.norm, scale=run.scale, **run.model_overrides()
-    )
     return {
         "task": run.spec.task,
-        **{f"model.{k}": v for k, v in hparams.items()},
+        **{f"model.{k}": v for k, v in model_hparams(run).items()},
         **flatten(run.train, "train"),
     }
 

@@ -40,6 +40,19 @@ def train_settings(**overrides) -> TrainParams:
     return TrainParams(**{**TRAIN_DEFAULTS, **overrides})
 
 
+def train_summary(depths: tuple[int, ...], width: int) -> dict:
+    """train/summary.json as the train stage writes it, the network size under "model"."""
+    return {
+        "steps": 300,
+        "resumed_from": None,
+        "seconds_per_step": 0.5,
+        "final_loss": 0.01,
+        "parameters": 1000,
+        "world_size": 1,
+        "model": {"arch": "hat_tiny", "embed_dim": width, "depths": list(depths)},
+    }
+
+
 def write_params(path: Path, **sections: dict) -> Path:
     """The shipped params.yaml with some sections' keys replaced (stages validate the whole
     file)."""

@@ -4,6 +4,7 @@ from synthetic points."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from iln.overlay import apply_file
 from iln.report import figures
 from iln.report.runs import RunInfo, RunResults
 from iln.styles import norm_style
-from tests.helpers import ROOT
+from tests.helpers import ROOT, train_summary
 
 SHAPES = [(2, 2), (3, 2), (4, 3)]  # (groups, blocks) at width 32
 WIDTHS = [16, 32, 48]  # at 3 x 2
@@ -84,9 +85,10 @@ def test_size_points_read_the_deepest_group_at_the_last_probe_and_the_run_size(t
         for g in range(4)
     ]
     _write_probes(tmp_path / "r/train/probes.csv", rows)
-    info = RunInfo(name="r", arch="hat_tiny", norm="ln", task="sr_x2", model={"depths": [3] * 4})
-    run = RunResults.load(info, tmp_path / "r")
-    (point,) = figures.size_points([run])
+    summary = train_summary((3,) * 4, 32)
+    (tmp_path / "r/train/summary.json").write_text(json.dumps(summary))
+    info = RunInfo(name="r", arch="hat_tiny", norm="ln", task="sr_x2")
+    (point,) = figures.size_points([RunResults.load(info, tmp_path / "r")])
     assert (point.groups, point.blocks, point.width, point.depth) == (4, 3, 32, 12)
     assert point.magnitude == pytest.approx(1003.0) and point.entropy == pytest.approx(2.3)
 

@@ -157,13 +157,18 @@ def test_metrics_equal_the_authors_protocol_and_name_the_weights(project):
 @pytest.mark.integration
 def test_report_and_mlflow_show_the_released_entries(project):
     root, _ = project
-    table = (root / "reports" / "tables" / "released.md").read_text()
+    tables = root / "reports" / "tables"
+    table = (tables / "released.md").read_text()
     report = (root / "reports" / "report.md").read_text()
     assert "## Released checkpoints" in report and "rpb_first.png" in report
     for name in ENTRIES:
         sha = json.loads((root / "runs" / name / "eval" / "metrics.json").read_text())
-        assert f"| {name} | {name}.pth | {sha['released']['sha256'][:12]} |" in table
-    assert "whole image" in table and "mean x^2" in table
+        weights = f"weights/released/{name}.pth"
+        assert f"| {name} | " in table and f"| whole image | {weights} |" in table
+        assert f"| {sha['released']['sha256'][:12]} |" in table
+        assert sha["released"]["sha256"] in (tables / "released.csv").read_text()
+        assert f"| {name} | group" in (tables / "released_features.md").read_text()
+    assert "mean x^2" in (tables / "released_features.md").read_text()
     rows = stage_runs(root)
     stages = {(r["run"], r["stage"]): r for r in rows}
     from mlflow.tracking import MlflowClient
@@ -441,7 +446,17 @@ def test_report_handles_runs_without_a_train_folder(tmp_path):
     report = (out / "report.md").read_text()
     table = (out / "tables" / "released.md").read_text()
     (paper,) = paper_rows(load_paper_numbers(), "table1", norm="ln", set="Set14")
-    assert f"| Set14 | {paper['psnr']:g} | 28.80 | {paper['ssim']:g} | 0.7900 |" in table
-    assert "tiled (64 px LR tiles" in table and "(overflow)" in table
+    assert (
+        f"| hat_1 LN x4 no stdnorm / Set14 | hat1_ln_x4 | {paper['psnr']:g} | 28.80 | "
+        f"{paper['ssim']:g} | 0.7900 | tiled (64 px LR tiles, 0 overlap) | w.pth | "
+        f"{'ab' * 6} |"
+    ) in table
+    csv_text = (out / "tables" / "released.csv").read_text()
+    assert f"SSIM,{paper['ssim']:g},0.79,hat1_ln_x4" in csv_text
+    assert "ab" * 32 in csv_text  # the full SHA-256
+    precision = (out / "tables" / "released_precision.md").read_text()
+    assert "| hat_1 LN x4 no stdnorm / fp16 | hat1_ln_x4 | – | yes |" in precision  # overflow
+    features = (out / "tables" / "released_features.md").read_text()
+    assert "| hat_1 LN x4 no stdnorm | hat1_ln_x4 | group" in features and "mean x^2" in features
     assert "hat1_ln_x4: hat_1 LN sr_x4" in report  # the all-runs table read it too
     assert "../runs/hat1_ln_x4/analysis/final_norm.png" in report

@@ -7,12 +7,16 @@ import copy
 import csv
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import iln
 from iln.config import ResolvedRun, RunSpec
 from iln.data.io import write_png
 from iln.report import (
@@ -26,9 +30,10 @@ from iln.report import (
 from iln.report.build import METRICS_ROW_KEYS
 from iln.report.crops import largest_difference_box
 from iln.report.paper import printed
-from iln.report.tables import MAX_VALUE_COLUMNS, Protocol, fp16_remark
+from iln.report.table import MAX_VALUE_COLUMNS
+from iln.report.tables import Protocol, fp16_remark
 from iln.styles import NORM_STYLES
-from tests.helpers import train_settings
+from tests.helpers import train_settings, train_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = (0, 100, 200, 300)
@@ -101,6 +106,9 @@ def make_run(
             for row in history:
                 row["val_psnr"] = psnr + row["step"] / 100 if row["step"] % 200 == 0 else ""
         write_csv(run / "train" / "history.csv", columns, history)
+        (run / "train" / "summary.json").write_text(
+            json.dumps(train_summary((2,) * GROUPS, CHANNELS))
+        )
     metrics = {
         f"{task}/{s}": {"psnr": psnr + i, "ssim": 0.8 + 0.01 * i} for i, s in enumerate(sets)
     }
@@ -659,6 +667,26 @@ def test_malformed_inputs_name_the_file(tmp_path):
         load_runs(runs, tmp_path / "b")
     with pytest.raises(TypeError, match="run 'x': expected a resolved run or a released entry"):
         load_runs({"x": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2"}}, tmp_path)
+    make_run(tmp_path / "c", "ln", norm="ln")
+    summary = tmp_path / "c" / "ln" / "train" / "summary.json"
+    summary.write_text(json.dumps({**train_summary((2,), 8), "model": {"depths": [2, 2]}}))
+    with pytest.raises(ValueError, match=r"summary\.json: 'model' must be .*'embed_dim'"):
+        load_runs(runs, tmp_path / "c")
+
+
+def test_the_report_imports_no_model_or_training_code():
+    """The report reads what the stages wrote: building it needs neither torch nor the
+    models (a fresh interpreter, so other tests' imports do not count)."""
+    code = (
+        "import sys, iln.report, iln.report.build; "
+        "print([m for m in sys.modules if m == 'torch' or m.startswith(('iln.models', "
+        "'iln.train'))])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(iln.__file__).parents[1])}
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert found.stdout.strip() == "[]"
 
 
 def test_paper_numbers_file_is_valid_and_strict():

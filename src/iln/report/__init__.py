@@ -1,6 +1,6 @@
 """Paper tables and figures regenerated from the run folders, the paper's numbers beside ours."""
 
-from iln.report.build import build_report, flatten_summary, run_summary
+from iln.report.build import build_report, flatten_summary
 from iln.report.paper import load_paper_numbers, validate_paper_numbers
 from iln.report.runs import RunInfo, RunResults, load_runs
 
@@ -11,6 +11,5 @@ __all__ = [
     "flatten_summary",
     "load_paper_numbers",
     "load_runs",
-    "run_summary",
     "validate_paper_numbers",
 ]

@@ -7,19 +7,18 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from iln.files import write_csv_atomic, write_text_atomic
-from iln.layout import WEIGHTS_EMA, WEIGHTS_RAW, RunFiles
+from iln.files import write_text_atomic
+from iln.layout import ANALYSIS_FIGURES, WEIGHTS_EMA, WEIGHTS_RAW, RunFiles
 from iln.report import figures, tables
 from iln.report.crops import comparison_panels
 from iln.report.html import markdown_to_html
 from iln.report.paper import load_paper_numbers
-from iln.report.released import released_section
 from iln.report.runs import RunResults, load_runs, read_metrics
-from iln.report.tables import TABLE_CSV_COLUMNS, Protocol, Table
+from iln.report.table import pipe_table, write_table
+from iln.report.tables import Protocol
 from iln.styles import norm_label, norm_rank, norm_style
 
-ABLATION_NORMS: tuple[str, ...] = ("ln", "ln_star", "ln_rs", "iln")
-BASELINE_RUN = "bicubic"
+ABLATION_NORMS: tuple[str, ...] = tables.TABLE3_NORMS  # LN, LN*, LN+Rs, i-LN
 
 
 def _finite(value: object) -> float | None:
@@ -103,12 +102,10 @@ def ablation_runs(results: Mapping[str, RunResults]) -> list[RunResults]:
     return sorted((r for r in picked if r is not None), key=lambda r: norm_rank(r.info.norm))
 
 
-def headline(results: Mapping[str, RunResults]) -> list[str]:
+def headline(main: Sequence[RunResults]) -> list[str]:
     """LN against i-LN at the last probe, in one sentence (empty without both)."""
-    ln = tables.pick_run(results, "ln", groups=("table3", "table1"), need=lambda r: bool(r.probes))
-    iln = tables.pick_run(
-        results, "iln", groups=("table3", "table1"), need=lambda r: bool(r.probes)
-    )
+    picked = {r.info.variant: r for r in main}
+    ln, iln = picked.get("ln"), picked.get("iln")
     if ln is None or iln is None:
         return []
     values = {
@@ -136,8 +133,7 @@ def _scale_lines(results: Mapping[str, RunResults], scale_note: str) -> list[str
     done = [r for r in results.values() if r.has_results]
 
     def values(get: Callable[[RunResults], object]) -> str:
-        found = sorted({str(v) for r in done if (v := get(r)) is not None})
-        return ", ".join(found) if found else "–"
+        return tables.joined([get(r) for r in done])
 
     speeds = [s for r in done if (s := r.mean_seconds_per_step()) is not None]
     return [
@@ -172,18 +168,19 @@ def _group_reason(results: Mapping[str, RunResults], group: str, need: str) -> s
     return f"no run in group `{group}` ({', '.join(declared)}) has {need} yet"
 
 
-def _table_section(table: Table, tables_dir: Path) -> list[str]:
-    body = [*table.preamble(), "", table.to_markdown(), ""]
-    body += [f"- {note}" for note in table.notes]
-    write_text_atomic(tables_dir / f"{table.key}.md", "\n".join([f"# {table.title}", "", *body]))
-    write_csv_atomic(tables_dir / f"{table.key}.csv", table.csv_rows(), TABLE_CSV_COLUMNS)
-    return [
-        f"### {table.title}",
-        "",
-        *body,
-        f"- CSV: [tables/{table.key}.csv](tables/{table.key}.csv)",
-        "",
+def _analysis_links(runs: Sequence[RunResults], out_dir: Path) -> list[str]:
+    """The runs' final-norm (Fig. 8) and relative position bias (Fig. 9) figures, linked."""
+    rows = [
+        [f"{run.info.name} ({run.info.label})"]
+        + [
+            f"[{n}]({_rel(run.figures[n], out_dir)})" if n in run.figures else "–"
+            for n in ANALYSIS_FIGURES
+        ]
+        for run in runs
+        if run.figures
     ]
+    header = ["run", "final norm", "rpb, first group", "rpb, last group"]
+    return [*pipe_table(header, rows), ""] if rows else []
 
 
 def _crop_sections(
@@ -211,7 +208,7 @@ def _crop_sections(
         scale = picks[0].info.scale
         for dataset in sets or sorted({s for p in picks for s in p.sets()}):
             labels = {p.info.norm: f"{norm_label(p.info.norm)} ({p.info.name})" for p in picks}
-            samples = {"Bicubic": RunFiles(runs_dir / BASELINE_RUN).samples(task, dataset)}
+            samples = {"Bicubic": RunFiles(runs_dir / tables.BASELINE_RUN).samples(task, dataset)}
             samples |= {
                 labels[p.info.norm]: RunFiles(p.folder).samples(task, dataset) for p in picks
             }
@@ -282,48 +279,17 @@ def build_report(
     paper = load_paper_numbers() if paper is None else paper
     protocol = protocol or Protocol()
     results = load_runs(runs, runs_dir, sets=sets)
-    baseline = read_metrics(RunFiles(runs_dir / tables.BASELINE_RUN).metrics)
+    released_results = load_runs(released or {}, runs_dir, sets=sets)
+    baseline, _ = read_metrics(RunFiles(runs_dir / tables.BASELINE_RUN).metrics)
 
-    built: list[tuple[Table, str | None]] = [
-        (tables.table1(results, paper, protocol, baseline), None),
-        (tables.table2(results, paper, protocol, baseline), None),
-        (tables.table3(results, paper, protocol, baseline), None),
-        (tables.table4(results, paper, protocol), None),
-        (tables.table6(results, paper, protocol), None),
-        (tables.table8(results, paper, protocol), None),
-        (tables.stdnorm_table(results, protocol), "stdnorm"),
-        (
-            tables.runs_table(
-                results,
-                protocol,
-                group="seeds",
-                key="table_s2_seeds",
-                title="Table S2: seeds (ours)",
-                caption="The same setting trained from different seeds: how much of a "
-                "difference between norms is noise.",
-            ),
-            "seeds",
-        ),
-        (
-            tables.runs_table(
-                results,
-                protocol,
-                group="batch",
-                key="table_s3_batch",
-                title="Table S3: batch size (ours)",
-                caption="The same setting trained at different batch sizes.",
-            ),
-            "batch",
-        ),
-        (tables.all_runs_table(results, protocol), None),
-    ]
     status: dict[str, str] = {}
+    main = ablation_runs(results)
     md: list[str] = [
         "# i-LN reproduction report",
         "",
         *_scale_lines(results, scale_note),
         "",
-        *headline(results),
+        *headline(main),
         "## Tables",
         "",
         "Tables 1-8 carry the paper's numbers and titles (the paper's numbering; the paper's "
@@ -331,20 +297,17 @@ def build_report(
         "where no run of ours fills them; `–` where a run exists but lacks that number.",
         "",
     ]
-    for table, group in built:
+    for table, group in tables.report_tables(results, paper, protocol, baseline):
         if group is not None and not table.has_ours():
             reason = _group_reason(results, group, "results")
             status[table.key] = f"skipped: {reason}"
             md += [f"### {table.title}", "", f"Skipped: {reason}.", ""]
             continue
-        md += _table_section(table, tables_dir)
+        md += write_table(table, tables_dir)
         status[table.key] = "written" if table.has_ours() else "paper only (no run)"
 
-    # ---- figures
     feats = paper.get("features", {})
-    main = ablation_runs(results)
-    main_reason = "no LN, LN*, LN+Rs or i-LN run has probes.csv yet"
-    paper_fig1 = (
+    fig1 = (
         f" Paper (Fig. 1, HAT_1, x4, 300K iterations): LN reaches "
         f"{feats['ln_magnitude_low']:g} to {feats['ln_magnitude_high']:g}, i-LN stays near "
         f"{feats['iln_magnitude_approx']:g}; entropy ceiling ln 96 = "
@@ -353,131 +316,28 @@ def build_report(
         <= set(feats)
         else ""
     )
-    probe_note = (
+    probes = (
         f" Measured on the raw (trained) weights every probe step, on {protocol.probe_images} "
         f"central {protocol.probe_crop}x{protocol.probe_crop} LR crops of {protocol.probe_set}."
     )
-    plans: list[tuple[str, str, Callable[[Path], Path | None], str, str]] = [
-        (
-            "fig1_magnitude_vs_iteration",
-            "Feature magnitude vs iteration (paper Fig. 1, top)",
-            lambda p: figures.stat_vs_iteration(
-                main,
-                p,
-                stat="magnitude",
-                title="Feature magnitude (mean x²) of the residual stream during training",
-                ylabel="magnitude: mean x² (log scale)",
-                log=True,
-            ),
-            "Per-token LN lets the residual stream grow; i-LN keeps it at a fixed scale."
-            + paper_fig1
-            + probe_note,
-            main_reason,
-        ),
-        (
-            "fig1_entropy_vs_iteration",
-            "Channel entropy vs iteration (paper Fig. 1, bottom)",
-            lambda p: figures.stat_vs_iteration(
-                main,
-                p,
-                stat="entropy",
-                title="Channel entropy of the residual stream during training",
-                ylabel="channel entropy (nats)",
-                log=False,
-            ),
-            "Entropy of the per-channel energy: at the ceiling ln C every channel carries the "
-            "same energy; LN's deep groups concentrate it in a few channels." + probe_note,
-            main_reason,
-        ),
-        (
-            "fig7_per_group_last_probe",
-            "Every group at the last probe (paper Fig. 7: the ablation)",
-            lambda p: figures.per_group_last_probe(
-                main, p, title="Depth profile at the last training probe (raw weights)"
-            ),
-            "Magnitude and entropy of each group's output at the last probe, for LN, LN*, "
-            "LN+Rs and i-LN: which half of i-LN keeps the statistics in check." + probe_note,
-            main_reason,
-        ),
-        (
-            "fig4_norms_magnitude",
-            "Every normalisation layer (paper Fig. 4)",
-            lambda p: figures.stat_vs_iteration(
-                tables.runs_in_group(results, "table1"),
-                p,
-                stat="magnitude",
-                title="Feature magnitude during training, every normalisation (Table 1 runs)",
-                ylabel="magnitude: mean x² (log scale)",
-                log=True,
-            ),
-            "Feature magnitude of the Table 1 runs." + probe_note,
-            _group_reason(results, "table1", "probes.csv"),
-        ),
-        (
-            "fig8_stabilisers_max_abs",
-            "Other stabilisers: max |x| during training (paper Table 8)",
-            lambda p: figures.stat_vs_iteration(
-                tables.runs_in_group(results, "table8"),
-                p,
-                stat="max_abs",
-                title="Largest |x| of the residual stream during training (Table 8 runs)",
-                ylabel="max |x| (log scale)",
-                log=True,
-            ),
-            "Whether gradient clipping or the KL regulariser stops LN's features from growing "
-            "(dashed: gradient clipping, dotted: KL regulariser)." + probe_note,
-            _group_reason(results, "table8", "probes.csv"),
-        ),
-        (
-            "fig2_depth_width",
-            "Depth and width (paper Fig. 2)",
-            lambda p: figures.depth_width(
-                figures.size_points(tables.runs_in_group(results, "fig2")),
-                p,
-                title="Deepest group at the last training probe, against network size",
-            ),
-            "The deepest group's feature magnitude and channel entropy at each run's last "
-            "training probe, against depth (Transformer blocks, at the grid's shared width) and "
-            "against width (embedding dimension, at its shared depth); the dashed line is the "
-            "entropy ceiling ln C. The paper's Fig. 2: LN's growth and entropy loss get worse as "
-            "the network grows." + probe_note,
-            _group_reason(results, "fig2", "probes.csv of two sizes"),
-        ),
-        (
-            "figS1_stdnorm_magnitude",
-            "Input standardisation on and off (ours, Table S1)",
-            lambda p: figures.stat_vs_iteration(
-                tables.runs_in_group(results, "stdnorm"),
-                p,
-                stat="magnitude",
-                title="Feature magnitude with stdnorm on and off",
-                ylabel="magnitude: mean x² (log scale)",
-                log=True,
-            ),
-            "Feature magnitude with the input standardised (dash-dot: stdnorm switched "
-            "against the official pairing)." + probe_note,
-            _group_reason(results, "stdnorm", "probes.csv"),
-        ),
-        (
-            "figS2_loss_val_psnr",
-            "Training loss and validation PSNR (ours)",
-            lambda p: figures.loss_and_val_psnr(main, p, title="Training loss and validation PSNR"),
-            "L1 loss of the weights being trained, and PSNR of the EMA weights on the "
-            "validation images, per run.",
-            "no LN, LN*, LN+Rs or i-LN run has history.csv yet",
-        ),
-    ]
     fig_status: dict[str, str] = {}
     md += ["## Figures", "", "Colours are fixed per normalisation in every figure: "]
     md[-1] += ", ".join(f"{norm_label(n)} {norm_style(n).color}" for n in ABLATION_NORMS) + "."
     md.append("")
-    for name, heading, make, caption, reason in plans:
-        if make(figures_dir / f"{name}.png") is None:
-            fig_status[name] = f"skipped: {reason}"
-            md += [f"- {heading}: skipped ({reason}).", ""]
-        else:
-            fig_status[name] = "written"
-            md += [f"### {heading}", "", caption, "", f"![{name}](figures/{name}.png)", ""]
+    for fig in figures.FIGURES:
+        runs_of = main if fig.group is None else tables.runs_in_group(results, fig.group)
+        if fig.draw(runs_of, figures_dir / f"{fig.name}.png") is None:
+            reason = (
+                f"no LN, LN*, LN+Rs or i-LN run has {fig.need} yet"
+                if fig.group is None
+                else _group_reason(results, fig.group, fig.need)
+            )
+            fig_status[fig.name] = f"skipped: {reason}"
+            md += [f"- {fig.heading}: skipped ({reason}).", ""]
+            continue
+        fig_status[fig.name] = "written"
+        caption = fig.caption + (fig1 if fig.fig1 else "") + (probes if fig.probes else "")
+        md += [f"### {fig.heading}", "", caption, "", f"![{fig.name}](figures/{fig.name}.png)", ""]
 
     if pair_dirs is not None:
         lines, crop_status = _crop_sections(
@@ -486,26 +346,34 @@ def build_report(
         md += lines
         fig_status |= {f"crops {k}": v for k, v in crop_status.items()}
 
-    # ---- per-run final analyses (Fig. 8, 9)
-    with_figs = [r for r in results.values() if r.figures]
     md += [
         "## Final-checkpoint analyses (paper Fig. 8: final-norm bias, Fig. 9: relative "
         "position bias)",
         "",
     ]
-    if with_figs:
-        md += ["| run | final norm | rpb, first group | rpb, last group |", "|---|---|---|---|"]
-        for run in with_figs:
-            links = [
-                f"[{n}]({_rel(run.figures[n], out_dir)})" if n in run.figures else "–"
-                for n in ("final_norm.png", "rpb_first.png", "rpb_last.png")
-            ]
-            md.append(f"| {run.info.name} ({run.info.label}) | " + " | ".join(links) + " |")
-        md.append("")
-    else:
-        md += ["Skipped: no run has analysis figures yet.", ""]
+    md += _analysis_links(list(results.values()), out_dir) or [
+        "Skipped: no run has analysis figures yet.",
+        "",
+    ]
 
-    md += released_section(released or {}, runs_dir, out_dir, paper)
+    md += ["## Released checkpoints (the authors' weights, evaluated without training)", ""]
+    if not released:
+        md += [
+            "None declared (`released:` in params.yaml; README: \"The authors' released "
+            'checkpoints").',
+            "",
+        ]
+    weights = {name: str(spec.weights) for name, spec in (released or {}).items()}
+    for table in tables.released_tables(released_results, weights, paper):
+        md += write_table(table, tables_dir)
+        status[table.key] = "written"
+    links = _analysis_links(list(released_results.values()), out_dir)
+    if links:
+        md += [
+            "Final-norm bias against its input (Fig. 8) and relative position bias (Fig. 9):",
+            "",
+            *links,
+        ]
     md += ["## Where the paper's numbers come from", "", f"Paper: {paper['paper']}.", ""]
     md += [
         f"- Table {key[5:]} ({block['title']}): {block['source']}"

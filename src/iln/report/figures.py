@@ -1,21 +1,20 @@
 """Training-dynamics figures from the runs' probes.csv and history.csv: one plot per
-phenomenon, every run overlaid in its norm's fixed colour (iln.styles).
+phenomenon, every run overlaid in its norm's fixed colour (iln.styles); FIGURES lists them.
 
 Each function returns the written path, or None when none of the given runs has the data
-(the caller says why in the report).
+(the report says why).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from iln.models import resolve_hparams
 from iln.plotting import log_axis, new_figure, save_figure_atomic
 from iln.report.runs import RunResults
 from iln.styles import (
@@ -31,18 +30,17 @@ from iln.styles import (
 SHALLOW_ALPHA = 0.3  # shallower groups: thin, faint lines of the run's colour
 
 
-def run_color(run: RunResults) -> str:
-    return norm_style(run.info.norm).color
-
-
-def run_linestyle(run: RunResults) -> str:
-    if run.info.kld_weight > 0:
-        return LINE_KLD
-    if run.info.grad_clip > 0:
-        return LINE_GRAD_CLIP
-    if run.info.stdnorm_switched:
-        return LINE_STDNORM_SWITCHED
-    return LINE_PLAIN
+def run_style(run: RunResults) -> dict[str, str]:
+    """The run's line: its norm's colour, dashed / dotted / dash-dot for a stabiliser or a
+    switched stdnorm."""
+    info = run.info
+    if info.kld_weight > 0:
+        ls = LINE_KLD
+    elif info.grad_clip > 0:
+        ls = LINE_GRAD_CLIP
+    else:
+        ls = LINE_STDNORM_SWITCHED if info.stdnorm_switched else LINE_PLAIN
+    return {"color": norm_style(info.norm).color, "ls": ls}
 
 
 def run_labels(runs: Sequence[RunResults]) -> dict[str, str]:
@@ -59,9 +57,12 @@ def _with_probes(runs: Sequence[RunResults]) -> list[RunResults]:
     return [r for r in runs if r.probes and r.group_layers()]
 
 
-def _ceiling(runs: Sequence[RunResults]) -> float | None:
+def _ceiling_line(ax, runs: Sequence[RunResults]) -> None:
+    """The entropy ceiling ln C of the runs' probes, dashed (nothing without probes)."""
     values = [float(r["entropy_ceiling"]) for run in runs for r in run.probes or []]
-    return max(values) if values else None
+    if values:
+        ceiling = max(values)
+        ax.axhline(ceiling, color="k", ls="--", lw=0.8, label=f"ceiling ln C = {ceiling:.2f}")
 
 
 def stat_vs_iteration(
@@ -84,22 +85,21 @@ def stat_vs_iteration(
     values: list[float] = []
     for run in runs:
         layers = run.group_layers()
-        color, ls = run_color(run), run_linestyle(run)
+        style = run_style(run)
         for layer in layers:
             values += run.curve(layer, stat)[1]
         for layer in layers[:-1]:
-            ax.plot(*run.curve(layer, stat), color=color, ls=ls, lw=0.8, alpha=SHALLOW_ALPHA)
+            ax.plot(*run.curve(layer, stat), **style, lw=0.8, alpha=SHALLOW_ALPHA)
         ax.plot(
             *run.curve(layers[-1], stat),
-            color=color,
-            ls=ls,
+            **style,
             lw=2.2,
             marker="o",
             ms=3,
             label=f"{labels[run.info.name]}, {layers[-1]}",
         )
-    if stat == "entropy" and (ceiling := _ceiling(runs)) is not None:
-        ax.axhline(ceiling, color="k", ls="--", lw=0.8, label=f"ceiling ln C = {ceiling:.2f}")
+    if stat == "entropy":
+        _ceiling_line(ax, runs)
     if log:
         log_axis(ax, values)
     ax.set_xlabel("training iteration")
@@ -132,14 +132,13 @@ def per_group_last_probe(runs: Sequence[RunResults], path: Path, *, title: str) 
         step = run.last_probe_step()
         rows = {r["layer"]: r for r in run.probes if r["step"] == step}
         x = np.arange(len(layers))
-        style = {"color": run_color(run), "ls": run_linestyle(run), "marker": "o", "lw": 1.8}
+        style = {**run_style(run), "marker": "o", "lw": 1.8}
         label = f"{labels[run.info.name]} (step {step})"
         magnitude = [float(rows[layer]["magnitude"]) for layer in layers]
         magnitudes += magnitude
         ax_m.plot(x, magnitude, label=label, **style)
         ax_e.plot(x, [float(rows[layer]["entropy"]) for layer in layers], label=label, **style)
-    if (ceiling := _ceiling(runs)) is not None:
-        ax_e.axhline(ceiling, color="k", ls="--", lw=0.8, label=f"ceiling ln C = {ceiling:.2f}")
+    _ceiling_line(ax_e, runs)
     log_axis(ax_m, magnitudes)
     ax_m.set_ylabel("magnitude: mean x² (log scale)")
     ax_e.set_ylabel("channel entropy (nats)")
@@ -165,7 +164,7 @@ def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> 
     any_psnr = False
     losses: list[float] = []
     for run in runs:
-        style = {"color": run_color(run), "ls": run_linestyle(run), "label": labels[run.info.name]}
+        style = {**run_style(run), "label": labels[run.info.name]}
         steps, loss = run.history_curve("loss")
         losses += loss
         ax_l.plot(steps, loss, lw=1.2, **style)
@@ -223,22 +222,21 @@ class SizePoint:
 
 def size_points(runs: Sequence[RunResults]) -> list[SizePoint]:
     """The deepest group's magnitude and entropy at each run's last training probe, with the
-    run's network size (its preset and model overrides, resolved as the model builds them)."""
+    network size that train/summary.json records (runs without it are left out)."""
     points = []
     for run in _with_probes(runs):
-        hp = resolve_hparams(
-            run.info.arch, norm=run.info.norm, scale=run.info.scale or 1, **run.info.model
-        )
+        if run.model is None:
+            continue
         step, deepest = run.last_probe_step(), run.group_layers()[-1]
         row = next(r for r in run.probes if r["step"] == step and r["layer"] == deepest)
-        depths = hp["depths"]
+        depths = run.model["depths"]
         points.append(
             SizePoint(
                 run=run.info.name,
                 norm=run.info.norm,
                 groups=len(depths),
                 blocks=max(depths),
-                width=int(hp["embed_dim"]),
+                width=run.model["embed_dim"],
                 magnitude=float(row["magnitude"]),
                 entropy=float(row["entropy"]),
             )
@@ -311,3 +309,116 @@ def depth_width(points: Sequence[SizePoint], path: Path, *, title: str) -> Path 
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return save_figure_atomic(fig, path)
+
+
+# --------------------------------------------------------------------------- the list
+
+MAGNITUDE = "magnitude: mean x² (log scale)"
+Draw = Callable[[Sequence[RunResults], Path], Path | None]
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure of the report: figures/<name>.png, drawn from the runs of ``group``
+    (None: one LN, LN*, LN+Rs and i-LN run each), which need ``need`` to be drawn."""
+
+    name: str
+    heading: str
+    caption: str
+    draw: Draw  # (runs, path) -> the path, or None: nothing to draw
+    group: str | None = None
+    need: str = "probes.csv"  # what the runs must have: the skip reason says so
+    probes: bool = True  # the caption ends with how the probes were measured
+    fig1: bool = False  # the caption quotes the paper's Fig. 1 numbers
+
+
+def _curve(stat: str, title: str, ylabel: str = MAGNITUDE, log: bool = True) -> Draw:
+    return lambda runs, path: stat_vs_iteration(
+        runs, path, stat=stat, title=title, ylabel=ylabel, log=log
+    )
+
+
+FIGURES: tuple[FigureSpec, ...] = (
+    FigureSpec(
+        "fig1_magnitude_vs_iteration",
+        "Feature magnitude vs iteration (paper Fig. 1, top)",
+        "Per-token LN lets the residual stream grow; i-LN keeps it at a fixed scale.",
+        _curve("magnitude", "Feature magnitude (mean x²) of the residual stream during training"),
+        fig1=True,
+    ),
+    FigureSpec(
+        "fig1_entropy_vs_iteration",
+        "Channel entropy vs iteration (paper Fig. 1, bottom)",
+        "Entropy of the per-channel energy: at the ceiling ln C every channel carries the "
+        "same energy; LN's deep groups concentrate it in a few channels.",
+        _curve(
+            "entropy",
+            "Channel entropy of the residual stream during training",
+            "channel entropy (nats)",
+            log=False,
+        ),
+    ),
+    FigureSpec(
+        "fig7_per_group_last_probe",
+        "Every group at the last probe (paper Fig. 7: the ablation)",
+        "Magnitude and entropy of each group's output at the last probe, for LN, LN*, "
+        "LN+Rs and i-LN: which half of i-LN keeps the statistics in check.",
+        lambda runs, path: per_group_last_probe(
+            runs, path, title="Depth profile at the last training probe (raw weights)"
+        ),
+    ),
+    FigureSpec(
+        "fig4_norms_magnitude",
+        "Every normalisation layer (paper Fig. 4)",
+        "Feature magnitude of the Table 1 runs.",
+        _curve(
+            "magnitude", "Feature magnitude during training, every normalisation (Table 1 runs)"
+        ),
+        group="table1",
+    ),
+    FigureSpec(
+        "fig8_stabilisers_max_abs",
+        "Other stabilisers: max |x| during training (paper Table 8)",
+        "Whether gradient clipping or the KL regulariser stops LN's features from growing "
+        "(dashed: gradient clipping, dotted: KL regulariser).",
+        _curve(
+            "max_abs",
+            "Largest |x| of the residual stream during training (Table 8 runs)",
+            "max |x| (log scale)",
+        ),
+        group="table8",
+    ),
+    FigureSpec(
+        "fig2_depth_width",
+        "Depth and width (paper Fig. 2)",
+        "The deepest group's feature magnitude and channel entropy at each run's last "
+        "training probe, against depth (Transformer blocks, at the grid's shared width) and "
+        "against width (embedding dimension, at its shared depth); the dashed line is the "
+        "entropy ceiling ln C. The paper's Fig. 2: LN's growth and entropy loss get worse as "
+        "the network grows.",
+        lambda runs, path: depth_width(
+            size_points(runs),
+            path,
+            title="Deepest group at the last training probe, against network size",
+        ),
+        group="fig2",
+        need="probes.csv of two sizes",
+    ),
+    FigureSpec(
+        "figS1_stdnorm_magnitude",
+        "Input standardisation on and off (ours, Table S1)",
+        "Feature magnitude with the input standardised (dash-dot: stdnorm switched "
+        "against the official pairing).",
+        _curve("magnitude", "Feature magnitude with stdnorm on and off"),
+        group="stdnorm",
+    ),
+    FigureSpec(
+        "figS2_loss_val_psnr",
+        "Training loss and validation PSNR (ours)",
+        "L1 loss of the weights being trained, and PSNR of the EMA weights on the "
+        "validation images, per run.",
+        lambda runs, path: loss_and_val_psnr(runs, path, title="Training loss and validation PSNR"),
+        need="history.csv",
+        probes=False,
+    ),
+)

@@ -140,8 +140,19 @@ def paper_rows(paper: Mapping, table: str, **identity: str | None) -> list[Mappi
     return [r for r in rows if all(r.get(k) == v for k, v in identity.items())]
 
 
-def table_number(key: str) -> str:
-    """ "table4" -> "4" (the paper's numbering); "table_s1_stdnorm" -> "S1" (ours)."""
-    if key.startswith("table_s"):
-        return "S" + key[len("table_s") :].split("_")[0]
-    return key[len("table") :]
+def paper_number(
+    paper: Mapping, *, arch: str, norm: str, task: str, set_name: str, metric: str
+) -> tuple[float, str] | None:
+    """(value, table key) of the paper's full-precision number for this model and set, if it
+    has one. A row matches through its own keys over its table's ``setting`` (arch, task);
+    rows without an arch, of another precision or of a training variant are never matched:
+    a number for another model is not put beside a released one."""
+    wanted = {"arch": arch, "task": task, "set": set_name, "norm": norm}
+    for key, table in paper["tables"].items():
+        for row in table.get("rows") or []:
+            cell = {**(table.get("setting") or {}), **row}
+            if "precision" in cell or "variant" in cell or metric not in cell:
+                continue
+            if all(cell.get(k) == v for k, v in wanted.items()):
+                return cell[metric], key
+    return None

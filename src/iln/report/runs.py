@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from iln.layout import (
     WEIGHTS_RAW,
     RunFiles,
 )
-from iln.styles import norm_label, norm_rank
+from iln.styles import norm_label
 
 
 @dataclass(frozen=True)
@@ -130,142 +130,142 @@ def _float(text: str, where: str) -> float:
         raise ValueError(f"{where}: expected a number, got {text!r}") from err
 
 
-def _optional_float(text: str | None, where: str) -> float | None:
-    return None if text in (None, "") else _float(text, where)
+def _csv(path: Path, columns: Sequence[str], row: Callable, optional: Sequence[str] = ()):
+    """``row(raw, where)`` of every data line of a CSV with ``columns`` (``optional`` may be
+    absent); None: no file."""
+    if not path.exists():
+        return None
+    raws = read_csv_rows(path, [c for c in columns if c not in optional])
+    return [row(raw, f"{path}, line {i}") for i, raw in enumerate(raws, start=2)]
 
 
-def _read_json(path: Path) -> object | None:
+def _floats(raw: Mapping[str, str], columns: Sequence[str], where: str) -> dict[str, float]:
+    return {c: _float(raw[c], where) for c in columns}
+
+
+def _json(path: Path, shape: str) -> Mapping | None:
+    """A JSON object; ``shape`` is what the error says was expected."""
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected an object {shape}")
+    return data
 
 
-def _required(columns: Sequence[str], optional: Sequence[str]) -> list[str]:
-    return [c for c in columns if c not in optional]
+def _number(value: object, where: str) -> float | None:
+    """A JSON number as a float; null (strict JSON's non-finite value) as None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{where} must be a number or null, got {value!r}")
+    return None if value is None else float(value)
 
 
 def read_probes(path: Path) -> list[dict[str, object]] | None:
     """probes.csv rows with numeric fields as floats (step as int)."""
-    if not path.exists():
-        return None
-    rows = []
-    for i, raw in enumerate(read_csv_rows(path, PROBES_CSV_COLUMNS), start=2):
-        where = f"{path}, line {i}"
-        row: dict[str, object] = {"step": int(_float(raw["step"], where)), "layer": raw["layer"]}
-        for col in PROBE_COLUMNS[1:]:
-            row[col] = _float(raw[col], where)
-        rows.append(row)
-    return rows
+
+    def row(raw: Mapping[str, str], where: str) -> dict[str, object]:
+        step = int(_float(raw["step"], where))
+        return {"step": step, "layer": raw["layer"], **_floats(raw, PROBE_COLUMNS[1:], where)}
+
+    return _csv(path, PROBES_CSV_COLUMNS, row)
 
 
 def read_features(path: Path) -> list[dict[str, object]] | None:
     """analysis/features.csv rows; ``weights`` is ``ema`` or ``raw`` (``ema`` when the file
     has no such column: it predates the column, and model.pt holds the EMA weights)."""
-    if not path.exists():
-        return None
-    rows = []
-    for i, raw in enumerate(
-        read_csv_rows(path, _required(FEATURES_COLUMNS, FEATURES_OPTIONAL)), start=2
-    ):
-        where = f"{path}, line {i}"
+
+    def row(raw: Mapping[str, str], where: str) -> dict[str, object]:
         weights = raw.get("weights") or WEIGHTS_EMA
         if weights not in (WEIGHTS_EMA, WEIGHTS_RAW):
             raise ValueError(f"{where}: weights must be {WEIGHTS_EMA!r} or {WEIGHTS_RAW!r}")
-        row: dict[str, object] = {"weights": weights, "layer": raw["layer"]}
-        for col in PROBE_COLUMNS[1:]:
-            row[col] = _float(raw[col], where)
-        rows.append(row)
-    return rows
+        return {"weights": weights, "layer": raw["layer"], **_floats(raw, PROBE_COLUMNS[1:], where)}
+
+    return _csv(path, FEATURES_COLUMNS, row, FEATURES_OPTIONAL)
 
 
 def read_history(path: Path) -> list[dict[str, float | None]] | None:
     """history.csv rows; ``val_psnr`` is None on rows without validation."""
-    if not path.exists():
-        return None
-    rows = []
-    for i, raw in enumerate(
-        read_csv_rows(path, _required(HISTORY_COLUMNS, HISTORY_OPTIONAL)), start=2
-    ):
-        where = f"{path}, line {i}"
-        row: dict[str, float | None] = {
-            c: _float(raw[c], where) for c in HISTORY_COLUMNS if c not in HISTORY_OPTIONAL
-        }
-        row["val_psnr"] = _optional_float(raw.get("val_psnr"), where)
-        rows.append(row)
-    return rows
+    required = [c for c in HISTORY_COLUMNS if c not in HISTORY_OPTIONAL]
+
+    def row(raw: Mapping[str, str], where: str) -> dict[str, float | None]:
+        val = raw.get("val_psnr")
+        return {**_floats(raw, required, where), "val_psnr": _float(val, where) if val else None}
+
+    return _csv(path, HISTORY_COLUMNS, row, HISTORY_OPTIONAL)
 
 
 def read_final_norm(path: Path) -> list[dict[str, float]] | None:
-    if not path.exists():
-        return None
-    return [
-        {col: _float(raw[col], f"{path}, line {i}") for col in FINAL_NORM_COLUMNS}
-        for i, raw in enumerate(read_csv_rows(path, FINAL_NORM_COLUMNS), start=2)
-    ]
+    return _csv(
+        path, FINAL_NORM_COLUMNS, lambda raw, where: _floats(raw, FINAL_NORM_COLUMNS, where)
+    )
 
 
-def read_metrics(path: Path) -> dict[str, dict[str, float]] | None:
-    """eval/metrics.json: {"<task>/<set>": {"psnr": .., "ssim": ..}}."""
-    data = _read_json(path)
+def read_metrics(path: Path) -> tuple[dict[str, dict[str, float]] | None, dict | None]:
+    """eval/metrics.json: ({"<task>/<set>": {"psnr": .., "ssim": ..}}, the weights record of a
+    released entry under "released": file, sha256, tile, ... (None for a trained run))."""
+    data = _json(path, "{'<task>/<set>': {'psnr': .., 'ssim': ..}}")
     if data is None:
-        return None
-    if not isinstance(data, Mapping):
-        raise ValueError(
-            f"{path}: expected an object {{'<task>/<set>': {{'psnr': .., 'ssim': ..}}}}"
-        )
+        return None, None
+    record = data.get("released")
+    if record is not None and not isinstance(record, Mapping):
+        raise ValueError(f"{path}: 'released' must be an object (file, sha256, tile, ...)")
     out = {}
     for key, value in data.items():
-        if key == "released":  # a released entry's weights record, read by report.released
+        if key == "released":
             continue
         if "/" not in key or not isinstance(value, Mapping):
             raise ValueError(
                 f"{path}: entry {key!r} must be '<task>/<set>': {{'psnr': .., 'ssim': ..}}"
             )
-        out[key] = {}
-        for metric, number in value.items():
-            if number is None:  # strict JSON writes a non-finite value as null
-                continue
-            if isinstance(number, bool) or not isinstance(number, (int, float)):
-                raise ValueError(f"{path}: {key}.{metric} must be a number, got {number!r}")
-            out[key][metric] = float(number)
-    return out
+        numbers = {m: _number(v, f"{path}: {key}.{m}") for m, v in value.items()}
+        out[key] = {m: v for m, v in numbers.items() if v is not None}
+    return out, None if record is None else dict(record)
 
 
 def read_precision(path: Path) -> dict[str, dict[str, dict[str, object]]] | None:
     """eval/precision.json: {"<mode>": {"<set>": {"psnr": .., "overflow": bool}}}."""
-    data = _read_json(path)
+    data = _json(path, "{'<mode>': {'<set>': {'psnr': .., 'overflow': ..}}}")
     if data is None:
         return None
-    if not isinstance(data, Mapping):
-        raise ValueError(
-            f"{path}: expected an object {{'<mode>': {{'<set>': {{'psnr': .., 'overflow': ..}}}}}}"
-        )
     out: dict[str, dict[str, dict[str, object]]] = {}
     for mode, sets in data.items():
         if not isinstance(sets, Mapping):
             raise ValueError(f"{path}: {mode!r} must map set names to {{'psnr', 'overflow'}}")
         out[mode] = {}
         for set_name, entry in sets.items():
+            where = f"{path}: {mode}.{set_name}"
             if not isinstance(entry, Mapping):
-                raise ValueError(f"{path}: {mode}.{set_name} must be an object")
-            psnr = entry.get("psnr")
-            if psnr is not None and (isinstance(psnr, bool) or not isinstance(psnr, (int, float))):
-                raise ValueError(
-                    f"{path}: {mode}.{set_name}.psnr must be a number or null, got {psnr!r}"
-                )
+                raise ValueError(f"{where} must be an object")
             overflow = entry.get("overflow")
             if overflow is not None and not isinstance(overflow, bool):
-                raise ValueError(
-                    f"{path}: {mode}.{set_name}.overflow must be true/false, got {overflow!r}"
-                )
-            out[mode][set_name] = {
-                "psnr": None if psnr is None else float(psnr),
-                "overflow": overflow,
-            }
+                raise ValueError(f"{where}.overflow must be true/false, got {overflow!r}")
+            psnr = _number(entry.get("psnr"), f"{where}.psnr")
+            out[mode][set_name] = {"psnr": psnr, "overflow": overflow}
     return out
+
+
+def read_model(path: Path) -> dict[str, object] | None:
+    """train/summary.json's "model": the model's resolved hyper-parameters (None: no file, or
+    one written before they were recorded)."""
+    data = _json(path, "{'steps': .., 'model': {..}, ...}")
+    model = None if data is None else data.get("model")
+    if model is None:
+        return None
+    depths = model.get("depths") if isinstance(model, Mapping) else None
+    if not (
+        isinstance(depths, list)
+        and depths
+        and all(type(d) is int for d in depths)
+        and type(model.get("embed_dim")) is int
+    ):
+        raise ValueError(
+            f"{path}: 'model' must be an object with 'depths' (a list of integers) and "
+            "'embed_dim' (an integer)"
+        )
+    return dict(model)
 
 
 def _group_index(layer: str) -> int | None:
@@ -296,21 +296,26 @@ class RunResults:
     features: list[dict[str, object]] | None = None
     final_norm: list[dict[str, float]] | None = None
     figures: dict[str, Path] = field(default_factory=dict)
+    weights_record: dict | None = None  # a released entry's weights file, SHA-256, tiling
     report_sets: tuple[str, ...] | None = None  # sets to show, in order (None: all)
+    model: dict[str, object] | None = None  # resolved hyper-parameters (train/summary.json)
 
     @classmethod
     def load(cls, info: RunInfo, folder: Path, *, sets: Sequence[str] | None = None) -> RunResults:
         files = RunFiles(Path(folder))
+        metrics, record = read_metrics(files.metrics)
         return cls(
             info=info,
             folder=files.folder,
             report_sets=None if sets is None else tuple(sets),
             probes=read_probes(files.probes),
             history=read_history(files.history),
-            metrics=read_metrics(files.metrics),
+            metrics=metrics,
+            weights_record=record,
             precision=read_precision(files.precision),
             features=read_features(files.features),
             final_norm=read_final_norm(files.final_norm),
+            model=read_model(files.train_summary),
             figures={
                 n: files.analysis_dir / n
                 for n in ANALYSIS_FIGURES
@@ -451,13 +456,3 @@ def load_runs(
         info = spec if isinstance(spec, RunInfo) else RunInfo.from_spec(name, spec)
         out[name] = RunResults.load(info, runs_dir / name, sets=sets)
     return out
-
-
-__all__ = [
-    "RunInfo",
-    "RunResults",
-    "Stats",
-    "load_runs",
-    "norm_label",
-    "norm_rank",
-]

@@ -1,28 +1,23 @@
-"""The paper's tables, numbered and titled as in the paper, rebuilt from our runs with the
-paper's numbers beside ours; plus our own tables, numbered S1, S2, ...
+"""Every table of the report, built from the results read once from the run folders: the
+paper's tables, numbered and titled as in the paper, with the paper's numbers beside ours;
+our own tables, numbered S1, S2, ...; the released checkpoints' tables.
 
-A Table is rows x columns of cells; each cell may hold the paper's value and ours. It
-renders as markdown (a "(paper)" and an "(ours)" column wherever both exist) and as
-long-format CSV (row, column, paper, ours, run, status) for machines. Every table carries one
-sentence on what it shows and what our numbers were measured on (image set, crop, weights,
-scale); the paper's numbers are always shown, our cells say "no run" where there is none.
+Every table carries one sentence on what it shows and what our numbers were measured on
+(image set, crop, weights, scale); the paper's numbers are always shown, our cells say
+"no run" where there is none.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from iln.layout import ENSEMBLE_SUFFIX, PRECISION_MODES, WEIGHTS_EMA, WEIGHTS_RAW
-from iln.report.paper import paper_rows, printed
+from iln.report.paper import paper_number, paper_rows
 from iln.report.runs import RunResults
+from iln.report.table import Column, Table
 from iln.styles import norm_label, norm_rank
 
-TABLE_CSV_COLUMNS: tuple[str, ...] = ("row", "column", "paper", "ours", "run", "status")
-NO_RUN = "no run"
-MISSING = "–"
-MAX_VALUE_COLUMNS = 8  # printed value columns per markdown table part (beside the row names)
 BASELINE_RUN = "bicubic"  # the baseline's folder under runs/ (bicubic SR, degraded input)
 
 # The paper's Table 1 rows, in its order.
@@ -38,6 +33,15 @@ TABLE1_NORMS: tuple[str, ...] = (
     "iln",
 )
 TABLE3_NORMS: tuple[str, ...] = ("ln", "ln_star", "ln_rs", "iln")
+TABLE1_CAPTION = (
+    "Each normalisation layer in the same Transformer: restoration quality and the deepest "
+    "group's feature magnitude and channel entropy, which per-token LN drives up and down "
+    "respectively."
+)
+TABLE3_CAPTION = (
+    "Which half of i-LN does what: LN* normalises each image as a whole, LN+Rs rescales each "
+    "residual branch by the input's std, i-LN does both."
+)
 TABLE8_VARIANTS: dict[str, str] = {
     "ln": "LN",
     "ln_gradclip": "LN + gradient clipping",
@@ -45,14 +49,6 @@ TABLE8_VARIANTS: dict[str, str] = {
     "iln": "i-LN",
 }
 TASK_NAMES: dict[str, str] = {"derain": "deraining"}
-
-_FORMATS: dict[str, Callable[[float], str]] = {
-    "psnr": lambda v: f"{v:.2f}",
-    "ssim": lambda v: f"{v:.4f}",
-    "sci": lambda v: f"{v:.3g}",
-    "entropy": lambda v: f"{v:.3f}",
-    "int": lambda v: f"{int(v)}",
-}
 
 
 def task_name(task: str) -> str:
@@ -71,178 +67,6 @@ def task_name(task: str) -> str:
     return task
 
 
-def _escape(text: str) -> str:
-    """A pipe inside a markdown table cell must be escaped (e.g. the "|x|" of max |x|)."""
-    return text.replace("|", "\\|")
-
-
-@dataclass(frozen=True)
-class Column:
-    key: str
-    label: str
-    fmt: str = "sci"  # psnr | ssim | sci | entropy | int | bool | text
-    always_ours: bool = False  # show our sub-column even where no run fills it ("no run")
-
-
-@dataclass
-class Cell:
-    paper: float | str | None = None
-    ours: float | bool | str | None = None
-    run: str | None = None
-
-
-@dataclass
-class Table:
-    key: str  # file stem, e.g. "table2" (the paper's Table 2) or "table_s1_stdnorm" (ours)
-    title: str  # "Table 2: LN vs i-LN across tasks and models"
-    caption: str  # one sentence: what the table shows
-    row_header: str
-    measured: list[str] = field(default_factory=list)  # what our numbers were measured on
-    paper_source: str | None = None
-    columns: list[Column] = field(default_factory=list)
-    rows: list[str] = field(default_factory=list)
-    row_runs: dict[str, list[str]] = field(default_factory=dict)  # row -> our runs ([] = none)
-    cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def add_row(self, row: str, runs: Sequence[str] = ()) -> None:
-        if row not in self.rows:
-            self.rows.append(row)
-            self.row_runs[row] = []
-        for r in runs:
-            if r not in self.row_runs[row]:
-                self.row_runs[row].append(r)
-
-    def add_column(self, column: Column) -> None:
-        if all(c.key != column.key for c in self.columns):
-            self.columns.append(column)
-
-    def cell(self, row: str, column: str) -> Cell:
-        return self.cells.setdefault((row, column), Cell())
-
-    def set_ours(
-        self, row: str, column: Column, value: float | bool | str | None, run: str
-    ) -> None:
-        self.add_column(column)
-        cell = self.cell(row, column.key)
-        cell.ours, cell.run = value, run
-
-    def set_paper(self, row: str, column: Column, value: float | str) -> None:
-        self.add_column(column)
-        self.cell(row, column.key).paper = value
-
-    def has_paper(self, column: str | None = None) -> bool:
-        return any(
-            c.paper is not None for (_, k), c in self.cells.items() if column is None or k == column
-        )
-
-    def has_ours(self, column: str | None = None) -> bool:
-        return any(
-            c.ours is not None for (_, k), c in self.cells.items() if column is None or k == column
-        )
-
-    # ---- rendering
-
-    def _show(self, col: Column) -> tuple[bool, bool]:
-        """(show the paper's sub-column, show ours): ours is left out only where the paper
-        has numbers and no run of ours has any."""
-        paper = self.has_paper(col.key)
-        return paper, col.always_ours or self.has_ours(col.key) or not paper
-
-    def _ours_text(self, row: str, col: Column) -> str:
-        value = self.cells.get((row, col.key), Cell()).ours
-        if value is None:
-            return MISSING if self.row_runs.get(row) else NO_RUN
-        if isinstance(value, str):
-            return value
-        if col.fmt == "bool" or isinstance(value, bool):
-            return "yes" if value else "no"
-        if isinstance(value, float) and math.isnan(value):
-            return "nan"
-        if isinstance(value, float) and math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return _FORMATS.get(col.fmt, _FORMATS["sci"])(value)
-
-    def _paper_text(self, row: str, col: Column) -> str:
-        value = self.cells.get((row, col.key), Cell()).paper
-        return MISSING if value is None else printed(value)
-
-    def _width(self, col: Column) -> int:
-        return sum(self._show(col))
-
-    def column_parts(self) -> list[list[Column]]:
-        """The columns in consecutive parts of at most MAX_VALUE_COLUMNS printed columns each
-        (a column's paper and ours sub-columns stay together), so each part fits a page."""
-        parts: list[list[Column]] = [[]]
-        for col in self.columns:
-            if (
-                parts[-1]
-                and sum(map(self._width, parts[-1])) + self._width(col) > MAX_VALUE_COLUMNS
-            ):
-                parts.append([])
-            parts[-1].append(col)
-        return parts
-
-    def to_markdown(self) -> str:
-        """The table as markdown; a table wider than MAX_VALUE_COLUMNS printed value columns
-        is split into parts (each repeating the row names), so each fits a page."""
-        parts = self.column_parts()
-        if len(parts) == 1:
-            return self._markdown(parts[0])
-        out = []
-        for i, columns in enumerate(parts, 1):
-            out += [f"*Part {i} of {len(parts)}.*", "", self._markdown(columns), ""]
-        return "\n".join(out[:-1])
-
-    def _markdown(self, columns: Sequence[Column]) -> str:
-        header = [self.row_header, "our run(s)"]
-        for col in columns:
-            paper, ours = self._show(col)
-            header += [f"{col.label} (paper)"] if paper else []
-            header += [f"{col.label} (ours)"] if ours else []
-        lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
-        for row in self.rows:
-            cells = [row, ", ".join(self.row_runs.get(row) or []) or NO_RUN]
-            for col in columns:
-                paper, ours = self._show(col)
-                cells += [self._paper_text(row, col)] if paper else []
-                cells += [self._ours_text(row, col)] if ours else []
-            lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
-        return "\n".join(lines)
-
-    def preamble(self) -> list[str]:
-        """The lines above the markdown table: what it shows, what it was measured on."""
-        lines = [f"*What it shows:* {self.caption}"]
-        if self.measured:
-            lines += ["", "*Ours measured on:* " + " ".join(self.measured)]
-        if self.paper_source:
-            lines += ["", f"*Paper:* {self.paper_source}"]
-        return lines
-
-    def csv_rows(self) -> list[dict[str, object]]:
-        out = []
-        for row in self.rows:
-            for col in self.columns:
-                cell = self.cells.get((row, col.key), Cell())
-                if cell.ours is not None:
-                    status = "ok"
-                elif not self.row_runs.get(row):
-                    status = NO_RUN
-                else:
-                    status = "missing"
-                out.append(
-                    {
-                        "row": row,
-                        "column": col.label,
-                        "paper": None if cell.paper is None else printed(cell.paper),
-                        "ours": cell.ours,
-                        "run": cell.run or ", ".join(self.row_runs.get(row) or []),
-                        "status": status,
-                    }
-                )
-        return out
-
-
 # --------------------------------------------------------------------------------------
 # How our numbers were measured
 
@@ -258,7 +82,8 @@ class Protocol:
     ema_decay: float | None = None
 
 
-def _joined(values: Sequence[object]) -> str:
+def joined(values: Sequence[object]) -> str:
+    """The distinct values, sorted, comma-separated ("–" for none)."""
     found = sorted({str(v) for v in values if v is not None})
     return ", ".join(found) if found else "–"
 
@@ -274,7 +99,7 @@ def measured_eval(
     set the runs were evaluated on)."""
     if not runs:
         return "PSNR/SSIM: no run of ours in this table yet."
-    sets = _joined(sets if sets is not None else [s for r in runs for s in r.sets()])
+    sets = joined(sets if sets is not None else [s for r in runs for s in r.sets()])
     scales = sorted({s for r in runs if (s := r.info.scale) is not None})
     images = (
         f"central {crop}x{crop}-pixel LR crops of {sets}"
@@ -285,16 +110,16 @@ def measured_eval(
     decay = f", decay {protocol.ema_decay:g}" if protocol.ema_decay is not None else ""
     return (
         f"PSNR/SSIM on {images}, Y channel with the scale cropped at every border; EMA "
-        f"weights{decay}; task {_joined([task_name(r.info.task) for r in runs])}, "
-        f"arch {_joined([r.info.arch for r in runs])}, "
-        f"{_joined([r.info.iterations for r in runs])} iterations."
+        f"weights{decay}; task {joined([task_name(r.info.task) for r in runs])}, "
+        f"arch {joined([r.info.arch for r in runs])}, "
+        f"{joined([r.info.iterations for r in runs])} iterations."
     )
 
 
 def measured_features(runs: Sequence[RunResults], protocol: Protocol) -> str:
     """One sentence: where the feature statistics come from, raw and EMA weights."""
-    raw = _joined([s.source for r in runs if (s := r.stats(WEIGHTS_RAW)) is not None])
-    ema = _joined([s.source for r in runs if (s := r.stats(WEIGHTS_EMA)) is not None])
+    raw = joined([s.source for r in runs if (s := r.stats(WEIGHTS_RAW)) is not None])
+    ema = joined([s.source for r in runs if (s := r.stats(WEIGHTS_EMA)) is not None])
     decay = f" (decay {protocol.ema_decay:g})" if protocol.ema_decay is not None else ""
     return (
         f"Feature statistics: output of the deepest group on {protocol.probe_images} central "
@@ -424,17 +249,15 @@ def _paper_findings(table: Table, rows: Sequence[Mapping], row_of: Callable[[Map
             table.set_paper(row_of(prow), Column("finding", "finding", "text"), prow["finding"])
 
 
-def _paper_table(paper: Mapping, key: str) -> Mapping:
-    found = paper["tables"].get(key)
-    if found is None:
+def paper_table(paper: Mapping, key: str, caption: str, row_header: str) -> Table:
+    """A table of the paper's (key "table<N>"), with its title and source."""
+    block = paper["tables"].get(key)
+    if block is None:
         raise ValueError(f"paper numbers: no tables.{key} (title and source are needed)")
-    return found
-
-
-def _paper_source(block: Mapping) -> str:
-    setting = block.get("setting") or {}
-    where = "; ".join(f"{k} {v}" for k, v in setting.items())
-    return block["source"][:1].upper() + block["source"][1:] + (f" ({where})." if where else ".")
+    where = "; ".join(f"{k} {v}" for k, v in (block.get("setting") or {}).items())
+    source = block["source"][:1].upper() + block["source"][1:] + (f" ({where})." if where else ".")
+    title = f"Table {key[5:]}: {block['title']}"
+    return Table(key, title, caption, row_header, paper_source=source)
 
 
 # --------------------------------------------------------------------------------------
@@ -474,26 +297,19 @@ def _baseline_rows(table: Table, runs: Sequence[RunResults], baseline: Baseline 
 
 def _norm_rows_table(
     key: str,
-    paper: Mapping,
     caption: str,
     norms: Sequence[str],
-    group: str,
     results: Mapping[str, RunResults],
+    paper: Mapping,
     protocol: Protocol,
-    baseline: Baseline | None = None,
+    baseline: Baseline | None,
 ) -> Table:
-    """Rows = norms; the paper's per-set numbers and findings, our per-set numbers and final
-    feature statistics (raw and EMA). Our run of a norm: one in `group` if any, else the
-    most representative run of that norm (named in the "our run(s)" column). The last row
-    is the baseline (bicubic for SR, the degraded input otherwise) on the same sets."""
-    block = _paper_table(paper, key)
-    table = Table(
-        key=key,
-        title=f"Table {key[5:]}: {block['title']}",
-        caption=caption,
-        row_header="normalisation",
-        paper_source=_paper_source(block),
-    )
+    """Tables 1 and 3: rows = norms; the paper's per-set numbers and findings, our per-set
+    numbers and final feature statistics (raw and EMA). Our run of a norm: one in the group
+    named like the table (`table1`, `table3`) if any, else the most representative run of
+    that norm (named in the "our run(s)" column). The last row is the baseline (bicubic for
+    SR, the degraded input otherwise) on the same sets."""
+    table, group = paper_table(paper, key, caption, "normalisation"), key
     extra = [r.info.norm for r in runs_in_group(results, group) if r.info.norm not in norms]
     picked: list[RunResults] = []
     for norm in [*norms, *dict.fromkeys(extra)]:
@@ -519,47 +335,6 @@ def _norm_rows_table(
     return table
 
 
-def table1(
-    results: Mapping[str, RunResults],
-    paper: Mapping,
-    protocol: Protocol,
-    baseline: Baseline | None = None,
-) -> Table:
-    """Every normalisation layer on the same model and task (the paper's Table 1)."""
-    return _norm_rows_table(
-        "table1",
-        paper,
-        "Each normalisation layer in the same Transformer: restoration quality and the "
-        "deepest group's feature magnitude and channel entropy, which per-token LN drives up "
-        "and down respectively.",
-        TABLE1_NORMS,
-        "table1",
-        results,
-        protocol,
-        baseline,
-    )
-
-
-def table3(
-    results: Mapping[str, RunResults],
-    paper: Mapping,
-    protocol: Protocol,
-    baseline: Baseline | None = None,
-) -> Table:
-    """The LN / LN* / LN+Rs / i-LN ablation (the paper's Table 3)."""
-    return _norm_rows_table(
-        "table3",
-        paper,
-        "Which half of i-LN does what: LN* normalises each image as a whole, LN+Rs rescales "
-        "each residual branch by the input's std, i-LN does both.",
-        TABLE3_NORMS,
-        "table3",
-        results,
-        protocol,
-        baseline,
-    )
-
-
 def _pair_columns(table: Table) -> dict[str, Column]:
     cols = {
         "ln:psnr": Column("ln:psnr", "LN PSNR", "psnr", always_ours=True),
@@ -573,32 +348,57 @@ def _pair_columns(table: Table) -> dict[str, Column]:
     return cols
 
 
-def _fill_pair(
+def _pair_runs(
+    results: Mapping[str, RunResults],
+    task: str,
+    set_name: str,
+    arch: str | None,
+    same_model: Callable[[str], bool],
+) -> dict[str, RunResults | None]:
+    """Our LN and i-LN run evaluated on task / set whose arch ``same_model`` accepts: one of
+    ``arch`` itself first, then by name."""
+
+    def pick(norm: str) -> RunResults | None:
+        found = [
+            r
+            for r in results.values()
+            if r.info.variant == norm
+            and r.info.task == task
+            and r.metric(set_name, "psnr") is not None
+            and same_model(r.info.arch)
+        ]
+        return min(found, key=lambda r: (r.info.arch != arch, r.info.name), default=None)
+
+    return {norm: pick(norm) for norm in ("ln", "iln")}
+
+
+def _pair_row(
     table: Table,
     cols: Mapping[str, Column],
     row: str,
     set_name: str,
     runs: Mapping[str, RunResults | None],
-) -> None:
-    """Our LN and i-LN numbers on one set, and the gain, into one row."""
-    table.add_row(row, [r.info.name for r in runs.values() if r is not None])
-    for norm, run in runs.items():
-        if run is not None:
-            for m in ("psnr", "ssim"):
-                table.set_ours(row, cols[f"{norm}:{m}"], run.metric(set_name, m), run.info.name)
-    a, b = table.cell(row, "ln:psnr").ours, table.cell(row, "iln:psnr").ours
-    if a is not None and b is not None:
-        table.cell(row, "gain").ours = b - a
-
-
-def _paper_pair(table: Table, cols: Mapping[str, Column], row: str, prows: Sequence) -> None:
+    prows: Sequence[Mapping] = (),
+) -> list[RunResults]:
+    """Our LN and i-LN numbers on one set and the paper's, each with i-LN's gain, into one
+    row; returns our runs."""
+    ours = [r for r in runs.values() if r is not None]
+    table.add_row(row, [r.info.name for r in ours])
+    for run in ours:
+        for m in ("psnr", "ssim"):
+            col = cols[f"{run.info.variant}:{m}"]
+            table.set_ours(row, col, run.metric(set_name, m), run.info.name)
     for prow in prows:
         for m in ("psnr", "ssim"):
             if m in prow:
                 table.set_paper(row, cols[f"{prow['norm']}:{m}"], prow[m])
+    a, b = table.cell(row, "ln:psnr").ours, table.cell(row, "iln:psnr").ours
+    if a is not None and b is not None:
+        table.cell(row, "gain").ours = b - a
     by_norm = {p["norm"]: p for p in prows if "psnr" in p}
     if {"ln", "iln"} <= set(by_norm):
         table.cell(row, "gain").paper = round(by_norm["iln"]["psnr"] - by_norm["ln"]["psnr"], 6)
+    return ours
 
 
 def _unique(runs: Sequence[RunResults]) -> list[RunResults]:
@@ -625,14 +425,12 @@ def table2(
 ) -> Table:
     """LN vs i-LN on every task and model (the paper's Table 2), plus every task we ran;
     the baseline's PSNR (bicubic for SR, the degraded input otherwise) beside each pair."""
-    block = _paper_table(paper, "table2")
-    table = Table(
-        key="table2",
-        title=f"Table 2: {block['title']}",
-        caption="The same model trained with LN and with i-LN on each restoration task; "
+    table = paper_table(
+        paper,
+        "table2",
+        "The same model trained with LN and with i-LN on each restoration task; "
         "the last column is what switching to i-LN gains.",
-        row_header="task / test set / model",
-        paper_source=_paper_source(block),
+        "task / test set / model",
     )
     cols = _pair_columns(table)
     base_col = Column("baseline:psnr", "bicubic / input PSNR", "psnr", always_ours=True)
@@ -642,43 +440,33 @@ def table2(
         if value is not None and table.row_runs.get(row):
             table.set_ours(row, base_col, value, BASELINE_RUN)
 
-    def ours(task: str, set_name: str, norm: str, arch: str | None) -> RunResults | None:
-        cands = [
-            r
-            for r in results.values()
-            if r.info.variant == norm
-            and r.info.task == task
-            and r.metric(set_name, "psnr") is not None
-            and (arch is None or _family(r.info.arch) == _family(arch))
-        ]
-        return min(cands, key=lambda r: (r.info.arch != arch, r.info.name), default=None)
+    def pair(task: str, set_name: str, arch: str | None) -> dict[str, RunResults | None]:
+        same = (lambda a: True) if arch is None else (lambda a: _family(a) == _family(arch))
+        return _pair_runs(results, task, set_name, arch, same)
 
     used: list[RunResults] = []
     covered = set()
     prows = paper_rows(paper, "table2")
     for task, set_name, arch in _groups_of(prows, ("task", "set", "arch")):
         row = f"{task_name(task)} / {set_name} / {arch}"
-        runs = {n: ours(task, set_name, n, arch) for n in ("ln", "iln")}
-        _fill_pair(table, cols, row, set_name, runs)
-        fill_baseline(row, task, set_name)
         same = [p for p in prows if (p["task"], p["set"], p.get("arch")) == (task, set_name, arch)]
-        _paper_pair(table, cols, row, same)
-        used += [r for r in runs.values() if r is not None]
-        covered |= {(task, set_name, r.info.arch) for r in runs.values() if r is not None}
+        found = _pair_row(table, cols, row, set_name, pair(task, set_name, arch), same)
+        fill_baseline(row, task, set_name)
+        used += found
+        covered |= {(task, set_name, r.info.arch) for r in found}
     ours_only = sorted(
         (r for r in results.values() if r.info.variant in ("ln", "iln")),
         key=lambda r: (r.info.task, r.info.arch, r.info.name),
     )
     for run in ours_only:
+        task, arch = run.info.task, run.info.arch
         for set_name in run.sets():
-            if (run.info.task, set_name, run.info.arch) in covered:  # one row per model
+            if (task, set_name, arch) in covered:  # one row per model
                 continue
-            covered.add((run.info.task, set_name, run.info.arch))
-            runs = {n: ours(run.info.task, set_name, n, run.info.arch) for n in ("ln", "iln")}
-            row = f"{task_name(run.info.task)} / {set_name} / {run.info.arch}"
-            _fill_pair(table, cols, row, set_name, runs)
-            fill_baseline(row, run.info.task, set_name)
-            used += [r for r in runs.values() if r is not None]
+            covered.add((task, set_name, arch))
+            row = f"{task_name(task)} / {set_name} / {arch}"
+            used += _pair_row(table, cols, row, set_name, pair(task, set_name, arch))
+            fill_baseline(row, task, set_name)
     table.measured = [measured_eval(_unique(used), protocol)]
     table.notes.append(
         "A paper row's model names the paper's; ours is the run's preset of the same family "
@@ -696,14 +484,12 @@ def table2(
 
 def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
     """PSNR and overflow per inference precision, LN vs i-LN (the paper's Table 4)."""
-    block = _paper_table(paper, "table4")
-    table = Table(
-        key="table4",
-        title=f"Table 4: {block['title']}",
-        caption="The trained model run in lower precision: LN's large features overflow "
+    table = paper_table(
+        paper,
+        "table4",
+        "The trained model run in lower precision: LN's large features overflow "
         "fp16 and lose int8/int4 resolution, i-LN's stay in range.",
-        row_header="normalisation / precision",
-        paper_source=_paper_source(block),
+        "normalisation / precision",
     )
     prows = paper_rows(paper, "table4")
     group = [r.info.norm for r in runs_in_group(results, "table4") if r.precision]
@@ -711,28 +497,18 @@ def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
     picked = []
     for norm in norms:
         run = pick_run(results, norm, groups=("table4",), need=lambda r: bool(r.precision))
-        modes = set((run.precision or {}) if run else ()) | {
-            p["precision"] for p in prows if p["norm"] == norm
-        }
-        order = sorted(
-            modes, key=lambda m: PRECISION_MODES.index(m) if m in PRECISION_MODES else 99
-        )
+        paper_modes = [p["precision"] for p in prows if p["norm"] == norm]
+        modes = _modes([*(run.precision if run else ()), *paper_modes])
         if run is not None:
             picked.append(run)
-        for mode in order or PRECISION_MODES[:1]:
+        for mode in modes or PRECISION_MODES[:1]:
             row = f"{norm_label(norm)} / {mode}"
             table.add_row(row, [run.info.name] if run else [])
             for p in prows:
                 if p["norm"] == norm and p["precision"] == mode:
                     table.set_paper(row, _metric_column(p["set"], "psnr"), p["psnr"])
-            for set_name, entry in ((run.precision or {}).get(mode) or {}).items() if run else ():
-                table.set_ours(row, _metric_column(set_name, "psnr"), entry["psnr"], run.info.name)
-                table.set_ours(
-                    row,
-                    Column(f"{set_name}:overflow", f"{set_name} overflow", "bool"),
-                    entry["overflow"],
-                    run.info.name,
-                )
+            if run is not None:
+                _fill_precision(table, row, run, mode)
     for run in picked:
         if run.info.norm == "ln":
             remark = fp16_remark(run.precision)
@@ -756,6 +532,19 @@ def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         "in the forward pass."
     )
     return table
+
+
+def _modes(modes: Sequence[str]) -> list[str]:
+    """The precision modes present, in iln.layout.PRECISION_MODES order."""
+    return [m for m in PRECISION_MODES if m in modes]
+
+
+def _fill_precision(table: Table, row: str, run: RunResults, mode: str) -> None:
+    """Our PSNR and overflow per set in one precision mode."""
+    for set_name, entry in ((run.precision or {}).get(mode) or {}).items():
+        table.set_ours(row, _metric_column(set_name, "psnr"), entry["psnr"], run.info.name)
+        overflow = Column(f"{set_name}:overflow", f"{set_name} overflow", "bool")
+        table.set_ours(row, overflow, entry["overflow"], run.info.name)
 
 
 FP16_COLLAPSE_DB = 1.0  # an fp16 PSNR this far below fp32 counts as LN's collapse
@@ -785,27 +574,14 @@ def fp16_remark(precision: Mapping[str, Mapping[str, Mapping[str, object]]] | No
 
 def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
     """The full-size HAT (HAT†) with LN and i-LN (the paper's Table 6)."""
-    block = _paper_table(paper, "table6")
-    table = Table(
-        key="table6",
-        title=f"Table 6: {block['title']}",
-        caption="Whether i-LN's gain holds for the full-size HAT, not only the small HAT_1.",
-        row_header="task / test set",
-        paper_source=_paper_source(block),
+    table = paper_table(
+        paper,
+        "table6",
+        "Whether i-LN's gain holds for the full-size HAT, not only the small HAT_1.",
+        "task / test set",
     )
     cols = _pair_columns(table)
-    arch = (block.get("setting") or {}).get("arch", "hat")
-
-    def ours(task: str, set_name: str, norm: str) -> RunResults | None:
-        cands = [
-            r
-            for r in results.values()
-            if r.info.arch == arch
-            and r.info.variant == norm
-            and r.info.task == task
-            and r.metric(set_name, "psnr") is not None
-        ]
-        return min(cands, key=lambda r: r.info.name, default=None)
+    arch = (paper["tables"]["table6"].get("setting") or {}).get("arch", "hat")
 
     used = []
     prows = paper_rows(paper, "table6")
@@ -814,13 +590,9 @@ def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         if run.info.arch == arch and run.info.variant in ("ln", "iln"):
             rows += [(run.info.task, s) for s in run.sets() if (run.info.task, s) not in rows]
     for task, set_name in rows:
-        row = f"{task_name(task)} / {set_name}"
-        runs = {n: ours(task, set_name, n) for n in ("ln", "iln")}
-        _fill_pair(table, cols, row, set_name, runs)
-        _paper_pair(
-            table, cols, row, [p for p in prows if (p["task"], p["set"]) == (task, set_name)]
-        )
-        used += [r for r in runs.values() if r is not None]
+        runs = _pair_runs(results, task, set_name, arch, lambda a: a == arch)
+        same = [p for p in prows if (p["task"], p["set"]) == (task, set_name)]
+        used += _pair_row(table, cols, f"{task_name(task)} / {set_name}", set_name, runs, same)
     table.measured = [measured_eval(_unique(used), protocol)]
     table.notes.append(f"Ours: runs with the full preset `{arch}` only.")
     return table
@@ -828,14 +600,12 @@ def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
 
 def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
     """Other stabilisers against i-LN (the paper's Table 8)."""
-    block = _paper_table(paper, "table8")
-    table = Table(
-        key="table8",
-        title=f"Table 8: {block['title']}",
-        caption="Whether clipping the gradients or regularising the feature statistics stops "
+    table = paper_table(
+        paper,
+        "table8",
+        "Whether clipping the gradients or regularising the feature statistics stops "
         "LN's feature divergence, and at what cost in PSNR, against i-LN.",
-        row_header="training",
-        paper_source=_paper_source(block),
+        "training",
     )
     group = [r.info.variant for r in runs_in_group(results, "table8")]
     variants = list(dict.fromkeys([*TABLE8_VARIANTS, *group]))
@@ -880,53 +650,35 @@ def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
 # Our own tables (S1, S2, ...)
 
 
-def stdnorm_table(results: Mapping[str, RunResults], protocol: Protocol) -> Table:
-    """Ours: the input-standardisation confound (LN / i-LN x stdnorm on / off)."""
-    table = Table(
-        key="table_s1_stdnorm",
-        title="Table S1: input standardisation (stdnorm) on and off (ours, not in the paper)",
-        caption="The official i-LN models standardise the input and the official LN baselines "
-        "do not; this separates that switch from the normalisation itself.",
-        row_header="normalisation / stdnorm",
-    )
-    runs = runs_in_group(results, "stdnorm")
-    for run in runs:
-        row = f"{norm_label(run.info.norm)} / stdnorm {'on' if run.info.stdnorm_on else 'off'}"
-        if row in table.rows:
-            row = f"{row} [{run.info.name}]"
-        table.add_row(row, [run.info.name])
-        _fill_sets(table, row, run)
-        _fill_features(table, row, run)
-    table.measured = [measured_eval(runs, protocol), measured_features(runs, protocol)]
-    return table
-
-
-def runs_table(
+def _group_table(
     results: Mapping[str, RunResults],
     protocol: Protocol,
-    *,
     group: str,
-    key: str,
-    title: str,
-    caption: str,
-) -> Table:
-    """Ours: one row per run of a group (seeds, batch size), PSNR/SSIM and features."""
-    table = Table(key=key, title=title, caption=caption, row_header="run")
+    row_of: Callable[[RunResults], str],
+    table: Table,
+) -> tuple[Table, str]:
+    """Ours: one row per run of a group, PSNR/SSIM and features; shown only with results."""
     runs = runs_in_group(results, group)
     for run in runs:
-        extra = []
-        if run.info.seed is not None:
-            extra.append(f"seed {run.info.seed}")
-        if run.info.batch_size is not None:
-            extra.append(f"batch {run.info.batch_size}")
-        row = f"{run.info.label} ({', '.join(extra)})" if extra else run.info.label
-        if row in table.rows:
-            row = f"{row} [{run.info.name}]"
+        row = row_of(run)
+        row = f"{row} [{run.info.name}]" if row in table.rows else row
         table.add_row(row, [run.info.name])
         _fill_sets(table, row, run)
         _fill_features(table, row, run)
     table.measured = [measured_eval(runs, protocol), measured_features(runs, protocol)]
-    return table
+    return table, group
+
+
+def _stdnorm_row(run: RunResults) -> str:
+    return f"{norm_label(run.info.norm)} / stdnorm " + ("on" if run.info.stdnorm_on else "off")
+
+
+def _run_row(run: RunResults) -> str:
+    """The run's label with its seed and batch size: "LN + grad clip 1 (seed 1, batch 4)"."""
+    info = run.info
+    extra = [f"seed {info.seed}"] if info.seed is not None else []
+    extra += [f"batch {info.batch_size}"] if info.batch_size is not None else []
+    return f"{info.label} ({', '.join(extra)})" if extra else info.label
 
 
 def all_runs_table(results: Mapping[str, RunResults], protocol: Protocol) -> Table:
@@ -938,24 +690,22 @@ def all_runs_table(results: Mapping[str, RunResults], protocol: Protocol) -> Tab
         "feature statistics for both the raw and the EMA weights.",
         row_header="run",
     )
+    steps = (
+        Column("iterations", "iterations", "int"),
+        Column("last_step", "last probed/logged step", "int"),
+        Column("sec_per_step", "s/step", "sci"),
+    )
     done = [r for r in results.values() if r.has_results]
     for run in results.values():
         row = f"{run.info.name}: {run.info.arch} {run.info.label} {run.info.task}"
         table.add_row(row, [run.info.name] if run.has_results else [])
-        table.add_column(Column("iterations", "iterations", "int"))
-        table.add_column(Column("last_step", "last probed/logged step", "int"))
-        table.add_column(Column("sec_per_step", "s/step", "sci"))
-        if not run.has_results:
-            continue
-        name = run.info.name
-        table.set_ours(row, Column("iterations", "iterations", "int"), run.info.iterations, name)
-        table.set_ours(
-            row, Column("last_step", "last probed/logged step", "int"), run.last_step(), name
-        )
-        table.set_ours(
-            row, Column("sec_per_step", "s/step", "sci"), run.mean_seconds_per_step(), name
-        )
-        _fill_sets(table, row, run, metrics=("psnr",))
+        for col in steps:
+            table.add_column(col)
+        if run.has_results:
+            values = (run.info.iterations, run.last_step(), run.mean_seconds_per_step())
+            for col, value in zip(steps, values, strict=True):
+                table.set_ours(row, col, value, run.info.name)
+            _fill_sets(table, row, run, metrics=("psnr",))
     for run, row in zip(results.values(), table.rows, strict=True):
         if run.has_results:
             _fill_features(table, row, run)
@@ -970,3 +720,187 @@ TIMING_NOTE = (
     "no speed comparison between norms. Speeds are measured under controlled load by the "
     "benchmarks (benchmarks/)."
 )
+
+
+def report_tables(
+    results: Mapping[str, RunResults],
+    paper: Mapping,
+    protocol: Protocol,
+    baseline: Baseline | None,
+) -> list[tuple[Table, str | None]]:
+    """Every table of the report in its order, each with the group whose runs it needs to be
+    shown at all (None: always shown, with the paper's numbers where no run fills it)."""
+    common = (results, paper, protocol)
+    return [
+        (_norm_rows_table("table1", TABLE1_CAPTION, TABLE1_NORMS, *common, baseline), None),
+        (table2(results, paper, protocol, baseline), None),
+        (_norm_rows_table("table3", TABLE3_CAPTION, TABLE3_NORMS, *common, baseline), None),
+        (table4(*common), None),
+        (table6(*common), None),
+        (table8(*common), None),
+        _group_table(
+            results,
+            protocol,
+            "stdnorm",
+            _stdnorm_row,
+            Table(
+                "table_s1_stdnorm",
+                "Table S1: input standardisation (stdnorm) on and off (ours, not in the paper)",
+                "The official i-LN models standardise the input and the official LN baselines "
+                "do not; this separates that switch from the normalisation itself.",
+                "normalisation / stdnorm",
+            ),
+        ),
+        _group_table(
+            results,
+            protocol,
+            "seeds",
+            _run_row,
+            Table(
+                "table_s2_seeds",
+                "Table S2: seeds (ours)",
+                "The same setting trained from different seeds: how much of a difference "
+                "between norms is noise.",
+                "run",
+            ),
+        ),
+        _group_table(
+            results,
+            protocol,
+            "batch",
+            _run_row,
+            Table(
+                "table_s3_batch",
+                "Table S3: batch size (ours)",
+                "The same setting trained at different batch sizes.",
+                "run",
+            ),
+        ),
+        (all_runs_table(results, protocol), None),
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# The authors' released checkpoints (`released:` in params.yaml)
+
+
+def released_model(run: RunResults) -> str:
+    """ "hat_1 LN x4 no stdnorm": the arch, norm, scale and stdnorm of a released entry."""
+    info = run.info
+    parts = [info.arch, norm_label(info.norm), f"x{info.scale}" if info.scale else info.task]
+    if info.stdnorm is not None:
+        parts.append("stdnorm" if info.stdnorm else "no stdnorm")
+    return " ".join(parts)
+
+
+def _evaluation(record: Mapping) -> str:
+    tile = int(record.get("tile") or 0)
+    if tile:
+        return f"tiled ({tile} px LR tiles, {int(record.get('tile_overlap') or 0)} overlap)"
+    return "whole image"
+
+
+def released_tables(
+    results: Mapping[str, RunResults], weights: Mapping[str, str], paper: Mapping
+) -> list[Table]:
+    """The released entries' PSNR / SSIM beside the paper's number for the same arch, norm,
+    scale and set (with the weights file, its SHA-256 and whether the number was tiled), the
+    final model's feature statistics, and the inference-precision table. ``weights``: entry
+    -> its declared weights file (shown until the entry is evaluated)."""
+    scores = Table(
+        key="released",
+        title="Released checkpoints: PSNR / SSIM beside the paper",
+        caption="The authors' weights evaluated without training, against the paper's "
+        "number for the same arch, norm, scale and set where the paper has one.",
+        row_header="model / set",
+        measured=[
+            "PSNR / SSIM on Y, border = scale, output rounded to uint8; whole image with "
+            "reflect padding at the bottom/right to a multiple of the window (the authors' "
+            "test protocol) unless the evaluation column says tiled."
+        ],
+    )
+    features = Table(
+        key="released_features",
+        title="Released checkpoints: final-model features",
+        caption="Feature statistics of each released model on the probe images (Fig. 1's "
+        "end point; max |x| as in Table 8): where LN's large magnitudes show.",
+        row_header="model",
+    )
+    precision = Table(
+        key="released_precision",
+        title="Released checkpoints: inference precision",
+        caption="PSNR in dB of each released model run in lower precision (Table 4 style).",
+        row_header="model / precision",
+    )
+    sources: set[str] = set()
+    crops: set[int] = set()
+    for name, run in results.items():
+        model, record = released_model(run), run.weights_record or {}
+        rows = {f"{model} / {s}": s for s in run.sets()} or {f"{model} / not evaluated yet": ""}
+        for row, set_name in rows.items():
+            scores.add_row(row, [name])
+            for metric in ("psnr", "ssim") if set_name else ():
+                column = Column(metric, metric.upper(), metric, always_ours=True)
+                found = paper_number(
+                    paper,
+                    arch=run.info.arch,
+                    norm=run.info.norm,
+                    task=run.info.task,
+                    set_name=set_name,
+                    metric=metric,
+                )
+                if found is not None:
+                    scores.set_paper(row, column, found[0])
+                    sources.add(found[1])
+                scores.set_ours(row, column, run.metric(set_name, metric), name)
+                x8 = run.metric(set_name, metric + ENSEMBLE_SUFFIX)
+                if x8 is not None:
+                    column = Column(metric + ENSEMBLE_SUFFIX, f"{metric.upper()} x8", metric)
+                    scores.set_ours(row, column, x8, name)
+        if run.stats(WEIGHTS_EMA) is not None:
+            features.add_row(model, [name])
+            for column, value in (
+                (Column("layer", "deepest group", "text"), run.deepest_layer(WEIGHTS_EMA)),
+                *(
+                    (Column(key, label, fmt), run.final_stat(key, WEIGHTS_EMA))
+                    for key, label, fmt in (
+                        ("magnitude", "mean x^2", "sci"),
+                        ("max_abs", "max |x|", "sci"),
+                        ("entropy", "entropy", "entropy"),
+                        ("entropy_ceiling", "entropy ceiling ln C", "entropy"),
+                    )
+                ),
+                (
+                    Column("max_abs_any", "max |x|, any layer", "sci"),
+                    run.final_max_abs(WEIGHTS_EMA),
+                ),
+            ):
+                features.set_ours(model, column, value, name)
+        for mode in _modes(list(run.precision or {})):
+            precision.add_row(f"{model} / {mode}", [name])
+            _fill_precision(precision, f"{model} / {mode}", run, mode)
+        if record.get("precision_crop"):
+            crops.add(int(record["precision_crop"]))
+    for name, run in results.items():  # the weights after the numbers
+        record = run.weights_record or {}
+        for row in (r for r in scores.rows if scores.row_runs[r] == [name]):
+            evaluation = _evaluation(record) if run.sets() else None
+            scores.set_ours(row, Column("evaluation", "evaluation", "text"), evaluation, name)
+            file = record.get("file") or weights[name]
+            scores.set_ours(row, Column("file", "weights file", "text"), file, name)
+            digest = record.get("sha256")
+            scores.set_ours(row, Column("sha256", "SHA-256", "digest"), digest, name)
+    scores.notes += ["SHA-256: its first 12 hex digits here, all of it in the CSV."]
+    if scores.has_ours("psnr" + ENSEMBLE_SUFFIX) or scores.has_ours("ssim" + ENSEMBLE_SUFFIX):
+        scores.notes.append(
+            "x8: the self-ensemble (evaluate.self_ensemble: the 8 flips / transposes of each "
+            "input, outputs transformed back and averaged before rounding; the paper reports "
+            "none)."
+        )
+    scores.notes += [f"{k}: {paper['tables'][k]['source']}" for k in sorted(sources)]
+    precision.notes += [
+        f"Measured on central {crop} px LR crops of the test images (evaluate.precision_crop), "
+        "not whole images."
+        for crop in sorted(crops)
+    ]
+    return [t for t in (scores, features, precision) if t.rows]
