@@ -14,9 +14,10 @@ from iln.cli import project_root, run_stage, store_root
 from iln.config import load_params, resolve_run
 from iln.files import remove_stale_temps, write_json_atomic
 from iln.layout import Layout
-from iln.report import build_report, flatten_summary
+from iln.report import RunInfo, build_report, flatten_summary
 from iln.report.tables import Protocol
 from iln.styles import BASELINE_COLOR
+from iln.subject import subjects
 
 PAPER_LR = 2.0e-4  # the official HAT_1 recipe
 PAPER_EMA_DECAY = 0.999
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(project_root())
     remove_stale_temps(layout.report_dir, recursive=True)  # kill -9 leftovers
     out = layout.report_dir
-    runs = {name: resolve_run(params, name) for name in params.runs}
+    runs, released = {}, {}  # the trained runs, the released entries: read the same way
+    for subject in subjects(params):
+        (runs if subject.kind == "trained" else released)[subject.name] = RunInfo.from_subject(
+            subject, params
+        )
     (out / "figures").mkdir(parents=True, exist_ok=True)  # a DVC output, even when empty
     protocol = Protocol(
         probe_set=params.evaluate.sets[0],
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             protocol=protocol,
             sets=params.report.sets,
             pair_dirs=layout.pair_dirs,
-            released=params.released,
+            released=released,
             mlflow=(command, tracking.charts_link(tracker, ui)),
         )
         write_json_atomic(out / "summary.json", summary["runs"])

@@ -32,8 +32,9 @@ NO_OUTPUT_MODULES = {
     # the bicubic baseline runs stages/evaluate.py without a model: the code that opens and
     # runs trained or released models changes none of its outputs
     "baseline": (*RECORDING, "iln.models", "iln.weights", "iln.released", "iln.precision"),
-    # the report draws every norm in its colour; it imports iln.models only to validate params
-    "report": ("iln.cli", "iln.tracking", "iln.models"),
+    # the report draws every norm in its colour; it imports iln.models only to validate
+    # params, and iln.subject's model opening (iln.weights, iln.released) never runs there
+    "report": ("iln.cli", "iln.tracking", "iln.models", "iln.weights", "iln.released"),
 }
 # Params keys that change none of the stage's outputs (how many processes, where caches live).
 NO_OUTPUT_KEYS = {

@@ -32,6 +32,8 @@ from iln.released import (
     pin_weights,
     verify_weights,
 )
+from iln.report import RunInfo
+from iln.subject import Subject
 from tests.helpers import ROOT, write_params
 from tests.stage_project import stage_runs
 from tests.test_pipeline import _run, copy_project_files
@@ -439,9 +441,8 @@ def test_report_handles_runs_without_a_train_folder(tmp_path):
         _model("hat_tiny", "ln", 0), torch.rand(1, 3, 16, 16), runs_dir / "hat1_ln_x4" / "analysis"
     )
     entry = {"arch": "hat_1", "norm": "ln", "task": "sr_x4", "stdnorm": False, "weights": "w.pth"}
-    from iln.config import ReleasedSpec
-
-    released = {"hat1_ln_x4": ReleasedSpec(**entry)}
+    subject = Subject("hat1_ln_x4", "released", ReleasedSpec(**entry))
+    released = {"hat1_ln_x4": RunInfo.from_subject(subject, load_params(ROOT / "params.yaml"))}
     build_report(released, runs_dir, out, scale_note="test", released=released)
     report = (out / "report.md").read_text()
     table = (out / "tables" / "released.md").read_text()

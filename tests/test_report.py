@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import iln
-from iln.config import ResolvedRun, RunSpec
+from iln.config import RunSpec, load_params
 from iln.data.io import write_png
 from iln.report import (
     RunInfo,
@@ -33,7 +34,8 @@ from iln.report.paper import printed
 from iln.report.table import MAX_VALUE_COLUMNS
 from iln.report.tables import Protocol, fp16_remark
 from iln.styles import NORM_STYLES
-from tests.helpers import train_settings, train_summary
+from iln.subject import find_subject
+from tests.helpers import ROOT, train_settings, train_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = (0, 100, 200, 300)
@@ -157,12 +159,13 @@ def infos(runs: dict[str, dict | RunInfo]) -> dict[str, RunInfo]:
 
 
 def declared_runs() -> dict[str, RunInfo]:
-    # a resolved run of the params file: its unset fields come from its train settings
-    clip = ResolvedRun(
-        name="ln_clip",
-        spec=RunSpec(arch="hat_tiny", norm="ln", task="sr_x2", groups=("table8",)),
+    # a run of the params file: its unset fields come from its train settings
+    params = dataclasses.replace(
+        load_params(ROOT / "params.yaml"),
+        runs={"ln_clip": RunSpec(arch="hat_tiny", norm="ln", task="sr_x2", groups=("table8",))},
         train=train_settings(grad_clip=1.0, seed=1, batch_size=4, iterations=300),
     )
+    clip = RunInfo.from_subject(find_subject(params, "ln_clip"), params)
     return infos(
         {
             "ln": {**BASE, "norm": "ln", "groups": ["table3", "table4"]},
@@ -170,7 +173,7 @@ def declared_runs() -> dict[str, RunInfo]:
             "inorm": {**BASE, "norm": "instancenorm", "groups": ["table1"]},
             "ln_star": {**BASE, "norm": "ln_star", "groups": ["table3"]},  # declared, never run
             "ln_rs": {**BASE, "norm": "ln_rs", "groups": ["table3"]},
-            "ln_clip": RunInfo.from_spec("ln_clip", clip),
+            "ln_clip": clip,
             "ln_kld": {**BASE, "norm": "ln", "kld_weight": 0.01, "groups": ["table8"]},
             "ln_std": {**BASE, "norm": "ln", "stdnorm": True, "groups": ["stdnorm"]},
             "ln_nostd": {**BASE, "norm": "ln", "groups": ["stdnorm"]},
@@ -665,8 +668,6 @@ def test_malformed_inputs_name_the_file(tmp_path):
     features.write_text(features.read_text().replace("raw,", "final,"))
     with pytest.raises(ValueError, match=r"features\.csv, line \d+: weights must be"):
         load_runs(runs, tmp_path / "b")
-    with pytest.raises(TypeError, match="run 'x': expected a resolved run or a released entry"):
-        load_runs({"x": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2"}}, tmp_path)
     make_run(tmp_path / "c", "ln", norm="ln")
     summary = tmp_path / "c" / "ln" / "train" / "summary.json"
     summary.write_text(json.dumps({**train_summary((2,), 8), "model": {"depths": [2, 2]}}))

@@ -13,7 +13,7 @@ from iln.report import figures, tables
 from iln.report.crops import comparison_panels
 from iln.report.html import markdown_to_html
 from iln.report.paper import load_paper_numbers
-from iln.report.runs import RunResults, load_runs, read_metrics
+from iln.report.runs import RunInfo, RunResults, load_runs, read_metrics
 from iln.report.table import pipe_table, write_table
 from iln.report.tables import Protocol
 from iln.styles import norm_label, norm_rank, norm_style
@@ -242,7 +242,7 @@ def _crop_sections(
 
 
 def build_report(
-    runs: Mapping[str, object],
+    runs: Mapping[str, RunInfo],
     runs_dir: Path | str,
     out_dir: Path | str,
     *,
@@ -250,22 +250,20 @@ def build_report(
     protocol: Protocol | None = None,
     paper: Mapping | None = None,
     sets: Sequence[str] | None = None,
-    released: Mapping[str, object] | None = None,
+    released: Mapping[str, RunInfo] | None = None,
     pair_dirs: Callable[[str, str], tuple[Path, Path]] | None = None,
     mlflow: tuple[str, str] | None = None,
 ) -> dict[str, object]:
     """Write out_dir/report.md, out_dir/tables/<table>.{md,csv} and out_dir/figures/*.png.
 
-    runs: run name -> a RunSpec-like object (attributes arch, norm, task, stdnorm,
-      affine_outer, grad_clip, kld_weight, seed, batch_size, iterations, groups), a resolved
-      run (attributes `spec` and `train`: unset spec fields fall back to `train`), or a mapping.
+    runs: run name -> its RunInfo (``RunInfo.from_subject``: what params.yaml declares).
     runs_dir: folder with one folder per run (layout: iln.layout.RunFiles); a run folder
       may hold only some of train/, eval/, analysis/.
     scale_note: what scale this ran at (preset, iterations, data, device), shown first.
     protocol: what our numbers were measured on (probe crops, Table 4 crop, EMA decay).
     paper: the paper numbers (default: the packaged paper_numbers.yaml).
     sets: our test sets to show, in order (default: every set in metrics.json).
-    released: the `released:` entries (the authors' checkpoints), shown in their own section.
+    released: the `released:` entries' RunInfo (the authors' checkpoints), in their own section.
     pair_dirs: (task, set) -> (lq_dir, gt_dir) of the degraded test pairs, for the crop
       panels (None: no crop panels).
     mlflow: (the command that starts the MLflow UI, the link to the train runs' chart
@@ -363,7 +361,7 @@ def build_report(
             'checkpoints").',
             "",
         ]
-    weights = {name: str(spec.weights) for name, spec in (released or {}).items()}
+    weights = {name: str(info.weights) for name, info in (released or {}).items()}
     for table in tables.released_tables(released_results, weights, paper):
         md += write_table(table, tables_dir)
         status[table.key] = "written"

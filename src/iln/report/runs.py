@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iln.config import ReleasedSpec, ResolvedRun
+from iln.config import Params, ReleasedSpec, resolve_run
 from iln.data.params import parse_task
 from iln.files import read_csv_rows
 from iln.layout import (
@@ -29,6 +29,7 @@ from iln.layout import (
     RunFiles,
 )
 from iln.styles import norm_label
+from iln.subject import Subject
 
 
 @dataclass(frozen=True)
@@ -50,40 +51,35 @@ class RunInfo:
     groups: tuple[str, ...] = ()
     model: Mapping[str, object] = field(default_factory=dict)  # the run's model overrides
 
+    weights: str | None = None  # a released entry: its weights file as params.yaml names it
+
     @classmethod
-    def from_spec(cls, name: str, spec: ResolvedRun | ReleasedSpec) -> RunInfo:
-        """From the params file: a run resolved with its train defaults, or a released entry
-        (never trained here: no training settings)."""
-        if isinstance(spec, ResolvedRun):
-            run, train = spec.spec, spec.train
-            return cls(
-                name=name,
-                arch=run.arch,
-                norm=run.norm,
-                task=run.task,
-                stdnorm=run.stdnorm,
-                affine_outer=run.affine_outer,
-                grad_clip=train.grad_clip,
-                kld_weight=train.kld_weight,
-                seed=train.seed,
-                batch_size=train.batch_size,
-                iterations=train.iterations,
-                groups=run.groups,
-                model=dict(run.model),
-            )
+    def from_subject(cls, subject: Subject, params: Params) -> RunInfo:
+        """What the report shows of a trained run (its unset settings filled in from
+        ``train:``) or of a released entry (never trained here: no training settings)."""
+        spec = subject.spec
+        if spec is None:
+            raise ValueError(f"{subject.name}: the baseline has no run folder to report on")
+        shared = dict(
+            name=subject.name,
+            arch=spec.arch,
+            norm=spec.norm,
+            task=spec.task,
+            stdnorm=spec.stdnorm,
+            affine_outer=spec.affine_outer,
+            model=dict(spec.model),
+        )
         if isinstance(spec, ReleasedSpec):
-            return cls(
-                name=name,
-                arch=spec.arch,
-                norm=spec.norm,
-                task=spec.task,
-                stdnorm=spec.stdnorm,
-                affine_outer=spec.affine_outer,
-                model=dict(spec.model),
-            )
-        raise TypeError(
-            f"run {name!r}: expected a resolved run or a released entry of the params file, "
-            f"got {type(spec).__name__}"
+            return cls(**shared, weights=spec.weights)
+        train = resolve_run(params, subject.name).train
+        return cls(
+            **shared,
+            grad_clip=train.grad_clip,
+            kld_weight=train.kld_weight,
+            seed=train.seed,
+            batch_size=train.batch_size,
+            iterations=train.iterations,
+            groups=spec.groups,
         )
 
     @property
@@ -446,13 +442,8 @@ class RunResults:
 
 
 def load_runs(
-    runs: Mapping[str, object], runs_dir: Path | str, *, sets: Sequence[str] | None = None
+    runs: Mapping[str, RunInfo], runs_dir: Path | str, *, sets: Sequence[str] | None = None
 ) -> dict[str, RunResults]:
-    """RunResults for every declared run (a RunInfo, a ResolvedRun or a ReleasedSpec), in
-    order."""
+    """RunResults for every run, in order, read from ``runs_dir/<name>``."""
     runs_dir = Path(runs_dir)
-    out = {}
-    for name, spec in runs.items():
-        info = spec if isinstance(spec, RunInfo) else RunInfo.from_spec(name, spec)
-        out[name] = RunResults.load(info, runs_dir / name, sets=sets)
-    return out
+    return {name: RunResults.load(info, runs_dir / name, sets=sets) for name, info in runs.items()}
