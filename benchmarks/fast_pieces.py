@@ -22,8 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from benchmarks.timing import paired_ratio, time_interleaved
-from benchmarks.vs_official import train_step
+from benchmarks.timing import paired_ratio, random_pair, time_interleaved, train_step
 from iln.models import build_model, common
 from iln.models import fast as fast_ops
 
@@ -87,10 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    gen = torch.Generator().manual_seed(0)
-    lq = torch.rand(args.batch, 3, args.lr_patch, args.lr_patch, generator=gen)
-    hr = args.scale * args.lr_patch
-    gt = torch.rand(args.batch, 3, hr, hr, generator=gen)
+    lq, gt = random_pair(args.batch, args.lr_patch, args.scale, torch.Generator().manual_seed(0))
 
     def step_of(piece: str | None, fast: bool = True) -> Callable[[], None]:
         model = build_model(

@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import gc
 import math
 import os
 import platform
@@ -54,7 +53,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.timing import Timing, summarize, synchronizer, time_interleaved
+from benchmarks.timing import (
+    ADAM_BETAS,
+    ADAM_LR,
+    Timing,
+    synchronizer,
+    time_callable,
+    time_interleaved,
+    train_step,
+)
 from iln import precision
 from iln.files import write_json_atomic, write_text_atomic
 from iln.models import build_model, common, fast, norms
@@ -240,27 +247,11 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def time_callable(
-    fn: Callable[[], object], *, repeats: int, warmup: int, sync: Callable[[], None]
-) -> Timing:
-    """Median of ``repeats`` timed calls after ``warmup`` untimed ones, the garbage collector
-    run once before and paused throughout (``timing.time_callable`` collects before every
-    call, which costs more than many of the calls timed here)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    gc.collect()
-    gc.disable()
-    samples = []
-    try:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            sync()
-            samples.append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    return summarize(samples, warmup=warmup)
+def _time(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int) -> Timing:
+    """``timing.time_callable`` with the garbage collector run once, not before every call
+    (a collection costs more than many of the calls timed here)."""
+    sync = synchronizer(device)
+    return time_callable(fn, repeats=repeats, warmup=warmup, sync=sync, gc_every_round=False)
 
 
 # ----------------------------------------------------------------------------- device
@@ -336,7 +327,7 @@ def _train_step(spec: dict[str, Any], plan: Plan, device: torch.device) -> dict[
         **spec.get("overrides", {}),
     ).to(device)
     model.train()
-    optimizer = adam(list(model.parameters()), lr=2.0e-4, betas=(0.9, 0.99))
+    optimizer = adam(list(model.parameters()), lr=ADAM_LR, betas=ADAM_BETAS)
     gen = torch.Generator(device).manual_seed(1)
     b, p = spec["batch"], spec["lr_patch"]
     lq = torch.rand(b, 3, p, p, generator=gen, device=device)
@@ -364,7 +355,7 @@ def _train_step(spec: dict[str, Any], plan: Plan, device: torch.device) -> dict[
         sync()
         first = time.perf_counter() - start
         memory.reset()
-        timing = time_callable(step, repeats=plan.step_repeats, warmup=1, sync=sync)
+        timing = _time(step, device, repeats=plan.step_repeats, warmup=1)
     row = {
         "seconds": timing.median_s,
         "seconds_min": timing.min_s,
@@ -406,7 +397,7 @@ def _inference(
     with _tf32(False):
         forward()
         memory.reset()
-        timing = time_callable(forward, repeats=plan.repeats, warmup=0, sync=synchronizer(device))
+        timing = _time(forward, device, repeats=plan.repeats, warmup=0)
     return {"seconds": timing.median_s, "peak_memory_bytes": memory.peak()}
 
 
@@ -514,10 +505,10 @@ def _sdpa_backend(d: int, dtype: torch.dtype, backend: str, plan: Plan, device: 
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             call()
         ran = sorted({SDPA_OPS[e.key] for e in prof.key_averages() if e.key in SDPA_OPS})
-        timing = time_callable(call, repeats=plan.repeats, warmup=1, sync=synchronizer(device))
+        timing = _time(call, device, repeats=plan.repeats, warmup=1)
         return {"ran": ", ".join(ran) or "none of the fused ops", "seconds": timing.median_s}
     with sdpa_kernel(getattr(SDPBackend, backend)):
-        timing = time_callable(call, repeats=plan.repeats, warmup=1, sync=synchronizer(device))
+        timing = _time(call, device, repeats=plan.repeats, warmup=1)
     return {"ran": backend.lower(), "seconds": timing.median_s}
 
 
@@ -558,7 +549,7 @@ def _norm_kernel(kind: str, dtype: torch.dtype, plan: Plan, device: torch.device
             y, std = norm(x)
             (y.sum() + std.sum()).backward()
 
-    timing = time_callable(run, repeats=plan.repeats + 2, warmup=1, sync=synchronizer(device))
+    timing = _time(run, device, repeats=plan.repeats + 2, warmup=1)
     return {"seconds": timing.median_s}
 
 
@@ -620,12 +611,18 @@ def _loader(kind: str, workers: int, folder: Path, plan: Plan) -> dict[str, Any]
     return {"batches_per_second": count / seconds, "batches": count}
 
 
-def run_loader(
+def run_loader(plan: Plan, budget: Budget, step_seconds: float | None) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
+        folder = Path(tmp)
+        (sr_count, sr_side), (dn_count, dn_side) = plan.loader_images
+        _write_images(folder / "sr", sr_count, sr_side, 2)
+        _write_images(folder / "dn", dn_count, dn_side, None)
+        return _loader_rows(plan, budget, step_seconds, folder)
+
+
+def _loader_rows(
     plan: Plan, budget: Budget, step_seconds: float | None, folder: Path
 ) -> list[dict[str, Any]]:
-    (sr_count, sr_side), (dn_count, dn_side) = plan.loader_images
-    _write_images(folder / "sr", sr_count, sr_side, 2)
-    _write_images(folder / "dn", dn_count, dn_side, None)
     rows = []
     cores = os.cpu_count() or 1
     for kind, sub in (("sr_x2", "sr"), ("dn_s25", "dn")):
@@ -709,8 +706,8 @@ def run_official(
         with _tf32(False):
             diff = vs_official.max_differences(ours, theirs, lq, gt)
             steps = {
-                "ours": vs_official.train_step(ours, lq, gt),
-                "theirs": vs_official.train_step(theirs, lq, gt),
+                "ours": train_step(ours, lq, gt),
+                "theirs": train_step(theirs, lq, gt),
             }
             timings = time_interleaved(
                 steps, repeats=plan.step_repeats, warmup=1, sync=synchronizer(device)
@@ -758,36 +755,28 @@ def _cell(value: Any) -> str:
 def run(plan: Plan, device: torch.device, *, smoke: bool, official: Path | None) -> dict[str, Any]:
     budget = Budget(plan.total_budget_s)
     report: dict[str, Any] = {"device": device_info(device, smoke)}
+
+    def step_seconds() -> float | None:  # the main train row, for the loader's keeps_up
+        rows = report["train_step"]
+        main = [r for r in rows if r["status"] == "ok" and r["norm"] == "iln"]
+        main = [r for r in main if r["arch"] == plan.train_arch]
+        return main[0]["seconds"] if main else None
+
     sections: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
         ("train_step", lambda: run_train_steps(plan, device, budget)),
         ("inference", lambda: run_inference(plan, device, budget)),
         ("attention_check", lambda: run_attention_checks(plan, device, budget)),
         ("sdpa_backends", lambda: run_sdpa_backends(plan, device, budget)),
         ("norm_kernel", lambda: run_norm_kernels(plan, device, budget)),
+        ("loader", lambda: run_loader(plan, budget, step_seconds())),
+        ("fp16_overflow", lambda: run_overflow(plan, device, budget)),
     ]
     section_seconds = report["device"]["section_seconds"] = {}
     for name, section in sections:
         budget.enter(name, plan.budgets_s[name])
         report[name] = section()
         section_seconds[name] = time.perf_counter() - budget.section_start
-    reference = next(
-        (
-            r
-            for r in report["train_step"]
-            if r["status"] == "ok" and r["norm"] == "iln" and r["arch"] == plan.train_arch
-        ),
-        None,
-    )
-    budget.enter("loader", plan.budgets_s["loader"])
-    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as folder:
-        report["loader"] = run_loader(
-            plan, budget, reference["seconds"] if reference else None, Path(folder)
-        )
-    section_seconds["loader"] = time.perf_counter() - budget.section_start
-    budget.enter("fp16_overflow", plan.budgets_s["fp16_overflow"])
-    report["fp16_overflow"] = run_overflow(plan, device, budget)
-    section_seconds["fp16_overflow"] = time.perf_counter() - budget.section_start
-    budget.enter("official", plan.budgets_s["official"])
+    budget.enter("official", plan.budgets_s["official"])  # its time is in the run's seconds
     report["official"] = run_official(official, plan, device, budget)
     report["device"]["seconds"] = time.perf_counter() - budget.start
     return report

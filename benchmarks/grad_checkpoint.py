@@ -16,29 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks.timing import random_pair, time_interleaved, train_step
 from iln.models import build_model
 
 
-def _batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    p, s = args.lr_patch, args.scale
-    lq = torch.rand(args.batch, 3, p, p, generator=g)  # (B, 3, p, p)
-    gt = torch.rand(args.batch, 3, s * p, s * p, generator=g)  # (B, 3, s*p, s*p)
-    return lq, gt, g
-
-
-def _model(args: argparse.Namespace) -> torch.nn.Module:
-    return build_model(
+def _setup(args: argparse.Namespace):
+    """The model (training mode) and its (lq, gt, stochastic-depth noise) batch."""
+    model = build_model(
         args.arch, norm=args.norm, scale=args.scale, generator=torch.Generator().manual_seed(0)
     ).train()
+    g = torch.Generator().manual_seed(0)
+    lq, gt = random_pair(args.batch, args.lr_patch, args.scale, g)
+    return model, lq, gt, torch.rand(args.batch, model.drop_sites, generator=g)
 
 
 def saved_bytes(model: torch.nn.Module, lq: torch.Tensor, noise: torch.Tensor, ckpt: bool) -> int:
@@ -56,17 +50,6 @@ def saved_bytes(model: torch.nn.Module, lq: torch.Tensor, noise: torch.Tensor, c
     return sum(seen.values())
 
 
-def step_fn(model, lq, gt, noise, ckpt):
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.l1_loss(model(lq, drop_noise=noise, checkpoint=ckpt), gt).backward()
-        optimizer.step()
-
-    return step
-
-
 def peak_rss_of_a_step(args: argparse.Namespace, ckpt: bool) -> int:
     """Peak resident bytes of a fresh process that builds the model and runs one step."""
     code = (
@@ -82,10 +65,8 @@ def peak_rss_of_a_step(args: argparse.Namespace, ckpt: bool) -> int:
 
 def _child() -> None:
     args = parse_args(sys.argv[1:])
-    model = _model(args)
-    lq, gt, g = _batch(args)
-    noise = torch.rand(args.batch, model.drop_sites, generator=g)
-    step_fn(model, lq, gt, noise, args.child_mode == "ckpt")()
+    model, lq, gt, noise = _setup(args)
+    train_step(model, lq, gt, drop_noise=noise, checkpoint=args.child_mode == "ckpt")()
     print(_peak_rss_bytes())
 
 
@@ -126,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _model(args)
-    lq, gt, g = _batch(args)
-    noise = torch.rand(args.batch, model.drop_sites, generator=g)
+    model, lq, gt, noise = _setup(args)
     result: dict = {
         "setting": f"{args.arch} {args.norm} x{args.scale}, batch {args.batch}, LR patch "
         f"{args.lr_patch}, {torch.get_num_threads()} threads",
@@ -140,19 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         result["saved_fraction"] = saved[True] / saved[False]
         result["peak_rss_bytes"] = {"plain": rss[False], "grad_checkpoint": rss[True]}
     if args.only in ("all", "time"):
-        steps = {ckpt: step_fn(model, lq, gt, noise, ckpt) for ckpt in (False, True)}
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for ckpt in (False, True):
-            steps[ckpt]()  # warm-up
-        for _ in range(args.rounds):  # interleaved: load drift hits both modes
-            for ckpt in (False, True):
-                start = time.perf_counter()
-                steps[ckpt]()
-                times[ckpt].append(time.perf_counter() - start)
-        median = {ckpt: statistics.median(times[ckpt]) for ckpt in (False, True)}
-        result["seconds_per_step"] = {"plain": median[False], "grad_checkpoint": median[True]}
-        result["rounds"] = {"plain": times[False], "grad_checkpoint": times[True]}
-        result["time_ratio"] = median[True] / median[False]
+        steps = {
+            mode: train_step(model, lq, gt, drop_noise=noise, checkpoint=mode == "grad_checkpoint")
+            for mode in ("plain", "grad_checkpoint")
+        }
+        times = time_interleaved(steps, repeats=args.rounds, warmup=1)
+        result["seconds_per_step"] = {mode: t.median_s for mode, t in times.items()}
+        result["rounds"] = {mode: list(t.samples_s) for mode, t in times.items()}
+        result["time_ratio"] = times["grad_checkpoint"].median_s / times["plain"].median_s
     print(json.dumps(result, indent=2))
     return 0
 

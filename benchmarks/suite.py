@@ -2,11 +2,8 @@
 i-LN against LN, the fast path against the reference code, and bicubic degradation speed.
 
 Everything runs in ONE process so that the ratios (i-LN / LN, reference / fast path,
-reference / vectorised bicubic) compare like with like. Variants that are compared are
-timed round-robin (A, B, A, B, ...) rather than one after the other: on a shared machine
-the load drifts over minutes, and interleaving spreads that drift over both arms instead
-of charging it to one of them. Medians are reported because a single preempted sample
-(another process waking up) would move a mean by far more than the effect being measured.
+reference / vectorised bicubic) compare like with like; compared variants are timed
+round-robin and medians are reported (``benchmarks.timing`` says why).
 
 Run ``python -m benchmarks.suite --help`` from the repository root. Absolute times depend
 on the machine and its load; read the ratios, which come from one run.
@@ -36,18 +33,17 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.timing import (
-    Timing,
     paired_ratio,
+    random_pair,
     synchronizer,
     time_callable,
     time_interleaved,
+    train_step,
 )
 from iln.files import write_json_atomic, write_text_atomic
-from iln.train import adam
+from iln.runtime import resolve_device
 
 SCHEMA_VERSION = 1
-ADAM_LR = 2.0e-4  # the official HAT_1 recipe (DESIGN section 5)
-ADAM_BETAS = (0.9, 0.99)
 DIV2K_SHAPE = (1356, 2040, 3)  # a typical DIV2K training image, (H, W, C)
 TARGETS = {
     "iln_over_ln_max": 1.03,  # i-LN may cost at most 3% more per training step
@@ -61,94 +57,10 @@ TARGET_PRESETS = ("hat_1", "swinir_1")  # presets the i-LN cost target applies t
 # ----------------------------------------------------------------------------- model work
 
 
-def random_batch(
-    batch: int, lr_patch: int, scale: int, *, device: torch.device, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """A random (lq, gt) pair of the training shapes; the values do not affect the time."""
-    lq = torch.rand(batch, 3, lr_patch, lr_patch, generator=generator)  # (B, 3, p, p)
-    gt = torch.rand(
-        batch, 3, scale * lr_patch, scale * lr_patch, generator=generator
-    )  # (B, 3, s*p, s*p)
-    return lq.to(device), gt.to(device)
-
-
-def make_adam(model: nn.Module) -> torch.optim.Optimizer:
-    """Adam as the official recipe configures it (lr 2e-4, betas (0.9, 0.99), no decay)."""
-    return adam(list(model.parameters()), lr=ADAM_LR, betas=ADAM_BETAS)
-
-
-def fixed_drop_noise(
-    model: nn.Module, batch: int, *, seed: int, device: torch.device
-) -> Tensor | None:
-    """Stochastic-depth draws (batch, model.drop_sites) for a timed step, from ``seed``;
-    None for a model without drop sites."""
-    sites = getattr(model, "drop_sites", 0)
-    if not sites:
-        return None
-    return torch.rand(batch, sites, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def make_train_step(
-    model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    optimizer: torch.optim.Optimizer,
-    *,
-    drop_noise: Tensor | None = None,
-) -> Callable[[], Tensor]:
-    """One training iteration as a closure: forward, L1 loss, backward, Adam step.
-
-    ``drop_noise`` (B, model.drop_sites) decides stochastic depth (``fixed_drop_noise``), so
-    that timing runs do not consume the global RNG.
-    """
-    lq, gt = batch
-
-    def step() -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.l1_loss(model(lq, drop_noise=drop_noise), gt)  # output (B, 3, s*p, s*p)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    return step
-
-
-def make_inference(model: nn.Module, lq: Tensor) -> Callable[[], Tensor]:
-    """Restoration of ``lq`` (B, 3, H, W) without autograd, as evaluation runs it."""
-
-    def infer() -> Tensor:
-        with torch.inference_mode():
-            return model(lq)
-
-    return infer
-
-
-def time_train_step(
-    model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    *,
-    device: torch.device,
-    repeats: int,
-    warmup: int,
-    drop_noise: Tensor | None = None,
-) -> Timing:
-    """Median seconds of one training iteration (forward + L1 backward + Adam step).
-
-    The model must already be on ``device``; it is put in training mode and its weights
-    change (a benchmark does not need them afterwards).
-    """
-    model.train()
-    step = make_train_step(model, batch, make_adam(model), drop_noise=drop_noise)
-    return time_callable(step, repeats=repeats, warmup=warmup, sync=synchronizer(device))
-
-
-def time_inference(
-    model: nn.Module, lq: Tensor, *, device: torch.device, repeats: int, warmup: int
-) -> Timing:
-    """Median seconds to restore ``lq`` in eval mode under ``torch.inference_mode``."""
-    model.eval()
-    return time_callable(
-        make_inference(model, lq), repeats=repeats, warmup=warmup, sync=synchronizer(device)
-    )
+def seeded_train_step(model: nn.Module, lq: Tensor, gt: Tensor, *, seed: int) -> Callable:
+    """``train_step`` with the stochastic-depth draws (B, model.drop_sites) fixed by ``seed``."""
+    noise = torch.rand(lq.shape[0], model.drop_sites, generator=torch.Generator().manual_seed(seed))
+    return train_step(model, lq, gt, drop_noise=noise.to(lq.device))
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -161,22 +73,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
-
-
-def train_step_flops(
-    model: nn.Module, batch: tuple[Tensor, Tensor], *, drop_noise: Tensor | None = None
-) -> int:
-    """FLOPs of forward + L1 backward (the Adam update adds only uncounted elementwise work)."""
-    lq, gt = batch
-    model.train()
-
-    def forward_backward() -> None:
-        model.zero_grad(set_to_none=True)
-        F.l1_loss(model(lq, drop_noise=drop_noise), gt).backward()
-
-    flops = count_flops(forward_backward)
-    model.zero_grad(set_to_none=True)
-    return flops
 
 
 def measure_matmul_peak(
@@ -335,41 +231,6 @@ def build_variants(
     return models
 
 
-def output_difference(
-    reference: nn.Module, other: nn.Module, lq: Tensor, *, with_grad: bool
-) -> dict[str, float]:
-    """Largest absolute differences of outputs (and parameter gradients when
-    ``with_grad``) between two models with the same weights, in eval mode.
-
-    With gradients, the fast path takes its hand-written backwards; without,
-    torch's fused kernel: both must match the reference computation.
-    """
-    reference.eval()
-    other.eval()
-    result: dict[str, float] = {}
-    if not with_grad:
-        with torch.inference_mode():
-            result["output"] = float((reference(lq) - other(lq)).abs().max())
-        return result
-    outs = []
-    for model in (reference, other):
-        model.zero_grad(set_to_none=True)
-        out = model(lq)  # (B, 3, s*H, s*W)
-        out.abs().mean().backward()
-        outs.append(out.detach())
-    result["output"] = float((outs[0] - outs[1]).abs().max())
-    grads_a = dict(reference.named_parameters())
-    diffs = [
-        float((p.grad - grads_a[name].grad).abs().max())
-        for name, p in other.named_parameters()
-        if p.grad is not None and grads_a[name].grad is not None
-    ]
-    result["grad"] = max(diffs) if diffs else 0.0
-    for model in (reference, other):
-        model.zero_grad(set_to_none=True)
-    return result
-
-
 def benchmark_group(
     variants: Sequence[Variant],
     *,
@@ -392,35 +253,39 @@ def benchmark_group(
     geometry = dict(scale=scale, device=device, seed=seed)
     models = build_variants(variants, **geometry)
     gen = torch.Generator().manual_seed(seed)
-    train_batch = random_batch(batch, lr_patch, scale, device=device, generator=gen)
+    lq, gt = random_pair(batch, lr_patch, scale, gen, device)
     infer_lq = torch.rand(1, 3, infer_size, infer_size, generator=gen).to(device)  # (1, 3, H, W)
     sync = synchronizer(device)
 
-    steps: dict[str, Callable[[], object]] = {}
-    for v, model in models.items():
-        model.train()
-        noise = fixed_drop_noise(model, batch, seed=seed, device=device)
-        steps[v.label] = make_train_step(model, train_batch, make_adam(model), drop_noise=noise)
+    steps = {v.label: seeded_train_step(m, lq, gt, seed=seed) for v, m in models.items()}
     train_times = time_interleaved(steps, repeats=repeats, warmup=warmup, sync=sync)
     memory = {label: measure_peak_memory(step, device=device) for label, step in steps.items()}
 
     # model FLOPs are those of the reference computation: the fast path's attention
-    # backward recomputes the logits, work the architecture does not ask for
+    # backward recomputes the logits, work the architecture does not ask for; the Adam
+    # update adds only uncounted elementwise work
     flops: dict[str, int | None] = {v.label: None for v in models}
     for v in models if count_model_flops else ():
         (reference,) = build_variants([Variant(v.preset, v.norm, "reference")], **geometry).values()
-        flops[v.label] = train_step_flops(reference, train_batch)
+        reference.train()
+        flops[v.label] = count_flops(lambda m=reference: F.l1_loss(m(lq), gt).backward())
 
-    for model in models.values():
+    def inference(model: nn.Module) -> Callable[[], Tensor]:
         model.eval()
-    infers = {v.label: make_inference(m, infer_lq) for v, m in models.items()}
+
+        def call() -> Tensor:
+            with torch.inference_mode():  # as evaluation runs it
+                return model(infer_lq)
+
+        return call
+
+    infers = {v.label: inference(m) for v, m in models.items()}
     infer_times = time_interleaved(infers, repeats=repeats, warmup=warmup, sync=sync)
 
     rows = []
     for v, model in models.items():
-        step_s = train_times[v.label].median_s
         f = flops[v.label]
-        achieved = None if f is None else f / step_s / 1e9
+        achieved = None if f is None else f / train_times[v.label].median_s / 1e9
         rows.append(
             {
                 "preset": v.preset,
@@ -449,19 +314,31 @@ def benchmark_group(
 def fast_path_agreement(
     preset: str, norm: str, *, scale: int, size: int, device: torch.device, seed: int
 ) -> dict[str, float]:
-    """Max |fast - reference| of outputs (inference and autograd paths) and gradients on
-    one image."""
-    fast_v, reference_v = Variant(preset, norm, "fast"), Variant(preset, norm, "reference")
+    """Max |fast - reference| on one image, the two models holding the same weights, in
+    eval mode: outputs of inference (torch's fused kernel), outputs and parameter gradients
+    of mean |output| on the autograd path (the fast path's hand-written backwards)."""
+    fast_v, reference_v = Variant(preset, norm), Variant(preset, norm, "reference")
     models = build_variants([fast_v, reference_v], scale=scale, device=device, seed=seed)
-    lq = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1)).to(
-        device
-    )  # (1, 3, H, W)
-    infer = output_difference(models[fast_v], models[reference_v], lq, with_grad=False)
-    train = output_difference(models[fast_v], models[reference_v], lq, with_grad=True)
+    pair = [models[fast_v].eval(), models[reference_v].eval()]
+    lq = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    lq = lq.to(device)  # (1, 3, H, W)
+    with torch.inference_mode():
+        inferred = [model(lq) for model in pair]
+    outs = []
+    for model in pair:
+        out = model(lq)  # (1, 3, s*H, s*W)
+        out.abs().mean().backward()
+        outs.append(out.detach())
+    other = dict(pair[1].named_parameters())
+    grads = [
+        float((p.grad - other[name].grad).abs().max())
+        for name, p in pair[0].named_parameters()
+        if p.grad is not None and other[name].grad is not None
+    ]
     return {
-        "inference_output": infer["output"],
-        "train_output": train["output"],
-        "train_grad": train["grad"],
+        "inference_output": float((inferred[0] - inferred[1]).abs().max()),
+        "train_output": float((outs[0] - outs[1]).abs().max()),
+        "train_grad": max(grads, default=0.0),
     }
 
 
@@ -480,28 +357,14 @@ def profile_train_steps(
     profiles = {}
     for v in variants:
         model = build_variants([v], scale=scale, device=device, seed=seed)[v]
-        model.train()
-        data = random_batch(
-            batch, lr_patch, scale, device=device, generator=torch.Generator().manual_seed(seed)
-        )
-        step = make_train_step(
-            model,
-            data,
-            make_adam(model),
-            drop_noise=fixed_drop_noise(model, batch, seed=seed, device=device),
-        )
+        lq, gt = random_pair(batch, lr_patch, scale, torch.Generator().manual_seed(seed), device)
+        step = seeded_train_step(model, lq, gt, seed=seed)
         step()  # warm-up outside the profile
         profiles[v.label] = top_ops(step, device=device, limit=limit)
     return profiles
 
 
 # ----------------------------------------------------------------------------- bicubic
-
-
-def random_image(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """uint8 (H, W, C) noise: resizing costs the same for any content, so noise stands in
-    for a photo."""
-    return rng.integers(0, 256, size=shape, dtype=np.uint8)
 
 
 def benchmark_bicubic(
@@ -522,17 +385,14 @@ def benchmark_bicubic(
     from iln.data.degrade import bicubic_downsample, imresize_reference, round_to_uint8
 
     patch = np.ascontiguousarray(image[:crop, :crop])
-    out: dict[str, Any] = {
-        "image_shape": list(image.shape),
-        "crop": list(patch.shape),
-        "scales": {},
-    }
+    out: dict[str, Any] = {"image_shape": list(image.shape), "crop": list(patch.shape)}
+    out["scales"] = {}
     for s in scales:
-        full = time_callable(
-            functools.partial(bicubic_downsample, image, s), repeats=repeats, warmup=warmup
-        )
-        fast_crop = time_callable(
-            functools.partial(bicubic_downsample, patch, s), repeats=repeats, warmup=warmup
+        full, fast_crop = (
+            time_callable(
+                functools.partial(bicubic_downsample, x, s), repeats=repeats, warmup=warmup
+            )
+            for x in (image, patch)
         )
         results: list[np.ndarray] = []
 
@@ -541,14 +401,16 @@ def benchmark_bicubic(
 
         ref_crop = time_callable(reference, repeats=reference_repeats, warmup=0)
         fast_out = bicubic_downsample(patch, s)
+        speedup = ref_crop.median_s / fast_crop.median_s
         out["scales"][str(s)] = {
             "timing": full.to_dict(),
             "images_per_s": 1.0 / full.median_s,
             "megapixels_per_s": image.shape[0] * image.shape[1] / full.median_s / 1e6,
             "crop_fast": fast_crop.to_dict(),
             "crop_reference": ref_crop.to_dict(),
-            "speedup_vs_reference": ref_crop.median_s / fast_crop.median_s,
+            "speedup_vs_reference": speedup,
             "identical_uint8": bool(all(np.array_equal(fast_out, r) for r in results)),
+            "meets_speedup_target": speedup >= TARGETS["bicubic_speedup_min"],
         }
     return out
 
@@ -765,86 +627,63 @@ def markdown_report(result: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
+def model_groups(
+    presets: Sequence[str], norms: Sequence[str], reference_preset: str | None
+) -> list[tuple[str, list[Variant]]]:
+    """The variants timed together, per preset: every norm on the fast path, and on the
+    path-comparison preset the first norm on both paths."""
+    groups = []
+    for preset in dict.fromkeys([*presets, *([reference_preset] if reference_preset else [])]):
+        variants = [Variant(preset, norm) for norm in norms] if preset in presets else []
+        if preset == reference_preset:
+            if Variant(preset, norms[0]) not in variants:
+                variants.insert(0, Variant(preset, norms[0]))
+            variants.append(Variant(preset, norms[0], "reference"))
+        groups.append((preset, variants))
+    return groups
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """The whole benchmark, as configured by the parsed CLI arguments."""
-    device = resolve_device(args.device)
-    log = (
-        (lambda msg: print(msg, file=sys.stderr, flush=True))
-        if not args.silent
-        else (lambda msg: None)
-    )
+    device = args.device
+
+    def log(msg: str) -> None:
+        if not args.silent:
+            print(msg, file=sys.stderr, flush=True)
+
     result: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "command": ["python", "-m", "benchmarks.suite", *argv],
         "machine": machine_info(device),
-        "settings": {
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "scale": args.scale,
-            "batch": args.batch,
-            "lr_patch": args.lr_patch,
-            "infer_size": args.infer_size,
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "seed": args.seed,
-            "presets": list(args.presets),
-            "norms": list(args.norms),
-            "reference_preset": args.reference_preset,
-            "quick": args.quick,
-        },
+        "settings": {"device": str(device), "threads": torch.get_num_threads()}
+        | {key: getattr(args, key) for key in SETTINGS},
         "targets": dict(TARGETS),
     }
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed)
+    sizes = dict(scale=args.scale, batch=args.batch, lr_patch=args.lr_patch, device=device)
+    reference_preset = None if "reference" in args.skip else args.reference_preset
 
     peaks: list[dict[str, Any]] = []
-    presets = list(dict.fromkeys(args.presets))
-    reference_preset = None if "reference" in args.skip else args.reference_preset
-    if reference_preset is not None and reference_preset not in presets:
-        presets.append(reference_preset)
     rows: list[dict[str, Any]] = []
-    for preset in presets:
-        variants = [Variant(preset, norm) for norm in args.norms] if preset in args.presets else []
-        if preset == reference_preset:
-            if Variant(preset, args.norms[0]) not in variants:
-                variants.insert(0, Variant(preset, args.norms[0]))
-            variants.append(Variant(preset, args.norms[0], "reference"))
+    for preset, variants in model_groups(args.presets, args.norms, reference_preset):
         matmul_gflops = None
-        if (
-            "flops" not in args.skip
-        ):  # re-measured per preset: the machine's load changes over a run
+        if "flops" not in args.skip:  # re-measured per preset: the machine's load changes
             log(f"matmul peak ({args.matmul_n}x{args.matmul_n}) ...")
-            peaks.append(
-                dict(
-                    measure_matmul_peak(
-                        args.matmul_n,
-                        device=device,
-                        repeats=args.repeats,
-                        warmup=args.warmup,
-                        generator=gen,
-                    ),
-                    preset=preset,
-                )
+            peak = measure_matmul_peak(
+                args.matmul_n,
+                device=device,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                generator=gen,
             )
-            matmul_gflops = peaks[-1]["gflops"]
+            peaks.append(dict(peak, preset=preset))
+            matmul_gflops = peak["gflops"]
         log(f"{preset}: {', '.join(v.label for v in variants)} ...")
         rows += benchmark_group(
             variants,
-            scale=args.scale,
-            batch=args.batch,
-            lr_patch=args.lr_patch,
+            **sizes,
             infer_size=args.infer_size,
-            device=device,
             repeats=args.repeats,
             warmup=args.warmup,
             seed=args.seed,
@@ -882,21 +721,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         if reference_preset is not None:
             variants.append(Variant(reference_preset, args.norms[0], "reference"))
         result["profile"] = profile_train_steps(
-            variants,
-            scale=args.scale,
-            batch=args.batch,
-            lr_patch=args.lr_patch,
-            device=device,
-            seed=args.seed,
-            limit=args.profile,
+            variants, **sizes, seed=args.seed, limit=args.profile
         )
 
     if "bicubic" not in args.skip:
-        log(f"bicubic {args.bicubic_shape[1]}x{args.bicubic_shape[0]} ...")
-        image = random_image(
-            (args.bicubic_shape[0], args.bicubic_shape[1], 3), np.random.default_rng(args.seed)
-        )
-        result["bicubic"] = benchmark_bicubic(
+        h, w = args.bicubic_shape
+        log(f"bicubic {w}x{h} ...")
+        image = np.random.default_rng(args.seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        result["bicubic"] = benchmark_bicubic(  # noise: resizing costs the same for any content
             image,
             args.bicubic_scales,
             repeats=args.repeats,
@@ -904,13 +736,52 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             crop=args.bicubic_crop,
             reference_repeats=args.reference_repeats,
         )
-        for r in result["bicubic"]["scales"].values():
-            r["meets_speedup_target"] = r["speedup_vs_reference"] >= TARGETS["bicubic_speedup_min"]
     result["machine"]["load_average_end"] = (
         list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     )
     result["elapsed_s"] = time.perf_counter() - started
     return result
+
+
+# the settings recorded in the JSON, besides the device and the threads
+SETTINGS = (
+    "scale",
+    "batch",
+    "lr_patch",
+    "infer_size",
+    "repeats",
+    "warmup",
+    "seed",
+    "presets",
+    "norms",
+    "reference_preset",
+    "quick",
+)
+# the size options: (default, default with --quick)
+SIZES: dict[str, tuple[Any, Any]] = {
+    "presets": (["hat_tiny", "hat_1", "swinir_1"], ["hat_tiny", "swinir_tiny"]),
+    "reference_preset": ("hat_1", "hat_tiny"),
+    "batch": (2, 1),
+    "lr_patch": (64, 16),
+    "infer_size": (64, 16),
+    "repeats": (5, 2),
+    "warmup": (1, 1),
+    "matmul_n": (2048, 256),
+    "bicubic_shape": (list(DIV2K_SHAPE[:2]), [96, 128]),
+    "bicubic_crop": (256, 24),
+    "reference_repeats": (3, 1),
+}
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -920,24 +791,26 @@ def build_parser() -> argparse.ArgumentParser:
         "for each norm, fast path vs reference code, and the bicubic degradation; write JSON "
         "and markdown.",
     )
-    p.add_argument(
-        "--presets",
-        nargs="+",
-        default=None,
-        help="model presets (default hat_tiny hat_1 swinir_1; --quick: hat_tiny swinir_tiny)",
-    )
+
+    def sized(flag: str, what: str, **options: Any) -> None:
+        """An option whose default depends on --quick (filled in by ``resolve_defaults``)."""
+        full, quick = (" ".join(map(str, d)) if isinstance(d, list) else d for d in SIZES[flag])
+        options.setdefault("type", _at_least(1))
+        p.add_argument(
+            f"--{flag.replace('_', '-')}",
+            default=None,
+            **options,
+            help=f"{what} (default {full}; --quick {quick})",
+        )
+
+    sized("presets", "model presets", nargs="+", type=str)
     p.add_argument(
         "--norms",
         nargs="+",
         default=["ln", "iln"],
         help="norm variants; the first is used for the fast/reference comparison (default ln iln)",
     )
-    p.add_argument(
-        "--reference-preset",
-        default=None,
-        help="preset timed with the fast path and the reference code "
-        "(default hat_1; --quick: hat_tiny)",
-    )
+    sized("reference_preset", "preset timed with the fast path and the reference code", type=str)
     p.add_argument(
         "--quick", action="store_true", help="tiny presets, small sizes, few repeats (tests, CI)"
     )
@@ -949,50 +822,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument(
-        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+        "--threads",
+        type=_at_least(0),
+        default=0,
+        help="torch intra-op threads (0: torch's default)",
     )
     p.add_argument("--scale", type=int, default=2, choices=(2, 3, 4))
-    p.add_argument("--batch", type=int, default=None, help="training batch (default 2; --quick 1)")
-    p.add_argument(
-        "--lr-patch", type=int, default=None, help="LR training patch side (default 64; --quick 16)"
-    )
-    p.add_argument(
-        "--infer-size",
-        type=int,
-        default=None,
-        help="LR inference image side (default 64; --quick 16)",
-    )
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; --quick 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 1)")
+    sized("batch", "training batch")
+    sized("lr_patch", "LR training patch side")
+    sized("infer_size", "LR inference image side")
+    sized("repeats", "timed repeats")
+    sized("warmup", "untimed warm-up calls", type=_at_least(0))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--matmul-n",
-        type=int,
-        default=None,
-        help="matmul side for the peak (default 2048; --quick 256)",
-    )
-    p.add_argument(
-        "--bicubic-shape",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("H", "W"),
-        help="image for the bicubic throughput "
-        f"(default {DIV2K_SHAPE[0]} {DIV2K_SHAPE[1]}; --quick 96 128)",
-    )
+    sized("matmul_n", "matmul side for the peak")
+    sized("bicubic_shape", "image for the bicubic throughput", nargs=2, metavar=("H", "W"))
     p.add_argument("--bicubic-scales", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument(
-        "--bicubic-crop",
-        type=int,
-        default=None,
-        help="crop side for the reference comparison (default 256; --quick 24)",
-    )
-    p.add_argument(
-        "--reference-repeats",
-        type=int,
-        default=None,
-        help="repeats of the slow reference (default 3; --quick 1)",
-    )
+    sized("bicubic_crop", "crop side for the reference comparison")
+    sized("reference_repeats", "repeats of the slow reference")
     p.add_argument(
         "--skip",
         nargs="+",
@@ -1002,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile",
-        type=int,
+        type=_at_least(0),
         default=0,
         metavar="N",
         help="also record the top N ops of one training step per variant (torch.profiler)",
@@ -1012,45 +858,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the size defaults, which depend on --quick, and check them."""
-    quick = args.quick
-    defaults = dict(
-        presets=["hat_tiny", "swinir_tiny"] if quick else ["hat_tiny", "hat_1", "swinir_1"],
-        reference_preset="hat_tiny" if quick else "hat_1",
-        batch=1 if quick else 2,
-        lr_patch=16 if quick else 64,
-        infer_size=16 if quick else 64,
-        repeats=2 if quick else 5,
-        warmup=1,
-        matmul_n=256 if quick else 2048,
-        bicubic_shape=[96, 128] if quick else list(DIV2K_SHAPE[:2]),
-        bicubic_crop=24 if quick else 256,
-        reference_repeats=1 if quick else 3,
-    )
-    for key, value in defaults.items():
+    """Fill the size defaults, which depend on --quick; check the names and the device."""
+    for key, defaults in SIZES.items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, defaults[args.quick])
     from iln.models import ARCHS, NORMS
 
-    for name in list(args.presets) + [args.reference_preset]:
+    for name in [*args.presets, args.reference_preset]:
         if name not in ARCHS:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(ARCHS)}")
     for norm in args.norms:
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
-    for key in (
-        "batch",
-        "lr_patch",
-        "infer_size",
-        "repeats",
-        "matmul_n",
-        "bicubic_crop",
-        "reference_repeats",
-    ):
-        if getattr(args, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.warmup < 0 or args.threads < 0 or min(args.bicubic_shape) < 1:
-        raise ValueError("--warmup and --threads must be >= 0 and --bicubic-shape positive")
+    try:
+        args.device = resolve_device(args.device, key="--device")
+    except RuntimeError as error:
+        raise ValueError(str(error)) from None
     return args
 
 

@@ -1,4 +1,5 @@
-"""Timing core of the benchmarks: repeated calls timed round-robin, medians, paired ratios.
+"""Timing core of the benchmarks: repeated calls timed round-robin, medians, paired ratios,
+and the training step they time.
 
 Variants that are compared are timed round-robin (A, B, A, B, ...) rather than one after
 the other: on a shared machine the load drifts over minutes, and interleaving spreads that
@@ -17,6 +18,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iln.train import adam
+
+ADAM_LR, ADAM_BETAS = 2.0e-4, (0.9, 0.99)  # the official HAT_1 recipe (DESIGN section 5)
 
 
 @dataclass(frozen=True)
@@ -89,13 +96,16 @@ def time_interleaved(
     repeats: int,
     warmup: int,
     sync: Callable[[], None] = lambda: None,
+    gc_every_round: bool = True,
 ) -> dict[str, Timing]:
     """Median time of every function, calls interleaved round-robin.
 
     The warm-up calls (allocator growth, lazy init, one-time caches) are not timed. The
     starting function rotates every round so that none always runs right after the
-    same neighbour. The garbage collector runs before each round and is paused during it
-    (as ``timeit`` does) so that a collection triggered by one arm is not charged to another.
+    same neighbour. The garbage collector runs before each round (only before the first
+    with ``gc_every_round=False``, for calls shorter than a collection) and is paused
+    during it (as ``timeit`` does) so that a collection triggered by one arm is not
+    charged to another.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(
@@ -113,7 +123,8 @@ def time_interleaved(
     enabled = gc.isenabled()
     for r in range(repeats):
         shift = r % len(names)
-        gc.collect()
+        if gc_every_round or r == 0:
+            gc.collect()
         gc.disable()
         try:
             for name in names[shift:] + names[:shift]:
@@ -133,10 +144,18 @@ def time_interleaved(
 
 
 def time_callable(
-    fn: Callable[[], object], *, repeats: int, warmup: int, sync: Callable[[], None] = lambda: None
+    fn: Callable[[], object],
+    *,
+    repeats: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+    gc_every_round: bool = True,
 ) -> Timing:
     """Median time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
-    return time_interleaved({"fn": fn}, repeats=repeats, warmup=warmup, sync=sync)["fn"]
+    timings = time_interleaved(
+        {"fn": fn}, repeats=repeats, warmup=warmup, sync=sync, gc_every_round=gc_every_round
+    )
+    return timings["fn"]
 
 
 def paired_ratio(
@@ -153,3 +172,51 @@ def paired_ratio(
         return None
     pairs = zip(numerator[key], denominator[key], strict=True)
     return statistics.median(a / b for a, b in pairs)
+
+
+def random_pair(
+    batch: int,
+    lr_patch: int,
+    scale: int,
+    generator: torch.Generator,
+    device: torch.device = torch.device("cpu"),
+) -> tuple[Tensor, Tensor]:
+    """A random (lq, gt) pair of the training shapes, (B, 3, p, p) and (B, 3, s*p, s*p),
+    drawn in that order; the values do not affect the time."""
+    lq = torch.rand(batch, 3, lr_patch, lr_patch, generator=generator)
+    gt = torch.rand(batch, 3, scale * lr_patch, scale * lr_patch, generator=generator)
+    return lq.to(device), gt.to(device)
+
+
+def train_step(
+    model: nn.Module,
+    lq: Tensor,
+    gt: Tensor,
+    *,
+    drop_noise: Tensor | None = None,
+    checkpoint: bool | None = None,
+) -> Callable[[], Tensor]:
+    """One training iteration as a closure: forward, L1 loss, backward, Adam step (the
+    pipeline's fused Adam as the official recipe sets it: lr 2e-4, betas (0.9, 0.99)).
+
+    The model is put in training mode and its weights change. ``drop_noise``
+    (B, model.drop_sites) fixes stochastic depth, so that timing runs do not consume the
+    global RNG; it and ``checkpoint`` are passed to the model only when given (the
+    authors' models take neither).
+    """
+    optimizer = adam(list(model.parameters()), lr=ADAM_LR, betas=ADAM_BETAS)
+    model.train()
+    options: dict[str, Any] = {}
+    if drop_noise is not None:
+        options["drop_noise"] = drop_noise
+    if checkpoint is not None:
+        options["checkpoint"] = checkpoint
+
+    def step() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.l1_loss(model(lq, **options), gt)  # output (B, 3, s*p, s*p)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step

@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.timing import paired_ratio, time_interleaved
+from benchmarks.timing import paired_ratio, random_pair, time_interleaved, train_step
 from iln.models import build_model, to_official_state_dict
 from iln.models.checkpoint import official_key_map
-from iln.train import adam
 
 # The official HAT_1 ("HAT-mini") network options (options/train/HAT-mini/*.yml).
 OFFICIAL_HAT_1 = dict(
@@ -167,20 +166,6 @@ def max_differences(ours: nn.Module, theirs: nn.Module, lq: Tensor, gt: Tensor) 
     return result
 
 
-def train_step(model: nn.Module, lq: Tensor, gt: Tensor, lr: float = 2.0e-4):
-    """A closure running one training iteration: forward, L1, backward, Adam (the
-    pipeline's optimiser: fused Adam, betas (0.9, 0.99))."""
-    optimizer = adam(list(model.parameters()), lr=lr, betas=(0.9, 0.99))
-    model.train()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.l1_loss(model(lq), gt).backward()
-        optimizer.step()
-
-    return step
-
-
 # operator -> the part of a step it belongs to, for ``--profile``; anything else is "other"
 OP_CLASSES = {
     "attention: matmuls, softmax, fused kernel": (
@@ -259,10 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     classes = official_classes(args.checkout)
     gen = torch.Generator().manual_seed(args.seed)
-    lq = torch.rand(args.batch, 3, args.lr_patch, args.lr_patch, generator=gen)
-    gt = torch.rand(
-        args.batch, 3, args.scale * args.lr_patch, args.scale * args.lr_patch, generator=gen
-    )
+    lq, gt = random_pair(args.batch, args.lr_patch, args.scale, gen)
     steps = {}
     for norm in args.norms:
         ours, theirs = build_pair(classes, norm, args.scale, args.seed)
