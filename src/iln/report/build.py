@@ -185,19 +185,18 @@ def _crop_sections(
     status: dict[str, str] = {}
     tasks = sorted({r.info.task for r in results.values() if r.info.scale is not None})
     for task in tasks:
+        norms = dict.fromkeys([*ABLATION_NORMS, *(r.info.norm for r in results.values())])
         picks = [
-            tables.pick_run(results, n, task=task, need=lambda r: bool(r.metrics))
-            for n in dict.fromkeys([*ABLATION_NORMS, *(r.info.norm for r in results.values())])
+            tables.pick_run(results, n, task=task, need=lambda r: bool(r.metrics)) for n in norms
         ]
         picks = sorted((p for p in picks if p is not None), key=lambda r: norm_rank(r.info.norm))
-        norms = {p.info.norm for p in picks}
-        if not {"ln", "iln"} <= norms:
+        if not {"ln", "iln"} <= {p.info.norm for p in picks}:
             status[task] = "skipped: needs an LN and an i-LN run with evaluation results"
             lines += [f"- {task}: skipped (needs an LN and an i-LN run evaluated on {task}).", ""]
             continue
-        scale = picks[0].info.scale
+        labels = {p.info.norm: f"{norm_label(p.info.norm)} ({p.info.name})" for p in picks}
+        colors = {labels[p.info.norm]: norm_style(p.info.norm).color for p in picks}
         for dataset in sets or sorted({s for p in picks for s in p.sets()}):
-            labels = {p.info.norm: f"{norm_label(p.info.norm)} ({p.info.name})" for p in picks}
             samples = {"Bicubic": RunFiles(runs_dir / tables.BASELINE_RUN).samples(task, dataset)}
             samples |= {
                 labels[p.info.norm]: RunFiles(p.folder).samples(task, dataset) for p in picks
@@ -206,12 +205,12 @@ def _crop_sections(
             written = comparison_panels(
                 lq_dir=lq_dir,
                 gt_dir=gt_dir,
-                scale=scale,
+                scale=picks[0].info.scale,
                 samples=samples,
                 out_dir=figures_dir,
                 prefix=f"crops_{task}_{dataset}",
                 contrast=(labels["ln"], labels["iln"]),
-                colors={labels[p.info.norm]: norm_style(p.info.norm).color for p in picks},
+                colors=colors,
             )
             key = f"{task}/{dataset}"
             if not written:

@@ -48,14 +48,13 @@ TABLE8_VARIANTS: dict[str, str] = {
     "ln_kld": "LN + KL-divergence regulariser",
     "iln": "i-LN",
 }
-TASK_NAMES: dict[str, str] = {"derain": "deraining"}
 
 
 def task_name(task: str) -> str:
     """sr_x4 -> "SR x4", realsr_x4 -> "real-world SR x4", dn_s15 -> "colour denoising σ=15",
     car_q10 -> "JPEG CAR q=10"."""
-    if task in TASK_NAMES:
-        return TASK_NAMES[task]
+    if task == "derain":
+        return "deraining"
     for prefix, name in (
         ("sr_x", "SR x"),
         ("realsr_x", "real-world SR x"),
@@ -288,9 +287,7 @@ def paper_table(paper: Mapping, key: str, caption: str, row_header: str) -> Tabl
 # The paper's tables
 
 
-Baseline = Mapping[
-    str, Mapping[str, float]
-]  # the baseline's metrics.json: "<task>/<set>" -> metrics
+Baseline = Mapping[str, Mapping[str, float]]  # its metrics.json: "<task>/<set>" -> metrics
 
 
 def baseline_label(task: str) -> str:
