@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from iln.files import write_text_atomic
-from iln.layout import ANALYSIS_FIGURES, WEIGHTS_EMA, WEIGHTS_RAW, RunFiles
+from iln.layout import ANALYSIS_FIGURES, WEIGHTS_RAW, RunFiles
 from iln.report import figures, tables
 from iln.report.crops import comparison_panels
 from iln.report.html import markdown_to_html
@@ -29,22 +29,17 @@ def _finite(value: object) -> float | None:
 
 def run_summary(run: RunResults) -> dict[str, object]:
     """Final numbers of one run (finite floats only, so the dict is valid JSON)."""
-    out: dict[str, object] = {
-        "deepest_magnitude_raw": _finite(run.final_stat("magnitude", WEIGHTS_RAW)),
-        "deepest_entropy_raw": _finite(run.final_stat("entropy", WEIGHTS_RAW)),
-        "deepest_magnitude_ema": _finite(run.final_stat("magnitude", WEIGHTS_EMA)),
-        "deepest_entropy_ema": _finite(run.final_stat("entropy", WEIGHTS_EMA)),
-        "entropy_ceiling": _finite(
-            run.final_stat("entropy_ceiling", WEIGHTS_RAW)
-            or run.final_stat("entropy_ceiling", WEIGHTS_EMA)
-        ),
-        "max_abs_raw": _finite(run.final_max_abs(WEIGHTS_RAW)),
-        "max_abs_training": _finite(run.training_max_abs()),
-        "last_probe_step": _finite(run.last_probe_step()),
-        "psnr": {s: v for s in run.sets() if (v := _finite(run.metric(s, "psnr"))) is not None},
-        "ssim": {s: v for s in run.sets() if (v := _finite(run.metric(s, "ssim"))) is not None},
+    final = {
+        **run.deepest(),
+        "max_abs_raw": run.final_max_abs(WEIGHTS_RAW),
+        "max_abs_training": run.training_max_abs(),
+        "last_probe_step": run.last_probe_step(),
     }
-    return {k: v for k, v in out.items() if v not in (None, {})}
+    out: dict[str, object] = {k: f for k, v in final.items() if (f := _finite(v)) is not None}
+    for metric in ("psnr", "ssim"):
+        per_set = {s: f for s in run.sets() if (f := _finite(run.metric(s, metric))) is not None}
+        out |= {metric: per_set} if per_set else {}
+    return out
 
 
 METRICS_ROW_KEYS: tuple[str, ...] = ("psnr", "ssim", "magnitude", "entropy", "step")
@@ -61,15 +56,15 @@ def metrics_rows(
     for name, run in results.items():
         if not run.has_results:
             continue
-        first = next(iter(run.sets()), None)
+        summary, first = run_summary(run), next(iter(run.sets()), None)
         values = {
-            "psnr": run.metric(first, "psnr") if first else None,
-            "ssim": run.metric(first, "ssim") if first else None,
-            "magnitude": run.final_stat("magnitude", WEIGHTS_RAW),
-            "entropy": run.final_stat("entropy", WEIGHTS_RAW),
-            "step": run.last_step(),
+            "psnr": summary.get("psnr", {}).get(first),
+            "ssim": summary.get("ssim", {}).get(first),
+            "magnitude": summary.get("deepest_magnitude_raw"),
+            "entropy": summary.get("deepest_entropy_raw"),
+            "step": _finite(run.last_step()),
         }
-        rows[name] = {k: f for k, v in values.items() if (f := _finite(v)) is not None}
+        rows[name] = {k: v for k, v in values.items() if v is not None}
     tasks = list(dict.fromkeys(r.info.task for r in results.values() if r.has_results))
     for task in tasks if baseline else ():
         first = next((s for r in results.values() if r.info.task == task for s in r.sets()), None)
@@ -108,23 +103,18 @@ def headline(main: Sequence[RunResults]) -> list[str]:
     ln, iln = picked.get("ln"), picked.get("iln")
     if ln is None or iln is None:
         return []
-    values = {
-        (run.info.name, stat): run.final_stat(stat, WEIGHTS_RAW)
-        for run in (ln, iln)
-        for stat in ("magnitude", "entropy")
-    }
-    if any(v is None or not math.isfinite(v) for v in values.values()):
+    (lm, le), (im, ie) = (
+        [_finite(r.deepest()[f"deepest_{stat}_raw"]) for stat in ("magnitude", "entropy")]
+        for r in (ln, iln)
+    )
+    if None in (lm, le, im, ie):
         return []
-    mag = values[(ln.info.name, "magnitude")] / values[(iln.info.name, "magnitude")]
-    ent = values[(ln.info.name, "entropy")] / values[(iln.info.name, "entropy")]
     return [
         f"**Headline:** at the last training probe (raw weights, deepest group), LN "
-        f"(`{ln.info.name}`, step {ln.last_probe_step()}) has {mag:.3g}x the feature "
+        f"(`{ln.info.name}`, step {ln.last_probe_step()}) has {lm / im:.3g}x the feature "
         f"magnitude of i-LN (`{iln.info.name}`, step {iln.last_probe_step()}): "
-        f"{values[(ln.info.name, 'magnitude')]:.3g} vs {values[(iln.info.name, 'magnitude')]:.3g}"
-        f"; its channel entropy is {ent:.2f}x i-LN's: "
-        f"{values[(ln.info.name, 'entropy')]:.3f} vs {values[(iln.info.name, 'entropy')]:.3f} "
-        "nats.",
+        f"{lm:.3g} vs {im:.3g}; its channel entropy is {le / ie:.2f}x i-LN's: "
+        f"{le:.3f} vs {ie:.3f} nats.",
         "",
     ]
 
@@ -195,19 +185,18 @@ def _crop_sections(
     status: dict[str, str] = {}
     tasks = sorted({r.info.task for r in results.values() if r.info.scale is not None})
     for task in tasks:
+        norms = dict.fromkeys([*ABLATION_NORMS, *(r.info.norm for r in results.values())])
         picks = [
-            tables.pick_run(results, n, task=task, need=lambda r: bool(r.metrics))
-            for n in dict.fromkeys([*ABLATION_NORMS, *(r.info.norm for r in results.values())])
+            tables.pick_run(results, n, task=task, need=lambda r: bool(r.metrics)) for n in norms
         ]
         picks = sorted((p for p in picks if p is not None), key=lambda r: norm_rank(r.info.norm))
-        norms = {p.info.norm for p in picks}
-        if not {"ln", "iln"} <= norms:
+        if not {"ln", "iln"} <= {p.info.norm for p in picks}:
             status[task] = "skipped: needs an LN and an i-LN run with evaluation results"
             lines += [f"- {task}: skipped (needs an LN and an i-LN run evaluated on {task}).", ""]
             continue
-        scale = picks[0].info.scale
+        labels = {p.info.norm: f"{norm_label(p.info.norm)} ({p.info.name})" for p in picks}
+        colors = {labels[p.info.norm]: norm_style(p.info.norm).color for p in picks}
         for dataset in sets or sorted({s for p in picks for s in p.sets()}):
-            labels = {p.info.norm: f"{norm_label(p.info.norm)} ({p.info.name})" for p in picks}
             samples = {"Bicubic": RunFiles(runs_dir / tables.BASELINE_RUN).samples(task, dataset)}
             samples |= {
                 labels[p.info.norm]: RunFiles(p.folder).samples(task, dataset) for p in picks
@@ -216,12 +205,12 @@ def _crop_sections(
             written = comparison_panels(
                 lq_dir=lq_dir,
                 gt_dir=gt_dir,
-                scale=scale,
+                scale=picks[0].info.scale,
                 samples=samples,
                 out_dir=figures_dir,
                 prefix=f"crops_{task}_{dataset}",
                 contrast=(labels["ln"], labels["iln"]),
-                colors={labels[p.info.norm]: norm_style(p.info.norm).color for p in picks},
+                colors=colors,
             )
             key = f"{task}/{dataset}"
             if not written:
@@ -239,6 +228,124 @@ def _crop_sections(
             ]
             lines += [f"![{p.stem}]({_rel(p, out_dir)})" for p in written] + [""]
     return lines, status
+
+
+def _tables_section(
+    results: Mapping[str, RunResults],
+    paper: Mapping,
+    protocol: Protocol,
+    baseline: tables.Baseline | None,
+    tables_dir: Path,
+) -> tuple[list[str], dict[str, str]]:
+    md = [
+        "## Tables",
+        "",
+        "Tables 1-8 carry the paper's numbers and titles (the paper's numbering; the paper's "
+        "Tables 5 and 7 are not reproduced); tables S1-S4 are ours. Our cells say `no run` "
+        "where no run of ours fills them; `–` where a run exists but lacks that number.",
+        "",
+    ]
+    status: dict[str, str] = {}
+    for table, group in tables.report_tables(results, paper, protocol, baseline):
+        if group is not None and not table.has_ours():
+            reason = _group_reason(results, group, "results")
+            status[table.key] = f"skipped: {reason}"
+            md += [f"### {table.title}", "", f"Skipped: {reason}.", ""]
+            continue
+        md += write_table(table, tables_dir)
+        status[table.key] = "written" if table.has_ours() else "paper only (no run)"
+    return md, status
+
+
+def _figures_section(
+    results: Mapping[str, RunResults],
+    main: Sequence[RunResults],
+    paper: Mapping,
+    protocol: Protocol,
+    figures_dir: Path,
+) -> tuple[list[str], dict[str, str]]:
+    feats = paper.get("features", {})
+    fig1 = (
+        f" Paper (Fig. 1, HAT_1, x4, 300K iterations): LN reaches "
+        f"{feats['ln_magnitude_low']:g} to {feats['ln_magnitude_high']:g}, i-LN stays near "
+        f"{feats['iln_magnitude_approx']:g}; entropy ceiling ln 96 = "
+        f"{feats['entropy_ceiling_c96']:g}."
+        if {"ln_magnitude_low", "ln_magnitude_high", "iln_magnitude_approx", "entropy_ceiling_c96"}
+        <= set(feats)
+        else ""
+    )
+    probes = (
+        f" Measured on the raw (trained) weights every probe step, on {protocol.probe_images} "
+        f"central {protocol.probe_crop}x{protocol.probe_crop} LR crops of {protocol.probe_set}."
+    )
+    colours = ", ".join(f"{norm_label(n)} {norm_style(n).color}" for n in ABLATION_NORMS)
+    md = ["## Figures", "", f"Colours are fixed per normalisation in every figure: {colours}.", ""]
+    status: dict[str, str] = {}
+    for fig in figures.FIGURES:
+        runs_of = main if fig.group is None else tables.runs_in_group(results, fig.group)
+        if fig.draw(runs_of, figures_dir / f"{fig.name}.png") is None:
+            reason = (
+                f"no LN, LN*, LN+Rs or i-LN run has {fig.need} yet"
+                if fig.group is None
+                else _group_reason(results, fig.group, fig.need)
+            )
+            status[fig.name] = f"skipped: {reason}"
+            md += [f"- {fig.heading}: skipped ({reason}).", ""]
+            continue
+        status[fig.name] = "written"
+        caption = fig.caption + (fig1 if fig.fig1 else "") + (probes if fig.probes else "")
+        md += [f"### {fig.heading}", "", caption, "", f"![{fig.name}](figures/{fig.name}.png)", ""]
+    return md, status
+
+
+def _released_section(
+    released: Mapping[str, RunResults], paper: Mapping, tables_dir: Path, out_dir: Path
+) -> tuple[list[str], dict[str, str]]:
+    md = ["## Released checkpoints (the authors' weights, evaluated without training)", ""]
+    if not released:
+        md += [
+            "None declared (`released:` in params.yaml; README: \"The authors' released "
+            'checkpoints").',
+            "",
+        ]
+    status: dict[str, str] = {}
+    for table in tables.released_tables(released, paper):
+        md += write_table(table, tables_dir)
+        status[table.key] = "written"
+    links = _analysis_links(list(released.values()), out_dir)
+    if links:
+        md += [
+            "Final-norm bias against its input (Fig. 8) and relative position bias (Fig. 9):",
+            "",
+            *links,
+        ]
+    return md, status
+
+
+def _sources_section(paper: Mapping) -> list[str]:
+    md = ["## Where the paper's numbers come from", "", f"Paper: {paper['paper']}.", ""]
+    md += [
+        f"- Table {key[5:]} ({block['title']}): {block['source']}"
+        for key, block in paper["tables"].items()
+    ]
+    if "features" in paper:
+        md.append(f"- Figures: {paper['features']['source']}")
+    return [*md, ""]
+
+
+def _mlflow_section(command: str, link: str) -> list[str]:
+    return [
+        "## In MLflow",
+        "",
+        f"Start the UI in the project folder with `{command}` and open "
+        f"[the train runs in the chart view]({link}): one chart per metric, every run in "
+        "its norm's colour; `features/deepest/magnitude` and `features/deepest/entropy` "
+        "compare LN's deepest group with i-LN's. The parent run of each grid member (named "
+        "after it) holds its effective params, final PSNR/SSIM and the same curves.",
+        "",
+        f"<{link}>",
+        "",
+    ]
 
 
 def build_report(
@@ -277,73 +384,21 @@ def build_report(
     paper = load_paper_numbers() if paper is None else paper
     protocol = protocol or Protocol()
     results = load_runs(runs, runs_dir, sets=sets)
-    released_results = load_runs(released or {}, runs_dir, sets=sets)
     baseline, _ = read_metrics(RunFiles(runs_dir / tables.BASELINE_RUN).metrics)
 
-    status: dict[str, str] = {}
     main = ablation_runs(results)
-    md: list[str] = [
-        "# i-LN reproduction report",
-        "",
-        *_scale_lines(results, scale_note),
-        "",
-        *headline(main),
-        "## Tables",
-        "",
-        "Tables 1-8 carry the paper's numbers and titles (the paper's numbering; the paper's "
-        "Tables 5 and 7 are not reproduced); tables S1-S4 are ours. Our cells say `no run` "
-        "where no run of ours fills them; `–` where a run exists but lacks that number.",
-        "",
-    ]
-    for table, group in tables.report_tables(results, paper, protocol, baseline):
-        if group is not None and not table.has_ours():
-            reason = _group_reason(results, group, "results")
-            status[table.key] = f"skipped: {reason}"
-            md += [f"### {table.title}", "", f"Skipped: {reason}.", ""]
-            continue
-        md += write_table(table, tables_dir)
-        status[table.key] = "written" if table.has_ours() else "paper only (no run)"
-
-    feats = paper.get("features", {})
-    fig1 = (
-        f" Paper (Fig. 1, HAT_1, x4, 300K iterations): LN reaches "
-        f"{feats['ln_magnitude_low']:g} to {feats['ln_magnitude_high']:g}, i-LN stays near "
-        f"{feats['iln_magnitude_approx']:g}; entropy ceiling ln 96 = "
-        f"{feats['entropy_ceiling_c96']:g}."
-        if {"ln_magnitude_low", "ln_magnitude_high", "iln_magnitude_approx", "entropy_ceiling_c96"}
-        <= set(feats)
-        else ""
-    )
-    probes = (
-        f" Measured on the raw (trained) weights every probe step, on {protocol.probe_images} "
-        f"central {protocol.probe_crop}x{protocol.probe_crop} LR crops of {protocol.probe_set}."
-    )
-    fig_status: dict[str, str] = {}
-    md += ["## Figures", "", "Colours are fixed per normalisation in every figure: "]
-    md[-1] += ", ".join(f"{norm_label(n)} {norm_style(n).color}" for n in ABLATION_NORMS) + "."
-    md.append("")
-    for fig in figures.FIGURES:
-        runs_of = main if fig.group is None else tables.runs_in_group(results, fig.group)
-        if fig.draw(runs_of, figures_dir / f"{fig.name}.png") is None:
-            reason = (
-                f"no LN, LN*, LN+Rs or i-LN run has {fig.need} yet"
-                if fig.group is None
-                else _group_reason(results, fig.group, fig.need)
-            )
-            fig_status[fig.name] = f"skipped: {reason}"
-            md += [f"- {fig.heading}: skipped ({reason}).", ""]
-            continue
-        fig_status[fig.name] = "written"
-        caption = fig.caption + (fig1 if fig.fig1 else "") + (probes if fig.probes else "")
-        md += [f"### {fig.heading}", "", caption, "", f"![{fig.name}](figures/{fig.name}.png)", ""]
-
+    md = ["# i-LN reproduction report", "", *_scale_lines(results, scale_note), ""]
+    md += headline(main)
+    lines, status = _tables_section(results, paper, protocol, baseline, tables_dir)
+    md += lines
+    lines, fig_status = _figures_section(results, main, paper, protocol, figures_dir)
+    md += lines
     if pair_dirs is not None:
         lines, crop_status = _crop_sections(
             results, runs_dir, figures_dir, out_dir, sets, pair_dirs
         )
         md += lines
         fig_status |= {f"crops {k}": v for k, v in crop_status.items()}
-
     md += [
         "## Final-checkpoint analyses (paper Fig. 8: final-norm bias, Fig. 9: relative "
         "position bias)",
@@ -353,54 +408,17 @@ def build_report(
         "Skipped: no run has analysis figures yet.",
         "",
     ]
-
-    md += ["## Released checkpoints (the authors' weights, evaluated without training)", ""]
-    if not released:
-        md += [
-            "None declared (`released:` in params.yaml; README: \"The authors' released "
-            'checkpoints").',
-            "",
-        ]
-    weights = {name: str(info.weights) for name, info in (released or {}).items()}
-    for table in tables.released_tables(released_results, weights, paper):
-        md += write_table(table, tables_dir)
-        status[table.key] = "written"
-    links = _analysis_links(list(released_results.values()), out_dir)
-    if links:
-        md += [
-            "Final-norm bias against its input (Fig. 8) and relative position bias (Fig. 9):",
-            "",
-            *links,
-        ]
-    md += ["## Where the paper's numbers come from", "", f"Paper: {paper['paper']}.", ""]
-    md += [
-        f"- Table {key[5:]} ({block['title']}): {block['source']}"
-        for key, block in paper["tables"].items()
-    ]
-    if "features" in paper:
-        md.append(f"- Figures: {paper['features']['source']}")
-    md.append("")
-    if mlflow is not None:
-        command, link = mlflow
-        md += [
-            "## In MLflow",
-            "",
-            f"Start the UI in the project folder with `{command}` and open "
-            f"[the train runs in the chart view]({link}): one chart per metric, every run in "
-            "its norm's colour; `features/deepest/magnitude` and `features/deepest/entropy` "
-            "compare LN's deepest group with i-LN's. The parent run of each grid member (named "
-            "after it) holds its effective params, final PSNR/SSIM and the same curves.",
-            "",
-            f"<{link}>",
-            "",
-        ]
+    lines, released_status = _released_section(
+        load_runs(released or {}, runs_dir, sets=sets), paper, tables_dir, out_dir
+    )
+    md += lines + _sources_section(paper)
+    md += _mlflow_section(*mlflow) if mlflow is not None else []
     text = "\n".join(md)
     write_text_atomic(out_dir / "report.md", text)
     write_text_atomic(out_dir / "report.html", markdown_to_html(text, out_dir))
-
     return {
         "runs": {name: run_summary(run) for name, run in results.items() if run.has_results},
         "metrics": metrics_rows(results, baseline),
-        "tables": status,
+        "tables": status | released_status,
         "figures": fig_status,
     }

@@ -48,13 +48,12 @@ def printed(value: float | str) -> str:
     return getattr(value, "text", None) or format(value, ".6g")
 
 
-def _require(mapping: Mapping, key: str, kind: type | tuple[type, ...], where: str) -> object:
+def _require(mapping: Mapping, key: str, kind: type, where: str) -> object:
     if key not in mapping:
         raise ValueError(f"{where}: missing key {key!r}")
-    value = mapping[key]
-    if not isinstance(value, kind):
-        raise ValueError(f"{where}.{key}: expected {kind}, got {type(value).__name__} {value!r}")
-    return value
+    if not isinstance(mapping[key], kind):
+        raise ValueError(f"{where}.{key}: expected a {kind.__name__}, got {mapping[key]!r}")
+    return mapping[key]
 
 
 def _is_number(value: object) -> bool:
@@ -70,14 +69,12 @@ def _check_row(row: object, where: str) -> None:
             f"{where}: unknown key(s) {sorted(unknown)}; expected identity keys "
             f"{list(IDENTITY_KEYS)}, numbers {list(METRIC_KEYS)} or text {list(TEXT_KEYS)}"
         )
-    for key in (*IDENTITY_KEYS, *TEXT_KEYS):
-        if key in row and not isinstance(row[key], str):
-            raise ValueError(f"{where}.{key}: expected a string, got {row[key]!r}")
-    for key in METRIC_KEYS:
-        if key in row and not _is_number(row[key]):
-            value = row[key]
+    for key, value in row.items():
+        number = key in METRIC_KEYS
+        if not (_is_number(value) if number else isinstance(value, str)):
             raise ValueError(
-                f"{where}.{key}: expected a number, got {type(value).__name__} {value!r}"
+                f"{where}.{key}: expected {'a number' if number else 'a string'}, got "
+                f"{type(value).__name__} {value!r}"
             )
     if not any(k in row for k in IDENTITY_KEYS):
         raise ValueError(f"{where}: no identity key (one of {list(IDENTITY_KEYS)})")
@@ -90,25 +87,19 @@ def validate_paper_numbers(data: object, origin: str = PAPER_FILE) -> dict:
     if not isinstance(data, Mapping):
         raise ValueError(f"{origin}: expected a mapping at the top level")
     _require(data, "paper", str, origin)
-    tables = _require(data, "tables", Mapping, origin)
-    for name, table in tables.items():
+    for name, table in _require(data, "tables", Mapping, origin).items():
         where = f"{origin}: tables.{name}"
         if not (isinstance(name, str) and name.startswith("table") and name[5:].isdigit()):
             raise ValueError(f"{where}: table keys are table<N>, N the paper's table number")
-        if not isinstance(table, Mapping):
-            raise ValueError(f"{where}: expected a mapping")
-        unknown = set(table) - TABLE_KEYS
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+        if not isinstance(table, Mapping) or set(table) - TABLE_KEYS:
+            raise ValueError(f"{where}: expected a mapping of {sorted(TABLE_KEYS)}")
         _require(table, "title", str, where)
         _require(table, "source", str, where)
-        if "setting" in table:
-            setting = _require(table, "setting", Mapping, where)
-            for key, value in setting.items():
-                if not isinstance(value, (str, int)) or isinstance(value, bool):
-                    raise ValueError(f"{where}.setting.{key}: expected a name or an integer")
-        rows = _require(table, "rows", list, where)
-        for i, row in enumerate(rows):
+        setting = _require(table, "setting", Mapping, where) if "setting" in table else {}
+        for key, value in setting.items():
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ValueError(f"{where}.setting.{key}: expected a name or an integer")
+        for i, row in enumerate(_require(table, "rows", list, where)):
             _check_row(row, f"{where}.rows[{i}]")
     if "features" in data:
         features = _require(data, "features", Mapping, origin)

@@ -321,17 +321,8 @@ class RunResults:
 
     @property
     def has_results(self) -> bool:
-        return any(
-            v
-            for v in (
-                self.probes,
-                self.history,
-                self.metrics,
-                self.precision,
-                self.features,
-                self.final_norm,
-            )
-        )
+        found = (self.probes, self.history, self.metrics, self.precision, self.features)
+        return any(found) or bool(self.final_norm)
 
     # ---- evaluation
 
@@ -386,6 +377,17 @@ class RunResults:
             if row["layer"] == layer:
                 return float(row[stat])
         return None
+
+    def deepest(self) -> dict[str, float | None]:
+        """deepest_magnitude_raw, deepest_entropy_raw, the same of the EMA weights (the
+        deepest group's final statistics) and the entropy ceiling ln C."""
+        out = {
+            f"deepest_{stat}_{weights}": self.final_stat(stat, weights)
+            for weights in (WEIGHTS_RAW, WEIGHTS_EMA)
+            for stat in ("magnitude", "entropy")
+        }
+        ceiling = self.final_stat("entropy_ceiling", WEIGHTS_RAW)
+        return out | {"entropy_ceiling": ceiling or self.final_stat("entropy_ceiling", WEIGHTS_EMA)}
 
     def final_max_abs(self, weights: str) -> float | None:
         """Largest |x| over every probed layer of the final statistics."""

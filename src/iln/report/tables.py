@@ -48,14 +48,13 @@ TABLE8_VARIANTS: dict[str, str] = {
     "ln_kld": "LN + KL-divergence regulariser",
     "iln": "i-LN",
 }
-TASK_NAMES: dict[str, str] = {"derain": "deraining"}
 
 
 def task_name(task: str) -> str:
     """sr_x4 -> "SR x4", realsr_x4 -> "real-world SR x4", dn_s15 -> "colour denoising σ=15",
     car_q10 -> "JPEG CAR q=10"."""
-    if task in TASK_NAMES:
-        return TASK_NAMES[task]
+    if task == "derain":
+        return "deraining"
     for prefix, name in (
         ("sr_x", "SR x"),
         ("realsr_x", "real-world SR x"),
@@ -193,44 +192,68 @@ def pick_run(
 # --------------------------------------------------------------------------------------
 # Columns shared by several tables
 
-FEATURE_COLUMNS: tuple[Column, ...] = (
-    Column("mag_raw", "deepest magnitude, raw", "sci"),
-    Column("ent_raw", "deepest entropy, raw", "entropy"),
-    Column("mag_ema", "deepest magnitude, EMA", "sci"),
-    Column("ent_ema", "deepest entropy, EMA", "entropy"),
-    Column("ceiling", "entropy ceiling ln C", "entropy"),
+FEATURE_COLUMNS: tuple[Column, ...] = (  # keyed like RunResults.deepest()
+    Column("deepest_magnitude_raw", "deepest magnitude, raw", "sci"),
+    Column("deepest_entropy_raw", "deepest entropy, raw", "entropy"),
+    Column("deepest_magnitude_ema", "deepest magnitude, EMA", "sci"),
+    Column("deepest_entropy_ema", "deepest entropy, EMA", "entropy"),
+    Column("entropy_ceiling", "entropy ceiling ln C", "entropy"),
 )
 
 
 def _fill_features(table: Table, row: str, run: RunResults) -> None:
-    values = {
-        "mag_raw": run.final_stat("magnitude", WEIGHTS_RAW),
-        "ent_raw": run.final_stat("entropy", WEIGHTS_RAW),
-        "mag_ema": run.final_stat("magnitude", WEIGHTS_EMA),
-        "ent_ema": run.final_stat("entropy", WEIGHTS_EMA),
-        "ceiling": run.final_stat("entropy_ceiling", WEIGHTS_RAW)
-        or run.final_stat("entropy_ceiling", WEIGHTS_EMA),
-    }
+    deepest = run.deepest()
     for col in FEATURE_COLUMNS:
-        table.set_ours(row, col, values[col.key], run.info.name)
+        table.set_ours(row, col, deepest[col.key], run.info.name)
 
 
-def _metric_column(set_name: str, metric: str) -> Column:
-    return Column(f"{set_name}:{metric}", f"{set_name} {metric.upper()}", metric)
+def _metric_column(set_name: str | None, metric: str, always_ours: bool = False) -> Column:
+    """ "Set14 PSNR" (key Set14:psnr), or "PSNR" where the row names the set; the x8
+    self-ensemble's metric (psnr_x8) reads "Set14 PSNR x8"."""
+    base = metric.removesuffix(ENSEMBLE_SUFFIX)
+    label = base.upper() + (" x8" if base != metric else "")
+    if set_name is None:
+        return Column(metric, label, base, always_ours)
+    return Column(f"{set_name}:{metric}", f"{set_name} {label}", base, always_ours)
 
 
-def _fill_sets(
-    table: Table, row: str, run: RunResults, metrics: Sequence[str] = ("psnr", "ssim")
+def _fill_metrics(
+    table: Table,
+    row: str,
+    run: RunResults,
+    set_name: str,
+    metrics: Sequence[str],
+    *,
+    set_columns: bool = True,
 ) -> None:
-    """Our per-set numbers; a run evaluated with ``evaluate.self_ensemble`` also fills a
-    column of the x8 self-ensemble's number beside each metric."""
-    for s in run.sets():
-        for m in metrics:
-            table.set_ours(row, _metric_column(s, m), run.metric(s, m), run.info.name)
-            x8 = run.metric(s, m + ENSEMBLE_SUFFIX)
-            if x8 is not None:
-                column = Column(f"{s}:{m}{ENSEMBLE_SUFFIX}", f"{s} {m.upper()} x8", m)
-                table.set_ours(row, column, x8, run.info.name)
+    """Our numbers on one set, in columns named by the set (or, ``set_columns`` False, in
+    "PSNR" / "SSIM" columns shown even where no run fills them: the row names the set); a
+    run evaluated with ``evaluate.self_ensemble`` also fills the x8 self-ensemble's number
+    beside each metric."""
+    named = set_name if set_columns else None
+    for m in metrics:
+        column = _metric_column(named, m, always_ours=not set_columns)
+        table.set_ours(row, column, run.metric(set_name, m), run.info.name)
+        x8 = run.metric(set_name, m + ENSEMBLE_SUFFIX)
+        if x8 is not None:
+            table.set_ours(row, _metric_column(named, m + ENSEMBLE_SUFFIX), x8, run.info.name)
+
+
+def _fill_runs(
+    table: Table,
+    rows: Mapping[str, RunResults],
+    protocol: Protocol,
+    metrics: Sequence[str] = ("psnr", "ssim"),
+) -> None:
+    """Each row's run: its per-set numbers, then (in columns after every set's) its final
+    feature statistics; and what they were measured on."""
+    for row, run in rows.items():
+        for s in run.sets():
+            _fill_metrics(table, row, run, s, metrics)
+    for row, run in rows.items():
+        _fill_features(table, row, run)
+    runs = list(rows.values())
+    table.measured = [measured_eval(runs, protocol), measured_features(runs, protocol)]
 
 
 def _paper_sets(table: Table, rows: Sequence[Mapping], row_of: Callable[[Mapping], str]) -> None:
@@ -264,9 +287,7 @@ def paper_table(paper: Mapping, key: str, caption: str, row_header: str) -> Tabl
 # The paper's tables
 
 
-Baseline = Mapping[
-    str, Mapping[str, float]
-]  # the baseline's metrics.json: "<task>/<set>" -> metrics
+Baseline = Mapping[str, Mapping[str, float]]  # its metrics.json: "<task>/<set>" -> metrics
 
 
 def baseline_label(task: str) -> str:
@@ -311,22 +332,17 @@ def _norm_rows_table(
     SR, the degraded input otherwise) on the same sets."""
     table, group = paper_table(paper, key, caption, "normalisation"), key
     extra = [r.info.norm for r in runs_in_group(results, group) if r.info.norm not in norms]
-    picked: list[RunResults] = []
+    picked: dict[str, RunResults] = {}
     for norm in [*norms, *dict.fromkeys(extra)]:
         run = pick_run(results, norm, groups=(group,))
         table.add_row(norm_label(norm), [run.info.name] if run else [])
-        if run is not None:
-            picked.append(run)
+        picked |= {norm_label(norm): run} if run else {}
     rows = paper_rows(paper, key)
     _paper_sets(table, rows, lambda p: norm_label(p["norm"]))
-    for run in picked:
-        _fill_sets(table, norm_label(run.info.norm), run)
-    for run in picked:
-        _fill_features(table, norm_label(run.info.norm), run)
+    _fill_runs(table, picked, protocol)
     _paper_findings(table, rows, lambda p: norm_label(p["norm"]))
-    _baseline_rows(table, picked, baseline)
-    table.measured = [measured_eval(picked, protocol), measured_features(picked, protocol)]
-    borrowed = [r.info.name for r in picked if group not in r.info.groups]
+    _baseline_rows(table, list(picked.values()), baseline)
+    borrowed = [r.info.name for r in picked.values() if group not in r.info.groups]
     if borrowed:
         table.notes.append(
             f"No run of group `{group}` for some norms: their rows show the most representative "
@@ -608,16 +624,11 @@ def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         "training",
     )
     group = [r.info.variant for r in runs_in_group(results, "table8")]
-    variants = list(dict.fromkeys([*TABLE8_VARIANTS, *group]))
-
-    def label(variant: str) -> str:
-        return TABLE8_VARIANTS.get(variant) or variant
-
     picked = []
     max_abs = Column("max_abs", "max |x|, raw", "sci", always_ours=True)
-    for variant in variants:
+    for variant in dict.fromkeys([*TABLE8_VARIANTS, *group]):
         run = pick_run(results, variant, groups=("table8",))
-        row = label(variant)
+        row = TABLE8_VARIANTS.get(variant) or variant
         table.add_row(row, [run.info.name] if run else [])
         for p in paper_rows(paper, "table8", variant=variant):
             if "max_abs" in p:
@@ -626,18 +637,17 @@ def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         if run is None:
             continue
         picked.append(run)
-        name = run.info.name
-        table.set_ours(row, max_abs, run.final_max_abs(WEIGHTS_RAW), name)
-        table.set_ours(
-            row,
-            Column("max_abs_training", "max |x| during training", "sci"),
-            run.training_max_abs(),
-            name,
-        )
-        table.set_ours(row, FEATURE_COLUMNS[0], run.final_stat("magnitude", WEIGHTS_RAW), name)
-        table.set_ours(row, FEATURE_COLUMNS[1], run.final_stat("entropy", WEIGHTS_RAW), name)
-        _fill_sets(table, row, run, metrics=("psnr",))
-    _paper_findings(table, paper_rows(paper, "table8"), lambda p: label(p["variant"]))
+        deepest = run.deepest()
+        for column, value in (
+            (max_abs, run.final_max_abs(WEIGHTS_RAW)),
+            (Column("max_abs_training", "max |x| during training", "sci"), run.training_max_abs()),
+            *((col, deepest[col.key]) for col in FEATURE_COLUMNS[:2]),  # raw magnitude, entropy
+        ):
+            table.set_ours(row, column, value, run.info.name)
+        for s in run.sets():
+            _fill_metrics(table, row, run, s, ("psnr",))
+    findings = paper_rows(paper, "table8")
+    _paper_findings(table, findings, lambda p: TABLE8_VARIANTS.get(p["variant"]) or p["variant"])
     table.measured = [measured_eval(picked, protocol), measured_features(picked, protocol)]
     table.notes.append(
         "max |x|: the largest absolute value of the residual stream over every probed layer; "
@@ -658,14 +668,13 @@ def _group_table(
     table: Table,
 ) -> tuple[Table, str]:
     """Ours: one row per run of a group, PSNR/SSIM and features; shown only with results."""
-    runs = runs_in_group(results, group)
-    for run in runs:
+    rows: dict[str, RunResults] = {}
+    for run in runs_in_group(results, group):
         row = row_of(run)
-        row = f"{row} [{run.info.name}]" if row in table.rows else row
+        row = f"{row} [{run.info.name}]" if row in rows else row
         table.add_row(row, [run.info.name])
-        _fill_sets(table, row, run)
-        _fill_features(table, row, run)
-    table.measured = [measured_eval(runs, protocol), measured_features(runs, protocol)]
+        rows[row] = run
+    _fill_runs(table, rows, protocol)
     return table, group
 
 
@@ -695,21 +704,18 @@ def all_runs_table(results: Mapping[str, RunResults], protocol: Protocol) -> Tab
         Column("last_step", "last probed/logged step", "int"),
         Column("sec_per_step", "s/step", "sci"),
     )
-    done = [r for r in results.values() if r.has_results]
+    rows: dict[str, RunResults] = {}
     for run in results.values():
-        row = f"{run.info.name}: {run.info.arch} {run.info.label} {run.info.task}"
-        table.add_row(row, [run.info.name] if run.has_results else [])
         for col in steps:
             table.add_column(col)
+        row = f"{run.info.name}: {run.info.arch} {run.info.label} {run.info.task}"
+        table.add_row(row, [run.info.name] if run.has_results else [])
         if run.has_results:
+            rows[row] = run
             values = (run.info.iterations, run.last_step(), run.mean_seconds_per_step())
             for col, value in zip(steps, values, strict=True):
                 table.set_ours(row, col, value, run.info.name)
-            _fill_sets(table, row, run, metrics=("psnr",))
-    for run, row in zip(results.values(), table.rows, strict=True):
-        if run.has_results:
-            _fill_features(table, row, run)
-    table.measured = [measured_eval(done, protocol), measured_features(done, protocol)]
+    _fill_runs(table, rows, protocol, metrics=("psnr",))
     table.notes.append(TIMING_NOTE)
     return table
 
@@ -731,6 +737,26 @@ def report_tables(
     """Every table of the report in its order, each with the group whose runs it needs to be
     shown at all (None: always shown, with the paper's numbers where no run fills it)."""
     common = (results, paper, protocol)
+    stdnorm = Table(
+        "table_s1_stdnorm",
+        "Table S1: input standardisation (stdnorm) on and off (ours, not in the paper)",
+        "The official i-LN models standardise the input and the official LN baselines do not; "
+        "this separates that switch from the normalisation itself.",
+        "normalisation / stdnorm",
+    )
+    seeds = Table(
+        "table_s2_seeds",
+        "Table S2: seeds (ours)",
+        "The same setting trained from different seeds: how much of a difference between "
+        "norms is noise.",
+        "run",
+    )
+    batch = Table(
+        "table_s3_batch",
+        "Table S3: batch size (ours)",
+        "The same setting trained at different batch sizes.",
+        "run",
+    )
     return [
         (_norm_rows_table("table1", TABLE1_CAPTION, TABLE1_NORMS, *common, baseline), None),
         (table2(results, paper, protocol, baseline), None),
@@ -738,44 +764,9 @@ def report_tables(
         (table4(*common), None),
         (table6(*common), None),
         (table8(*common), None),
-        _group_table(
-            results,
-            protocol,
-            "stdnorm",
-            _stdnorm_row,
-            Table(
-                "table_s1_stdnorm",
-                "Table S1: input standardisation (stdnorm) on and off (ours, not in the paper)",
-                "The official i-LN models standardise the input and the official LN baselines "
-                "do not; this separates that switch from the normalisation itself.",
-                "normalisation / stdnorm",
-            ),
-        ),
-        _group_table(
-            results,
-            protocol,
-            "seeds",
-            _run_row,
-            Table(
-                "table_s2_seeds",
-                "Table S2: seeds (ours)",
-                "The same setting trained from different seeds: how much of a difference "
-                "between norms is noise.",
-                "run",
-            ),
-        ),
-        _group_table(
-            results,
-            protocol,
-            "batch",
-            _run_row,
-            Table(
-                "table_s3_batch",
-                "Table S3: batch size (ours)",
-                "The same setting trained at different batch sizes.",
-                "run",
-            ),
-        ),
+        _group_table(results, protocol, "stdnorm", _stdnorm_row, stdnorm),
+        _group_table(results, protocol, "seeds", _run_row, seeds),
+        _group_table(results, protocol, "batch", _run_row, batch),
         (all_runs_table(results, protocol), None),
     ]
 
@@ -794,19 +785,17 @@ def released_model(run: RunResults) -> str:
 
 
 def _evaluation(record: Mapping) -> str:
+    """How a released entry was evaluated: whole images or tiled."""
     tile = int(record.get("tile") or 0)
     if tile:
         return f"tiled ({tile} px LR tiles, {int(record.get('tile_overlap') or 0)} overlap)"
     return "whole image"
 
 
-def released_tables(
-    results: Mapping[str, RunResults], weights: Mapping[str, str], paper: Mapping
-) -> list[Table]:
+def released_tables(results: Mapping[str, RunResults], paper: Mapping) -> list[Table]:
     """The released entries' PSNR / SSIM beside the paper's number for the same arch, norm,
     scale and set (with the weights file, its SHA-256 and whether the number was tiled), the
-    final model's feature statistics, and the inference-precision table. ``weights``: entry
-    -> its declared weights file (shown until the entry is evaluated)."""
+    final model's feature statistics, and the inference-precision table."""
     scores = Table(
         key="released",
         title="Released checkpoints: PSNR / SSIM beside the paper",
@@ -835,28 +824,25 @@ def released_tables(
     sources: set[str] = set()
     crops: set[int] = set()
     for name, run in results.items():
-        model, record = released_model(run), run.weights_record or {}
-        rows = {f"{model} / {s}": s for s in run.sets()} or {f"{model} / not evaluated yet": ""}
-        for row, set_name in rows.items():
+        info, model = run.info, released_model(run)
+        for set_name in run.sets():
+            row = f"{model} / {set_name}"
             scores.add_row(row, [name])
-            for metric in ("psnr", "ssim") if set_name else ():
-                column = Column(metric, metric.upper(), metric, always_ours=True)
+            _fill_metrics(scores, row, run, set_name, ("psnr", "ssim"), set_columns=False)
+            for metric in ("psnr", "ssim"):
                 found = paper_number(
                     paper,
-                    arch=run.info.arch,
-                    norm=run.info.norm,
-                    task=run.info.task,
+                    arch=info.arch,
+                    norm=info.norm,
+                    task=info.task,
                     set_name=set_name,
                     metric=metric,
                 )
                 if found is not None:
-                    scores.set_paper(row, column, found[0])
+                    scores.set_paper(row, _metric_column(None, metric, True), found[0])
                     sources.add(found[1])
-                scores.set_ours(row, column, run.metric(set_name, metric), name)
-                x8 = run.metric(set_name, metric + ENSEMBLE_SUFFIX)
-                if x8 is not None:
-                    column = Column(metric + ENSEMBLE_SUFFIX, f"{metric.upper()} x8", metric)
-                    scores.set_ours(row, column, x8, name)
+        if not run.sets():
+            scores.add_row(f"{model} / not evaluated yet", [name])
         if run.stats(WEIGHTS_EMA) is not None:
             features.add_row(model, [name])
             for column, value in (
@@ -879,17 +865,21 @@ def released_tables(
         for mode in _modes(list(run.precision or {})):
             precision.add_row(f"{model} / {mode}", [name])
             _fill_precision(precision, f"{model} / {mode}", run, mode)
-        if record.get("precision_crop"):
-            crops.add(int(record["precision_crop"]))
-    for name, run in results.items():  # the weights after the numbers
-        record = run.weights_record or {}
-        for row in (r for r in scores.rows if scores.row_runs[r] == [name]):
-            evaluation = _evaluation(record) if run.sets() else None
-            scores.set_ours(row, Column("evaluation", "evaluation", "text"), evaluation, name)
-            file = record.get("file") or weights[name]
-            scores.set_ours(row, Column("file", "weights file", "text"), file, name)
-            digest = record.get("sha256")
-            scores.set_ours(row, Column("sha256", "SHA-256", "digest"), digest, name)
+        if (run.weights_record or {}).get("precision_crop"):
+            crops.add(int(run.weights_record["precision_crop"]))
+    for row, names in scores.row_runs.items():  # the weights after the numbers
+        if len(names) != 1:  # two entries of one model and set: no one weights file
+            continue
+        run, record = results[names[0]], results[names[0]].weights_record or {}
+        for column, value in (
+            (
+                Column("evaluation", "evaluation", "text"),
+                _evaluation(record) if run.sets() else None,
+            ),
+            (Column("file", "weights file", "text"), record.get("file") or str(run.info.weights)),
+            (Column("sha256", "SHA-256", "digest"), record.get("sha256")),
+        ):
+            scores.set_ours(row, column, value, names[0])
     scores.notes += ["SHA-256: its first 12 hex digits here, all of it in the CSV."]
     if scores.has_ours("psnr" + ENSEMBLE_SUFFIX) or scores.has_ours("ssim" + ENSEMBLE_SUFFIX):
         scores.notes.append(
