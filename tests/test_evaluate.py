@@ -113,14 +113,19 @@ def test_restore_restores_training_mode_and_checks_inputs():
     model.train()
     seen = []
     model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
-    restore(model, _image(8, 8), device="cpu")
+    whole = restore(model, _image(8, 8), device="cpu")
     assert seen == [False] and model.training
     with pytest.raises(ValueError, match="uint8"):
         restore(model, _image(8, 8).astype(np.float32), device="cpu")
-    with pytest.raises(ValueError, match="multiple of model.window_size=8"):
+    with pytest.raises(ValueError, match="tile: must be 0 .* multiple of the window size 8 "):
         restore(model, _image(8, 8), device="cpu", tile=12)
-    with pytest.raises(ValueError, match="tile_overlap"):
+    with pytest.raises(ValueError, match=r"tile_overlap: must be < tile=16, got 16"):
         restore(model, _image(8, 8), device="cpu", tile=16, tile_overlap=16)
+    with pytest.raises(ValueError, match=r"tile_overlap: must be >= 0, got -1"):
+        restore(model, _image(8, 8), device="cpu", tile=16, tile_overlap=-1)
+    with pytest.raises(ValueError, match=r"tile: must be >= 0, got -8"):
+        restore(model, _image(8, 8), device="cpu", tile=-8)
+    assert np.array_equal(restore(model, _image(8, 8), device="cpu", tile=0), whole)
     with pytest.raises(ValueError, match="model returned"):
         restore(Lambda(lambda x: x, scale=2), _image(8, 8), device="cpu")
 

@@ -405,7 +405,9 @@ def test_tiled_progress_counts_tiles_and_the_last_line_names_the_outputs(tmp_pat
         f"iln restore: 1 of 1 images written to {tmp_path / 'out'}{os.sep}"
     )
     assert main([*args, "--overwrite", "--tile", "8", "--tile-overlap", "8"]) == 2
-    _one_error_line(capsys.readouterr().err, "--tile-overlap must be less than --tile (8)")
+    _one_error_line(capsys.readouterr().err, "--tile-overlap: must be < --tile=8, got 8")
+    assert main([*args, "--overwrite", "--tile", "12"]) == 2
+    _one_error_line(capsys.readouterr().err, "--tile: must be 0 (whole images) or a multiple")
 
 
 @pytest.mark.integration

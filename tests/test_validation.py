@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,40 @@ def test_a_tile_overlap_past_the_tile_is_refused_at_load(tmp_path):
         load_params(path)
     path.write_text(path.read_text().replace("tile_overlap: 32", "tile_overlap: 8"))
     assert load_params(path).evaluate.tile == 32  # a multiple of hat_tiny's window 8
+
+
+@pytest.mark.parametrize(
+    "init, message",
+    [
+        ({"run": "ln"}, None),  # ln is declared before iln
+        ({"weights": "w.pth", "key": "params"}, None),
+        ({}, "runs.iln.init: give exactly one of run (a run name) or weights"),
+        ({"run": "ln", "weights": "w.pth"}, "runs.iln.init: give exactly one of run"),
+        ({"weights": " "}, "runs.iln.init.weights: give the path of the checkpoint file"),
+        ({"run": "nope"}, "runs.iln.init.run: no such run 'nope' (declared runs: "),
+        ({"run": "iln"}, "runs.iln.init.run: the inits loop (iln -> iln)"),
+        ({"run": "ln_star"}, "runs.iln.init.run: declare ln_star before iln under runs:"),
+    ],
+)
+def test_an_init_names_one_source_declared_before_the_run(tmp_path, init, message):
+    """Every init source is declared before its run, so no chain of inits loops back."""
+    path = _params(tmp_path, "runs.iln.init", init)
+    if message is None:
+        assert load_params(path).runs["iln"].init is not None
+        return
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_run_override_is_named_as_the_runs_key(tmp_path):
+    for key, value, message in [
+        ("runs.ln.lr", 0.0, "runs.ln.lr: must be > 0, got 0.0"),
+        ("runs.ln.iterations", 0, "runs.ln.iterations: must be >= 1, got 0"),
+        ("runs.ln.milestones", [5, 2], "runs.ln.milestones: must be increasing, got [5, 2]"),
+    ]:
+        with pytest.raises(ParamsError, match=re.escape(message)):
+            load_params(_params(tmp_path, key, value))
 
 
 def _duplicated_lr(tmp_path) -> Path:

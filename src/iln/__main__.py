@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from iln.config import check_tile
 from iln.data.io import WRITE_FORMATS, ImageReadError
 from iln.models import ARCHS, NORMS, SCALES
 from iln.overlay import apply_file
@@ -266,15 +267,12 @@ def _restore(args: argparse.Namespace) -> int:
         )
     except (RestoreError, FileNotFoundError, ImageReadError, ValueError, RuntimeError) as err:
         return _error(str(err))
-    if args.tile and args.tile % model.window_size:
-        return _error(
-            f"--tile must be a multiple of the model's window ({model.window_size}), "
-            f"got {args.tile}"
+    try:
+        check_tile(
+            args.tile, args.tile_overlap, model.window_size, keys=("--tile", "--tile-overlap")
         )
-    if args.tile and args.tile_overlap >= args.tile:
-        return _error(
-            f"--tile-overlap must be less than --tile ({args.tile}), got {args.tile_overlap}"
-        )
+    except ValueError as err:
+        return _error(str(err))
     output = Path(args.output)
     single = len(targets) == 1 and next(iter(targets.values())) == output
     try:

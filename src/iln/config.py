@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from iln.data.catalog import SETS, expand, parts_of
-from iln.data.params import DataParams, DegradeParams, RealSRParams, parse_task
+from iln.data.params import DataParams, DegradeParams, RealSRParams, check_min, parse_task
 from iln.layout import PrecisionMode, check_run_name
 
 
@@ -37,11 +37,6 @@ BASELINE = "bicubic"  # the interpolation baseline's name, beside the runs and r
 INT_LIMIT = 2**63  # every integer must fit a signed 64-bit int (seeds, counts)
 
 _FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def parse(cls: type, mapping: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from ``mapping``; unknown or missing keys and wrong types raise."""
-    return _parse_value(cls, mapping, where)
 
 
 def _parse_dataclass(cls: type, mapping: Any, where: str) -> Any:
@@ -64,7 +59,7 @@ def _parse_dataclass(cls: type, mapping: Any, where: str) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ParamsError(f"{key}: missing required key")
             continue
-        values[name] = _parse_value(hints[name], mapping[name], key)
+        values[name] = parse(hints[name], mapping[name], key)
     try:
         return cls(**values)
     except ParamsError:
@@ -73,25 +68,20 @@ def _parse_dataclass(cls: type, mapping: Any, where: str) -> Any:
         raise ParamsError(f"{where}: {err}") from None
 
 
-def _parse_value(tp: Any, value: Any, where: str) -> Any:
+def parse(tp: Any, value: Any, where: str) -> Any:
+    """``value`` read as type ``tp`` (a dataclass: from a mapping); unknown or missing keys
+    and wrong types raise a ParamsError naming ``where``, the dotted key."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return _parse_dataclass(tp, value, where)
     if tp is Any:
         return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+    if origin in (typing.Union, types.UnionType):  # X | None, the only unions here
+        if value is None:
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _parse_value(arg, value, where)
-            except ParamsError as err:
-                errors.append(str(err))
-        raise ParamsError(
-            errors[0] if len(errors) == 1 else f"{where}: {_describe(value)} fits none of {tp}"
-        )
+        (inner,) = (a for a in args if a is not type(None))
+        return parse(inner, value, where)
     if origin is Literal:
         if value not in args:
             raise ParamsError(
@@ -102,18 +92,16 @@ def _parse_value(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ParamsError(f"{where}: expected a list, got {_describe(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_parse_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(parse(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ParamsError(f"{where}: expected a list of {len(args)} items, got {len(value)}")
-        return tuple(
-            _parse_value(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))
-        )
-    if origin in (dict, Mapping) or tp is dict:
+        return tuple(parse(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
         if not isinstance(value, Mapping):
             raise ParamsError(f"{where}: expected a mapping, got {_describe(value)}")
-        key_tp, value_tp = args or (str, Any)
+        key_tp, value_tp = args
         return {
-            _parse_value(key_tp, k, where): _parse_value(value_tp, v, _join(where, str(k)))
+            parse(key_tp, k, where): parse(value_tp, v, _join(where, str(k)))
             for k, v in value.items()
         }
     if tp is bool:
@@ -158,18 +146,11 @@ def _join(where: str, name: str) -> str:
 
 # --------------------------------------------------------------------------- schema
 
+# The groups a run may belong to (fig2: the depth / width grid of the paper's Fig. 2).
 GROUPS = (
-    "table1",
-    "table2",
-    "table3",
-    "table4",
-    "table6",
-    "table8",
-    "stdnorm",
-    "seeds",
-    "batch",
-    "fig2",  # the depth / width grid (paper Fig. 2)
-)
+    "table1", "table2", "table3", "table4", "table6", "table8", "stdnorm", "seeds", "batch",
+    "fig2",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -204,45 +185,28 @@ class TrainParams:
     cache_gib: float = 8.0  # host memory for decoded training images, per training process
 
     def __post_init__(self) -> None:
-        for name in (
-            "iterations",
-            "batch_size",
-            "lq_patch",
-            "checkpoint_every",
-            "log_every",
-            "probe_images",
-            "accumulate",
-        ):
-            if getattr(self, name) < 1:
-                raise ParamsError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.probe_every < 0:
-            raise ParamsError(f"train.probe_every: must be >= 0 (0 = off), got {self.probe_every}")
-        if self.lr <= 0:
-            raise ParamsError(f"train.lr: must be > 0, got {self.lr}")
-        if self.cache_gib < 0:
-            raise ParamsError(f"train.cache_gib: must be >= 0 (0 = no cache), got {self.cache_gib}")
-        for name in ("seed", "num_workers", "threads"):
-            if getattr(self, name) < 0:
-                raise ParamsError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
-        for i, beta in enumerate(self.betas):
-            if not 0.0 <= beta < 1.0:
-                raise ParamsError(f"train.betas[{i}]: must be in [0, 1), got {beta}")
-        if self.lr_gamma <= 0:
-            raise ParamsError(f"train.lr_gamma: must be > 0, got {self.lr_gamma}")
-        if self.milestones and self.milestones[0] < 1:
-            raise ParamsError(f"train.milestones: must be >= 1, got {list(self.milestones)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ParamsError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
-        if list(self.milestones) != sorted(self.milestones):
-            raise ParamsError(f"train.milestones: must be increasing, got {list(self.milestones)}")
-        if self.grad_clip < 0:
-            raise ParamsError(f"train.grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
-        if self.kld_weight < 0:
-            raise ParamsError(f"train.kld_weight: must be >= 0 (0 = off), got {self.kld_weight}")
-        if self.device not in ("auto", "cpu") and not re.match(r"^cuda(:\d+)?$|^mps$", self.device):
-            raise ParamsError(
-                f"train.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
-            )
+        try:
+            check_min(self, ("seed", "num_workers", "threads"), 0)
+            check_min(self, ("probe_every", "grad_clip", "kld_weight"), 0, note="0 = off")
+            check_min(self, ("cache_gib",), 0, note="0 = no cache")
+            check_min(self, ("lr", "lr_gamma"), 0, strict=True)
+            check_min(self, ("iterations", "batch_size", "lq_patch", "accumulate"), 1)
+            check_min(self, ("checkpoint_every", "log_every", "probe_images"), 1)
+            for i, beta in enumerate(self.betas):
+                if not 0.0 <= beta < 1.0:
+                    raise ValueError(f"betas[{i}]: must be in [0, 1), got {beta}")
+            if not 0.0 <= self.ema_decay < 1.0:
+                raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+            if self.milestones and self.milestones[0] < 1:
+                raise ValueError(f"milestones: must be >= 1, got {list(self.milestones)}")
+            if list(self.milestones) != sorted(self.milestones):
+                raise ValueError(f"milestones: must be increasing, got {list(self.milestones)}")
+            if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+                raise ValueError(
+                    f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+                )
+        except ValueError as err:
+            raise ParamsError(f"train.{err}") from None
 
 
 @dataclass(frozen=True)
@@ -258,9 +222,7 @@ class InitSpec:
 
     def __post_init__(self) -> None:
         if (self.run is None) == (self.weights is None):
-            raise ParamsError(
-                "init: give exactly one of run (a run name) or weights (a checkpoint file)"
-            )
+            raise ValueError("give exactly one of run (a run name) or weights (a checkpoint file)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,14 +251,6 @@ class ModelSpec:
         if self.affine_outer is not None:
             overrides["affine_outer"] = self.affine_outer
         return overrides
-
-    def hparams(self) -> dict[str, Any]:
-        """Every hyperparameter of the network (ValueError for overrides it does not take)."""
-        from iln.models import resolve_hparams  # torch-heavy import only when asked
-
-        return resolve_hparams(
-            self.arch, norm=self.norm, scale=self.scale, **self.model_overrides()
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -345,9 +299,10 @@ class EvaluateParams:
     def __post_init__(self) -> None:
         if not self.sets:
             raise ParamsError("evaluate.sets: list at least one test set")
-        for name in ("tile", "tile_overlap", "samples", "precision_crop", "workers"):
-            if getattr(self, name) < 0:
-                raise ParamsError(f"evaluate.{name}: must be >= 0, got {getattr(self, name)}")
+        try:
+            check_min(self, ("tile", "tile_overlap", "samples", "precision_crop", "workers"), 0)
+        except ValueError as err:
+            raise ParamsError(f"evaluate.{err}") from None
 
 
 @dataclass(frozen=True)
@@ -375,14 +330,6 @@ class Params:
     tracking: TrackingParams
     released: dict[str, ReleasedSpec] = field(default_factory=dict)
 
-    def run(self, name: str) -> RunSpec:
-        try:
-            return self.runs[name]
-        except KeyError:
-            raise ParamsError(
-                f"runs.{name}: no such run (declared runs: {', '.join(sorted(self.runs))})"
-            ) from None
-
     def test_sets(self, task: str) -> tuple[str, ...]:
         """The sets of ``evaluate.sets`` that the degrade stage makes pairs of for ``task``."""
         made = self.degrade.sets_for(task)
@@ -409,32 +356,23 @@ class ResolvedRun:
 
 # The `train:` keys a run may override for itself (RunSpec fields of the same name).
 RUN_TRAIN_OVERRIDES: tuple[str, ...] = (
-    "iterations",
-    "batch_size",
-    "lr",
-    "milestones",
-    "grad_clip",
-    "kld_weight",
-    "seed",
-    "train_set",
-    "accumulate",
-    "grad_checkpoint",
-)
+    "iterations", "batch_size", "lr", "milestones", "grad_clip", "kld_weight", "seed",
+    "train_set", "accumulate", "grad_checkpoint",
+)  # fmt: skip
 
 
 def resolve_run(params: Params, name: str) -> ResolvedRun:
-    spec = params.run(name)
-    overrides = {
-        key: getattr(spec, key) for key in RUN_TRAIN_OVERRIDES if getattr(spec, key) is not None
-    }
+    if name not in params.runs:
+        declared = ", ".join(sorted(params.runs))
+        raise ParamsError(f"runs.{name}: no such run (declared runs: {declared})")
+    spec = params.runs[name]
+    overrides = {key: getattr(spec, key) for key in RUN_TRAIN_OVERRIDES}
     try:
-        train = dataclasses.replace(params.train, **overrides)
-    except ParamsError as err:
-        message = str(err)
-        for key in overrides:  # name the run's own key when its override is the bad value
-            if message.startswith(f"train.{key}"):
-                raise ParamsError(f"runs.{name}.{key}{message[len(f'train.{key}') :]}") from None
-        raise ParamsError(f"runs.{name}: {message}") from None
+        train = dataclasses.replace(
+            params.train, **{k: v for k, v in overrides.items() if v is not None}
+        )
+    except ParamsError as err:  # every check is of one field: an override, as train passed
+        raise ParamsError(f"runs.{name}.{str(err).removeprefix('train.')}") from None
     kind = parse_task(spec.task).kind
     return ResolvedRun(
         name=name,
@@ -446,147 +384,151 @@ def resolve_run(params: Params, name: str) -> ResolvedRun:
 
 
 # --------------------------------------------------------------------------- checks
+# They raise ValueError naming the dotted key; load_params adds the file.
 
 
-def _check_name(name: str, where: str) -> None:
-    """A run or released entry names folders and stage arguments (``iln.layout``)."""
-    try:
-        check_run_name(name, where)
-    except ValueError as err:
-        raise ParamsError(str(err)) from None
+def check_tile(
+    tile: int,
+    overlap: int,
+    window: int,
+    *,
+    keys: tuple[str, str] = ("tile", "tile_overlap"),
+    model: str = "the model",
+) -> None:
+    """The tiling of ``iln.evaluate.restore`` (input pixels) for a model of attention window
+    ``window``: 0 = whole images, else a multiple of the window, with an overlap below the
+    tile. ``keys`` name the two settings in the ValueError, ``model`` the model."""
+    for key, value in zip(keys, (tile, overlap)):
+        if value < 0:
+            raise ValueError(f"{key}: must be >= 0, got {value}")
+    if tile % window:
+        raise ValueError(
+            f"{keys[0]}: must be 0 (whole images) or a multiple of the window size {window} "
+            f"of {model}, got {tile}"
+        )
+    if tile and overlap >= tile:
+        raise ValueError(f"{keys[1]}: must be < {keys[0]}={tile}, got {overlap}")
 
 
 def _check_model(params: Params, name: str, spec: ModelSpec, where: str) -> None:
     """What a run and a released entry share: a valid name, a known arch and norm, a task
-    the degrade stage produces, overrides that build (``ModelSpec.hparams``) with an
-    evaluation tile that fits the window, and a grey model only on grey test sets."""
-    from iln.models import ARCHS, NORMS  # torch-heavy import only when params are loaded
+    the degrade stage produces, overrides that build (``iln.models.resolve_hparams``) with
+    an evaluation tile that fits the window, and a grey model only on grey test sets."""
+    from iln.models import ARCHS, NORMS, resolve_hparams  # torch-heavy: only at load
 
-    _check_name(name, where)
-    if spec.arch not in ARCHS:
-        raise ParamsError(
-            f"{where}.arch: unknown arch {spec.arch!r} (choose from {', '.join(ARCHS)})"
-        )
-    if spec.norm not in NORMS:
-        raise ParamsError(
-            f"{where}.norm: unknown norm {spec.norm!r} (choose from {', '.join(NORMS)})"
-        )
-    try:
-        parse_task(spec.task, f"{where}.task")
-    except ValueError as err:
-        raise ParamsError(str(err)) from None
+    check_run_name(name, where)
+    for key, value, known in (("arch", spec.arch, ARCHS), ("norm", spec.norm, NORMS)):
+        if value not in known:
+            raise ValueError(
+                f"{where}.{key}: unknown {key} {value!r} (choose from {', '.join(known)})"
+            )
+    parse_task(spec.task, f"{where}.task")
     if spec.task not in params.degrade.tasks:
-        raise ParamsError(
+        raise ValueError(
             f"{where}.task: {spec.task!r} is not produced by the degrade stage "
             f"(degrade.tasks: {', '.join(params.degrade.tasks)})"
         )
     for key in ("stdnorm", "affine_outer"):
         if key in spec.model:
-            raise ParamsError(f"{where}.model.{key}: set it as {where}.{key}, not under model")
+            raise ValueError(f"{where}.model.{key}: set it as {where}.{key}, not under model")
     try:
-        hp = spec.hparams()
+        hp = resolve_hparams(spec.arch, norm=spec.norm, scale=spec.scale, **spec.model_overrides())
     except ValueError as err:
-        raise ParamsError(f"{where}.model: {err}") from None
+        raise ValueError(f"{where}.model: {err}") from None
     colour = [n for n in params.test_sets(spec.task) if n in SETS and not SETS[n].grey]
     if hp["in_chans"] == 1 and colour:
-        raise ParamsError(
+        raise ValueError(
             f"{where}.model.in_chans: a grey model is scored on grey sets only (Set12, BSD68, "
             f"Classic5); {', '.join(colour)} are colour (set degrade.task_sets.{spec.task})"
         )
-    _check_tile(params.evaluate, hp["window_size"], where)
+    settings = params.evaluate
+    keys = ("evaluate.tile", "evaluate.tile_overlap")
+    check_tile(settings.tile, settings.tile_overlap, hp["window_size"], keys=keys, model=where)
 
 
 def _check_runs(params: Params) -> None:
     if not params.runs and not params.released:
-        raise ParamsError("runs: declare at least one run (or a `released:` entry)")
+        raise ValueError("runs: declare at least one run (or a `released:` entry)")
     made = {s for task in params.degrade.tasks for s in params.degrade.sets_for(task)}
     for name in params.evaluate.sets:  # each test set is scored for the tasks that make it
         if name not in made:
-            raise ParamsError(
+            raise ValueError(
                 f"evaluate.sets: {name!r} is not a set the degrade stage makes for any task "
                 f"(degrade.sets, degrade.task_sets: {', '.join(sorted(made))})"
             )
+    unknown = [s for s in params.report.sets if s not in params.evaluate.sets]
+    if unknown:
+        raise ValueError(
+            f"report.sets: {unknown[0]!r} is not evaluated (evaluate.sets: "
+            f"{', '.join(params.evaluate.sets)})"
+        )
     for name, spec in params.runs.items():
         where = f"runs.{name}"
         if name == BASELINE:
-            raise ParamsError(f"{where}: 'bicubic' is reserved for the interpolation baseline")
+            raise ValueError(f"{where}: 'bicubic' is reserved for the interpolation baseline")
         if spec.model.get("in_chans", 3) != 3:
-            raise ParamsError(
+            raise ValueError(
                 f"{where}.model.in_chans: grey models are evaluated (released entries, iln "
                 f"restore) but not trained here yet; training takes RGB (in_chans 3)"
             )
         _check_model(params, name, spec, where)
-        _check_run_data(params, where, spec, parse_task(spec.task).kind)
+        _check_run_data(params, where, spec)
         for group in spec.groups:
             if group not in GROUPS:
-                raise ParamsError(
+                raise ValueError(
                     f"{where}.groups: unknown group {group!r} (choose from {', '.join(GROUPS)})"
                 )
         if spec.init is not None:
             _check_init(params, name, spec.init)
         resolve_run(params, name)
-    unknown = [s for s in params.report.sets if s not in params.evaluate.sets]
-    if unknown:
-        raise ParamsError(
-            f"report.sets: {unknown[0]!r} is not evaluated (evaluate.sets: "
-            f"{', '.join(params.evaluate.sets)})"
-        )
 
 
 def _check_init(params: Params, name: str, init: InitSpec) -> None:
-    """``runs.NAME.init``: the source run exists, is not the run itself and no chain of
-    inits loops back; a weights file is named."""
+    """``runs.NAME.init``: a weights file is named, or the source run is declared before
+    this one (so no chain of inits loops back)."""
     where = f"runs.{name}.init"
     if init.weights is not None:
         if not init.weights.strip():
-            raise ParamsError(f"{where}.weights: give the path of the checkpoint file")
+            raise ValueError(f"{where}.weights: give the path of the checkpoint file")
         return
     names = list(params.runs)
-    if init.run in params.runs and names.index(init.run) > names.index(name):
-        raise ParamsError(
+    if init.run not in params.runs:
+        raise ValueError(
+            f"{where}.run: no such run {init.run!r} (declared runs: {', '.join(sorted(names))})"
+        )
+    if init.run == name:
+        raise ValueError(f"{where}.run: the inits loop ({name} -> {name})")
+    if names.index(init.run) > names.index(name):
+        raise ValueError(
             f"{where}.run: declare {init.run} before {name} under runs: (dvc repro trains "
             "the runs in the order they are declared, and its weights must exist first)"
         )
-    seen = [name]
-    source = init.run
-    while source is not None:
-        if source not in params.runs:
-            raise ParamsError(
-                f"{where}.run: no such run {source!r} (declared runs: "
-                f"{', '.join(sorted(params.runs))})"
-            )
-        if source in seen:
-            raise ParamsError(f"{where}.run: the inits loop ({' -> '.join([*seen, source])})")
-        seen.append(source)
-        following = params.runs[source].init
-        source = following.run if following is not None else None
 
 
-def _check_run_data(params: Params, where: str, spec: RunSpec, kind: str) -> None:
+def _check_run_data(params: Params, where: str, spec: RunSpec) -> None:
     """The run's training images and test pairs are produced by the download / degrade stages."""
     train_set = spec.train_set or params.train.train_set
     key = f"{where}.train_set" if spec.train_set else "train.train_set"
-    if kind in ("dn", "car", "realsr"):  # clean images, degraded on the fly
+    made = params.degrade.sets_for(spec.task)
+    if parse_task(spec.task).kind in ("dn", "car", "realsr"):  # clean images, degraded on the fly
         try:
             missing = [p for p in parts_of(train_set) if p not in expand(params.data.datasets)]
         except ValueError as err:
-            raise ParamsError(f"{key}: {err}") from None
+            raise ValueError(f"{key}: {err}") from None
         if missing:
-            raise ParamsError(
+            raise ValueError(
                 f"{key}: {spec.task} trains on the clean images of {train_set!r}, but the "
                 f"download stage does not fetch {', '.join(missing)} (data.datasets)"
             )
-    elif train_set not in params.degrade.sets_for(spec.task):
-        raise ParamsError(
+    elif train_set not in made:
+        raise ValueError(
             f"{key}: {spec.task} trains on the degrade stage's pairs of {train_set!r}, which it "
-            f"does not make (degrade sets for {spec.task}: "
-            f"{', '.join(params.degrade.sets_for(spec.task))})"
+            f"does not make (degrade sets for {spec.task}: {', '.join(made)})"
         )
     if not params.test_sets(spec.task):
-        raise ParamsError(
+        raise ValueError(
             f"{where}.task: none of evaluate.sets ({', '.join(params.evaluate.sets)}) is degraded "
-            f"for {spec.task} "
-            f"(degrade sets for it: {', '.join(params.degrade.sets_for(spec.task))})"
+            f"for {spec.task} (degrade sets for it: {', '.join(made)})"
         )
 
 
@@ -594,53 +536,45 @@ def _check_released(params: Params) -> None:
     for name, spec in params.released.items():
         where = f"released.{name}"
         if name == BASELINE or name in params.runs:
-            raise ParamsError(
-                f"{where}: the name is taken by "
-                + ("the interpolation baseline" if name == BASELINE else f"runs.{name}")
-                + " (released entries share the runs/<name>/ folders)"
+            taken = "the interpolation baseline" if name == BASELINE else f"runs.{name}"
+            raise ValueError(
+                f"{where}: the name is taken by {taken} (released entries share the "
+                "runs/<name>/ folders)"
             )
-        if not re.match(r"^(sr_x[234]|dn_s\d+|car_q\d+)$", spec.task):
-            raise ParamsError(
+        if not re.fullmatch(r"sr_x[234]|dn_s\d+|car_q\d+", spec.task):
+            raise ValueError(
                 f"{where}.task: expected sr_x2, sr_x3, sr_x4, dn_s<sigma> or car_q<quality> (the "
                 f"released HAT and SwinIR checkpoints), got {spec.task!r}"
             )
         _check_model(params, name, spec, where)
         if not spec.weights.strip():
-            raise ParamsError(f"{where}.weights: give the path of the checkpoint file")
+            raise ValueError(f"{where}.weights: give the path of the checkpoint file")
 
 
-# Keys whose value is a number of threads or processes: at most this many per core.
-PER_CORE_KEYS = ("train.threads", "train.num_workers", "data.workers", "degrade.workers")
-PER_CORE_LIMIT = 4
-YAML_NODE_LIMIT = 100_000  # values after expanding aliases: far above any real params file
+PER_CORE_LIMIT = 4  # threads or processes per core, at most
 
 
 def _check_per_core(params: Params, cores: int) -> None:
     """Thread and process counts within ``PER_CORE_LIMIT`` x the machine's cores (torch
     crashes on a thread count far past them)."""
     limit = PER_CORE_LIMIT * cores
-    for key in PER_CORE_KEYS:
-        value: Any = params
-        for part in key.split("."):
-            value = getattr(value, part)
+    counts = {
+        "train.threads": params.train.threads,
+        "train.num_workers": params.train.num_workers,
+        "data.workers": params.data.workers,
+        "degrade.workers": params.degrade.workers,
+    }
+    for key, value in counts.items():
         if value > limit:
-            raise ParamsError(
+            raise ValueError(
                 f"{key}: must be <= {limit} ({PER_CORE_LIMIT} x the {cores} cores of this "
                 f"machine), got {value}"
             )
 
 
-def _check_tile(settings: EvaluateParams, window: int, where: str) -> None:
-    if settings.tile and settings.tile % window:
-        raise ParamsError(
-            f"evaluate.tile: must be 0 (whole images) or a multiple of the window size "
-            f"{window} of {where}, got {settings.tile}"
-        )
-    if settings.tile and settings.tile_overlap >= settings.tile:
-        raise ParamsError(
-            f"evaluate.tile_overlap: must be < evaluate.tile={settings.tile}, "
-            f"got {settings.tile_overlap}"
-        )
+# --------------------------------------------------------------------------- reading
+
+YAML_NODE_LIMIT = 100_000  # values after expanding aliases: far above any real params file
 
 
 def read_yaml(path: Path) -> Any:
@@ -655,17 +589,14 @@ def read_yaml(path: Path) -> Any:
         raise ParamsError(f"{path}: unreadable ({err})") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        if root is None:
-            return None
         _check_nodes(root, path)
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
 
 
-def _check_nodes(root: yaml.Node, path: Path) -> None:
-    stack: list[tuple[yaml.Node, str]] = [(root, "")]
-    seen = 0
+def _check_nodes(root: yaml.Node | None, path: Path) -> None:
+    stack, seen = [(root, "")], 0
     while stack:
         node, where = stack.pop()
         seen += 1
@@ -674,20 +605,19 @@ def _check_nodes(root: yaml.Node, path: Path) -> None:
                 f"{path}: more than {YAML_NODE_LIMIT} values once its aliases (&name / *name) "
                 f"are expanded; write the values out"
             )
-        if isinstance(node, yaml.MappingNode):
-            first: dict[str, int] = {}
+        if isinstance(node, yaml.SequenceNode):
+            stack += ((item, f"{where}[{i}]") for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}  # dotted key -> the line it is first given on
             for key_node, value_node in node.value:
-                key = str(key_node.value)
-                line = key_node.start_mark.line + 1
-                if isinstance(key_node, yaml.ScalarNode) and key in first:
+                key, line = _join(where, str(key_node.value)), key_node.start_mark.line + 1
+                if isinstance(key_node, yaml.ScalarNode) and key in lines:
                     raise ParamsError(
-                        f"{path}:{line}: {_join(where, key)}: duplicate key (first given at "
-                        f"line {first[key]}); keep one"
+                        f"{path}:{line}: {key}: duplicate key (first given at line "
+                        f"{lines[key]}); keep one"
                     )
-                first[key] = line
-                stack.append((value_node, _join(where, key)))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(node.value))
+                lines[key] = line
+                stack.append((value_node, key))
 
 
 def load_params(path: str | Path, *, cores: int | None = None) -> Params:
@@ -702,7 +632,7 @@ def load_params(path: str | Path, *, cores: int | None = None) -> Params:
         _check_runs(params)
         _check_released(params)
         _check_per_core(params, cores or os.cpu_count() or 1)
-    except ParamsError as err:
+    except ValueError as err:  # ParamsError, or a check's ValueError
         raise ParamsError(f"{path}: {err}") from None
     return params
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from iln.config import check_tile
 from iln.data.io import read_rgb
 from iln.layout import ENSEMBLE_SUFFIX, METRICS_ENSEMBLE
 from iln.metrics import psnr, rgb_to_grey, ssim
@@ -157,9 +158,10 @@ def restore(
     cast. The model pads and crops to its window itself. It is switched to eval mode for
     the call and put back in its previous mode afterwards.
 
-    ``tile`` (LR pixels, a multiple of ``model.window_size``) splits the input into
-    overlapping tiles of that size, ``tile_overlap`` LR pixels apart at each seam, and
-    averages the outputs where tiles overlap. This bounds memory on large images. For
+    ``tile`` (LR pixels, a multiple of ``model.window_size``, ``iln.config.check_tile``;
+    None or 0: the whole image) splits the input into overlapping tiles of that size,
+    ``tile_overlap`` LR pixels apart at each seam, and averages the outputs where tiles
+    overlap. This bounds memory on large images. For
     models whose layers only see a local neighbourhood the tiled result differs from the
     whole-image result only near seams; models with per-image statistics (i-LN, LN*,
     InstanceNorm, channel attention's global pooling in HAT) compute those statistics per
@@ -179,13 +181,7 @@ def restore(
         raise ValueError(f"pad must be one of {', '.join(PADS)}, got {pad!r}")
     grey = model.in_chans == 1
     if tile is not None:
-        window = int(model.window_size)
-        if tile <= 0 or tile % window:
-            raise ValueError(
-                f"tile must be a positive multiple of model.window_size={window}, got {tile}"
-            )
-        if not 0 <= tile_overlap < tile:
-            raise ValueError(f"tile_overlap must be in [0, tile={tile}), got {tile_overlap}")
+        check_tile(tile, tile_overlap, int(model.window_size))
     image = rgb_to_grey(lq)[..., :1] if grey else lq
     x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]  # (1, C, H, W)
     x = (x.to(device=device, dtype=torch.float32) / 255.0).to(dtype)
@@ -195,7 +191,7 @@ def restore(
     ph, pw = x.shape[2], x.shape[3]
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (1, C, h', w') -> (1, C, s*h', s*w')
-        if tile is None or (x.shape[-2] <= tile and x.shape[-1] <= tile):
+        if not tile or (x.shape[-2] <= tile and x.shape[-1] <= tile):
             return model(x)
         return _forward_tiled(model, x, scale, tile, tile_overlap, on_tile)
 

@@ -8,6 +8,7 @@ checks what only this layer knows (catalogue names, task names, scales). Errors 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,6 +67,18 @@ def parse_task(name: str, where: str = "task") -> TaskSpec:
     return TaskSpec(name, "derain")
 
 
+def check_min(
+    obj: object, names: Iterable[str], low: float, *, note: str = "", strict: bool = False
+) -> None:
+    """``NAME: must be >= LOW (NOTE), got VALUE`` (``> LOW`` when ``strict``) as a ValueError,
+    for the first of the fields ``names`` of ``obj`` below ``low``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < low or (strict and value == low):
+            bound = f"{'>' if strict else '>='} {low}" + (f" ({note})" if note else "")
+            raise ValueError(f"{name}: must be {bound}, got {value}")
+
+
 @dataclass(frozen=True)
 class ExtractParams:
     """Bounds on what one downloaded archive may unpack to (a decompression bomb is refused)."""
@@ -75,9 +88,7 @@ class ExtractParams:
     max_ratio: float = 50.0  # unpacked / archive size; image datasets unpack to about 1x
 
     def __post_init__(self) -> None:
-        for key in ("max_gib", "max_members", "max_ratio"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"extract.{key}: must be > 0, got {getattr(self, key)}")
+        check_min(self, ("max_gib", "max_members", "max_ratio"), 0, strict=True)
 
     def limits(self) -> ExtractLimits:
         return ExtractLimits(
@@ -92,13 +103,11 @@ class DataParams:
     """What the download stage fetches and where it keeps downloads."""
 
     datasets: tuple[str, ...]  # set or group names from iln.data.catalog
-    local: dict[str, str] = field(
-        default_factory=dict
-    )  # set name -> folder (or archive) already on disk
+    # set name -> folder (or archive) already on disk
+    local: dict[str, str] = field(default_factory=dict)
     embedded_dir: str = "data/default"
-    download_dir: str = (
-        "data/downloads"  # archives and .part files (kept between runs, not a stage output)
-    )
+    # archives and .part files (kept between runs, not a stage output)
+    download_dir: str = "data/downloads"
     checksums: str = "data/checksums.json"  # SHA-256 recorded at first download (commit it)
     workers: int = 0  # processes for normalising images; 0 = all cores
     extract: ExtractParams = field(default_factory=ExtractParams)
@@ -114,8 +123,7 @@ class DataParams:
                 raise ValueError(
                     f"local.{name}: only downloadable sets can be pointed at a local folder"
                 )
-        if self.workers < 0:
-            raise ValueError(f"workers: must be >= 0 (0 = all cores), got {self.workers}")
+        check_min(self, ("workers",), 0, note="0 = all cores")
 
 
 @dataclass(frozen=True)
@@ -130,8 +138,7 @@ class SubImages:
         for name in self.sets:
             if name not in SETS:
                 raise unknown_name_error(name, "subimages.sets")
-        if self.size < 1 or self.step < 1:
-            raise ValueError(f"subimages: size and step must be >= 1, got {self.size}, {self.step}")
+        check_min(self, ("size", "step"), 1)
         for scale in SR_SCALES:
             if self.size % scale or self.step % scale:
                 raise ValueError(
@@ -252,18 +259,15 @@ class DegradeParams:
 
     tasks: tuple[str, ...]
     sets: tuple[str, ...]
-    task_sets: dict[str, tuple[str, ...]] = field(
-        default_factory=dict
-    )  # per-task override of ``sets``
+    task_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per task, for ``sets``
     seed: int = 0  # base of the per-image noise seeds
     workers: int = 0  # processes; 0 = all cores
     bicubic_rounding: Literal["once", "per_pass"] = "once"  # per_pass = MATLAB on uint8 input
     # yuv420 = 4:2:0 chroma subsampling. Written without colons: YAML 1.1 reads an unquoted
     # 4:2:0 as the base-60 integer 14520, and `dvc exp run -S` rewrites params.yaml unquoted.
     jpeg_subsampling: Literal["yuv420", "yuv444"] = "yuv420"
-    png_compress_level: int = (
-        1  # zlib level of written pairs: 1 is ~3x faster to write than 6, ~10% larger
-    )
+    # zlib level of written pairs: 1 is ~3x faster to write than 6, ~10% larger
+    png_compress_level: int = 1
     subimages: SubImages = field(default_factory=SubImages)
     realsr: RealSRParams = field(default_factory=RealSRParams)  # realsr_x<s> tasks
 
@@ -295,10 +299,8 @@ class DegradeParams:
                         f"{where}: derain needs a set with rainy inputs, got {name!r} "
                         f"(paired sets: {', '.join(paired)}; set task_sets.derain)"
                     )
-        if self.workers < 0:
-            raise ValueError(f"workers: must be >= 0 (0 = all cores), got {self.workers}")
-        if self.seed < 0:
-            raise ValueError(f"seed: must be >= 0, got {self.seed}")
+        check_min(self, ("workers",), 0, note="0 = all cores")
+        check_min(self, ("seed",), 0)
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level: must be in 0..9, got {self.png_compress_level}")
 
