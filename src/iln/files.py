@@ -98,16 +98,16 @@ def remove_stale_temps(folder: str | Path, *, recursive: bool = False) -> list[P
         match = _TEMP_NAME.match(candidate.name)
         if match is None or not candidate.is_file():
             continue
-        if _process_alive(int(match.group(1) or match.group(2))):
+        pid = int(match.group(1) or match.group(2))
+        if pid != os.getpid() and process_alive(pid):  # our pid: an earlier process's leftover
             continue
         candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
 
 
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a leftover of an earlier process that had our pid: we are not writing it
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's live process counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

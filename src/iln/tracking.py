@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from iln.files import process_alive
+
 RUN_TAG = "iln.run"
 STAGE_TAG = "iln.stage"
 KIND_TAG = "iln.kind"
@@ -614,12 +616,8 @@ def _owner_gone(process: str | None) -> bool:
     host, pid, start = process.rsplit(":", 2)
     if host != socket.gethostname() or not pid.isdigit():
         return False  # another machine's run: it may still be alive
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+    if not process_alive(int(pid)):
         return True
-    except OSError:
-        pass  # alive, owned by another user
     return start != "?" and _start_ticks(int(pid)) != start  # the pid now names another process
 
 

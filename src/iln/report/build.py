@@ -18,7 +18,6 @@ from iln.report.table import pipe_table, write_table
 from iln.report.tables import Protocol
 from iln.styles import norm_label, norm_rank, norm_style
 
-ABLATION_NORMS: tuple[str, ...] = tables.TABLE3_NORMS  # LN, LN*, LN+Rs, i-LN
 
 
 def _finite(value: object) -> float | None:
@@ -92,7 +91,7 @@ def ablation_runs(results: Mapping[str, RunResults]) -> list[RunResults]:
     """One representative run each of LN, LN*, LN+Rs and i-LN (those that exist)."""
     picked = [
         tables.pick_run(results, n, groups=("table3", "table1"), need=lambda r: bool(r.probes))
-        for n in ABLATION_NORMS
+        for n in tables.TABLE3_NORMS
     ]
     return sorted((r for r in picked if r is not None), key=lambda r: norm_rank(r.info.norm))
 
@@ -185,7 +184,7 @@ def _crop_sections(
     status: dict[str, str] = {}
     tasks = sorted({r.info.task for r in results.values() if r.info.scale is not None})
     for task in tasks:
-        norms = dict.fromkeys([*ABLATION_NORMS, *(r.info.norm for r in results.values())])
+        norms = dict.fromkeys([*tables.TABLE3_NORMS, *(r.info.norm for r in results.values())])
         picks = [
             tables.pick_run(results, n, task=task, need=lambda r: bool(r.metrics)) for n in norms
         ]
@@ -278,7 +277,7 @@ def _figures_section(
         f" Measured on the raw (trained) weights every probe step, on {protocol.probe_images} "
         f"central {protocol.probe_crop}x{protocol.probe_crop} LR crops of {protocol.probe_set}."
     )
-    colours = ", ".join(f"{norm_label(n)} {norm_style(n).color}" for n in ABLATION_NORMS)
+    colours = ", ".join(f"{norm_label(n)} {norm_style(n).color}" for n in tables.TABLE3_NORMS)
     md = ["## Figures", "", f"Colours are fixed per normalisation in every figure: {colours}.", ""]
     status: dict[str, str] = {}
     for fig in figures.FIGURES:
