@@ -19,7 +19,6 @@ from iln.report.tables import Protocol
 from iln.styles import norm_label, norm_rank, norm_style
 
 
-
 def _finite(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
