@@ -14,12 +14,12 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do options+=("$1"); shift; done
 # "RUN SOURCE" lines, sources first (SOURCE is - for a run trained from scratch)
 plan="$("$python" - "$@" <<'PY'
 import sys
-from iln.config import ParamsError, load_params
+from iln.config import ParamsError, load_params, resolve_run
 
 try:
     params = load_params("params.yaml")
     for name in sys.argv[1:]:
-        params.run(name)
+        resolve_run(params, name)  # an unknown name: one line listing the runs
 except ParamsError as err:
     sys.exit(f"error: {err}")
 wanted = sys.argv[1:] or list(params.runs)
@@ -29,7 +29,7 @@ def visit(name):
     if name in seen:
         return
     seen.add(name)
-    init = params.run(name).init
+    init = params.runs[name].init
     if init is not None and init.run is not None:
         visit(init.run)
     order.append(name)

@@ -352,7 +352,7 @@ def test_malformed_weights_are_one_line_each(tmp_path, capsys):
 @pytest.mark.integration
 def test_ctrl_c_ends_in_one_line_and_leaves_no_partial_file(tmp_path):
     weights = _saved(tmp_path, _model("iln"))
-    _images(tmp_path / "in", [(8, 8), (160, 160), (8, 8)])
+    _images(tmp_path / "in", [(8, 8), (480, 480), (8, 8)])  # the second takes seconds
     process = subprocess.Popen(
         [sys.executable, "-m", "iln", "restore", str(weights), "in", "out"],
         cwd=tmp_path,
