@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iln.evaluate import restore
-from iln.models.restorer import WindowedRestorer
-from iln.precision import (
+from iln.evaluation.inference import restore
+from iln.evaluation.precision import (
     FP16_MAX,
     INT4_MAX,
     INT8_MAX,
@@ -23,6 +22,7 @@ from iln.precision import (
     prepare_model,
     quantise_weights_,
 )
+from iln.models.restorer import WindowedRestorer
 
 
 class _Gain(nn.Module):

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from iln.models import build_model
-from iln.models.restorer import WindowedRestorer
-from iln.probes import (
+from iln.models.probes import (
     FINAL_NORM_INPUT,
     PROBE_COLUMNS,
     FeatureProbe,
@@ -24,6 +23,7 @@ from iln.probes import (
     probe_points,
     token_std_spread,
 )
+from iln.models.restorer import WindowedRestorer
 
 # ------------------------------------------------------------------ a model following the contract
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iln.files import write_csv_atomic, write_text_atomic
 from iln.report.paper import printed
+from iln.util.files import write_csv_atomic, write_text_atomic
 
 CSV_COLUMNS: tuple[str, ...] = ("row", "column", "paper", "ours", "run", "status")
 NO_RUN = "no run"

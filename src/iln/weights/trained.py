@@ -16,8 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from iln.files import atomic_path
 from iln.models import build_model
+from iln.util.files import atomic_path
 
 Weights = Literal["ema", "raw"]
 STATE_KEYS: dict[str, str] = {"ema": "state_dict", "raw": "raw_state_dict"}
