@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,28 +19,24 @@ import torch
 
 import iln
 from iln import tracking
-from iln.cli.stage import project_root, run_stage, store_root, warn
+from iln.cli.stage import project_root, store_root, warn
 from iln.config.layout import HISTORY_COLUMNS, PROBES_CSV_COLUMNS, Layout
 from iln.config.params import ResolvedRun, flatten, load_params, resolve_run
-from iln.data.dataset import TestPairs, training_patches, training_sources
+from iln.data.dataset import TestPairs, training_patches
 from iln.evaluation.monitor import deepest_group_curves, probe_batch, training_monitor
 from iln.evaluation.protocols import protocol_for
 from iln.figures.styles import norm_style
 from iln.models import build_model, resolve_hparams
 from iln.training.distributed import agree, init_distributed, shutdown
-from iln.training.fingerprint import code_digest, training_fingerprint, tree_digest
+from iln.training.fingerprint import code_digest
 from iln.training.loop import fit
 from iln.training.resume import remember_tracked_run, tracked_run
+from iln.training.sources import check_source_current, run_fingerprint
 from iln.util.device import use_tf32
 from iln.util.files import remove_stale_temps, write_csv_atomic, write_json_atomic
+from iln.weights.released import pin_weights
 from iln.weights.trained import save_trained
-from iln.weights.warm_start import (
-    WarmStart,
-    carry_weights,
-    file_sha256,
-    released_state,
-    trained_state,
-)
+from iln.weights.warm_start import WarmStart, carry_weights, open_init
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(settings.seed)
     overrides = run.model_overrides()
     model = build_model(run.spec.arch, norm=run.spec.norm, scale=run.scale, **overrides)
+    code = code_digest(Path(__file__), Path(iln.__file__).parent)
+    check_source_current(params, run, layout, code=code)
     warm = warm_start(model, run, layout) if run.spec.init is not None else None
     dataset = training_patches(
         run.spec.task,
@@ -80,12 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         : settings.probe_images
     ]
     probe_lq = probe_batch([lq for _, lq, _ in val_pairs], size=2 * settings.lq_patch)
-    fingerprint = training_fingerprint(  # what a checkpoint must match to be resumed
-        run,
-        data_digest=tree_digest(training_sources(run.spec.task, settings.train_set, layout)),
-        code_digest=code_digest(Path(__file__), Path(iln.__file__).parent),
-        init_digest=warm.sha256 if warm is not None else None,
-    )
+    fingerprint = run_fingerprint(run, layout, code=code)  # what a checkpoint must match
     agree(dist, fingerprint, "the run's fingerprint")
 
     out = layout.train_dir(run.name)
@@ -156,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 "parameters": sum(p.numel() for p in ema.parameters()),
                 "world_size": dist.world_size,
                 "model": model_hparams(run),
+                "fingerprint": fingerprint,  # a fine-tune of this run checks it
             }
             if warm is not None:
                 summary["init"] = warm.summary()
@@ -211,23 +204,7 @@ def member_note(run: ResolvedRun) -> str:
 
 def warm_start(model: torch.nn.Module, run: ResolvedRun, layout: Layout) -> WarmStart:
     """Carry ``runs.R.init``'s weights into ``model`` (see ``iln.weights.warm_start``)."""
-    init, key = run.spec.init, f"runs.{run.name}.init"
-    if init.run is not None:
-        path = layout.weights(init.run)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{key}.run: {init.run} has no trained weights yet ({path}); train it first: "
-                f"dvc repro train@{init.run}"
-            )
-        source, name = trained_state(path), f"run {init.run} (EMA weights)"
-    else:
-        path = Path(init.weights)
-        path = path if path.is_absolute() else layout.root / path
-        if not path.is_file():
-            raise FileNotFoundError(f"{key}.weights: no such file {path}")
-        source, name = released_state(path, init.key, model), f"{init.weights} ({init.key})"
-    return carry_weights(model, source, name=name, sha256=file_sha256(path))
-
-
-if __name__ == "__main__":
-    sys.exit(run_stage("train", main))
+    source = open_init(run.spec.init, f"runs.{run.name}.init", layout, model)
+    if source.record is not None:
+        pin_weights(source.record, book=layout.weights_book)
+    return carry_weights(model, source.state, name=source.name, sha256=source.sha256)

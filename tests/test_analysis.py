@@ -23,8 +23,8 @@ from iln.analysis.final import (
     run_final_analysis,
 )
 from iln.config.layout import FEATURES_COLUMNS
+from iln.evaluation.probes import measure_features
 from iln.models import build_model
-from iln.models.probes import measure_features
 from iln.models.restorer import WindowedRestorer
 from iln.weights.trained import load_trained, save_trained
 

@@ -16,7 +16,7 @@ from iln.evaluation.inference import (
     restore,
     summarise,
 )
-from iln.metrics import psnr
+from iln.evaluation.metrics import psnr
 from iln.models.restorer import WindowedRestorer
 
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from iln.models import build_model
-from iln.models.probes import (
+from iln.evaluation.probes import (
     FINAL_NORM_INPUT,
     PROBE_COLUMNS,
     FeatureProbe,
@@ -23,6 +22,7 @@ from iln.models.probes import (
     probe_points,
     token_std_spread,
 )
+from iln.models import build_model
 from iln.models.restorer import WindowedRestorer
 
 # ------------------------------------------------------------------ a model following the contract

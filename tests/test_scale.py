@@ -201,6 +201,18 @@ def test_a_run_initialised_from_another_carries_every_matching_tensor(tmp_path):
 
     params["runs"]["x2"]["iterations"] = 3  # a retrained source trains the run afresh
     write_params(root, params)
+    stale = subprocess.run(  # ... but never from the source's old weights
+        [sys.executable, str(ROOT / "stages" / "train.py"), "x4"],
+        cwd=root,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert stale.returncode != 0 and "Traceback" not in stale.stderr
+    assert "runs.x4.init.run: x2's weights are from step 2" in stale.stderr
+    assert "dvc repro train@x2" in stale.stderr
+    assert _summary_of(root, "x4")["init"]["sha256"] == init["sha256"]  # nothing rewritten
     run_stage(root, "train", "x2")
     run_stage(root, "train", "x4")
     assert _summary_of(root, "x4")["resumed_from"] == 0

@@ -17,8 +17,8 @@ import torch
 from iln.data.catalog import SETS
 from iln.data.degrade import add_gaussian_noise, jpeg_compress
 from iln.evaluation.inference import restore
+from iln.evaluation.metrics import psnr_b
 from iln.evaluation.protocols import protocol_for
-from iln.metrics import psnr_b
 from iln.models import build_model, common, load_official_checkpoint, to_official_state_dict
 from iln.models.checkpoint import CheckpointMismatchError
 
@@ -74,7 +74,9 @@ def test_presets_hold_the_official_task_configs(task):
 @pytest.mark.parametrize("task", TASKS)
 def test_official_weights_load_strictly_and_give_the_official_outputs(task, fast):
     blob = _fixture(task)
-    model = load_official_checkpoint(_ours(task, fast=fast), {"params": blob["state_dict"]})
+    model = load_official_checkpoint(
+        _ours(task, fast=fast), {"params": blob["state_dict"]}, "params"
+    )
     with torch.no_grad():
         out = model(blob["input"])  # (2, C, 13, 11): odd sizes, padded inside
     torch.testing.assert_close(out, blob["output"], rtol=0, atol=1e-5)  # outputs ~[0, 1]

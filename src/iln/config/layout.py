@@ -66,7 +66,7 @@ PROBE_COLUMNS: tuple[str, ...] = (
     "entropy_ceiling",
     "token_std_spread",
 )
-"""One row of feature statistics per probed layer (see iln.models.probes for the definitions)."""
+"""One row of feature statistics per probed layer (iln.evaluation.probes defines them)."""
 PROBES_CSV_COLUMNS: tuple[str, ...] = ("step", *PROBE_COLUMNS)
 """probes.csv: statistics of the weights being trained ("raw"), every probe step."""
 

@@ -213,12 +213,14 @@ class TrainParams:
 class InitSpec:
     """Where a run's initial weights come from, instead of a fresh initialisation: the EMA
     weights of another run of the grid (``run``; DVC trains it first), or a BasicSR-format
-    file (``weights``, relative to the project root, its tensors under ``key``). Every tensor
-    of the same name and shape is carried over; the others keep their fresh values."""
+    file (``weights``, inside the project, its tensors under ``key``: ``params_ema`` unless
+    given). For a run, ``key: params`` takes its trained weights instead of the EMA ones.
+    Every tensor of the same name and shape is carried over; the others keep their fresh
+    values."""
 
     run: str | None = None
     weights: str | None = None
-    key: Literal["params_ema", "params"] = "params_ema"
+    key: Literal["params_ema", "params"] | None = None
 
     def __post_init__(self) -> None:
         if (self.run is None) == (self.weights is None):

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from iln.config.layout import ENSEMBLE_SUFFIX, METRICS_ENSEMBLE
 from iln.config.params import check_tile
 from iln.data.io import read_rgb
+from iln.evaluation.metrics import psnr, rgb_to_grey, ssim
 from iln.evaluation.protocols import Protocol
-from iln.metrics import psnr, rgb_to_grey, ssim
 from iln.models.common import pad_like_swinir_test
 
 RestoreFn = Callable[[np.ndarray], np.ndarray]

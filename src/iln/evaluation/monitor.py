@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from iln.evaluation.inference import restore
-from iln.metrics import psnr
-from iln.models.probes import measure_features
+from iln.evaluation.metrics import psnr
+from iln.evaluation.probes import measure_features
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from iln.config.layout import PRECISION_MODES
 from iln.data.io import read_rgb
 from iln.evaluation.inference import ModelRestorer, central_crop_pairs, restore, summarise
-from iln.metrics import psnr, ssim
+from iln.evaluation.metrics import psnr, ssim
 
 if TYPE_CHECKING:
     from iln.models.restorer import WindowedRestorer

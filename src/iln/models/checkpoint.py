@@ -116,8 +116,9 @@ def _check_derived(model: nn.Module, state: Mapping[str, Tensor], keys: list[str
 def read_state_dict(
     source: str | os.PathLike[str] | Mapping[str, Any], key: str = "params_ema"
 ) -> dict[str, Tensor]:
-    """The tensors of ``source`` (path or dict): ``source[key]`` in the BasicSR layout,
-    the other BasicSR key when ``key`` is absent, or a bare state dict."""
+    """The tensors of ``source`` (path or dict): ``source[key]`` in the BasicSR layout, or a
+    bare state dict. A BasicSR dict without ``key`` is refused, naming the key it has: the
+    EMA and the trained weights are different models, never taken for one another."""
     where = "the given state dict"
     if isinstance(source, (str, os.PathLike)):
         where = os.fspath(source)
@@ -135,8 +136,9 @@ def read_state_dict(
         raise ValueError(f"checkpoint {where}: expected a dict, got {type(blob).__name__}")
     if key in blob and isinstance(blob[key], Mapping):
         blob = blob[key]
-    elif any(k in blob and isinstance(blob[k], Mapping) for k in PARAM_KEYS):
-        blob = next(blob[k] for k in PARAM_KEYS if k in blob and isinstance(blob[k], Mapping))
+    elif any(k in blob for k in PARAM_KEYS):
+        other = next(k for k in PARAM_KEYS if k in blob)
+        raise ValueError(f"checkpoint {where}: has no {key!r} (it has {other!r}); use {other!r}")
     bad = [k for k, v in blob.items() if not isinstance(v, Tensor)]
     if bad:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""The paper's numbers (src/iln/paper_numbers.yaml): loading, strict validation, lookup."""
+"""The paper's numbers (src/iln/report/paper_numbers.yaml): loading, strict validation, lookup."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def validate_paper_numbers(data: object, origin: str = PAPER_FILE) -> dict:
 def load_paper_numbers(path: Path | str | None = None) -> dict:
     """The validated paper numbers; by default the file shipped inside the package."""
     if path is None:
-        text = importlib.resources.files("iln").joinpath(PAPER_FILE).read_text(encoding="utf-8")
+        text = importlib.resources.files("iln.report").joinpath(PAPER_FILE).read_text("utf-8")
         origin = PAPER_FILE
     else:
         text = Path(path).read_text(encoding="utf-8")

@@ -15,20 +15,18 @@ one from any checkpoint at or before its last step (``iln.training.resume``). Ev
 ``TrainParams`` and ``RunSpec`` is either in ``TRAJECTORY_KEYS`` or in ``OBSERVER_KEYS``
 (a test checks it); a field in neither still counts as trajectory, the safe side.
 
-The training path, the rule: the train stage script and every ``iln`` module it imports,
-directly or not (also imports inside functions, read from the source), except those in
-``RECORDING_MODULES`` and what is imported only through them. Those only record, track,
-validate, colour or write what training produced (the probes, the validation PSNR, MLflow,
-the error lines, the final model file, this fingerprint); a test checks that each of them
-is imported by the train stage and that no module on the training path imports one, so the
-list stays exact. Everything else the stage reaches
-(the models, the data pipeline and the params that feed it, the loss, the optimiser, the
-loop, the checkpoints, the distributed setup) is on the training path, and so is any module
-added to it later until it is declared recording: the safe side again.
+The training path: the packages whose code decides the weights (``TRAINING_PACKAGES``: the
+params, the data pipeline, the models, the initial weights, the loop, its helpers) and the
+train stage script. They are also the train stage's code deps in dvc.yaml, so DVC re-runs the
+stage when any of their files changes and the stage then resumes or retrains by this digest.
+Everything else (the monitor's probes and validation PSNR, the MLflow records, the colours,
+the report) lives in other packages and changes no trajectory.
 
-By meaning: each module counts as its syntax tree (``ast.dump``) without docstrings, other
-bare string statements and ``pass``, so comments, docstrings and formatting do not count,
-while any changed name, constant or expression does.
+By meaning, not by location: every top-level statement of those files (a function, a class,
+a constant) counts as its syntax tree (``ast.dump``) without docstrings, other bare string
+statements and ``pass``; imports do not count, and the statements are digested as a sorted
+multiset. So comments, docstrings, formatting and moving a definition from one module to
+another keep the digest, while any changed name, constant or expression changes it.
 """
 
 from __future__ import annotations
@@ -82,20 +80,9 @@ OBSERVER_KEYS = {
     ),
 }
 
-# Modules of the train stage that only record, track, validate, colour or write what training
-# produced: left out of the code digest with what only they import (see the module docstring).
-RECORDING_MODULES = (
-    "iln.cli.stage",  # the stage's error lines
-    "iln.tracking",  # MLflow
-    "iln.figures.styles",  # the MLflow run colour
-    "iln.evaluation.monitor",  # the probes and the validation PSNR during training
-    "iln.models.probes",
-    "iln.evaluation.inference",
-    "iln.metrics",
-    "iln.evaluation.protocols",
-    "iln.weights.trained",  # the model file written from the trained weights
-    "iln.training.fingerprint",  # what names a checkpoint, not what trains it
-)
+# The packages of src/iln on the training path (see the module docstring); dvc.yaml's train
+# stage lists the same folders (tests/test_dvc.py checks it).
+TRAINING_PACKAGES = ("config", "data", "models", "training", "util", "weights")
 
 
 def training_fingerprint(
@@ -136,27 +123,32 @@ def tree_digest(folders: Iterable[Path]) -> str:
 
 
 def code_digest(script: Path, package_dir: Path) -> str:
-    """Digest of the meaning of ``script`` and of the modules of the package at
-    ``package_dir`` on its training path (``training_modules``)."""
-    digest = hashlib.sha256()
-    root = package_dir.parent
-    for path in [Path(script), *training_modules(script, package_dir)]:
-        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
-        meaning = hashlib.sha256(code_meaning(path.read_text(), path).encode()).hexdigest()
-        digest.update(f"{name} {meaning}\n".encode())
-    return digest.hexdigest()
+    """Digest of the meaning of ``script`` and of the ``TRAINING_PACKAGES`` of the package at
+    ``package_dir``: equal for code that computes the same, wherever its definitions live."""
+    statements = sorted(
+        hashlib.sha256(text.encode()).hexdigest()
+        for path in [Path(script), *training_files(package_dir)]
+        for text in statement_meanings(path.read_text(), path)
+    )
+    return hashlib.sha256("\n".join(statements).encode()).hexdigest()
 
 
-def training_modules(script: Path, package_dir: Path) -> list[Path]:
-    """Source files of the package that ``script`` imports, not through ``RECORDING_MODULES``."""
-    return imported_modules(script, package_dir, stop=RECORDING_MODULES)
+def training_files(package_dir: Path) -> list[Path]:
+    """The source files of the ``TRAINING_PACKAGES`` under ``package_dir``, in name order."""
+    return sorted(
+        path for name in TRAINING_PACKAGES for path in (Path(package_dir) / name).rglob("*.py")
+    )
 
 
-def code_meaning(source: str, filename: str | Path = "<source>") -> str:
-    """The syntax tree of ``source`` as text, without docstrings, other bare string statements
-    and ``pass``: equal for two sources that differ only in comments, docstrings or layout."""
+def statement_meanings(source: str, filename: str | Path = "<source>") -> list[str]:
+    """Each top-level statement of ``source`` but its imports, as its syntax tree in text,
+    without docstrings, other bare string statements and ``pass``."""
     tree = _WithoutNoOps().visit(ast.parse(source, filename=str(filename)))
-    return ast.dump(tree, annotate_fields=False)
+    return [
+        ast.dump(node, annotate_fields=False)
+        for node in tree.body
+        if not isinstance(node, ast.Import | ast.ImportFrom)
+    ]
 
 
 class _WithoutNoOps(ast.NodeTransformer):
@@ -169,77 +161,3 @@ class _WithoutNoOps(ast.NodeTransformer):
         if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             return None
         return self.generic_visit(node)
-
-
-def imported_modules(script: Path, package_dir: Path, *, stop: Iterable[str] = ()) -> list[Path]:
-    """Source files of the package at ``package_dir`` (e.g. src/iln) that ``script`` imports,
-    directly or through other modules, including the packages' ``__init__.py`` files.
-    Modules named in ``stop`` (dotted names; a package stops its modules too) are neither
-    listed nor followed.
-
-    Read from the source (every import statement, also those inside functions), not from a
-    running interpreter, so it is the same whatever ran before.
-    """
-    package = package_dir.name
-    stop = set(stop)
-    seen: set[Path] = set()
-    todo = [(Path(script), None)]
-    while todo:
-        path, module = todo.pop()
-        tree = ast.parse(path.read_text(), filename=str(path))
-        for node in ast.walk(tree):
-            for name in _imported_names(node, module, is_package=path.name == "__init__.py"):
-                if name != package and not name.startswith(package + "."):
-                    continue
-                for found in _module_files(name, package_dir):
-                    found_name = _module_name(found, package_dir)
-                    if found not in seen and not _within(found_name, stop):
-                        seen.add(found)
-                        todo.append((found, found_name))
-    return sorted(seen)
-
-
-def _imported_names(node: ast.AST, module: str | None, *, is_package: bool) -> list[str]:
-    """Dotted module names an import statement may load (``from a import b`` may load a.b)."""
-    if isinstance(node, ast.Import):
-        return [alias.name for alias in node.names]
-    if not isinstance(node, ast.ImportFrom):
-        return []
-    base = node.module or ""
-    if node.level:  # relative import
-        if module is None:
-            return []
-        parts = module.split(".")
-        anchor = parts if is_package else parts[:-1]
-        anchor = anchor[: len(anchor) - (node.level - 1)]
-        base = ".".join([*anchor, *([base] if base else [])])
-    return [base, *(f"{base}.{alias.name}" for alias in node.names)]
-
-
-def _module_files(name: str, package_dir: Path) -> list[Path]:
-    """The file of module ``name`` and the ``__init__.py`` of every package on its way."""
-    parts = name.split(".")[1:]
-    files = [package_dir / "__init__.py"]
-    folder = package_dir
-    for i, part in enumerate(parts):
-        if (folder / part).is_dir() and (folder / part / "__init__.py").exists():
-            folder = folder / part
-            files.append(folder / "__init__.py")
-        elif i == len(parts) - 1 and (folder / f"{part}.py").exists():
-            files.append(folder / f"{part}.py")
-        else:
-            return []  # not a module (a name imported from a module), or not ours
-    return [f for f in files if f.exists()]
-
-
-def _within(module: str, names: set[str]) -> bool:
-    """Whether ``module`` is one of ``names`` or inside one of them (a package)."""
-    return any(module == name or module.startswith(name + ".") for name in names)
-
-
-def _module_name(path: Path, package_dir: Path) -> str:
-    rel = path.relative_to(package_dir.parent).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)

@@ -47,13 +47,15 @@ def save_trained(
         torch.save(blob, tmp)
 
 
-def load_trained(
-    path: Path, device: torch.device, *, weights: Weights = "ema"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network recorded in ``path`` and load its ``weights`` (eval mode)."""
+def read_trained(path: Path, *, weights: Weights = "ema") -> tuple[dict[str, Any], dict]:
+    """The recipe (arch, norm, scale, overrides) and the ``weights`` tensors of a trained-model
+    file, checked: a damaged, foreign or incomplete file is one ValueError naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained model here (run the train stage first)")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise ValueError(f"{path}: is {kind}; expected a trained-model file (model.pt)")
     if weights not in STATE_KEYS:
         raise ValueError(f"weights must be one of {sorted(STATE_KEYS)}, got {weights!r}")
     rerun = "the train stage writes it: rerun that stage (dvc repro -f train@RUN)"
@@ -89,9 +91,18 @@ def load_trained(
         wrong = [f"{STATE_KEYS[weights]} holds values that are not tensors"]
     if wrong:
         raise ValueError(f"{path}: not a trained-model file ({'; '.join(wrong)}); {rerun}")
+    return {k: blob[k] for k in ("arch", "norm", "scale", "overrides")}, state
+
+
+def load_trained(
+    path: Path, device: torch.device, *, weights: Weights = "ema"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network recorded in ``path`` and load its ``weights`` (eval mode)."""
+    recipe, state = read_trained(path, weights=weights)
+    rerun = "the train stage writes it: rerun that stage (dvc repro -f train@RUN)"
     try:
         model = build_model(
-            blob["arch"], norm=blob["norm"], scale=blob["scale"], **blob["overrides"]
+            recipe["arch"], norm=recipe["norm"], scale=recipe["scale"], **recipe["overrides"]
         )
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: the recorded model cannot be built ({err}); {rerun}") from None
@@ -102,5 +113,4 @@ def load_trained(
         raise ValueError(
             f"{path}: weights do not fit the recorded model ({first}); {rerun}"
         ) from None
-    recipe = {k: blob[k] for k in ("arch", "norm", "scale", "overrides")}
     return model.to(device).eval(), recipe

@@ -5,20 +5,28 @@ Every tensor of the model whose name and shape match a tensor of the source is c
 the others (e.g. an upsampler of another scale) keep their fresh initialisation and are
 listed. The source's SHA-256 goes into the run's fingerprint, so a retrained source trains
 the run afresh.
+
+A source is read as strictly as the stages read weights: a run's ``model.pt`` through the
+trained-model reader (its EMA weights, or the trained ones with ``key: params``), a file as a
+released checkpoint is (inside the project, checked against and pinned in the checksum book,
+its ``key`` present, no fallback to the other key). Every refusal is one line naming the
+params key and the file; weights that are NaN or infinite are refused before step 0.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from iln.models.checkpoint import official_key_map, read_state_dict
+from iln.config.layout import Layout
+from iln.config.params import InitSpec
+from iln.models.checkpoint import official_key_map
+from iln.weights.released import WeightsRecord, read_basicsr, sha256_of, verify_weights
+from iln.weights.trained import read_trained
 
 
 @dataclass(frozen=True)
@@ -41,24 +49,48 @@ class WarmStart:
         }
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+def open_init(init: InitSpec, where: str, layout: Layout, model: nn.Module) -> InitWeights:
+    """The tensors ``init`` (the params key ``where``) names, in ``model``'s tensor names."""
+    if init.run is not None:
+        path = layout.weights(init.run)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{where}.run: {init.run} has no trained weights yet ({path}); train it first: "
+                f"dvc repro train@{init.run}"
+            )
+        weights = "raw" if init.key == "params" else "ema"
+        try:
+            _, state = read_trained(path, weights=weights)
+        except ValueError as err:
+            raise ValueError(f"{where}.run: {err}") from None
+        name = f"run {init.run} ({'trained' if weights == 'raw' else 'EMA'} weights)"
+        record = None
+    else:
+        key = init.key or "params_ema"
+        path, record = verify_weights(
+            init.weights, key, root=layout.root, book=layout.weights_book, where=f"{where}.weights"
+        )
+        ours_of = {theirs: ours for ours, theirs in official_key_map(model).items()}
+        state = {ours_of.get(k, k): v for k, v in read_basicsr(path, key).items()}
+        name = f"{init.weights} ({key})"
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(
+            f"{where}: {path} ({name}) holds NaN or infinite values in {len(bad)} of "
+            f"{len(state)} tensors (first: {bad[0]}); a model cannot start from them"
+        )
+    return InitWeights(state=state, name=name, sha256=sha256_of(path), record=record)
 
 
-def trained_state(path: Path) -> dict[str, Tensor]:
-    """The EMA weights of a trained-model file (``iln.weights.trained``), our tensor names."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), Mapping):
-        raise ValueError(f"{path}: not a trained-model file (no state_dict)")
-    return dict(blob["state_dict"])
+@dataclass(frozen=True)
+class InitWeights:
+    """The tensors of an init source, what to call it, and its file's SHA-256 (with its
+    checksum-book record for a weights file, pinned once the run has started from it)."""
 
-
-def released_state(path: Path, key: str, model: nn.Module) -> dict[str, Tensor]:
-    """The tensors under ``key`` of a BasicSR-format file, renamed to ``model``'s names
-    (released names the model does not use are kept as they are)."""
-    ours_of = {theirs: ours for ours, theirs in official_key_map(model).items()}
-    return {ours_of.get(k, k): v for k, v in read_state_dict(path, key).items()}
+    state: dict[str, Tensor]
+    name: str
+    sha256: str
+    record: WeightsRecord | None
 
 
 def carry_weights(
