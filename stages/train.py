@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = warm_start(model, run, layout) if run.spec.init is not None else None
     dataset = training_patches(
         run.spec.task,
-        settings.train_set,
-        layout=layout,
+        layout.training_sources(run.spec.task, settings.train_set),
         lq_patch=settings.lq_patch,
         seed=settings.seed,
         jpeg_subsampling=params.degrade.jpeg_subsampling,

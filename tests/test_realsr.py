@@ -197,12 +197,11 @@ def test_training_patches_of_a_realsr_run_read_the_clean_images(tmp_path):
     for i in range(2):
         write_png(tmp_path / f"data/hr/default_train/t{i}.png", _photo(64, 64, seed=i))
     layout = Layout(tmp_path)
-    data = training_patches(
-        "realsr_x4", "default_train", layout=layout, lq_patch=8, seed=0, realsr=DEFAULTS
-    )
+    sources = layout.training_sources("realsr_x4", "default_train")
+    data = training_patches("realsr_x4", sources, lq_patch=8, seed=0, realsr=DEFAULTS)
     assert data.scale == 4 and data.lq_files is None and len(data) == 2
     with pytest.raises(ValueError, match="degrade.realsr"):
-        training_patches("realsr_x4", "default_train", layout=layout, lq_patch=8, seed=0)
+        training_patches("realsr_x4", sources, lq_patch=8, seed=0)
 
 
 # --------------------------------------------------------------------------- task and params

@@ -172,7 +172,9 @@ def _rain_pairs(root, names_lq, names_gt, size=(24, 20)):
 
 def test_derain_patches_pair_inputs_and_targets_by_name(tmp_path):
     layout = _rain_pairs(tmp_path, ["b", "a"], ["a", "b"])
-    data = training_patches("derain", "Rain13K", layout=layout, lq_patch=8, seed=0)
+    data = training_patches(
+        "derain", layout.training_sources("derain", "Rain13K"), lq_patch=8, seed=0
+    )
     assert data.scale == 1 and [p.stem for p in data.gt_files] == ["a", "b"]
     sample = data[0]
     assert sample["lq"].shape == sample["gt"].shape == (3, 8, 8)
@@ -192,15 +194,15 @@ def test_derain_patches_pair_inputs_and_targets_by_name(tmp_path):
 def test_derain_set_with_unmatched_names_is_rejected_naming_the_file(tmp_path):
     layout = _rain_pairs(tmp_path / "missing", ["a"], ["a", "b"])
     with pytest.raises(FileNotFoundError, match=r"no lq partner for .*b\.png"):
-        training_patches("derain", "Rain13K", layout=layout, lq_patch=8, seed=0)
+        training_patches("derain", layout.training_sources("derain", "Rain13K"), lq_patch=8, seed=0)
     layout = _rain_pairs(tmp_path / "extra", ["a", "c"], ["a"])
     with pytest.raises(FileNotFoundError, match=r"c\.png: lq image without a gt partner"):
-        training_patches("derain", "Rain13K", layout=layout, lq_patch=8, seed=0)
+        training_patches("derain", layout.training_sources("derain", "Rain13K"), lq_patch=8, seed=0)
     layout = _rain_pairs(tmp_path / "size", ["a"], ["a"])
     lq_dir, _ = layout.pair_dirs("derain", "Rain13K")
     write_png(lq_dir / "a.png", _photo(24, 22))
     with pytest.raises(ValueError, match=r"a\.png: lq size 24x22 .* does not match gt"):
-        training_patches("derain", "Rain13K", layout=layout, lq_patch=8, seed=0)
+        training_patches("derain", layout.training_sources("derain", "Rain13K"), lq_patch=8, seed=0)
     with pytest.raises(FileNotFoundError, match="no lq partner"):
         _rain_pairs(tmp_path / "test", ["x"], ["y"])
         TestPairs(*Layout(tmp_path / "test").pair_dirs("derain", "Rain13K"))

@@ -26,6 +26,9 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from iln.data.catalog import parts_of
+from iln.data.params import ON_THE_FLY, parse_task
+
 # ---- inference precision
 
 # The formats of the inference-precision table (paper Table 4), in the order it shows them:
@@ -220,6 +223,14 @@ class Layout:
         """(lq_dir, gt_dir) of a degraded set."""
         base = self.pairs / task / dataset
         return base / "lq", base / "gt"
+
+    def training_sources(self, task: str, train_set: str) -> list[Path]:
+        """The folders a run's training reads: the clean HR images of every part of
+        ``train_set`` for DN / CAR / real-world SR (degraded on the fly), else the stored
+        (lq_dir, gt_dir) pairs."""
+        if parse_task(task).kind in ON_THE_FLY:
+            return [self.hr / part for part in parts_of(train_set)]
+        return list(self.pair_dirs(task, train_set))
 
     @property
     def runs_dir(self) -> Path:

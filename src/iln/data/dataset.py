@@ -29,14 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from iln.config.layout import Layout
-from iln.data.catalog import parts_of
 from iln.data.degrade import SUBSAMPLING, add_gaussian_noise, jpeg_compress
 from iln.data.io import image_size, list_images, read_rgb
-from iln.data.params import RealSRParams, parse_task
+from iln.data.params import ON_THE_FLY, RealSRParams, parse_task
 from iln.data.realsr import degrade_realsr
 
-ON_THE_FLY = ("dn", "car", "realsr")  # task kinds whose lq is made from the clean patch
 DEFAULT_CACHE_BYTES = 8 << 30  # train.cache_gib's default, 8 GiB
 _PERMUTATION_STREAM = (
     0x5045524D  # separates the per-epoch permutation stream from per-sample streams
@@ -255,35 +252,27 @@ class TrainPatches:
         return jpeg_compress(gt_patch, task.quality, subsampling=self.jpeg_subsampling)
 
 
-def training_sources(task: str, train_set: str, layout: Layout) -> list[Path]:
-    """The folders a run's training reads: the clean HR images of every part of ``train_set``
-    for DN / CAR / real-world SR (degraded on the fly), else the stored (lq, gt) pairs."""
-    if parse_task(task).kind in ON_THE_FLY:
-        return [layout.hr / part for part in parts_of(train_set)]
-    return list(layout.pair_dirs(task, train_set))
-
-
 def training_patches(
     task: str,
-    train_set: str,
+    sources: Sequence[Path],
     *,
-    layout: Layout,
     lq_patch: int,
     seed: int,
     jpeg_subsampling: str = "yuv420",
     realsr: RealSRParams | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> TrainPatches:
-    """The training patches of a run: stored pairs for SR and deraining, the clean HR images of
-    ``train_set`` (all parts of a composite set such as DF2K) degraded on the fly for DN / CAR
-    and real-world SR (``realsr``: its parameters, required for realsr_x<s>). ``cache_bytes``:
+    """The training patches of a run from its ``sources`` (``Layout.training_sources``): stored
+    pairs (lq_dir, gt_dir) for SR and deraining, the folders of clean HR images of the training
+    set (all parts of a composite set such as DF2K) degraded on the fly for DN / CAR and
+    real-world SR (``realsr``: its parameters, required for realsr_x<s>). ``cache_bytes``:
     host memory for decoded images (``train.cache_gib``, see TrainPatches)."""
     spec = parse_task(task)
     if spec.kind in ON_THE_FLY:
         if spec.kind == "realsr" and realsr is None:
             raise ValueError(f"{task}: training needs the degrade.realsr parameters")
         return TrainPatches(
-            training_sources(task, train_set, layout),
+            list(sources),
             None,
             scale=spec.scale,
             lq_patch=lq_patch,
@@ -293,7 +282,7 @@ def training_patches(
             realsr=realsr if spec.kind == "realsr" else None,
             cache_bytes=cache_bytes,
         )
-    lq_dir, gt_dir = layout.pair_dirs(task, train_set)
+    lq_dir, gt_dir = sources
     return TrainPatches(
         gt_dir, lq_dir, scale=spec.scale, lq_patch=lq_patch, seed=seed, cache_bytes=cache_bytes
     )

@@ -15,6 +15,8 @@ from typing import Literal
 from iln.data.archive import ExtractLimits
 from iln.data.catalog import SETS, expand, unknown_name_error
 
+ON_THE_FLY = ("dn", "car", "realsr")  # task kinds whose lq is made from the clean patch
+
 TASK_RE = re.compile(
     r"^(?:sr_x(?P<scale>\d+)|realsr_x(?P<real_scale>\d+)|dn_s(?P<sigma>\d+)"
     r"|car_q(?P<quality>\d+)|derain)$"

@@ -14,7 +14,6 @@ import json
 
 from iln.config.layout import Layout
 from iln.config.params import Params, ResolvedRun, resolve_run
-from iln.data.dataset import training_sources
 from iln.training.fingerprint import training_fingerprint, tree_digest
 from iln.weights.released import resolve_weights, sha256_of
 
@@ -32,7 +31,7 @@ def init_sha256(run: ResolvedRun, layout: Layout) -> str | None:
 def run_fingerprint(run: ResolvedRun, layout: Layout, *, code: str) -> str:
     """The fingerprint ``run``'s train stage trains under with this code (``code``: the code
     digest) on the training pairs and initial weights on disk now."""
-    sources = training_sources(run.spec.task, run.train.train_set, layout)
+    sources = layout.training_sources(run.spec.task, run.train.train_set)
     return training_fingerprint(
         run,
         data_digest=tree_digest(sources),
