@@ -130,3 +130,23 @@ def test_precision_jobs_one_format_each_equal_the_whole_table(tmp_path):
     assert run_jobs(restorers, jobs, processes=1, threads=1, progress=False) == [
         whole[m] for m in modes
     ]
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_light_calls_run_here_for_a_handful_and_spread_for_many_with_equal_results():
+    """The data stages' jobs (one image each): a few are not worth a worker's start-up; many
+    are spread, and the results are the same and in order either way."""
+    from iln.util.pool import CALLS_PER_PROCESS, plan, run_calls
+
+    few = [(i,) for i in range(CALLS_PER_PROCESS - 1)]
+    assert plan(2, max(1, len(few) // CALLS_PER_PROCESS), cores=2)[0] == 1
+    many = [(i,) for i in range(2 * CALLS_PER_PROCESS)]
+    assert plan(2, max(1, len(many) // CALLS_PER_PROCESS), cores=2)[0] == 2
+    spread = run_calls(_square, many, workers=2, progress=False, desc="t")
+    assert spread == [i * i for i in range(len(many))]
+    assert run_calls(_square, few, workers=2, progress=False, desc="t") == [
+        i * i for i in range(15)
+    ]

@@ -28,11 +28,11 @@ from iln.data.degrade import (
     tile_positions,
 )
 from iln.data.io import is_plain_rgb_png, list_images, read_rgb, write_png
-from iln.data.parallel import resolve_workers, run_jobs
 from iln.data.params import DegradeParams, RealSRParams, parse_task
 from iln.data.prepare import replace_dir
 from iln.data.realsr import degrade_realsr
 from iln.util.files import write_json_atomic
+from iln.util.pool import CALLS_PER_PROCESS, plan, run_calls
 
 STAGING_PREFIX = ".staging-"
 
@@ -114,7 +114,7 @@ def make_pairs(
             (ImageJob(v["name"], gt, lq, tuple(v["outputs"]), options),)
             for (gt, lq), v in jobs.items()
         ]
-        results = run_jobs(
+        results = run_calls(
             _process_image, work, workers=params.workers, progress=progress, desc="degrade"
         )
         records: dict[str, dict] = {f"{t}/{s}": {} for (t, s) in staged}
@@ -131,7 +131,7 @@ def make_pairs(
     log(
         f"degrade: {len(work)} source images, {len(staged)} pair folders in "
         f"{time.perf_counter() - start:.1f} s "
-        f"({resolve_workers(params.workers)} workers)"
+        f"({plan(params.workers, max(1, len(work) // CALLS_PER_PROCESS))[0]} processes)"
     )
     return manifest
 

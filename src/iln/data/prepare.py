@@ -21,8 +21,8 @@ from iln.data.archive import ExtractLimits, member_wanted, safe_extract
 from iln.data.catalog import ARCHIVES, RAIN_SUFFIX, SETS, SetSpec, expand
 from iln.data.download import ChecksumBook, DownloadError, Expected, fetch
 from iln.data.io import is_plain_rgb_png, list_images, read_rgb, write_png
-from iln.data.parallel import run_jobs
 from iln.util.files import write_json_atomic
+from iln.util.pool import run_calls
 
 STAGING_PREFIX = ".staging-"
 
@@ -275,7 +275,7 @@ def _normalise_set(
             jobs += [
                 (str(src), str(stage / f"{stem}.png")) for stem, src in sorted(by_stem.items())
             ]
-        run_jobs(_normalise_file, jobs, workers=workers, progress=progress, desc=spec.name)
+        run_calls(_normalise_file, jobs, workers=workers, progress=progress, desc=spec.name)
         for stage, dst_dir in staged:
             replace_dir(stage, dst_dir)
     finally:

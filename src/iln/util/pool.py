@@ -23,6 +23,7 @@ import os
 import pickle
 import queue
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 Job = Callable[[Any], T]
 _POLL_SECONDS = 0.5
+CALLS_PER_PROCESS = 16  # light jobs (run_calls) per worker process, at least
 
 
 def usable_cores() -> int:
@@ -76,6 +78,34 @@ def run_jobs(
         if processes == 1 or len(jobs) <= 1:
             return _run_here(shared, jobs, threads, bar)
         return _run_spread(shared, jobs, min(processes, len(jobs)), threads, bar)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A job that is a plain call, ``fn(*args)``, needing nothing shared (``fn`` must be a
+    module-level function when the jobs are spread over processes)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+    def __call__(self, shared: Any) -> Any:
+        return self.fn(*self.args)
+
+
+def run_calls(
+    fn: Callable[..., T],
+    jobs: Sequence[tuple[Any, ...]],
+    *,
+    workers: int,
+    progress: bool,
+    desc: str,
+) -> list[T]:
+    """``[fn(*job) for job in jobs]`` over ``plan(workers, ...)`` processes, for light jobs
+    (one image each): a worker process costs an interpreter start and ``import torch``, so
+    each one is given at least ``CALLS_PER_PROCESS`` jobs (a handful of images runs here)."""
+    processes, threads = plan(workers, max(1, len(jobs) // CALLS_PER_PROCESS))
+    calls = [Call(fn, tuple(job)) for job in jobs]
+    return run_jobs(None, calls, processes=processes, threads=threads, progress=progress, desc=desc)
 
 
 def _run_here(shared: Any, jobs: list[Job], threads: int, bar: tqdm) -> list[Any]:
