@@ -294,7 +294,7 @@ def benchmark_group(
                 "label": v.label,
                 "params": sum(p.numel() for p in model.parameters()),
                 "hparams": {
-                    k: model.hparams[k]
+                    k: getattr(model.settings, k)
                     for k in ("stdnorm", "affine_outer", "eps", "embed_dim", "window_size")
                 },
                 "train_step": train_times[v.label].to_dict(),

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         layout.released_record(args.name),
         {
             **record.as_dict(),
-            "model": model.hparams,
+            "model": model.settings.as_dict(),
             "parameters": sum(p.numel() for p in model.parameters()),
             "release": entry.member if entry else None,
         },

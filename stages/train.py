@@ -26,7 +26,7 @@ from iln.data.dataset import TestPairs, training_patches
 from iln.evaluation.monitor import deepest_group_curves, probe_batch, training_monitor
 from iln.evaluation.protocols import protocol_for
 from iln.figures.styles import norm_style
-from iln.models import build_model, resolve_hparams
+from iln.models import build_model, resolve_settings
 from iln.training.distributed import agree, init_distributed, shutdown
 from iln.training.fingerprint import code_digest
 from iln.training.loop import fit
@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
 def model_hparams(run: ResolvedRun) -> dict[str, object]:
     """The model's resolved hyper-parameters (its preset with the run's overrides), as
     train/summary.json records them for readers that build no model (the report)."""
-    return resolve_hparams(
+    return resolve_settings(
         run.spec.arch, norm=run.spec.norm, scale=run.scale, **run.model_overrides()
-    )
+    ).as_dict()
 
 
 def member_params(run: ResolvedRun) -> dict[str, object]:

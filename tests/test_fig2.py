@@ -15,7 +15,7 @@ from iln.config.layout import PROBES_CSV_COLUMNS
 from iln.config.overlay import apply_file
 from iln.config.params import load_params
 from iln.figures.styles import norm_style
-from iln.models import resolve_hparams
+from iln.models import resolve_settings
 from iln.report import figures
 from iln.report.runs import RunInfo, RunResults
 from tests.helpers import ROOT, train_summary
@@ -99,7 +99,7 @@ def test_the_shipped_depth_width_grid_sweeps_depth_and_width_for_ln_and_iln(tmp_
     fig2 = {n: r for n, r in params.runs.items() if "fig2" in r.groups}
     points = []
     for name, run in fig2.items():
-        hp = resolve_hparams(run.arch, norm=run.norm, scale=run.scale, **run.model)
+        hp = resolve_settings(run.arch, norm=run.norm, scale=run.scale, **run.model).as_dict()
         depths = hp["depths"]
         assert len(set(depths)) == 1, name  # every group of a run has the same depth
         points.append(

@@ -120,11 +120,11 @@ def test_norm_twins_have_the_same_parameter_count_unless_the_variant_adds_some()
 
 def test_defaults_pair_iln_with_stdnorm_and_affine_outer_and_overrides_split_them():
     iln = build_model("hat_tiny", norm="iln", scale=2)
-    assert iln.hparams["stdnorm"] and iln.hparams["affine_outer"]
+    assert iln.settings.stdnorm and iln.settings.affine_outer
     assert isinstance(iln.norm, norms.Affine) and isinstance(iln.patch_embed.norm, norms.Affine)
     assert isinstance(iln.layers[0].residual_group.blocks[0].norm1, norms.ImageLayerNorm)
     ln = build_model("hat_tiny", norm="ln", scale=2)
-    assert not ln.hparams["stdnorm"] and not ln.hparams["affine_outer"]
+    assert not ln.settings.stdnorm and not ln.settings.affine_outer
     assert type(ln.norm) is norms.LayerNorm
     mixed = build_model("hat_tiny", norm="ln", scale=2, stdnorm=True, affine_outer=True)
     assert mixed.input_norm.stdnorm and isinstance(mixed.norm, norms.Affine)
@@ -151,7 +151,7 @@ def test_stdnorm_standardises_with_the_div2k_statistics_and_maps_back():
 
 def test_contract_attributes_and_hooks():
     model = build_model("hat_tiny", norm="ln", scale=3)
-    assert (model.scale, model.window_size, model.embed_dim) == (3, 8, model.hparams["embed_dim"])
+    assert (model.scale, model.window_size, model.embed_dim) == (3, 8, model.settings.embed_dim)
     seen = []
     model.layers[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     model.layers[0].residual_group.blocks[1].register_forward_hook(
@@ -161,12 +161,12 @@ def test_contract_attributes_and_hooks():
     c = model.embed_dim
     assert seen == [(2, 16 * 16, c), (2, 16 * 16, c)]
     table = model.layers[0].residual_group.blocks[0].attn.relative_position_bias_table
-    assert table.shape == (15 * 15, model.hparams["num_heads"][0])
+    assert table.shape == (15 * 15, model.settings.num_heads[0])
     assert model.norm.bias.shape == (c,)
     swin = build_model("swinir_tiny", norm="iln", scale=2)
     assert swin.layers[0].residual_group.blocks[0].attn.relative_position_bias_table.shape == (
         225,
-        swin.hparams["num_heads"][0],
+        swin.settings.num_heads[0],
     )
     assert swin.norm.bias.shape == (swin.embed_dim,)
 
@@ -335,7 +335,7 @@ def test_build_errors_name_the_bad_value_and_the_choices():
         build_model("hat_tiny", norm="ln", scale=2, window_size=7)
 
 
-def test_overrides_use_official_names_and_land_in_hparams():
+def test_overrides_use_official_names_and_land_in_the_settings():
     model = build_model(
         "hat_tiny",
         norm="ln",
@@ -346,7 +346,7 @@ def test_overrides_use_official_names_and_land_in_hparams():
         window_size=4,
         mlp_ratio=1.5,
     )
-    assert model.hparams["depths"] == [1, 1] and model.hparams["num_heads"] == [2, 4]
+    assert model.settings.depths == (1, 1) and model.settings.num_heads == (2, 4)
     assert len(model.layers) == 2 and model.window_size == 4 and model.embed_dim == 16
     assert model.layers[0].residual_group.blocks[0].mlp.fc1.out_features == 24
 

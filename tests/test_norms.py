@@ -300,7 +300,7 @@ def test_iln_clamp_running_std_is_not_saved_and_the_state_dict_matches_i_ln():
     iln = build_model("hat_tiny", norm="iln", scale=2)
     assert set(clamp.state_dict()) == set(iln.state_dict())
     clamp.load_state_dict(iln.state_dict(), strict=True)
-    assert clamp.hparams["affine_outer"] is True and clamp.hparams["stdnorm"] is False
+    assert clamp.settings.affine_outer is True and clamp.settings.stdnorm is False
 
 
 def test_iln_clamp_gradient_flows_through_the_unclamped_scale_only():

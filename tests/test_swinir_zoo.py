@@ -60,7 +60,7 @@ def _ours(task: str, *, fast: bool = True, seed: int = 0) -> torch.nn.Module:
 def test_presets_hold_the_official_task_configs(task):
     cfg = _fixture(task)["config"]
     model = _ours(task)
-    hp = model.hparams
+    hp = model.settings.as_dict()
     assert (hp["window_size"], hp["img_range"], hp["in_chans"]) == (
         cfg["window_size"],
         cfg["img_range"],

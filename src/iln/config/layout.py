@@ -98,7 +98,7 @@ TRAIN_SUMMARY_KEYS: tuple[str, ...] = (
     "final_loss",
     "parameters",
     "world_size",
-    "model",  # the model's resolved hyper-parameters (iln.models.resolve_hparams)
+    "model",  # the model's resolved hyper-parameters (iln.models.resolve_settings)
 )  # plus "init" for a run initialised from another (iln.weights.warm_start.WarmStart.summary)
 ANALYSIS_FIGURES: tuple[str, ...] = ("final_norm.png", "rpb_first.png", "rpb_last.png")
 

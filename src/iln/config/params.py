@@ -231,7 +231,7 @@ class InitSpec:
 class ModelSpec:
     """The model a run or a released entry declares: the network (``arch``, ``norm``), the
     task it restores and the model settings it overrides (``stdnorm`` and ``affine_outer``
-    by name, the rest under ``model``; ``iln.models.resolve_hparams`` fills in the others)."""
+    by name, the rest under ``model``; ``iln.models.resolve_settings`` fills in the others)."""
 
     arch: str
     norm: str
@@ -414,9 +414,9 @@ def check_tile(
 
 def _check_model(params: Params, name: str, spec: ModelSpec, where: str) -> None:
     """What a run and a released entry share: a valid name, a known arch and norm, a task
-    the degrade stage produces, overrides that build (``iln.models.resolve_hparams``) with
+    the degrade stage produces, overrides that build (``iln.models.resolve_settings``) with
     an evaluation tile that fits the window, and a grey model only on grey test sets."""
-    from iln.models import ARCHS, NORMS, resolve_hparams  # torch-heavy: only at load
+    from iln.models import ARCHS, NORMS, resolve_settings  # torch-heavy: only at load
 
     check_run_name(name, where)
     for key, value, known in (("arch", spec.arch, ARCHS), ("norm", spec.norm, NORMS)):
@@ -434,18 +434,20 @@ def _check_model(params: Params, name: str, spec: ModelSpec, where: str) -> None
         if key in spec.model:
             raise ValueError(f"{where}.model.{key}: set it as {where}.{key}, not under model")
     try:
-        hp = resolve_hparams(spec.arch, norm=spec.norm, scale=spec.scale, **spec.model_overrides())
+        built = resolve_settings(
+            spec.arch, norm=spec.norm, scale=spec.scale, **spec.model_overrides()
+        )
     except ValueError as err:
         raise ValueError(f"{where}.model: {err}") from None
     colour = [n for n in params.test_sets(spec.task) if n in SETS and not SETS[n].grey]
-    if hp["in_chans"] == 1 and colour:
+    if built.in_chans == 1 and colour:
         raise ValueError(
             f"{where}.model.in_chans: a grey model is scored on grey sets only (Set12, BSD68, "
             f"Classic5); {', '.join(colour)} are colour (set degrade.task_sets.{spec.task})"
         )
     settings = params.evaluate
     keys = ("evaluate.tile", "evaluate.tile_overlap")
-    check_tile(settings.tile, settings.tile_overlap, hp["window_size"], keys=keys, model=where)
+    check_tile(settings.tile, settings.tile_overlap, built.window_size, keys=keys, model=where)
 
 
 def _check_runs(params: Params) -> None:

@@ -127,7 +127,8 @@ def load_model(
 
 def fp16_warning(model: nn.Module, precision: str) -> str | None:
     """A warning when a per-token-norm model is run in fp16 (the paper's overflow)."""
-    norm = getattr(model, "hparams", {}).get("norm")
+    settings = getattr(model, "settings", None)
+    norm = settings.norm if settings is not None else None
     if precision != "fp16" or norm not in PER_TOKEN_NORMS:
         return None
     return (

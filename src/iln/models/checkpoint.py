@@ -207,9 +207,10 @@ def describe_checkpoint(state: Mapping[str, Tensor]) -> str:
 
 
 def _describe_model(model: nn.Module) -> str:
-    hp = getattr(model, "hparams", None)
-    if not isinstance(hp, Mapping):
+    settings = getattr(model, "settings", None)
+    if settings is None:
         return type(model).__name__
+    hp = settings.as_dict()
     fields = (
         "arch",
         "norm",
