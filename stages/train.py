@@ -207,3 +207,7 @@ def warm_start(model: torch.nn.Module, run: ResolvedRun, layout: Layout) -> Warm
     if source.record is not None:
         pin_weights(source.record, book=layout.weights_book)
     return carry_weights(model, source.state, name=source.name, sha256=source.sha256)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("train", main))
