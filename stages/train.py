@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 
 import iln
 from iln import tracking
-from iln.cli.stage import project_root, store_root, warn
+from iln.cli.stage import project_root, run_stage, store_root, warn
 from iln.config.layout import HISTORY_COLUMNS, PROBES_CSV_COLUMNS, Layout
 from iln.config.params import ResolvedRun, flatten, load_params, resolve_run
 from iln.data.dataset import TestPairs, training_patches

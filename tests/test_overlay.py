@@ -4,6 +4,7 @@ into a valid params file, and `iln config` writes that file or refuses, leaving 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,71 @@ def test_the_command_runs_as_a_subprocess(tmp_path):
     text = (tmp_path / "params.yaml").read_text()
     assert text.startswith(MARKER) and "tracking:" in text
     assert load_params(tmp_path / "params.yaml").tracking.experiment == "iln-cpu-tasks"
+
+
+def _doc_overlays() -> list[tuple[str, str]]:
+    """The YAML examples of the docs that are overlays (params sections at top level)."""
+    found = []
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        for i, block in enumerate(re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S)):
+            data = yaml.safe_load(block)
+            if isinstance(data, dict) and set(data) <= set(_base()):
+                found.append((f"{doc.name}[{i}]", block))
+    return found
+
+
+@pytest.mark.parametrize("name, block", _doc_overlays(), ids=lambda v: str(v)[:24])
+def test_every_overlay_example_of_the_docs_applies(tmp_path, capsys, name, block):
+    params = tmp_path / "params.yaml"
+    params.write_text(DEFAULT.read_text())
+    (tmp_path / "example.yaml").write_text(block)
+    assert main(["config", str(tmp_path / "example.yaml"), "--params", str(params)]) == 0, (
+        name,
+        capsys.readouterr().err,
+    )
+    assert yaml.safe_load(params.read_text())  # valid YAML, validated by load_params too
+
+
+def test_the_docs_hold_the_released_entry_example():
+    assert any(name.startswith("released.md") for name, _ in _doc_overlays())
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        "runs:\n  solo: {arch: hat_tiny, norm: iln, task: sr_x2}\n",
+        "runs:\n  solo:\n    arch: hat_tiny\n    norm: ln\n    task: sr_x2\n",
+        "released:\n  mine: {arch: hat_tiny, norm: iln, task: sr_x2, weights: w/m.pth}\n",
+        "runs:\n  'v1.0_x': {arch: hat_tiny, norm: iln, task: sr_x2, groups: [table3]}\n",
+    ],
+    ids=["one-run-flow", "one-run-block", "one-released", "dotted-name"],
+)
+def test_a_grid_of_one_entry_renders_as_valid_yaml(tmp_path, capsys, grid):
+    params = tmp_path / "params.yaml"
+    params.write_text(DEFAULT.read_text())
+    (tmp_path / "one.yaml").write_text(grid)
+    assert main(["config", str(tmp_path / "one.yaml"), "--params", str(params)]) == 0, (
+        capsys.readouterr().err
+    )
+    section = next(iter(yaml.safe_load(grid)))
+    assert yaml.safe_load(params.read_text())[section] == yaml.safe_load(grid)[section]
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("1", "runs.1: the name 1 reads as a number or a boolean; names are text"),
+        ('"a b"', "runs.a b: 'a b' cannot be used as a name (letters, digits"),
+        ('"$(touch x)"', "cannot be used as a name (letters, digits"),
+    ],
+)
+def test_a_bad_run_name_is_refused_with_the_run_name_rule(tmp_path, capsys, name, message):
+    params = tmp_path / "params.yaml"
+    params.write_text(DEFAULT.read_text())
+    (tmp_path / "bad.yaml").write_text(
+        f"runs:\n  {name}: {{arch: hat_tiny, norm: ln, task: sr_x2}}\n"
+    )
+    assert main(["config", str(tmp_path / "bad.yaml"), "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "not valid YAML" not in err, err
+    assert params.read_text() == DEFAULT.read_text()

@@ -128,7 +128,8 @@ def _dump(key: str, value: Any, indent: int, text: str = "\n") -> str:
     pad = " " * indent
     name = _yaml(key)[0]
     lines = _yaml(value)
-    if len(lines) == 1:  # a value or a collection of values, in one line
+    inline = not isinstance(value, Mapping | list) or lines[0].startswith(("{", "["))
+    if len(lines) == 1 and inline:  # a value or a flow collection of values, in one line
         entry = [f"{pad}{name}: {lines[0]}"]
     else:
         entry = [f"{pad}{name}:", *(f"{pad}  {line}" for line in lines)]

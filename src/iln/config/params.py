@@ -100,6 +100,12 @@ def parse(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ParamsError(f"{where}: expected a mapping, got {_describe(value)}")
         key_tp, value_tp = args
+        for k in value:
+            if key_tp is str and not isinstance(k, str):
+                raise ParamsError(
+                    f"{_join(where, str(k))}: the name {k!r} reads as a number or a boolean; "
+                    f"names are text: write it in quotes ('{k}')"
+                )
         return {
             parse(key_tp, k, where): parse(value_tp, v, _join(where, str(k)))
             for k, v in value.items()
