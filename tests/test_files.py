@@ -4,8 +4,10 @@ normal permissions, stale temp files of killed processes cleaned."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections import namedtuple
@@ -158,3 +160,38 @@ def test_the_temp_file_of_a_name_near_the_limit_stays_within_255_bytes(tmp_path,
         tmp.write_bytes(b"done")
     assert target.read_bytes() == b"done"
     assert _leftovers(tmp_path) == []
+
+
+def test_a_symlink_is_written_through_to_its_target_and_stays_a_link(tmp_path):
+    target = tmp_path / "real" / "params.yaml"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "params.yaml"
+    link.symlink_to(Path("real") / "params.yaml")
+    with files.atomic_path(link) as tmp:
+        tmp.write_text("new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    dangling = tmp_path / "out.json"
+    dangling.symlink_to(tmp_path / "made" / "out.json")  # a link to a file not made yet
+    files.write_json_atomic(dangling, {"a": 1})
+    assert dangling.is_symlink() and json.loads((tmp_path / "made" / "out.json").read_text())
+
+
+def test_device_nodes_pipes_folders_and_link_loops_are_refused_untouched(tmp_path):
+    fifo = tmp_path / "dev.png"
+    os.mkfifo(fifo)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "dir.yaml").mkdir()
+    cases = {
+        Path("/dev/null"): "is a device node, pipe or socket, not a regular file",
+        fifo: "is a device node, pipe or socket, not a regular file",
+        tmp_path / "dir.yaml": "is a folder, not a regular file",
+        tmp_path / "a": "a symbolic link that loops",
+    }
+    for path, message in cases.items():
+        with pytest.raises(files.NotAFileError, match=message):
+            with files.atomic_path(path) as tmp:
+                tmp.write_text("x")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and Path("/dev/null").is_char_device()
+    assert not list(tmp_path.glob(".*.iln.tmp"))

@@ -3,7 +3,10 @@
 Every output of the project is written through ``atomic_path``: the bytes go to a temp file
 in the destination folder, named ``.<name>.<pid>.<random>.iln.tmp`` (``<name>`` cut short if the
 temp name would pass the 255-byte file-name limit), which is renamed over
-the destination only when complete. On any failure the temp file is removed; a full disk
+the destination only when complete. A destination that is a symbolic link is written
+through: its target is replaced and the link stays. A destination that exists and is not a
+regular file (a folder, a device node, a pipe, a socket), or a link that loops, is refused
+(``NotAFileError``) before anything is written. On any failure the temp file is removed; a full disk
 is reported as one ``DiskFullError`` line naming the file. Temp files are created with the
 permissions of a normal file (0666 minus the umask). A temp file left by a killed process
 (kill -9 cannot be caught) is removed by ``remove_stale_temps`` at the next stage start,
@@ -37,6 +40,29 @@ class DiskFullError(OSError):
     """No space left while writing an output; the message names the file."""
 
 
+class NotAFileError(ValueError):
+    """An output path names something that is not a regular file; the message names it."""
+
+
+def write_target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: ``path`` itself, or the final target of the
+    symbolic links it goes through; ``NotAFileError`` for anything but a regular file or a
+    name that does not exist yet."""
+    target = path
+    if path.is_symlink():
+        try:
+            target = path.resolve(strict=False)
+        except RuntimeError:  # a loop, on Python versions that raise it
+            raise NotAFileError(f"{path}: a symbolic link that loops; not written") from None
+        if target.is_symlink():  # resolve stopped at a loop
+            raise NotAFileError(f"{path}: a symbolic link that loops; not written")
+    if target.exists() and not target.is_file():
+        kind = "a folder" if target.is_dir() else "a device node, pipe or socket"
+        via = f" (through the link {path})" if target != path else ""
+        raise NotAFileError(f"{target}{via}: is {kind}, not a regular file; not replaced")
+    return target
+
+
 def _free_bytes(folder: Path) -> int:
     try:
         return shutil.disk_usage(folder).free
@@ -55,7 +81,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     (ENOSPC, or a library's own wording of it such as torch's ``basic_ios::clear: iostream
     error`` with the disk at 0 bytes free) raises ``DiskFullError`` naming ``path``.
     """
-    path = Path(path)
+    asked = Path(path)
+    path = write_target(asked)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(_temp_name(path.name))
     try:
