@@ -15,13 +15,14 @@ computes our ``iln`` and ``iln_clamp``; other norms, archs and designs are refus
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from iln.export import ExportError, hparams_of, rebuild
+from iln.export import ExportError, hparams_of, rebuild, require
 from iln.files import atomic_path
 from iln.models import build_model
 
@@ -133,27 +134,91 @@ def border_difference(model: nn.Module, image: Tensor | None = None) -> float:
     return float((ours(image) - redux_twin(model)(image)).abs().max())
 
 
-def write_redux(model: nn.Module, path: Path) -> int:
-    """Write ``{"params": state}`` as traiNNer-redux saves it; the number of tensors."""
+def mean_folds_exactly(model: nn.Module) -> bool:
+    """Whether the encoding folds exactly: no mean shift (grey models), only a scale."""
+    mean, _ = _encoding(model)
+    return bool((mean == 0).all())
+
+
+def write_redux(model: nn.Module, path: Path, *, allow_border: bool = False) -> float:
+    """Write ``{"params": state}`` as traiNNer-redux saves it; the largest output difference
+    on the probe image (0 where the encoding folds exactly). A mean shift, which changes the
+    border, is refused in one line giving that difference unless ``allow_border``."""
     state = to_redux_state_dict(model)
+    difference = 0.0 if mean_folds_exactly(model) else border_difference(model)
+    if difference and not allow_border:
+        hp = hparams_of(model)
+        raise ExportError(
+            f"{hp['arch']} {hp['norm']} x{hp['scale']}: its RGB mean shift cannot be folded "
+            f"exactly into traiNNer-redux hat_iln (its conv_first zero-pads raw pixels, ours "
+            f"encoded ones): outputs differ by up to {difference:.3g} on a probe image; "
+            f"--allow-border-difference writes it anyway"
+        )
     with atomic_path(path) as tmp:
         torch.save({PARAM_KEY: state}, tmp)
-    return len(state)
+    return difference
 
 
-def read_redux(
-    path: Path, *, arch: str, norm: str, scale: int, overrides: Mapping[str, object]
-) -> nn.Module:
+def _count(state: Mapping[str, Tensor], pattern: str) -> list[int]:
+    found: dict[int, set[int]] = {}
+    for key in state:
+        if m := re.match(pattern, key):
+            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return [len(found[g]) for g in sorted(found)]
+
+
+def redux_recipe(state: Mapping[str, Tensor]) -> tuple[int, dict[str, object]]:
+    """(scale, overrides) of the HAT a ``hat_iln`` state dict holds, read from its shapes."""
+    try:
+        embed, in_chans = state["conv_first.weight"].shape[:2]
+        block = "layers.0.residual_group.blocks.0."
+        n_sa = state["relative_position_index_SA"].shape[0]
+        n_oca = state["relative_position_index_OCA"].shape[1]
+        window, outer = round(n_sa**0.5), round(n_oca**0.5)
+        depths = _count(state, r"layers\.(\d+)\.residual_group\.blocks\.(\d+)\.norm1\.weight$")
+        heads = [
+            state[f"layers.{g}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1]
+            for g in range(len(depths))
+        ]
+        ups = [k for k in state if re.fullmatch(r"upsample\.\d+\.weight", k)]
+        out = state[ups[0]].shape[0] // state[ups[0]].shape[1] if ups else 0
+        scale = {1: 0, 4: 2 ** len(ups), 9: 3}.get(out, 0)
+        overrides: dict[str, object] = dict(
+            embed_dim=int(embed),
+            in_chans=int(in_chans),
+            depths=depths,
+            num_heads=[int(h) for h in heads],
+            window_size=window,
+            overlap_ratio=(outer - window) / window,
+            compress_ratio=int(embed) // state[block + "conv_block.cab.0.weight"].shape[0],
+            squeeze_factor=int(embed)
+            // state[block + "conv_block.cab.3.attention.1.weight"].shape[0],
+            mlp_ratio=state[block + "mlp.fc1.weight"].shape[0] / int(embed),
+        )
+    except (KeyError, IndexError) as err:
+        raise ExportError(f"not a traiNNer-redux hat_iln state dict (no {err})") from None
+    if not depths or not scale:
+        raise ExportError("not a traiNNer-redux hat_iln state dict (no blocks or no upsampler)")
+    return scale, overrides
+
+
+def read_redux(path: Path, *, arch: str = "hat_1", norm: str = "iln") -> nn.Module:
     """A traiNNer-redux ``hat_iln`` file (.pth with ``params`` / ``params_ema`` or a bare state
-    dict, or .safetensors) as our ``arch`` i-LN model (eval mode)."""
+    dict, or .safetensors) as our HAT ``norm`` model (eval mode): its shapes give the
+    network's size, ``arch`` (a HAT preset) the rest (conv_scale, img_range)."""
     from iln.models.checkpoint import read_state_dict
 
     path = Path(path)
     if path.suffix == ".safetensors":
-        from iln.export import require
-
         state = require("safetensors.torch").load_file(str(path))
     else:
         state = read_state_dict(path, PARAM_KEY)
-    model = build_model(arch, norm=norm, scale=scale, **dict(overrides))
-    return from_redux_state_dict(state, model).eval()
+    scale, overrides = redux_recipe(state)
+    try:
+        model = build_model(arch, norm=norm, scale=scale, **overrides)
+    except ValueError as err:
+        raise ExportError(f"{path}: {err}") from None
+    try:
+        return from_redux_state_dict(state, model).eval()
+    except ExportError as err:
+        raise ExportError(f"{path}: {err}") from None
