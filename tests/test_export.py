@@ -337,3 +337,24 @@ def test_spandrel_does_not_detect_the_authors_iln_format(tmp_path):
     write_basicsr(_model("hat_tiny", "iln"), tmp_path / "m.pth")
     with pytest.raises(Exception):  # noqa: B017 (spandrel's error class varies by version)
         spandrel.ModelLoader().load_from_file(tmp_path / "m.pth")
+
+
+def test_export_of_a_run_records_its_parameters(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from iln.export.safetensors import read_metadata
+
+    params = tmp_path / "params.yaml"
+    params.write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    model = _model("hat_tiny", "iln")
+    weights = tmp_path / "runs" / "iln" / "train" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    save_trained(weights, model, arch="hat_tiny", norm="iln", scale=2, overrides=SMALL["hat_tiny"])
+    out = tmp_path / "iln.safetensors"
+    args = ["export", "iln", "--format", "safetensors", "--out", str(out), "--params", str(params)]
+    assert main(args) == 0
+    provenance = json.loads(read_metadata(out)["iln.provenance"])
+    recorded = (provenance["name"], provenance["kind"], provenance["weights"])
+    assert recorded == ("iln", "trained", "ema")
+    assert provenance["spec"]["norm"] == "iln" and provenance["train"]["lr"] > 0
+    assert main([*args[:-2], "--params", str(params), "--weights", "raw", "--overwrite"]) == 2
+    assert "holds no raw weights" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def open_named(name: str, params_path: Path, weights: Weights, recipe: FileRecip
             key=recipe.key,
         )
         return Opened(model, {"source": path.name})
-    from iln.config import load_params
+    from iln.config import load_params, resolve_run
     from iln.layout import Layout
     from iln.subject import find_subject, open_model
 
@@ -67,6 +67,8 @@ def open_named(name: str, params_path: Path, weights: Weights, recipe: FileRecip
     provenance: dict[str, Any] = {"name": name, "kind": subject.kind, "weights": weights}
     if subject.spec is not None:
         provenance["spec"] = dataclasses.asdict(subject.spec)
+    if subject.kind == "trained":  # the training parameters as params.yaml resolves them now
+        provenance["train"] = dataclasses.asdict(resolve_run(params, name).train)
     if opened.weights is not None:
         provenance["file"] = opened.weights.as_dict()
     return Opened(opened.model, provenance)
