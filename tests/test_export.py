@@ -358,3 +358,28 @@ def test_export_of_a_run_records_its_parameters(tmp_path, capsys):
     assert provenance["spec"]["norm"] == "iln" and provenance["train"]["lr"] > 0
     assert main([*args[:-2], "--params", str(params), "--weights", "raw", "--overwrite"]) == 2
     assert "holds no raw weights" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_onnx_fp16_graph_runs_in_onnxruntime_close_to_fp32(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from iln.export.onnx import export_onnx, onnx_session
+
+    model = _model("hat_tiny", "iln", depths=[1])
+    export_onnx(model, tmp_path / "m.onnx", precision="fp16")
+    session = onnx_session(tmp_path / "m.onnx")
+    x = _image(13, 29)
+    (y,) = session.run(None, {"image": x.numpy().astype("float16")})
+    with torch.no_grad():
+        expected = model(x)
+    assert y.dtype.name == "float16"
+    assert float(abs(torch.from_numpy(y).float() - expected).max()) < 5e-3
+
+
+def test_onnx_precision_is_checked_before_anything_is_written(tmp_path):
+    from iln.export.onnx import export_onnx
+
+    with pytest.raises(ExportError, match="precision 'bf16': expected one of fp32, fp16"):
+        export_onnx(_model("hat_tiny", "iln"), tmp_path / "m.onnx", precision="bf16")
+    assert not (tmp_path / "m.onnx").exists()
