@@ -383,3 +383,12 @@ def test_onnx_precision_is_checked_before_anything_is_written(tmp_path):
     with pytest.raises(ExportError, match="precision 'bf16': expected one of fp32, fp16"):
         export_onnx(_model("hat_tiny", "iln"), tmp_path / "m.onnx", precision="bf16")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_missing_optional_package_is_named_with_its_install_command():
+    from iln.export import require
+
+    with pytest.raises(
+        ExportError, match=r'^no_such_package_x is not installed: pip install -e ".\[export\]"'
+    ):
+        require("no_such_package_x")

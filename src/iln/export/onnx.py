@@ -10,6 +10,7 @@ the network (``fast=False``: plain torch ops, the same function and weights as t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +52,8 @@ class ImageToImage(nn.Module):
 
 
 def export_onnx(model: nn.Module, path: Path, *, precision: str = "fp32") -> None:
-    """Write ``model`` as an ONNX graph for one image (batch 1) of any height and width."""
+    """Write ``model`` as an ONNX graph for one image (batch 1) of any height and width of
+    ``MIN_SIDE`` pixels or more, in ``precision`` (its input and output too)."""
     require("onnx")
     require("onnxscript")  # torch.onnx's dynamo exporter
     if precision not in ONNX_DTYPES:
@@ -59,7 +61,8 @@ def export_onnx(model: nn.Module, path: Path, *, precision: str = "fp32") -> Non
     dtype = ONNX_DTYPES[precision]
     graph = ImageToImage(rebuild(model, fast=False)).to(dtype).eval()
     window = graph.window
-    example = torch.rand(1, graph.model.in_chans, window + 3, window + 1, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    example = torch.rand(1, graph.model.in_chans, window + 3, window + 1, generator=g).to(dtype)
     dim = torch.export.Dim
     shapes = {"image": {2: dim("height", min=MIN_SIDE), 3: dim("width", min=MIN_SIDE)}}
     with torch.no_grad():
@@ -79,7 +82,7 @@ def export_onnx(model: nn.Module, path: Path, *, precision: str = "fp32") -> Non
         program.save(str(tmp))
 
 
-def onnx_session(path: Path):  # -> onnxruntime.InferenceSession
-    """A CPU onnxruntime session of ``path``."""
+def onnx_session(path: Path) -> Any:
+    """A CPU ``onnxruntime.InferenceSession`` of ``path``."""
     ort = require("onnxruntime")
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
