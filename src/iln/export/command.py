@@ -78,6 +78,10 @@ def export(
     opened: Opened, fmt: str, out: Path, *, precision: str = "fp32", allow_border: bool = False
 ) -> str:
     """Write ``opened`` as ``fmt`` to ``out``; a one-line summary of what was written."""
+    if precision != "fp32" and fmt != "onnx":
+        raise ExportError(f"--precision {precision}: only ONNX graphs have a number format")
+    if allow_border and fmt != "redux":
+        raise ExportError("--allow-border-difference is for --format redux only")
     model = opened.model.cpu().eval()
     hp = model.hparams
     what = f"{hp['arch']} {hp['norm']} x{hp['scale']}"
