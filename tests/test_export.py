@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from iln.__main__ import main
+from iln.cli.main import main
 from iln.export import ExportError, rebuild
 from iln.export import redux as rx
 from iln.export.basicsr import write_basicsr
 from iln.models import build_model, load_official_checkpoint
-from iln.weights import load_trained, save_trained
+from iln.weights.trained import load_trained, save_trained
 from tests import thirdparty
 
 FIXTURES = Path(__file__).parent / "fixtures"

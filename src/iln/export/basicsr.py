@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from iln.export import hparams_of
-from iln.files import atomic_path
+from iln.util.files import atomic_path
 from iln.models import to_official_state_dict
 
 RELEASED_IMG_SIZE = 64  # the released constructors' img_size (sets SwinIR/DRCT attn_mask)

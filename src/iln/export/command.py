@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from iln.export import ExportError
-from iln.weights import Weights
+from iln.weights.trained import Weights
 
 CPU = torch.device("cpu")
 
@@ -45,7 +45,7 @@ def open_named(name: str, params_path: Path, weights: Weights, recipe: FileRecip
             from iln.export.safetensors import read_safetensors
 
             return Opened(read_safetensors(path), {"source": path.name})
-        from iln.restore import load_model
+        from iln.evaluation.batch_restore import load_model
 
         model = load_model(
             path,
@@ -57,9 +57,9 @@ def open_named(name: str, params_path: Path, weights: Weights, recipe: FileRecip
             key=recipe.key,
         )
         return Opened(model, {"source": path.name})
-    from iln.config import load_params, resolve_run
-    from iln.layout import Layout
-    from iln.subject import find_subject, open_model
+    from iln.config.params import load_params, resolve_run
+    from iln.config.layout import Layout
+    from iln.weights.subject import find_subject, open_model
 
     params = load_params(params_path)
     subject = find_subject(params, name)
@@ -112,7 +112,7 @@ def export(
 def import_file(source: Path, fmt: str, out: Path, recipe: FileRecipe) -> str:
     """Read ``source`` (``fmt``: safetensors or redux) and write it as a train-stage model.pt
     (``iln restore`` and ``iln export`` read it); a one-line summary."""
-    from iln.weights import save_trained
+    from iln.weights.trained import save_trained
 
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such file")

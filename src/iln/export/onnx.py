@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from iln.export import ExportError, rebuild, require
-from iln.files import atomic_path
+from iln.util.files import atomic_path
 
 OPSET = 18
 ONNX_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from iln.export import ExportError, hparams_of, rebuild, require
-from iln.files import atomic_path
+from iln.util.files import atomic_path
 from iln.models import build_model
 
 REDUX_NORMS = ("iln", "iln_clamp")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from iln.export import ExportError, recipe_of, require
-from iln.files import atomic_path
+from iln.util.files import atomic_path
 from iln.models import build_model
 
 FORMAT_KEY = "iln.format"
