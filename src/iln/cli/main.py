@@ -10,6 +10,12 @@ BasicSR checkpoint (the authors' released weights), no ground truth needed.
 
 writes params.yaml = the default params.yaml + the differences in an overlay
 (``iln.config.overlay``), validated before it replaces anything.
+
+    iln export NAME --format onnx|safetensors|basicsr|redux --out FILE
+    iln import FILE --format safetensors|redux --out model.pt
+
+write a run, a released entry or a weights file in another tool's format, and read such a
+file back (``iln.export``).
 """
 
 from __future__ import annotations
@@ -188,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"CPU threads of torch, 1 to {4 * (os.cpu_count() or 1)} (default: torch's choice)",
     )
     _config_parser(commands)
+    _export_parser(commands)
     return parser
 
 
@@ -223,6 +230,85 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_DESCRIPTION = """\
+iln export NAME --format F --out FILE writes a model for other tools: NAME is a run or a
+released entry of --params (opened as the evaluate stage opens it) or a weights file
+(model.pt, a BasicSR .pth with --arch/--norm/--scale, an iln .safetensors). Formats:
+  basicsr      the authors' checkpoint layout (params_ema; i-LN norms gamma/beta)
+  redux        traiNNer-redux hat_iln (.pth, params), our input encoding folded in
+  safetensors  any model, its recipe and provenance in the metadata
+  onnx         the whole restoration for onnxruntime: image (1, C, H, W) in [0, 1] in
+iln import FILE --format safetensors|redux --out model.pt reads such a file back as a
+model.pt (iln restore, iln export read it). BasicSR files need no import: iln restore
+reads them with --arch/--norm/--scale. Files are written atomically.
+"""
+
+
+def _export_parser(commands: argparse._SubParsersAction) -> None:
+    from iln.export import FORMATS, IMPORT_FORMATS
+
+    for name, formats in (("export", FORMATS), ("import", IMPORT_FORMATS)):
+        sub = commands.add_parser(
+            name,
+            help=f"{name} a model {'to' if name == 'export' else 'from'} another tool's "
+            f"format ({', '.join(formats)}; iln {name} --help)",
+            description=EXPORT_DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument(
+            "source",
+            metavar="NAME" if name == "export" else "FILE",
+            help="a run or released entry, or a weights file"
+            if name == "export"
+            else "the file to read",
+        )
+        sub.add_argument("--format", required=True, choices=formats, help="file format")
+        sub.add_argument("--out", required=True, type=Path, metavar="FILE", help="file to write")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        sub.add_argument("--arch", choices=ARCHS, help="preset of a BasicSR / redux file")
+        sub.add_argument("--norm", choices=NORMS, help="norm of a BasicSR / redux file")
+        sub.add_argument("--scale", type=int, choices=SCALES, help="scale of such a file")
+        if name == "import":
+            continue
+        sub.add_argument("--params", type=Path, default=Path("params.yaml"), metavar="PATH")
+        sub.add_argument(
+            "--weights", choices=("ema", "raw"), default="ema", help="a run's weights (ema)"
+        )
+        sub.add_argument(
+            "--precision", choices=("fp32", "fp16"), default="fp32", help="ONNX number format"
+        )
+        sub.add_argument(
+            "--allow-border-difference",
+            action="store_true",
+            help="redux: write an RGB model although its mean shift changes the image border",
+        )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from iln.export import ExportError
+    from iln.export.command import FileRecipe, export, import_file, open_named
+
+    if args.out.exists() and not args.overwrite:
+        return _error(f"{args.out} exists (--overwrite replaces it)", command=args.command)
+    recipe = FileRecipe(arch=args.arch, norm=args.norm, scale=args.scale)
+    try:
+        if args.command == "import":
+            print(f"iln import: {import_file(Path(args.source), args.format, args.out, recipe)}")
+            return 0
+        opened = open_named(args.source, args.params, args.weights, recipe)
+        line = export(
+            opened,
+            args.format,
+            args.out,
+            precision=args.precision,
+            allow_border=args.allow_border_difference,
+        )
+    except (ExportError, FileNotFoundError, ValueError, RuntimeError, OSError) as err:
+        return _error(str(err).splitlines()[0], command=args.command)
+    print(f"iln export: {line}")
+    return 0
+
+
 def _error(message: str, code: int = 2, command: str = "restore") -> int:
     print(f"iln {command}: error: {' '.join(message.split())}", file=sys.stderr)
     return code
@@ -232,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "config":
         return _config(args)
+    if args.command in ("export", "import"):
+        return _export(args)
     try:
         return _restore(args)
     except KeyboardInterrupt:
