@@ -31,7 +31,7 @@ from iln.models import build_model, resolve_hparams
 from iln.monitor import deepest_group_curves, probe_batch, training_monitor
 from iln.protocols import protocol_for
 from iln.resume import remember_tracked_run, tracked_run
-from iln.runtime import use_tf32
+from iln.runtime import fp32_precision, use_cudnn_benchmark, use_tf32
 from iln.styles import norm_style
 from iln.train import fit
 from iln.warm_start import WarmStart, carry_weights, file_sha256, released_state, trained_state
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(settings.threads)
     dist = init_distributed(os.environ, settings.device)
     tf32 = use_tf32(dist.device, settings.tf32)
+    cudnn_benchmark = use_cudnn_benchmark(dist.device, fixed_shapes=True)  # fixed LR patches
 
     torch.manual_seed(settings.seed)
     overrides = run.model_overrides()
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 "iln.world_size": dist.world_size,
                 "iln.device": str(dist.device),
                 "iln.tf32": tf32,
+                "iln.fp32_matmul": fp32_precision()["matmul"],  # tf32 or ieee (full fp32)
+                "iln.cudnn_benchmark": cudnn_benchmark,
             },
             continue_run=tracked_run(checkpoint, fingerprint, store),  # a resumed training
         )
