@@ -11,8 +11,8 @@ Sections, in the order they run:
 - ``device``: the machine, torch, CUDA, the date, how fp32 matmuls run (TF32 or not, and
   through which torch API), ``cudnn.benchmark``, where the inductor cache is, and
   ``progress`` (sections done, running, left, seconds each);
-- ``norm_kernel``: the i-LN norm (fast and reference) against ``F.layer_norm``;
 - ``attention_check``: each attention implementation against the float64 reference;
+- ``norm_kernel``: the i-LN norm (fast and reference) against ``F.layer_norm``;
 - ``sdpa_backends``: the ``scaled_dot_product_attention`` calls the models really make
   (shapes captured from the models' own calls on ``meta``: padded head dims, the shifted
   windows' mask, OCAB), training (mask that needs its gradient, forward and backward) and
@@ -70,9 +70,9 @@ from benchmarks.timing import (
     time_interleaved,
     train_step,
 )
-from iln import precision, runtime
+from iln import runtime
 from iln.files import write_json_atomic, write_text_atomic
-from iln.models import build_model, common, fast, norms
+from iln.models import PRESETS, build_model, common, fast, norms
 from iln.train import adam
 
 SCALE = 2  # every model here is x2 SR
@@ -100,6 +100,7 @@ class Plan:
     sdpa_archs: tuple[str, ...]  # whose attention calls the sdpa rows replay
     sdpa_dtypes: tuple[str, ...]
     flex_archs: tuple[str, ...]
+    flex_dtypes: tuple[str, ...]
     flex_compile: bool  # False: the compiled flex rows say why they did not run
     fit_archs: tuple[str, ...]
     fit_amps: tuple[str, ...]
@@ -124,8 +125,8 @@ class Plan:
 
 
 SECTIONS = (  # quick ones first: a run killed early keeps them
-    "norm_kernel",
     "attention_check",
+    "norm_kernel",
     "sdpa_backends",
     "fit",
     "train_step",
@@ -152,14 +153,15 @@ FULL = Plan(
     compiled_overrides={},
     attn_shape=(16, 16, 6, 16),
     attn_head_dims=(16, 30),
-    sdpa_archs=("hat_1", "hat", "swinir_1"),
+    sdpa_archs=("hat_1", "hat"),  # swinir_1's calls: hat_1's head dim, 8 x 8 windows
     sdpa_dtypes=("fp32", "bf16", "fp16"),
-    flex_archs=("hat_1", "hat"),
+    flex_archs=("hat_1",),
+    flex_dtypes=("bf16",),
     flex_compile=True,
     fit_archs=("hat_tiny", "hat_1"),
     fit_amps=("bf16", "fp32"),
     fit_steps=24,
-    fit_batch={"hat_tiny": 16, "hat_1": 16},
+    fit_batch={"hat_tiny": 16, "hat_1": 8},
     fit_patch=64,
     norm_shape=(16, 4096, 96),
     loader_images=((24, 480), (6, 2040)),
@@ -205,6 +207,7 @@ SMOKE = Plan(
     sdpa_archs=("hat_tiny", "hat"),
     sdpa_dtypes=("fp32",),
     flex_archs=("hat_tiny",),
+    flex_dtypes=("fp32",),
     flex_compile=False,
     fit_archs=("hat_tiny",),
     fit_amps=("fp32",),
@@ -220,8 +223,19 @@ SMOKE = Plan(
     overflow_arch="hat_tiny",
     overflow_size=16,
     compile_backend="aot_eager",
-    budgets_s=dict.fromkeys(SECTIONS, 150.0),
-    total_budget_s=190,  # the run ends in 4 minutes even on a crowded machine
+    budgets_s=dict(  # a few seconds each on an idle machine; a crowded one cuts the last rows
+        attention_check=20,
+        norm_kernel=20,
+        sdpa_backends=30,
+        fit=40,
+        train_step=70,
+        inference=25,
+        flex=25,
+        loader=15,
+        fp16_overflow=15,
+        official=5,
+    ),
+    total_budget_s=190,  # the run ends within 4 minutes even on a crowded machine
     row_limit_s=60,
     compiled_row_limit_s=90,
     grace_s=10.0,
@@ -349,14 +363,16 @@ def _guarded(
     run: Callable[[], dict[str, Any]],
     *,
     compiled: bool = False,
+    long: bool = False,
     need_s: float = 0.0,
 ) -> dict[str, Any]:
     """``row`` updated with what ``run`` measured (and the kernel it names), or with why
-    it did not run: the budget, its hard time limit, an error."""
+    it did not run: the budget, its hard time limit, an error. Compiled and ``long`` rows
+    (whole training runs) have the longer limit."""
     skip = ctx.budget.reason(need_s)
     if skip is not None:
         return {**row, "status": "not_run", "reason": skip}
-    cap = ctx.plan.compiled_row_limit_s if compiled else ctx.plan.row_limit_s
+    cap = ctx.plan.compiled_row_limit_s if compiled or long else ctx.plan.row_limit_s
     limit = ctx.budget.row_limit(cap)
     label = f"{ctx.budget.section}: {row}"
     try:
@@ -798,7 +814,7 @@ def _flex_operands(arch: str, block: str, ctx: Context, dtype: torch.dtype, trai
     """q, k, v (B*nW, h, nq / nk, d), the (rows, h) table, its (nq, nk) index and the
     shift mask (nW, 1, n, n) or None of one ``arch`` block (``hab`` shifted or ``ocab``)
     at the training batch and patch."""
-    hp = build_model(arch, norm="iln", scale=SCALE).hparams
+    hp = PRESETS[arch]
     w, heads, dim = hp["window_size"], hp["num_heads"][0], hp["embed_dim"]
     b, p, d = ctx.plan.train_batch, max(ctx.plan.train_patch, w), dim // heads
     nw = (p // w) ** 2
@@ -862,10 +878,9 @@ def _flex_row(arch: str, block: str, impl: str, train: bool, dtype_name: str, ct
 def run_flex(ctx: Context) -> list[dict[str, Any]]:
     """The compiled flex kernel (score_mod reading the table) against the SDPA path."""
     rows = []
-    dtypes = ("bf16", "fp32") if ctx.cuda else ("fp32",)
     for arch in ctx.plan.flex_archs:
         for block in ("hab", "ocab"):
-            for dtype_name in dtypes:
+            for dtype_name in ctx.plan.flex_dtypes:
                 for mode in ("train", "inference"):
                     for impl in ("sdpa", "flex_compiled", "flex_eager"):
                         row = dict(arch=arch, block=block, dtype=dtype_name, mode=mode, impl=impl)
@@ -1047,7 +1062,8 @@ def run_fit(ctx: Context) -> list[dict[str, Any]]:
                     rows.append({**row, "status": "not_run", "reason": reason})
                     continue
                 run = lambda a=arch, m=amp: _fit_row(a, m, folder, ctx)  # noqa: E731
-                rows.append(_guarded(row, ctx, run, compiled=False))
+                with _fp32_precision(False):  # fit sets TF32 as training does; restored
+                    rows.append(_guarded(row, ctx, run, long=True))
     return rows
 
 
@@ -1174,6 +1190,8 @@ def _loader_rows(ctx: Context, step_seconds: float | None, folder: Path) -> list
 
 
 def _overflow(base: nn.Module, gain: float, ctx: Context) -> dict[str, Any]:
+    from iln import precision  # here: its import chain (evaluation, metrics) takes a second
+
     plan, device = ctx.plan, ctx.device
     model = copy.deepcopy(base).eval()
     with torch.no_grad():  # the stream starts at the patch-embed norm's output (LN or Affine)
@@ -1198,6 +1216,8 @@ def _overflow(base: nn.Module, gain: float, ctx: Context) -> dict[str, Any]:
 
 def _forward_kernels(base: nn.Module, ctx: Context) -> str:
     """The attention an fp32 forward of ``base`` runs (the same for every gain)."""
+    from iln import precision
+
     model = precision.prepare_model(base, "fp32", ctx.device)
     s = ctx.plan.overflow_size
     x = torch.rand(1, 3, s, s, generator=_gen(6)).to(ctx.device)

@@ -387,10 +387,10 @@ def qualifies(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor, mask: Tensor
     """Whether torch's own checks let CUDA ``backend`` take this call (False off CUDA)."""
     from torch.backends import cuda
 
-    check = {
-        SDPBackend.CUDNN_ATTENTION: cuda.can_use_cudnn_attention,
-        SDPBackend.FLASH_ATTENTION: cuda.can_use_flash_attention,
-        SDPBackend.EFFICIENT_ATTENTION: cuda.can_use_efficient_attention,
+    check = {  # getattr: torch versions without one of the checks
+        SDPBackend.CUDNN_ATTENTION: getattr(cuda, "can_use_cudnn_attention", None),
+        SDPBackend.FLASH_ATTENTION: getattr(cuda, "can_use_flash_attention", None),
+        SDPBackend.EFFICIENT_ATTENTION: getattr(cuda, "can_use_efficient_attention", None),
     }.get(backend)
     if check is None or q.device.type != "cuda":
         return False
