@@ -389,7 +389,7 @@ def _guarded(
             return {**row, "status": "skipped", "reason": _overran(limit, cap)}
         return {**row, "status": "error", "reason": _error(err)}
     finally:
-        if compiled:
+        if compiled and "torch._dynamo" in sys.modules:  # (importing it costs seconds)
             torch.compiler.reset()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
