@@ -255,6 +255,10 @@ NO_KERNEL = "no device kernel (host-side work)"
 # ----------------------------------------------------------------------------- limits
 
 
+class Unavailable(Exception):
+    """The device lacks what a row measures (TF32 on the CPU, flex backward on the CPU)."""
+
+
 class RowTimeout(BaseException):
     """Raised in the main thread when a row passes its hard time limit (a BaseException,
     so that no ``except Exception`` on the way, torch.compile's included, swallows it)."""
@@ -384,6 +388,8 @@ def _guarded(
         return {**row, "status": "ok", **result}
     except RowTimeout:
         return {**row, "status": "skipped", "reason": _overran(limit, cap)}
+    except Unavailable as err:
+        return {**row, "status": "not_run", "reason": f"not run: {err}"}
     except Exception as err:  # one failing row (OOM, a compiler error) must not end the run
         if ctx.watchdog is not None and ctx.watchdog.fired:  # the timeout, wrapped
             return {**row, "status": "skipped", "reason": _overran(limit, cap)}
@@ -397,7 +403,7 @@ def _guarded(
 
 def _overran(limit: float, cap: float) -> str:
     why = "its row limit" if limit >= cap else "the time left to its section or run"
-    return f"skipped: stopped at its hard time limit of {limit:.0f} s ({why})"
+    return f"skipped: stopped at its hard time limit of {limit:.3g} s ({why})"
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -566,9 +572,9 @@ def train_step_specs(plan: Plan) -> list[dict[str, Any]]:
 def _train_step(spec: dict[str, Any], ctx: Context) -> dict[str, Any]:
     plan, device = ctx.plan, ctx.device
     if spec["precision"] == "tf32" and device.type != "cuda":
-        raise NotImplementedError(f"tf32 is a CUDA matmul mode; {device.type} has none")
+        raise Unavailable(f"tf32 is a CUDA matmul mode; {device.type} has none")
     if spec["attention"] == "flex" and device.type == "cpu":
-        raise NotImplementedError(FLEX_CPU)
+        raise Unavailable(FLEX_CPU)
     model = build_model(
         spec["arch"],
         norm=spec["norm"],
@@ -769,7 +775,7 @@ def _attention_operands(plan: Plan, d: int, dtype: torch.dtype, device: torch.de
 def _attention_check(impl: str, compiled: bool, ctx: Context):
     plan, device = ctx.plan, ctx.device
     if impl == "flex" and device.type == "cpu":
-        raise NotImplementedError(FLEX_CPU)
+        raise Unavailable(FLEX_CPU)
     d = plan.attn_head_dims[0]
     (q, k, v, bias), mask = _attention_operands(plan, d, torch.float64, device)
     scale = d**-0.5

@@ -78,6 +78,8 @@ def test_smoke_run_without_tracking_or_plotting_names_every_kernel_and_resumes_f
     assert {r["attention"] for r in ok} >= {"auto", "sdpa", "materialized"}
     assert {r["path"] for r in ok} == {"fast", "reference"}
     assert {r["mode"] for r in ok} >= {"eager"}
+    tf32 = [r for r in report["train_step"] if r["precision"] == "tf32"]
+    assert tf32 and all(r["status"] == "not_run" and "CUDA" in r["reason"] for r in tf32)
     compiled = [r for r in report["train_step"] if r["mode"] == "compiled"]
     assert compiled[0]["status"] in ("ok", "skipped", "not_run"), compiled[0]  # a crowded CPU
     assert all(r["seconds"] > 0 for r in ok)
@@ -163,7 +165,7 @@ def test_a_row_past_its_hard_limit_is_skipped_with_the_reason():
     assert row == {
         "arch": "hat",
         "status": "skipped",
-        "reason": "skipped: stopped at its hard time limit of 0 s (its row limit)",
+        "reason": "skipped: stopped at its hard time limit of 0.3 s (its row limit)",
     }
     assert gpu._guarded({}, ctx, lambda: {"seconds": 1.0, "kernel": "k"})["status"] == "ok"
 
@@ -182,6 +184,14 @@ def test_a_spent_budget_is_the_reason_a_row_did_not_run():
         "status": "ok",
         "seconds": 1.0,
         "kernel": "k",
+    }
+
+    def cuda_only():
+        raise gpu.Unavailable("tf32 is a CUDA matmul mode; cpu has none")
+
+    assert gpu._guarded({}, ctx, cuda_only) == {
+        "status": "not_run",
+        "reason": "not run: tf32 is a CUDA matmul mode; cpu has none",
     }
     failed = gpu._guarded({}, ctx, lambda: 1 / 0)
     assert failed == {"status": "error", "reason": "ZeroDivisionError: division by zero"}
