@@ -688,8 +688,7 @@ def model_sdpa_shapes(arch: str, batch: int, patch: int) -> list[dict[str, Any]]
     ``meta``: q, k, v and mask shapes, padded as ``iln.models.fast`` pads them. One group
     of two blocks (a window block, a shifted one and OCAB) makes every call the whole model
     makes: the groups of these presets are alike."""
-    hp = build_model(arch, norm="iln", scale=SCALE).hparams
-    group = dict(depths=[2], num_heads=[hp["num_heads"][0]])
+    group = dict(depths=[2], num_heads=[PRESETS[arch]["num_heads"][0]])
     model = build_model(arch, norm="iln", scale=SCALE, attention="sdpa", **group)
     model = model.to("meta").train()
     x = torch.empty(batch, 3, patch, patch, device="meta")
