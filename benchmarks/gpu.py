@@ -18,7 +18,7 @@ Sections, in the order they run:
   windows' mask, OCAB), training (mask that needs its gradient, forward and backward) and
   inference (no grad), fp32 / bf16 / fp16, as torch dispatches them (``default``) and
   restricted to fused kernels as CUDA training runs them (``fused_only``);
-- ``fit``: the real training loop (``iln.train.fit``: loader, EMA, AMP, checkpoints) for a
+- ``fit``: the real training loop (``iln.training.loop.fit``: loader, EMA, AMP, checkpoints) for a
   few dozen steps, interrupted and resumed, against an uninterrupted run;
 - ``train_step``: seconds per training step and peak memory by arch, norm, precision,
   attention implementation, fast or reference path, eager or ``torch.compile``;
@@ -70,10 +70,10 @@ from benchmarks.timing import (
     time_interleaved,
     train_step,
 )
-from iln import runtime
-from iln.files import write_json_atomic, write_text_atomic
+from iln.util import device as runtime
+from iln.util.files import write_json_atomic, write_text_atomic
 from iln.models import PRESETS, build_model, common, fast, norms
-from iln.train import adam
+from iln.training.loop import adam
 
 SCALE = 2  # every model here is x2 SR
 
@@ -938,11 +938,11 @@ def call_fit(
     checkpoint: Path,
     on_log: Callable[[int, dict[str, float]], None] | None,
 ) -> tuple[nn.Module, float, str]:
-    """The one call of the real training loop (``iln.train.fit``, its public signature),
+    """The one call of the real training loop (``iln.training.loop.fit``, its public signature),
     with the defaults of ``params.yaml`` where they do not matter here; returns the EMA
     model, fit's seconds per step and how fp32 matmuls ran (TF32 as ``train.tf32``)."""
-    from iln.config import TrainParams
-    from iln.train import fit
+    from iln.config.params import TrainParams
+    from iln.training.loop import fit
 
     settings = TrainParams(
         iterations=steps,
@@ -1229,7 +1229,7 @@ def _overflow(base: nn.Module, gain: float, ctx: Context) -> dict[str, Any]:
 
 def _forward_kernels(base: nn.Module, ctx: Context) -> str:
     """The attention an fp32 forward of ``base`` runs (the same for every gain)."""
-    from iln import precision
+    from iln.evaluation import precision
 
     model = precision.prepare_model(base, "fp32", ctx.device)
     s = ctx.plan.overflow_size

@@ -1,6 +1,6 @@
 """The fast path's choice of attention kernels: fused SDPA backends only (one-line error where
 none takes the call), flex_attention reading the relative position table, the profiler names of
-the routes, and TF32 / cuDNN settings through ``iln.runtime``."""
+the routes, and TF32 / cuDNN settings through ``iln.util.device``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from benchmarks import gpu
 from torch.nn.attention import SDPBackend
 
-from iln import runtime
+from iln.util import device as runtime
 from iln.models import build_model, common, fast
 
 F64 = torch.float64
