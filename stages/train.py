@@ -33,7 +33,7 @@ from iln.training.fingerprint import code_digest
 from iln.training.loop import fit
 from iln.training.resume import remember_tracked_run, tracked_run
 from iln.training.sources import check_source_current, run_fingerprint
-from iln.util.device import use_tf32
+from iln.util.device import fp32_precision, use_cudnn_benchmark, use_tf32
 from iln.util.files import remove_stale_temps, write_csv_atomic, write_json_atomic
 from iln.weights.released import pin_weights
 from iln.weights.trained import save_trained
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(settings.threads)
     dist = init_distributed(os.environ, settings.device)
     tf32 = use_tf32(dist.device, settings.tf32)
+    cudnn_benchmark = use_cudnn_benchmark(dist.device, fixed_shapes=True)  # fixed LR patches
 
     torch.manual_seed(settings.seed)
     overrides = run.model_overrides()
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 "iln.world_size": dist.world_size,
                 "iln.device": str(dist.device),
                 "iln.tf32": tf32,
+                "iln.fp32_matmul": fp32_precision()["matmul"],  # tf32 or ieee (full fp32)
+                "iln.cudnn_benchmark": cudnn_benchmark,
             },
             continue_run=tracked_run(checkpoint, fingerprint, store),  # a resumed training
         )

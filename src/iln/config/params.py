@@ -187,7 +187,7 @@ class TrainParams:
     threads: int
     accumulate: int = 1  # micro-batches per process and step (same trajectory as 1)
     grad_checkpoint: bool = False  # recompute block activations in the backward pass
-    tf32: bool = True  # TF32 matmuls/convolutions in fp32 CUDA training (no effect on CPU)
+    tf32: bool = True  # amp fp32 on CUDA then means TF32 matmuls/convolutions (no effect on CPU)
     cache_gib: float = 8.0  # host memory for decoded training images, per training process
 
     def __post_init__(self) -> None:

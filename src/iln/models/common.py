@@ -287,10 +287,14 @@ class WindowAttention(nn.Module):
         bw, n, c = windows.shape
         heads = self.num_heads
         qkv = self.qkv(windows).view(bw, n, 3, heads, c // heads)  # (B*nW, n, 3, h, d)
-        gather = fast_ops.gather_bias if self.fast else gather_bias
-        bias = gather(self.relative_position_bias_table, index)  # (h, n, n)
         if mask is not None:
             mask = mask.unsqueeze(1)  # (nW, 1, n, n): one per window position, for all images
+        table = self.relative_position_bias_table
+        if self.fast and self.attention == "flex":  # the kernel reads the table at the index
+            out = fast_ops.packed_flex_attention(qkv, table, index, self.scale, mask)
+            return self.proj(out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c))
+        gather = fast_ops.gather_bias if self.fast else gather_bias
+        bias = gather(table, index)  # (h, n, n)
         if self.fast:
             out = fast_ops.packed_attention(qkv, bias, self.scale, mask, self.attention)
         else:

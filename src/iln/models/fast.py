@@ -19,11 +19,15 @@ private foreach EMA update.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ----------------------------------------------------------------------------- attention
 
@@ -250,10 +254,23 @@ def attention(
     if impl == "auto" and q.device.type == "cpu":
         return _cpu_attention(q, k, v, bias, scale, mask)
     if impl == "materialized":
-        return _MaterializedAttention.apply(q, k, v, bias, mask, scale)
+        with route("materialized"):
+            return _MaterializedAttention.apply(q, k, v, bias, mask, scale)
     if impl == "flex":
         return _flex_attention(q, k, v, bias, scale, mask)
     return _sdpa_attention(q, k, v, bias, scale, mask)
+
+
+ROUTE_PREFIX = "iln::attention."
+
+
+def route(name: str) -> contextlib.AbstractContextManager:
+    """Names the attention route taken in a profile (``iln::attention.<name>``, a
+    ``record_function`` range), so a benchmark can say what ran; nothing under
+    ``torch.compile`` (the compiled graph's own ops show what ran there)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(ROUTE_PREFIX + name)
 
 
 def _cpu_attention(
@@ -264,13 +281,19 @@ def _cpu_attention(
     ``_MaterializedAttention`` (the CPU's fused kernel cannot differentiate the bias); without,
     torch's ``scaled_dot_product_attention`` with bias (+ mask) as the additive mask."""
     if _windowed(q, q.shape[-2] * k.shape[-2]):
-        return _WindowAttentionCPU.apply(q, k, v, bias, mask, scale)
-    needs_grad = torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad
-    )
-    if needs_grad:
-        return _MaterializedAttention.apply(q, k, v, bias, mask, scale)
+        with route("windowed_cpu"):
+            return _WindowAttentionCPU.apply(q, k, v, bias, mask, scale)
+    if _needs_grad(q, k, v, bias):
+        with route("materialized"):
+            return _MaterializedAttention.apply(q, k, v, bias, mask, scale)
     # torch's fused kernels take 4-D (G, h, n, d); a 5-D call would fall back to plain math
+    with route("sdpa"):
+        return _cpu_sdpa(q, k, v, bias, scale, mask)
+
+
+def _cpu_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None
+) -> Tensor:
     if mask is None:
         q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias.unsqueeze(0), scale=scale)
@@ -301,30 +324,192 @@ def _pad_head_dim(t: Tensor, multiple: int) -> Tensor:
     return F.pad(t, (0, pad)) if pad else t
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _sdpa_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None
 ) -> Tensor:
     q4, k4, v4, table = _as_heads(q, k, v, bias, mask)
     q4, k4, v4 = (_pad_head_dim(t, SDPA_HEAD_MULTIPLE) for t in (q4, k4, v4))
-    out = F.scaled_dot_product_attention(
-        q4, k4, v4, attn_mask=table.unsqueeze(0).to(q.dtype), scale=scale
-    )
+    with route("sdpa"):
+        out = sdpa(q4, k4, v4, table.unsqueeze(0).to(q.dtype), scale)
     return out[..., : v.shape[-1]].reshape(*q.shape[:-1], v.shape[-1])
+
+
+class AttentionKernelError(RuntimeError):
+    """No fused attention kernel takes a call that must not fall back to the math kernel."""
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """``scaled_dot_product_attention`` of 4-D (G, h, n, d) operands and a float mask, as
+    the fast path calls it. On CUDA with gradients (training) only the fused backends that
+    take the call may run (``training_sdpa_backends``), so a shape or dtype none of them
+    takes raises ``AttentionKernelError`` instead of falling back to the math kernel, which
+    keeps the (G, h, nq, nk) probabilities for backward; without gradients (inference) the
+    fallback is allowed and warned about once per shape and dtype. Elsewhere (CPU, meta,
+    under ``torch.compile``) torch dispatches as it likes."""
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if _needs_grad(q, k, v, mask):
+        backends = training_sdpa_backends(q.device.type, mask.requires_grad)
+        return fused_sdpa(q, k, v, mask, scale, backends)
+    if not any(qualifies(b, q, k, v, mask) for b in FUSED_CUDA):
+        warnings.warn(
+            f"attention: no fused kernel takes q {tuple(q.shape)} {q.dtype} with a "
+            f"{tuple(mask.shape)} mask; inference falls back to the math kernel",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+FUSED_CUDA = (
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+)
+
+
+def training_sdpa_backends(device_type: str, mask_needs_grad: bool) -> tuple[SDPBackend, ...]:
+    """The fused backends a training call may run on: on CUDA, with a mask (the relative
+    position bias) whose gradient is needed, the memory-efficient kernel only (flash takes
+    no float mask, cuDNN returns no mask gradient); otherwise any of ``FUSED_CUDA`` (torch
+    picks in its own order). The CPU's one fused kernel is flash (it takes no mask that
+    needs a gradient)."""
+    if device_type == "cpu":
+        return (SDPBackend.FLASH_ATTENTION,)
+    return (SDPBackend.EFFICIENT_ATTENTION,) if mask_needs_grad else FUSED_CUDA
+
+
+def qualifies(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> bool:
+    """Whether torch's own checks let CUDA ``backend`` take this call (False off CUDA)."""
+    from torch.backends import cuda
+
+    check = {  # getattr: torch versions without one of the checks
+        SDPBackend.CUDNN_ATTENTION: getattr(cuda, "can_use_cudnn_attention", None),
+        SDPBackend.FLASH_ATTENTION: getattr(cuda, "can_use_flash_attention", None),
+        SDPBackend.EFFICIENT_ATTENTION: getattr(cuda, "can_use_efficient_attention", None),
+    }.get(backend)
+    if check is None or q.device.type != "cuda":
+        return False
+    return bool(check(cuda.SDPAParams(q, k, v, mask, 0.0, False, False), False))
+
+
+def fused_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, backends: tuple[SDPBackend, ...]
+) -> Tensor:
+    """``scaled_dot_product_attention`` inside ``sdpa_kernel(backends)``; where none of
+    ``backends`` takes the call, one ``AttentionKernelError`` line naming the shapes, dtype
+    and torch's first reason (torch's own error would say only "No available kernel")."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel(list(backends)):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        except RuntimeError as err:
+            if "No available kernel" not in str(err) and "No viable backend" not in str(err):
+                raise
+            reasons = [_reason(str(w.message)) for w in caught]
+    names = ", ".join(b.name.lower() for b in backends)
+    grad = " that needs its gradient" if mask.requires_grad else ""
+    why = "; ".join(r for r in reasons if r)
+    why = f" (torch: {why[:240]})" if why else ""
+    raise AttentionKernelError(
+        f"attention: no fused kernel ({names}) takes q {tuple(q.shape)}, k {tuple(k.shape)} "
+        f"{q.dtype} with a {tuple(mask.shape)} {mask.dtype} mask{grad}; the math kernel "
+        f"would materialise the attention{why}"
+    )
+
+
+def _reason(message: str) -> str:
+    """A torch warning as one line, without its "(Triggered internally at ...)" tail."""
+    return " ".join(message.split("(Triggered internally")[0].split()).rstrip(" .:")
 
 
 def _flex_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, mask: Tensor | None
 ) -> Tensor:
-    from torch.nn.attention.flex_attention import flex_attention
-
+    """flex_attention adding a given (h, nq, nk) bias (+ mask) in its score_mod."""
     q4, k4, v4, table = _as_heads(q, k, v, bias, mask)
     q4, k4, v4 = (_pad_head_dim(t, FLEX_HEAD_MULTIPLE) for t in (q4, k4, v4))
 
     def add_bias(score: Tensor, b: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return score + table[head, q_idx, kv_idx]
 
-    out = flex_attention(q4, k4, v4, score_mod=add_bias, scale=scale)
+    out = _run_flex(q4, k4, v4, add_bias, scale, compile_flex=None)
     return out[..., : v.shape[-1]].reshape(*q.shape[:-1], v.shape[-1])
+
+
+def flex_table_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    index: Tensor,
+    scale: float,
+    mask: Tensor | None = None,
+    compile_flex: bool | None = None,
+) -> Tensor:
+    """``attention`` with the bias read from the relative position ``table`` (rows, h) at
+    ``index`` (nq, nk) inside flex_attention's score_mod: no (h, nq, nk) bias is formed,
+    and the table's gradient is accumulated by the kernel. Shapes as ``attention``.
+
+    ``compile_flex``: run ``torch.compile(flex_attention)`` (compiled once per process,
+    the fused kernel); None = compiled off the CPU, eager on it (where flex has no
+    backward and the compiled kernel costs a C++ build)."""
+    heads, rows = table.shape[1], table.shape[0]
+    idx = torch.where(index < 0, index + rows, index)  # negative entries wrap, as indexing
+    weights = table.to(q.dtype)
+    if mask is None:
+        q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
+
+        def add_bias(score: Tensor, b: Tensor, head: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return score + weights[idx[qi, ki], head]
+    else:  # window position w's heads are heads w*h .. w*h+h-1 of one call per batch
+        q4, k4, v4 = (t.reshape(t.shape[0], -1, *t.shape[-2:]) for t in (q, k, v))
+        shift = mask.flatten(0, 1).to(q.dtype)  # (nW, nq, nk)
+
+        def add_bias(score: Tensor, b: Tensor, head: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return score + weights[idx[qi, ki], head % heads] + shift[head // heads, qi, ki]
+
+    q4, k4, v4 = (_pad_head_dim(t, FLEX_HEAD_MULTIPLE) for t in (q4, k4, v4))
+    out = _run_flex(q4, k4, v4, add_bias, scale, compile_flex)
+    return out[..., : v.shape[-1]].reshape(*q.shape[:-1], v.shape[-1])
+
+
+def packed_flex_attention(
+    qkv: Tensor, table: Tensor, index: Tensor, scale: float, mask: Tensor | None = None
+) -> Tensor:
+    """``packed_attention`` through ``flex_table_attention``: qkv (B*nW, n, 3, h, d) ->
+    (B*nW, h, n, d), ``mask`` (nW, 1, n, n) shared by the B images."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B*nW, h, n, d) each
+    if mask is None:
+        return flex_table_attention(q, k, v, table, index, scale)
+    nw = mask.shape[0]
+    q, k, v = (t.reshape(-1, nw, *t.shape[1:]) for t in (q, k, v))  # (B, nW, h, n, d)
+    return flex_table_attention(q, k, v, table, index, scale, mask).flatten(0, 1)
+
+
+@functools.cache
+def compiled_flex():
+    """``torch.compile(flex_attention)``, built once per process: the fused kernel (eager
+    flex_attention materialises the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _run_flex(q, k, v, score_mod, scale: float, compile_flex: bool | None) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = q.device.type != "cpu" if compile_flex is None else compile_flex
+    if torch.compiler.is_compiling():  # inside a compiled model: traced into its graph
+        return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+    with route("flex_compiled" if compiled else "flex_eager"):
+        flex = compiled_flex() if compiled else flex_attention
+        return flex(q, k, v, score_mod=score_mod, scale=scale)
 
 
 def packed_attention(
@@ -335,7 +520,8 @@ def packed_attention(
     ``impl`` as for ``attention``."""
     check_attention_impl(impl)
     if impl == "auto" and _windowed(qkv, qkv.shape[1] ** 2) and qkv.stride(-1) == 1:
-        return _PackedWindowAttentionCPU.apply(qkv, bias, mask, scale)
+        with route("windowed_cpu"):
+            return _PackedWindowAttentionCPU.apply(qkv, bias, mask, scale)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # (B*nW, h, n, d) each
     if mask is None:
         return attention(q, k, v, bias, scale, impl=impl)

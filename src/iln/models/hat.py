@@ -174,12 +174,15 @@ class OCAB(nn.Module):
             kv = kv.reshape(2, -1, heads, ow * ow, d)  # (2, B*nW, h, ow*ow, d)
             k, v = kv[0], kv[1]
 
+        table = self.relative_position_bias_table
         gather = fast_ops.gather_bias if self.fast else common.gather_bias
-        bias = gather(self.relative_position_bias_table, index)  # (h, w*w, ow*ow)
-        if self.fast:
+        if self.fast and self.attention == "flex":  # the kernel reads the table at the index
+            out = fast_ops.flex_table_attention(q, k, v, table, index, self.scale)
+        elif self.fast:
+            bias = gather(table, index)  # (h, w*w, ow*ow)
             out = fast_ops.attention(q, k, v, bias, self.scale, impl=self.attention)
         else:
-            out = common.attention(q, k, v, bias, self.scale)  # (B*nW, h, w*w, d)
+            out = common.attention(q, k, v, gather(table, index), self.scale)  # (B*nW, h, w*w, d)
         out = out.transpose(1, 2).reshape(-1, win * win, c)  # (B*nW, w*w, C)
         out = common.window_reverse(out, win, h, w).reshape(b, n_tok, c)  # (B, N, C)
 
