@@ -35,6 +35,9 @@ NO_OUTPUT_MODULES = {
     # the report draws every norm in its colour; it imports iln.models only to validate
     # params, and iln.subject's model opening (iln.weights, iln.released) never runs there
     "report": ("iln.cli", "iln.tracking", "iln.models", "iln.weights", "iln.released"),
+    # analyze draws final_norm.png in the run's norm colour (iln.styles)
+    "analyze": ("iln.cli", "iln.tracking"),
+    "analyze_released": ("iln.cli", "iln.tracking"),
 }
 # Params keys that change none of the stage's outputs (how many processes, where caches live).
 NO_OUTPUT_KEYS = {

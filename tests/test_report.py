@@ -32,7 +32,7 @@ from iln.report.build import METRICS_ROW_KEYS
 from iln.report.crops import largest_difference_box
 from iln.report.paper import printed
 from iln.report.table import MAX_VALUE_COLUMNS
-from iln.report.tables import Protocol, fp16_remark
+from iln.report.tables import FILLED_BY, Protocol, fp16_remark
 from iln.styles import NORM_STYLES
 from iln.subject import find_subject
 from tests.helpers import ROOT, train_settings, train_summary
@@ -347,12 +347,24 @@ def test_without_runs_table1_and_table2_show_the_papers_numbers_and_no_run(tmp_p
     summary = build_report({}, tmp_path / "empty", out, scale_note="nothing run")
     assert summary["runs"] == {}
     assert summary["tables"]["table1"] == "paper only (no run)"
-    header, cells = md_row(out, "table1", "LN")
-    assert cells[header.index("Set14 PSNR (paper)")] == "28.79"
-    assert cells[header.index("Manga109 SSIM (paper)")] == "0.9150"  # as the paper prints it
+    header, cells = md_row(out, "table1", "LN")  # the paper's sets: one cell per metric
+    assert cells[header.index("PSNR (paper): Set14 / B100 / Urban100 / Manga109")] == (
+        "28.79 / 27.68 / 26.55 / 31.01"
+    )
+    ssim = cells[header.index("SSIM (paper): Set14 / B100 / Urban100 / Manga109")]
+    assert ssim.endswith(" / 0.9150")  # as the paper prints it
     assert cells[1] == "no run"
+    text = (out / "report.md").read_text()  # in the report: one line, saying what fills it
+    section = report_section(text, "Table 1: Normalisation layers compared")
+    assert section.strip().splitlines()[2:] == [
+        f"No run of ours yet; filled by {FILLED_BY['table1']}; the paper's numbers: "
+        "[tables/table1.md](tables/table1.md)."
+    ]
+    assert "configs/paper_hat_dagger.yaml" in report_section(
+        text, "Table 6: Full HAT (HAT†), LN vs i-LN"
+    )
     _, inorm = md_row(out, "table1", "InstanceNorm")
-    assert "27.02" in inorm and "0.8136" in inorm
+    assert any("27.02" in c for c in inorm) and any("0.8136" in c for c in inorm)
     header, cells = md_row(out, "table1", "BN (batch stats in eval)")  # a row, no numbers
     assert cells[1] == "no run"
     header, cells = md_row(out, "table2", "deraining / Rain100L / hat_1")
@@ -474,11 +486,20 @@ def test_every_psnr_table_has_the_baseline(built):
 def test_wide_tables_are_split_into_parts_that_fit_a_page(built):
     _, out, _ = built
     text = (out / "tables" / "table1.md").read_text()
-    assert "*Part 1 of 3.*" in text and "*Part 3 of 3.*" in text
+    assert "*Part 1 of 2.*" in text and "*Part 2 of 2.*" in text
     widths = {line.count(" | ") + 1 for line in text.splitlines() if line.startswith("| ")}
     assert max(widths) <= 2 + MAX_VALUE_COLUMNS
-    header, _ = md_table(text)  # every column is in one of the parts
-    assert {"Set14 PSNR (paper)", "finding (paper)", "entropy ceiling ln C (ours)"} <= set(header)
+    header, rows = md_table(text)  # every column is in one of the parts
+    assert {"Set14 PSNR (paper)", "Set14 PSNR (ours)", "finding (paper)"} <= set(header)
+    # the paper's number and ours side by side: adjacent columns of one part
+    assert header.index("Set14 PSNR (ours)") == header.index("Set14 PSNR (paper)") + 1
+    merged = "PSNR (paper): B100 / Urban100 / Manga109"  # sets only the paper has: one cell
+    assert rows[0][header.index(merged)] == "27.68 / 26.55 / 31.01"
+    # a column of ours with one value in every row is said once, under the table
+    assert "entropy ceiling ln C (ours)" not in header
+    assert "- entropy ceiling ln C (ours): 3.466 in every row with a run." in text
+    s4 = (out / "tables" / "table_s4_runs.md").read_text()
+    assert "- iterations (ours): 300 in every row with a run." in s4 and "*Part" not in s4
 
 
 def test_the_ema_sentence_gives_the_share_of_the_initial_weights(built):
@@ -547,7 +568,14 @@ def test_report_md_states_the_scale_first_and_why_things_are_skipped(built):
     text = (out / "report.md").read_text()
     head = "\n".join(text.splitlines()[:4])
     assert "Scale of these results: preset hat_tiny, 300 iterations, embedded photos, CPU" in head
-    assert "**Headline:** at the last training probe" in text
+    assert (
+        "**Headline: each norm's change from its own step 0** (deepest group's feature "
+        "magnitude, mean x², raw weights, first to last training probe; entropy ceiling ln C "
+        "= 3.47): LN (`ln`) grows x64 (1 at step 0 → 64 at step 300), entropy 3.47 → 1.67 "
+        "nats; i-LN (`iln`) stays within 2x of its step-0 value, x1 (1.2 at step 0 → 1.2 at "
+        "step 300)"
+    ) in text
+    assert "LN / i-LN" not in text and "x the feature magnitude of" not in text
     assert summary["tables"]["table_s2_seeds"] == "skipped: no run in group `seeds`"
     assert summary["figures"]["fig4_norms_magnitude"] == "written"  # inorm is in table1
     assert "![fig1_magnitude_vs_iteration](figures/fig1_magnitude_vs_iteration.png)" in text
@@ -734,7 +762,9 @@ def test_report_html_embeds_the_figures_and_ends_with_the_mlflow_link(built, tmp
     _, out, _ = built
     page = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
-    assert md.count("](figures/") == page.count('src="data:image/png;base64,') > 0
+    assert (
+        md.count("](figures/") - md.count(".svg)") == page.count('src="data:image/png;base64,') > 0
+    )
     assert "![" not in page and "<table>" in page and "<h3>Table 1:" in page
     root = tmp_path / "runs"
     make_run(root, "ln", norm="ln")

@@ -1,5 +1,6 @@
-"""Figure helpers shared by the analysis and the report: a figure without pyplot state, PNGs
-written atomically, log axes labelled in plain numbers."""
+"""Figure helpers shared by the analysis and the report: a figure without pyplot state, each
+figure written atomically as a PNG (PRINT_DPI) and an SVG beside it (for papers), log axes
+labelled in plain numbers, curves smoothed for reading."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
@@ -23,13 +25,43 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def save_figure_atomic(fig: Figure, path: Path | str, *, dpi: int = 110) -> Path:
-    """Render fig as PNG in memory, then write it atomically (temp file + os.replace)."""
+PRINT_DPI = 200  # PNG resolution: sharp in print at the figure's size
+VECTOR_SUFFIX = ".svg"  # every figure also as a vector file beside its PNG
+
+
+def vector_path(path: Path | str) -> Path:
+    """The vector copy of a figure's PNG: figure.png -> figure.svg."""
+    return Path(path).with_suffix(VECTOR_SUFFIX)
+
+
+def save_figure_atomic(fig: Figure, path: Path | str, *, dpi: int = PRINT_DPI) -> Path:
+    """Render fig as PNG (at ``dpi``) and as SVG in memory, then write both atomically
+    (temp file + os.replace): ``path`` and ``vector_path(path)``. Returns the PNG's path."""
     path = Path(path)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    write_bytes_atomic(path, buffer.getvalue())
+    for target, kind, extra in (
+        (path, "png", {"dpi": dpi}),
+        (vector_path(path), "svg", {"metadata": {"Date": None}}),  # no date: same bytes each run
+    ):
+        buffer = io.BytesIO()
+        with rc_context({"svg.hashsalt": "iln"}):  # fixed element ids (else random per save)
+            fig.savefig(buffer, format=kind, **extra)
+        write_bytes_atomic(target, buffer.getvalue())
     return path
+
+
+def smooth_ema(values: Sequence[float], alpha: float) -> list[float]:
+    """Exponential moving average (bias-corrected, so the first point is the first value):
+    s_t = (1 - alpha) s_(t-1) + alpha x_t, divided by 1 - (1 - alpha)^t. Non-finite values
+    are skipped (they keep the previous average)."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"smooth_ema: alpha must be in (0, 1], got {alpha}")
+    out, average, weight = [], 0.0, 0.0
+    for value in values:
+        if math.isfinite(value):
+            average = (1 - alpha) * average + alpha * value
+            weight = (1 - alpha) * weight + alpha
+        out.append(average / weight if weight > 0 else math.nan)
+    return out
 
 
 def log_axis(ax, values: Sequence[float], axis: str = "y") -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from iln.plotting import log_axis, new_figure, save_figure_atomic
+from iln.plotting import log_axis, new_figure, save_figure_atomic, smooth_ema
 from iln.report.runs import RunResults
 from iln.styles import (
     LINE_GRAD_CLIP,
@@ -28,6 +28,8 @@ from iln.styles import (
 )
 
 SHALLOW_ALPHA = 0.3  # shallower groups: thin, faint lines of the run's colour
+RAW_LOSS_ALPHA = 0.25  # the per-row training loss: a faint line under its smoothed curve
+LOSS_EMA_ALPHA = 0.1  # weight of each logged row in the loss's moving average
 
 
 def run_style(run: RunResults) -> dict[str, str]:
@@ -96,7 +98,7 @@ def stat_vs_iteration(
             lw=2.2,
             marker="o",
             ms=3,
-            label=f"{labels[run.info.name]}, {layers[-1]}",
+            label=f"{labels[run.info.name]}, deepest group",
         )
     if stat == "entropy":
         _ceiling_line(ax, runs)
@@ -154,7 +156,8 @@ def per_group_last_probe(runs: Sequence[RunResults], path: Path, *, title: str) 
 
 
 def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> Path | None:
-    """Training loss (log) and validation PSNR vs iteration, every run overlaid."""
+    """Training loss (log; each run's logged rows faint, their exponential moving average
+    with weight LOSS_EMA_ALPHA solid) and validation PSNR vs iteration, every run overlaid."""
     runs = [r for r in runs if r.history]
     if not runs:
         return None
@@ -167,14 +170,18 @@ def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> 
         style = {**run_style(run), "label": labels[run.info.name]}
         steps, loss = run.history_curve("loss")
         losses += loss
-        ax_l.plot(steps, loss, lw=1.2, **style)
+        ax_l.plot(steps, loss, lw=0.8, alpha=RAW_LOSS_ALPHA, color=style["color"], ls=style["ls"])
+        ax_l.plot(steps, smooth_ema(loss, LOSS_EMA_ALPHA), lw=1.6, **style)
         steps, psnr = run.history_curve("val_psnr")
         if steps:
             any_psnr = True
             ax_p.plot(steps, psnr, marker="o", ms=3, lw=1.5, **style)
     log_axis(ax_l, losses)
     ax_l.set_ylabel("L1 training loss (log scale)")
-    ax_l.set_title("training loss", fontsize=10)
+    ax_l.set_title(
+        f"training loss (faint: per logged row; solid: EMA, weight {LOSS_EMA_ALPHA:g})",
+        fontsize=10,
+    )
     ax_p.set_ylabel("validation PSNR (dB, Y), EMA weights")
     ax_p.set_title("validation PSNR", fontsize=10)
     if not any_psnr:
@@ -330,6 +337,8 @@ class FigureSpec:
     need: str = "probes.csv"  # what the runs must have: the skip reason says so
     probes: bool = True  # the caption ends with how the probes were measured
     fig1: bool = False  # the caption quotes the paper's Fig. 1 numbers
+    dynamics: str | None = None  # the caption says how this statistic of each run's deepest
+    # group changed from its first to its last probe (iln.report.dynamics), computed
 
 
 def _curve(stat: str, title: str, ylabel: str = MAGNITUDE, log: bool = True) -> Draw:
@@ -342,27 +351,31 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
         "fig1_magnitude_vs_iteration",
         "Feature magnitude vs iteration (paper Fig. 1, top)",
-        "Per-token LN lets the residual stream grow; i-LN keeps it at a fixed scale.",
+        "Feature magnitude (mean x²) of each group's output during training; thick lines: "
+        "the deepest group.",
         _curve("magnitude", "Feature magnitude (mean x²) of the residual stream during training"),
         fig1=True,
+        dynamics="magnitude",
     ),
     FigureSpec(
         "fig1_entropy_vs_iteration",
         "Channel entropy vs iteration (paper Fig. 1, bottom)",
         "Entropy of the per-channel energy: at the ceiling ln C every channel carries the "
-        "same energy; LN's deep groups concentrate it in a few channels.",
+        "same energy, below it a few channels carry most of it.",
         _curve(
             "entropy",
             "Channel entropy of the residual stream during training",
             "channel entropy (nats)",
             log=False,
         ),
+        dynamics="entropy",
     ),
     FigureSpec(
         "fig7_per_group_last_probe",
         "Every group at the last probe (paper Fig. 7: the ablation)",
         "Magnitude and entropy of each group's output at the last probe, for LN, LN*, "
-        "LN+Rs and i-LN: which half of i-LN keeps the statistics in check.",
+        "LN+Rs and i-LN: how the two halves of i-LN (holistic normalisation, input "
+        "rescaling) each change the depth profile.",
         lambda runs, path: per_group_last_probe(
             runs, path, title="Depth profile at the last training probe (raw weights)"
         ),
@@ -375,6 +388,7 @@ FIGURES: tuple[FigureSpec, ...] = (
             "magnitude", "Feature magnitude during training, every normalisation (Table 1 runs)"
         ),
         group="table1",
+        dynamics="magnitude",
     ),
     FigureSpec(
         "fig8_stabilisers_max_abs",
@@ -387,6 +401,7 @@ FIGURES: tuple[FigureSpec, ...] = (
             "max |x| (log scale)",
         ),
         group="table8",
+        dynamics="max_abs",
     ),
     FigureSpec(
         "fig2_depth_width",
@@ -411,12 +426,14 @@ FIGURES: tuple[FigureSpec, ...] = (
         "against the official pairing).",
         _curve("magnitude", "Feature magnitude with stdnorm on and off"),
         group="stdnorm",
+        dynamics="magnitude",
     ),
     FigureSpec(
         "figS2_loss_val_psnr",
         "Training loss and validation PSNR (ours)",
-        "L1 loss of the weights being trained, and PSNR of the EMA weights on the "
-        "validation images, per run.",
+        "L1 loss of the weights being trained (faint: each logged row; solid: its "
+        f"exponential moving average, weight {LOSS_EMA_ALPHA:g} per logged row, "
+        "bias-corrected), and PSNR of the EMA weights on the validation images, per run.",
         lambda runs, path: loss_and_val_psnr(runs, path, title="Training loss and validation PSNR"),
         need="history.csv",
         probes=False,
