@@ -128,3 +128,31 @@ def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
             "title": "run",
             "scale": {"range": {"field": "run_color"}},
         }
+
+
+def test_the_loss_smoothing_is_a_bias_corrected_ema():
+    from iln.plotting import smooth_ema
+
+    assert smooth_ema([4.0, 4.0, 4.0], 0.1) == pytest.approx([4.0, 4.0, 4.0])  # no pull to 0
+    assert smooth_ema([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75])
+    assert smooth_ema([1.0, float("nan"), 1.0], 0.5) == pytest.approx([1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_ema([1.0], 0.0)
+
+
+def test_a_figure_is_written_as_png_and_svg_the_same_bytes_each_time(tmp_path):
+    from iln.plotting import PRINT_DPI, new_figure, save_figure_atomic
+
+    def draw(path: Path) -> Path:
+        fig = new_figure(2.0, 1.5)
+        ax = fig.subplots()
+        ax.plot([0, 1], [1, 2], label="deepest group")
+        ax.set_xlabel("training iteration")
+        return save_figure_atomic(fig, path)
+
+    first = draw(tmp_path / "a.png").read_bytes()
+    assert int.from_bytes(first[16:20], "big") == 2 * PRINT_DPI >= 400
+    svg = (tmp_path / "a.svg").read_bytes()
+    assert b"training iteration" in svg  # text kept as text
+    draw(tmp_path / "b.png")
+    assert (tmp_path / "b.svg").read_bytes() == svg and (tmp_path / "b.png").read_bytes() == first

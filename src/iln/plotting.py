@@ -43,7 +43,8 @@ def save_figure_atomic(fig: Figure, path: Path | str, *, dpi: int = PRINT_DPI) -
         (vector_path(path), "svg", {"metadata": {"Date": None}}),  # no date: same bytes each run
     ):
         buffer = io.BytesIO()
-        with rc_context({"svg.hashsalt": "iln"}):  # fixed element ids (else random per save)
+        # fixed element ids (else random per save); text kept as text, editable in a paper
+        with rc_context({"svg.hashsalt": "iln", "svg.fonttype": "none"}):
             fig.savefig(buffer, format=kind, **extra)
         write_bytes_atomic(target, buffer.getvalue())
     return path
