@@ -130,14 +130,16 @@ def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
         }
 
 
-def test_the_loss_smoothing_is_a_bias_corrected_ema():
-    from iln.plotting import smooth_ema
+def test_the_loss_smoothing_is_a_centred_moving_average():
+    from iln.plotting import smooth_centred, smoothing_window
 
-    assert smooth_ema([4.0, 4.0, 4.0], 0.1) == pytest.approx([4.0, 4.0, 4.0])  # no pull to 0
-    assert smooth_ema([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75])
-    assert smooth_ema([1.0, float("nan"), 1.0], 0.5) == pytest.approx([1.0, 1.0, 1.0])
-    with pytest.raises(ValueError, match="alpha"):
-        smooth_ema([1.0], 0.0)
+    assert smooth_centred([1.0, 2.0, 6.0, 3.0], 3) == pytest.approx([1.5, 3.0, 11 / 3, 4.5])
+    falling = [10.0 - i for i in range(9)]  # a straight line: no lag, the same line
+    assert smooth_centred(falling, 5)[2:-2] == pytest.approx(falling[2:-2])
+    assert smooth_centred([1.0, float("nan"), 3.0], 3) == pytest.approx([1.0, 2.0, 3.0])
+    assert (smoothing_window(30), smoothing_window(3000)) == (3, 151)
+    with pytest.raises(ValueError, match="odd"):
+        smooth_centred([1.0], 2)
 
 
 def test_a_figure_is_written_as_png_and_svg_the_same_bytes_each_time(tmp_path):

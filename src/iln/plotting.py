@@ -50,18 +50,23 @@ def save_figure_atomic(fig: Figure, path: Path | str, *, dpi: int = PRINT_DPI) -
     return path
 
 
-def smooth_ema(values: Sequence[float], alpha: float) -> list[float]:
-    """Exponential moving average (bias-corrected, so the first point is the first value):
-    s_t = (1 - alpha) s_(t-1) + alpha x_t, divided by 1 - (1 - alpha)^t. Non-finite values
-    are skipped (they keep the previous average)."""
-    if not 0 < alpha <= 1:
-        raise ValueError(f"smooth_ema: alpha must be in (0, 1], got {alpha}")
-    out, average, weight = [], 0.0, 0.0
-    for value in values:
-        if math.isfinite(value):
-            average = (1 - alpha) * average + alpha * value
-            weight = (1 - alpha) * weight + alpha
-        out.append(average / weight if weight > 0 else math.nan)
+def smoothing_window(count: int, share: float = 0.05, least: int = 3) -> int:
+    """An odd window of about ``share`` of ``count`` points, at least ``least``."""
+    window = max(least, round(count * share))
+    return window if window % 2 else window + 1
+
+
+def smooth_centred(values: Sequence[float], window: int) -> list[float]:
+    """Centred moving average over ``window`` (odd) points: each point the mean of the finite
+    values within window // 2 on either side (fewer at the ends), so the curve does not lag
+    behind the data the way a trailing average does."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"smooth_centred: window must be odd and positive, got {window}")
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        near = [v for v in values[max(0, i - half) : i + half + 1] if math.isfinite(v)]
+        out.append(sum(near) / len(near) if near else math.nan)
     return out
 
 

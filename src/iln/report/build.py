@@ -256,8 +256,9 @@ def _tables_section(
         "## Tables",
         "",
         "Tables 1-8 carry the paper's numbers and titles (the paper's numbering; the paper's "
-        "Tables 5 and 7 are not reproduced); tables S1-S4 are ours. Our cells say `no run` "
-        "where no run of ours fills them; `–` where a run exists but lacks that number. A table "
+        "Tables 5 and 7 are not reproduced); tables S1-S4 are ours. A row that no run of ours "
+        "fills says `no run` in its 'our run(s)' cell and leaves our cells blank; `–` marks a "
+        "number a run exists for but lacks. A table "
         "that no run of ours fills is one line saying which runs would fill it. Each row holds "
         "the paper's number and ours in adjacent columns ('(paper)', '(ours)'); the paper's "
         "numbers on sets we did not run share one cell per metric, in the order of its header. "

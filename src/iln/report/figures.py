@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from iln.plotting import log_axis, new_figure, save_figure_atomic, smooth_ema
+from iln.plotting import (
+    log_axis,
+    new_figure,
+    save_figure_atomic,
+    smooth_centred,
+    smoothing_window,
+)
 from iln.report.runs import RunResults
 from iln.styles import (
     LINE_GRAD_CLIP,
@@ -29,7 +35,7 @@ from iln.styles import (
 
 SHALLOW_ALPHA = 0.3  # shallower groups: thin, faint lines of the run's colour
 RAW_LOSS_ALPHA = 0.25  # the per-row training loss: a faint line under its smoothed curve
-LOSS_EMA_ALPHA = 0.1  # weight of each logged row in the loss's moving average
+LOSS_WINDOW_SHARE = 0.05  # the loss's centred moving average spans this share of the rows
 
 
 def run_style(run: RunResults) -> dict[str, str]:
@@ -145,7 +151,7 @@ def per_group_last_probe(runs: Sequence[RunResults], path: Path, *, title: str) 
     ax_m.set_ylabel("magnitude: mean x² (log scale)")
     ax_e.set_ylabel("channel entropy (nats)")
     for ax in (ax_m, ax_e):
-        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_xticks(np.arange(len(names)), [*names[:-1], f"{names[-1]}\n(deepest)"])
         ax.set_xlabel("group output (input side → output side)")
         ax.grid(alpha=0.3, which="major")
     ax_m.set_title("feature magnitude per group", fontsize=10)
@@ -156,8 +162,9 @@ def per_group_last_probe(runs: Sequence[RunResults], path: Path, *, title: str) 
 
 
 def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> Path | None:
-    """Training loss (log; each run's logged rows faint, their exponential moving average
-    with weight LOSS_EMA_ALPHA solid) and validation PSNR vs iteration, every run overlaid."""
+    """Training loss (log; each run's logged rows faint, their centred moving average over
+    LOSS_WINDOW_SHARE of the rows solid) and validation PSNR vs iteration, every run
+    overlaid."""
     runs = [r for r in runs if r.history]
     if not runs:
         return None
@@ -166,12 +173,13 @@ def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> 
     ax_l, ax_p = fig.subplots(1, 2)
     any_psnr = False
     losses: list[float] = []
+    window = smoothing_window(max(len(r.history_curve("loss")[0]) for r in runs), LOSS_WINDOW_SHARE)
     for run in runs:
         style = {**run_style(run), "label": labels[run.info.name]}
         steps, loss = run.history_curve("loss")
         losses += loss
         ax_l.plot(steps, loss, lw=0.8, alpha=RAW_LOSS_ALPHA, color=style["color"], ls=style["ls"])
-        ax_l.plot(steps, smooth_ema(loss, LOSS_EMA_ALPHA), lw=1.6, **style)
+        ax_l.plot(steps, smooth_centred(loss, window), lw=1.6, **style)
         steps, psnr = run.history_curve("val_psnr")
         if steps:
             any_psnr = True
@@ -179,7 +187,7 @@ def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> 
     log_axis(ax_l, losses)
     ax_l.set_ylabel("L1 training loss (log scale)")
     ax_l.set_title(
-        f"training loss (faint: per logged row; solid: EMA, weight {LOSS_EMA_ALPHA:g})",
+        f"training loss (faint: per logged row; solid: centred mean of {window} rows)",
         fontsize=10,
     )
     ax_p.set_ylabel("validation PSNR (dB, Y), EMA weights")
@@ -431,9 +439,10 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
         "figS2_loss_val_psnr",
         "Training loss and validation PSNR (ours)",
-        "L1 loss of the weights being trained (faint: each logged row; solid: its "
-        f"exponential moving average, weight {LOSS_EMA_ALPHA:g} per logged row, "
-        "bias-corrected), and PSNR of the EMA weights on the validation images, per run.",
+        "L1 loss of the weights being trained (faint: each logged row; solid: its centred "
+        f"moving average over {LOSS_WINDOW_SHARE:.0%} of the logged rows, at least 3, the "
+        "count in the panel's title), and PSNR of the EMA weights on the validation images, "
+        "per run.",
         lambda runs, path: loss_and_val_psnr(runs, path, title="Training loss and validation PSNR"),
         need="history.csv",
         probes=False,

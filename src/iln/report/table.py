@@ -21,7 +21,7 @@ from iln.files import write_csv_atomic, write_text_atomic
 from iln.report.paper import printed
 
 CSV_COLUMNS: tuple[str, ...] = ("row", "column", "paper", "ours", "run", "status")
-NO_RUN = "no run"
+NO_RUN = "no run"  # the "our run(s)" cell of a row no run of ours fills (its other cells: blank)
 MISSING = "–"
 MAX_VALUE_COLUMNS = 10  # printed value columns per markdown table part (beside the row names)
 CONSTANT_ROWS = 3  # a column of ours with one value in this many rows or more: said once
@@ -105,8 +105,8 @@ class Table:
 
     def ours_text(self, row: str, col: Column) -> str:
         value = self.cells.get((row, col.key), Cell()).ours
-        if value is None:
-            return MISSING if self.row_runs.get(row) else NO_RUN
+        if value is None:  # a row without a run says so once, in its "our run(s)" cell
+            return MISSING if self.row_runs.get(row) else ""
         if isinstance(value, bool):
             return "yes" if value else "no"
         if isinstance(value, str):
@@ -150,6 +150,11 @@ def constant_column(table: Table, col: Column) -> str | None:
     return texts.pop() if len(filled) >= CONSTANT_ROWS and len(texts) == 1 else None
 
 
+def _joined(texts: Sequence[str]) -> str:
+    """ "28.79 / 27.68 / –", or "–" where every one is missing."""
+    return MISSING if all(t == MISSING for t in texts) else " / ".join(texts)
+
+
 def _metric(col: Column) -> str | None:
     """psnr / ssim of a per-set column ("Set14:psnr"), else None."""
     metric = col.key.rpartition(":")[2]
@@ -159,8 +164,9 @@ def _metric(col: Column) -> str | None:
 def printed_columns(table: Table) -> tuple[list[Printed], list[str]]:
     """The printed columns in order and the notes that replace the constant ones: the
     paper's numbers of one metric on sets where no run of ours has any, merged into one
-    column (where there are two such sets or more) placed before the first column of ours of
-    that metric; every other column as its "(paper)" and "(ours)" sub-columns."""
+    column (where there are two such sets or more) where the first of them was, followed by
+    every column of ours of that metric; every other column as its "(paper)" and "(ours)"
+    sub-columns."""
     paper_only: dict[str, list[Column]] = {}
     for col in table.columns:
         if (metric := _metric(col)) and table.shown(col) == (True, False):
@@ -176,7 +182,7 @@ def printed_columns(table: Table) -> tuple[list[Printed], list[str]]:
         out.append(
             Printed(
                 f"{metric.upper()} (paper): {sets}",
-                lambda row: " / ".join(table.paper_text(row, c) for c in cols),
+                lambda row: _joined([table.paper_text(row, c) for c in cols]),
                 f"paper:{metric}",
             )
         )
@@ -185,24 +191,25 @@ def printed_columns(table: Table) -> tuple[list[Printed], list[str]]:
     def sub(label: str, text: Callable[[Column, str], str], col: Column) -> Printed:
         return Printed(f"{col.label} ({label})", lambda row: text(col, row), col.key)
 
-    for col in table.columns:
-        metric = _metric(col)
-        if metric in paper_only:
-            if col in paper_only[metric]:
-                continue
-            if metric not in placed:
-                merged(metric)
+    def emit(col: Column) -> None:
         if (value := constant_column(table, col)) is not None:
             notes.append(f"{col.label} (ours): {value} in every row with a run.")
-            continue
+            return
         paper, ours = table.shown(col)
         if paper:
             out.append(sub("paper", lambda c, row: table.paper_text(row, c), col))
         if ours:
             out.append(sub("ours", lambda c, row: table.ours_text(row, c), col))
-    for metric in paper_only:
-        if metric not in placed:
+
+    for col in table.columns:
+        metric = _metric(col)
+        if metric not in paper_only:
+            emit(col)
+        elif metric not in placed:  # the paper's merged cell, then every column of ours of it
             merged(metric)
+            for other in table.columns:
+                if _metric(other) == metric and other not in paper_only[metric]:
+                    emit(other)
     return out, notes
 
 
