@@ -857,6 +857,7 @@ def test_a_psnr_below_the_baseline_is_marked_in_its_row(tmp_path):
     out = tmp_path / "out"
     header, cells = md_row(out, "table2", "SR x2 / default_test / hat_tiny")
     assert cells[header.index("LN PSNR (ours)")] == "31.34 (below bicubic 33.56)"
+    assert cells[header.index("i-LN − LN PSNR (dB) (ours)")] == "2.78 (LN below bicubic)"
     assert cells[header.index("i-LN PSNR (ours)")] == "34.12"
     header, cells = md_row(out, "table3", "LN")
     assert cells[header.index("default_test PSNR (ours)")] == "31.34 (below bicubic 33.56)"

@@ -493,9 +493,14 @@ def table2(
         value = ((baseline or {}).get(f"{task}/{set_name}") or {}).get("psnr")
         if value is not None and table.row_runs.get(row):
             table.set_ours(row, base_col, value, BASELINE_RUN)
+            below = []
             for norm in ("ln", "iln"):
                 ours = table.cell(row, f"{norm}:psnr").ours
                 mark_below_baseline(table, row, f"{norm}:psnr", ours, value, task)
+                below += [norm_label(norm)] if (row, f"{norm}:psnr") in table.marks else []
+            if below and table.cell(row, "gain").ours is not None:
+                who = " and ".join(below)
+                table.marks[(row, "gain")] = f"{who} below {baseline_label(task)}"
 
     def pair(task: str, set_name: str, arch: str | None) -> dict[str, RunResults | None]:
         same = (lambda a: True) if arch is None else (lambda a: _family(a) == _family(arch))
