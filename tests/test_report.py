@@ -895,7 +895,13 @@ def test_figures_are_200_dpi_pngs_with_an_svg_beside_in_the_norm_colours(built):
 
 
 def test_each_filling_overlay_declares_runs_of_its_group():
-    for key, text in FILLED_BY.items():
+    from iln.report.figures import FIGURES
+
+    texts = {
+        **FILLED_BY,
+        **{f.name: f"group `{f.group}` {f.filled_by}" for f in FIGURES if f.filled_by},
+    }
+    for key, text in texts.items():
         for config in re.findall(r"configs/[a-z0-9_]+\.yaml", text):
             assert (ROOT / config).exists(), (key, config)
             group = re.search(r"group `(\w+)`", text)

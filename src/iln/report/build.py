@@ -323,7 +323,8 @@ def _figures_section(
                 else _group_reason(results, fig.group, fig.need)
             )
             status[fig.name] = f"skipped: {reason}"
-            md += [f"- {fig.heading}: skipped ({reason}).", ""]
+            fill = f"; filled by the runs of {fig.filled_by}" if fig.filled_by else ""
+            md += [f"- {fig.heading}: skipped ({reason}{fill}).", ""]
             continue
         status[fig.name] = "written"
         measured = ""

@@ -347,6 +347,7 @@ class FigureSpec:
     fig1: bool = False  # the caption quotes the paper's Fig. 1 numbers
     dynamics: str | None = None  # the caption says how this statistic of each run's deepest
     # group changed from its first to its last probe (iln.report.dynamics), computed
+    filled_by: str | None = None  # the config overlay that declares the group's runs
 
 
 def _curve(stat: str, title: str, ylabel: str = MAGNITUDE, log: bool = True) -> Draw:
@@ -397,6 +398,7 @@ FIGURES: tuple[FigureSpec, ...] = (
         ),
         group="table1",
         dynamics="magnitude",
+        filled_by="configs/cpu_ablation.yaml, configs/paper_norms_x4.yaml",
     ),
     FigureSpec(
         "fig8_stabilisers_max_abs",
@@ -410,6 +412,7 @@ FIGURES: tuple[FigureSpec, ...] = (
         ),
         group="table8",
         dynamics="max_abs",
+        filled_by="configs/cpu_ablation.yaml, configs/paper_hat1_x4.yaml",
     ),
     FigureSpec(
         "fig2_depth_width",
@@ -426,6 +429,7 @@ FIGURES: tuple[FigureSpec, ...] = (
         ),
         group="fig2",
         need="probes.csv of two sizes",
+        filled_by="configs/cpu_depth_width.yaml",
     ),
     FigureSpec(
         "figS1_stdnorm_magnitude",
@@ -435,6 +439,7 @@ FIGURES: tuple[FigureSpec, ...] = (
         _curve("magnitude", "Feature magnitude with stdnorm on and off"),
         group="stdnorm",
         dynamics="magnitude",
+        filled_by="configs/cpu_ablation.yaml, configs/paper_hat1_x4.yaml",
     ),
     FigureSpec(
         "figS2_loss_val_psnr",
