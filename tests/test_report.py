@@ -368,11 +368,12 @@ def test_without_runs_table1_and_table2_show_the_papers_numbers_and_no_run(tmp_p
     header, cells = md_row(out, "table1", "BN (batch stats in eval)")  # a row, no numbers
     assert cells[1] == "no run"
     header, cells = md_row(out, "table2", "deraining / Rain100L / hat_1")
-    assert cells[header.index("LN PSNR (paper)")] == "34.35"
-    assert cells[header.index("i-LN SSIM (paper)")] == "0.9641"
-    assert cells[1] == "no run" and cells[header.index("LN PSNR (ours)")] == ""
+    assert cells[header.index("LN PSNR / SSIM (paper)")] == "34.35 / 0.9471"
+    assert cells[header.index("i-LN PSNR / SSIM (paper)")] == "36.20 / 0.9641"
+    assert cells[1] == "no run" and cells[header.index("LN PSNR / SSIM (ours)")] == ""
+    assert "*Part" not in (out / "tables" / "table2.md").read_text()  # one page wide
     _, swinir = md_row(out, "table2", "deraining / Test100 / swinir_1")
-    assert "27.45" in swinir and "0.8982" in swinir
+    assert "27.45 / 0.8766" in swinir and "29.87 / 0.8982" in swinir
     assert all(v.startswith("skipped: no ") for v in summary["figures"].values())
     assert summary["figures"]["fig4_norms_magnitude"] == "skipped: no run in group `table1`"
     assert summary["tables"]["table_s2_seeds"] == "skipped: no run in group `seeds`"
@@ -856,9 +857,10 @@ def test_a_psnr_below_the_baseline_is_marked_in_its_row(tmp_path):
     build_report(infos(runs), root, tmp_path / "out", scale_note="-")
     out = tmp_path / "out"
     header, cells = md_row(out, "table2", "SR x2 / default_test / hat_tiny")
-    assert cells[header.index("LN PSNR (ours)")] == "31.34 (below bicubic 33.56)"
+    ln = cells[header.index("LN PSNR / SSIM (ours)")]
+    assert ln == "31.34 / 0.8000 (below bicubic 33.56)"
     assert cells[header.index("i-LN − LN PSNR (dB) (ours)")] == "2.78 (LN below bicubic)"
-    assert cells[header.index("i-LN PSNR (ours)")] == "34.12"
+    assert cells[header.index("i-LN PSNR / SSIM (ours)")] == "34.12 / 0.8000"
     header, cells = md_row(out, "table3", "LN")
     assert cells[header.index("default_test PSNR (ours)")] == "31.34 (below bicubic 33.56)"
 

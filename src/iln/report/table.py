@@ -12,6 +12,7 @@ parts only where still wider than a page.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class Table:
     # remark printed after our value in that cell, e.g. "below bicubic 33.57"
     filled_by: str | None = None  # which runs would fill it (a config overlay), for the
     # one line the report prints while no run of ours does
+    psnr_ssim_cells: bool = False  # print "<x>:psnr" and "<x>:ssim" as one "PSNR / SSIM" cell
 
     def add_row(self, row: str, runs: Sequence[str] = ()) -> None:
         if row not in self.rows:
@@ -103,7 +105,7 @@ class Table:
         paper = any(c.paper is not None for (_, k), c in self.cells.items() if k == col.key)
         return paper, col.always_ours or self.has_ours(col.key) or not paper
 
-    def ours_text(self, row: str, col: Column) -> str:
+    def ours_text(self, row: str, col: Column, marked: bool = True) -> str:
         value = self.cells.get((row, col.key), Cell()).ours
         if value is None:  # a row without a run says so once, in its "our run(s)" cell
             return MISSING if self.row_runs.get(row) else ""
@@ -114,7 +116,7 @@ class Table:
         if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
             return str(value)
         text = FORMATS.get(col.fmt, FORMATS["sci"])(value)
-        mark = self.marks.get((row, col.key))
+        mark = self.marks.get((row, col.key)) if marked else None
         return f"{text} ({mark})" if mark else text
 
     def paper_text(self, row: str, col: Column) -> str:
@@ -191,7 +193,34 @@ def printed_columns(table: Table) -> tuple[list[Printed], list[str]]:
     def sub(label: str, text: Callable[[Column, str], str], col: Column) -> Printed:
         return Printed(f"{col.label} ({label})", lambda row: text(col, row), col.key)
 
+    ssim = {c.key.removesuffix(":ssim"): c for c in table.columns if c.key.endswith(":ssim")}
+    paired = {
+        c.key: ssim[base]
+        for c in table.columns
+        if table.psnr_ssim_cells and (base := c.key.removesuffix(":psnr")) != c.key and base in ssim
+    }
+
+    def both(col: Column, other: Column, side: str, row: str) -> str:
+        if side == "paper":
+            texts = [table.paper_text(row, col), table.paper_text(row, other)]
+            return _joined(texts)
+        texts = [table.ours_text(row, col, marked=False), table.ours_text(row, other)]
+        if not any(texts):
+            return ""
+        mark = table.marks.get((row, col.key))
+        return _joined(texts) + (f" ({mark})" if mark else "")
+
     def emit(col: Column) -> None:
+        if col in paired.values():  # printed beside its PSNR
+            return
+        if col.key in paired:
+            other = paired[col.key]
+            label = f"{col.label.removesuffix(' PSNR')} PSNR / SSIM"
+            for side, shown in zip(("paper", "ours"), table.shown(col), strict=True):
+                if shown:
+                    text = functools.partial(both, col, other, side)
+                    out.append(Printed(f"{label} ({side})", text, col.key))
+            return
         if (value := constant_column(table, col)) is not None:
             notes.append(f"{col.label} (ours): {value} in every row with a run.")
             return
@@ -224,13 +253,16 @@ def _part(table: Table, columns: Sequence[Printed]) -> list[str]:
 
 def to_markdown(table: Table) -> list[str]:
     """The table as markdown (printed_columns), then the notes of its constant columns; one
-    wider than MAX_VALUE_COLUMNS printed value columns is split into parts (each part
-    repeating the row names), so each fits a page."""
+    wider than MAX_VALUE_COLUMNS printed value columns is split into as few parts of about
+    equal width as fit (each part repeating the row names; a column's "(paper)" and "(ours)"
+    always in one part), so each fits a page."""
     columns, notes = printed_columns(table)
+    count = math.ceil(len(columns) / MAX_VALUE_COLUMNS) if columns else 1
+    width = math.ceil(len(columns) / count)  # parts of about equal width, not one stub
     parts: list[list[Printed]] = []
     for group in dict.fromkeys(c.group for c in columns):
         members = [c for c in columns if c.group == group]
-        if not parts or len(parts[-1]) + len(members) > MAX_VALUE_COLUMNS:
+        if not parts or len(parts[-1]) + len(members) > max(width, len(members)):
             parts.append([])
         parts[-1] += members
     tail = ["", *(f"- {note}" for note in notes)] if notes else []

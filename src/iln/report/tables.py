@@ -390,6 +390,7 @@ def _norm_rows_table(
 
 
 def _pair_columns(table: Table) -> dict[str, Column]:
+    table.psnr_ssim_cells = True  # "31.07 / 0.8986": the pair fits one page
     cols = {
         "ln:psnr": Column("ln:psnr", "LN PSNR", "psnr", always_ours=True),
         "ln:ssim": Column("ln:ssim", "LN SSIM", "ssim", always_ours=True),
