@@ -110,9 +110,9 @@ def test_vendored_scripts_and_licences_are_recorded():
 
 def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
     """Every template names each line by its run (runs/<name>/...) and draws it in the colour
-    iln.styles gives the norm of that name (black for other names), the legend listing only
+    iln.figures.styles gives the norm of that name (black for other names), the legend listing only
     the runs plotted."""
-    from iln.styles import NORM_STYLES, UNKNOWN_STYLE_COLOR
+    from iln.figures.styles import NORM_STYLES, UNKNOWN_STYLE_COLOR
 
     for path in sorted((ROOT / "plots" / "templates").glob("*.json")):
         spec = json.loads(path.read_text())
@@ -131,7 +131,7 @@ def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
 
 
 def test_the_loss_smoothing_is_a_centred_moving_average():
-    from iln.plotting import smooth_centred, smoothing_window
+    from iln.figures.plotting import smooth_centred, smoothing_window
 
     assert smooth_centred([1.0, 2.0, 6.0, 3.0], 3) == pytest.approx([1.5, 3.0, 11 / 3, 4.5])
     falling = [10.0 - i for i in range(9)]  # a straight line: no lag, the same line
@@ -143,7 +143,7 @@ def test_the_loss_smoothing_is_a_centred_moving_average():
 
 
 def test_a_figure_is_written_as_png_and_svg_the_same_bytes_each_time(tmp_path):
-    from iln.plotting import PRINT_DPI, new_figure, save_figure_atomic
+    from iln.figures.plotting import PRINT_DPI, new_figure, save_figure_atomic
 
     def draw(path: Path) -> Path:
         fig = new_figure(2.0, 1.5)
