@@ -1203,7 +1203,9 @@ def _loader_rows(ctx: Context, step_seconds: float | None, folder: Path) -> list
 
 
 def _overflow(base: nn.Module, gain: float, ctx: Context) -> dict[str, Any]:
-    from iln.evaluation import precision  # here: its import chain (evaluation, metrics) takes a second
+    from iln.evaluation import (
+        precision,  # here: its import chain (evaluation, metrics) takes a second
+    )
 
     plan, device = ctx.plan, ctx.device
     model = copy.deepcopy(base).eval()

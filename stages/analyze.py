@@ -62,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         tags=opened.tags,
     ) as tracker:
         result = run_final_analysis(
-            model, lq, out, raw=raw, per_block=params.train.probe_per_block, label=args.run
+            model,
+            lq,
+            out,
+            raw=raw,
+            per_block=params.train.probe_per_block,
+            label=args.run,
+            color=norm_style(spec.norm).color,
         )
         tracker.log_metrics(result["summary"])  # final/{ema,raw}/<layer>/<stat>
         tracker.log_artifact(out)

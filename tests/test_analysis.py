@@ -17,6 +17,7 @@ from iln.analysis.final import (
     final_norm_bias,
     gather_rpb,
     group_rpb_tables,
+    plot_final_norm,
     plot_rpb,
     relative_position_index,
     rpb_table_images,
@@ -24,6 +25,7 @@ from iln.analysis.final import (
 )
 from iln.config.layout import FEATURES_COLUMNS
 from iln.evaluation.probes import measure_features
+from iln.figures.styles import NORM_STYLES, norm_style
 from iln.models import build_model
 from iln.models.restorer import WindowedRestorer
 from iln.weights.trained import load_trained, save_trained
@@ -185,6 +187,7 @@ def _check_outputs(out_dir, n_layers: int, weights: tuple[str, ...] = ("ema",)) 
         assert tuple(next(csv.DictReader(fh))) == FINAL_NORM_COLUMNS
     for name in ("final_norm.png", "rpb_first.png", "rpb_last.png"):
         assert (out_dir / name).read_bytes().startswith(PNG_MAGIC)
+        assert (out_dir / name).with_suffix(".svg").read_text().lstrip().startswith("<?xml")
     assert not [p for p in out_dir.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -193,6 +196,16 @@ def test_run_final_analysis_writes_every_file(tmp_path):
     result = run_final_analysis(model, lq(), tmp_path / "analysis", label="fake")
     _check_outputs(tmp_path / "analysis", n_layers=3)
     assert len(result["files"]) == 6 and len(result["final_norm"]) == 6
+
+
+@pytest.mark.parametrize("norm", ["ln", "iln"])
+def test_final_norm_figure_is_drawn_in_the_norms_colour(tmp_path, norm):
+    rows = [{"channel": c, "bias": 0.1 * c - 0.2, "input_mean_abs": 1.0 + c} for c in range(6)]
+    path = plot_final_norm(rows, tmp_path / "final_norm.png", color=norm_style(norm).color)
+    svg = path.with_suffix(".svg").read_text()
+    others = {s.color for n, s in NORM_STYLES.items() if n != norm}
+    assert norm_style(norm).color in svg
+    assert not [c for c in others if c in svg], "another norm's colour in the figure"
 
 
 def test_ema_and_raw_weights_are_measured_and_labelled(tmp_path):

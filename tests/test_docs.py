@@ -79,3 +79,16 @@ def test_the_snapshot_keeps_what_the_table_shows():
     table = frontpage.render(frontpage.snapshot(summary, {"psnr": 33.57, "ssim": 0.9}))
     assert "| LN | 3.15e+03 | 0.65 (3.47) | 29.23 |" in table
     assert "| bicubic upsampling | - | - | 33.57 |" in table
+    summary["ln"] |= {"deepest_magnitude_start": 2.1, "first_probe_step": 0}
+    machine = {"cpu": "2-core Some CPU", "threads": 2}
+    table = frontpage.render(frontpage.snapshot(summary, None, machine))
+    assert "| LN | 2.1 → 3.15e+03 (x1.5e+03) | 0.65 (3.47) | 29.23 |" in table
+    assert "Measured on a 2-core Some CPU with 2 torch threads" in table
+
+
+def test_the_readme_table_says_which_machine_and_threads_it_came_from():
+    snap = json.loads((ROOT / "docs" / "default-run.json").read_text())
+    assert snap["machine"]["cpu"] and snap["machine"]["threads"] >= 1
+    assert f"with {snap['machine']['threads']} torch threads" in (ROOT / "README.md").read_text()
+    here = frontpage.this_machine()
+    assert here["threads"] >= 1 and here["cpu"].split("-core ")[0].isdigit()

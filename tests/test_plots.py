@@ -128,3 +128,33 @@ def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
             "title": "run",
             "scale": {"range": {"field": "run_color"}},
         }
+
+
+def test_the_loss_smoothing_is_a_centred_moving_average():
+    from iln.figures.plotting import smooth_centred, smoothing_window
+
+    assert smooth_centred([1.0, 2.0, 6.0, 3.0], 3) == pytest.approx([1.5, 3.0, 11 / 3, 4.5])
+    falling = [10.0 - i for i in range(9)]  # a straight line: no lag, the same line
+    assert smooth_centred(falling, 5)[2:-2] == pytest.approx(falling[2:-2])
+    assert smooth_centred([1.0, float("nan"), 3.0], 3) == pytest.approx([1.0, 2.0, 3.0])
+    assert (smoothing_window(30), smoothing_window(3000)) == (3, 151)
+    with pytest.raises(ValueError, match="odd"):
+        smooth_centred([1.0], 2)
+
+
+def test_a_figure_is_written_as_png_and_svg_the_same_bytes_each_time(tmp_path):
+    from iln.figures.plotting import PRINT_DPI, new_figure, save_figure_atomic
+
+    def draw(path: Path) -> Path:
+        fig = new_figure(2.0, 1.5)
+        ax = fig.subplots()
+        ax.plot([0, 1], [1, 2], label="deepest group")
+        ax.set_xlabel("training iteration")
+        return save_figure_atomic(fig, path)
+
+    first = draw(tmp_path / "a.png").read_bytes()
+    assert int.from_bytes(first[16:20], "big") == 2 * PRINT_DPI >= 400
+    svg = (tmp_path / "a.svg").read_bytes()
+    assert b"training iteration" in svg  # text kept as text
+    draw(tmp_path / "b.png")
+    assert (tmp_path / "b.svg").read_bytes() == svg and (tmp_path / "b.png").read_bytes() == first

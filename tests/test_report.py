@@ -33,7 +33,7 @@ from iln.report.build import METRICS_ROW_KEYS
 from iln.report.crops import largest_difference_box
 from iln.report.paper import printed
 from iln.report.render import MAX_VALUE_COLUMNS
-from iln.report.tables import Protocol, fp16_remark
+from iln.report.tables import FILLED_BY, Protocol, fp16_remark
 from iln.weights.subject import find_subject
 from tests.helpers import ROOT, train_settings, train_summary
 
@@ -347,20 +347,33 @@ def test_without_runs_table1_and_table2_show_the_papers_numbers_and_no_run(tmp_p
     summary = build_report({}, tmp_path / "empty", out, scale_note="nothing run")
     assert summary["runs"] == {}
     assert summary["tables"]["table1"] == "paper only (no run)"
-    header, cells = md_row(out, "table1", "LN")
-    assert cells[header.index("Set14 PSNR (paper)")] == "28.79"
-    assert cells[header.index("Manga109 SSIM (paper)")] == "0.9150"  # as the paper prints it
+    header, cells = md_row(out, "table1", "LN")  # the paper's sets: one cell per metric
+    assert cells[header.index("PSNR (paper): Set14 / B100 / Urban100 / Manga109")] == (
+        "28.79 / 27.68 / 26.55 / 31.01"
+    )
+    ssim = cells[header.index("SSIM (paper): Set14 / B100 / Urban100 / Manga109")]
+    assert ssim.endswith(" / 0.9150")  # as the paper prints it
     assert cells[1] == "no run"
+    text = (out / "report.md").read_text()  # in the report: one line, saying what fills it
+    section = report_section(text, "Table 1: Normalisation layers compared")
+    assert section.strip().splitlines()[2:] == [
+        f"No run of ours yet; filled by {FILLED_BY['table1']}; the paper's numbers: "
+        "[tables/table1.md](tables/table1.md)."
+    ]
+    assert "configs/paper_hat_dagger.yaml" in report_section(
+        text, "Table 6: Full HAT (HAT†), LN vs i-LN"
+    )
     _, inorm = md_row(out, "table1", "InstanceNorm")
-    assert "27.02" in inorm and "0.8136" in inorm
+    assert any("27.02" in c for c in inorm) and any("0.8136" in c for c in inorm)
     header, cells = md_row(out, "table1", "BN (batch stats in eval)")  # a row, no numbers
     assert cells[1] == "no run"
     header, cells = md_row(out, "table2", "deraining / Rain100L / hat_1")
-    assert cells[header.index("LN PSNR (paper)")] == "34.35"
-    assert cells[header.index("i-LN SSIM (paper)")] == "0.9641"
-    assert cells[header.index("LN PSNR (ours)")] == "no run"
+    assert cells[header.index("LN PSNR / SSIM (paper)")] == "34.35 / 0.9471"
+    assert cells[header.index("i-LN PSNR / SSIM (paper)")] == "36.20 / 0.9641"
+    assert cells[1] == "no run" and cells[header.index("LN PSNR / SSIM (ours)")] == ""
+    assert "*Part" not in (out / "tables" / "table2.md").read_text()  # one page wide
     _, swinir = md_row(out, "table2", "deraining / Test100 / swinir_1")
-    assert "27.45" in swinir and "0.8982" in swinir
+    assert "27.45 / 0.8766" in swinir and "29.87 / 0.8982" in swinir
     assert all(v.startswith("skipped: no ") for v in summary["figures"].values())
     assert summary["figures"]["fig4_norms_magnitude"] == "skipped: no run in group `table1`"
     assert summary["tables"]["table_s2_seeds"] == "skipped: no run in group `seeds`"
@@ -434,7 +447,7 @@ def test_table2_pairs_drct_runs_with_drct_runs_only(tmp_path):
 def test_table3_marks_a_declared_but_missing_run_no_run(built):
     _, out, _ = built
     header, cells = md_row(out, "table3", "LN*")
-    assert cells[1] == "no run" and cells[header.index("default_test PSNR (ours)")] == "no run"
+    assert cells[1] == "no run" and cells[header.index("default_test PSNR (ours)")] == ""
     rows = read_table(out, "table3")
     assert float(cell(rows, "LN", "B100 PSNR")["paper"]) == 27.7897
     assert float(cell(rows, "i-LN", "Manga109 PSNR")["paper"]) == 32.1694
@@ -474,11 +487,20 @@ def test_every_psnr_table_has_the_baseline(built):
 def test_wide_tables_are_split_into_parts_that_fit_a_page(built):
     _, out, _ = built
     text = (out / "tables" / "table1.md").read_text()
-    assert "*Part 1 of 3.*" in text and "*Part 3 of 3.*" in text
+    assert "*Part 1 of 2.*" in text and "*Part 2 of 2.*" in text
     widths = {line.count(" | ") + 1 for line in text.splitlines() if line.startswith("| ")}
     assert max(widths) <= 2 + MAX_VALUE_COLUMNS
-    header, _ = md_table(text)  # every column is in one of the parts
-    assert {"Set14 PSNR (paper)", "finding (paper)", "entropy ceiling ln C (ours)"} <= set(header)
+    header, rows = md_table(text)  # every column is in one of the parts
+    assert {"Set14 PSNR (paper)", "Set14 PSNR (ours)", "finding (paper)"} <= set(header)
+    # the paper's number and ours side by side: adjacent columns of one part
+    assert header.index("Set14 PSNR (ours)") == header.index("Set14 PSNR (paper)") + 1
+    merged = "PSNR (paper): B100 / Urban100 / Manga109"  # sets only the paper has: one cell
+    assert rows[0][header.index(merged)] == "27.68 / 26.55 / 31.01"
+    # a column of ours with one value in every row is said once, under the table
+    assert "entropy ceiling ln C (ours)" not in header
+    assert "- entropy ceiling ln C (ours): 3.466 in every row with a run." in text
+    s4 = (out / "tables" / "table_s4_runs.md").read_text()
+    assert "- iterations (ours): 300 in every row with a run." in s4 and "*Part" not in s4
 
 
 def test_the_ema_sentence_gives_the_share_of_the_initial_weights(built):
@@ -547,7 +569,14 @@ def test_report_md_states_the_scale_first_and_why_things_are_skipped(built):
     text = (out / "report.md").read_text()
     head = "\n".join(text.splitlines()[:4])
     assert "Scale of these results: preset hat_tiny, 300 iterations, embedded photos, CPU" in head
-    assert "**Headline:** at the last training probe" in text
+    assert (
+        "**Headline: each norm's change from its own step 0** (deepest group's feature "
+        "magnitude, mean x², raw weights, first to last training probe; entropy ceiling ln C "
+        "= 3.47): LN (`ln`) grows x64 (1 at step 0 → 64 at step 300), entropy 3.47 → 1.67 "
+        "nats; i-LN (`iln`) stays within 2x of its step-0 value, x1 (1.2 at step 0 → 1.2 at "
+        "step 300)"
+    ) in text
+    assert "LN / i-LN" not in text and "x the feature magnitude of" not in text
     assert summary["tables"]["table_s2_seeds"] == "skipped: no run in group `seeds`"
     assert summary["figures"]["fig4_norms_magnitude"] == "written"  # inorm is in table1
     assert "![fig1_magnitude_vs_iteration](figures/fig1_magnitude_vs_iteration.png)" in text
@@ -734,7 +763,9 @@ def test_report_html_embeds_the_figures_and_ends_with_the_mlflow_link(built, tmp
     _, out, _ = built
     page = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
-    assert md.count("](figures/") == page.count('src="data:image/png;base64,') > 0
+    assert (
+        md.count("](figures/") - md.count(".svg)") == page.count('src="data:image/png;base64,') > 0
+    )
     assert "![" not in page and "<table>" in page and "<h3>Table 1:" in page
     root = tmp_path / "runs"
     make_run(root, "ln", norm="ln")
@@ -751,3 +782,130 @@ def test_report_html_embeds_the_figures_and_ends_with_the_mlflow_link(built, tmp
     assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db`" in text
     page = (tmp_path / "out" / "report.html").read_text()
     assert f'<a href="{link}">{link}</a>' in page
+
+
+# ---------------------------------------------------------------- dynamics from step 0
+
+
+def _probe_run(root: Path, name: str, norm: str, magnitudes: list[float], entropy=3.0) -> None:
+    """A run whose deepest group (group1) has the given magnitude at steps 0, 100, ..."""
+    rows = [
+        {"step": 100 * i, **feature(layer, mag if layer == "group1" else 1.0, entropy)}
+        for i, mag in enumerate(magnitudes)
+        for layer in ("group0", "group1")
+    ]
+    write_csv(root / name / "train" / "probes.csv", PROBE_HEADER, rows)
+
+
+@pytest.mark.parametrize(
+    "iln_magnitudes, claim, not_claimed",
+    [
+        # i-LN as in the paper: flat
+        (
+            [0.64, 0.7, 0.9],
+            "i-LN stays within 2x of its step-0 value, x1.4 (0.64 at step 0 →",
+            "shrinks",
+        ),
+        # i-LN as in our default run: shrinking 25-fold
+        (
+            [0.64, 0.092, 0.0256],
+            "i-LN shrinks 25-fold, to x0.04 (0.64 at step 0 → 0.0256 at step 200)",
+            "stays within",
+        ),
+    ],
+)
+def test_captions_say_what_each_norm_did_from_its_own_step_0(
+    tmp_path, iln_magnitudes, claim, not_claimed
+):
+    """The headline and Fig. 1's caption are computed from the probes: "stays within 2x"
+    only for data that do, the measured factor otherwise; no cross-norm ratio."""
+    root = tmp_path / "runs"
+    _probe_run(root, "ln", "ln", [2.1, 300.0, 1407.0])
+    _probe_run(root, "iln", "iln", iln_magnitudes)
+    runs = {n: {**BASE, "norm": n, "groups": ["table3"]} for n in ("ln", "iln")}
+    build_report(infos(runs), root, tmp_path / "out", scale_note="-")
+    text = (tmp_path / "out" / "report.md").read_text()
+    head = next(line for line in text.splitlines() if line.startswith("**Headline"))
+    caption = report_section(text, "Feature magnitude vs iteration (paper Fig. 1, top)")
+    for sentence in (head, caption):
+        assert "LN grows x670 (2.1 at step 0 → 1.41e+03 at step 200)" in sentence.replace(
+            " (`ln`)", ""
+        )
+        assert claim in sentence.replace(" (`iln`)", "")
+        assert not_claimed not in sentence.split("i-LN")[1]
+    assert "fixed scale" not in text and "LN / i-LN" not in text
+
+
+def test_growth_phrases_follow_the_factor():
+    from iln.report.dynamics import Change, growth_phrase
+
+    assert growth_phrase(Change(0, 1.0, 600, 1.9)).startswith("stays within 2x")
+    assert growth_phrase(Change(0, 1.0, 600, 0.51)).startswith("stays within 2x")
+    assert growth_phrase(Change(0, 1.0, 600, 2.1)).startswith("grows x2.1")
+    assert growth_phrase(Change(0, 0.64, 600, 0.0257)).startswith("shrinks 25-fold, to x0.04")
+
+
+def test_a_psnr_below_the_baseline_is_marked_in_its_row(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "ln", norm="ln", psnr=31.34, sets=("default_test",), train=False)
+    make_run(root, "iln", norm="iln", psnr=34.12, sets=("default_test",), train=False)
+    (root / "bicubic" / "eval").mkdir(parents=True)
+    (root / "bicubic" / "eval" / "metrics.json").write_text(
+        json.dumps({"sr_x2/default_test": {"psnr": 33.565, "ssim": 0.9}})
+    )
+    runs = {n: {**BASE, "norm": n, "groups": ["table3"]} for n in ("ln", "iln")}
+    build_report(infos(runs), root, tmp_path / "out", scale_note="-")
+    out = tmp_path / "out"
+    header, cells = md_row(out, "table2", "SR x2 / default_test / hat_tiny")
+    ln = cells[header.index("LN PSNR / SSIM (ours)")]
+    assert ln == "31.34 / 0.8000 (below bicubic 33.56)"
+    assert cells[header.index("i-LN − LN PSNR (dB) (ours)")] == "2.78 (LN below bicubic)"
+    assert cells[header.index("i-LN PSNR / SSIM (ours)")] == "34.12 / 0.8000"
+    header, cells = md_row(out, "table3", "LN")
+    assert cells[header.index("default_test PSNR (ours)")] == "31.34 (below bicubic 33.56)"
+
+
+def test_table8_puts_the_papers_iln_magnitude_beside_ours_with_the_factor(tmp_path):
+    root = tmp_path / "runs"
+    _probe_run(root, "iln", "iln", [0.64, 0.1, 0.0257])
+    runs = {"iln": {**BASE, "norm": "iln", "groups": ["table8"]}}
+    build_report(infos(runs), root, tmp_path / "out", scale_note="-")
+    text = (tmp_path / "out" / "tables" / "table8.md").read_text()
+    assert (
+        "- The paper's i-LN 'magnitude about 1.2' (its Fig. 1: mean x², HAT_1 after 300K "
+        "iterations) against ours: i-LN's deepest group ends at 0.0257 (`iln`, raw weights), "
+        "x0.021 of it; from its step-0 value it shrinks 25-fold, to x0.04 (0.64 at step 0 → "
+        "0.0257 at step 200)."
+    ) in text
+
+
+def test_figures_are_200_dpi_pngs_with_an_svg_beside_in_the_norm_colours(built):
+    _, out, _ = built
+    png = out / "figures" / "fig1_magnitude_vs_iteration.png"
+    data = png.read_bytes()
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (9 * 200, round(4.6 * 200))  # the figure's inches at 200 dpi
+    svg = png.with_suffix(".svg").read_text()
+    assert "deepest group" in svg and "group2" not in svg  # the legend names it
+    assert NORM_STYLES["ln"].color in svg and NORM_STYLES["iln"].color in svg
+    text = (out / "report.md").read_text()
+    assert (
+        "[figures/fig1_magnitude_vs_iteration.svg](figures/fig1_magnitude_vs_iteration.svg)" in text
+    )
+    loss = (out / "figures" / "figS2_loss_val_psnr.svg").read_text()
+    assert "solid: centred mean of 3 rows" in loss  # the smoothing is named on the figure
+
+
+def test_each_filling_overlay_declares_runs_of_its_group():
+    from iln.report.figures import FIGURES
+
+    texts = {
+        **FILLED_BY,
+        **{f.name: f"group `{f.group}` {f.filled_by}" for f in FIGURES if f.filled_by},
+    }
+    for key, text in texts.items():
+        for config in re.findall(r"configs/[a-z0-9_]+\.yaml", text):
+            assert (ROOT / config).exists(), (key, config)
+            group = re.search(r"group `(\w+)`", text)
+            if group:
+                assert f"{group.group(1)}" in (ROOT / config).read_text(), (key, config)

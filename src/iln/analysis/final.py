@@ -22,6 +22,7 @@ from torch import nn
 from iln.config.layout import FEATURES_COLUMNS, FINAL_NORM_COLUMNS
 from iln.evaluation.probes import evaluation_mode, measure_features
 from iln.figures.plotting import log_axis_if_wide, new_figure, save_figure_atomic
+from iln.figures.styles import UNKNOWN_STYLE_COLOR
 from iln.models.common import BIAS_TABLE_STD
 from iln.util.device import unwrap
 from iln.util.files import write_csv_atomic, write_json_atomic
@@ -86,10 +87,15 @@ def final_norm_bias(
 
 
 def plot_final_norm(
-    rows: Sequence[Mapping[str, object]], path: Path | str, *, title: str = ""
+    rows: Sequence[Mapping[str, object]],
+    path: Path | str,
+    *,
+    color: str = UNKNOWN_STYLE_COLOR,
+    title: str = "",
 ) -> Path:
     """Fig. 8 style: channels sorted by input mean |x|; the bias in the same order; and
-    the bias against mean |x| per channel."""
+    the bias against mean |x| per channel; every mark in ``color`` (the run's norm colour,
+    iln.figures.styles)."""
     if not rows:
         raise ValueError("plot_final_norm: no rows")
     mean_abs = np.array([float(r["input_mean_abs"]) for r in rows])  # (C,)
@@ -98,7 +104,7 @@ def plot_final_norm(
     x = np.arange(len(rows))
     fig = new_figure(12, 3.8)
     axes = fig.subplots(1, 3)
-    axes[0].bar(x, np.maximum(mean_abs[order], 1e-12), width=1.0, color="tab:blue")
+    axes[0].bar(x, np.maximum(mean_abs[order], 1e-12), width=1.0, color=color)
     log_axis_if_wide(axes[0], mean_abs, "y")
     axes[0].set_xlabel("channel, sorted by input mean |x|")
     axes[0].set_ylabel("input mean |x|")
@@ -107,9 +113,9 @@ def plot_final_norm(
         for ax in axes[1:]:
             ax.text(0.5, 0.5, "no bias parameter", ha="center", va="center", transform=ax.transAxes)
     else:
-        axes[1].bar(x, bias[order], width=1.0, color="tab:red")
+        axes[1].bar(x, bias[order], width=1.0, color=color)
         axes[1].axhline(0.0, color="k", lw=0.5)
-        axes[2].scatter(np.maximum(mean_abs, 1e-12), bias, s=10, color="tab:purple")
+        axes[2].scatter(np.maximum(mean_abs, 1e-12), bias, s=10, color=color)
         axes[2].axhline(0.0, color="k", lw=0.5)
         log_axis_if_wide(axes[2], mean_abs, "x")
     axes[1].set_xlabel("channel, same order")
@@ -281,6 +287,7 @@ def run_final_analysis(
     per_block: bool = False,
     chunk_size: int | None = None,
     label: str = "",
+    color: str = UNKNOWN_STYLE_COLOR,
 ) -> dict[str, object]:
     """Write features.csv, summary.json, final_norm.csv, final_norm.png, rpb_first.png,
     rpb_last.png into out_dir (the run's analysis/ folder); return rows, summary and paths.
@@ -305,6 +312,7 @@ def run_final_analysis(
         plot_final_norm(
             bias_rows,
             out_dir / "final_norm.png",
+            color=color,
             title=f"{prefix}final norm bias vs input (EMA weights)",
         ),
         plot_rpb(

@@ -16,7 +16,7 @@ Per run ``R`` (one entry of ``runs:`` in params.yaml)::
     runs/R/eval/samples/<task>/<set>/<image>.png   the first restored images
     runs/R/analysis/features.csv   FEATURES_COLUMNS, final-checkpoint statistics per layer
     runs/R/analysis/final_norm.csv FINAL_NORM_COLUMNS
-    runs/R/analysis/*.png          ANALYSIS_FIGURES
+    runs/R/analysis/*.png          ANALYSIS_FIGURES, each with an .svg of the same name beside it
 """
 
 from __future__ import annotations

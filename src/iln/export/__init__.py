@@ -42,7 +42,7 @@ def require(module: str) -> ModuleType:
         ) from None
 
 
-def hparams_of(model: nn.Module) -> dict[str, Any]:
+def settings_of(model: nn.Module) -> dict[str, Any]:
     """The resolved settings ``build_model`` left on ``model``, as one flat mapping."""
     settings = getattr(model, "settings", None)
     if not isinstance(settings, ModelSettings):
@@ -52,7 +52,7 @@ def hparams_of(model: nn.Module) -> dict[str, Any]:
 
 def recipe_of(model: nn.Module) -> tuple[str, str, int, dict[str, Any]]:
     """(arch, norm, scale, overrides) that rebuild ``model`` with ``build_model``."""
-    hp = hparams_of(model)
+    hp = settings_of(model)
     overrides = {k: v for k, v in hp.items() if k not in ("arch", "norm", "scale", "family")}
     return hp["arch"], hp["norm"], hp["scale"], overrides
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from iln.export import hparams_of
+from iln.export import settings_of
 from iln.models import to_official_state_dict
 from iln.util.files import atomic_path
 
@@ -17,7 +17,7 @@ RELEASED_IMG_SIZE = 64  # the released constructors' img_size (sets SwinIR/DRCT 
 
 def write_basicsr(model: nn.Module, path: Path) -> int:
     """Write ``{"params_ema": state}`` under the released key names; the number of tensors."""
-    hp = hparams_of(model)
+    hp = settings_of(model)
     state = to_official_state_dict(model, img_size=hp.get("img_size", RELEASED_IMG_SIZE))
     state = {k: v.cpu().contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:

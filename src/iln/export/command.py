@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from iln.export import ExportError, hparams_of
+from iln.export import ExportError, settings_of
 from iln.weights.trained import Weights
 
 CPU = torch.device("cpu")
@@ -83,7 +83,7 @@ def export(
     if allow_border and fmt != "redux":
         raise ExportError("--allow-border-difference is for --format redux only")
     model = opened.model.cpu().eval()
-    hp = hparams_of(model)
+    hp = settings_of(model)
     what = f"{hp['arch']} {hp['norm']} x{hp['scale']}"
     if fmt == "basicsr":
         from iln.export.basicsr import write_basicsr
@@ -128,7 +128,7 @@ def import_file(source: Path, fmt: str, out: Path, recipe: FileRecipe) -> str:
         model = read_redux(source, arch=recipe.arch or "hat_1", norm=recipe.norm or "iln")
     else:
         raise ExportError(f"unknown import format {fmt!r}; expected safetensors or redux")
-    hp = hparams_of(model)
+    hp = settings_of(model)
     overrides = {k: v for k, v in hp.items() if k not in ("arch", "norm", "scale", "family")}
     save_trained(
         out, model, arch=hp["arch"], norm=hp["norm"], scale=hp["scale"], overrides=overrides

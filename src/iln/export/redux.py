@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from iln.export import ExportError, hparams_of, rebuild, require
+from iln.export import ExportError, rebuild, require, settings_of
 from iln.models import build_model
 from iln.util.files import atomic_path
 
@@ -33,7 +33,7 @@ PARAM_KEY = "params"  # what traiNNer-redux saves and reads first
 
 def check_redux(model: nn.Module) -> None:
     """ExportError in one line if ``model`` has no traiNNer-redux ``hat_iln`` counterpart."""
-    hp = hparams_of(model)
+    hp = settings_of(model)
     name = f"{hp['arch']} {hp['norm']} x{hp['scale']}"
     problems = [
         why
@@ -147,7 +147,7 @@ def write_redux(model: nn.Module, path: Path, *, allow_border: bool = False) -> 
     state = to_redux_state_dict(model)
     difference = 0.0 if mean_folds_exactly(model) else border_difference(model)
     if difference and not allow_border:
-        hp = hparams_of(model)
+        hp = settings_of(model)
         raise ExportError(
             f"{hp['arch']} {hp['norm']} x{hp['scale']}: its RGB mean shift cannot be folded "
             f"exactly into traiNNer-redux hat_iln (its conv_first zero-pads raw pixels, ours "

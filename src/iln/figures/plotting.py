@@ -1,5 +1,6 @@
-"""Figure helpers shared by the analysis and the report: a figure without pyplot state, PNGs
-written atomically, log axes labelled in plain numbers."""
+"""Figure helpers shared by the analysis and the report: a figure without pyplot state, each
+figure written atomically as a PNG (PRINT_DPI) and an SVG beside it (for papers), log axes
+labelled in plain numbers, curves smoothed for reading."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
@@ -23,13 +25,49 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def save_figure_atomic(fig: Figure, path: Path | str, *, dpi: int = 110) -> Path:
-    """Render fig as PNG in memory, then write it atomically (temp file + os.replace)."""
+PRINT_DPI = 200  # PNG resolution: sharp in print at the figure's size
+VECTOR_SUFFIX = ".svg"  # every figure also as a vector file beside its PNG
+
+
+def vector_path(path: Path | str) -> Path:
+    """The vector copy of a figure's PNG: figure.png -> figure.svg."""
+    return Path(path).with_suffix(VECTOR_SUFFIX)
+
+
+def save_figure_atomic(fig: Figure, path: Path | str, *, dpi: int = PRINT_DPI) -> Path:
+    """Render fig as PNG (at ``dpi``) and as SVG in memory, then write both atomically
+    (temp file + os.replace): ``path`` and ``vector_path(path)``. Returns the PNG's path."""
     path = Path(path)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    write_bytes_atomic(path, buffer.getvalue())
+    for target, kind, extra in (
+        (path, "png", {"dpi": dpi}),
+        (vector_path(path), "svg", {"metadata": {"Date": None}}),  # no date: same bytes each run
+    ):
+        buffer = io.BytesIO()
+        # fixed element ids (else random per save); text kept as text, editable in a paper
+        with rc_context({"svg.hashsalt": "iln", "svg.fonttype": "none"}):
+            fig.savefig(buffer, format=kind, **extra)
+        write_bytes_atomic(target, buffer.getvalue())
     return path
+
+
+def smoothing_window(count: int, share: float = 0.05, least: int = 3) -> int:
+    """An odd window of about ``share`` of ``count`` points, at least ``least``."""
+    window = max(least, round(count * share))
+    return window if window % 2 else window + 1
+
+
+def smooth_centred(values: Sequence[float], window: int) -> list[float]:
+    """Centred moving average over ``window`` (odd) points: each point the mean of the finite
+    values within window // 2 on either side (fewer at the ends), so the curve does not lag
+    behind the data the way a trailing average does."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"smooth_centred: window must be odd and positive, got {window}")
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        near = [v for v in values[max(0, i - half) : i + half + 1] if math.isfinite(v)]
+        out.append(sum(near) / len(near) if near else math.nan)
+    return out
 
 
 def log_axis(ax, values: Sequence[float], axis: str = "y") -> None:

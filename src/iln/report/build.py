@@ -9,7 +9,7 @@ from pathlib import Path
 
 from iln.config.layout import ANALYSIS_FIGURES, WEIGHTS_RAW, RunFiles
 from iln.figures.styles import norm_label, norm_rank, norm_style
-from iln.report import figures, tables
+from iln.report import dynamics, figures, tables
 from iln.report.crops import comparison_panels
 from iln.report.html import markdown_to_html
 from iln.report.paper import load_paper_numbers
@@ -27,8 +27,11 @@ def _finite(value: object) -> float | None:
 
 def run_summary(run: RunResults) -> dict[str, object]:
     """Final numbers of one run (finite floats only, so the dict is valid JSON)."""
+    start = dynamics.deepest_change(run, "magnitude")
     final = {
         **run.deepest(),
+        "deepest_magnitude_start": start.first if start else None,  # at the first probe
+        "first_probe_step": start.first_step if start else None,
         "max_abs_raw": run.final_max_abs(WEIGHTS_RAW),
         "max_abs_training": run.training_max_abs(),
         "last_probe_step": run.last_probe_step(),
@@ -95,24 +98,38 @@ def ablation_runs(results: Mapping[str, RunResults]) -> list[RunResults]:
     return sorted((r for r in picked if r is not None), key=lambda r: norm_rank(r.info.norm))
 
 
-def headline(main: Sequence[RunResults]) -> list[str]:
-    """LN against i-LN at the last probe, in one sentence (empty without both)."""
-    picked = {r.info.variant: r for r in main}
-    ln, iln = picked.get("ln"), picked.get("iln")
-    if ln is None or iln is None:
+def headline(main: Sequence[RunResults], paper: Mapping | None = None) -> list[str]:
+    """Each norm's growth from its own step 0, one clause per run (empty without two probes
+    of any run): the deepest group's feature magnitude and channel entropy at its first and
+    last training probe (raw weights); then the paper's Fig. 1 end points, labelled."""
+    clauses = []
+    for run in main:
+        magnitude = dynamics.deepest_change(run, "magnitude")
+        entropy = dynamics.deepest_change(run, "entropy")
+        if magnitude is None:
+            continue
+        clause = f"{run.info.label} (`{run.info.name}`) {dynamics.growth_phrase(magnitude)}"
+        if entropy is not None:
+            clause += f", entropy {entropy.first:.2f} → {entropy.last:.2f} nats"
+        clauses.append(clause)
+    if not clauses:
         return []
-    (lm, le), (im, ie) = (
-        [_finite(r.deepest()[f"deepest_{stat}_raw"]) for stat in ("magnitude", "entropy")]
-        for r in (ln, iln)
+    ceilings = {c for r in main if (c := _finite(r.deepest()["entropy_ceiling"])) is not None}
+    ceiling = f"; entropy ceiling ln C = {max(ceilings):.2f}" if ceilings else ""
+    feats = (paper or {}).get("features") or {}
+    quote = (
+        f" The paper (Fig. 1, HAT_1, 300K iterations): LN reaches "
+        f"{feats['ln_magnitude_low']:g} to {feats['ln_magnitude_high']:g}, i-LN stays near "
+        f"{feats['iln_magnitude_approx']:g}."
+        if {"ln_magnitude_low", "ln_magnitude_high", "iln_magnitude_approx"} <= set(feats)
+        else ""
     )
-    if None in (lm, le, im, ie):
-        return []
     return [
-        f"**Headline:** at the last training probe (raw weights, deepest group), LN "
-        f"(`{ln.info.name}`, step {ln.last_probe_step()}) has {lm / im:.3g}x the feature "
-        f"magnitude of i-LN (`{iln.info.name}`, step {iln.last_probe_step()}): "
-        f"{lm:.3g} vs {im:.3g}; its channel entropy is {le / ie:.2f}x i-LN's: "
-        f"{le:.3f} vs {ie:.3f} nats.",
+        "**Headline: each norm's change from its own step 0** (deepest group's feature "
+        f"magnitude, mean x², raw weights, first to last training probe{ceiling}): "
+        + "; ".join(clauses)
+        + "."
+        + quote,
         "",
     ]
 
@@ -140,8 +157,8 @@ def _scale_lines(results: Mapping[str, RunResults], scale_note: str) -> list[str
         ">",
         "> The paper's numbers come from full-scale GPU training (HAT_1: 300K iterations on DF2K, "
         "x4 SR, batch 16). Numbers from a smaller preset, fewer iterations or other data are not "
-        "comparable in absolute value: compare directions and trends (LN's magnitude growing and "
-        "entropy falling in deep groups, i-LN flat near the ceiling), not digits.",
+        "comparable in absolute value: compare directions and trends (the paper: LN's magnitude "
+        "growing and entropy falling in deep groups, i-LN flat near the ceiling), not digits.",
     ]
 
 
@@ -239,19 +256,37 @@ def _tables_section(
         "## Tables",
         "",
         "Tables 1-8 carry the paper's numbers and titles (the paper's numbering; the paper's "
-        "Tables 5 and 7 are not reproduced); tables S1-S4 are ours. Our cells say `no run` "
-        "where no run of ours fills them; `–` where a run exists but lacks that number.",
+        "Tables 5 and 7 are not reproduced); tables S1-S4 are ours. A row that no run of ours "
+        "fills says `no run` in its 'our run(s)' cell and leaves our cells blank; `–` marks a "
+        "number a run exists for but lacks. A table "
+        "that no run of ours fills is one line saying which runs would fill it. Each row holds "
+        "the paper's number and ours in adjacent columns ('(paper)', '(ours)'); the paper's "
+        "numbers on sets we did not run share one cell per metric, in the order of its header. "
+        "A PSNR of ours that the baseline (bicubic, or the degraded input) beats on the same "
+        "images is marked 'below ...' in its cell.",
         "",
     ]
     status: dict[str, str] = {}
     for table, group in tables.report_tables(results, paper, protocol, baseline):
+        fill = f"; filled by {table.filled_by}" if table.filled_by else ""
         if group is not None and not table.has_ours():
             reason = _group_reason(results, group, "results")
             status[table.key] = f"skipped: {reason}"
-            md += [f"### {table.title}", "", f"Skipped: {reason}.", ""]
+            md += [f"### {table.title}", "", f"Skipped: {reason}{fill}.", ""]
             continue
-        md += write_table(table, tables_dir)
-        status[table.key] = "written" if table.has_ours() else "paper only (no run)"
+        section = write_table(table, tables_dir)
+        if table.has_ours():
+            md += section
+            status[table.key] = "written"
+            continue
+        status[table.key] = "paper only (no run)"
+        md += [
+            f"### {table.title}",
+            "",
+            f"No run of ours yet{fill}; the paper's numbers: "
+            f"[tables/{table.key}.md](tables/{table.key}.md).",
+            "",
+        ]
     return md, status
 
 
@@ -288,11 +323,32 @@ def _figures_section(
                 else _group_reason(results, fig.group, fig.need)
             )
             status[fig.name] = f"skipped: {reason}"
-            md += [f"- {fig.heading}: skipped ({reason}).", ""]
+            fill = f"; filled by the runs of {fig.filled_by}" if fig.filled_by else ""
+            md += [f"- {fig.heading}: skipped ({reason}{fill}).", ""]
             continue
         status[fig.name] = "written"
-        caption = fig.caption + (fig1 if fig.fig1 else "") + (probes if fig.probes else "")
-        md += [f"### {fig.heading}", "", caption, "", f"![{fig.name}](figures/{fig.name}.png)", ""]
+        measured = ""
+        if fig.dynamics is not None:
+            drawn = [r for r in runs_of if r.probes]
+            measured = " " + dynamics.dynamics_sentence(
+                drawn, figures.run_labels(drawn), fig.dynamics
+            )
+        caption = (
+            fig.caption
+            + measured.rstrip()
+            + (fig1 if fig.fig1 else "")
+            + (probes if fig.probes else "")
+        )
+        md += [
+            f"### {fig.heading}",
+            "",
+            caption,
+            "",
+            f"![{fig.name}](figures/{fig.name}.png)",
+            "",
+            f"Vector copy: [figures/{fig.name}.svg](figures/{fig.name}.svg).",
+            "",
+        ]
     return md, status
 
 
@@ -386,7 +442,7 @@ def build_report(
 
     main = ablation_runs(results)
     md = ["# i-LN reproduction report", "", *_scale_lines(results, scale_note), ""]
-    md += headline(main)
+    md += headline(main, paper)
     lines, status = _tables_section(results, paper, protocol, baseline, tables_dir)
     md += lines
     lines, fig_status = _figures_section(results, main, paper, protocol, figures_dir)

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from iln.figures.plotting import log_axis, new_figure, save_figure_atomic
+from iln.figures.plotting import (
+    log_axis,
+    new_figure,
+    save_figure_atomic,
+    smooth_centred,
+    smoothing_window,
+)
 from iln.figures.styles import (
     LINE_GRAD_CLIP,
     LINE_KLD,
@@ -28,6 +34,8 @@ from iln.figures.styles import (
 from iln.report.runs import RunResults
 
 SHALLOW_ALPHA = 0.3  # shallower groups: thin, faint lines of the run's colour
+RAW_LOSS_ALPHA = 0.25  # the per-row training loss: a faint line under its smoothed curve
+LOSS_WINDOW_SHARE = 0.05  # the loss's centred moving average spans this share of the rows
 
 
 def run_style(run: RunResults) -> dict[str, str]:
@@ -96,7 +104,7 @@ def stat_vs_iteration(
             lw=2.2,
             marker="o",
             ms=3,
-            label=f"{labels[run.info.name]}, {layers[-1]}",
+            label=f"{labels[run.info.name]}, deepest group",
         )
     if stat == "entropy":
         _ceiling_line(ax, runs)
@@ -143,7 +151,7 @@ def per_group_last_probe(runs: Sequence[RunResults], path: Path, *, title: str) 
     ax_m.set_ylabel("magnitude: mean x² (log scale)")
     ax_e.set_ylabel("channel entropy (nats)")
     for ax in (ax_m, ax_e):
-        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_xticks(np.arange(len(names)), [*names[:-1], f"{names[-1]}\n(deepest)"])
         ax.set_xlabel("group output (input side → output side)")
         ax.grid(alpha=0.3, which="major")
     ax_m.set_title("feature magnitude per group", fontsize=10)
@@ -154,7 +162,9 @@ def per_group_last_probe(runs: Sequence[RunResults], path: Path, *, title: str) 
 
 
 def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> Path | None:
-    """Training loss (log) and validation PSNR vs iteration, every run overlaid."""
+    """Training loss (log; each run's logged rows faint, their centred moving average over
+    LOSS_WINDOW_SHARE of the rows solid) and validation PSNR vs iteration, every run
+    overlaid."""
     runs = [r for r in runs if r.history]
     if not runs:
         return None
@@ -163,18 +173,23 @@ def loss_and_val_psnr(runs: Sequence[RunResults], path: Path, *, title: str) -> 
     ax_l, ax_p = fig.subplots(1, 2)
     any_psnr = False
     losses: list[float] = []
+    window = smoothing_window(max(len(r.history_curve("loss")[0]) for r in runs), LOSS_WINDOW_SHARE)
     for run in runs:
         style = {**run_style(run), "label": labels[run.info.name]}
         steps, loss = run.history_curve("loss")
         losses += loss
-        ax_l.plot(steps, loss, lw=1.2, **style)
+        ax_l.plot(steps, loss, lw=0.8, alpha=RAW_LOSS_ALPHA, color=style["color"], ls=style["ls"])
+        ax_l.plot(steps, smooth_centred(loss, window), lw=1.6, **style)
         steps, psnr = run.history_curve("val_psnr")
         if steps:
             any_psnr = True
             ax_p.plot(steps, psnr, marker="o", ms=3, lw=1.5, **style)
     log_axis(ax_l, losses)
     ax_l.set_ylabel("L1 training loss (log scale)")
-    ax_l.set_title("training loss", fontsize=10)
+    ax_l.set_title(
+        f"training loss (faint: per logged row; solid: centred mean of {window} rows)",
+        fontsize=10,
+    )
     ax_p.set_ylabel("validation PSNR (dB, Y), EMA weights")
     ax_p.set_title("validation PSNR", fontsize=10)
     if not any_psnr:
@@ -330,6 +345,9 @@ class FigureSpec:
     need: str = "probes.csv"  # what the runs must have: the skip reason says so
     probes: bool = True  # the caption ends with how the probes were measured
     fig1: bool = False  # the caption quotes the paper's Fig. 1 numbers
+    dynamics: str | None = None  # the caption says how this statistic of each run's deepest
+    # group changed from its first to its last probe (iln.report.dynamics), computed
+    filled_by: str | None = None  # the config overlay that declares the group's runs
 
 
 def _curve(stat: str, title: str, ylabel: str = MAGNITUDE, log: bool = True) -> Draw:
@@ -342,27 +360,31 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
         "fig1_magnitude_vs_iteration",
         "Feature magnitude vs iteration (paper Fig. 1, top)",
-        "Per-token LN lets the residual stream grow; i-LN keeps it at a fixed scale.",
+        "Feature magnitude (mean x²) of each group's output during training; thick lines: "
+        "the deepest group.",
         _curve("magnitude", "Feature magnitude (mean x²) of the residual stream during training"),
         fig1=True,
+        dynamics="magnitude",
     ),
     FigureSpec(
         "fig1_entropy_vs_iteration",
         "Channel entropy vs iteration (paper Fig. 1, bottom)",
         "Entropy of the per-channel energy: at the ceiling ln C every channel carries the "
-        "same energy; LN's deep groups concentrate it in a few channels.",
+        "same energy, below it a few channels carry most of it.",
         _curve(
             "entropy",
             "Channel entropy of the residual stream during training",
             "channel entropy (nats)",
             log=False,
         ),
+        dynamics="entropy",
     ),
     FigureSpec(
         "fig7_per_group_last_probe",
         "Every group at the last probe (paper Fig. 7: the ablation)",
         "Magnitude and entropy of each group's output at the last probe, for LN, LN*, "
-        "LN+Rs and i-LN: which half of i-LN keeps the statistics in check.",
+        "LN+Rs and i-LN: how the two halves of i-LN (holistic normalisation, input "
+        "rescaling) each change the depth profile.",
         lambda runs, path: per_group_last_probe(
             runs, path, title="Depth profile at the last training probe (raw weights)"
         ),
@@ -375,6 +397,8 @@ FIGURES: tuple[FigureSpec, ...] = (
             "magnitude", "Feature magnitude during training, every normalisation (Table 1 runs)"
         ),
         group="table1",
+        dynamics="magnitude",
+        filled_by="configs/cpu_ablation.yaml, configs/paper_norms_x4.yaml",
     ),
     FigureSpec(
         "fig8_stabilisers_max_abs",
@@ -387,6 +411,8 @@ FIGURES: tuple[FigureSpec, ...] = (
             "max |x| (log scale)",
         ),
         group="table8",
+        dynamics="max_abs",
+        filled_by="configs/cpu_ablation.yaml, configs/paper_hat1_x4.yaml",
     ),
     FigureSpec(
         "fig2_depth_width",
@@ -403,6 +429,7 @@ FIGURES: tuple[FigureSpec, ...] = (
         ),
         group="fig2",
         need="probes.csv of two sizes",
+        filled_by="configs/cpu_depth_width.yaml",
     ),
     FigureSpec(
         "figS1_stdnorm_magnitude",
@@ -411,12 +438,16 @@ FIGURES: tuple[FigureSpec, ...] = (
         "against the official pairing).",
         _curve("magnitude", "Feature magnitude with stdnorm on and off"),
         group="stdnorm",
+        dynamics="magnitude",
+        filled_by="configs/cpu_ablation.yaml, configs/paper_hat1_x4.yaml",
     ),
     FigureSpec(
         "figS2_loss_val_psnr",
         "Training loss and validation PSNR (ours)",
-        "L1 loss of the weights being trained, and PSNR of the EMA weights on the "
-        "validation images, per run.",
+        "L1 loss of the weights being trained (faint: each logged row; solid: its centred "
+        f"moving average over {LOSS_WINDOW_SHARE:.0%} of the logged rows, at least 3, the "
+        "count in the panel's title), and PSNR of the EMA weights on the validation images, "
+        "per run.",
         lambda runs, path: loss_and_val_psnr(runs, path, title="Training loss and validation PSNR"),
         need="history.csv",
         probes=False,

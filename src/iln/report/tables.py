@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from iln.config.layout import ENSEMBLE_SUFFIX, PRECISION_MODES, WEIGHTS_EMA, WEIGHTS_RAW
 from iln.figures.styles import norm_label, norm_rank
+from iln.report import dynamics
 from iln.report.paper import paper_number, paper_rows
 from iln.report.render import Column, Table
 from iln.report.runs import RunResults
@@ -42,6 +43,24 @@ TABLE3_CAPTION = (
     "Which half of i-LN does what: LN* normalises each image as a whole, LN+Rs rescales each "
     "residual branch by the input's std, i-LN does both."
 )
+# Which runs fill each table while none does (the report's one line): the config overlays
+# that declare them (tests/test_report.py checks each overlay declares such runs).
+FILLED_BY: dict[str, str] = {
+    "table1": "runs of group `table1` (configs/cpu_ablation.yaml on a CPU, "
+    "configs/paper_norms_x4.yaml at the paper's scale)",
+    "table2": "LN and i-LN runs of one task and model family (configs/cpu_tasks.yaml on a "
+    "CPU, configs/paper_tasks.yaml at the paper's scale)",
+    "table3": "runs of group `table3` (the default params.yaml, configs/paper_norms_x4.yaml)",
+    "table4": "runs of group `table4` (the default params.yaml, configs/paper_hat1_x4.yaml)",
+    "table6": "LN and i-LN runs of the full-size preset `hat` (configs/paper_hat_dagger.yaml)",
+    "table8": "runs of group `table8` (configs/cpu_ablation.yaml, configs/paper_hat1_x4.yaml)",
+    "table_s1_stdnorm": "runs of group `stdnorm` (configs/cpu_ablation.yaml, "
+    "configs/paper_hat1_x4.yaml)",
+    "table_s2_seeds": "runs of group `seeds` (no shipped overlay: declare one setting with "
+    "several `seed:` values)",
+    "table_s3_batch": "runs of group `batch` (no shipped overlay: declare one setting with "
+    "several `batch_size:` values)",
+}
 TABLE8_VARIANTS: dict[str, str] = {
     "ln": "LN",
     "ln_gradclip": "LN + gradient clipping",
@@ -316,6 +335,24 @@ def _baseline_rows(table: Table, runs: Sequence[RunResults], baseline: Baseline 
             table.set_ours(row, _metric_column(s, m), value, BASELINE_RUN)
 
 
+def mark_below_baseline(
+    table: Table, row: str, column: str, value: float | None, base: float | None, task: str
+) -> None:
+    """Mark our PSNR in (row, column) where the baseline on the same images scores higher:
+    "below bicubic 33.57" (the model has not learnt the task as well as upsampling)."""
+    if value is not None and base is not None and value < base:
+        table.marks[(row, column)] = f"below {baseline_label(task)} {base:.2f}"
+
+
+def _mark_rows(table: Table, rows: Mapping[str, RunResults], baseline: Baseline | None) -> None:
+    """Every per-set PSNR of ours that the baseline beats on the same task and set, marked."""
+    for row, run in rows.items():
+        for s in run.sets():
+            base = ((baseline or {}).get(f"{run.info.task}/{s}") or {}).get("psnr")
+            key = _metric_column(s, "psnr").key
+            mark_below_baseline(table, row, key, run.metric(s, "psnr"), base, run.info.task)
+
+
 def _norm_rows_table(
     key: str,
     caption: str,
@@ -342,6 +379,7 @@ def _norm_rows_table(
     _fill_runs(table, picked, protocol)
     _paper_findings(table, rows, lambda p: norm_label(p["norm"]))
     _baseline_rows(table, list(picked.values()), baseline)
+    _mark_rows(table, picked, baseline)
     borrowed = [r.info.name for r in picked.values() if group not in r.info.groups]
     if borrowed:
         table.notes.append(
@@ -352,6 +390,7 @@ def _norm_rows_table(
 
 
 def _pair_columns(table: Table) -> dict[str, Column]:
+    table.psnr_ssim_cells = True  # "31.07 / 0.8986": the pair fits one page
     cols = {
         "ln:psnr": Column("ln:psnr", "LN PSNR", "psnr", always_ours=True),
         "ln:ssim": Column("ln:ssim", "LN SSIM", "ssim", always_ours=True),
@@ -455,6 +494,14 @@ def table2(
         value = ((baseline or {}).get(f"{task}/{set_name}") or {}).get("psnr")
         if value is not None and table.row_runs.get(row):
             table.set_ours(row, base_col, value, BASELINE_RUN)
+            below = []
+            for norm in ("ln", "iln"):
+                ours = table.cell(row, f"{norm}:psnr").ours
+                mark_below_baseline(table, row, f"{norm}:psnr", ours, value, task)
+                below += [norm_label(norm)] if (row, f"{norm}:psnr") in table.marks else []
+            if below and table.cell(row, "gain").ours is not None:
+                who = " and ".join(below)
+                table.marks[(row, "gain")] = f"{who} below {baseline_label(task)}"
 
     def pair(task: str, set_name: str, arch: str | None) -> dict[str, RunResults | None]:
         same = (lambda a: True) if arch is None else (lambda a: _family(a) == _family(arch))
@@ -493,7 +540,8 @@ def table2(
         table.notes.append(
             "bicubic / input PSNR: the baseline on the same images (bicubic upsampling for "
             "SR, the degraded input itself otherwise): a model below it has not yet learnt "
-            "the task, so its gain over the other norm says little about the norms."
+            "the task, so its gain over the other norm says little about the norms; such "
+            "a PSNR is marked 'below ...' in its cell."
         )
     return table
 
@@ -614,8 +662,14 @@ def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
     return table
 
 
-def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
-    """Other stabilisers against i-LN (the paper's Table 8)."""
+def table8(
+    results: Mapping[str, RunResults],
+    paper: Mapping,
+    protocol: Protocol,
+    baseline: Baseline | None = None,
+) -> Table:
+    """Other stabilisers against i-LN (the paper's Table 8); where the paper gives i-LN's
+    magnitude (about 1.2), a note puts ours beside it with the factor between them."""
     table = paper_table(
         paper,
         "table8",
@@ -646,6 +700,7 @@ def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
             table.set_ours(row, column, value, run.info.name)
         for s in run.sets():
             _fill_metrics(table, row, run, s, ("psnr",))
+        _mark_rows(table, {row: run}, baseline)
     findings = paper_rows(paper, "table8")
     _paper_findings(table, findings, lambda p: TABLE8_VARIANTS.get(p["variant"]) or p["variant"])
     table.measured = [measured_eval(picked, protocol), measured_features(picked, protocol)]
@@ -653,7 +708,31 @@ def table8(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
         "max |x|: the largest absolute value of the residual stream over every probed layer; "
         "'during training' is the largest over every probe step."
     )
+    iln = next((r for r in picked if r.info.variant == "iln"), None)
+    note = iln_magnitude_note(iln, paper) if iln is not None else None
+    table.notes += [note] if note else []
     return table
+
+
+def iln_magnitude_note(run: RunResults, paper: Mapping) -> str | None:
+    """The paper's i-LN magnitude (about 1.2, Fig. 1) beside ours, with the factor between
+    them and ours' change from step 0 (None without either number)."""
+    approx = (paper.get("features") or {}).get("iln_magnitude_approx")
+    ours = run.deepest()["deepest_magnitude_raw"]
+    if approx is None or ours is None:
+        return None
+    change = dynamics.deepest_change(run, "magnitude")
+    since = f"; from its step-0 value it {dynamics.growth_phrase(change)}" if change else ""
+    relation = (
+        f"within {dynamics.STEADY:g}x of it"
+        if 1 / dynamics.STEADY <= ours / approx <= dynamics.STEADY
+        else f"x{ours / approx:.2g} of it"
+    )
+    return (
+        f"The paper's i-LN 'magnitude about {approx:g}' (its Fig. 1: mean x², HAT_1 after 300K "
+        f"iterations) against ours: i-LN's deepest group ends at {ours:.3g} "
+        f"(`{run.info.name}`, raw weights), {relation}{since}."
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -757,18 +836,21 @@ def report_tables(
         "The same setting trained at different batch sizes.",
         "run",
     )
-    return [
+    tables = [
         (_norm_rows_table("table1", TABLE1_CAPTION, TABLE1_NORMS, *common, baseline), None),
         (table2(results, paper, protocol, baseline), None),
         (_norm_rows_table("table3", TABLE3_CAPTION, TABLE3_NORMS, *common, baseline), None),
         (table4(*common), None),
         (table6(*common), None),
-        (table8(*common), None),
+        (table8(*common, baseline), None),
         _group_table(results, protocol, "stdnorm", _stdnorm_row, stdnorm),
         _group_table(results, protocol, "seeds", _run_row, seeds),
         _group_table(results, protocol, "batch", _run_row, batch),
         (all_runs_table(results, protocol), None),
     ]
+    for table, _ in tables:
+        table.filled_by = FILLED_BY.get(table.key)
+    return tables
 
 
 # --------------------------------------------------------------------------------------
