@@ -100,6 +100,40 @@ def test_a_corrupt_file_is_reported_by_name_and_the_others_are_written(tmp_path,
         assert np.array_equal(read_rgb(tmp_path / "out" / path.name), expected)
 
 
+def _bomb_png(path: Path) -> None:
+    """A valid PNG header claiming 100000 x 100000 pixels (past Pillow's bomb limit)."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr)
+
+
+def test_each_image_is_judged_on_its_own_bombs_and_odd_entries_named(tmp_path, capsys):
+    """A bomb header, a dangling link, a link loop and a pipe named *.png beside good images:
+    each is one line naming it, the good images are written, the exit code says some failed."""
+    model = _model("ln")
+    save_trained(tmp_path / "model.pt", model, arch="hat_tiny", norm="ln", scale=2, overrides={})
+    _images(tmp_path / "in", [(12, 10), (9, 17)])
+    folder = tmp_path / "in"
+    _bomb_png(folder / "bomb.png")
+    (folder / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "loop1.png").symlink_to(folder / "loop2.png")
+    (folder / "loop2.png").symlink_to(folder / "loop1.png")
+    os.mkfifo(folder / "fifo.png")
+    code = main(["restore", str(tmp_path / "model.pt"), str(folder), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "bomb.png: cannot decode image" in err or "bomb.png: cannot read image" in err
+    assert "dangling.png: a symbolic link to nothing (dangling)" in err
+    assert "loop1.png: a symbolic link that loops" in err
+    assert "fifo.png: a pipe, socket or device, not a file" in err
+    assert "5 of 7 images failed" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img0.png", "img1.png"]
+
+
 def test_basicsr_checkpoints_need_the_architecture(tmp_path, capsys):
     model = _model("iln", seed=3)
     torch.save({"params_ema": to_official_state_dict(model)}, tmp_path / "w.pth")

@@ -40,6 +40,7 @@ from iln.evaluation.batch_restore import (
     load_model,
     plan_outputs,
     restore_files,
+    unusable_images,
 )
 from iln.models import ARCHS, NORMS, SCALES
 from iln.util.device import resolve_device
@@ -343,6 +344,7 @@ def _restore(args: argparse.Namespace) -> int:
         return _error(f"--device {args.device}: no CUDA device here")
     try:
         targets = plan_outputs(input_images(args.input), args.output, overwrite=args.overwrite)
+        unusable = unusable_images(args.input)  # named and counted as failed, never skipped
         device = resolve_device(args.device)
         model = load_model(
             args.weights,
@@ -370,6 +372,8 @@ def _restore(args: argparse.Namespace) -> int:
     warning = fp16_warning(model, args.precision)
     if warning:
         print(f"iln restore: {warning}", file=sys.stderr)
+    for failure in unusable:
+        print(f"iln restore: skipped {failure.message}", file=sys.stderr)
     try:
         outcome = restore_files(
             model,
@@ -389,9 +393,10 @@ def _restore(args: argparse.Namespace) -> int:
         return 130
     if outcome.stopped:
         return _error(f"{outcome.stopped}; stopped: {written} to {where}", code=1)
-    if outcome.failures:
+    failed = len(outcome.failures) + len(unusable)
+    if failed:
         print(
-            f"iln restore: {len(outcome.failures)} of {len(targets)} images failed (listed "
+            f"iln restore: {failed} of {len(targets) + len(unusable)} images failed (listed "
             f"above); {written} to {where}",
             file=sys.stderr,
         )

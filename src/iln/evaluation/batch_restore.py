@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from iln.data.io import (
+    IMAGE_EXTENSIONS,
     WRITE_FORMATS,
     ImageReadError,
     image_size,
@@ -149,6 +150,33 @@ def input_images(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
     raise FileNotFoundError(f"{source}: no such image or folder")
+
+
+def unusable_images(source: Path) -> list[Failure]:
+    """Entries of a folder named like images that are not regular files: a dangling or
+    looping symbolic link, a pipe, a socket, a folder. Each is named, never silently
+    skipped ([] for a single file)."""
+    source = Path(source)
+    if not source.is_dir():
+        return []
+    failures = []
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith(".") or entry.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if entry.is_file():
+            continue
+        if entry.is_symlink():
+            try:
+                entry.resolve(strict=True)
+                kind = "a symbolic link to something that is not a file"
+            except FileNotFoundError:
+                kind = "a symbolic link to nothing (dangling)"
+            except (RuntimeError, OSError):
+                kind = "a symbolic link that loops"
+        else:
+            kind = "a folder" if entry.is_dir() else "a pipe, socket or device, not a file"
+        failures.append(Failure(entry, f"{entry}: {kind}; not an image"))
+    return failures
 
 
 def plan_outputs(
