@@ -12,6 +12,11 @@ interrupted at any point and resumed from its last checkpoint ends with the same
 one that never stopped (on CPU, bit for bit). Exceptions: batch statistics (the
 ``batchnorm`` norms) see only the micro-batch; the global torch RNG (saved in every
 checkpoint) serves only models outside this project that draw from it.
+
+The loop (``fit``): a ``TrainState`` (model, EMA, optimiser, schedule, scaler, step and
+records; ``state_dict`` is the checkpoint) is created and ``resume``d, then every step is one
+``train_step``, and the steps its ``Schedule`` names are logged (``log_step``), probed
+(``probe``) and checkpointed (``save_checkpoint``).
 """
 
 from __future__ import annotations
@@ -460,18 +465,34 @@ def global_loss(local: torch.Tensor, world_size: int) -> float:
     return float(total)
 
 
-def log_row(
-    state: TrainState, step_loss: torch.Tensor, watch: DivergenceWatch, clock: StepClock
+def log_step(
+    state: TrainState,
+    step_loss: torch.Tensor,
+    watch: DivergenceWatch,
+    clock: StepClock,
+    *,
+    on_log: LogFn | None,
+    monitor: MonitorFn | None,
 ) -> dict[str, float]:
-    """The history row of a logged step (collectives: every rank calls it at the same steps)."""
+    """Append the history row of a logged step; every rank calls it at the same steps (the
+    finite check and the global loss are collectives). ``on_log`` gets the row (rank 0);
+    ``monitor``, given at a probe step on rank 0, adds its validation PSNR to the row."""
     watch.check()
     seconds_per_step = clock.lap(state.step)
-    return {
+    row = {
         "step": state.step,
         "loss": global_loss(step_loss, watch.world_size),
         "lr": float(state.scheduler.get_last_lr()[0]),
         "seconds_per_step": seconds_per_step,
     }
+    if on_log is not None:
+        on_log(state.step, {k: v for k, v in row.items() if k != "step"})
+    if monitor is not None:  # after the timing: probes do not count as training time
+        val_psnr = probe(state, monitor, watch)
+        if val_psnr is not None:
+            row["val_psnr"] = val_psnr
+    state.history.append(row)
+    return row
 
 
 def probe(state: TrainState, monitor: MonitorFn, watch: DivergenceWatch) -> float | None:
@@ -493,6 +514,17 @@ def save_checkpoint(
     if watch.world_size > 1:
         torch.distributed.barrier()
     watch.saved(state.step, path)
+
+
+def fit_result(state: TrainState, start: int, clock: StepClock) -> FitResult:
+    trained = state.step - start
+    return FitResult(
+        steps=state.step,
+        resumed_from=start,
+        seconds_per_step=clock.total / trained if trained else float("nan"),
+        history=state.history,
+        monitor_rows=state.monitor_rows,
+    )
 
 
 def progress_bar(settings: TrainParams, start: int, enabled: bool) -> tqdm:
@@ -523,17 +555,12 @@ def fit(
 ) -> tuple[nn.Module, FitResult]:
     """Train ``model`` (built and seeded by the caller) and return its EMA twin.
 
-    Resumes from ``checkpoint_path`` when it holds a checkpoint of the same ``fingerprint``
-    (``resume``); a checkpoint of another configuration is ignored and overwritten.
-    The ranks first agree on the schedule (``iln.training.schedule``): the steps that log,
-    probe and checkpoint follow from the settings alone, so every rank enters every
-    collective. ``monitor(step, model, ema)`` runs on rank 0 before the first update (step 0)
-    and at every probe step; it returns feature-statistic rows (a non-finite ``magnitude``
-    stops training) and a validation PSNR, stored as ``val_psnr`` in that step's history row
-    (every probe step is a logged step). With ``settings.kld_weight`` > 0 the loss is ``L1 +
-    kld_weight * FeatureKL penalty`` (``iln.training.kld``). The logged ``loss`` is the loss
-    of the whole global batch. Non-finiteness of the loss is kept on the device every step
-    and read at every logged step and before every checkpoint (``DivergenceWatch``).
+    Resumes from the checkpoint of the same ``fingerprint`` at ``checkpoint_path``
+    (``resume``). The ranks first agree on the schedule (``iln.training.schedule``), so every
+    rank enters every collective. ``monitor(step, model, ema)`` runs on rank 0 at step 0 and
+    every probe step: its feature rows (a non-finite ``magnitude`` stops training) join the
+    records, its validation PSNR that step's history row. The logged ``loss`` is the loss of
+    the global batch: L1, plus ``kld_weight`` x the feature KL penalty (``iln.training.kld``).
     """
     schedule = Schedule.of(settings)
     agree_schedule(schedule, world_size)
@@ -563,26 +590,18 @@ def fit(
             watch.record(state.step, step_loss)
             bar.update(1)
             if schedule.logs(state.step):
-                row = log_row(state, step_loss, watch, clock)
-                if on_log is not None and rank == 0:
-                    on_log(state.step, {k: v for k, v in row.items() if k != "step"})
-                if probing and schedule.probes(state.step):  # after the timing
-                    val_psnr = probe(state, monitor, watch)
-                    if val_psnr is not None:
-                        row["val_psnr"] = val_psnr
-                state.history.append(row)
+                row = log_step(
+                    state,
+                    step_loss,
+                    watch,
+                    clock,
+                    on_log=on_log if rank == 0 else None,
+                    monitor=monitor if probing and schedule.probes(state.step) else None,
+                )
                 bar.set_postfix(
-                    loss=f"{row['loss']:.4f}",
-                    s_per_it=f"{row['seconds_per_step']:.3f}",
+                    loss=f"{row['loss']:.4f}", s_per_it=f"{row['seconds_per_step']:.3f}"
                 )
                 clock.restart(state.step)
             if schedule.checkpoints(state.step):
                 save_checkpoint(state, checkpoint_path, fingerprint, watch, rank=rank)
-    trained = state.step - start
-    return state.ema, FitResult(
-        steps=state.step,
-        resumed_from=start,
-        seconds_per_step=clock.total / trained if trained else float("nan"),
-        history=state.history,
-        monitor_rows=state.monitor_rows,
-    )
+    return state.ema, fit_result(state, start, clock)
