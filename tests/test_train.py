@@ -343,10 +343,8 @@ def test_probe_steps_between_logged_steps_do_not_hang_two_processes(tmp_path):
     ("key", "values"), [("log_every", (2, 3)), ("iterations", (6, 8)), ("accumulate", (1, 2))]
 )
 def test_processes_with_another_schedule_refuse_to_train_naming_the_key(tmp_path, key, values):
-    ranks = {
-        r: dict(iterations=6, log_every=2, checkpoint_every=6, **{key: v})
-        for r, v in enumerate(values)
-    }
+    base = dict(iterations=6, log_every=2, checkpoint_every=6)
+    ranks = {r: {**base, key: v} for r, v in enumerate(values)}
     expected = (
         f"error: train.{key} differs between the processes: {values[0]} on rank 0, "
         f"{values[1]} on rank 1"
