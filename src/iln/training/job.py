@@ -22,6 +22,7 @@ from iln.data.dataset import training_patches
 from iln.models import build_model, resolve_hparams
 from iln.training.distributed import DistInfo, init_distributed
 from iln.training.loop import FitResult
+from iln.training.schedule import Schedule, agree_schedule
 from iln.util.device import use_tf32
 from iln.util.files import remove_stale_temps
 from iln.weights.warm_start import (
@@ -50,13 +51,15 @@ def start_job(
     run: ResolvedRun, params: Params, layout: Layout, env: Mapping[str, str]
 ) -> TrainingJob:
     """Clear what a killed training left half-written, join the processes torchrun describes
-    in ``env``, then build the model from ``train.seed`` and open the training patches."""
+    in ``env`` and check that they agree on the schedule (``iln.training.schedule``), then
+    build the model from ``train.seed`` and open the training patches."""
     remove_stale_temps(layout.checkpoint(run.name).parent)  # kill -9 leftovers
     remove_stale_temps(layout.train_dir(run.name))
     settings = run.train
     if settings.threads:
         torch.set_num_threads(settings.threads)
     dist = init_distributed(env, settings.device)
+    agree_schedule(Schedule.of(settings), dist.world_size)  # before any work or MLflow run
     tf32 = use_tf32(dist.device, settings.tf32)
     torch.manual_seed(settings.seed)
     model = build_model(run.spec.arch, norm=run.spec.norm, scale=run.scale, **run.model_overrides())
