@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
@@ -373,3 +374,36 @@ def test_logged_steps_follow_from_the_settings_alone():
     assert [s for s in range(1, 13) if schedule.probes(s)] == [6, 12]
     off = Schedule.of(train_settings(iterations=12, log_every=5, probe_every=0))
     assert [s for s in range(1, 13) if off.logs(s)] == [5, 10, 12]
+
+
+def test_a_train_state_restored_from_its_state_dict_takes_the_same_next_step():
+    """Resume is one call: a fresh TrainState loading another's state_dict (a checkpoint's
+    content) continues with bit-identical weights, EMA, optimiser and schedule."""
+    from iln.training.loop import StepSetup, TrainState, micro_batch_size, train_step
+
+    settings = train_settings(batch_size=4, accumulate=2, grad_clip=0.5)
+    cpu = torch.device("cpu")
+
+    def state():
+        torch.manual_seed(0)
+        made = TrainState.create(TinyNet(), settings, cpu)
+        micro = micro_batch_size(settings, 1)
+        return made, StepSetup(settings, made.model, None, micro, 0, 0, 1)
+
+    batches = [
+        torch.utils.data.default_collate([StreamData()[4 * s + k] for k in range(4)])
+        for s in range(3)
+    ]
+    first, setup = state()
+    for batch in batches[:2]:
+        train_step(first, setup, batch)
+    saved = copy.deepcopy(first.state_dict())
+    train_step(first, setup, batches[2])  # draws dropout from the global RNG, as saved
+    second, second_setup = state()
+    second.load_state_dict(saved)  # the RNG too
+    assert second.step == 2
+    train_step(second, second_setup, batches[2])
+    for a, b in ((first.model, second.model), (first.ema, second.ema)):
+        for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+            assert torch.equal(x, y)
+    assert first.scheduler.state_dict() == second.scheduler.state_dict()
