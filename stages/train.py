@@ -13,31 +13,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+from torch import nn
 
 import iln
 from iln import tracking
 from iln.cli.stage import project_root, run_stage, store_root, warn
 from iln.config.layout import HISTORY_COLUMNS, PROBES_CSV_COLUMNS, Layout
-from iln.config.params import ResolvedRun, flatten, load_params, resolve_run
-from iln.data.dataset import TestPairs, training_patches
+from iln.config.params import Params, flatten, load_params, resolve_run
+from iln.data.dataset import TestPairs
 from iln.evaluation.monitor import deepest_group_curves, probe_batch, training_monitor
 from iln.evaluation.protocols import protocol_for
 from iln.figures.styles import norm_style
-from iln.models import build_model, resolve_settings
-from iln.training.distributed import agree, init_distributed, shutdown
+from iln.training.distributed import agree, shutdown
 from iln.training.fingerprint import code_digest
-from iln.training.loop import fit
+from iln.training.job import TrainingJob, member_params, start_job, train_summary
+from iln.training.loop import FitResult, LogFn, MonitorFn, fit
 from iln.training.resume import remember_tracked_run, tracked_run
-from iln.training.sources import check_source_current, run_fingerprint
-from iln.util.device import fp32_precision, use_cudnn_benchmark, use_tf32
-from iln.util.files import remove_stale_temps, write_csv_atomic, write_json_atomic
-from iln.weights.released import pin_weights
+from iln.training.sources import run_fingerprint
+from iln.util.device import fp32_precision
+from iln.util.files import write_csv_atomic, write_json_atomic
 from iln.weights.trained import save_trained
-from iln.weights.warm_start import WarmStart, carry_weights, open_init
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,168 +48,131 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     run = resolve_run(params, args.run)
     layout = Layout(project_root())
-    remove_stale_temps(layout.checkpoint(run.name).parent)  # kill -9 leftovers
-    remove_stale_temps(layout.train_dir(run.name))
-    settings = run.train
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    dist = init_distributed(os.environ, settings.device)
-    tf32 = use_tf32(dist.device, settings.tf32)
-    cudnn_benchmark = use_cudnn_benchmark(dist.device, fixed_shapes=True)  # fixed LR patches
-
-    torch.manual_seed(settings.seed)
-    overrides = run.model_overrides()
-    model = build_model(run.spec.arch, norm=run.spec.norm, scale=run.scale, **overrides)
     code = code_digest(Path(__file__), Path(iln.__file__).parent)
-    check_source_current(params, run, layout, code=code)
-    warm = warm_start(model, run, layout) if run.spec.init is not None else None
-    dataset = training_patches(
-        run.spec.task,
-        layout.training_sources(run.spec.task, settings.train_set),
-        lq_patch=settings.lq_patch,
-        seed=settings.seed,
-        jpeg_subsampling=params.degrade.jpeg_subsampling,
-        realsr=run.realsr,
-        cache_bytes=int(settings.cache_gib * 2**30),
-    )
-    first_test_set = params.test_sets(run.spec.task)[0]
-    val_pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, first_test_set)))[
-        : settings.probe_images
-    ]
-    probe_lq = probe_batch([lq for _, lq, _ in val_pairs], size=2 * settings.lq_patch)
+    job = start_job(run, params, layout, os.environ, code=code)
     fingerprint = run_fingerprint(run, layout, code=code)  # what a checkpoint must match
-    agree(dist, fingerprint, "the run's fingerprint")
-
-    out = layout.train_dir(run.name)
-    store = tracking.tracking_uri(store_root())
-    checkpoint = layout.checkpoint(run.name)
-    tracked = (
-        tracking.stage_run(
-            store_root(),
-            experiment=params.tracking.experiment,
-            stage="train",
-            run_name=run.name,
-            norm=run.spec.norm,
-            color=norm_style(run.spec.norm).color,
-            params={**flatten(run.spec, "run"), **flatten(settings, "train")},
-            tags={
-                "iln.fingerprint": fingerprint,
-                "iln.world_size": dist.world_size,
-                "iln.device": str(dist.device),
-                "iln.tf32": tf32,
-                "iln.fp32_matmul": fp32_precision()["matmul"],  # tf32 or ieee (full fp32)
-                "iln.cudnn_benchmark": cudnn_benchmark,
-            },
-            continue_run=tracked_run(checkpoint, fingerprint, store),  # a resumed training
-        )
-        if dist.is_main
-        else nullcontext()
-    )
-    with tracked as tracker:
-        if tracker:
-            remember_tracked_run(checkpoint, fingerprint, store, tracker.run_id)
+    agree(job.dist, fingerprint, "the run's fingerprint")
+    with tracked(job, params, layout, fingerprint) as tracker:
         log = (lambda step, metrics: tracker.log_metrics(metrics, step=step)) if tracker else None
-        monitor = training_monitor(
-            probe_lq,
-            val_pairs,
-            crop_border=protocol_for(run.spec.task).crop_border,
-            device=dist.device,
-            per_block=settings.probe_per_block,
-            log=log,
-        )
         ema, result = fit(
-            model,
-            dataset,
-            settings,
-            device=dist.device,
-            checkpoint_path=checkpoint,
+            job.model,
+            job.dataset,
+            run.train,
+            device=job.dist.device,
+            checkpoint_path=layout.checkpoint(run.name),
             fingerprint=fingerprint,
-            rank=dist.rank,
-            world_size=dist.world_size,
+            rank=job.dist.rank,
+            world_size=job.dist.world_size,
             on_log=log,
-            monitor=monitor,
+            monitor=training_probes(job, params, layout, log),
             warn=lambda message: warn("train", message),
         )
-        if dist.is_main:
-            save_trained(
-                layout.weights(run.name),
-                ema,
-                arch=run.spec.arch,
-                norm=run.spec.norm,
-                scale=run.scale,
-                overrides=overrides,
-                raw=model,
-            )
-            write_csv_atomic(out / "history.csv", result.history, HISTORY_COLUMNS)
-            write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBES_CSV_COLUMNS)
-            summary = {
-                "steps": result.steps,
-                "resumed_from": result.resumed_from,
-                "seconds_per_step": result.seconds_per_step,
-                "final_loss": result.history[-1]["loss"] if result.history else None,
-                "parameters": sum(p.numel() for p in ema.parameters()),
-                "world_size": dist.world_size,
-                "model": model_hparams(run),
-                "fingerprint": fingerprint,  # a fine-tune of this run checks it
-            }
-            if warm is not None:
-                summary["init"] = warm.summary()
-            write_json_atomic(out / "summary.json", summary)
-            tracker.set_tags({"iln.resumed_from": result.resumed_from})
-            tracker.log_metrics({"seconds_per_step_mean": result.seconds_per_step})
-            for name in ("history.csv", "probes.csv", "summary.json"):
-                tracker.log_artifact(out / name)
-            tracking.log_to_group(
-                layout.root,
-                experiment=params.tracking.experiment,
-                run_name=run.name,
-                params=member_params(run),
-                metrics={"steps": result.steps},
-                step=result.steps,
-                curves=deepest_group_curves(result.monitor_rows),
-                note=member_note(run),
-            )
-    shutdown(dist)
+        if tracker:
+            write_outputs(job, params, layout, ema, result, tracker, fingerprint)
+    shutdown(job.dist)
     return 0
 
 
-def model_hparams(run: ResolvedRun) -> dict[str, object]:
-    """The model's resolved hyper-parameters (its preset with the run's overrides), as
-    train/summary.json records them for readers that build no model (the report)."""
-    return resolve_settings(
-        run.spec.arch, norm=run.spec.norm, scale=run.scale, **run.model_overrides()
-    ).as_dict()
+@contextmanager
+def tracked(
+    job: TrainingJob, params: Params, layout: Layout, fingerprint: str
+) -> Iterator[tracking.StageRun | None]:
+    """The MLflow run of this training on rank 0 (a resumed training continues its run);
+    None on the other ranks."""
+    if not job.dist.is_main:
+        yield None
+        return
+    run, checkpoint = job.run, layout.checkpoint(job.run.name)
+    store = tracking.tracking_uri(store_root())
+    with tracking.stage_run(
+        store_root(),
+        experiment=params.tracking.experiment,
+        stage="train",
+        run_name=run.name,
+        norm=run.spec.norm,
+        color=norm_style(run.spec.norm).color,
+        params={**flatten(run.spec, "run"), **flatten(run.train, "train")},
+        tags={
+            "iln.fingerprint": fingerprint,
+            "iln.world_size": job.dist.world_size,
+            "iln.device": str(job.dist.device),
+            "iln.tf32": job.tf32,
+            "iln.fp32_matmul": fp32_precision()["matmul"],  # tf32 or ieee (full fp32)
+            "iln.cudnn_benchmark": job.cudnn_benchmark,
+        },
+        continue_run=tracked_run(checkpoint, fingerprint, store),  # a resumed training
+    ) as tracker:
+        remember_tracked_run(checkpoint, fingerprint, store, tracker.run_id)
+        yield tracker
 
 
-def member_params(run: ResolvedRun) -> dict[str, object]:
-    """What a user compares on the member's parent run: the model's effective
-    hyper-parameters (``model.*``, e.g. whether stdnorm is on), the task and the training
-    settings in force (``train.*``)."""
-    return {
-        "task": run.spec.task,
-        **{f"model.{k}": v for k, v in model_hparams(run).items()},
-        **flatten(run.train, "train"),
-    }
+def training_probes(
+    job: TrainingJob, params: Params, layout: Layout, log: LogFn | None
+) -> MonitorFn:
+    """Feature statistics of a probe batch and the validation PSNR on the first images of
+    the task's first test set, during training (``iln.evaluation.monitor``)."""
+    run, settings = job.run, job.run.train
+    test_set = params.test_sets(run.spec.task)[0]
+    pairs = list(TestPairs(*layout.pair_dirs(run.spec.task, test_set)))[: settings.probe_images]
+    return training_monitor(
+        probe_batch([lq for _, lq, _ in pairs], size=2 * settings.lq_patch),
+        pairs,
+        crop_border=protocol_for(run.spec.task).crop_border,
+        device=job.dist.device,
+        per_block=settings.probe_per_block,
+        log=log,
+    )
 
 
-def member_note(run: ResolvedRun) -> str:
+def write_outputs(
+    job: TrainingJob,
+    params: Params,
+    layout: Layout,
+    ema: nn.Module,
+    result: FitResult,
+    tracker: tracking.StageRun,
+    fingerprint: str,
+) -> None:
+    """model.pt, history.csv, probes.csv and summary.json, and what MLflow keeps of them."""
+    run, out = job.run, layout.train_dir(job.run.name)
+    save_trained(
+        layout.weights(run.name),
+        ema,
+        arch=run.spec.arch,
+        norm=run.spec.norm,
+        scale=run.scale,
+        overrides=run.model_overrides(),
+        raw=job.model,
+    )
+    write_csv_atomic(out / "history.csv", result.history, HISTORY_COLUMNS)
+    write_csv_atomic(out / "probes.csv", result.monitor_rows, PROBES_CSV_COLUMNS)
+    write_json_atomic(out / "summary.json", train_summary(job, result, ema, fingerprint))
+    tracker.set_tags({"iln.resumed_from": result.resumed_from})
+    tracker.log_metrics({"seconds_per_step_mean": result.seconds_per_step})
+    for name in ("history.csv", "probes.csv", "summary.json"):
+        tracker.log_artifact(out / name)
+    tracking.log_to_group(
+        layout.root,
+        experiment=params.tracking.experiment,
+        run_name=run.name,
+        params=member_params(run),
+        metrics={"steps": result.steps},
+        step=result.steps,
+        curves=deepest_group_curves(result.monitor_rows),
+        note=member_note(job),
+    )
+
+
+def member_note(job: TrainingJob) -> str:
     """The parent run's description in the MLflow UI."""
-    settings = run.train
+    spec, settings = job.run.spec, job.run.train
     return (
-        f"{norm_style(run.spec.norm).label} on {run.spec.arch}, task {run.spec.task}: "
+        f"{norm_style(spec.norm).label} on {spec.arch}, task {spec.task}: "
         f"{settings.iterations} iterations at batch {settings.batch_size}, lr {settings.lr:g}, "
         f"EMA decay {settings.ema_decay:g}. Its train, evaluate and analyze stage runs are "
         "the child runs below; features/deepest/* are the deepest group's feature magnitude "
         "mean(x^2) and channel entropy (nats) of the weights being trained, per probe step."
     )
-
-
-def warm_start(model: torch.nn.Module, run: ResolvedRun, layout: Layout) -> WarmStart:
-    """Carry ``runs.R.init``'s weights into ``model`` (see ``iln.weights.warm_start``)."""
-    source = open_init(run.spec.init, f"runs.{run.name}.init", layout, model)
-    if source.record is not None:
-        pin_weights(source.record, book=layout.weights_book)
-    return carry_weights(model, source.state, name=source.name, sha256=source.sha256)
 
 
 if __name__ == "__main__":

@@ -243,8 +243,8 @@ def test_comments_and_colours_keep_the_code_digest_a_changed_constant_trains_afr
     [
         (
             "training/loop.py",
-            "F.l1_loss(output.float(), gt_all[part])",
-            "F.mse_loss(output.float(), gt_all[part])",
+            "F.l1_loss(output.float(), gt)",
+            "F.mse_loss(output.float(), gt)",
         ),
         ("data/degrade.py", "rng.normal(0.0, float(sigma)", "rng.normal(0.0, float(2 * sigma)"),
         ("training/kld.py", "VAR_EPS = 1e-8", "VAR_EPS = 1e-6"),

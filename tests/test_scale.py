@@ -4,10 +4,12 @@ activations equals the run trained by one plain process, drop path on."""
 
 from __future__ import annotations
 
+import csv
 import json
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -76,9 +78,9 @@ def _torchrun(root, *args: str) -> subprocess.Popen:
     )
 
 
-def _finish(process: subprocess.Popen, what: str) -> None:
+def _finish(process: subprocess.Popen, what: str, timeout: float = 600) -> None:
     try:
-        _, err = process.communicate(timeout=600)
+        _, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         _, err = process.communicate()
@@ -222,3 +224,58 @@ def test_a_run_initialised_from_another_carries_every_matching_tensor(tmp_path):
 
 def _summary_of(root, run):
     return json.loads((root / "runs" / run / "train" / "summary.json").read_text())
+
+
+def test_probe_steps_that_are_not_logged_steps_do_not_hang_two_processes(iln_project, tmp_path):
+    """probe_every 6 is not a multiple of log_every 4: every rank enters the collectives of
+    the probe steps (their finite check and global loss), though only rank 0 probes."""
+    root = copy_project(iln_project, tmp_path / "p")
+    params = read_params(root)
+    params["train"].update(iterations=12, log_every=4, probe_every=6)
+    write_params(root, params)
+    _finish(_torchrun(root, "--standalone", "--nproc_per_node", "2"), "probes", timeout=300)
+    with open(root / "runs" / RUN / "train" / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [4, 6, 8, 12]
+    assert [bool(r["val_psnr"]) for r in rows] == [False, True, False, True]
+
+
+@pytest.mark.parametrize(("key", "values"), [("log_every", (1, 2)), ("iterations", (6, 4))])
+def test_nodes_with_another_schedule_stop_at_once_with_one_line_each(
+    iln_project, tmp_path, key, values
+):
+    """Two loopback nodes whose params differ outside the fingerprint (how often to log, how
+    many steps): every rank names the key and both values and exits before any work (no
+    MLflow run, no output), no hang, no rendezvous timeout."""
+    port, nodes = _free_port(), []
+    for node, value in enumerate(values):
+        root = copy_project(iln_project, tmp_path / f"node{node}")
+        params = read_params(root)
+        params["train"][key] = value
+        write_params(root, params)
+        nodes.append(
+            _torchrun(
+                root,
+                *("--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1"),
+                *("--master_addr", "127.0.0.1", "--master_port", str(port)),
+            )
+        )
+    started, expected = (
+        time.monotonic(),
+        (
+            f"train: error: train.{key} differs between the processes: {values[0]} on rank 0, "
+            f"{values[1]} on rank 1;"
+        ),
+    )
+    for node, process in enumerate(nodes):
+        try:
+            _, err = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for other in nodes:
+                other.kill()
+            pytest.fail(f"node {node} still running after 240 s")
+        assert process.returncode != 0
+        ours = [line for line in err.splitlines() if line.startswith("train: ")]
+        assert len(ours) == 1 and ours[0].startswith(expected), err[-2000:]
+    assert time.monotonic() - started < 120  # start-up included; the check itself is one gather
+    assert not any((tmp_path / f"node{n}" / "runs").exists() for n in range(2))  # nothing begun

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -275,3 +277,133 @@ def test_every_device_spelling_resolves_per_process_on_a_cpu_machine():
         for spec in ("cuda", "cuda:0", "cuda:3"):
             with pytest.raises(RuntimeError, match="train.device: .* no CUDA device"):
                 process_device(spec, 0, 1, key="train.device")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _schedule_worker(rank: int, world: int, port: int, out: str, ranks: dict) -> None:
+    """Train TinyNet on 2 gloo processes with rank ``rank``'s settings from ``ranks``; the
+    monitor only on rank 0 (as the stage's probes); an error is written to out/rank<r>.txt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    settings = train_settings(batch_size=4, **ranks[rank])
+
+    def monitor(step, model, ema):
+        return [{"layer": "group0", "magnitude": 1.0}], None
+
+    try:
+        _, result = fit(
+            TinyNet(dropout=0.0),
+            StreamData(),
+            settings,
+            device=torch.device("cpu"),
+            checkpoint_path=__import__("pathlib").Path(out) / "ckpt.pt",
+            fingerprint="ddp",
+            rank=rank,
+            world_size=world,
+            monitor=monitor if rank == 0 else None,
+            progress=False,
+        )
+        message = " ".join(str(r["step"]) for r in result.history)
+    except RuntimeError as err:
+        message = f"error: {err}"
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    torch.distributed.destroy_process_group()
+
+
+def _spawn_two(tmp_path, ranks: dict, timeout: float = 120) -> list[str]:
+    """What each of two processes wrote; fails if they do not finish within ``timeout``."""
+    context = mp.spawn(
+        _schedule_worker, args=(2, _free_port(), str(tmp_path), ranks), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"two processes still running after {timeout} s (a collective hangs)")
+    return [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+
+
+@pytest.mark.integration
+def test_probe_steps_between_logged_steps_do_not_hang_two_processes(tmp_path):
+    """probe_every 6 is not a multiple of log_every 4: every rank logs the probe steps (the
+    finite check and the global loss are collectives), though only rank 0 probes."""
+    schedule = dict(iterations=12, log_every=4, probe_every=6, checkpoint_every=5)
+    assert _spawn_two(tmp_path, {0: schedule, 1: schedule}) == ["4 6 8 12", "4 6 8 12"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("key", "values"), [("log_every", (2, 3)), ("iterations", (6, 8)), ("accumulate", (1, 2))]
+)
+def test_processes_with_another_schedule_refuse_to_train_naming_the_key(tmp_path, key, values):
+    base = dict(iterations=6, log_every=2, checkpoint_every=6)
+    ranks = {r: {**base, key: v} for r, v in enumerate(values)}
+    expected = (
+        f"error: train.{key} differs between the processes: {values[0]} on rank 0, "
+        f"{values[1]} on rank 1"
+    )
+    for written in _spawn_two(tmp_path, ranks):
+        assert written.startswith(expected) and "\n" not in written
+
+
+def test_a_schedule_mismatch_is_named_by_its_first_differing_key():
+    from iln.training.schedule import Schedule, schedule_mismatch
+
+    same = Schedule.of(train_settings())
+    other = Schedule.of(train_settings(checkpoint_every=7, probe_every=3))
+    assert schedule_mismatch([same, same, same]) is None
+    message = schedule_mismatch([same, same, other])
+    assert message.startswith("train.probe_every differs between the processes: 0 on rank 0")
+    assert "3 on rank 2" in message
+
+
+def test_logged_steps_follow_from_the_settings_alone():
+    """Probe steps are logged steps whether or not this process has a monitor."""
+    from iln.training.schedule import Schedule
+
+    schedule = Schedule.of(train_settings(iterations=12, log_every=4, probe_every=6))
+    assert [s for s in range(1, 13) if schedule.logs(s)] == [4, 6, 8, 12]
+    assert [s for s in range(1, 13) if schedule.probes(s)] == [6, 12]
+    off = Schedule.of(train_settings(iterations=12, log_every=5, probe_every=0))
+    assert [s for s in range(1, 13) if off.logs(s)] == [5, 10, 12]
+
+
+def test_a_train_state_restored_from_its_state_dict_takes_the_same_next_step():
+    """Resume is one call: a fresh TrainState loading another's state_dict (a checkpoint's
+    content) continues with bit-identical weights, EMA, optimiser and schedule."""
+    from iln.training.loop import StepSetup, TrainState, micro_batch_size, train_step
+
+    settings = train_settings(batch_size=4, accumulate=2, grad_clip=0.5)
+    cpu = torch.device("cpu")
+
+    def state():
+        torch.manual_seed(0)
+        made = TrainState.create(TinyNet(), settings, cpu)
+        micro = micro_batch_size(settings, 1)
+        return made, StepSetup(settings, made.model, None, micro, 0, 0, 1)
+
+    batches = [
+        torch.utils.data.default_collate([StreamData()[4 * s + k] for k in range(4)])
+        for s in range(3)
+    ]
+    first, setup = state()
+    for batch in batches[:2]:
+        train_step(first, setup, batch)
+    saved = copy.deepcopy(first.state_dict())
+    train_step(first, setup, batches[2])  # draws dropout from the global RNG, as saved
+    second, second_setup = state()
+    second.load_state_dict(saved)  # the RNG too
+    assert second.step == 2
+    train_step(second, second_setup, batches[2])
+    for a, b in ((first.model, second.model), (first.ema, second.ema)):
+        for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+            assert torch.equal(x, y)
+    assert first.scheduler.state_dict() == second.scheduler.state_dict()
