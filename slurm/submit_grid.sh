@@ -3,13 +3,20 @@
 # after the job of the run its `init: {run: ...}` names (a ready grid goes into params.yaml
 # first: iln config configs/X.yaml). Extra sbatch options go first:
 #   slurm/submit_grid.sh --nodes 2 --time 3-00:00:00 -- [RUN ...]
+# Run names always come after `--` (an sbatch option may take a value, so a bare word before
+# `--` could be either); `slurm/submit_grid.sh` alone submits every run.
 # Then, when every job has finished: dvc commit train@RUN ... and dvc repro for the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${ILN_PYTHON:-.venv/bin/python}"
 options=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do options+=("$1"); shift; done
-[ "${1:-}" = "--" ] && shift
+if [ "${1:-}" = "--" ]; then
+  shift
+elif [ ${#options[@]} -gt 0 ]; then
+  echo "submit_grid.sh: error: no -- among the arguments ${options[*]}: give sbatch options, then --, then run names (slurm/submit_grid.sh [SBATCH OPTION ...] -- [RUN ...])" >&2
+  exit 2
+fi
 
 # "RUN SOURCE" lines, sources first (SOURCE is - for a run trained from scratch)
 plan="$("$python" - "$@" <<'PY'

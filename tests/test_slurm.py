@@ -98,3 +98,35 @@ def test_a_bad_params_file_is_one_line(tmp_path):
     )
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "runs.a.arch" in out.stderr
+
+
+def _job(root, env, **slurm):
+    env = {**env, "SLURM_SUBMIT_DIR": str(root), "SLURM_JOB_NODELIST": "node-a",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "5", **slurm}  # fmt: skip
+    return subprocess.run(
+        ["bash", "slurm/train.sbatch", "a"], cwd=root, env=env, capture_output=True, text=True
+    )
+
+
+def test_zero_gpus_need_a_cpu_thread_count_and_then_run_one_process(tmp_path):
+    root, env = _project(tmp_path, {"a": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2"}})
+    env.pop("OMP_NUM_THREADS", None)
+    out = _job(root, env, SLURM_GPUS_ON_NODE="0")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "no GPU on this node" in out.stderr and "OMP_NUM_THREADS" in out.stderr
+    assert "division" not in out.stderr and not (tmp_path / "calls.log").exists()
+    out = _job(root, {**env, "OMP_NUM_THREADS": "4"}, SLURM_GPUS_ON_NODE="0")
+    assert out.returncode == 0, out.stderr
+    assert "--nproc_per_node 1" in (tmp_path / "calls.log").read_text()
+
+
+def test_a_run_name_without_the_separator_is_refused_in_one_line(tmp_path):
+    root, env = _project(tmp_path, {"ln": {"arch": "hat_tiny", "norm": "ln", "task": "sr_x2"}})
+    for args in (["ln"], ["--nodes", "2", "ln"]):
+        out = subprocess.run(
+            ["bash", "slurm/submit_grid.sh", *args], cwd=root, env=env, capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert "no -- among the arguments" in out.stderr
+    assert not (tmp_path / "calls.log").exists()  # nothing submitted

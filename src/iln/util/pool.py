@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 Job = Callable[[Any], T]
 _POLL_SECONDS = 0.5
+_EXIT_SECONDS = 10.0  # a worker's time to exit by itself after the last job
 CALLS_PER_PROCESS = 16  # light jobs (run_calls) per worker process, at least
 
 
@@ -153,10 +154,10 @@ def _run_spread(shared: Any, jobs: list[Job], processes: int, threads: int, bar:
         for _ in range(processes)
     ]
     results: list[Any] = [None] * len(jobs)
+    done = 0
     try:
         for worker in workers:
             worker.start()
-        done = 0
         while done < len(jobs):
             try:
                 index, ok, payload = outbox.get(timeout=_POLL_SECONDS)
@@ -170,7 +171,12 @@ def _run_spread(shared: Any, jobs: list[Job], processes: int, threads: int, bar:
             bar.update(1)
         return results
     finally:
+        # After a success every worker is reading its None and exits by itself: let it (a
+        # worker killed inside a queue call leaves the queue's semaphore to the resource
+        # tracker, which then warns of a leak). After a failure, or a worker that hangs:
+        # stop it.
         for worker in workers:
+            worker.join(timeout=_EXIT_SECONDS if done == len(jobs) else 0)
             if worker.is_alive():
                 worker.terminate()
         for worker in workers:
