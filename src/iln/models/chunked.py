@@ -139,11 +139,6 @@ def _grid_image(grid: Tensor) -> Tensor:
     return grid.permute(0, 3, 1, 2)
 
 
-def _tokens_image(t: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, N, C) -> (B, C, H, W) view."""
-    return _grid_image(t.view(t.shape[0], *size, t.shape[2]))
-
-
 def _normalised_rows(plan: NormPlan, grid: Tensor, start: int, stop: int) -> Tensor:
     """Rows [start, stop) of the normalised stream as an image (B, C, rows, W)."""
     b, _, w, c = grid.shape
