@@ -127,3 +127,17 @@ def test_restore_chunked_gives_the_whole_image_pixels():
     assert (chunked == whole).mean() > 0.999
     with pytest.raises(ValueError, match=r"chunked \(exact\) and tile \(inexact\)"):
         restore(model, lq, device="cpu", chunked=True, tile=16, tile_overlap=8)
+
+
+def test_the_command_refuses_chunked_with_tiles(tmp_path, capsys):
+    from iln.__main__ import main
+    from iln.data.io import write_png
+    from iln.weights import save_trained
+
+    model = build_model("hat_tiny", norm="iln", scale=2, generator=torch.Generator())
+    save_trained(tmp_path / "model.pt", model, arch="hat_tiny", norm="iln", scale=2, overrides={})
+    write_png(tmp_path / "in.png", np.zeros((8, 8, 3), np.uint8))
+    argv = ["restore", str(tmp_path / "model.pt"), str(tmp_path / "in.png"), str(tmp_path / "o")]
+    assert main([*argv, "--chunked", "--tile", "64"]) == 2
+    assert "--chunked (exact) and --tile (inexact) exclude each other" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
