@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iln.evaluate import _forward_tiled
-from iln.files import write_json_atomic, write_text_atomic
+from iln.evaluation.inference import _forward_tiled
+from iln.util.files import write_json_atomic, write_text_atomic
 from iln.models import ARCHS, build_model
 from iln.models.chunked import chunked_forward
 

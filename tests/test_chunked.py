@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from iln.evaluate import restore
+from iln.evaluation.inference import restore
 from iln.models import NORMS, build_model, common, norms
 from iln.models.chunked import band_shift_mask, chunked_forward, plan_norm
 
@@ -130,9 +130,9 @@ def test_restore_chunked_gives_the_whole_image_pixels():
 
 
 def test_the_command_refuses_chunked_with_tiles(tmp_path, capsys):
-    from iln.__main__ import main
+    from iln.cli.main import main
     from iln.data.io import write_png
-    from iln.weights import save_trained
+    from iln.weights.trained import save_trained
 
     model = build_model("hat_tiny", norm="iln", scale=2, generator=torch.Generator())
     save_trained(tmp_path / "model.pt", model, arch="hat_tiny", norm="iln", scale=2, overrides={})
