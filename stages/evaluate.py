@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         model, tags = opened.model, opened.tags
         restorers = {
             subject.spec.task: model_restore_fn(
-                model, device=device, tile=settings.tile or None, tile_overlap=settings.tile_overlap
+                model,
+                device=device,
+                tile=settings.tile or None,
+                tile_overlap=settings.tile_overlap,
+                chunked=settings.chunked,
             )
         }
         run_params = flatten(settings, "evaluate")
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 **opened.weights.as_dict(),
                 "tile": settings.tile,
                 "tile_overlap": settings.tile_overlap,
+                "chunked": settings.chunked,
                 "precision_crop": settings.precision_crop,
             }
     precision_table = subject.precision_table and bool(settings.precision_modes)

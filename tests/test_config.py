@@ -95,6 +95,14 @@ def _first_run(raw):
         ),
         (lambda r: r["train"].update(amp="fp8"), r"train\.amp: expected one of"),
         (lambda r: r["train"].update(milestones=[10, 5]), r"train\.milestones: must be increasing"),
+        (
+            lambda r: r["evaluate"].update(chunked=True, tile=64),
+            r"evaluate\.chunked: exact chunked inference excludes evaluate\.tile .*got 64",
+        ),
+        (
+            lambda r: r["evaluate"].update(chunked="yes"),
+            r"evaluate\.chunked: expected true or false",
+        ),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, mutate, message):

@@ -410,15 +410,16 @@ def test_ctrl_c_ends_in_one_line_and_leaves_no_partial_file(tmp_path):
 
 
 @pytest.mark.integration
-def test_an_image_too_large_for_memory_suggests_tiles(tmp_path):
-    """Memory is capped for real (RLIMIT_AS, 256 MiB above what the process holds)."""
+def test_an_image_too_large_for_memory_suggests_chunks_or_tiles(tmp_path):
+    """Memory is capped for real (RLIMIT_AS, 512 MiB above what the process holds): the whole
+    image needs about 1.1 GiB more and fails; --chunked restores it within the cap."""
     weights = _saved(tmp_path, _model("iln"))
     Image.fromarray(np.zeros((600, 600, 3), np.uint8)).save(tmp_path / "big.png")
     script = (
         "import resource, sys\n"
         "from iln.cli.main import main\n"
         "held = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (held + (256 << 20), resource.RLIM_INFINITY))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (held + (512 << 20), resource.RLIM_INFINITY))\n"
         f"sys.exit(main(['restore', {str(weights)!r}, 'big.png', 'out']))\n"
     )
     done = subprocess.run(
@@ -427,8 +428,14 @@ def test_an_image_too_large_for_memory_suggests_tiles(tmp_path):
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert "big.png: not enough memory to restore this 600x600 image" in done.stderr
-    assert "use --tile 256 (or smaller)" in done.stderr
+    assert "use --chunked (exact, bounded memory) or --tile 256 (or smaller)" in done.stderr
     assert list((tmp_path / "out").iterdir()) == []
+    chunked = script.replace("'out']", "'out', '--chunked']")
+    done = subprocess.run(
+        [sys.executable, "-c", chunked], cwd=tmp_path, env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]  # the same cap holds the exact pieces
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["big.png"]
 
 
 def test_tiled_progress_counts_tiles_and_the_last_line_names_the_outputs(tmp_path, capsys):

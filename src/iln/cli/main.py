@@ -1,7 +1,8 @@
 """The ``iln`` command (also ``python -m iln``): restore your own images with an image
 restoration Transformer trained by this pipeline or released by the i-LN paper's authors.
 
-    iln restore WEIGHTS INPUT OUTPUT [--arch A --norm N --scale S] [--tile T] [--precision P]
+    iln restore WEIGHTS INPUT OUTPUT [--arch A --norm N --scale S] [--chunked | --tile T]
+                [--precision P]
 
 restores one image or every image of a folder with a train-stage ``model.pt`` or a
 BasicSR checkpoint (the authors' released weights), no ground truth needed.
@@ -168,7 +169,17 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         metavar="PX",
         help="tile size in input (LR) pixels, a multiple of the model's attention window, "
-        "for images too large for memory; 0 (default) = the whole image at once",
+        "for images too large for memory; 0 (default) = the whole image at once. Inexact for "
+        "models with whole-image statistics (i-LN, LN*, HAT's channel attention): each tile "
+        "takes its own; --chunked is exact",
+    )
+    run.add_argument(
+        "--chunked",
+        action="store_true",
+        help="exact whole-image inference at bounded memory: every whole-image statistic "
+        "(i-LN's mean and variance, channel attention's pooling) over the whole image, the "
+        "wide layers in pieces; equal to the whole image to float rounding, at a fraction of "
+        "its memory (not automatic: off by default); excludes --tile",
     )
     run.add_argument(
         "--tile-overlap",
@@ -363,6 +374,8 @@ def _restore(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         return _error(str(err))
+    if args.chunked and args.tile:
+        return _error("--chunked (exact) and --tile (inexact) exclude each other; choose one")
     output = Path(args.output)
     single = len(targets) == 1 and next(iter(targets.values())) == output
     try:
@@ -382,6 +395,7 @@ def _restore(args: argparse.Namespace) -> int:
             precision=args.precision,
             tile=args.tile or None,
             tile_overlap=args.tile_overlap,
+            chunked=args.chunked,
             on_failure=lambda f: tqdm.write(f"iln restore: skipped {f.message}", file=sys.stderr),
         )
     except RestoreError as err:

@@ -303,6 +303,7 @@ class EvaluateParams:
     device: str
     workers: int = 0  # processes sharing the images (iln.util.pool), 0 = one per core
     self_ensemble: bool = False  # also score the x8 self-ensemble (psnr_x8, ssim_x8, ...)
+    chunked: bool = False  # exact whole-image inference at bounded memory (iln.models.chunked)
 
     def __post_init__(self) -> None:
         if not self.sets:
@@ -311,6 +312,11 @@ class EvaluateParams:
             check_min(self, ("tile", "tile_overlap", "samples", "precision_crop", "workers"), 0)
         except ValueError as err:
             raise ParamsError(f"evaluate.{err}") from None
+        if self.chunked and self.tile:
+            raise ParamsError(
+                f"evaluate.chunked: exact chunked inference excludes evaluate.tile "
+                f"(inexact tiles, got {self.tile}); set evaluate.tile: 0 or chunked: false"
+            )
 
 
 @dataclass(frozen=True)

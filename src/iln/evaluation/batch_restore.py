@@ -299,6 +299,7 @@ def restore_files(
     tile_overlap: int = 16,
     progress: bool = True,
     on_failure: Callable[[Failure], None] | None = None,
+    chunked: bool = False,
 ) -> Outcome:
     """Restore every input to its output file (written atomically; ``plan_outputs`` made the
     targets).
@@ -308,6 +309,7 @@ def restore_files(
     full, no permission) stops the run: the next images would fail too. Ctrl-C stops it as
     well; the file being written is removed, the ones written are kept. Progress is shown in
     LR pixels (and tiles, with ``tile``). ``model`` is cast to ``precision`` in place.
+    ``chunked``: exact whole-image inference at bounded memory (``evaluate.restore``).
     """
     if precision not in PRECISIONS:
         raise RestoreError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -336,6 +338,7 @@ def restore_files(
                     tile_overlap=tile_overlap,
                     refuse_nonfinite=True,
                     on_tile=on_tile,
+                    chunked=chunked,
                 )
             except ImageReadError as err:
                 problem = str(err)
@@ -343,7 +346,7 @@ def restore_files(
                 hint = "; try --precision fp32 or bf16" if precision == "fp16" else ""
                 problem = f"{err}{hint}"
             except (MemoryError, RuntimeError, ValueError) as err:
-                problem = _memory_hint(err, image, tile) or _first_line(err)
+                problem = _memory_hint(err, image, tile, chunked) or _first_line(err)
             if problem is None:
                 try:
                     write_image(out, restored)
@@ -389,7 +392,9 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _memory_hint(err: BaseException, image: Path, tile: int | None) -> str | None:
+def _memory_hint(
+    err: BaseException, image: Path, tile: int | None, chunked: bool = False
+) -> str | None:
     """The message for an image too large for memory (CPU or GPU), with what to do."""
     text = str(err)
     if not (isinstance(err, MemoryError) or "allocate" in text or "out of memory" in text):
@@ -397,11 +402,15 @@ def _memory_hint(err: BaseException, image: Path, tile: int | None) -> str | Non
     asked = re.search(r"allocate ([0-9.]+) ?(bytes|[KMGT]i?B)", text)
     more = f"; {asked.group(1)} {asked.group(2)} more were requested" if asked else ""
     size = "x".join(map(str, _size_or_none(image) or ()))
-    advice = (
-        f"use a smaller --tile than {tile}"
-        if tile
-        else "use --tile 256 (or smaller) to restore it in tiles"
-    )
+    if tile:
+        advice = f"use a smaller --tile than {tile}"
+    elif chunked:
+        advice = "use --tile 256 (or smaller) to restore it in tiles (inexact for i-LN)"
+    else:
+        advice = (
+            "use --chunked (exact, bounded memory) or --tile 256 (or smaller) to restore it "
+            "in tiles (inexact for i-LN)"
+        )
     return f"{image}: not enough memory to restore this {size} image{more}; {advice}"
 
 

@@ -30,6 +30,7 @@ from iln.config.params import check_tile
 from iln.data.io import read_rgb
 from iln.evaluation.metrics import psnr, rgb_to_grey, ssim
 from iln.evaluation.protocols import Protocol
+from iln.models.chunked import chunked_forward
 from iln.models.common import pad_like_swinir_test
 
 RestoreFn = Callable[[np.ndarray], np.ndarray]
@@ -143,6 +144,7 @@ def restore(
     refuse_nonfinite: bool = False,
     on_tile: Callable[[int, int], None] | None = None,
     ensemble: bool = False,
+    chunked: bool = False,
 ) -> np.ndarray:
     """Restore one uint8 (H, W, 3) image; returns uint8 (s*H, s*W, 3).
 
@@ -165,8 +167,13 @@ def restore(
     models whose layers only see a local neighbourhood the tiled result differs from the
     whole-image result only near seams; models with per-image statistics (i-LN, LN*,
     InstanceNorm, channel attention's global pooling in HAT) compute those statistics per
-    tile, so tiling changes their output slightly everywhere. Benchmarks should be run
-    without tiling when memory allows. ``on_tile(done, total)`` is called after each tile.
+    tile, so tiling changes their output slightly everywhere (inexact for i-LN). Benchmarks
+    should be run without tiling when memory allows. ``on_tile(done, total)`` is called
+    after each tile.
+
+    ``chunked``: exact whole-image inference at bounded memory
+    (``iln.models.chunked.chunked_forward``): the same output as the whole image to float
+    rounding, every whole-image statistic exact. It excludes ``tile``.
 
     ``ensemble``: the x8 self-ensemble (``self_ensemble``) of that forward pass, 8x the
     cost; each transformed image is tiled the same way.
@@ -182,6 +189,8 @@ def restore(
     grey = model.in_chans == 1
     if tile is not None:
         check_tile(tile, tile_overlap, int(model.window_size))
+    if chunked and tile:
+        raise ValueError("chunked (exact) and tile (inexact) inference exclude each other")
     image = rgb_to_grey(lq)[..., :1] if grey else lq
     x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]  # (1, C, H, W)
     x = (x.to(device=device, dtype=torch.float32) / 255.0).to(dtype)
@@ -191,6 +200,8 @@ def restore(
     ph, pw = x.shape[2], x.shape[3]
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (1, C, h', w') -> (1, C, s*h', s*w')
+        if chunked:
+            return chunked_forward(model, x)
         if not tile or (x.shape[-2] <= tile and x.shape[-1] <= tile):
             return model(x)
         return _forward_tiled(model, x, scale, tile, tile_overlap, on_tile)
@@ -232,6 +243,7 @@ class ModelRestorer:
     tile_overlap: int = 16
     pad: str = "model"
     ensemble: bool = False
+    chunked: bool = False
 
     def __call__(self, lq: np.ndarray) -> np.ndarray:
         return restore(
@@ -243,6 +255,7 @@ class ModelRestorer:
             tile_overlap=self.tile_overlap,
             pad=self.pad,
             ensemble=self.ensemble,
+            chunked=self.chunked,
         )
 
 
@@ -255,9 +268,10 @@ def model_restore_fn(
     tile_overlap: int = 16,
     pad: str = "model",
     ensemble: bool = False,
+    chunked: bool = False,
 ) -> ModelRestorer:
     """``restore`` with the model and options bound, for ``evaluate_pairs``."""
-    return ModelRestorer(model, device, dtype, tile, tile_overlap, pad, ensemble)
+    return ModelRestorer(model, device, dtype, tile, tile_overlap, pad, ensemble, chunked)
 
 
 def evaluate_pairs(
