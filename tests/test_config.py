@@ -103,6 +103,10 @@ def _first_run(raw):
             lambda r: r["evaluate"].update(chunked="yes"),
             r"evaluate\.chunked: expected true or false",
         ),
+        (
+            lambda r: r["evaluate"].update(tile=8, tile_overlap=7),
+            r"evaluate\.tile_overlap: with evaluate\.tile=8 an overlap of 7 moves each tile by 1",
+        ),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, mutate, message):

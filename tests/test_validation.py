@@ -257,3 +257,17 @@ def test_an_image_beside_its_namesake_is_named_with_both(tmp_path):
         prepare_sets(
             ["Set5"], tmp_path / "hr", sources, workers=1, progress=False, log=lambda _: None
         )
+
+
+def test_a_library_warning_in_a_stage_is_one_line_naming_the_stage(capsys):
+    import warnings
+
+    from iln.cli.stage import run_stage
+
+    def main() -> int:
+        warnings.warn("train.cache_gib: the decoded training images need 9.00 GiB", stacklevel=1)
+        return 0
+
+    assert run_stage("train", main) == 0
+    err = capsys.readouterr().err
+    assert err == "train: warning: train.cache_gib: the decoded training images need 9.00 GiB\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,9 +18,12 @@ EXPECTED = (ValueError, RuntimeError, OSError)
 
 
 def run_stage(name: str, main: Callable[[], int]) -> int:
-    """Run ``main``; an expected failure prints ``<name>: error: <message>`` and returns 1."""
+    """Run ``main``; an expected failure prints ``<name>: error: <message>`` and returns 1, a
+    warning (the library's ``warnings.warn``) ``<name>: warning: <message>``."""
     try:
-        return main()
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_, **__: warn(name, str(message))
+            return main()
     except EXPECTED as err:
         if os.environ.get("ILN_TRACEBACK"):
             raise

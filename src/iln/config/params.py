@@ -410,8 +410,9 @@ def check_tile(
     model: str = "the model",
 ) -> None:
     """The tiling of ``iln.evaluation.inference.restore`` (input pixels) for a model of window
-    ``window``: 0 = whole images, else a multiple of the window, with an overlap below the
-    tile. ``keys`` name the two settings in the ValueError, ``model`` the model."""
+    ``window``: 0 = whole images, else a multiple of the window, with an overlap that lets a
+    tile move on by a window at least (an overlap of tile - 1 would move it by one pixel, a
+    tile per pixel). ``keys`` name the two settings in the ValueError, ``model`` the model."""
     for key, value in zip(keys, (tile, overlap)):
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value}")
@@ -422,6 +423,12 @@ def check_tile(
         )
     if tile and overlap >= tile:
         raise ValueError(f"{keys[1]}: must be < {keys[0]}={tile}, got {overlap}")
+    if tile and tile - overlap < window:
+        raise ValueError(
+            f"{keys[1]}: with {keys[0]}={tile} an overlap of {overlap} moves each tile by "
+            f"{tile - overlap} pixel(s), a tile for almost every pixel; keep it <= "
+            f"{tile - window} (the tile minus the window size {window})"
+        )
 
 
 def _check_model(params: Params, name: str, spec: ModelSpec, where: str) -> None:
