@@ -10,31 +10,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from iln import tracking
 from iln.cli.stage import project_root, run_stage, store_root
-from iln.config.layout import METRICS_ALL, PER_IMAGE_COLUMNS, PER_IMAGE_ENSEMBLE_COLUMNS, Layout
-from iln.config.params import BASELINE, flatten, load_params
-from iln.data.catalog import SETS
-from iln.data.dataset import TestPairs
+from iln.config.layout import PER_IMAGE_COLUMNS, PER_IMAGE_ENSEMBLE_COLUMNS, Layout
+from iln.config.params import load_params
 from iln.data.io import write_png
-from iln.data.params import parse_task
-from iln.evaluation.inference import (
-    ImageJob,
-    bicubic_restore,
-    degraded_input,
-    model_restore_fn,
-    summarise,
-)
-from iln.evaluation.precision import PrecisionJob
-from iln.evaluation.protocols import protocol_for
+from iln.evaluation.scoring import Restorers, Scores, collect, open_restorers, plan_jobs
 from iln.figures.styles import BASELINE_COLOR, norm_style
 from iln.util.device import resolve_device
 from iln.util.files import remove_stale_temps, write_csv_atomic, write_json_atomic
 from iln.util.pool import plan, run_jobs
-from iln.weights.subject import find_subject, open_model
+from iln.weights.subject import find_subject
 
 BASELINE_NOTE = (
     "The baseline: bicubic upsampling for SR, the degraded input itself for denoising, JPEG "
@@ -57,67 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = params.evaluate
     device = resolve_device(settings.device, key="evaluate.device")
     subject = find_subject(params, args.run)
-    model, tags, released = None, None, None  # released: a `released:` entry's record
-    if subject.spec is None:  # the baseline: no model
-        restorers = {}
-        for task in params.degrade.tasks:
-            scale = parse_task(task).scale
-            restorers[task] = bicubic_restore(scale) if scale > 1 else degraded_input
-        run_params = {"baseline": BASELINE}
-    else:
-        opened = open_model(subject, layout, device)
-        model, tags = opened.model, opened.tags
-        restorers = {
-            subject.spec.task: model_restore_fn(
-                model,
-                device=device,
-                tile=settings.tile or None,
-                tile_overlap=settings.tile_overlap,
-                chunked=settings.chunked,
-            )
-        }
-        run_params = flatten(settings, "evaluate")
-        if opened.weights is not None:  # the authors' weights: evaluated, never trained
-            run_params |= flatten(subject.spec, "released")
-            released = {  # how the numbers were made: tile 0 = whole images
-                **opened.weights.as_dict(),
-                "tile": settings.tile,
-                "tile_overlap": settings.tile_overlap,
-                "chunked": settings.chunked,
-                "precision_crop": settings.precision_crop,
-            }
+    restorers = open_restorers(subject, params, layout, device)
     precision_table = subject.precision_table and bool(settings.precision_modes)
-
-    out = layout.eval_dir(args.run)
     modes = settings.precision_modes if precision_table else ()
-    ensemble = settings.self_ensemble and model is not None
-    image_sets: dict[tuple[str, str], list[ImageJob]] = {}  # (task, dataset) -> one job per image
-    precision_jobs: list[PrecisionJob] = []  # (dataset, mode) in order
-    for task in restorers:
-        for dataset in params.test_sets(task):
-            protocol = protocol_for(task, grey=SETS[dataset].grey)
-            pairs = TestPairs(*layout.pair_dirs(task, dataset))
-            files = tuple((p.stem, pairs.lq_files[p.stem], p) for p in pairs.gt_files)
-            image_sets[task, dataset] = [
-                ImageJob(task, name, lq, gt, protocol, i < settings.samples, ensemble)
-                for i, (name, lq, gt) in enumerate(files)
-            ]
-            precision_jobs += [
-                PrecisionJob(
-                    task, dataset, files, mode, settings.precision_crop, protocol.crop_border
-                )
-                for mode in modes
-            ]
-    image_jobs = [job for jobs in image_sets.values() for job in jobs]
+    ensemble = settings.self_ensemble and restorers.has_model
+    jobs = plan_jobs(list(restorers.by_task), params, layout, modes=modes, ensemble=ensemble)
     workers = settings.workers or (0 if device.type == "cpu" else 1)  # one process per GPU
-    processes, threads = plan(workers, len(precision_jobs) + len(image_jobs))
+    processes, threads = plan(workers, len(jobs.all))
     print(
-        f"evaluate: {len(image_jobs)} images, {len(precision_jobs)} precision formats; "
-        f"{processes} processes x {threads} threads"
+        f"evaluate: {len(jobs.all) - len(jobs.precision)} images, {len(jobs.precision)} "
+        f"precision formats; {processes} processes x {threads} threads"
     )
-
-    metrics: dict[str, dict[str, float]] = {}
-    per_image: list[dict[str, object]] = []
     with tracking.stage_run(
         store_root(),
         experiment=params.tracking.experiment,
@@ -125,55 +65,50 @@ def main(argv: list[str] | None = None) -> int:
         run_name=args.run,
         norm=None if subject.spec is None else subject.spec.norm,
         color=BASELINE_COLOR if subject.spec is None else norm_style(subject.spec.norm).color,
-        params=run_params,
-        tags=tags,
+        params=restorers.run_params,
+        tags=restorers.tags,
     ) as tracker:
-        # the slow formats (fp16, bf16 on CPUs) first, so no worker is left with one at the end
         results = run_jobs(
-            restorers,
-            [*precision_jobs, *image_jobs],
-            processes=processes,
-            threads=threads,
-            desc="evaluate",
+            restorers.by_task, jobs.all, processes=processes, threads=threads, desc="evaluate"
         )
-        precision: dict[str, dict[str, object]] = {}
-        for job, result in zip(precision_jobs, results):
-            precision.setdefault(job.dataset, {})[job.mode] = result
-        scored = iter(results[len(precision_jobs) :])
-        for (task, dataset), jobs in image_sets.items():
-            key = f"{task}/{dataset}"
-            done = [next(scored) for _ in jobs]
-            summary = summarise([row for row, _ in done])
-            metrics[key] = {m: summary[m] for m in METRICS_ALL if m in summary}
-            for job, (row, restored) in zip(jobs, done):
-                per_image.append({"set": key, "task": task, "protocol": job.protocol.name, **row})
-                if restored is not None:
-                    write_png(out / "samples" / task / dataset / f"{job.name}.png", restored)
-        write_json_atomic(
-            out / "metrics.json", metrics if released is None else {**metrics, "released": released}
-        )
-        columns = PER_IMAGE_COLUMNS + (PER_IMAGE_ENSEMBLE_COLUMNS if ensemble else ())
-        write_csv_atomic(out / "per_image.csv", per_image, columns)
-        by_mode = {mode: {ds: precision[ds][mode] for ds in precision} for mode in modes}
-        write_json_atomic(
-            out / "precision.json", by_mode if precision_table else {}
-        )  # {}: not in table4
-        for key, values in metrics.items():
-            tracker.log_metrics({f"{key}/{m}": v for m, v in values.items()})
-        for mode, sets in by_mode.items() if precision_table else ():
-            for ds, entry in sets.items():
-                if entry.get("psnr") is not None:
-                    tracker.log_metrics({f"precision/{mode}/{ds}/psnr": entry["psnr"]})
-                tracker.set_tags({f"precision.{mode}.{ds}.overflow": entry.get("overflow")})
-        tracker.log_artifact(out)
+        scores = collect(jobs, results, modes)
+        write_outputs(layout.eval_dir(args.run), scores, restorers, ensemble, precision_table)
+        log_scores(tracker, scores, precision_table)
+        tracker.log_artifact(layout.eval_dir(args.run))
     tracking.log_to_group(  # the final numbers a user compares, on the member's parent run
         layout.root,
         experiment=params.tracking.experiment,
         run_name=args.run,
-        metrics={f"{key}/{m}": v for key, values in metrics.items() for m, v in values.items()},
+        metrics={f"{k}/{m}": v for k, values in scores.metrics.items() for m, v in values.items()},
         note=BASELINE_NOTE if subject.spec is None else None,
     )
     return 0
+
+
+def write_outputs(
+    out: Path, scores: Scores, restorers: Restorers, ensemble: bool, precision_table: bool
+) -> None:
+    """samples/, metrics.json, per_image.csv and precision.json ({} when not in table4)."""
+    for name, image in scores.samples.items():
+        write_png(out / name, image)
+    metrics = scores.metrics
+    released = restorers.released
+    write_json_atomic(
+        out / "metrics.json", metrics if released is None else {**metrics, "released": released}
+    )
+    columns = PER_IMAGE_COLUMNS + (PER_IMAGE_ENSEMBLE_COLUMNS if ensemble else ())
+    write_csv_atomic(out / "per_image.csv", scores.per_image, columns)
+    write_json_atomic(out / "precision.json", scores.precision if precision_table else {})
+
+
+def log_scores(tracker: tracking.StageRun, scores: Scores, precision_table: bool) -> None:
+    for key, values in scores.metrics.items():
+        tracker.log_metrics({f"{key}/{m}": v for m, v in values.items()})
+    for mode, sets in scores.precision.items() if precision_table else ():
+        for ds, entry in sets.items():
+            if entry.get("psnr") is not None:
+                tracker.log_metrics({f"precision/{mode}/{ds}/psnr": entry["psnr"]})
+            tracker.set_tags({f"precision.{mode}.{ds}.overflow": entry.get("overflow")})
 
 
 if __name__ == "__main__":
