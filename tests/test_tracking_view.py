@@ -30,22 +30,22 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        _grid(root)
+        grid(root, "e")
     return root, uri
 
 
-def _grid(root) -> None:
+def grid(root, experiment: str) -> None:
     """Two grid members with train/evaluate stage runs and their parents' curves, the
     bicubic baseline and the report, as the stages log them."""
     for name, colour in (("ln", "#d62728"), ("iln", "#1f77b4")):
         for stage in ("train", "evaluate"):
             with tracking.stage_run(
-                root, experiment="e", stage=stage, run_name=name, norm=name, color=colour
+                root, experiment=experiment, stage=stage, run_name=name, norm=name, color=colour
             ) as run:
                 run.log_metrics({"loss": 0.5, "features/group0/magnitude": 3.0}, step=4)
         tracking.log_to_group(
             root,
-            experiment="e",
+            experiment=experiment,
             run_name=name,
             metrics={"sr_x2/default_test/psnr": 30.0, "sr_x2/default_test/ssim": 0.9},
             curves={
@@ -59,14 +59,14 @@ def _grid(root) -> None:
     for name in ("bicubic", "report"):
         with tracking.stage_run(
             root,
-            experiment="e",
+            experiment=experiment,
             stage="evaluate" if name == "bicubic" else "report",
             run_name=name,
             color="#b0b0b0",
         ) as run:
             run.log_metrics({"sr_x2/default_test/psnr": 28.0})
         tracking.log_to_group(
-            root, experiment="e", run_name=name, metrics={"sr_x2/default_test/psnr": 28.0}
+            root, experiment=experiment, run_name=name, metrics={"sr_x2/default_test/psnr": 28.0}
         )
 
 
@@ -86,7 +86,7 @@ def test_the_saved_view_shows_one_line_per_grid_member(store, monkeypatch):
     )
     assert sorted(r.data.tags[tracking.RUN_TAG] for r in found) == ["iln", "ln"]
     assert {r.data.tags[tracking.KIND_TAG] for r in found} == {"group"}
-    assert state["orderByKey"] != "attributes.start_time"  # the UI nests runs only then
+    assert state["orderByKey"] == "tags.`mlflow.runName`"  # not start_time: no nesting
     assert state["runsHiddenMode"] == "SHOW_ALL"
 
     charts = state["compareRunCharts"]

@@ -402,12 +402,14 @@ VIEW_NAME = "LN vs i-LN: one line per grid member"
 # the parent run of every grid member with a norm: one line each (no stage runs, no
 # baseline, no report); ordered by name, which also stops MLflow nesting runs
 COMPARED_RUNS = f"tags.`{KIND_TAG}` = 'group' and tags.`{NORM_TAG}` LIKE '%'"
-COMPARED_CHARTS: tuple[tuple[str, str], ...] = (  # (metric, y axis) in the view's first section
+RUN_NAME_ORDER = "tags.`mlflow.runName`"  # the UI's "Sort: Run Name"
+COMPARED_CHARTS: tuple[tuple[str, str], ...] = (  # (metric, y axis) of the first section
     ("loss", "linear"),
     ("val/psnr", "linear"),
     ("features/deepest/magnitude", "log"),
     ("features/deepest/entropy", "linear"),
 )
+LOG10_MAGNITUDE = ("features/deepest/log10_magnitude", "linear")
 FINAL_METRICS = ("psnr", "ssim")  # <task>/<set>/<metric> on the parents: bar charts, columns
 
 
@@ -434,9 +436,9 @@ def comparison_view(metric_keys: Sequence[str], now_ms: int) -> dict[str, Any]:
         k for k in metric_keys if k.count("/") == 2 and k.rsplit("/", 1)[-1] in FINAL_METRICS
     )
     first, second = "iln-compared", "iln-final"
-    charts = [_line_chart(key, scale, first) for key, scale in COMPARED_CHARTS]
+    charts = [_line_chart(*chart, first) for chart in COMPARED_CHARTS]
     charts += [_bar_chart(key, second) for key in finals]
-    charts.append(_line_chart("features/deepest/log10_magnitude", "linear", second))
+    charts.append(_line_chart(*LOG10_MAGNITUDE, second))
     shown = {c["metricKey"] for c in charts}
     charts += [
         {**_bar_chart(key, second), "deleted": True}
@@ -451,8 +453,8 @@ def comparison_view(metric_keys: Sequence[str], now_ms: int) -> dict[str, Any]:
         "runsHiddenMode": "SHOW_ALL",
         "compareRunCharts": charts,
         "compareRunSections": [
-            _section(first, "LN vs i-LN over training (magnitude: log axis)", 2),
-            _section(second, "Final PSNR / SSIM (EMA weights), log10 magnitude", 3),
+            _section(first, "LN vs i-LN over training", 2),
+            _section(second, "Final PSNR / SSIM", 3),
         ],
         "isAccordionReordered": True,
         "hideEmptyCharts": True,
@@ -462,7 +464,7 @@ def comparison_view(metric_keys: Sequence[str], now_ms: int) -> dict[str, Any]:
         "runListHidden": False,
         "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0},
     }
-    facets = {"searchFilter": COMPARED_RUNS, "orderByKey": "attributes.run_name"}
+    facets = {"searchFilter": COMPARED_RUNS, "orderByKey": RUN_NAME_ORDER}
     state = json.dumps({**facets, "orderByAsc": True, **ui_state}, separators=(",", ":"))
     packed = "deflate;" + base64.b64encode(zlib.compress(state.encode())).decode("ascii")
     return {"name": VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms, "state": packed}
@@ -513,6 +515,9 @@ def save_comparison_view(root: Path, experiment: str) -> str:
     one. Returns the experiment's id; a store or experiment that is missing is a
     ``TrackingError``."""
     uri = tracking_uri(root)
+    db = _sqlite_file(uri)
+    if db is not None and not db.exists():
+        raise TrackingError(f"no MLflow store {db}: run the pipeline first (dvc repro)")
     client, _ = _client(root)
     try:
         found = _retry(client.get_experiment_by_name, experiment)
@@ -574,7 +579,8 @@ def start_ui(root: Path, host: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", host, "--port", str(port), "--workers", "1"]
-    return subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL)
+    # its messages go to stderr: stdout is the address alone, for scripts
+    return subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr)
 
 
 def wait_for_ui(address: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
