@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
@@ -279,6 +279,7 @@ def _ui(args: argparse.Namespace) -> int:
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     address = f"http://{shown}:{port}"
     server = tracking.start_ui(root, args.host, port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the UI as Ctrl-C does
     try:
         tracking.wait_for_ui(address, server)
         print(f"iln ui: MLflow UI on {uri} at {address}; LN vs i-LN (Ctrl-C stops it):")
@@ -289,12 +290,7 @@ def _ui(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        tracking.stop_ui(server)
 
 
 def _error(message: str, code: int = 2, command: str = "restore") -> int:

@@ -38,6 +38,7 @@ import math
 import os
 import random
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -579,8 +580,31 @@ def start_ui(root: Path, host: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", host, "--port", str(port), "--workers", "1"]
-    # its messages go to stderr: stdout is the address alone, for scripts
-    return subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr)
+    # its messages go to stderr: stdout is the address alone, for scripts; a process group
+    # of its own, so that stop_ui ends the workers and job runners it starts as well
+    return subprocess.Popen(
+        command,
+        cwd=root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=sys.stderr,
+        start_new_session=True,
+    )
+
+
+def stop_ui(server: subprocess.Popen, grace: float = 10.0) -> None:
+    """End a UI of ``start_ui`` with every process it started (``mlflow ui`` leaves its
+    uvicorn worker and job consumers running when it alone is stopped)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            break  # the group is gone
+        try:
+            server.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    server.poll()
 
 
 def wait_for_ui(address: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
