@@ -231,18 +231,19 @@ def _config(args: argparse.Namespace) -> int:
 
 
 UI_DESCRIPTION = """\
-Start the MLflow UI on the project's store (mlflow.db in the project folder, or the store
-MLFLOW_TRACKING_URI names) and print the one address that opens the comparison: the parent
-run of every grid member (LN, i-LN, ...), one line each in its norm's colour, on one chart
-page: training loss, validation PSNR, the deepest group's feature magnitude on a log axis,
-its channel entropy, then the final PSNR/SSIM. The view is saved in the experiment
-(MLflow's saved view "iln-compare"), so the address works for anyone opening that store.
-With a tracking server (MLFLOW_TRACKING_URI=http://...) no UI is started: the address on
-that server is printed. Ctrl-C stops the UI.
+Start the MLflow UI on the project's store (mlflow.db in the project folder,
+or the store MLFLOW_TRACKING_URI names) and print the one address that opens
+the comparison: the parent run of every grid member (LN, i-LN, ...), one line
+each in its norm's colour, on one chart page: training loss, validation PSNR,
+the deepest group's feature magnitude on a log axis, its channel entropy, then
+the final PSNR/SSIM. The view is saved in the experiment (MLflow's saved view
+"iln-compare"), so the address works for anyone opening that store. With a
+tracking server (MLFLOW_TRACKING_URI=http://...) no UI is started: the address
+on that server is printed. Ctrl-C stops the UI.
 
 example:
   iln ui                      # a free port of 127.0.0.1
-  iln ui --port 5000 --host 0.0.0.0
+  iln ui --port 5000
 """
 
 
