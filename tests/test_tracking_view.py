@@ -107,6 +107,7 @@ def test_the_saved_view_shows_one_line_per_grid_member(store, monkeypatch):
         "metrics.`features/deepest/magnitude`",
         "metrics.`features/deepest/entropy`",
     ]
+    assert state["columnOrder"] == state["selectedColumns"]
     assert state["isAccordionReordered"]  # MLflow keeps the sections' order
     assert len(tags[tracking.VIEW_TAG_PREFIX + tracking.VIEW_KEY]) <= 20000  # MLflow's limit
 

@@ -451,6 +451,7 @@ def comparison_view(metric_keys: Sequence[str], now_ms: int) -> dict[str, Any]:
     columns += [k for k in finals if not k.endswith("/psnr")] + ["steps"]
     ui_state = {
         "selectedColumns": [f"metrics.`{key}`" for key in columns],
+        "columnOrder": [f"metrics.`{key}`" for key in columns],  # else sorted by name
         "runsHiddenMode": "SHOW_ALL",
         "compareRunCharts": charts,
         "compareRunSections": [
