@@ -26,6 +26,10 @@ is red and i-LN blue in every MLflow chart. The experiment is tagged as model tr
 (``mlflow.experimentKind``); MLflow 3.17's UI still opens on its GenAI view unless the URL
 carries ``?workflowType=machine_learning`` (``<server>/#/experiments/<id>?workflowType=
 machine_learning``) or the sidebar's "Model training" switch is set (the browser keeps it).
+
+``iln ui`` (``start_ui``) serves the store and prints ``comparison_link``: it opens MLflow's
+saved view ``VIEW_KEY`` (``save_comparison_view``, an experiment tag), the parent run of
+every grid member with a norm, one line each, in the charts a user compares.
 """
 
 from __future__ import annotations
