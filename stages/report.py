@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         run_name="report",
         color=BASELINE_COLOR,
     ) as tracker:
+        # the saved chart view the report links to (`iln ui` refreshes it)
+        tracking.save_comparison_view(store_root(), params.tracking.experiment)
         summary = build_report(
             runs,
             layout.runs_dir,

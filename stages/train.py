@@ -11,6 +11,7 @@ only rank 0 reads checkpoints and writes outputs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -158,9 +159,30 @@ def write_outputs(
         params=member_params(run),
         metrics={"steps": result.steps},
         step=result.steps,
-        curves=deepest_group_curves(result.monitor_rows),
+        curves=member_curves(result.history, result.monitor_rows),
         note=member_note(job),
     )
+
+
+def member_curves(
+    history: list[dict[str, object]], monitor_rows: list[dict[str, object]]
+) -> dict[str, list[tuple[int, float]]]:
+    """The step curves a user compares on the member's parent run: the training loss, the
+    validation PSNR, the deepest group's magnitude and entropy, and ``log10`` of that
+    magnitude (MLflow's charts open on a linear axis, where i-LN's magnitude is a flat line
+    beside LN's)."""
+    curves = deepest_group_curves(monitor_rows)
+    magnitude = curves.get("features/deepest/magnitude", [])
+    curves["features/deepest/log10_magnitude"] = [
+        (step, math.log10(value)) for step, value in magnitude if value > 0
+    ]
+    for column, key in (("loss", "loss"), ("val_psnr", "val/psnr")):
+        curves[key] = [
+            (int(row["step"]), float(row[column]))
+            for row in history
+            if row.get(column) not in (None, "")
+        ]
+    return curves
 
 
 def member_note(job: TrainingJob) -> str:

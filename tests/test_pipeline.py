@@ -196,6 +196,17 @@ def test_parent_runs_hold_what_a_user_compares_in_their_norms_colour(project):
         history = client.get_metric_history(parent.info.run_id, "features/deepest/magnitude")
         assert sorted(m.step for m in history) == [0, 2, 4]  # probe_every 2, 4 iterations
         assert "features/deepest/entropy" in parent.data.metrics
+        assert len(client.get_metric_history(parent.info.run_id, "loss")) == 4  # log_every 1
+        assert parent.data.metrics["val/psnr"] > 0
+        log10 = client.get_metric_history(parent.info.run_id, "features/deepest/log10_magnitude")
+        by_step = {m.step: m.value for m in history}
+        assert sorted(m.step for m in log10) == sorted(by_step)
+        assert all(10**m.value == pytest.approx(by_step[m.step], rel=1e-9) for m in log10)
+        assert parent.info.end_time >= max(  # the parent spans its stage runs
+            r.info.end_time
+            for r in everything
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        )
         assert parent.data.metrics["steps"] == 4
         assert 0 < parent.data.metrics["sr_x2/default_test/psnr"] < 100
         assert parent.data.params["model.stdnorm"] == str(name == "iln")

@@ -763,25 +763,31 @@ def test_report_html_embeds_the_figures_and_ends_with_the_mlflow_link(built, tmp
     _, out, _ = built
     page = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
-    assert (
-        md.count("](figures/") - md.count(".svg)") == page.count('src="data:image/png;base64,') > 0
-    )
+    # every figure, and every linked PNG (the runs' analysis figures), is in the page
+    figures = md.count("](figures/") - md.count(".svg)")
+    linked_png = len(re.findall(r"\]\([^)]*\.png\)", md))
+    assert figures > 0 and linked_png > figures
+    assert page.count('src="data:image/png;base64,') == linked_png
     assert "![" not in page and "<table>" in page and "<h3>Table 1:" in page
+    # no link that resolves nowhere in MLflow's artifact viewer (a sandboxed blob page)
+    assert re.findall(r'(?:href|src)="(?!https?://|data:image/png;base64,)', page) == []
+    assert "<code>tables/table1.csv</code>" in page
     root = tmp_path / "runs"
     make_run(root, "ln", norm="ln")
-    link = "http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART"
+    link = "http://127.0.0.1:5123/#/experiments/1/runs?compareRunsMode=CHART&viewStateShareKey=k"
     build_report(
         infos({"ln": {**BASE, "norm": "ln"}}),
         root,
         tmp_path / "out",
         scale_note="-",
-        mlflow=("mlflow ui --backend-store-uri sqlite:///mlflow.db", link),
+        mlflow=("iln ui --port 5123", link),
     )
     text = (tmp_path / "out" / "report.md").read_text()
     assert text.rstrip().endswith(f"<{link}>")
-    assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db`" in text
+    assert "`iln ui --port 5123`" in text
     page = (tmp_path / "out" / "report.html").read_text()
-    assert f'<a href="{link}">{link}</a>' in page
+    escaped = link.replace("&", "&amp;")
+    assert f'<a href="{escaped}">{escaped}</a>' in page
 
 
 # ---------------------------------------------------------------- dynamics from step 0

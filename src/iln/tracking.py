@@ -26,27 +26,36 @@ is red and i-LN blue in every MLflow chart. The experiment is tagged as model tr
 (``mlflow.experimentKind``); MLflow 3.17's UI still opens on its GenAI view unless the URL
 carries ``?workflowType=machine_learning`` (``<server>/#/experiments/<id>?workflowType=
 machine_learning``) or the sidebar's "Model training" switch is set (the browser keeps it).
+
+``iln ui`` (``start_ui``) serves the store and prints ``comparison_link``: it opens MLflow's
+saved view ``VIEW_KEY`` (``save_comparison_view``, an experiment tag), the parent run of
+every grid member with a norm, one line each, in the charts a user compares.
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import json
 import logging
 import math
 import os
 import random
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from iln.util.files import process_alive
 
@@ -258,6 +267,25 @@ class StageRun:
         if other:
             self.set_tags(other)
 
+    def log_curve(self, key: str, points: Sequence[tuple[int, float]]) -> None:
+        """Log the (step, value) ``points`` of metric ``key`` in batches (non-finite values
+        are left out: MLflow stores them poorly)."""
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [
+            Metric(_metric_key(key), float(v), stamp, int(s))
+            for s, v in points
+            if math.isfinite(float(v))
+        ]
+        for start in range(0, len(items), BATCH_LIMIT):
+            _retry(
+                self._client.log_batch,
+                self.run_id,
+                metrics=items[start : start + BATCH_LIMIT],
+                store=self.store,
+            )
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
             _retry(self._client.set_tag, self.run_id, key, str(value), store=self.store)
@@ -365,41 +393,247 @@ def log_to_group(
         handle.log_metrics(metrics, step=step)
     for key, points in (curves or {}).items():
         held = {m.step for m in _retry(client.get_metric_history, parent_id, _metric_key(key))}
-        for point_step, value in points:
-            if int(point_step) not in held:
-                handle.log_metrics({key: value}, step=int(point_step))
+        handle.log_curve(key, [(int(s), v) for s, v in points if int(s) not in held])
     if note is not None:
         handle.set_tags({GROUP_NOTE_TAG: note})
+    _retry(client.set_terminated, parent_id, "FINISHED")  # its duration spans its stage runs
     return parent_id
 
 
-LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+UI_HOST = "127.0.0.1"
+VIEW_KEY = "iln-compare"  # the saved view `iln ui` and the report link to
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # MLflow's saved views: experiment tags
+VIEW_NAME = "LN vs i-LN: one line per grid member"
+# the parent run of every grid member with a norm: one line each (no stage runs, no
+# baseline, no report); ordered by name, which also stops MLflow nesting runs
+COMPARED_RUNS = f"tags.`{KIND_TAG}` = 'group' and tags.`{NORM_TAG}` LIKE '%'"
+RUN_NAME_ORDER = "tags.`mlflow.runName`"  # the UI's "Sort: Run Name"
+COMPARED_CHARTS: tuple[tuple[str, str], ...] = (  # (metric, y axis) of the first section
+    ("loss", "linear"),
+    ("val/psnr", "linear"),
+    ("features/deepest/magnitude", "log"),
+    ("features/deepest/entropy", "linear"),
+)
+LOG10_MAGNITUDE = ("features/deepest/log10_magnitude", "linear")
+FINAL_METRICS = ("psnr", "ssim")  # <task>/<set>/<metric> on the parents: bar charts, columns
 
 
 def ui_command(root: Path) -> tuple[str, str]:
-    """(how to open the store in the MLflow UI, the UI's address): ``mlflow ui`` on the
-    project's sqlite store, or the tracking server ``$MLFLOW_TRACKING_URI`` names."""
+    """(how to open the store in the MLflow UI, the UI's address for the report's link):
+    ``iln ui`` on the project's store, or the tracking server ``$MLFLOW_TRACKING_URI``
+    names. ``$ILN_UI_PORT`` is the port the link names (``iln ui --port`` serves it)."""
     uri = tracking_uri(root)
     if uri.startswith(("http://", "https://")):
         return f"a browser (the tracking server {uri})", uri.rstrip("/")
-    if uri == f"sqlite:///{(root / 'mlflow.db').resolve()}":
-        uri = "sqlite:///mlflow.db"
-    return f"mlflow ui --backend-store-uri {uri}", LOCAL_UI
+    port = os.environ.get("ILN_UI_PORT", "5000")
+    return f"iln ui --port {port}", f"http://{UI_HOST}:{port}"
 
 
-def charts_link(handle: StageRun, ui: str, stage: str = "train") -> str:
-    """A link that opens the MLflow UI's chart view on the runs of ``stage`` of the
-    experiment ``handle`` belongs to."""
-    experiment_id = _retry(handle._client.get_run, handle.run_id).info.experiment_id
+def comparison_view(metric_keys: Sequence[str], now_ms: int) -> dict[str, Any]:
+    """The saved-view envelope MLflow 3's runs page loads from the experiment tag
+    ``mlflow.sharedViewState.<key>`` (``?viewStateShareKey=<key>``): the parent runs of
+    ``COMPARED_RUNS``, all shown, in the chart view: ``COMPARED_CHARTS`` first (magnitude
+    on a log axis), then bar charts of the final PSNR/SSIM and the log10 magnitude curve;
+    every other metric of ``metric_keys`` (those of the compared runs) has a hidden chart,
+    as MLflow would add a chart of its own for it. The runs table opens with the PSNR,
+    magnitude, entropy and SSIM columns."""
+    finals = sorted(  # <task>/<set>/<metric>: not val/psnr, not precision/<mode>/<set>/psnr
+        k for k in metric_keys if k.count("/") == 2 and k.rsplit("/", 1)[-1] in FINAL_METRICS
+    )
+    first, second = "iln-compared", "iln-final"
+    charts = [_line_chart(*chart, first) for chart in COMPARED_CHARTS]
+    charts += [_bar_chart(key, second) for key in finals]
+    charts.append(_line_chart(*LOG10_MAGNITUDE, second))
+    shown = {c["metricKey"] for c in charts}
+    charts += [
+        {**_bar_chart(key, second), "deleted": True}
+        for key in sorted(metric_keys)
+        if key not in shown
+    ]
+    columns = [k for k in finals if k.endswith("/psnr")]
+    columns += ["features/deepest/magnitude", "features/deepest/entropy"]
+    columns += [k for k in finals if not k.endswith("/psnr")] + ["steps"]
+    ui_state = {
+        "selectedColumns": [f"metrics.`{key}`" for key in columns],
+        "columnOrder": [f"metrics.`{key}`" for key in columns],  # else sorted by name
+        "runsHiddenMode": "SHOW_ALL",
+        "compareRunCharts": charts,
+        "compareRunSections": [
+            _section(first, "LN vs i-LN over training", 2),
+            _section(second, "Final PSNR / SSIM", 3),
+        ],
+        "isAccordionReordered": True,
+        "hideEmptyCharts": True,
+        "useGroupedValuesInCharts": True,
+        "groupBy": None,
+        "viewMaximized": False,
+        "runListHidden": False,
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0},
+    }
+    facets = {"searchFilter": COMPARED_RUNS, "orderByKey": RUN_NAME_ORDER}
+    state = json.dumps({**facets, "orderByAsc": True, **ui_state}, separators=(",", ":"))
+    packed = "deflate;" + base64.b64encode(zlib.compress(state.encode())).decode("ascii")
+    return {"name": VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms, "state": packed}
+
+
+def _section(uuid: str, name: str, columns: int) -> dict[str, Any]:
+    return {"uuid": uuid, "name": name, "display": True, "isReordered": True, "columns": columns}
+
+
+def _chart(kind: str, key: str, section: str) -> dict[str, Any]:
+    return {
+        "uuid": f"iln-{kind.lower()}-{key}",
+        "type": kind,
+        "metricKey": key,
+        "metricSectionId": section,
+        "deleted": False,
+        "isGenerated": False,
+        "runsCountToCompare": 100,
+        "displayName": key,
+    }
+
+
+def _line_chart(key: str, scale: str, section: str) -> dict[str, Any]:
+    return {
+        **_chart("LINE", key, section),
+        "selectedMetricKeys": [key],
+        "scaleType": scale,
+        "xAxisScaleType": "linear",
+        "xAxisKey": "step",
+        "yAxisKey": "metric",
+        "lineSmoothness": 0,
+        "useGlobalXaxisKey": False,
+        "useGlobalLineSmoothing": False,
+        "range": {},
+        "yAxisExpressions": [],
+        "selectedXAxisMetricKey": "",
+        "ignoreOutliers": False,
+    }
+
+
+def _bar_chart(key: str, section: str) -> dict[str, Any]:
+    return _chart("BAR", key, section)
+
+
+def save_comparison_view(root: Path, experiment: str) -> str:
+    """Write the saved view ``VIEW_KEY`` of the experiment named ``experiment`` (see
+    ``comparison_view``) from the metrics its compared runs hold now, replacing an older
+    one. Returns the experiment's id; a store or experiment that is missing is a
+    ``TrackingError``."""
+    uri = tracking_uri(root)
+    db = _sqlite_file(uri)
+    if db is not None and not db.exists():
+        raise TrackingError(f"no MLflow store {db}: run the pipeline first (dvc repro)")
+    client, _ = _client(root)
+    try:
+        found = _retry(client.get_experiment_by_name, experiment)
+        if found is None:
+            raise TrackingError(
+                f"MLflow store {uri} has no experiment {experiment!r} (tracking.experiment): "
+                f"run the pipeline first (dvc repro)"
+            )
+        runs = _retry(
+            client.search_runs,
+            [found.experiment_id],
+            filter_string=COMPARED_RUNS,
+            max_results=1000,
+        )
+        keys = sorted({key for run in runs for key in run.data.metrics})
+        view = comparison_view(keys, int(time.time() * 1000))
+        _retry(
+            client.set_experiment_tag,
+            found.experiment_id,
+            VIEW_TAG_PREFIX + VIEW_KEY,
+            json.dumps(view),
+        )
+    except TrackingError:
+        raise
+    except Exception as err:
+        raise store_error(uri, err) from err
+    return found.experiment_id
+
+
+def comparison_link(ui: str, experiment_id: str) -> str:
+    """The address of the saved comparison view on the MLflow UI at ``ui``, opened in the
+    chart view of the classic runs page (``workflowType=machine_learning``: not the GenAI
+    overview)."""
     query = urlencode(
         {
             "workflowType": "machine_learning",
             "compareRunsMode": "CHART",
-            "searchFilter": f"tags.`{STAGE_TAG}` = '{stage}'",
-        },
-        quote_via=quote,
+            "viewStateShareKey": VIEW_KEY,
+        }
     )
     return f"{ui}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def free_port(host: str = UI_HOST) -> int:
+    """A TCP port of ``host`` that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def start_ui(root: Path, host: str, port: int) -> subprocess.Popen:
+    """Start ``mlflow ui`` on the project's store (``tracking_uri(root)``, a sqlite file)
+    at ``host:port``, after re-pointing artifact locations of a moved project; returns the
+    server process (see ``wait_for_ui``)."""
+    uri = tracking_uri(root)
+    check_store(uri)
+    with _store_lock(uri):
+        _relocate_artifacts(root, uri)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    command += ["--host", host, "--port", str(port), "--workers", "1"]
+    # its messages go to stderr: stdout is the address alone, for scripts; a process group
+    # of its own, so that stop_ui ends the workers and job runners it starts as well
+    return subprocess.Popen(
+        command,
+        cwd=root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=sys.stderr,
+        start_new_session=True,
+    )
+
+
+def stop_ui(server: subprocess.Popen, grace: float = 10.0) -> None:
+    """End a UI of ``start_ui`` with every process it started (``mlflow ui`` leaves its
+    uvicorn worker and job consumers running when it alone is stopped)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            break  # the group is gone
+        try:
+            server.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    server.poll()
+
+
+def wait_for_ui(address: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Return once the MLflow UI at ``address`` answers; a server that exits or stays
+    silent for ``timeout`` seconds is a ``TrackingError``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise TrackingError(
+                f"the MLflow UI exited (status {server.returncode}) before serving {address}: "
+                f"see its messages above (a port in use? choose another with --port)"
+            )
+        try:
+            with urllib.request.urlopen(f"{address}/health", timeout=2):
+                return
+        except (OSError, ValueError):
+            time.sleep(0.5)
+    raise TrackingError(f"the MLflow UI did not answer at {address} within {timeout:g} s")
+
+
+def charts_link(handle: StageRun, ui: str) -> str:
+    """``comparison_link`` for the experiment ``handle`` belongs to."""
+    experiment_id = _retry(handle._client.get_run, handle.run_id).info.experiment_id
+    return comparison_link(ui, experiment_id)
 
 
 def _parent_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
@@ -517,6 +751,8 @@ def stage_run(
         raise
     else:
         _retry(client.set_terminated, run_id, status, store=uri)
+        # the member's parent ends with its last stage run, so its duration spans them
+        _retry(client.set_terminated, parent_id, "FINISHED", store=uri)
     finally:
         if status == "KILLED":
             _close_quietly(client, run_id, status, None, uri)

@@ -17,12 +17,18 @@ writes params.yaml = the default params.yaml + the differences in an overlay
 
 write a run, a released entry or a weights file in another tool's format, and read such a
 file back (``iln.export``).
+
+    iln ui [--port N] [--host H]
+
+starts the MLflow UI on the project's store and prints the address of LN against i-LN
+(every grid member) on one chart page.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -207,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_parser(commands)
     _export_parser(commands)
+    _ui_parser(commands)
     return parser
 
 
@@ -321,6 +328,70 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+UI_DESCRIPTION = """\
+Start the MLflow UI on the project's store (mlflow.db in the project folder,
+or the store MLFLOW_TRACKING_URI names) and print the one address that opens
+the comparison: the parent run of every grid member (LN, i-LN, ...), one line
+each in its norm's colour, on one chart page: training loss, validation PSNR,
+the deepest group's feature magnitude on a log axis, its channel entropy, then
+the final PSNR/SSIM. The view is saved in the experiment (MLflow's saved view
+"iln-compare"), so the address works for anyone opening that store. With a
+tracking server (MLFLOW_TRACKING_URI=http://...) no UI is started: the address
+on that server is printed. Ctrl-C stops the UI.
+
+example:
+  iln ui                      # a free port of 127.0.0.1
+  iln ui --port 5000
+"""
+
+
+def _ui_parser(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "ui",
+        help="start the MLflow UI and print the LN vs i-LN chart page (iln ui --help)",
+        description=UI_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("--port", type=_count, metavar="N", help="port (default: a free one)")
+    sub.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    sub.add_argument("--params", default="params.yaml", metavar="PATH", help="names the experiment")
+
+
+def _ui(args: argparse.Namespace) -> int:
+    """``iln ui``: save the comparison view, start the UI, print its address, serve until
+    Ctrl-C."""
+    from iln import tracking
+    from iln.cli.stage import store_root
+    from iln.config.params import load_params
+
+    root = store_root()
+    try:
+        experiment = load_params(args.params).tracking.experiment
+        experiment_id = tracking.save_comparison_view(root, experiment)
+    except (ValueError, RuntimeError, OSError) as err:  # ParamsError, TrackingError
+        return _error(str(err), code=1, command="ui")
+    uri = tracking.tracking_uri(root)
+    if uri.startswith(("http://", "https://")):
+        print(tracking.comparison_link(uri.rstrip("/"), experiment_id))
+        return 0
+    port = args.port or tracking.free_port(args.host)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    address = f"http://{shown}:{port}"
+    server = tracking.start_ui(root, args.host, port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the UI as Ctrl-C does
+    try:
+        tracking.wait_for_ui(address, server)
+        print(f"iln ui: MLflow UI on {uri} at {address}; LN vs i-LN (Ctrl-C stops it):")
+        print(tracking.comparison_link(address, experiment_id), flush=True)
+        return server.wait()
+    except tracking.TrackingError as err:
+        return _error(str(err), code=1, command="ui")
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        tracking.stop_ui(server)
+
+
 def _error(message: str, code: int = 2, command: str = "restore") -> int:
     print(f"iln {command}: error: {' '.join(message.split())}", file=sys.stderr)
     return code
@@ -332,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         return _config(args)
     if args.command in ("export", "import"):
         return _export(args)
+    if args.command == "ui":
+        return _ui(args)
     try:
         return _restore(args)
     except KeyboardInterrupt:

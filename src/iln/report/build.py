@@ -391,11 +391,12 @@ def _mlflow_section(command: str, link: str) -> list[str]:
     return [
         "## In MLflow",
         "",
-        f"Start the UI in the project folder with `{command}` and open "
-        f"[the train runs in the chart view]({link}): one chart per metric, every run in "
-        "its norm's colour; `features/deepest/magnitude` and `features/deepest/entropy` "
-        "compare LN's deepest group with i-LN's. The parent run of each grid member (named "
-        "after it) holds its effective params, final PSNR/SSIM and the same curves.",
+        f"`{command}` starts the MLflow UI on this project's store and prints the address of "
+        f"[LN against i-LN on one chart page]({link}) (on the port it serves; `iln ui` alone "
+        "picks a free one): the parent run of every grid member, one line each in its norm's "
+        "colour, with the training loss, the validation PSNR, the deepest group's feature "
+        "magnitude on a log axis and its channel entropy, then the final PSNR/SSIM. The "
+        "runs table of that view opens with the PSNR, magnitude and entropy columns.",
         "",
         f"<{link}>",
         "",

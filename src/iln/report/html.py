@@ -3,6 +3,11 @@ shows them wherever it is opened (MLflow's artifact viewer, a browser, a mail).
 
 Converts exactly the markdown the report writes: headings, paragraphs, ``-`` lists, ``>``
 quotes, pipe tables, images, links and ``<URL>`` links, bold, emphasis and code spans.
+
+Nothing in the page points at another file: MLflow's artifact viewer shows it from a blob
+address in a sandbox, where no relative link resolves. A link to a PNG file is that image,
+embedded; a link to any other file (a table's CSV) is its name as text, with the path it
+has beside the page; only absolute ``http(s)://`` links stay links.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ STYLE = (
     "body{font-family:sans-serif;max-width:75em;margin:1em auto;padding:0 1em;line-height:1.4}"
     "table{border-collapse:collapse;margin:0.5em 0;font-size:0.85em}"
     "th,td{border:1px solid #ccc;padding:2px 6px;text-align:left}"
-    "th{background:#f3f3f3}img{max-width:100%}"
+    "th{background:#f3f3f3}img{max-width:100%}td img.linked{max-width:24em}"
     "blockquote{border-left:4px solid #ccc;margin:0.5em 0;padding:0 1em;color:#333}"
     "code{background:#f3f3f3;padding:0 2px}"
 )
@@ -41,16 +46,30 @@ def _inline(text: str, base: Path) -> str:
     """Inline markdown of one line, escaped; images embedded from files under ``base``."""
     out, pos = [], 0
     for match in _IMAGE.finditer(text):
-        out += [_spans(text[pos : match.start()]), _image(match, base)]
+        out += [_spans(text[pos : match.start()], base), _image(match, base)]
         pos = match.end()
-    return "".join([*out, _spans(text[pos:])])
+    return "".join([*out, _spans(text[pos:], base)])
 
 
-def _spans(text: str) -> str:
+def _link(match: re.Match, base: Path) -> str:
+    """An absolute link as a link; a PNG file embedded; another file's name as text."""
+    label, target = match.group(1), html.unescape(match.group(2))
+    if target.startswith(("http://", "https://")):
+        return f'<a href="{html.escape(target)}">{label}</a>'
+    path = base / target
+    if target.lower().endswith(".png") and path.is_file():
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'<img class="linked" alt="{label}" src="data:image/png;base64,{data}">'
+    if label == html.escape(target, quote=False):
+        return f"<code>{label}</code>"
+    return f"{label} (<code>{html.escape(target, quote=False)}</code>)"
+
+
+def _spans(text: str, base: Path) -> str:
     text = html.escape(text, quote=False).replace("\\|", "|")
     text = _AUTOLINK.sub(r'<a href="\1">\1</a>', text)
     text = _CODE.sub(r"<code>\1</code>", text)
-    text = _LINK.sub(r'<a href="\2">\1</a>', text)
+    text = _LINK.sub(lambda m: _link(m, base), text)
     text = _BOLD.sub(r"<strong>\1</strong>", text)
     return _EMPH.sub(r"<em>\1</em>", text)
 
