@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from iln import __version__
 from iln.config import check_tile
 from iln.data.io import WRITE_FORMATS, ImageReadError
 from iln.models import ARCHS, NORMS, SCALES
@@ -69,19 +72,78 @@ orientation says, as image viewers show them. The last line names where the outp
 """
 
 
+RESTORE_EPILOG = """\
+examples:
+  iln restore runs/iln/train/model.pt photo.jpg photo_x2.png
+  iln restore runs/iln/train/model.pt photos/ restored/ --tile 64 --threads 2
+  iln restore LN.pth lr/ sr/ --arch hat_1 --norm ln --scale 4 --no-stdnorm
+"""
+CONFIG_EPILOG = """\
+examples:
+  iln config configs/cpu_paper_recipe.yaml && dvc repro
+  iln config configs/paper_hat1_x4.yaml --out /tmp/p.yaml   (look first)
+  git checkout params.yaml                                  (the default again)
+"""
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True}
+BOOLEAN_WORDS |= {"false": False, "0": False, "no": False, "off": False}
+SWITCHES = ("--stdnorm", "--affine-outer")  # --X / --no-X; the older --X BOOL still works
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help as wide as the terminal (at most 100 columns): paragraphs of the description and
+    epilog are re-wrapped, indented lines (examples, lists) are kept as written."""
+
+    def __init__(self, prog: str) -> None:
+        width = min(shutil.get_terminal_size().columns, 100) - 2
+        super().__init__(prog, width=width, max_help_position=min(30, width // 3))
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        prose: list[str] = []
+        for line in [*text.splitlines(), ""]:
+            if line and not line.startswith(" "):
+                prose.append(line)
+                continue
+            if prose:
+                out.append(textwrap.fill(" ".join(prose), width, initial_indent=indent,
+                                         subsequent_indent=indent))  # fmt: skip
+                prose = []
+            out.append(indent + line if line else "")
+        return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _old_booleans(argv: list[str]) -> list[str]:
+    """``--stdnorm true`` / ``--stdnorm=false`` (the older spelling) as ``--stdnorm`` /
+    ``--no-stdnorm``."""
+    out: list[str] = []
+    words = iter(argv)
+    for word in words:
+        name, equals, value = word.partition("=")
+        if name in SWITCHES and equals:
+            out.append(_switch(name, value))
+        elif word in SWITCHES:
+            following = next(words, None)
+            if following is not None and following.lower() in BOOLEAN_WORDS:
+                out.append(_switch(word, following))
+            else:
+                out += [word] if following is None else [word, following]
+        else:
+            out.append(word)
+    return out
+
+
+def _switch(name: str, value: str) -> str:
+    on = BOOLEAN_WORDS.get(value.lower())
+    if on is None:
+        return f"{name}={value}"  # argparse refuses it, naming the option
+    return name if on else f"--no-{name[2:]}"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with errors in one line (the usage is in --help)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes", "on"):
-        return True
-    if text.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _count(text: str) -> int:
@@ -108,13 +170,21 @@ def _threads(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="iln", description=DESCRIPTION)
+    parser = _Parser(
+        prog="iln",
+        description=DESCRIPTION,
+        epilog="examples:\n  iln restore runs/iln/train/model.pt photo.jpg photo_x2.png\n"
+        "  iln config configs/cpu_paper_recipe.yaml && dvc repro\n  iln smoke",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"iln {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub = commands.add_parser(
         "restore",
         help="restore an image or a folder of images into OUTPUT (iln restore --help)",
         description=RESTORE_DESCRIPTION % {"formats": ", ".join(WRITE_FORMATS)},
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RESTORE_EPILOG,
+        formatter_class=_Formatter,
     )
     sub.add_argument(
         "weights",
@@ -137,14 +207,25 @@ def _parser() -> argparse.ArgumentParser:
     model = sub.add_argument_group(
         "BasicSR checkpoints", "what the file does not record (a model.pt records all of it)"
     )
-    model.add_argument("--arch", choices=ARCHS, help="network preset")
-    model.add_argument("--norm", choices=NORMS, help="normalisation the network was trained with")
-    model.add_argument("--scale", type=int, choices=SCALES, help="upscaling factor")
     model.add_argument(
-        "--stdnorm", type=_bool, metavar="BOOL", help="true/false (default: on for iln only)"
+        "--arch", choices=ARCHS, metavar="A", help=f"network preset: {', '.join(ARCHS)}"
     )
     model.add_argument(
-        "--affine-outer", type=_bool, metavar="BOOL", help="true/false (default: on for iln only)"
+        "--norm",
+        choices=NORMS,
+        metavar="N",
+        help=f"normalisation the network was trained with: {', '.join(NORMS)}",
+    )
+    model.add_argument("--scale", type=int, choices=SCALES, help="upscaling factor")
+    model.add_argument(
+        "--stdnorm",
+        action=argparse.BooleanOptionalAction,
+        help="rescale each residual branch by the image's std (default: on for iln only)",
+    )
+    model.add_argument(
+        "--affine-outer",
+        action=argparse.BooleanOptionalAction,
+        help="the official i-LN's placement of the norm's affine (default: on for iln only)",
     )
     model.add_argument(
         "--in-chans", type=int, choices=(1, 3), help="1 for grey models (default: 3, RGB)"
@@ -188,6 +269,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"CPU threads of torch, 1 to {4 * (os.cpu_count() or 1)} (default: torch's choice)",
     )
     _config_parser(commands)
+    _smoke_parser(commands)
     return parser
 
 
@@ -196,7 +278,8 @@ def _config_parser(commands: argparse._SubParsersAction) -> None:
         "config",
         help="apply a configs/*.yaml overlay to params.yaml (iln config --help)",
         description=CONFIG_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CONFIG_EPILOG,
+        formatter_class=_Formatter,
     )
     sub.add_argument("overlay", metavar="OVERLAY", help="a configs/*.yaml file")
     sub.add_argument(
@@ -208,6 +291,19 @@ def _config_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="apply onto a params file that is already composed from an overlay",
     )
+
+
+def _smoke_parser(commands: argparse._SubParsersAction) -> None:
+    from iln.smoke.cli import DESCRIPTION, EPILOG, add_arguments
+
+    sub = commands.add_parser(
+        "smoke",
+        help="run every stage of the pipeline on small data in a copy of the project (CI)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    add_arguments(sub)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -229,9 +325,13 @@ def _error(message: str, code: int = 2, command: str = "restore") -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_old_booleans(sys.argv[1:] if argv is None else argv))
     if args.command == "config":
         return _config(args)
+    if args.command == "smoke":
+        from iln.smoke.cli import smoke
+
+        return smoke(args)
     try:
         return _restore(args)
     except KeyboardInterrupt:
