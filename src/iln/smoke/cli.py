@@ -24,7 +24,7 @@ from iln.smoke.pipeline import (
 DESCRIPTION = """\
 Run every stage of the pipeline (download, degrade, train, evaluate, analyze, report, the
 MLflow records) with `dvc repro` on small data: the project's dvc.yaml, stages and
-params.yaml plus the overlay configs/smoke.yaml (the embedded photos, LN and i-LN, 40
+params.yaml plus the overlay configs/smoke.yaml (the embedded photos, LN and i-LN, 30
 iterations), in a copy of the project. The workspace (params.yaml, dvc.lock, runs/,
 reports/, mlflow.db) is never written. Then checks that the report and every output exist,
 that `dvc metrics show` has a finite value of every metric for each run and the bicubic

@@ -282,7 +282,7 @@ def check_metrics(
                 raise SmokeError(f"reports/metrics/{name}.json: metric '{key}' is missing")
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise SmokeError(
-                    f"reports/metrics/{name}.json: metric '{key}' = {value!r} is no number"
+                    f"reports/metrics/{name}.json: metric '{key}' = {value!r} is not a number"
                 )
             if not math.isfinite(value):
                 raise SmokeError(
