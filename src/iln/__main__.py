@@ -10,6 +10,10 @@ BasicSR checkpoint (the authors' released weights), no ground truth needed.
 
 writes params.yaml = the default params.yaml + the differences in an overlay
 (``iln.overlay``), validated before it replaces anything.
+
+    iln smoke [--out DIR]
+
+runs every stage of the pipeline on small data in a copy of the project (``iln.smoke``).
 """
 
 from __future__ import annotations
