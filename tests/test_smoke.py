@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iln.__main__ import _old_booleans, _parser, main
+from iln.cli.main import _old_booleans, _parser, main
 from iln.smoke.pipeline import (
     COPIED,
     Repro,

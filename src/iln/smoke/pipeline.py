@@ -28,9 +28,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from iln.config import read_yaml
-from iln.layout import RunFiles
-from iln.overlay import apply_file
+from iln.config.params import read_yaml
+from iln.config.layout import RunFiles
+from iln.config.overlay import apply_file
 
 OVERLAY = Path("configs") / "smoke.yaml"
 LOG_NAME = "smoke.log"
