@@ -108,7 +108,7 @@ def test_vendored_scripts_and_licences_are_recorded():
         assert (ROOT / "plots" / "vendor" / f"LICENSE.{package}").is_file()
 
 
-def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
+def test_templates_draw_each_run_in_its_norms_colour_labelled_by_the_norms_name():
     """Every template names each line by its run (runs/<name>/...) and draws it in the colour
     iln.figures.styles gives the norm of that name (black for other names), the legend listing only
     the runs plotted."""
@@ -122,12 +122,16 @@ def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
         table = dict(re.findall(r"'([a-z_]+)': '(#[0-9a-f]{6})'", colour["calculate"]))
         assert table == {norm: style.color for norm, style in NORM_STYLES.items()}, path.name
         assert colour["calculate"].endswith(f"[datum.run] || '{UNKNOWN_STYLE_COLOR}'")
+        labels = dict(re.findall(r"'([a-z_]+)': '([^'#]+)'", spec["transform"][2]["calculate"]))
+        assert labels == {norm: style.label for norm, style in NORM_STYLES.items()}, path.name
+        assert spec["transform"][2]["as"] == "norm" and spec["width"] == "container"
         assert spec["encoding"]["color"] == {
-            "field": "run",
+            "field": "norm",  # the legend says LN, i-LN, LN*, LN+Rs
             "type": "nominal",
-            "title": "run",
+            "title": "norm",
             "scale": {"range": {"field": "run_color"}},
         }
+        assert spec["encoding"].get("strokeDash", {"legend": None})["legend"] is None
 
 
 def test_the_loss_smoothing_is_a_centred_moving_average():

@@ -442,9 +442,9 @@ def test_tiled_progress_counts_tiles_and_the_last_line_names_the_outputs(tmp_pat
     weights = _saved(tmp_path, _model("iln"))
     _images(tmp_path / "in", [(20, 20)])
     args = ["restore", str(weights), str(tmp_path / "in"), str(tmp_path / "out")]
-    assert main([*args, "--tile", "8", "--tile-overlap", "2"]) == 0
+    assert main([*args, "--tile", "16", "--tile-overlap", "8"]) == 0
     captured = capsys.readouterr()
-    assert "tile 9/9" in captured.err and "px" in captured.err  # 3 x 3 tiles of 8, stride 6
+    assert "tile 4/4" in captured.err and "px" in captured.err  # 2 x 2 tiles of 16, stride 8
     assert captured.out.strip().splitlines()[-1] == (
         f"iln restore: 1 of 1 images written to {tmp_path / 'out'}{os.sep}"
     )

@@ -957,3 +957,24 @@ def _relocate_artifacts(root: Path, uri: str) -> None:
 def tracking_uri_default(root: Path) -> str:
     """The default store of a project folder: ``<root>/mlflow.db``."""
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def finished_stage_runs(uri: str, experiment: str) -> dict[tuple[str, str], int]:
+    """(grid member, stage) -> the number of FINISHED stage runs in experiment ``experiment``
+    of the store ``uri`` (empty when the experiment does not exist)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return {}
+    counts: dict[tuple[str, str], int] = {}
+    for run in client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{KIND_TAG}` = 'stage' and attributes.status = 'FINISHED'",
+        max_results=5000,
+    ):
+        key = (run.data.tags.get(RUN_TAG, ""), run.data.tags.get(STAGE_TAG, ""))
+        counts[key] = counts.get(key, 0) + 1
+    return counts

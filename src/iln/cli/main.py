@@ -22,19 +22,26 @@ file back (``iln.export``).
 
 starts the MLflow UI on the project's store and prints the address of LN against i-LN
 (every grid member) on one chart page.
+
+    iln smoke [--out DIR]
+
+runs every stage of the pipeline on small data in a copy of the project (``iln.smoke``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from iln import __version__
 from iln.config.overlay import apply_file
 from iln.config.params import check_tile
 from iln.data.io import WRITE_FORMATS, ImageReadError
@@ -83,6 +90,85 @@ orientation says, as image viewers show them. The last line names where the outp
 """
 
 
+RESTORE_EPILOG = """\
+examples:
+  iln restore runs/iln/train/model.pt photo.jpg photo_x2.png
+  iln restore runs/iln/train/model.pt photos/ restored/ --tile 64 --threads 2
+  iln restore LN.pth lr/ sr/ --arch hat_1 --norm ln --scale 4 --no-stdnorm
+"""
+EXPORT_EPILOG = """\
+examples:
+  iln export iln --format onnx --out iln.onnx
+  iln export iln --format basicsr --out iln_official.pth   (their HAT_iLN)
+  iln export LN.pth --arch hat_1 --norm ln --scale 4 --format safetensors \\
+      --out ln.safetensors
+"""
+IMPORT_EPILOG = """\
+examples:
+  iln import ln.safetensors --format safetensors --out model.pt
+  iln import net_g.pth --format redux --arch hat_1 --norm iln --out model.pt
+"""
+CONFIG_EPILOG = """\
+examples:
+  iln config configs/cpu_paper_recipe.yaml && dvc repro
+  iln config configs/paper_hat1_x4.yaml --out /tmp/p.yaml   (look first)
+  git checkout params.yaml                                  (the default again)
+"""
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True}
+BOOLEAN_WORDS |= {"false": False, "0": False, "no": False, "off": False}
+SWITCHES = ("--stdnorm", "--affine-outer")  # --X / --no-X; the older --X BOOL still works
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help as wide as the terminal (at most 100 columns): paragraphs of the description and
+    epilog are re-wrapped, indented lines (examples, lists) are kept as written."""
+
+    def __init__(self, prog: str) -> None:
+        width = min(shutil.get_terminal_size().columns, 100) - 2
+        super().__init__(prog, width=width, max_help_position=min(30, width // 3))
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        prose: list[str] = []
+        for line in [*text.splitlines(), ""]:
+            if line and not line.startswith(" "):
+                prose.append(line)
+                continue
+            if prose:
+                out.append(textwrap.fill(" ".join(prose), width, initial_indent=indent,
+                                         subsequent_indent=indent))  # fmt: skip
+                prose = []
+            out.append(indent + line if line else "")
+        return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _old_booleans(argv: list[str]) -> list[str]:
+    """``--stdnorm true`` / ``--stdnorm=false`` (the older spelling) as ``--stdnorm`` /
+    ``--no-stdnorm``."""
+    out: list[str] = []
+    words = iter(argv)
+    for word in words:
+        name, equals, value = word.partition("=")
+        if name in SWITCHES and equals:
+            out.append(_switch(name, value))
+        elif word in SWITCHES:
+            following = next(words, None)
+            if following is not None and following.lower() in BOOLEAN_WORDS:
+                out.append(_switch(word, following))
+            else:
+                out += [word] if following is None else [word, following]
+        else:
+            out.append(word)
+    return out
+
+
+def _switch(name: str, value: str) -> str:
+    on = BOOLEAN_WORDS.get(value.lower())
+    if on is None:
+        return f"{name}={value}"  # argparse refuses it, naming the option
+    return name if on else f"--no-{name[2:]}"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with errors in one line (the usage is in --help)."""
 
@@ -122,13 +208,21 @@ def _threads(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="iln", description=DESCRIPTION)
+    parser = _Parser(
+        prog="iln",
+        description=DESCRIPTION,
+        epilog="examples:\n  iln restore runs/iln/train/model.pt photo.jpg photo_x2.png\n"
+        "  iln config configs/cpu_paper_recipe.yaml && dvc repro\n  iln smoke",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"iln {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub = commands.add_parser(
         "restore",
         help="restore an image or a folder of images into OUTPUT (iln restore --help)",
         description=RESTORE_DESCRIPTION % {"formats": ", ".join(WRITE_FORMATS)},
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RESTORE_EPILOG,
+        formatter_class=_Formatter,
     )
     sub.add_argument(
         "weights",
@@ -151,14 +245,25 @@ def _parser() -> argparse.ArgumentParser:
     model = sub.add_argument_group(
         "BasicSR checkpoints", "what the file does not record (a model.pt records all of it)"
     )
-    model.add_argument("--arch", choices=ARCHS, help="network preset")
-    model.add_argument("--norm", choices=NORMS, help="normalisation the network was trained with")
-    model.add_argument("--scale", type=int, choices=SCALES, help="upscaling factor")
     model.add_argument(
-        "--stdnorm", type=_bool, metavar="BOOL", help="true/false (default: on for iln only)"
+        "--arch", choices=ARCHS, metavar="A", help=f"network preset: {', '.join(ARCHS)}"
     )
     model.add_argument(
-        "--affine-outer", type=_bool, metavar="BOOL", help="true/false (default: on for iln only)"
+        "--norm",
+        choices=NORMS,
+        metavar="N",
+        help=f"normalisation the network was trained with: {', '.join(NORMS)}",
+    )
+    model.add_argument("--scale", type=int, choices=SCALES, help="upscaling factor")
+    model.add_argument(
+        "--stdnorm",
+        action=argparse.BooleanOptionalAction,
+        help="rescale each residual branch by the image's std (default: on for iln only)",
+    )
+    model.add_argument(
+        "--affine-outer",
+        action=argparse.BooleanOptionalAction,
+        help="the official i-LN's placement of the norm's affine (default: on for iln only)",
     )
     model.add_argument(
         "--in-chans", type=int, choices=(1, 3), help="1 for grey models (default: 3, RGB)"
@@ -214,6 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_parser(commands)
     _export_parser(commands)
     _ui_parser(commands)
+    _smoke_parser(commands)
     return parser
 
 
@@ -222,7 +328,8 @@ def _config_parser(commands: argparse._SubParsersAction) -> None:
         "config",
         help="apply a configs/*.yaml overlay to params.yaml (iln config --help)",
         description=CONFIG_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CONFIG_EPILOG,
+        formatter_class=_Formatter,
     )
     sub.add_argument("overlay", metavar="OVERLAY", help="a configs/*.yaml file")
     sub.add_argument(
@@ -234,6 +341,19 @@ def _config_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="apply onto a params file that is already composed from an overlay",
     )
+
+
+def _smoke_parser(commands: argparse._SubParsersAction) -> None:
+    from iln.smoke.cli import DESCRIPTION, EPILOG, add_arguments
+
+    sub = commands.add_parser(
+        "smoke",
+        help="run every stage of the pipeline on small data in a copy of the project (CI)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    add_arguments(sub)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -253,10 +373,12 @@ EXPORT_DESCRIPTION = """\
 iln export NAME --format F --out FILE writes a model for other tools: NAME is a run or a
 released entry of --params (opened as the evaluate stage opens it) or a weights file
 (model.pt, a BasicSR .pth with --arch/--norm/--scale, an iln .safetensors). Formats:
-  basicsr      the authors' checkpoint layout (params_ema; i-LN norms gamma/beta)
-  redux        traiNNer-redux hat_iln (.pth, params), our input encoding folded in
+  basicsr      the authors' layout (params_ema; i-LN norms gamma/beta)
+  redux        traiNNer-redux hat_iln (.pth, params), our input encoding
+               folded into its first and last convolutions
   safetensors  any model, its recipe and provenance in the metadata
-  onnx         the whole restoration for onnxruntime: image (1, C, H, W) in [0, 1] in
+  onnx         the whole restoration for onnxruntime: an RGB image (1, C, H, W)
+               in [0, 1] of any size in, the restored image out
 iln import FILE --format safetensors|redux --out model.pt reads such a file back as a
 model.pt (iln restore, iln export read it). BasicSR files need no import: iln restore
 reads them with --arch/--norm/--scale. Files are written atomically.
@@ -272,7 +394,8 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:
             help=f"{name} a model {'to' if name == 'export' else 'from'} another tool's "
             f"format ({', '.join(formats)}; iln {name} --help)",
             description=EXPORT_DESCRIPTION,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=EXPORT_EPILOG if name == "export" else IMPORT_EPILOG,
+            formatter_class=_Formatter,
         )
         sub.add_argument(
             "source",
@@ -284,8 +407,18 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--format", required=True, choices=formats, help="file format")
         sub.add_argument("--out", required=True, type=Path, metavar="FILE", help="file to write")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-        sub.add_argument("--arch", choices=ARCHS, help="preset of a BasicSR / redux file")
-        sub.add_argument("--norm", choices=NORMS, help="norm of a BasicSR / redux file")
+        sub.add_argument(
+            "--arch",
+            choices=ARCHS,
+            metavar="A",
+            help=f"preset of a BasicSR / redux file: {', '.join(ARCHS)}",
+        )
+        sub.add_argument(
+            "--norm",
+            choices=NORMS,
+            metavar="N",
+            help=f"norm of a BasicSR / redux file: {', '.join(NORMS)}",
+        )
         sub.add_argument("--scale", type=int, choices=SCALES, help="scale of such a file")
         if name == "import":
             continue
@@ -338,8 +471,9 @@ the final PSNR/SSIM. The view is saved in the experiment (MLflow's saved view
 "iln-compare"), so the address works for anyone opening that store. With a
 tracking server (MLFLOW_TRACKING_URI=http://...) no UI is started: the address
 on that server is printed. Ctrl-C stops the UI.
-
-example:
+"""
+UI_EPILOG = """\
+examples:
   iln ui                      # a free port of 127.0.0.1
   iln ui --port 5000
 """
@@ -350,7 +484,8 @@ def _ui_parser(commands: argparse._SubParsersAction) -> None:
         "ui",
         help="start the MLflow UI and print the LN vs i-LN chart page (iln ui --help)",
         description=UI_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=UI_EPILOG,
+        formatter_class=_Formatter,
     )
     sub.add_argument("--port", type=_count, metavar="N", help="port (default: a free one)")
     sub.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
@@ -398,13 +533,17 @@ def _error(message: str, code: int = 2, command: str = "restore") -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_old_booleans(sys.argv[1:] if argv is None else argv))
     if args.command == "config":
         return _config(args)
     if args.command in ("export", "import"):
         return _export(args)
     if args.command == "ui":
         return _ui(args)
+    if args.command == "smoke":
+        from iln.smoke.cli import smoke
+
+        return smoke(args)
     try:
         return _restore(args)
     except KeyboardInterrupt:

@@ -164,6 +164,13 @@ def _leading_comments(text: str) -> str:
     return "\n".join(lines)
 
 
+def ready_overlays(params_path: Path) -> str:
+    """The overlays in the ``configs/`` folder beside ``params_path``, as one phrase."""
+    folder = params_path.parent / "configs"
+    names = sorted(f"configs/{p.name}" for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return f"the overlays in configs/: {', '.join(names)}" if names else "configs/ has no overlay"
+
+
 def apply_file(
     overlay_path: str | Path,
     params_path: str | Path,
@@ -187,7 +194,7 @@ def apply_file(
             f"add it on top"
         )
     if not overlay_path.is_file():
-        raise OverlayError(f"{overlay_path}: no such overlay file (the ready ones: configs/*.yaml)")
+        raise OverlayError(f"{overlay_path}: no such overlay file; {ready_overlays(params_path)}")
     overlay = read_yaml(overlay_path)
     if not isinstance(overlay, Mapping) or not overlay:
         raise OverlayError(
