@@ -709,30 +709,13 @@ def stage_run(
             _close_killed_runs(client, experiment_id)
             _refuse_live_twin(client, experiment_id, run_name, stage, workdir, uri)
             run_id = _reopen(client, continue_run, run_name, stage) if continue_run else None
-            if run_id is None:
-                run_id = _retry(
-                    client.create_run,
-                    experiment_id,
-                    run_name=f"{run_name}/{stage}",
-                    tags={**run_tags, "mlflow.parentRunId": parent_id},
-                ).info.run_id
-                logged: dict[str, str] = {}
-            else:  # ours from now on, before another stage could take it for a lost run
-                _retry(client.set_tag, run_id, PROCESS_TAG, run_tags[PROCESS_TAG])
-                logged = dict(_retry(client.get_run, run_id).data.params)
+            run_id, logged = _new_or_continued(
+                client, run_id, experiment_id, f"{run_name}/{stage}", run_tags, parent_id
+            )
         handle = StageRun(client, run_id, uri)
         if logged:
             handle.set_tags(run_tags)
-        if params:  # a continued run keeps its params (MLflow forbids changing them)
-            new = {k: v for k, v in params.items() if str(k) not in logged}
-            changed = sorted(
-                k
-                for k, v in params.items()
-                if str(k) in logged and logged[str(k)] != _param_text(v)
-            )
-            handle.log_params(new)
-            if changed:
-                handle.set_tags({"iln.params_changed_on_resume": ", ".join(changed)})
+        _log_params(handle, params or {}, logged)
     except Exception as err:
         if run_id is not None:  # made, but not ready: never leave it RUNNING
             _close_quietly(client, run_id, "FAILED", err, uri)
@@ -756,6 +739,36 @@ def stage_run(
     finally:
         if status == "KILLED":
             _close_quietly(client, run_id, status, None, uri)
+
+
+def _new_or_continued(
+    client: Any,
+    run_id: str | None,
+    experiment_id: str,
+    name: str,
+    tags: dict[str, str],
+    parent_id: str,
+) -> tuple[str, dict[str, str]]:
+    """(run id, params it holds): a new child run of ``parent_id``, or the continued run
+    ``run_id``, claimed for this process before another stage could take it for lost."""
+    if run_id is None:
+        tags = {**tags, "mlflow.parentRunId": parent_id}
+        return _retry(client.create_run, experiment_id, run_name=name, tags=tags).info.run_id, {}
+    _retry(client.set_tag, run_id, PROCESS_TAG, tags[PROCESS_TAG])
+    return run_id, dict(_retry(client.get_run, run_id).data.params)
+
+
+def _log_params(handle: StageRun, params: Mapping[str, Any], logged: dict[str, str]) -> None:
+    """The params a run does not hold yet; a continued run keeps those it holds (MLflow
+    forbids changing them) and names the ones whose value changed in a tag."""
+    new = {k: v for k, v in params.items() if str(k) not in logged}
+    changed = sorted(
+        k for k, v in params.items() if str(k) in logged and logged[str(k)] != _param_text(v)
+    )
+    if new:
+        handle.log_params(new)
+    if changed:
+        handle.set_tags({"iln.params_changed_on_resume": ", ".join(changed)})
 
 
 def _close_quietly(

@@ -217,6 +217,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"iln {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _restore_parser(commands)
+    _config_parser(commands)
+    _export_parser(commands)
+    _ui_parser(commands)
+    _smoke_parser(commands)
+    return parser
+
+
+def _restore_parser(commands: argparse._SubParsersAction) -> None:
     sub = commands.add_parser(
         "restore",
         help="restore an image or a folder of images into OUTPUT (iln restore --help)",
@@ -242,6 +251,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace existing output files (never an input image)",
     )
+    _basicsr_options(sub)
+    _compute_options(sub)
+
+
+def _basicsr_options(sub: argparse.ArgumentParser) -> None:
     model = sub.add_argument_group(
         "BasicSR checkpoints", "what the file does not record (a model.pt records all of it)"
     )
@@ -273,6 +287,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=("params_ema", "params"),
         help="which weights of the file to load: the EMA ones (default) or the trained ones",
     )
+
+
+def _compute_options(sub: argparse.ArgumentParser) -> None:
     run = sub.add_argument_group("how the images are computed")
     run.add_argument(
         "--tile",
@@ -316,11 +333,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"CPU threads of torch, 1 to {4 * (os.cpu_count() or 1)} (default: torch's choice)",
     )
-    _config_parser(commands)
-    _export_parser(commands)
-    _ui_parser(commands)
-    _smoke_parser(commands)
-    return parser
 
 
 def _config_parser(commands: argparse._SubParsersAction) -> None:

@@ -182,22 +182,12 @@ def restore(
     forward pass can still be scored; ``refuse_nonfinite=True`` raises
     ``NonFiniteOutputError`` instead (for outputs a user keeps).
     """
-    _check_image(lq, "lq")
     scale = int(model.scale)
-    if pad not in PADS:
-        raise ValueError(f"pad must be one of {', '.join(PADS)}, got {pad!r}")
-    grey = model.in_chans == 1
     if tile is not None:
         check_tile(tile, tile_overlap, int(model.window_size))
     if chunked and tile:
         raise ValueError("chunked (exact) and tile (inexact) inference exclude each other")
-    image = rgb_to_grey(lq)[..., :1] if grey else lq
-    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]  # (1, C, H, W)
-    x = (x.to(device=device, dtype=torch.float32) / 255.0).to(dtype)
-    h, w = lq.shape[:2]
-    if pad == "swinir_test":
-        x = pad_like_swinir_test(x, int(model.window_size))
-    ph, pw = x.shape[2], x.shape[3]
+    x = _input(model, lq, device=device, dtype=dtype, pad=pad)
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (1, C, h', w') -> (1, C, s*h', s*w')
         if chunked:
@@ -213,7 +203,31 @@ def restore(
             y = self_ensemble(forward, x) if ensemble else forward(x)  # (1, C, s*H', s*W')
     finally:
         model.train(was_training)
-    channels = 1 if grey else 3
+    return _output(y, x, lq, scale, refuse_nonfinite=refuse_nonfinite)
+
+
+def _input(
+    model: nn.Module, lq: np.ndarray, *, device: torch.device | str, dtype: torch.dtype, pad: str
+) -> torch.Tensor:
+    """uint8 (H, W, 3) -> (1, C, H', W') in [0, 1] on ``device`` in ``dtype``: the grey
+    channel for a grey model, padded as the SwinIR test script pads for ``swinir_test``."""
+    _check_image(lq, "lq")
+    if pad not in PADS:
+        raise ValueError(f"pad must be one of {', '.join(PADS)}, got {pad!r}")
+    image = rgb_to_grey(lq)[..., :1] if model.in_chans == 1 else lq
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]  # (1, C, H, W)
+    x = (x.to(device=device, dtype=torch.float32) / 255.0).to(dtype)
+    if pad == "swinir_test":
+        x = pad_like_swinir_test(x, int(model.window_size))
+    return x
+
+
+def _output(
+    y: torch.Tensor, x: torch.Tensor, lq: np.ndarray, scale: int, *, refuse_nonfinite: bool
+) -> np.ndarray:
+    """The model's output for input ``x`` checked, cropped to ``lq``'s size times ``scale``
+    and turned into uint8 (H, W, 3) (a grey output replicated to RGB)."""
+    channels, (ph, pw), (h, w) = x.shape[1], x.shape[2:], lq.shape[:2]
     if tuple(y.shape) != (1, channels, ph * scale, pw * scale):
         raise ValueError(f"model returned {tuple(y.shape)} for an input {ph}x{pw} at scale {scale}")
     y = y[:, :, : h * scale, : w * scale]
@@ -224,7 +238,7 @@ def restore(
                 f"the model's output has {bad} NaN or infinite values of {y.numel()} "
                 f"(not written: it would be a black or blank image)"
             )
-    return to_uint8(y.expand(-1, 3, -1, -1) if grey else y)
+    return to_uint8(y.expand(-1, 3, -1, -1) if channels == 1 else y)
 
 
 class NonFiniteOutputError(ValueError):

@@ -906,62 +906,15 @@ def released_tables(results: Mapping[str, RunResults], paper: Mapping) -> list[T
     sources: set[str] = set()
     crops: set[int] = set()
     for name, run in results.items():
-        info, model = run.info, released_model(run)
-        for set_name in run.sets():
-            row = f"{model} / {set_name}"
-            scores.add_row(row, [name])
-            _fill_metrics(scores, row, run, set_name, ("psnr", "ssim"), set_columns=False)
-            for metric in ("psnr", "ssim"):
-                found = paper_number(
-                    paper,
-                    arch=info.arch,
-                    norm=info.norm,
-                    task=info.task,
-                    set_name=set_name,
-                    metric=metric,
-                )
-                if found is not None:
-                    scores.set_paper(row, _metric_column(None, metric, True), found[0])
-                    sources.add(found[1])
-        if not run.sets():
-            scores.add_row(f"{model} / not evaluated yet", [name])
-        if run.stats(WEIGHTS_EMA) is not None:
-            features.add_row(model, [name])
-            for column, value in (
-                (Column("layer", "deepest group", "text"), run.deepest_layer(WEIGHTS_EMA)),
-                *(
-                    (Column(key, label, fmt), run.final_stat(key, WEIGHTS_EMA))
-                    for key, label, fmt in (
-                        ("magnitude", "mean x^2", "sci"),
-                        ("max_abs", "max |x|", "sci"),
-                        ("entropy", "entropy", "entropy"),
-                        ("entropy_ceiling", "entropy ceiling ln C", "entropy"),
-                    )
-                ),
-                (
-                    Column("max_abs_any", "max |x|, any layer", "sci"),
-                    run.final_max_abs(WEIGHTS_EMA),
-                ),
-            ):
-                features.set_ours(model, column, value, name)
+        model = released_model(run)
+        sources |= _released_scores(scores, name, run, model, paper)
+        _released_features(features, name, run, model)
         for mode in _modes(list(run.precision or {})):
             precision.add_row(f"{model} / {mode}", [name])
             _fill_precision(precision, f"{model} / {mode}", run, mode)
         if (run.weights_record or {}).get("precision_crop"):
             crops.add(int(run.weights_record["precision_crop"]))
-    for row, names in scores.row_runs.items():  # the weights after the numbers
-        if len(names) != 1:  # two entries of one model and set: no one weights file
-            continue
-        run, record = results[names[0]], results[names[0]].weights_record or {}
-        for column, value in (
-            (
-                Column("evaluation", "evaluation", "text"),
-                _evaluation(record) if run.sets() else None,
-            ),
-            (Column("file", "weights file", "text"), record.get("file") or str(run.info.weights)),
-            (Column("sha256", "SHA-256", "digest"), record.get("sha256")),
-        ):
-            scores.set_ours(row, column, value, names[0])
+    _released_weights(scores, results)
     scores.notes += ["SHA-256: its first 12 hex digits here, all of it in the CSV."]
     if scores.has_ours("psnr" + ENSEMBLE_SUFFIX) or scores.has_ours("ssim" + ENSEMBLE_SUFFIX):
         scores.notes.append(
@@ -976,3 +929,65 @@ def released_tables(results: Mapping[str, RunResults], paper: Mapping) -> list[T
         for crop in sorted(crops)
     ]
     return [t for t in (scores, features, precision) if t.rows]
+
+
+def _released_scores(
+    scores: Table, name: str, run: RunResults, model: str, paper: Mapping
+) -> set[str]:
+    """A released entry's rows of PSNR / SSIM per set, beside the paper's; the paper tables
+    the numbers come from."""
+    info, sources = run.info, set()
+    for set_name in run.sets():
+        row = f"{model} / {set_name}"
+        scores.add_row(row, [name])
+        _fill_metrics(scores, row, run, set_name, ("psnr", "ssim"), set_columns=False)
+        for metric in ("psnr", "ssim"):
+            found = paper_number(
+                paper, arch=info.arch, norm=info.norm, task=info.task, set_name=set_name,
+                metric=metric,
+            )  # fmt: skip
+            if found is not None:
+                scores.set_paper(row, _metric_column(None, metric, True), found[0])
+                sources.add(found[1])
+    if not run.sets():
+        scores.add_row(f"{model} / not evaluated yet", [name])
+    return sources
+
+
+def _released_features(features: Table, name: str, run: RunResults, model: str) -> None:
+    """A released entry's final-model feature statistics (EMA weights), if analysed."""
+    if run.stats(WEIGHTS_EMA) is None:
+        return
+    features.add_row(model, [name])
+    for column, value in (
+        (Column("layer", "deepest group", "text"), run.deepest_layer(WEIGHTS_EMA)),
+        *(
+            (Column(key, label, fmt), run.final_stat(key, WEIGHTS_EMA))
+            for key, label, fmt in (
+                ("magnitude", "mean x^2", "sci"),
+                ("max_abs", "max |x|", "sci"),
+                ("entropy", "entropy", "entropy"),
+                ("entropy_ceiling", "entropy ceiling ln C", "entropy"),
+            )
+        ),
+        (Column("max_abs_any", "max |x|, any layer", "sci"), run.final_max_abs(WEIGHTS_EMA)),
+    ):
+        features.set_ours(model, column, value, name)
+
+
+def _released_weights(scores: Table, results: Mapping[str, RunResults]) -> None:
+    """After the numbers of each row of one entry: how it was evaluated, the weights file and
+    its SHA-256 (a row shared by two entries of one model and set has no one file)."""
+    for row, names in scores.row_runs.items():
+        if len(names) != 1:
+            continue
+        run, record = results[names[0]], results[names[0]].weights_record or {}
+        for column, value in (
+            (
+                Column("evaluation", "evaluation", "text"),
+                _evaluation(record) if run.sets() else None,
+            ),
+            (Column("file", "weights file", "text"), record.get("file") or str(run.info.weights)),
+            (Column("sha256", "SHA-256", "digest"), record.get("sha256")),
+        ):
+            scores.set_ours(row, column, value, names[0])
