@@ -62,10 +62,10 @@ from benchmarks.timing import (
     time_interleaved,
     train_step,
 )
-from iln import precision
-from iln.files import write_json_atomic, write_text_atomic
+from iln.evaluation import precision
+from iln.util.files import write_json_atomic, write_text_atomic
 from iln.models import build_model, common, fast, norms
-from iln.train import adam
+from iln.training.loop import adam
 
 SCALE = 2  # every model here is x2 SR
 

@@ -40,8 +40,8 @@ from benchmarks.timing import (
     time_interleaved,
     train_step,
 )
-from iln.files import write_json_atomic, write_text_atomic
-from iln.runtime import resolve_device
+from iln.util.files import write_json_atomic, write_text_atomic
+from iln.util.device import resolve_device
 
 SCHEMA_VERSION = 1
 DIV2K_SHAPE = (1356, 2040, 3)  # a typical DIV2K training image, (H, W, C)

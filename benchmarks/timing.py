@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iln.train import adam
+from iln.training.loop import adam
 
 ADAM_LR, ADAM_BETAS = 2.0e-4, (0.9, 0.99)  # the official HAT_1 recipe (DESIGN section 5)
 

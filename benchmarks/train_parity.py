@@ -10,7 +10,7 @@ of theirs is copied. For each norm (LN: their ``HAT``, stdnorm off; i-LN: their
 ``HAT_iLN``, stdnorm on) the script builds our model, loads the same initial weights into
 theirs (``to_official_state_dict``), sets stochastic depth to 0 in both, and trains both
 for ``--steps`` steps on the same batches: L1 loss, Adam (``--lr``, default 2e-4; betas
-(0.9, 0.99), no weight decay; ours with the pipeline's optimiser ``iln.train.adam``, theirs with
+(0.9, 0.99), no weight decay; ours with the pipeline's optimiser ``iln.training.loop.adam``, theirs with
 ``torch.optim.Adam`` as BasicSR builds it). After every step it compares the two losses
 and every weight (through the official key map) and prints the largest differences.
 
@@ -34,7 +34,7 @@ from benchmarks.timing import ADAM_BETAS, ADAM_LR, random_pair
 from benchmarks.vs_official import official_classes
 from iln.models import build_model, to_official_state_dict
 from iln.models.checkpoint import official_key_map
-from iln.train import adam
+from iln.training.loop import adam
 
 # Network options of ours that the authors' constructors take under the same name.
 _SHARED_KEYS = (

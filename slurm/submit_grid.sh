@@ -14,7 +14,7 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do options+=("$1"); shift; done
 # "RUN SOURCE" lines, sources first (SOURCE is - for a run trained from scratch)
 plan="$("$python" - "$@" <<'PY'
 import sys
-from iln.config import ParamsError, load_params, resolve_run
+from iln.config.params import ParamsError, load_params, resolve_run
 
 try:
     params = load_params("params.yaml")

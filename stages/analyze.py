@@ -13,16 +13,16 @@ import sys
 import torch
 
 from iln import tracking
-from iln.analysis import run_final_analysis
-from iln.cli import project_root, run_stage, store_root
-from iln.config import load_params
+from iln.analysis.final import run_final_analysis
+from iln.cli.stage import project_root, run_stage, store_root
+from iln.config.params import load_params
 from iln.data.dataset import TestPairs
-from iln.files import remove_stale_temps
-from iln.layout import Layout
-from iln.monitor import probe_batch
-from iln.runtime import resolve_device
-from iln.styles import norm_style
-from iln.subject import find_subject, open_model
+from iln.util.files import remove_stale_temps
+from iln.config.layout import Layout
+from iln.evaluation.monitor import probe_batch
+from iln.util.device import resolve_device
+from iln.figures.styles import norm_style
+from iln.weights.subject import find_subject, open_model
 
 
 def main(argv: list[str] | None = None) -> int:

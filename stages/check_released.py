@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from iln.cli import project_root, run_stage
-from iln.config import ParamsError, load_params
-from iln.files import write_json_atomic
-from iln.layout import Layout
-from iln.released import CATALOGUE, open_released
+from iln.cli.stage import project_root, run_stage
+from iln.config.params import ParamsError, load_params
+from iln.util.files import write_json_atomic
+from iln.config.layout import Layout
+from iln.weights.released import CATALOGUE, open_released
 
 
 def main(argv: list[str] | None = None) -> int:

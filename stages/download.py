@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iln.cli import project_root, run_stage
-from iln.config import load_params
+from iln.cli.stage import project_root, run_stage
+from iln.config.params import load_params
 from iln.data.prepare import Sources, prepare_sets
-from iln.files import remove_stale_temps
-from iln.layout import Layout
+from iln.util.files import remove_stale_temps
+from iln.config.layout import Layout
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """DVC stage `evaluate@RUN` (and `baseline`): PSNR/SSIM on every test set, restored samples,
-and the inference-precision table. Each task is scored by its protocol (iln.protocols).
+and the inference-precision table. Each task is scored by its protocol (iln.evaluation.protocols).
 
     python stages/evaluate.py RUN [--params params.yaml]  # RUN: a `runs:` or `released:` entry
     python stages/evaluate.py bicubic            # the baseline: bicubic upsampling for SR,
@@ -14,21 +14,21 @@ import sys
 import torch
 
 from iln import tracking
-from iln.cli import project_root, run_stage, store_root
-from iln.config import BASELINE, flatten, load_params
+from iln.cli.stage import project_root, run_stage, store_root
+from iln.config.params import BASELINE, flatten, load_params
 from iln.data.catalog import SETS
 from iln.data.dataset import TestPairs
 from iln.data.io import write_png
 from iln.data.params import parse_task
-from iln.evaluate import ImageJob, bicubic_restore, degraded_input, model_restore_fn, summarise
-from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
-from iln.layout import METRICS_ALL, PER_IMAGE_COLUMNS, PER_IMAGE_ENSEMBLE_COLUMNS, Layout
-from iln.pool import plan, run_jobs
-from iln.precision import PrecisionJob
-from iln.protocols import protocol_for
-from iln.runtime import resolve_device
-from iln.styles import BASELINE_COLOR, norm_style
-from iln.subject import find_subject, open_model
+from iln.evaluation.inference import ImageJob, bicubic_restore, degraded_input, model_restore_fn, summarise
+from iln.util.files import remove_stale_temps, write_csv_atomic, write_json_atomic
+from iln.config.layout import METRICS_ALL, PER_IMAGE_COLUMNS, PER_IMAGE_ENSEMBLE_COLUMNS, Layout
+from iln.util.pool import plan, run_jobs
+from iln.evaluation.precision import PrecisionJob
+from iln.evaluation.protocols import protocol_for
+from iln.util.device import resolve_device
+from iln.figures.styles import BASELINE_COLOR, norm_style
+from iln.weights.subject import find_subject, open_model
 
 BASELINE_NOTE = (
     "The baseline: bicubic upsampling for SR, the degraded input itself for denoising, JPEG "

@@ -10,14 +10,14 @@ import argparse
 import sys
 
 from iln import tracking
-from iln.cli import project_root, run_stage, store_root
-from iln.config import load_params, resolve_run
-from iln.files import remove_stale_temps, write_json_atomic
-from iln.layout import Layout
+from iln.cli.stage import project_root, run_stage, store_root
+from iln.config.params import load_params, resolve_run
+from iln.util.files import remove_stale_temps, write_json_atomic
+from iln.config.layout import Layout
 from iln.report import RunInfo, build_report, flatten_summary
 from iln.report.tables import Protocol
-from iln.styles import BASELINE_COLOR
-from iln.subject import subjects
+from iln.figures.styles import BASELINE_COLOR
+from iln.weights.subject import subjects
 
 PAPER_LR = 2.0e-4  # the official HAT_1 recipe
 PAPER_EMA_DECAY = 0.999

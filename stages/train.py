@@ -3,7 +3,7 @@
 python stages/train.py RUN [--params params.yaml]
 torchrun --nproc_per_node N stages/train.py RUN     # one run over N GPUs (DDP)
 
-W processes train exactly what one process trains at the same global batch (iln.train), so
+W processes train exactly what one process trains at the same global batch (iln.training.loop), so
 the process count is not part of the run. Several nodes must see the same project folder;
 only rank 0 reads checkpoints and writes outputs.
 """
@@ -20,22 +20,22 @@ import torch
 
 import iln
 from iln import tracking
-from iln.cli import project_root, run_stage, store_root, warn
-from iln.config import ResolvedRun, flatten, load_params, resolve_run
+from iln.cli.stage import project_root, run_stage, store_root, warn
+from iln.config.params import ResolvedRun, flatten, load_params, resolve_run
 from iln.data.dataset import TestPairs, training_patches, training_sources
-from iln.distributed import agree, init_distributed, shutdown
-from iln.files import remove_stale_temps, write_csv_atomic, write_json_atomic
-from iln.fingerprint import code_digest, training_fingerprint, tree_digest
-from iln.layout import HISTORY_COLUMNS, PROBES_CSV_COLUMNS, Layout
+from iln.training.distributed import agree, init_distributed, shutdown
+from iln.util.files import remove_stale_temps, write_csv_atomic, write_json_atomic
+from iln.training.fingerprint import code_digest, training_fingerprint, tree_digest
+from iln.config.layout import HISTORY_COLUMNS, PROBES_CSV_COLUMNS, Layout
 from iln.models import build_model, resolve_hparams
-from iln.monitor import deepest_group_curves, probe_batch, training_monitor
-from iln.protocols import protocol_for
-from iln.resume import remember_tracked_run, tracked_run
-from iln.runtime import use_tf32
-from iln.styles import norm_style
-from iln.train import fit
-from iln.warm_start import WarmStart, carry_weights, file_sha256, released_state, trained_state
-from iln.weights import save_trained
+from iln.evaluation.monitor import deepest_group_curves, probe_batch, training_monitor
+from iln.evaluation.protocols import protocol_for
+from iln.training.resume import remember_tracked_run, tracked_run
+from iln.util.device import use_tf32
+from iln.figures.styles import norm_style
+from iln.training.loop import fit
+from iln.weights.warm_start import WarmStart, carry_weights, file_sha256, released_state, trained_state
+from iln.weights.trained import save_trained
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +204,7 @@ def member_note(run: ResolvedRun) -> str:
 
 
 def warm_start(model: torch.nn.Module, run: ResolvedRun, layout: Layout) -> WarmStart:
-    """Carry ``runs.R.init``'s weights into ``model`` (see ``iln.warm_start``)."""
+    """Carry ``runs.R.init``'s weights into ``model`` (see ``iln.weights.warm_start``)."""
     init, key = run.spec.init, f"runs.{run.name}.init"
     if init.run is not None:
         path = layout.weights(init.run)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from iln.config import TrainParams
+from iln.config.params import TrainParams
 
 ROOT = Path(__file__).resolve().parents[1]
 

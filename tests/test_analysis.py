@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from iln.analysis import (
+from iln.analysis.final import (
     FINAL_NORM_COLUMNS,
     final_norm_bias,
     gather_rpb,
@@ -22,11 +22,11 @@ from iln.analysis import (
     rpb_table_images,
     run_final_analysis,
 )
-from iln.layout import FEATURES_COLUMNS
+from iln.config.layout import FEATURES_COLUMNS
 from iln.models import build_model
 from iln.models.restorer import WindowedRestorer
-from iln.probes import measure_features
-from iln.weights import load_trained, save_trained
+from iln.evaluation.probes import measure_features
+from iln.weights.trained import load_trained, save_trained
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iln.config import ParamsError, load_params, resolve_run
-from iln.overlay import apply_file
+from iln.config.params import ParamsError, load_params, resolve_run
+from iln.config.overlay import apply_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]

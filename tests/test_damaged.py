@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from iln.data.download import ChecksumBook
-from iln.resume import kept_path, previous_path
-from iln.train import TrainingDiverged, fit
-from iln.weights import load_trained, save_trained
+from iln.training.resume import kept_path, previous_path
+from iln.training.loop import TrainingDiverged, fit
+from iln.weights.trained import load_trained, save_trained
 from tests.helpers import train_settings
 from tests.test_train import StreamData, TinyNet
 

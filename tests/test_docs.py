@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from iln import frontpage
+from iln.report import frontpage
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

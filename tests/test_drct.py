@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iln.analysis import group_rpb_tables, plot_rpb
+from iln.analysis.final import group_rpb_tables, plot_rpb
 from iln.models import NORMS, build_model, common, drct, norms
 from iln.models.checkpoint import (
     CheckpointMismatchError,
@@ -18,7 +18,7 @@ from iln.models.checkpoint import (
     official_key_map,
     to_official_state_dict,
 )
-from iln.probes import probe_points
+from iln.evaluation.probes import probe_points
 
 FIXTURE = Path(__file__).parent / "fixtures" / "drct" / "official_drct.pt"
 FULL_COUNTS = {2: 13_991_867, 3: 14_176_507, 4: 14_139_579}

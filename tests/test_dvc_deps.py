@@ -1,6 +1,6 @@
 """dvc.yaml lists, per stage, every module and params key its outputs depend on, and no more.
 
-The modules are read from the stage scripts' imports (``iln.fingerprint.imported_modules``),
+The modules are read from the stage scripts' imports (``iln.training.fingerprint.imported_modules``),
 so a module added later to a stage's import graph without a dvc.yaml dep fails here. Left
 out, with what only they import: the modules that change no DVC output of the stage
 (``NO_OUTPUT_MODULES``), declared below per stage.
@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iln.config import EvaluateParams
+from iln.config.params import EvaluateParams
 from iln.data.params import DataParams, DegradeParams
-from iln.fingerprint import imported_modules
+from iln.training.fingerprint import imported_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "iln"
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 # The stage's error lines and its MLflow run (with the run's colour) are no DVC output.
-RECORDING = ("iln.cli", "iln.tracking", "iln.styles")
+RECORDING = ("iln.cli.stage", "iln.tracking", "iln.figures.styles")
 NO_OUTPUT_MODULES = {
     # download and degrade validate the whole params file, which imports iln.models to check
     # arch and norm names: their outputs do not depend on the model code.
@@ -31,10 +31,10 @@ NO_OUTPUT_MODULES = {
     "degrade": (*RECORDING, "iln.models"),
     # the bicubic baseline runs stages/evaluate.py without a model: the code that opens and
     # runs trained or released models changes none of its outputs
-    "baseline": (*RECORDING, "iln.models", "iln.weights", "iln.released", "iln.precision"),
+    "baseline": (*RECORDING, "iln.models", "iln.weights.trained", "iln.weights.released", "iln.evaluation.precision"),
     # the report draws every norm in its colour; it imports iln.models only to validate
-    # params, and iln.subject's model opening (iln.weights, iln.released) never runs there
-    "report": ("iln.cli", "iln.tracking", "iln.models", "iln.weights", "iln.released"),
+    # params, and iln.weights.subject's model opening (iln.weights.trained, iln.weights.released) never runs there
+    "report": ("iln.cli.stage", "iln.tracking", "iln.models", "iln.weights.trained", "iln.weights.released"),
 }
 # Params keys that change none of the stage's outputs (how many processes, where caches live).
 NO_OUTPUT_KEYS = {
@@ -86,9 +86,9 @@ def test_no_module_dep_is_stale(name):
 
 
 def test_a_plot_colour_is_no_dep_of_training():
-    """Changing a colour in iln.styles keeps every train stage up to date for `dvc status`."""
-    assert "src/iln/styles.py" not in _stage("train")["deps"]
-    assert "src/iln/styles.py" in _stage("report")["deps"]
+    """Changing a colour in iln.figures.styles keeps every train stage up to date for `dvc status`."""
+    assert "src/iln/figures/styles.py" not in _stage("train")["deps"]
+    assert "src/iln/figures/styles.py" in _stage("report")["deps"]
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iln.evaluate import (
+from iln.evaluation.inference import (
     evaluate_pairs,
     model_restore_fn,
     restore,
     summarise,
 )
-from iln.metrics import psnr
+from iln.evaluation.metrics import psnr
 from iln.models.restorer import WindowedRestorer
 
 
@@ -217,7 +217,7 @@ def test_evaluate_pairs_names_bad_image():
 
 def test_bicubic_baseline():
     from iln.data import degrade
-    from iln.evaluate import bicubic_restore
+    from iln.evaluation.inference import bicubic_restore
 
     flat = np.full((10, 12, 3), 77, dtype=np.uint8)
     up = bicubic_restore(2)(flat)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iln.config import load_params
-from iln.layout import PROBES_CSV_COLUMNS
+from iln.config.params import load_params
+from iln.config.layout import PROBES_CSV_COLUMNS
 from iln.models import resolve_hparams
-from iln.overlay import apply_file
+from iln.config.overlay import apply_file
 from iln.report import figures
 from iln.report.runs import RunInfo, RunResults
-from iln.styles import norm_style
+from iln.figures.styles import norm_style
 from tests.helpers import ROOT, train_summary
 
 SHAPES = [(2, 2), (3, 2), (4, 3)]  # (groups, blocks) at width 32

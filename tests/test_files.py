@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from iln import files
-from iln.files import DiskFullError, atomic_path, remove_stale_temps, write_json_atomic
+from iln.util import files
+from iln.util.files import DiskFullError, atomic_path, remove_stale_temps, write_json_atomic
 
 
 def save_atomic(obj, path):

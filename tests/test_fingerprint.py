@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iln.config import RunSpec, TrainParams, load_params, resolve_run
+from iln.config.params import RunSpec, TrainParams, load_params, resolve_run
 from iln.data.io import write_png
-from iln.fingerprint import (
+from iln.training.fingerprint import (
     OBSERVER_KEYS,
     RECORDING_MODULES,
     TRAJECTORY_KEYS,

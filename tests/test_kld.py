@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iln.kld import FeatureKL, gaussian_kl
+from iln.training.kld import FeatureKL, gaussian_kl
 from iln.models.restorer import WindowedRestorer
-from iln.train import fit
+from iln.training.loop import fit
 from tests.helpers import train_settings
 
 

@@ -1,4 +1,4 @@
-"""The artefact layout (iln.layout) against dvc.yaml: every stage declares exactly the outputs
+"""The artefact layout (iln.config.layout) against dvc.yaml: every stage declares exactly the outputs
 the layout names, and every file the readers open lies inside a declared output."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from dvc.repo import Repo
 
-from iln.layout import (
+from iln.config.layout import (
     ANALYSIS_FIGURES,
     Layout,
     RunFiles,

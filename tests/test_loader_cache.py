@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from iln.config import ParamsError
+from iln.config.params import ParamsError
 from iln.data.dataset import TrainPatches
 from iln.data.degrade import bicubic_downsample
 from iln.data.io import write_png

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from iln import precision
+from iln.evaluation import precision
 from iln.models import build_model
 
 META = torch.device("meta")

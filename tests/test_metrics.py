@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from iln.metrics import SSIM_C1, SSIM_C2, gaussian_window, psnr, rgb_to_y, ssim
+from iln.evaluation.metrics import SSIM_C1, SSIM_C2, gaussian_window, psnr, rgb_to_y, ssim
 
 
 def _random_pair(shape=(48, 40, 3), noise=10, seed=0):

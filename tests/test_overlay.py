@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iln.__main__ import main
-from iln.config import load_params, resolve_run
-from iln.overlay import GRIDS, MARKER, applied, compose, render
+from iln.cli.main import main
+from iln.config.params import load_params, resolve_run
+from iln.config.overlay import GRIDS, MARKER, applied, compose, render
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

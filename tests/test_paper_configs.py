@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from iln.config import load_params
+from iln.config.params import load_params
 from iln.models import build_model
-from iln.overlay import apply_file
+from iln.config.overlay import apply_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((ROOT / "configs").glob("paper_*.yaml"))

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iln import layout, tracking
-from iln.styles import BASELINE_COLOR, NORM_STYLES
+from iln.config import layout
+
+from iln import tracking
+from iln.figures.styles import BASELINE_COLOR, NORM_STYLES
 from tests.stage_project import metric_steps, stage_runs
 
 pytestmark = pytest.mark.integration
@@ -130,7 +132,7 @@ def test_repro_writes_metrics_for_every_run_and_the_baseline(project):
 
 
 def test_stages_write_the_layouts_schemas(project):
-    """What the stages write is what iln.layout declares (the report reads with it)."""
+    """What the stages write is what iln.config.layout declares (the report reads with it)."""
 
     def header(path: Path) -> tuple[str, ...]:
         return tuple(path.read_text().splitlines()[0].split(","))

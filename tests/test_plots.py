@@ -110,9 +110,9 @@ def test_vendored_scripts_and_licences_are_recorded():
 
 def test_templates_draw_each_run_in_its_norms_colour_labelled_by_run_name():
     """Every template names each line by its run (runs/<name>/...) and draws it in the colour
-    iln.styles gives the norm of that name (black for other names), the legend listing only
+    iln.figures.styles gives the norm of that name (black for other names), the legend listing only
     the runs plotted."""
-    from iln.styles import NORM_STYLES, UNKNOWN_STYLE_COLOR
+    from iln.figures.styles import NORM_STYLES, UNKNOWN_STYLE_COLOR
 
     for path in sorted((ROOT / "plots" / "templates").glob("*.json")):
         spec = json.loads(path.read_text())

@@ -1,4 +1,4 @@
-"""iln.pool: how processes and threads are planned, and that spreading jobs over processes
+"""iln.util.pool: how processes and threads are planned, and that spreading jobs over processes
 changes nothing but the time (order, values, errors), down to the evaluation's numbers."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from iln.data.io import write_png
-from iln.evaluate import ImageJob, central_crop_pairs, model_restore_fn
+from iln.evaluation.inference import ImageJob, central_crop_pairs, model_restore_fn
 from iln.models import build_model
-from iln.pool import plan, run_jobs, usable_cores
-from iln.precision import PrecisionJob, evaluate_precisions
-from iln.protocols import protocol_for
+from iln.util.pool import plan, run_jobs, usable_cores
+from iln.evaluation.precision import PrecisionJob, evaluate_precisions
+from iln.evaluation.protocols import protocol_for
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iln.evaluate import restore
+from iln.evaluation.inference import restore
 from iln.models.restorer import WindowedRestorer
-from iln.precision import (
+from iln.evaluation.precision import (
     FP16_MAX,
     INT4_MAX,
     INT8_MAX,

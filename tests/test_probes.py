@@ -11,7 +11,7 @@ from torch import nn
 
 from iln.models import build_model
 from iln.models.restorer import WindowedRestorer
-from iln.probes import (
+from iln.evaluation.probes import (
     BODY_INPUT,
     FINAL_NORM_INPUT,
     PROBE_COLUMNS,

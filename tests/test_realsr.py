@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from iln.config import ParamsError, load_params, resolve_run
+from iln.config.params import ParamsError, load_params, resolve_run
 from iln.data.dataset import TrainPatches, training_patches
 from iln.data.degrade import noise_rng
 from iln.data.io import read_rgb, write_png
@@ -22,8 +22,8 @@ from iln.data.realsr import (
     random_blur_kernel,
     sinc_kernel,
 )
-from iln.layout import Layout
-from iln.protocols import protocol_for
+from iln.config.layout import Layout
+from iln.evaluation.protocols import protocol_for
 from iln.report.tables import task_name
 from tests.helpers import ROOT, write_params
 

@@ -20,10 +20,10 @@ import yaml
 from PIL import Image
 
 from iln import tracking
-from iln.config import ParamsError, ReleasedSpec, load_params
-from iln.layout import check_run_name
+from iln.config.params import ParamsError, ReleasedSpec, load_params
+from iln.config.layout import check_run_name
 from iln.models import build_model, load_official_checkpoint, to_official_state_dict
-from iln.released import (
+from iln.weights.released import (
     CATALOGUE,
     DRIVE_FOLDER,
     ReleasedWeightsError,
@@ -33,7 +33,7 @@ from iln.released import (
     verify_weights,
 )
 from iln.report import RunInfo
-from iln.subject import Subject
+from iln.weights.subject import Subject
 from tests.helpers import ROOT, write_params
 from tests.stage_project import stage_runs
 from tests.test_pipeline import _run, copy_project_files
@@ -420,8 +420,8 @@ def test_released_params_are_checked_strictly(tmp_path):
 def test_report_handles_runs_without_a_train_folder(tmp_path):
     """A released entry has eval/ and analysis/ but no train/: the report's other tables and
     figures read it like any run, and its section puts the paper's number beside ours."""
-    from iln.analysis import run_final_analysis
-    from iln.files import write_json_atomic
+    from iln.analysis.final import run_final_analysis
+    from iln.util.files import write_json_atomic
     from iln.report import build_report
     from iln.report.paper import load_paper_numbers, paper_rows
 

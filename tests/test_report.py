@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import iln
-from iln.config import RunSpec, load_params
+from iln.config.params import RunSpec, load_params
 from iln.data.io import write_png
 from iln.report import (
     RunInfo,
@@ -31,10 +31,10 @@ from iln.report import (
 from iln.report.build import METRICS_ROW_KEYS
 from iln.report.crops import largest_difference_box
 from iln.report.paper import printed
-from iln.report.table import MAX_VALUE_COLUMNS
+from iln.report.render import MAX_VALUE_COLUMNS
 from iln.report.tables import Protocol, fp16_remark
-from iln.styles import NORM_STYLES
-from iln.subject import find_subject
+from iln.figures.styles import NORM_STYLES
+from iln.weights.subject import find_subject
 from tests.helpers import ROOT, train_settings, train_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -681,7 +681,7 @@ def test_the_report_imports_no_model_or_training_code():
     code = (
         "import sys, iln.report, iln.report.build; "
         "print([m for m in sys.modules if m == 'torch' or m.startswith(('iln.models', "
-        "'iln.train'))])"
+        "'iln.training.loop'))])"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(iln.__file__).parents[1])}
     found = subprocess.run(

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from iln.__main__ import main
+from iln.cli.main import main
 from iln.data.io import read_rgb, write_png
-from iln.evaluate import restore
+from iln.evaluation.inference import restore
 from iln.models import build_model, to_official_state_dict
-from iln.restore import fp16_warning, load_model
-from iln.weights import save_trained
+from iln.evaluation.batch_restore import fp16_warning, load_model
+from iln.weights.trained import save_trained
 from tests.helpers import ROOT, write_params
 
 
@@ -382,7 +382,7 @@ def test_an_image_too_large_for_memory_suggests_tiles(tmp_path):
     Image.fromarray(np.zeros((600, 600, 3), np.uint8)).save(tmp_path / "big.png")
     script = (
         "import resource, sys\n"
-        "from iln.__main__ import main\n"
+        "from iln.cli.main import main\n"
         "held = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
         "resource.setrlimit(resource.RLIMIT_AS, (held + (256 << 20), resource.RLIM_INFINITY))\n"
         f"sys.exit(main(['restore', {str(weights)!r}, 'big.png', 'out']))\n"
@@ -422,7 +422,7 @@ def test_a_folder_that_takes_no_more_bytes_is_refused_first_and_a_failed_write_s
     _images(tmp_path / "in", [(8, 8), (128, 128), (8, 8)])  # noise: ~190 KB as a 256x256 PNG
     script = (
         "import resource, sys\n"
-        "from iln.__main__ import main\n"
+        "from iln.cli.main import main\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, resource.RLIM_INFINITY))\n"
         f"assert main(['restore', {str(weights)!r}, 'in', 'out']) == 2\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100 << 10, resource.RLIM_INFINITY))\n"

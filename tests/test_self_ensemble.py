@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from iln.data.io import read_rgb, write_png
-from iln.evaluate import ImageJob, model_restore_fn, restore, self_ensemble, summarise
-from iln.protocols import protocol_for
+from iln.evaluation.inference import ImageJob, model_restore_fn, restore, self_ensemble, summarise
+from iln.evaluation.protocols import protocol_for
 
 
 class Pointwise(nn.Module):

@@ -1,4 +1,4 @@
-"""``iln.subject``: a trained run, a released checkpoint and the baseline found by one lookup
+"""``iln.weights.subject``: a trained run, a released checkpoint and the baseline found by one lookup
 and opened one way; the report can use it without importing torch."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from iln.config import ParamsError, load_params
-from iln.layout import Layout
-from iln.overlay import apply_file
-from iln.subject import find_subject, open_model, subjects
+from iln.config.params import ParamsError, load_params
+from iln.config.layout import Layout
+from iln.config.overlay import apply_file
+from iln.weights.subject import find_subject, open_model, subjects
 from tests.helpers import ROOT
 
 
@@ -63,7 +63,7 @@ def test_models_that_do_not_exist_are_refused(params, tmp_path):
 
 def test_finding_subjects_imports_no_torch():
     code = (
-        "import sys, iln.subject\n"
+        "import sys, iln.weights.subject\n"
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith('iln.models')]\n"
         "assert not bad, bad\n"
     )

@@ -16,11 +16,11 @@ import torch
 
 from iln.data.catalog import SETS
 from iln.data.degrade import add_gaussian_noise, jpeg_compress
-from iln.evaluate import restore
-from iln.metrics import psnr_b
+from iln.evaluation.inference import restore
+from iln.evaluation.metrics import psnr_b
 from iln.models import build_model, common, load_official_checkpoint, to_official_state_dict
 from iln.models.checkpoint import CheckpointMismatchError
-from iln.protocols import protocol_for
+from iln.evaluation.protocols import protocol_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # official task name -> (our preset, scale)

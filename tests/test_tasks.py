@@ -16,12 +16,12 @@ from iln.data.degrade import jpeg_compress
 from iln.data.io import read_rgb, write_png
 from iln.data.pairs import make_pairs
 from iln.data.params import DegradeParams, parse_task
-from iln.evaluate import degraded_input, evaluate_pairs, summarise
-from iln.layout import Layout
-from iln.metrics import blocking_effect_factor, psnr, psnr_b, rgb_to_grey
+from iln.evaluation.inference import degraded_input, evaluate_pairs, summarise
+from iln.config.layout import Layout
+from iln.evaluation.metrics import blocking_effect_factor, psnr, psnr_b, rgb_to_grey
 from iln.models import build_model
-from iln.protocols import protocol_for
-from iln.train import fit, load_checkpoint
+from iln.evaluation.protocols import protocol_for
+from iln.training.loop import fit, load_checkpoint
 from tests.helpers import train_settings
 
 

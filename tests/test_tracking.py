@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from iln import tracking
-from iln.styles import NORM_STYLES
+from iln.figures.styles import NORM_STYLES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,8 +260,8 @@ _FULL_DISK_STAGE = """
 import sys
 from pathlib import Path
 from iln import tracking
-from iln.cli import run_stage
-from iln.files import write_json_atomic
+from iln.cli.stage import run_stage
+from iln.util.files import write_json_atomic
 
 root, when = Path(sys.argv[1]), sys.argv[2]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from iln import tracking
-from iln.monitor import deepest_group_curves
-from iln.styles import BASELINE_COLOR, NORM_STYLES
+from iln.evaluation.monitor import deepest_group_curves
+from iln.figures.styles import BASELINE_COLOR, NORM_STYLES
 
 
 def _parent(client: MlflowClient, name: str):

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from iln.train import StreamBatches, TrainingDiverged, fit, load_checkpoint, update_ema
+from iln.training.loop import StreamBatches, TrainingDiverged, fit, load_checkpoint, update_ema
 from tests.helpers import assert_same_weights, train_settings
 
 
@@ -206,7 +206,7 @@ def test_monitor_runs_before_the_first_update_and_validation_joins_the_history(t
 
 
 def test_drop_noise_of_a_sample_is_a_function_of_seed_and_index_only():
-    from iln.train import drop_noise
+    from iln.training.loop import drop_noise
 
     both = drop_noise(1, [8, 9], 6)
     assert both.shape == (2, 6) and both.dtype == torch.float32
@@ -267,7 +267,7 @@ def test_accumulation_that_does_not_split_the_batch_names_the_key(tmp_path):
 
 
 def test_every_device_spelling_resolves_per_process_on_a_cpu_machine():
-    from iln.distributed import process_device
+    from iln.training.distributed import process_device
 
     for spec in ("auto", "cpu"):
         assert process_device(spec, 1, 2, key="train.device") == torch.device("cpu")

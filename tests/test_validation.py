@@ -13,13 +13,13 @@ import torch
 import yaml
 from PIL import Image
 
-from iln.cli import run_stage
-from iln.config import ParamsError, load_params
+from iln.cli.stage import run_stage
+from iln.config.params import ParamsError, load_params
 from iln.data.io import write_png
 from iln.data.pairs import make_pairs
 from iln.data.params import DegradeParams
 from iln.data.prepare import Sources, prepare_sets
-from iln.runtime import resolve_device
+from iln.util.device import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ artifacts beside it (``mlartifacts/``); when the project folder was moved or cop
 artifact locations recorded in it are re-pointed at the new folder before any run starts.
 
 Every run of a grid member carries its norm (tag ``iln.norm``) and the colour its caller
-gives it (``mlflow.runColor``; the stages pass the norm's fixed colour from iln.styles), so LN
+gives it (``mlflow.runColor``; the stages pass the norm's fixed colour from iln.figures.styles), so LN
 is red and i-LN blue in every MLflow chart. The experiment is tagged as model training
 (``mlflow.experimentKind``); MLflow 3.17's UI still opens on its GenAI view unless the URL
 carries ``?workflowType=machine_learning`` (``<server>/#/experiments/<id>?workflowType=
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from iln.files import process_alive
+from iln.util.files import process_alive
 
 RUN_TAG = "iln.run"
 STAGE_TAG = "iln.stage"
@@ -442,7 +442,7 @@ def stage_run(
 
     norm, color: the member's normalisation (tag ``iln.norm``) and the colour the MLflow UI
     draws its runs in (hex RGB); the stages give runs without a norm (the bicubic baseline,
-    the report) iln.styles.BASELINE_COLOR, a grey no norm uses.
+    the report) iln.figures.styles.BASELINE_COLOR, a grey no norm uses.
 
     Stage runs of the experiment left RUNNING by a killed process of this machine are first
     closed as KILLED; a (run_name, stage) still running in a live process of this machine in

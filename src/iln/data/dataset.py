@@ -34,7 +34,7 @@ from iln.data.degrade import SUBSAMPLING, add_gaussian_noise, jpeg_compress
 from iln.data.io import image_size, list_images, read_rgb
 from iln.data.params import RealSRParams, parse_task
 from iln.data.realsr import degrade_realsr
-from iln.layout import Layout
+from iln.config.layout import Layout
 
 ON_THE_FLY = ("dn", "car", "realsr")  # task kinds whose lq is made from the clean patch
 DEFAULT_CACHE_BYTES = 8 << 30  # train.cache_gib's default, 8 GiB

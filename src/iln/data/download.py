@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from iln.files import write_json_atomic
+from iln.util.files import write_json_atomic
 
 CHUNK = 1 << 20
 USER_AGENT = "iln-data/1.0 (+python urllib)"

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from iln.files import atomic_path
+from iln.util.files import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
 
@@ -190,7 +190,7 @@ def _drop_opaque_alpha(rgba: np.ndarray, path: Path) -> np.ndarray:
 
 
 def write_png(path: str | Path, array: np.ndarray, *, compress_level: int = 6) -> None:
-    """Write uint8 (H, W, 3) or (H, W) as PNG through the atomic writer (``iln.files``)."""
+    """Write uint8 (H, W, 3) or (H, W) as PNG through the atomic writer (``iln.util.files``)."""
     path = Path(path)
     array = np.asarray(array)
     if array.dtype != np.uint8:

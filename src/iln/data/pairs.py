@@ -32,7 +32,7 @@ from iln.data.parallel import resolve_workers, run_jobs
 from iln.data.params import DegradeParams, RealSRParams, parse_task
 from iln.data.prepare import replace_dir
 from iln.data.realsr import degrade_realsr
-from iln.files import write_json_atomic
+from iln.util.files import write_json_atomic
 
 STAGING_PREFIX = ".staging-"
 

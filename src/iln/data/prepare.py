@@ -22,7 +22,7 @@ from iln.data.catalog import ARCHIVES, RAIN_SUFFIX, SETS, SetSpec, expand
 from iln.data.download import ChecksumBook, DownloadError, Expected, fetch
 from iln.data.io import is_plain_rgb_png, list_images, read_rgb, write_png
 from iln.data.parallel import run_jobs
-from iln.files import write_json_atomic
+from iln.util.files import write_json_atomic
 
 STAGING_PREFIX = ".staging-"
 

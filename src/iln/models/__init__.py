@@ -8,7 +8,8 @@ norm factories once and passes them down through every level of the network.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -28,8 +29,9 @@ __all__ = [
     "SCALES",
     "build_model",
     "build_norm",
+    "ModelSettings",
     "load_official_checkpoint",
-    "resolve_hparams",
+    "resolve_settings",
     "to_official_state_dict",
 ]
 
@@ -110,6 +112,71 @@ _GENERAL_KEYS = ("stdnorm", "affine_outer", "eps", "upsampler", "in_chans")
 _UPSAMPLERS = ("pixelshuffle",)
 
 
+@dataclass(frozen=True)
+class HATParts:
+    """What only HAT has: the channel-attention block (CAB) and the overlapping cross-attention
+    (OCAB) of each group."""
+
+    compress_ratio: int
+    squeeze_factor: int
+    conv_scale: float
+    overlap_ratio: float
+
+
+@dataclass(frozen=True)
+class SwinIRParts:
+    """What only SwinIR has: the training patch of the released constructor (its attn_mask)."""
+
+    img_size: int
+
+
+@dataclass(frozen=True)
+class DRCTParts:
+    """What only DRCT has: the growth channels of its dense Swin blocks."""
+
+    gc: int
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Every hyper-parameter of one network, resolved from its preset and overrides and checked
+    (``resolve_settings``); ``build_model`` builds from it and leaves it on ``model.settings``.
+    ``family`` names the one of ``hat`` / ``swinir`` / ``drct`` that is set."""
+
+    arch: str
+    family: Literal["hat", "swinir", "drct"]
+    norm: str
+    scale: int
+    embed_dim: int
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    window_size: int
+    mlp_ratio: float
+    drop_path_rate: float
+    img_range: float
+    stdnorm: bool
+    affine_outer: bool
+    eps: float
+    upsampler: str
+    in_chans: int
+    hat: HATParts | None = None
+    swinir: SwinIRParts | None = None
+    drct: DRCTParts | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """One flat, JSON-ready mapping (the train summary's ``model`` key): the official
+        hyper-parameter names, lists for the per-group values."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name in _FLAT}
+        parts = self.hat or self.swinir or self.drct
+        flat.update({f.name: getattr(parts, f.name) for f in fields(parts)})
+        flat["depths"], flat["num_heads"] = list(self.depths), list(self.num_heads)
+        return flat
+
+
+_FLAT = {f.name for f in fields(ModelSettings)} - {"hat", "swinir", "drct"}
+_PARTS = {"hat": HATParts, "swinir": SwinIRParts, "drct": DRCTParts}
+
+
 def _as_int_tuple(name: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,)
@@ -122,27 +189,15 @@ def _as_int_tuple(name: str, value: Any) -> tuple[int, ...]:
     raise ValueError(f"{name} must be an int or a list of ints, got {value!r}")
 
 
-def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> dict[str, Any]:
-    """The full, validated hyper-parameter dict ``build_model`` would use."""
-    if arch not in PRESETS:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
-    if isinstance(scale, bool) or scale not in SCALES:
-        raise ValueError(
-            f"scale {scale!r} is not supported; valid scales: {', '.join(map(str, SCALES))}"
-        )
-    preset = PRESETS[arch]
-    valid = sorted(set(preset) - {"family"} | set(_GENERAL_KEYS))
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown override {', '.join(map(repr, unknown))} for arch {arch!r}; "
-            f"valid overrides: {', '.join(valid)}"
-        )
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
+
+def resolve_settings(arch: str, *, norm: str, scale: int, **overrides: Any) -> ModelSettings:
+    """The checked settings ``build_model(arch, norm=..., scale=..., **overrides)`` builds."""
+    _check_names(arch, norm, scale, overrides)
     hp: dict[str, Any] = {"arch": arch, "norm": norm, "scale": int(scale)}
-    hp.update(preset)
+    hp.update(PRESETS[arch])
     hp.update(
         stdnorm=norm == "iln",
         affine_outer=norm in ("iln", "iln_clamp"),  # the official i-LN and traiNNer-redux's
@@ -151,48 +206,88 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
         in_chans=3,
     )
     hp.update(overrides)
+    hp["depths"], hp["num_heads"] = _groups(hp, overrides)
+    _check_widths(hp)
+    _check_values(hp)
+    for key in ("eps", "mlp_ratio", "img_range", "conv_scale", "overlap_ratio", "drop_path_rate"):
+        if key in hp:
+            hp[key] = float(hp[key])
+    if hp["mlp_ratio"] <= 0:
+        raise ValueError(f"mlp_ratio {hp['mlp_ratio']!r} must be positive")
+    part = _PARTS[hp["family"]]
+    own = part(**{f.name: hp.pop(f.name) for f in fields(part)})
+    return ModelSettings(**hp, **{hp["family"]: own})
 
+
+def _check_names(arch: str, norm: str, scale: int, overrides: dict[str, Any]) -> None:
+    if arch not in PRESETS:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    if isinstance(scale, bool) or scale not in SCALES:
+        raise ValueError(
+            f"scale {scale!r} is not supported; valid scales: {', '.join(map(str, SCALES))}"
+        )
+    valid = sorted(set(PRESETS[arch]) - {"family"} | set(_GENERAL_KEYS))
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown override {', '.join(map(repr, unknown))} for arch {arch!r}; "
+            f"valid overrides: {', '.join(valid)}"
+        )
+
+
+def _groups(hp: dict[str, Any], overrides: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    """(depths, num_heads) of equal length; a uniform preset head count follows depths."""
     depths = _as_int_tuple("depths", hp["depths"])
     heads = _as_int_tuple("num_heads", hp["num_heads"])
     if "num_heads" not in overrides and len(set(heads)) == 1:
-        heads = heads[:1]  # the preset's uniform head count follows overridden depths
+        heads = heads[:1]
     if len(heads) == 1:
         heads = heads * len(depths)
     if len(heads) != len(depths) or not depths or min(depths) < 1:
         raise ValueError(
             f"depths {depths} and num_heads {heads} must be non-empty, positive and of equal length"
         )
-    hp["depths"], hp["num_heads"] = list(depths), list(heads)
-    embed, window = hp["embed_dim"], hp["window_size"]
-    if not isinstance(embed, int) or embed < 1 or any(embed % h for h in heads):
+    return depths, heads
+
+
+def _check_widths(hp: dict[str, Any]) -> None:
+    """Embedding width, window and the family's own sizes."""
+    embed, window, heads = hp["embed_dim"], hp["window_size"], hp["num_heads"]
+    if not _is_int(embed) or embed < 1 or any(embed % h for h in heads):
         raise ValueError(
             f"embed_dim {embed!r} must be a positive int divisible by every num_heads {heads}"
         )
-    if hp["family"] == "hat" and (not isinstance(window, int) or window < 2 or window % 2):
+    if hp["family"] == "hat" and (not _is_int(window) or window < 2 or window % 2):
         raise ValueError(
             f"window_size {window!r} must be an even int >= 2 for HAT (the shift is half a "
             f"window and OCAB's overlapping windows need an even border)"
         )
-    if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+    if not _is_int(window) or window < 2:
         raise ValueError(
             f"window_size {window!r} must be an int >= 2 (shifted blocks move by window // 2)"
         )
-    if hp["in_chans"] not in (1, 3) or isinstance(hp["in_chans"], bool):
-        raise ValueError(f"in_chans {hp['in_chans']!r} must be 1 (grey) or 3 (RGB)")
     if "img_size" in hp:
         size = hp["img_size"]
-        if not isinstance(size, int) or isinstance(size, bool) or size <= window or size % window:
+        if not _is_int(size) or size <= window or size % window:
             raise ValueError(
                 f"img_size {size!r} must be a multiple of window_size={window} larger than it "
                 f"(the released constructor's training patch, which sets its attn_mask buffers)"
             )
     if "gc" in hp:
-        if not isinstance(hp["gc"], int) or isinstance(hp["gc"], bool) or hp["gc"] < 1:
+        if not _is_int(hp["gc"]) or hp["gc"] < 1:
             raise ValueError(f"gc {hp['gc']!r} must be a positive int (DRCT's growth channels)")
         drct.check_dense_heads(embed, hp["gc"], heads)
     for key in ("compress_ratio", "squeeze_factor"):
         if key in hp and (not isinstance(hp[key], int) or hp[key] < 1 or embed // hp[key] < 1):
             raise ValueError(f"{key} {hp[key]!r} must be an int in [1, embed_dim={embed}]")
+
+
+def _check_values(hp: dict[str, Any]) -> None:
+    """Input channels, upsampler, stochastic depth and the two norm switches."""
+    if hp["in_chans"] not in (1, 3) or isinstance(hp["in_chans"], bool):
+        raise ValueError(f"in_chans {hp['in_chans']!r} must be 1 (grey) or 3 (RGB)")
     if hp["upsampler"] not in _UPSAMPLERS:
         raise ValueError(
             f"upsampler {hp['upsampler']!r} is not supported; valid: {', '.join(_UPSAMPLERS)}"
@@ -202,12 +297,6 @@ def resolve_hparams(arch: str, *, norm: str, scale: int, **overrides: Any) -> di
     for key in ("stdnorm", "affine_outer"):
         if not isinstance(hp[key], bool):
             raise ValueError(f"{key} must be a bool, got {hp[key]!r}")
-    for key in ("eps", "mlp_ratio", "img_range", "conv_scale", "overlap_ratio", "drop_path_rate"):
-        if key in hp:
-            hp[key] = float(hp[key])
-    if hp["mlp_ratio"] <= 0:
-        raise ValueError(f"mlp_ratio {hp['mlp_ratio']!r} must be positive")
-    return hp
 
 
 def build_model(
@@ -230,7 +319,7 @@ def build_model(
     ``stdnorm``, ``affine_outer`` (``stdnorm`` default True for ``iln`` only, as the official
     configs; ``affine_outer`` True for ``iln`` and ``iln_clamp``, False otherwise), ``eps``
     (norm eps) and ``upsampler``. ``generator`` draws the initial weights (global RNG when
-    None). The resolved values are on ``model.hparams``.
+    None). The resolved settings are on ``model.settings`` (``ModelSettings``).
 
     ``fast`` (default) runs the fast path of ``fast.py`` (hand-written gradients, fused
     kernels); ``fast=False`` the plain reference code. Both compute the same function and
@@ -244,42 +333,36 @@ def build_model(
             f"attention={attention!r} selects a fast-path kernel; with fast=False the model "
             "runs the reference attention only"
         )
-    hp = resolve_hparams(arch, norm=norm, scale=scale, **overrides)
-    block_norm = norms.norm_factory(norm, eps=hp["eps"], fast=fast)
+    settings = resolve_settings(arch, norm=norm, scale=scale, **overrides)
+    block_norm = norms.norm_factory(norm, eps=settings.eps, fast=fast)
     outer_norm = (
         norms.affine_factory()
-        if hp["affine_outer"]
-        else norms.norm_factory(norm, eps=hp["eps"], residual=False, fast=fast)
+        if settings.affine_outer
+        else norms.norm_factory(norm, eps=settings.eps, residual=False, fast=fast)
     )
     shared = dict(
-        scale=hp["scale"],
-        embed_dim=hp["embed_dim"],
-        depths=hp["depths"],
-        num_heads=hp["num_heads"],
-        window_size=hp["window_size"],
-        mlp_ratio=hp["mlp_ratio"],
-        drop_path_rate=hp["drop_path_rate"],
-        stdnorm=hp["stdnorm"],
-        img_range=hp["img_range"],
+        scale=settings.scale,
+        embed_dim=settings.embed_dim,
+        depths=list(settings.depths),
+        num_heads=list(settings.num_heads),
+        window_size=settings.window_size,
+        mlp_ratio=settings.mlp_ratio,
+        drop_path_rate=settings.drop_path_rate,
+        stdnorm=settings.stdnorm,
+        img_range=settings.img_range,
         norm_layer=block_norm,
         outer_norm_layer=outer_norm,
         fast=fast,
-        in_chans=hp["in_chans"],
+        in_chans=settings.in_chans,
         attention=attention,
     )
     with torch.random.fork_rng(devices=[]):  # construction-time draws are replaced below
-        if hp["family"] == "hat":
-            model: nn.Module = HAT(
-                compress_ratio=hp["compress_ratio"],
-                squeeze_factor=hp["squeeze_factor"],
-                conv_scale=hp["conv_scale"],
-                overlap_ratio=hp["overlap_ratio"],
-                **shared,
-            )
-        elif hp["family"] == "drct":
-            model = DRCT(gc=hp["gc"], **shared)
+        if settings.hat is not None:
+            model: nn.Module = HAT(**asdict(settings.hat), **shared)
+        elif settings.drct is not None:
+            model = DRCT(gc=settings.drct.gc, **shared)
         else:
-            model = SwinIR(img_size=hp["img_size"], **shared)
+            model = SwinIR(img_size=settings.swinir.img_size, **shared)
     common.init_weights(model, generator)
-    model.hparams = hp
+    model.settings = settings
     return model

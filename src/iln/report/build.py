@@ -7,16 +7,16 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from iln.files import write_text_atomic
-from iln.layout import ANALYSIS_FIGURES, WEIGHTS_RAW, RunFiles
+from iln.util.files import write_text_atomic
+from iln.config.layout import ANALYSIS_FIGURES, WEIGHTS_RAW, RunFiles
 from iln.report import figures, tables
 from iln.report.crops import comparison_panels
 from iln.report.html import markdown_to_html
 from iln.report.paper import load_paper_numbers
 from iln.report.runs import RunInfo, RunResults, load_runs, read_metrics
-from iln.report.table import pipe_table, write_table
+from iln.report.render import pipe_table, write_table
 from iln.report.tables import Protocol
-from iln.styles import norm_label, norm_rank, norm_style
+from iln.figures.styles import norm_label, norm_rank, norm_style
 
 
 def _finite(value: object) -> float | None:
@@ -362,7 +362,7 @@ def build_report(
     """Write out_dir/report.md, out_dir/tables/<table>.{md,csv} and out_dir/figures/*.png.
 
     runs: run name -> its RunInfo (``RunInfo.from_subject``: what params.yaml declares).
-    runs_dir: folder with one folder per run (layout: iln.layout.RunFiles); a run folder
+    runs_dir: folder with one folder per run (layout: iln.config.layout.RunFiles); a run folder
       may hold only some of train/, eval/, analysis/.
     scale_note: what scale this ran at (preset, iterations, data, device), shown first.
     protocol: what our numbers were measured on (probe crops, Table 4 crop, EMA decay).

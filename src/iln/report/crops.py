@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from iln.data.io import read_rgb
-from iln.metrics import psnr, rgb_to_y
-from iln.plotting import new_figure, save_figure_atomic
+from iln.evaluation.metrics import psnr, rgb_to_y
+from iln.figures.plotting import new_figure, save_figure_atomic
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in HR pixels
 

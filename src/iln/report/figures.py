@@ -1,5 +1,5 @@
 """Training-dynamics figures from the runs' probes.csv and history.csv: one plot per
-phenomenon, every run overlaid in its norm's fixed colour (iln.styles); FIGURES lists them.
+phenomenon, every run overlaid in its norm's fixed colour (iln.figures.styles); FIGURES lists them.
 
 Each function returns the written path, or None when none of the given runs has the data
 (the report says why).
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from iln.plotting import log_axis, new_figure, save_figure_atomic
+from iln.figures.plotting import log_axis, new_figure, save_figure_atomic
 from iln.report.runs import RunResults
-from iln.styles import (
+from iln.figures.styles import (
     LINE_GRAD_CLIP,
     LINE_KLD,
     LINE_PLAIN,

@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iln.config import Params, ReleasedSpec, resolve_run
+from iln.config.params import Params, ReleasedSpec, resolve_run
 from iln.data.params import parse_task
-from iln.files import read_csv_rows
-from iln.layout import (
+from iln.util.files import read_csv_rows
+from iln.config.layout import (
     ANALYSIS_FIGURES,
     FEATURES_COLUMNS,
     FEATURES_OPTIONAL,
@@ -28,8 +28,8 @@ from iln.layout import (
     WEIGHTS_RAW,
     RunFiles,
 )
-from iln.styles import norm_label
-from iln.subject import Subject
+from iln.figures.styles import norm_label
+from iln.weights.subject import Subject
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from iln.layout import ENSEMBLE_SUFFIX, PRECISION_MODES, WEIGHTS_EMA, WEIGHTS_RAW
+from iln.config.layout import ENSEMBLE_SUFFIX, PRECISION_MODES, WEIGHTS_EMA, WEIGHTS_RAW
 from iln.report.paper import paper_number, paper_rows
 from iln.report.runs import RunResults
-from iln.report.table import Column, Table
-from iln.styles import norm_label, norm_rank
+from iln.report.render import Column, Table
+from iln.figures.styles import norm_label, norm_rank
 
 BASELINE_RUN = "bicubic"  # the baseline's folder under runs/ (bicubic SR, degraded input)
 
@@ -551,7 +551,7 @@ def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
 
 
 def _modes(modes: Sequence[str]) -> list[str]:
-    """The precision modes present, in iln.layout.PRECISION_MODES order."""
+    """The precision modes present, in iln.config.layout.PRECISION_MODES order."""
     return [m for m in PRECISION_MODES if m in modes]
 
 

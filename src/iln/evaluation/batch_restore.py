@@ -2,7 +2,7 @@
 
 The model comes from either a ``model.pt`` written by the train stage (it records its
 architecture) or a BasicSR checkpoint such as the authors' released files (the caller names
-the architecture). Every image goes through ``iln.evaluate.restore``, the function the
+the architecture). Every image goes through ``iln.evaluation.inference.restore``, the function the
 evaluate stage uses, so the same weights and input give the same pixels as the stage's
 samples (on the same device and number of CPU threads: torch's parallel reductions, such as
 the i-LN statistics, can differ in the last bit across thread counts).
@@ -35,9 +35,9 @@ from iln.data.io import (
     read_rgb,
     write_image,
 )
-from iln.evaluate import NonFiniteOutputError, restore
-from iln.released import BASICSR_KEYS, ReleasedWeightsError, check_finite, load_released
-from iln.weights import load_trained
+from iln.evaluation.inference import NonFiniteOutputError, restore
+from iln.weights.released import BASICSR_KEYS, ReleasedWeightsError, check_finite, load_released
+from iln.weights.trained import load_trained
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Norms that normalise each token on its own: the paper finds their features grow to

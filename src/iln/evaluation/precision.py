@@ -41,9 +41,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from iln.data.io import read_rgb
-from iln.evaluate import ModelRestorer, central_crop_pairs, restore, summarise
-from iln.layout import PRECISION_MODES
-from iln.metrics import psnr, ssim
+from iln.evaluation.inference import ModelRestorer, central_crop_pairs, restore, summarise
+from iln.config.layout import PRECISION_MODES
+from iln.evaluation.metrics import psnr, ssim
 
 if TYPE_CHECKING:
     from iln.models.restorer import WindowedRestorer
@@ -248,7 +248,7 @@ def evaluate_precisions(
 
 @dataclasses.dataclass(frozen=True)
 class PrecisionJob:
-    """One format of the precision table on one test set (a job for ``iln.pool.run_jobs``).
+    """One format of the precision table on one test set (a job for ``iln.util.pool.run_jobs``).
 
     Called with the restorers by task (the pool's shared state; the task's restorer must be a
     ``ModelRestorer``); returns ``evaluate_precisions(...)[mode]`` for the (name, lq file,

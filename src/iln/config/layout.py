@@ -29,7 +29,7 @@ from pathlib import Path
 # ---- inference precision
 
 # The formats of the inference-precision table (paper Table 4), in the order it shows them:
-# evaluate.precision_modes takes these, iln.precision computes them, the report lists them.
+# evaluate.precision_modes takes these, iln.evaluation.precision computes them, the report lists them.
 PrecisionMode = typing.Literal["fp32", "fp16", "bf16", "int8", "int4"]
 PRECISION_MODES: tuple[str, ...] = typing.get_args(PrecisionMode)
 
@@ -65,7 +65,7 @@ PROBE_COLUMNS: tuple[str, ...] = (
     "entropy_ceiling",
     "token_std_spread",
 )
-"""One row of feature statistics per probed layer (see iln.probes for the definitions)."""
+"""One row of feature statistics per probed layer (see iln.evaluation.probes for the definitions)."""
 PROBES_CSV_COLUMNS: tuple[str, ...] = ("step", *PROBE_COLUMNS)
 """probes.csv: statistics of the weights being trained ("raw"), every probe step."""
 
@@ -95,7 +95,7 @@ TRAIN_SUMMARY_KEYS: tuple[str, ...] = (
     "parameters",
     "world_size",
     "model",  # the model's resolved hyper-parameters (iln.models.resolve_hparams)
-)  # plus "init" for a run initialised from another (iln.warm_start.WarmStart.summary)
+)  # plus "init" for a run initialised from another (iln.weights.warm_start.WarmStart.summary)
 ANALYSIS_FIGURES: tuple[str, ...] = ("final_norm.png", "rpb_first.png", "rpb_last.png")
 
 # ---- the stages' outputs, as dvc.yaml declares them (paths relative to the root)

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from iln.evaluate import restore
-from iln.metrics import psnr
-from iln.probes import measure_features
+from iln.evaluation.inference import restore
+from iln.evaluation.metrics import psnr
+from iln.evaluation.probes import measure_features
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
@@ -42,7 +42,7 @@ def training_monitor(
     per_block: bool,
     log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Callable[[int, nn.Module, nn.Module], tuple[list[dict[str, Any]], float | None]]:
-    """Build the ``monitor(step, model, ema)`` callback of ``iln.train.fit``: feature rows
+    """Build the ``monitor(step, model, ema)`` callback of ``iln.training.loop.fit``: feature rows
     of ``model`` on the probe batch, and the mean PSNR of ``ema`` on ``val_pairs`` (whole
     images; None without pairs). Both also go to ``log`` (``features/...``, ``val/psnr``)."""
     probe_lq = probe_lq.to(device)

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from iln.files import write_csv_atomic, write_json_atomic
-from iln.layout import FEATURES_COLUMNS, FINAL_NORM_COLUMNS
+from iln.util.files import write_csv_atomic, write_json_atomic
+from iln.config.layout import FEATURES_COLUMNS, FINAL_NORM_COLUMNS
 from iln.models.common import BIAS_TABLE_STD
-from iln.plotting import log_axis_if_wide, new_figure, save_figure_atomic
-from iln.probes import evaluation_mode, measure_features
-from iln.runtime import unwrap
+from iln.figures.plotting import log_axis_if_wide, new_figure, save_figure_atomic
+from iln.evaluation.probes import evaluation_mode, measure_features
+from iln.util.device import unwrap
 
 SUMMARY_STATS: tuple[str, ...] = ("magnitude", "entropy", "max_abs")
 
@@ -254,7 +254,7 @@ def final_feature_rows(
     per_block: bool = False,
     chunk_size: int | None = None,
 ) -> list[dict[str, object]]:
-    """Feature statistics (iln.probes) of every model in ``weight_sets`` (name -> model,
+    """Feature statistics (iln.evaluation.probes) of every model in ``weight_sets`` (name -> model,
     e.g. ``{"ema": ..., "raw": ...}``) on the same probe batch; rows FEATURES_COLUMNS."""
     rows: list[dict[str, object]] = []
     for name, model in weight_sets.items():

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from iln.config import TrainParams
-from iln.kld import FeatureKL
-from iln.resume import CHECKPOINT_VERSION, load_resume_state, save_resume_state
-from iln.runtime import unwrap
+from iln.config.params import TrainParams
+from iln.training.kld import FeatureKL
+from iln.training.resume import CHECKPOINT_VERSION, load_resume_state, save_resume_state
+from iln.util.device import unwrap
 
 LogFn = Callable[[int, dict[str, float]], None]
 MonitorFn = Callable[[int, nn.Module, nn.Module], tuple[list[dict[str, Any]], float | None]]
@@ -146,7 +146,7 @@ def load_checkpoint(
     path: Path, fingerprint: str, *, max_step: int | None = None, warn: WarnFn | None = None
 ) -> dict[str, Any] | None:
     """The newest usable checkpoint of this exact configuration at ``path`` (or the one
-    kept before it), else None; see ``iln.resume``."""
+    kept before it), else None; see ``iln.training.resume``."""
     return load_resume_state(
         path,
         fingerprint,
@@ -185,7 +185,7 @@ def fit(
     ``magnitude`` in them stops training) and a validation PSNR, stored as ``val_psnr`` in
     that step's history row (every probe step is also a logged step).
     With ``settings.kld_weight`` > 0 the loss is ``L1 + kld_weight * FeatureKL penalty``
-    (see ``iln.kld``); 0 trains on the plain L1 loss. The logged ``loss`` is the loss of the
+    (see ``iln.training.kld``); 0 trains on the plain L1 loss. The logged ``loss`` is the loss of the
     whole global batch. Non-finiteness of the loss is checked without a host sync every
     step: the step it first happened is kept on the device and read at every logged step
     and before every checkpoint.

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from iln.data.download import ChecksumBook
-from iln.layout import check_run_name
+from iln.config.layout import check_run_name
 from iln.models import build_model, load_official_checkpoint
 
 if TYPE_CHECKING:
-    from iln.config import ReleasedSpec
+    from iln.config.params import ReleasedSpec
 
 DRIVE_FOLDER = "https://drive.google.com/drive/folders/1vAv1qw_jYsk0TIJhegjrJkYG3Rycey8c"
 BASICSR_KEYS = ("params_ema", "params")

@@ -3,7 +3,7 @@
 ``compose(base, overlay)`` merges an overlay into the default params: nested mappings merge
 key by key, except the grid tables ``runs:`` and ``released:``, which an overlay replaces
 whole (an overlay's runs are the runs); lists and scalars replace. ``apply_file`` writes
-the composed params file, validated with ``iln.config.load_params`` before it replaces
+the composed params file, validated with ``iln.config.params.load_params`` before it replaces
 anything, and records at its top which overlay made it, so that a second overlay is not
 stacked on the first by accident (each overlay means "the default + these differences").
 
@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from iln.config import ParamsError, load_params, read_yaml
-from iln.files import atomic_path
+from iln.config.params import ParamsError, load_params, read_yaml
+from iln.util.files import atomic_path
 
 GRIDS = ("runs", "released")  # top-level tables an overlay replaces whole
 MARKER = "# iln config: "  # first line of a composed file: the overlays it holds, " + "-joined
@@ -34,7 +34,7 @@ class OverlayError(ValueError):
 
 def compose(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` with ``overlay`` merged in; neither is modified. A key the base lacks is
-    added (``iln.config.load_params`` then decides whether the schema has it)."""
+    added (``iln.config.params.load_params`` then decides whether the schema has it)."""
     out = _merge(base, overlay)
     for key in GRIDS:
         if key in overlay:

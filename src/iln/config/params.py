@@ -22,7 +22,7 @@ import yaml
 
 from iln.data.catalog import SETS, expand, parts_of
 from iln.data.params import DataParams, DegradeParams, RealSRParams, check_min, parse_task
-from iln.layout import PrecisionMode, check_run_name
+from iln.config.layout import PrecisionMode, check_run_name
 
 
 class ParamsError(ValueError):
@@ -166,7 +166,7 @@ class TrainParams:
     lr_gamma: float
     ema_decay: float
     grad_clip: float
-    kld_weight: float  # weight of the feature KL regulariser (iln.kld), 0 = off
+    kld_weight: float  # weight of the feature KL regulariser (iln.training.kld), 0 = off
     seed: int
     checkpoint_every: int
     log_every: int
@@ -293,7 +293,7 @@ class EvaluateParams:
     precision_modes: tuple[PrecisionMode, ...]
     precision_crop: int  # LR size of the central crop used for the precision table, 0 = whole image
     device: str
-    workers: int = 0  # processes sharing the images (iln.pool), 0 = one per core
+    workers: int = 0  # processes sharing the images (iln.util.pool), 0 = one per core
     self_ensemble: bool = False  # also score the x8 self-ensemble (psnr_x8, ssim_x8, ...)
 
     def __post_init__(self) -> None:
@@ -338,7 +338,7 @@ class Params:
 
 @dataclass(frozen=True)
 class ResolvedRun:
-    """A run with every training setting filled in: what ``iln.train.fit`` consumes."""
+    """A run with every training setting filled in: what ``iln.training.loop.fit`` consumes."""
 
     name: str
     spec: RunSpec
@@ -395,7 +395,7 @@ def check_tile(
     keys: tuple[str, str] = ("tile", "tile_overlap"),
     model: str = "the model",
 ) -> None:
-    """The tiling of ``iln.evaluate.restore`` (input pixels) for a model of attention window
+    """The tiling of ``iln.evaluation.inference.restore`` (input pixels) for a model of attention window
     ``window``: 0 = whole images, else a multiple of the window, with an overlap below the
     tile. ``keys`` name the two settings in the ValueError, ``model`` the model."""
     for key, value in zip(keys, (tile, overlap)):

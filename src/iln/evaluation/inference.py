@@ -5,7 +5,7 @@ benchmark protocol expects (clamp to [0, 1], scale to 255, round). ``evaluate_pa
 applies any such function to a set of (name, lq, gt) pairs and returns one row per image;
 ``summarise`` reduces the rows to the per-set means that papers report. ``self_ensemble``
 is the x8 flip / transpose test-time ensemble (``restore(..., ensemble=True)``), and
-``ImageJob`` restores and scores one test image file as a job of ``iln.pool`` (the evaluate
+``ImageJob`` restores and scores one test image file as a job of ``iln.util.pool`` (the evaluate
 stage spreads its images over processes with it). The bicubic baseline and the
 side-by-side crop panels live here too because they share the same uint8-in, uint8-out
 convention.
@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from iln.config import check_tile
+from iln.config.params import check_tile
 from iln.data.io import read_rgb
-from iln.layout import ENSEMBLE_SUFFIX, METRICS_ENSEMBLE
-from iln.metrics import psnr, rgb_to_grey, ssim
+from iln.config.layout import ENSEMBLE_SUFFIX, METRICS_ENSEMBLE
+from iln.evaluation.metrics import psnr, rgb_to_grey, ssim
 from iln.models.common import pad_like_swinir_test
-from iln.protocols import Protocol
+from iln.evaluation.protocols import Protocol
 
 RestoreFn = Callable[[np.ndarray], np.ndarray]
 PADS = ("model", "swinir_test")  # the model's reflect pad; the SwinIR test script's flip pad
@@ -158,7 +158,7 @@ def restore(
     cast. The model pads and crops to its window itself. It is switched to eval mode for
     the call and put back in its previous mode afterwards.
 
-    ``tile`` (LR pixels, a multiple of ``model.window_size``, ``iln.config.check_tile``;
+    ``tile`` (LR pixels, a multiple of ``model.window_size``, ``iln.config.params.check_tile``;
     None or 0: the whole image) splits the input into overlapping tiles of that size,
     ``tile_overlap`` LR pixels apart at each seam, and averages the outputs where tiles
     overlap. This bounds memory on large images. For
@@ -270,7 +270,7 @@ def evaluate_pairs(
 ) -> list[dict[str, Any]]:
     """Score ``restore_fn(lq)`` against ``gt`` for every (name, lq, gt) pair.
 
-    Scored by ``protocol`` (``iln.protocols``: the task's image space, crop and metrics), or,
+    Scored by ``protocol`` (``iln.evaluation.protocols``: the task's image space, crop and metrics), or,
     given ``crop_border`` instead, by the SR convention: PSNR and SSIM on Y with
     ``crop_border`` pixels removed per side. Returns rows ``{"image": name, "psnr": dB,
     "ssim": value}`` (plus ``"psnr_b"`` when the protocol measures it) in input order.
@@ -305,7 +305,7 @@ def _score(
 
 @dataclasses.dataclass(frozen=True)
 class ImageJob:
-    """Restore and score one test image (a job for ``iln.pool.run_jobs``).
+    """Restore and score one test image (a job for ``iln.util.pool.run_jobs``).
 
     Called with the restorers by task (what the pool shares with its workers); returns
     ``(row, restored)``: the per-image row of ``evaluate_pairs`` and, with ``keep``, the

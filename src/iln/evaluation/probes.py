@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from iln.layout import PROBE_COLUMNS as PROBE_COLUMNS  # the row schema, re-exported
-from iln.runtime import unwrap
+from iln.config.layout import PROBE_COLUMNS as PROBE_COLUMNS  # the row schema, re-exported
+from iln.util.device import unwrap
 
 if TYPE_CHECKING:
     from iln.models.restorer import WindowedRestorer

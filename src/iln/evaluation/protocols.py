@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from iln.data.params import parse_task
-from iln.metrics import psnr, psnr_b, rgb_to_grey, ssim
+from iln.evaluation.metrics import psnr, psnr_b, rgb_to_grey, ssim
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iln.files import write_csv_atomic, write_text_atomic
+from iln.util.files import write_csv_atomic, write_text_atomic
 from iln.report.paper import printed
 
 CSV_COLUMNS: tuple[str, ...] = ("row", "column", "paper", "ours", "run", "status")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from iln.runtime import resolve_device
+from iln.util.device import resolve_device
 
 
 @dataclass(frozen=True)

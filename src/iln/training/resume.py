@@ -4,7 +4,7 @@
 as ``checkpoint.prev.pt``. A checkpoint that cannot be read (a damaged disk, a file cut
 short by hand) is skipped with one warning line, and training resumes from the previous
 one, or restarts from step 0 when neither is usable. Only a checkpoint of the same
-configuration (``iln.fingerprint``) is ever resumed.
+configuration (``iln.training.fingerprint``) is ever resumed.
 
 A shorter run of the same configuration (``iterations`` lowered) never destroys what a
 longer one reached: before it writes over a checkpoint of its own configuration at a later
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from iln.files import atomic_path, write_json_atomic
+from iln.util.files import atomic_path, write_json_atomic
 
 CHECKPOINT_VERSION = 1
 

@@ -47,7 +47,7 @@ def file_sha256(path: Path) -> str:
 
 
 def trained_state(path: Path) -> dict[str, Tensor]:
-    """The EMA weights of a trained-model file (``iln.weights``), our tensor names."""
+    """The EMA weights of a trained-model file (``iln.weights.trained``), our tensor names."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), Mapping):
         raise ValueError(f"{path}: not a trained-model file (no state_dict)")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from iln.files import atomic_path
+from iln.util.files import atomic_path
 from iln.models import build_model
 
 Weights = Literal["ema", "raw"]

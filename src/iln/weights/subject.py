@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from iln.config import BASELINE, ModelSpec, Params, ParamsError, ReleasedSpec, RunSpec
-from iln.layout import Layout
+from iln.config.params import BASELINE, ModelSpec, Params, ParamsError, ReleasedSpec, RunSpec
+from iln.config.layout import Layout
 
 if TYPE_CHECKING:
     import torch
 
     from iln.models.restorer import WindowedRestorer
-    from iln.released import WeightsRecord
-    from iln.weights import Weights
+    from iln.weights.released import WeightsRecord
+    from iln.weights.trained import Weights
 
 Kind = Literal["trained", "released", "baseline"]
 
@@ -85,8 +85,8 @@ def open_model(
     """The model of a trained run (its ``weights``: the EMA or the trained ones, from
     ``layout.weights``) or of a released entry (the file checked against and pinned in
     ``layout.weights_book``; it has only the one set of weights its ``key`` names)."""
-    from iln.released import open_released  # torch: only once a model is opened
-    from iln.weights import load_trained
+    from iln.weights.released import open_released  # torch: only once a model is opened
+    from iln.weights.trained import load_trained
 
     spec = subject.spec
     if subject.kind == "trained":

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from iln.files import write_bytes_atomic
+from iln.util.files import write_bytes_atomic
 
 
 def new_figure(width: float, height: float) -> Figure:

@@ -11,7 +11,7 @@ Settings that only say how fast, where, or how often to record (``OBSERVER_KEYS`
 out: changing the probe or log interval, the device, the threads or the report groups keeps a
 resumable checkpoint. ``iterations`` is left out as well: a run is a prefix of any longer run
 with the same settings, so a longer run resumes from a shorter one's checkpoint and a shorter
-one from any checkpoint at or before its last step (``iln.resume``). Every field of
+one from any checkpoint at or before its last step (``iln.training.resume``). Every field of
 ``TrainParams`` and ``RunSpec`` is either in ``TRAJECTORY_KEYS`` or in ``OBSERVER_KEYS``
 (a test checks it); a field in neither still counts as trajectory, the safe side.
 
@@ -40,7 +40,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from iln.config import RUN_TRAIN_OVERRIDES, ResolvedRun
+from iln.config.params import RUN_TRAIN_OVERRIDES, ResolvedRun
 
 TRAJECTORY_KEYS = {
     "run": ("arch", "norm", "task", "stdnorm", "affine_outer", "model", "init"),
@@ -75,7 +75,7 @@ OBSERVER_KEYS = {
         "num_workers",
         "threads",
         # W processes, K micro-batches and recomputed activations train the same weights
-        # (iln.train's determinism contract), so neither restarts a run
+        # (iln.training.loop's determinism contract), so neither restarts a run
         "accumulate",
         "grad_checkpoint",
         "cache_gib",
@@ -85,16 +85,16 @@ OBSERVER_KEYS = {
 # Modules of the train stage that only record, track, validate, colour or write what training
 # produced: left out of the code digest with what only they import (see the module docstring).
 RECORDING_MODULES = (
-    "iln.cli",  # the stage's error lines
+    "iln.cli.stage",  # the stage's error lines
     "iln.tracking",  # MLflow
-    "iln.styles",  # the MLflow run colour
-    "iln.monitor",  # the probes and the validation PSNR during training
-    "iln.probes",
-    "iln.evaluate",
-    "iln.metrics",
-    "iln.protocols",
-    "iln.weights",  # the model file written from the trained weights
-    "iln.fingerprint",  # what names a checkpoint, not what trains it
+    "iln.figures.styles",  # the MLflow run colour
+    "iln.evaluation.monitor",  # the probes and the validation PSNR during training
+    "iln.evaluation.probes",
+    "iln.evaluation.inference",
+    "iln.evaluation.metrics",
+    "iln.evaluation.protocols",
+    "iln.weights.trained",  # the model file written from the trained weights
+    "iln.training.fingerprint",  # what names a checkpoint, not what trains it
 )
 
 

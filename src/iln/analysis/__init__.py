@@ -1,0 +1,1 @@
+"""Final-checkpoint analyses of a trained or released model."""

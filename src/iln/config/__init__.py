@@ -1,0 +1,1 @@
+"""Params: the typed schema of params.yaml, config overlays, and where every artefact lives."""

@@ -1,0 +1,1 @@
+"""How results look: one name and colour per normalisation, and figure helpers."""
