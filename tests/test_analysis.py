@@ -194,7 +194,7 @@ def _check_outputs(out_dir, n_layers: int, weights: tuple[str, ...] = ("ema",)) 
 def test_run_final_analysis_writes_every_file(tmp_path):
     model = FakeIR(groups=2)
     result = run_final_analysis(model, lq(), tmp_path / "analysis", label="fake")
-    _check_outputs(tmp_path / "analysis", n_layers=3)
+    _check_outputs(tmp_path / "analysis", n_layers=4)  # body_in, 2 groups, final norm input
     assert len(result["files"]) == 6 and len(result["final_norm"]) == 6
 
 
@@ -217,7 +217,7 @@ def test_ema_and_raw_weights_are_measured_and_labelled(tmp_path):
             p.mul_(3.0)  # a trained model far from its EMA twin
     out = tmp_path / "analysis"
     result = run_final_analysis(ema, lq(), out, raw=raw)
-    _check_outputs(out, n_layers=3, weights=("ema", "raw"))
+    _check_outputs(out, n_layers=4, weights=("ema", "raw"))
     with (out / "features.csv").open() as fh:
         rows = {(r["weights"], r["layer"]): float(r["magnitude"]) for r in csv.DictReader(fh)}
     for name, model in (("ema", ema), ("raw", raw)):
@@ -229,7 +229,7 @@ def test_ema_and_raw_weights_are_measured_and_labelled(tmp_path):
     expected = {
         f"final/{w}/{layer}/{stat}"
         for w in ("ema", "raw")
-        for layer in ("group0", "group1", "final_norm_in")
+        for layer in ("body_in", "group0", "group1", "final_norm_in")
         for stat in ("magnitude", "entropy", "max_abs")
     }
     assert set(summary) == expected
@@ -263,4 +263,4 @@ def test_run_final_analysis_on_real_models(tmp_path, arch, norm):
     torch.manual_seed(0)
     model = build_model(arch, norm=norm, scale=2)
     run_final_analysis(model, lq(batch=1, size=8), tmp_path)
-    _check_outputs(tmp_path, n_layers=len(model.layers) + 1)
+    _check_outputs(tmp_path, n_layers=len(model.layers) + 2)

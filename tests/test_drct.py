@@ -142,8 +142,8 @@ def test_bad_growth_or_heads_name_the_keys():
 def test_per_block_probe_points_cover_every_dense_block():
     model = build_model("drct_tiny", norm="iln", scale=2)
     names = [p.name for p in probe_points(model, per_block=True)]
-    assert names[:6] == [f"group0.block{b}" for b in range(5)] + ["group0"]
-    assert len(names) == len(model.layers) * 6 + 1
+    assert names[:7] == ["body_in"] + [f"group0.block{b}" for b in range(5)] + ["group0"]
+    assert len(names) == len(model.layers) * 6 + 2
 
 
 def test_bias_tables_of_blocks_with_different_head_counts_plot_in_one_figure(tmp_path):

@@ -149,6 +149,19 @@ def test_stdnorm_standardises_with_the_div2k_statistics_and_maps_back():
     )  # constants, not weights
 
 
+def test_grey_stdnorm_divides_by_the_official_grey_std_and_mean_stays_zero():
+    # the authors' HAT (hat_arch.py, in_chans != 3): mean 0; std 0.2842 with stdnorm, else 1
+    x = _image(1, 4, 5)[:, :1]
+    on = common.InputNorm(stdnorm=True, img_range=1.0, in_chans=1)
+    off = common.InputNorm(stdnorm=False, img_range=255.0, in_chans=1)
+    torch.testing.assert_close(on.encode(x), x / 0.2842)
+    torch.testing.assert_close(off.encode(x), x * 255.0)
+    torch.testing.assert_close(on.decode(on.encode(x)), x)
+    grey = build_model("hat_tiny", norm="iln", scale=2, in_chans=1)
+    assert grey.input_norm.stdnorm
+    torch.testing.assert_close(grey.input_norm.encode(x), x / 0.2842)
+
+
 def test_contract_attributes_and_hooks():
     model = build_model("hat_tiny", norm="ln", scale=3)
     assert (model.scale, model.window_size, model.embed_dim) == (3, 8, model.settings.embed_dim)

@@ -259,18 +259,28 @@ def test_iln_clamp_normalises_as_ln_star_and_its_first_training_call_copies_the_
     torch.testing.assert_close(scale.flatten(), expected, rtol=1e-12, atol=0)
 
 
-def test_iln_clamp_running_std_moves_by_alpha_and_skips_batches_twice_its_value():
+def test_iln_clamp_running_std_moves_by_alpha_towards_the_batch_std_clamped_to_twice_its_value():
     norm = _clamp_norm()
     norm(_images_with_std([2.0, 2.0]))
     ema = _std(2.0)
     norm(_images_with_std([3.0, 1.0]))  # batch mean ~2 < 2 * ema: an EMA step of 1e-3
     ema += 1e-3 * ((_std(3.0) + _std(1.0)) / 2 - ema)
     assert norm.std_ema.item() == pytest.approx(ema, rel=1e-12)
-    _, scale = norm(_images_with_std([4.5, 5.0]))  # batch mean ~4.75 >= 2 * ema: skipped
-    assert norm.std_ema.item() == pytest.approx(ema, rel=1e-12)
+    # batch mean ~4.75 >= 2 * ema: clamped to 2 * ema, and the step is still taken (the
+    # running std grows by alpha, 0.1%), so the branch scale is 2 x the updated value
+    _, scale = norm(_images_with_std([4.5, 5.0]))
+    spiked = ema + 1e-3 * (2 * ema - ema)  # alpha is a float32 1e-3 (as upstream): rel 1e-9
+    assert norm.std_ema.item() == pytest.approx(spiked, rel=1e-9)
+    assert norm.std_ema.item() > ema * (1 + 0.999e-3)  # not skipped
     torch.testing.assert_close(
-        scale.flatten(), torch.tensor([2 * ema, 2 * ema], dtype=torch.float64), rtol=1e-12, atol=0
+        scale.flatten(),
+        torch.tensor([2 * spiked, 2 * spiked], dtype=torch.float64),
+        rtol=1e-9,
+        atol=0,
     )
+    # a batch far below the running std is not clamped from below: a plain EMA step
+    norm(_images_with_std([0.1, 0.1]))
+    assert norm.std_ema.item() == pytest.approx(spiked + 1e-3 * (_std(0.1) - spiked), rel=1e-9)
 
 
 def test_iln_clamp_changes_nothing_in_eval_mode_and_is_plain_i_ln_before_any_training():

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from iln.evaluation.probes import (
+    BODY_INPUT,
     FINAL_NORM_INPUT,
     PROBE_COLUMNS,
     FeatureProbe,
@@ -177,11 +178,12 @@ def test_bad_shapes_are_rejected(shape):
 
 def test_measure_features_rows_follow_the_contract(model):
     rows = measure_features(model, lq())
-    assert [r["layer"] for r in rows] == ["group0", "group1", "group2", FINAL_NORM_INPUT]
+    layers = [BODY_INPUT, "group0", "group1", "group2", FINAL_NORM_INPUT]
+    assert [r["layer"] for r in rows] == layers
     assert all(tuple(r) == PROBE_COLUMNS for r in rows)
     # the final norm's input is the last group's output: identical statistics
-    assert {k: v for k, v in rows[2].items() if k != "layer"} == {
-        k: v for k, v in rows[3].items() if k != "layer"
+    assert {k: v for k, v in rows[3].items() if k != "layer"} == {
+        k: v for k, v in rows[4].items() if k != "layer"
     }
 
 
@@ -189,12 +191,12 @@ def test_measured_values_match_a_manual_forward(model):
     batch = lq()
     with torch.no_grad():
         t = model.tokens(batch)
-        expected = []
+        expected = [feature_row("x", t)]  # body_in: the stream entering the first group
         for layer in model.layers:
             t = layer(t)
             expected.append(feature_row("x", t))
     rows = measure_features(model, batch)
-    for got, want in zip(rows[:3], expected, strict=True):
+    for got, want in zip(rows[:4], expected, strict=True):
         for key in PROBE_COLUMNS[1:]:
             assert got[key] == pytest.approx(want[key], rel=1e-12)
 
@@ -202,8 +204,8 @@ def test_measured_values_match_a_manual_forward(model):
 def test_per_block_rows_are_in_forward_order(model):
     rows = measure_features(model, lq(), per_block=True)
     names = [r["layer"] for r in rows]
-    assert names[:3] == ["group0.block0", "group0.block1", "group0"]
-    assert names[-1] == FINAL_NORM_INPUT and len(names) == 3 * 3 + 1
+    assert names[:4] == [BODY_INPUT, "group0.block0", "group0.block1", "group0"]
+    assert names[-1] == FINAL_NORM_INPUT and len(names) == 3 * 3 + 2
 
 
 def test_chunks_give_the_same_statistics(model):
@@ -241,7 +243,7 @@ def test_probe_context_manager_removes_hooks(model):
         with torch.no_grad():
             model(lq())
     assert hook_count(model) == 0
-    assert len(probe.rows()) == 3 * 3 + 1
+    assert len(probe.rows()) == 3 * 3 + 2  # and body_in, final_norm_in
 
 
 def test_missing_probe_points_are_named():
@@ -297,7 +299,7 @@ def test_probe_overhead_on_the_tiny_hat_preset():
     torch.manual_seed(0)
     hat = build_model("hat_tiny", norm="ln", scale=2)
     rows = measure_features(hat, lq(batch=1, size=16))
-    assert rows[-1]["layer"] == FINAL_NORM_INPUT and len(rows) == len(hat.layers) + 1
+    assert rows[-1]["layer"] == FINAL_NORM_INPUT and len(rows) == len(hat.layers) + 2
     step, probe_t = _overhead(hat, lq(batch=2, size=16), lq(batch=2, size=16), repeats=2)
     assert probe_t / (100 * step) < 0.05
 

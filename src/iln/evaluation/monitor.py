@@ -62,7 +62,8 @@ def training_monitor(
             return rows, val_psnr
         scalars: dict[str, float] = {}
         for row in rows:
-            if _group_index(row["layer"]) is not None or row["layer"] == "final_norm_in":
+            layer = row["layer"]
+            if _group_index(layer) is not None or layer in ("final_norm_in", "body_in"):
                 scalars[f"features/{row['layer']}/magnitude"] = row["magnitude"]
                 scalars[f"features/{row['layer']}/entropy"] = row["entropy"]
                 scalars[f"features/{row['layer']}/max_abs"] = row["max_abs"]

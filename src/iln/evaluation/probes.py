@@ -1,8 +1,8 @@
 """Feature statistics of the residual stream, measured through hooks attached from outside.
 
 The model is never modified: forward hooks are registered on the contract's probe points
-(the outputs of `model.residual_groups()`, optionally of every block of
-`model.group_blocks(g)`, and the input of `model.norm`) for one pass over a fixed probe
+(the input of the first group, the outputs of `model.residual_groups()`, optionally of every
+block of `model.group_blocks(g)`, and the input of `model.norm`) for one pass over a fixed probe
 batch and removed afterwards, also when the pass raises.
 
 Statistics (paper Fig. 1/2/4/7, Table 8), on tokens x of shape (B, N, C), in float64
@@ -18,7 +18,11 @@ because LN features reach 1e6-1e7 and their squares would lose precision in floa
   divides out), then std_n(s_n) / mean_n(s_n) (coefficient of variation over tokens),
   averaged over images; 0 when every token has the same std (or all are constant).
 
-The paper does not publish its formulas; these are ours.
+The paper does not publish its formulas; these are ours. Where: the raw residual stream
+(never a normalised tensor, which is ~1 by construction) at each group's output, the paper's
+"layer output" of Fig. 1 (a HAT layer is a residual group); `body_in` is the stream entering
+the first group (after the patch embedding), so that growth through the body can be read
+apart from the scale the embedding sets.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from iln.models.restorer import WindowedRestorer
 
 FINAL_NORM_INPUT = "final_norm_in"
+BODY_INPUT = "body_in"  # the residual stream entering the first group
 
 
 # --------------------------------------------------------------------------------------
@@ -163,10 +168,11 @@ class ProbePoint:
 
 
 def probe_points(model: WindowedRestorer, *, per_block: bool = False) -> list[ProbePoint]:
-    """The contract's probe points in forward order: [group{g}.block{b}...,] group{g}, ...,
-    final_norm_in."""
-    points: list[ProbePoint] = []
-    for g, group in enumerate(model.residual_groups()):
+    """The contract's probe points in forward order: body_in, [group{g}.block{b}...,]
+    group{g}, ..., final_norm_in."""
+    groups = model.residual_groups()
+    points: list[ProbePoint] = [ProbePoint(BODY_INPUT, groups[0], True)] if len(groups) else []
+    for g, group in enumerate(groups):
         if per_block:
             points.extend(
                 ProbePoint(f"group{g}.block{b}", blk, False)
@@ -214,7 +220,7 @@ class FeatureProbe(contextlib.AbstractContextManager):
             def pre_hook(_module: nn.Module, args: tuple) -> None:
                 if not args:
                     raise RuntimeError(
-                        f"{point.name}: the final norm was called without a positional input"
+                        f"{point.name}: the module was called without a positional input"
                     )
                 acc.add(args[0])
 

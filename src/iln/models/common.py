@@ -24,6 +24,7 @@ from iln.models import norms
 MASK_VALUE = -100.0  # logit added between tokens of different regions in shifted windows
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K training set, RGB in [0, 1]
 RGB_STD = (0.2842, 0.2701, 0.2920)
+GREY_STD = RGB_STD[0]  # grey stdnorm, as the authors' HAT for in_chans 1 (mean 0)
 NUM_FEAT = 64  # channels of the reconstruction head
 
 
@@ -349,10 +350,11 @@ class InputNorm(nn.Module):
 
     RGB (``in_chans`` 3): always subtracts the DIV2K RGB mean (as the official models); with
     ``stdnorm`` it also divides by the DIV2K RGB std (the official i-LN configs). Grey
-    (``in_chans`` 1): mean 0 as the official grey SwinIR / HAT models, and std 1 (there are
-    no grey statistics to standardise by). The result is multiplied by ``img_range`` (1 or
-    255 in the official configs). Constants are non-persistent buffers, so they follow
-    ``.to(device)`` but stay out of state dicts.
+    (``in_chans`` 1): mean 0 as the official grey SwinIR / HAT models; with ``stdnorm`` it
+    divides by ``GREY_STD`` = 0.2842 (the red channel's std), as the authors' i-LN HAT does
+    for one channel (``hat_arch.py``, the ``in_chans != 3`` branch of ``__init__``). The
+    result is multiplied by ``img_range`` (1 or 255 in the official configs). Constants are
+    non-persistent buffers, so they follow ``.to(device)`` but stay out of state dicts.
     """
 
     def __init__(self, stdnorm: bool, img_range: float, in_chans: int = 3) -> None:
@@ -361,7 +363,7 @@ class InputNorm(nn.Module):
             raise ValueError(f"in_chans must be 1 (grey) or 3 (RGB), got {in_chans!r}")
         self.stdnorm = stdnorm
         self.img_range = img_range
-        mean, std = (RGB_MEAN, RGB_STD) if in_chans == 3 else ((0.0,), (1.0,))
+        mean, std = (RGB_MEAN, RGB_STD) if in_chans == 3 else ((0.0,), (GREY_STD,))
         self.register_buffer("mean", torch.tensor(mean).view(1, in_chans, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, in_chans, 1, 1), persistent=False)
 

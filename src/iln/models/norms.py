@@ -87,7 +87,7 @@ class ImageLayerNorm(_Affine):
 
 
 CLAMP_EMA_ALPHA = 1e-3  # iln_clamp: weight of each new batch in the running std
-CLAMP_FACTOR = 2.0  # iln_clamp: branch scale <= CLAMP_FACTOR * running std; larger batches skipped
+CLAMP_FACTOR = 2.0  # iln_clamp: branch scale and running-std target <= CLAMP_FACTOR * running std
 
 
 class ClampedImageLayerNorm(_Affine):
@@ -99,8 +99,10 @@ class ClampedImageLayerNorm(_Affine):
     without gradients:
 
     - the first training call (``std_ema`` still below eps) copies the batch mean;
-    - later calls move it by alpha = 1e-3 towards the batch mean, unless the batch mean is
-      at least twice ``std_ema``: such a spike is skipped;
+    - later calls move it by alpha = 1e-3 towards ``min(batch mean, 2 * std_ema)``: a
+      spiking batch is clamped to twice the running std and still counts, so a spike
+      raises ``std_ema`` by at most 0.1% (traiNNer-redux's rule since its commit 327eecd,
+      2 Apr 2026; before, such a batch was skipped);
     - while ``std_ema`` is below eps (never trained since built or loaded) the scale is the
       raw std, as plain i-LN.
 
@@ -123,7 +125,7 @@ class ClampedImageLayerNorm(_Affine):
                 ema = self.std_ema
                 batch = std.mean().to(ema.dtype)
                 fresh = ema < self.eps
-                target = torch.where(fresh | (batch < CLAMP_FACTOR * ema), batch, ema)
+                target = torch.where(fresh, batch, torch.minimum(batch, CLAMP_FACTOR * ema))
                 ema.lerp_(target, torch.where(fresh, 1.0, CLAMP_EMA_ALPHA).to(ema.dtype))
         ema = self.std_ema.to(std.dtype)
         scale = torch.where(ema < self.eps, std, torch.minimum(std, CLAMP_FACTOR * ema))
