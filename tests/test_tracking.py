@@ -412,3 +412,14 @@ def test_a_stage_still_running_in_this_folder_is_not_started_twice(
         process.wait()
     statuses = sorted(r["status"] for r in stage_runs(tmp_path))
     assert statuses == ["FINISHED", "FINISHED", "RUNNING"]  # nothing made for the refused one
+
+
+def test_a_store_in_a_folder_that_does_not_exist_is_refused_not_made(tmp_path, monkeypatch):
+    missing = tmp_path / "nonexistent" / "dir" / "x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    with pytest.raises(
+        tracking.TrackingError, match=r"its folder .*nonexistent/dir does not exist"
+    ):
+        with tracking.stage_run(tmp_path, experiment="iln", stage="train", run_name="ln"):
+            pass
+    assert not (tmp_path / "nonexistent").exists()

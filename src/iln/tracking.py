@@ -835,7 +835,13 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
         return
     db = Path(uri[len("sqlite:///") :])
-    db.parent.mkdir(parents=True, exist_ok=True)
+    if not db.parent.is_dir() and not os.environ.get("MLFLOW_TRACKING_URI"):
+        db.parent.mkdir(parents=True)  # the project's own store: its folder is the project's
+    if not db.parent.is_dir():  # a typo in MLFLOW_TRACKING_URI must not make a new store
+        raise TrackingError(
+            f"MLflow store {db}: its folder {db.parent} does not exist; create it, or fix "
+            f"MLFLOW_TRACKING_URI ({uri})"
+        )
     with open(db.with_name(db.name + ".lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
