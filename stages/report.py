@@ -15,7 +15,7 @@ from iln.config.layout import Layout
 from iln.config.params import load_params, resolve_run
 from iln.figures.styles import BASELINE_COLOR
 from iln.report import RunInfo, build_report, flatten_summary
-from iln.report.tables import Protocol
+from iln.report.tables import MeasuredOn
 from iln.util.files import remove_stale_temps, write_json_atomic
 from iln.weights.subject import subjects
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             subject, params
         )
     (out / "figures").mkdir(parents=True, exist_ok=True)  # a DVC output, even when empty
-    protocol = Protocol(
+    protocol = MeasuredOn(
         probe_set=params.evaluate.sets[0],
         probe_images=params.train.probe_images,
         probe_crop=2 * params.train.lq_patch,

@@ -33,7 +33,7 @@ from iln.training.distributed import agree, shutdown
 from iln.training.fingerprint import code_digest
 from iln.training.job import TrainingJob, member_params, start_job, train_summary
 from iln.training.loop import FitResult, LogFn, MonitorFn, fit
-from iln.training.resume import remember_tracked_run, tracked_run
+from iln.training.resume import previous_path
 from iln.training.sources import run_fingerprint
 from iln.util.device import fp32_precision
 from iln.util.files import write_csv_atomic, write_json_atomic
@@ -85,6 +85,7 @@ def tracked(
         return
     run, checkpoint = job.run, layout.checkpoint(job.run.name)
     store = tracking.tracking_uri(store_root())
+    resuming = checkpoint.exists() or previous_path(checkpoint).exists()
     with tracking.stage_run(
         store_root(),
         experiment=params.tracking.experiment,
@@ -101,9 +102,12 @@ def tracked(
             "iln.fp32_matmul": fp32_precision()["matmul"],  # tf32 or ieee (full fp32)
             "iln.cudnn_benchmark": job.cudnn_benchmark,
         },
-        continue_run=tracked_run(checkpoint, fingerprint, store),  # a resumed training
+        # a resumed training continues its run
+        continue_run=tracking.tracked_run(checkpoint.parent, fingerprint, store)
+        if resuming
+        else None,
     ) as tracker:
-        remember_tracked_run(checkpoint, fingerprint, store, tracker.run_id)
+        tracking.remember_tracked_run(checkpoint.parent, fingerprint, store, tracker.run_id)
         yield tracker
 
 

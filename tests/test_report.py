@@ -33,7 +33,7 @@ from iln.report.build import METRICS_ROW_KEYS
 from iln.report.crops import largest_difference_box
 from iln.report.paper import printed
 from iln.report.render import MAX_VALUE_COLUMNS
-from iln.report.tables import FILLED_BY, Protocol, fp16_remark
+from iln.report.tables import FILLED_BY, MeasuredOn, fp16_remark
 from iln.weights.subject import find_subject
 from tests.helpers import ROOT, train_settings, train_summary
 
@@ -41,7 +41,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = (0, 100, 200, 300)
 GROUPS = 3
 CHANNELS = 32
-PROTOCOL = Protocol(
+PROTOCOL = MeasuredOn(
     probe_set="default_test", probe_images=2, probe_crop=64, precision_crop=48, ema_decay=0.999
 )
 

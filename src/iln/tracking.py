@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from iln.util.files import process_alive
+from iln.util.files import process_alive, write_json_atomic
 
 RUN_TAG = "iln.run"
 STAGE_TAG = "iln.stage"
@@ -997,3 +997,30 @@ def finished_stage_runs(uri: str, experiment: str) -> dict[tuple[str, str], int]
         key = (run.data.tags.get(RUN_TAG, ""), run.data.tags.get(STAGE_TAG, ""))
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+# The MLflow run a training logs to, kept beside its checkpoint, so that a resumed training
+# continues that run instead of starting another.
+TRACKING_FILE = "tracking.json"
+
+
+def tracked_run(folder: Path, fingerprint: str, store: str) -> str | None:
+    """The id of the run recorded in checkpoint folder ``folder`` for configuration
+    ``fingerprint`` in ``store`` (None: none, damaged, or another configuration or store)."""
+    try:
+        record = json.loads((Path(folder) / TRACKING_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    if record.get("fingerprint") != fingerprint or record.get("store") != store:
+        return None
+    return record.get("run_id") if isinstance(record.get("run_id"), str) else None
+
+
+def remember_tracked_run(folder: Path, fingerprint: str, store: str, run_id: str) -> None:
+    """Record beside the checkpoints in ``folder`` which run this training logs to."""
+    write_json_atomic(
+        Path(folder) / TRACKING_FILE,
+        {"fingerprint": fingerprint, "store": store, "run_id": run_id},
+    )

@@ -15,7 +15,7 @@ from iln.report.html import markdown_to_html
 from iln.report.paper import load_paper_numbers
 from iln.report.render import pipe_table, write_table
 from iln.report.runs import RunInfo, RunResults, load_runs, read_metrics
-from iln.report.tables import Protocol
+from iln.report.tables import MeasuredOn
 from iln.util.files import write_text_atomic
 
 
@@ -248,7 +248,7 @@ def _crop_sections(
 def _tables_section(
     results: Mapping[str, RunResults],
     paper: Mapping,
-    protocol: Protocol,
+    protocol: MeasuredOn,
     baseline: tables.Baseline | None,
     tables_dir: Path,
 ) -> tuple[list[str], dict[str, str]]:
@@ -294,7 +294,7 @@ def _figures_section(
     results: Mapping[str, RunResults],
     main: Sequence[RunResults],
     paper: Mapping,
-    protocol: Protocol,
+    protocol: MeasuredOn,
     figures_dir: Path,
 ) -> tuple[list[str], dict[str, str]]:
     feats = paper.get("features", {})
@@ -409,7 +409,7 @@ def build_report(
     out_dir: Path | str,
     *,
     scale_note: str,
-    protocol: Protocol | None = None,
+    protocol: MeasuredOn | None = None,
     paper: Mapping | None = None,
     sets: Sequence[str] | None = None,
     released: Mapping[str, RunInfo] | None = None,
@@ -437,7 +437,7 @@ def build_report(
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
     paper = load_paper_numbers() if paper is None else paper
-    protocol = protocol or Protocol()
+    protocol = protocol or MeasuredOn()
     results = load_runs(runs, runs_dir, sets=sets)
     baseline, _ = read_metrics(RunFiles(runs_dir / tables.BASELINE_RUN).metrics)
 

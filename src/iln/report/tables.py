@@ -90,7 +90,7 @@ def task_name(task: str) -> str:
 
 
 @dataclass(frozen=True)
-class Protocol:
+class MeasuredOn:
     """What the report says our numbers were measured on (from params.yaml)."""
 
     probe_set: str = "the first test set"  # the probe batch: crops of its first images
@@ -108,7 +108,7 @@ def joined(values: Sequence[object]) -> str:
 
 def measured_eval(
     runs: Sequence[RunResults],
-    protocol: Protocol,
+    protocol: MeasuredOn,
     *,
     crop: int = 0,
     sets: Sequence[str] | None = None,
@@ -134,7 +134,7 @@ def measured_eval(
     )
 
 
-def measured_features(runs: Sequence[RunResults], protocol: Protocol) -> str:
+def measured_features(runs: Sequence[RunResults], protocol: MeasuredOn) -> str:
     """One sentence: where the feature statistics come from, raw and EMA weights."""
     raw = joined([s.source for r in runs if (s := r.stats(WEIGHTS_RAW)) is not None])
     ema = joined([s.source for r in runs if (s := r.stats(WEIGHTS_EMA)) is not None])
@@ -261,7 +261,7 @@ def _fill_metrics(
 def _fill_runs(
     table: Table,
     rows: Mapping[str, RunResults],
-    protocol: Protocol,
+    protocol: MeasuredOn,
     metrics: Sequence[str] = ("psnr", "ssim"),
 ) -> None:
     """Each row's run: its per-set numbers, then (in columns after every set's) its final
@@ -359,7 +359,7 @@ def _norm_rows_table(
     norms: Sequence[str],
     results: Mapping[str, RunResults],
     paper: Mapping,
-    protocol: Protocol,
+    protocol: MeasuredOn,
     baseline: Baseline | None,
 ) -> Table:
     """Tables 1 and 3: rows = norms; the paper's per-set numbers and findings, our per-set
@@ -475,7 +475,7 @@ def _groups_of(rows: Sequence[Mapping], keys: Sequence[str]) -> list[tuple]:
 def table2(
     results: Mapping[str, RunResults],
     paper: Mapping,
-    protocol: Protocol,
+    protocol: MeasuredOn,
     baseline: Baseline | None = None,
 ) -> Table:
     """LN vs i-LN on every task and model (the paper's Table 2), plus every task we ran;
@@ -546,7 +546,7 @@ def table2(
     return table
 
 
-def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
+def table4(results: Mapping[str, RunResults], paper: Mapping, protocol: MeasuredOn) -> Table:
     """PSNR and overflow per inference precision, LN vs i-LN (the paper's Table 4)."""
     table = paper_table(
         paper,
@@ -636,7 +636,7 @@ def fp16_remark(precision: Mapping[str, Mapping[str, Mapping[str, object]]] | No
     )
 
 
-def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol) -> Table:
+def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: MeasuredOn) -> Table:
     """The full-size HAT (HAT†) with LN and i-LN (the paper's Table 6)."""
     table = paper_table(
         paper,
@@ -665,7 +665,7 @@ def table6(results: Mapping[str, RunResults], paper: Mapping, protocol: Protocol
 def table8(
     results: Mapping[str, RunResults],
     paper: Mapping,
-    protocol: Protocol,
+    protocol: MeasuredOn,
     baseline: Baseline | None = None,
 ) -> Table:
     """Other stabilisers against i-LN (the paper's Table 8); where the paper gives i-LN's
@@ -741,7 +741,7 @@ def iln_magnitude_note(run: RunResults, paper: Mapping) -> str | None:
 
 def _group_table(
     results: Mapping[str, RunResults],
-    protocol: Protocol,
+    protocol: MeasuredOn,
     group: str,
     row_of: Callable[[RunResults], str],
     table: Table,
@@ -769,7 +769,7 @@ def _run_row(run: RunResults) -> str:
     return f"{info.label} ({', '.join(extra)})" if extra else info.label
 
 
-def all_runs_table(results: Mapping[str, RunResults], protocol: Protocol) -> Table:
+def all_runs_table(results: Mapping[str, RunResults], protocol: MeasuredOn) -> Table:
     """Ours: every declared run with its setting, final features and PSNR."""
     table = Table(
         key="table_s4_runs",
@@ -810,7 +810,7 @@ TIMING_NOTE = (
 def report_tables(
     results: Mapping[str, RunResults],
     paper: Mapping,
-    protocol: Protocol,
+    protocol: MeasuredOn,
     baseline: Baseline | None,
 ) -> list[tuple[Table, str | None]]:
     """Every table of the report in its order, each with the group whose runs it needs to be

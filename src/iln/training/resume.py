@@ -16,7 +16,6 @@ a checkpoint at its step or later.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from iln.util.files import atomic_path, write_json_atomic
+from iln.util.files import atomic_path
 
 CHECKPOINT_VERSION = 1
 
@@ -137,31 +136,3 @@ def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     first = text[0].split(". ")[0].rstrip(".") if text else ""
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
-
-
-# The MLflow run a checkpoint's training logs to, so that a resumed training continues it.
-TRACKING_FILE = "tracking.json"
-
-
-def tracked_run(checkpoint: Path, fingerprint: str, store: str) -> str | None:
-    """The id of the tracked run that wrote ``checkpoint`` (or the one kept before it), when
-    the checkpoint is of configuration ``fingerprint`` and was tracked in ``store``."""
-    checkpoint = Path(checkpoint)
-    if not (checkpoint.exists() or previous_path(checkpoint).exists()):
-        return None
-    try:
-        record = json.loads((checkpoint.parent / TRACKING_FILE).read_text())
-    except (OSError, ValueError):
-        return None  # none yet, or damaged: a new tracked run
-    if not isinstance(record, dict):
-        return None
-    if record.get("fingerprint") != fingerprint or record.get("store") != store:
-        return None
-    return record.get("run_id") if isinstance(record.get("run_id"), str) else None
-
-
-def remember_tracked_run(checkpoint: Path, fingerprint: str, store: str, run_id: str) -> None:
-    write_json_atomic(
-        Path(checkpoint).parent / TRACKING_FILE,
-        {"fingerprint": fingerprint, "store": store, "run_id": run_id},
-    )
