@@ -151,6 +151,7 @@ def test_metrics_equal_the_authors_protocol_and_name_the_weights(project):
             "key": key,
             "tile": 0,
             "tile_overlap": 16,
+            "chunked": False,
             "precision_crop": 16,
         }
         assert book[weights]["sha256"] == sha

@@ -99,6 +99,7 @@ TRAIN_SUMMARY_KEYS: tuple[str, ...] = (
     "parameters",
     "world_size",
     "model",  # the model's resolved hyper-parameters (iln.models.resolve_settings)
+    "fingerprint",  # what it was trained under: a fine-tune of it checks it (training.sources)
 )  # plus "init" for a run initialised from another (iln.weights.warm_start.WarmStart.summary)
 ANALYSIS_FIGURES: tuple[str, ...] = ("final_norm.png", "rpb_first.png", "rpb_last.png")
 

@@ -316,7 +316,7 @@ def check_stage_runs(
 
 def headline(report: str) -> str:
     """The report's headline paragraph, "" when it has none."""
-    return next((line for line in report.splitlines() if line.startswith("**Headline:**")), "")
+    return next((line for line in report.splitlines() if line.startswith("**Headline")), "")
 
 
 def metrics_table(
